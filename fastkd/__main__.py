@@ -1,0 +1,3 @@
+from fastkd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""Backend registry and dispatch.
+
+Every op family (``distill``, ``fused_linear``, ``sparse``, ``sinkhorn``, ...) has implementations on one or
+more backends: ``torch`` (chunked PyTorch, always available), ``triton`` (kernels/, CUDA tensors or any
+tensor under ``TRITON_INTERPRET=1``) and ``cuda`` (the optional ``fastkd._C`` extension). A backend module
+registers an implementation together with ``not_supported_reasons(**inputs) -> list[str]``; an empty list
+means it can run those inputs.
+
+Dispatch: ``backend="auto"`` (or the ``FASTKD_BACKEND`` environment variable when the argument is
+``"auto"``) takes the first implementation in the op's auto order whose reasons are empty. An explicitly
+requested backend that cannot run raises one :class:`BackendUnavailableError` listing every reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+BACKENDS = ("torch", "triton", "cuda")
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run these inputs; the message lists every reason."""
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One op family's implementation on one backend."""
+
+    op: str
+    backend: str
+    fn: Callable[..., Any]
+    not_supported_reasons: Callable[..., list[str]]
+    doc: str = field(default="", compare=False)
+
+
+_REGISTRY: dict[str, dict[str, Impl]] = {}
+# Auto order per op: the fastest backend first. Ops not listed use _DEFAULT_ORDER.
+_DEFAULT_ORDER = ("triton", "torch")
+_AUTO_ORDER: dict[str, tuple[str, ...]] = {}
+# Modules that register backends for an op; imported on first dispatch of that op.
+_BACKEND_MODULES: dict[str, list[str]] = {}
+
+
+def register(
+    op: str,
+    backend: str,
+    fn: Callable[..., Any],
+    not_supported_reasons: Callable[..., list[str]] | None = None,
+) -> Impl:
+    """Register ``fn`` as ``op``'s implementation on ``backend`` (re-registering replaces it)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    impl = Impl(op, backend, fn, not_supported_reasons or (lambda **_: []), fn.__doc__ or "")
+    _REGISTRY.setdefault(op, {})[backend] = impl
+    return impl
+
+
+def declare(op: str, modules: list[str], auto_order: tuple[str, ...] | None = None) -> None:
+    """Declare the backend modules of ``op`` (imported lazily) and its auto-dispatch order."""
+    _BACKEND_MODULES[op] = list(modules)
+    if auto_order is not None:
+        _AUTO_ORDER[op] = tuple(auto_order)
+
+
+_LOAD_ERRORS: dict[str, str] = {}
+
+
+@cache
+def _load(op: str) -> None:
+    # Backend modules must import cleanly without their toolchains (they register with reasons instead).
+    # A module that does not exist yet simply registers nothing; any other failure is kept for `info`.
+    for module in _BACKEND_MODULES.get(op, []):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                _LOAD_ERRORS[module] = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:
+            _LOAD_ERRORS[module] = f"{type(exc).__name__}: {exc}"
+
+
+def implementations(op: str) -> dict[str, Impl]:
+    """All registered implementations of ``op`` keyed by backend name."""
+    _load(op)
+    return dict(_REGISTRY.get(op, {}))
+
+
+def requested_backend(backend: str | None) -> str:
+    """Resolve the ``backend`` argument against ``FASTKD_BACKEND`` and validate it."""
+    name = backend or "auto"
+    if name == "auto":
+        name = os.environ.get("FASTKD_BACKEND", "auto") or "auto"
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def select(op: str, backend: str | None = "auto", **inputs: Any) -> Impl:
+    """Pick the implementation of ``op`` for ``inputs`` (see the module docstring)."""
+    name = requested_backend(backend)
+    impls = implementations(op)
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(op, _DEFAULT_ORDER):
+            impl = impls.get(candidate)
+            if impl is not None and not impl.not_supported_reasons(**inputs):
+                return impl
+        if "torch" in impls:
+            return impls["torch"]
+        raise BackendUnavailableError(f"no backend is registered for {op!r}")
+    impl = impls.get(name)
+    if impl is None:
+        raise BackendUnavailableError(f"backend {name!r} does not implement {op!r}")
+    reasons = impl.not_supported_reasons(**inputs)
+    if reasons:
+        raise BackendUnavailableError(
+            f"backend {name!r} cannot run {op!r} on these inputs: " + "; ".join(reasons)
+        )
+    return impl
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Availability helpers shared by backend modules
+# ---------------------------------------------------------------------------------------------------------
+
+
+def triton_interpret() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@cache
+def triton_import_error() -> str | None:
+    """None when ``triton`` imports, else the reason it does not."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def triton_reasons(*tensors: Any) -> list[str]:
+    """Reasons the Triton backend cannot run on ``tensors`` (device checks, toolchain)."""
+    reasons = []
+    err = triton_import_error()
+    if err:
+        reasons.append(err)
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type != "cuda" and not triton_interpret():
+            reasons.append(f"tensor on {t.device.type} (Triton needs CUDA tensors, or TRITON_INTERPRET=1)")
+            break
+    return reasons
+
+
+def cuda_ext_reasons(*tensors: Any) -> list[str]:
+    """Reasons the CUDA C++ extension backend cannot run on ``tensors``."""
+    reasons = []
+    try:
+        from fastkd import _cpp_lib
+    except ImportError:
+        _cpp_lib = None
+    err = "the fastkd._C extension loader is missing" if _cpp_lib is None else _cpp_lib.load_error()
+    if err:
+        reasons.append(err)
+    for t in tensors:
+        if t is not None and t.device.type != "cuda":
+            reasons.append(f"tensor on {t.device.type} (the cuda backend needs CUDA tensors)")
+            break
+    return reasons
+
+
+def status(op: str, **inputs: Any) -> dict[str, list[str]]:
+    """Each backend's reasons for ``op`` on ``inputs`` ([] = available); used by ``fastkd info``."""
+    impls = implementations(op)
+    return {
+        name: (impls[name].not_supported_reasons(**inputs) if name in impls else ["not implemented"])
+        for name in BACKENDS
+    }

@@ -1,0 +1,194 @@
+"""``torch`` backend of the divergence losses on logits: chunked PyTorch, always available.
+
+One mechanism serves every divergence. For a chunk of rows it computes, in fp32 (fp64 for fp64 inputs),
+log q = log_softmax(s), log p = log_softmax(t) and then, per divergence, the per-token loss and the
+vector ``qg_i = q_i · ∂D/∂q_i``; the gradient with respect to the tempered student logits is then always
+``qg − q · Σ_j qg_j`` (the softmax chain rule). Only one chunk of (rows × vocab) temporaries is alive at
+a time; the gradient is written straight into the caller's buffer in its dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastkd.backends import register
+from fastkd.params import DistillParams
+
+# Target elements per fp32 temporary in one chunk: 4M elements = 16 MiB (a handful are alive at once).
+_CHUNK_ELEMS = 1 << 22
+
+
+def auto_chunk_rows(n_rows: int, vocab: int, elems: int = _CHUNK_ELEMS) -> int:
+    return max(1, min(n_rows, elems // max(vocab, 1)))
+
+
+def _where_pos(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """value where x > 0 else 0 (keeps 0·(−inf) terms at 0 without hiding NaN inputs)."""
+    return torch.where(x > 0, value, torch.zeros((), dtype=value.dtype, device=value.device))
+
+
+def _log_mix(log_a: torch.Tensor, wa: float, log_b: torch.Tensor, wb: float) -> torch.Tensor:
+    if wa <= 0:
+        return log_b + math.log(wb)
+    if wb <= 0:
+        return log_a + math.log(wa)
+    return torch.logaddexp(log_a + math.log(wa), log_b + math.log(wb))
+
+
+def _akl_weights(p: torch.Tensor, q: torch.Tensor, mu: float) -> tuple[torch.Tensor, torch.Tensor]:
+    p_sorted, idx = torch.sort(p, dim=-1, descending=True, stable=True)
+    err = (p_sorted - q.gather(-1, idx)).abs_()
+    head = torch.cumsum(p_sorted, dim=-1) <= mu
+    head[:, 0] = True
+    g_h = (err * head).sum(-1)
+    g_t = err.sum(-1) - g_h
+    den = g_h + g_t
+    safe = torch.where(den > 0, den, torch.ones_like(den))
+    zero = torch.zeros_like(den)
+    return torch.where(den > 0, g_h / safe, zero), torch.where(den > 0, g_t / safe, zero)
+
+
+def _fkl(log_p, log_q, p):
+    return _where_pos(p, p * (log_p - log_q)).sum(-1), -p
+
+
+def _rkl(log_p, log_q, q):
+    qg = _where_pos(q, q * (log_q - log_p))
+    return qg.sum(-1), qg
+
+
+def divergence_terms(
+    name: str, s: torch.Tensor, t: torch.Tensor, p: DistillParams
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row divergence D, the vector qg = q·∂D/∂q and q, for tempered logits s (student), t (teacher)."""
+    log_q = torch.log_softmax(s, dim=-1)
+    q = log_q.exp()
+    if name == "taid":
+        u = s if p.t == 0 else t if p.t == 1 else (1 - p.t) * s + p.t * t
+        log_r = torch.log_softmax(u, dim=-1)
+        loss, qg = _fkl(log_r, log_q, log_r.exp())
+        return loss, qg, q
+    log_p = torch.log_softmax(t, dim=-1)
+    pr = log_p.exp()
+    if name == "fkl":
+        loss, qg = _fkl(log_p, log_q, pr)
+    elif name == "rkl":
+        loss, qg = _rkl(log_p, log_q, q)
+    elif name in ("symkl", "akl"):
+        lf, qf = _fkl(log_p, log_q, pr)
+        lr, qr = _rkl(log_p, log_q, q)
+        if name == "symkl":
+            wf, wr = torch.full_like(lf, p.beta), torch.full_like(lr, 1.0 - p.beta)
+        else:
+            wf, wr = _akl_weights(pr, q, p.mu)
+        loss = wf * lf + wr * lr
+        qg = wf.unsqueeze(-1) * qf + wr.unsqueeze(-1) * qr
+    elif name == "jsd":
+        b = p.beta
+        log_m = _log_mix(log_p, b, log_q, 1 - b)
+        loss = b * _where_pos(pr, pr * (log_p - log_m)).sum(-1)
+        qg = (1 - b) * _where_pos(q, q * (log_q - log_m))
+        loss = loss + qg.sum(-1)
+    elif name == "skl":
+        a = p.alpha
+        log_m = _log_mix(log_p, a, log_q, 1 - a)
+        loss = _where_pos(pr, pr * (log_p - log_m)).sum(-1)
+        qg = -(1 - a) * _where_pos(pr, (log_p + log_q - log_m).exp())
+    elif name == "srkl":
+        a = p.alpha
+        log_m = _log_mix(log_p, 1 - a, log_q, a)
+        kl = _where_pos(q, q * (log_q - log_m))
+        loss = kl.sum(-1)
+        qg = kl - a * _where_pos(q, (2 * log_q - log_m).exp())
+    elif name == "tvd":
+        diff = q - pr
+        loss = 0.5 * diff.abs().sum(-1)
+        qg = 0.5 * q * torch.sign(diff)
+    else:  # validated by the ops layer
+        raise ValueError(f"unknown divergence {name!r}")
+    return loss, qg, q
+
+
+def chunk_loss_grad(
+    zs: torch.Tensor,
+    zt: torch.Tensor,
+    labels: torch.Tensor | None,
+    weight: torch.Tensor,
+    p: DistillParams,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Loss (rows,) and ``weight``-scaled gradient w.r.t. the raw student logits for one chunk.
+
+    zs, zt: (rows, V) raw logits of any float dtype; labels: (rows,) int64 or None; weight: (rows,) fp32,
+    0 = excluded token. Returns (loss, grad) in the compute dtype (fp32, or fp64 for fp64 inputs); loss
+    and grad are exactly 0 on excluded rows.
+    """
+    cdt = torch.float64 if zs.dtype == torch.float64 else torch.float32
+    inv_t = 1.0 / p.temperature
+    s = zs.to(cdt) * inv_t if inv_t != 1.0 else zs.to(cdt)
+    t = zt.to(cdt) * inv_t if inv_t != 1.0 else zt.to(cdt)
+    name = p.effective
+    if name == "fkl" and not need_grad:
+        log_q = torch.log_softmax(s, dim=-1)
+        log_p = torch.log_softmax(t, dim=-1)
+        loss = _fkl(log_p, log_q, log_p.exp())[0]
+        grad = None
+    else:
+        loss, qg, q = divergence_terms(name, s, t, p)
+        grad = None
+        if need_grad:  # ∂D/∂s = qg − q·Σqg, then the chain rule through s = z / T
+            grad = qg.sub_(q * qg.sum(-1, keepdim=True)).mul_(p.kd_scale * inv_t)
+    loss = loss * p.kd_scale
+    if p.ce_weight:
+        z = zs.to(cdt)
+        log_sm = torch.log_softmax(z, dim=-1)
+        keep = weight != 0
+        safe = torch.where(keep, labels, torch.zeros_like(labels)).unsqueeze(-1)
+        loss = loss - p.ce_weight * log_sm.gather(-1, safe).squeeze(-1)
+        if grad is not None:
+            g_ce = log_sm.exp_()
+            g_ce.scatter_add_(-1, safe, torch.full_like(safe, -1, dtype=cdt))
+            grad.add_(g_ce, alpha=p.ce_weight)
+    keep = weight != 0
+    loss = torch.where(keep, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
+    if grad is not None:
+        w = weight.to(cdt).unsqueeze(-1)
+        grad = torch.where(keep.unsqueeze(-1), grad * w, torch.zeros((), dtype=cdt, device=grad.device))
+    return loss, grad
+
+
+def distill_forward(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    weight: torch.Tensor,
+    grad: torch.Tensor | None,
+    p: DistillParams,
+) -> torch.Tensor:
+    """Backend entry point (op ``distill``): see :mod:`fastkd.ops.distill`.
+
+    student, teacher: (N, V) (rows may be strided); labels (N,) int64 or None; weight (N,) fp32;
+    grad: (N, V) output buffer in the student's dtype (may alias ``student``) or None.
+    Returns the per-token loss (N,) in fp32 (fp64 for fp64 inputs).
+    """
+    n, v = student.shape
+    cdt = torch.float64 if student.dtype == torch.float64 else torch.float32
+    loss = torch.empty(n, dtype=cdt, device=student.device)
+    rows = p.chunk_size or auto_chunk_rows(n, v)
+    for start in range(0, n, rows):
+        sl = slice(start, min(n, start + rows))
+        lab = labels[sl] if labels is not None else None
+        chunk_loss, chunk_grad = chunk_loss_grad(student[sl], teacher[sl], lab, weight[sl], p, grad is not None)
+        loss[sl] = chunk_loss
+        if grad is not None:
+            grad[sl].copy_(chunk_grad)
+    return loss
+
+
+def _reasons(**_: object) -> list[str]:
+    return []
+
+
+register("distill", "torch", distill_forward, _reasons)

@@ -1,0 +1,1 @@
+"""Autograd Functions, argument checks and dispatch for each op family."""

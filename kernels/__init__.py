@@ -1,0 +1,1 @@
+"""Triton kernels, shipped as fastkd.kernels (one op family per file)."""
