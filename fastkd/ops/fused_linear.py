@@ -1,0 +1,287 @@
+"""``fastkd.fused_linear_distill_loss``: distillation through the LM head without full logits.
+
+The tokens are processed in chunks. For one chunk of ``c`` rows the driver computes the student logits
+``h_c @ W.T (+ b)`` (and the teacher's, or slices the given teacher logits), runs the ``distill`` backend
+(torch or Triton) on the chunk with the gradient written in place of the chunk's student logits, then
+turns that logit gradient into ``grad_hidden[c] = g @ W``, ``grad_weight += g.T @ h_c`` (fp32 accumulator
+for low-precision weights) and ``grad_bias += g.sum(0)``. Peak extra memory is O(c · V) plus the
+gradients themselves, independent of N.
+
+For scalar reductions everything happens in forward and backward scales the stored gradients by
+``grad_output``. For ``reduction="none"`` the per-token ``grad_output`` is only known in backward, so
+forward computes the losses alone and backward re-runs the chunks with ``weight · grad_output``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+
+from fastkd.backends import select
+from fastkd.ops import _common as C
+from fastkd.ops.distill import make_params, resolve_vocab, scale_grad_
+from fastkd.params import DistillParams
+
+_CPU_CHUNK_ELEMS = 1 << 22  # student + teacher chunk logits stay inside a few tens of MB
+_GPU_CHUNK_BYTES = 1 << 30  # at most ~1 GiB of chunk temporaries on a GPU
+
+
+def auto_chunk_rows(n: int, vocab: int, device: torch.device) -> int:
+    """Rows per chunk from N, V and (on a GPU) free memory; a multiple of 8 where possible."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(_GPU_CHUNK_BYTES, free // 4)
+        rows = budget // max(1, vocab * 4 * 6)  # ~6 fp32-sized (c, V) temporaries alive at once
+    else:
+        rows = _CPU_CHUNK_ELEMS // max(1, vocab)
+    rows = max(8, rows // 8 * 8)
+    return max(1, min(n, rows))
+
+
+class LMHeadChunker:
+    """Chunked ``hidden @ weight.T`` with gradient back-propagation, shared by the dense and sparse losses.
+
+    hidden (N, H), weight (V, H), bias (V,) or None. Call :meth:`logits` for a row slice, then
+    :meth:`backward` with the gradient of those (capped) logits to accumulate ``grad_hidden``,
+    ``grad_weight``, ``grad_bias`` (allocated by :meth:`alloc_grads`).
+    """
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 softcap: float | None = None):
+        self.hidden, self.weight, self.bias, self.softcap = hidden, weight, bias, softcap
+        self.grad_hidden = self.grad_weight = self.grad_bias = None
+        self._acc32 = weight.dtype in (torch.bfloat16, torch.float16)
+
+    def logits(self, sl: slice) -> torch.Tensor:
+        z = self.hidden[sl] @ self.weight.t()
+        if self.bias is not None:
+            z += self.bias
+        if self.softcap is not None:
+            z = torch.tanh_(z.div_(self.softcap)).mul_(self.softcap)
+        return z
+
+    def alloc_grads(self, need_hidden: bool, need_weight: bool, need_bias: bool) -> None:
+        h, w = self.hidden, self.weight
+        self.grad_hidden = torch.empty_like(h) if need_hidden else None
+        wdt = torch.float32 if self._acc32 else w.dtype
+        self.grad_weight = torch.zeros(w.shape, dtype=wdt, device=w.device) if need_weight else None
+        self.grad_bias = (torch.zeros(w.shape[0], dtype=wdt, device=w.device)
+                          if need_bias and self.bias is not None else None)
+
+    def backward(self, sl: slice, grad_logits: torch.Tensor, capped_logits: torch.Tensor | None) -> None:
+        """Accumulate the gradients of one chunk; ``capped_logits`` are this chunk's logits after the cap."""
+        g = grad_logits
+        if self.softcap is not None:  # d/dz cap·tanh(z/cap) = 1 − tanh², tanh = capped / cap
+            g = g * (1 - (capped_logits / self.softcap).square())
+        if self.grad_hidden is not None:
+            torch.mm(g, self.weight, out=self.grad_hidden[sl])
+        if self.grad_weight is not None:
+            if self._acc32:
+                self.grad_weight.add_(g.t() @ self.hidden[sl])
+            else:
+                self.grad_weight.addmm_(g.t(), self.hidden[sl])
+        if self.grad_bias is not None:
+            self.grad_bias.add_(g.sum(0, dtype=self.grad_bias.dtype))
+
+    def finished_grads(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        gw = self.grad_weight.to(self.weight.dtype) if self.grad_weight is not None else None
+        gb = self.grad_bias.to(self.bias.dtype) if self.grad_bias is not None else None
+        return self.grad_hidden, gw, gb
+
+
+def _run_chunks(
+    student: LMHeadChunker,
+    teacher_logits_fn: Callable[[slice], torch.Tensor],
+    labels: torch.Tensor | None,
+    weight: torch.Tensor,
+    params: DistillParams,
+    vocab: int,
+    rows: int,
+    fn: Callable[..., torch.Tensor],
+    need_grad: bool,
+) -> torch.Tensor:
+    n = weight.numel()
+    loss = torch.empty(n, dtype=torch.float64 if student.hidden.dtype == torch.float64 else torch.float32,
+                       device=weight.device)
+    for start in range(0, n, rows):
+        sl = slice(start, min(n, start + rows))
+        zs = student.logits(sl)
+        zt = teacher_logits_fn(sl)
+        lab = labels[sl] if labels is not None else None
+        if not need_grad:
+            loss[sl] = fn(zs[:, :vocab], zt[:, :vocab], lab, weight[sl], None, params)
+            continue
+        grad = torch.empty_like(zs) if student.softcap is not None else zs  # in place unless the cap needs zs
+        loss[sl] = fn(zs[:, :vocab], zt[:, :vocab], lab, weight[sl], grad[:, :vocab], params)
+        if vocab < grad.shape[1]:
+            grad[:, vocab:].zero_()
+        student.backward(sl, grad, zs)
+    return loss
+
+
+def _teacher_fn(t_hidden, t_weight, t_bias, t_logits, softcap) -> Callable[[slice], torch.Tensor]:
+    """Chunk slice → the teacher's (capped) logits, from hidden states + LM head or from given logits."""
+    if t_logits is None:
+        return LMHeadChunker(t_hidden, t_weight, t_bias, softcap).logits
+    if softcap is None:
+        return lambda sl: t_logits[sl]
+    return lambda sl: softcap * torch.tanh(t_logits[sl] / softcap)
+
+
+class FusedLinearDistillFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, labels, tok_weight,
+                params, vocab, rows, reduction, fn):
+        student = LMHeadChunker(hidden, weight, bias, params.softcap)
+        teacher_fn = _teacher_fn(t_hidden, t_weight, t_bias, t_logits, params.softcap)
+        needs = ctx.needs_input_grad
+        ctx.per_row = reduction == "none"
+        ctx.used = False
+        compute_grads = any(needs[:3]) and not ctx.per_row
+        if compute_grads:
+            student.alloc_grads(needs[0], needs[1], needs[2])
+        loss = _run_chunks(student, teacher_fn, labels, tok_weight, params, vocab, rows, fn, compute_grads)
+        if ctx.per_row and any(needs[:3]):  # recompute in backward with weight · grad_output
+            ctx.save_for_backward(hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, labels, tok_weight)
+            ctx.args = (params, vocab, rows, fn)
+        elif compute_grads:
+            ctx.save_for_backward(*(g for g in student.finished_grads()))
+        return C.reduce_tokens(loss, tok_weight, reduction, (tok_weight.numel(),))
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.used:
+            raise RuntimeError("fastkd.fused_linear_distill_loss: backward ran twice through the same graph; "
+                               "recompute the loss instead of using retain_graph=True")
+        ctx.used = True
+        nones = (None,) * 11
+        if ctx.per_row:
+            hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, labels, tok_weight = ctx.saved_tensors
+            params, vocab, rows, fn = ctx.args
+            student = LMHeadChunker(hidden, weight, bias, params.softcap)
+            teacher_fn = _teacher_fn(t_hidden, t_weight, t_bias, t_logits, params.softcap)
+            student.alloc_grads(*ctx.needs_input_grad[:3])
+            w = tok_weight * grad_output.reshape(-1).to(tok_weight.dtype)
+            _run_chunks(student, teacher_fn, labels, w, params, vocab, rows, fn, True)
+            return (*student.finished_grads(), *nones)
+        grads = tuple(None if g is None else scale_grad_(g, grad_output, False) for g in ctx.saved_tensors)
+        return (*grads, *nones)
+
+
+def _check_linear(prefix: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    C.check_float_tensor(f"{prefix}_hidden", hidden)
+    C.check_float_tensor(f"{prefix}_weight", weight, min_dim=2)
+    if weight.dim() != 2:
+        raise ValueError(f"{prefix}_weight must be (V, H) like nn.Linear.weight, got shape {tuple(weight.shape)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{prefix}_hidden has hidden size {hidden.shape[-1]} but {prefix}_weight expects "
+                         f"{weight.shape[1]} (weight shape {tuple(weight.shape)})")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{prefix}_weight dtype {weight.dtype} differs from {prefix}_hidden dtype {hidden.dtype}")
+    if bias is not None:
+        C.check_float_tensor(f"{prefix}_bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{prefix}_bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"{prefix}_bias dtype {bias.dtype} differs from {prefix}_hidden dtype {hidden.dtype}")
+    C.check_same_device(**{f"{prefix}_hidden": hidden, f"{prefix}_weight": weight, f"{prefix}_bias": bias})
+
+
+def fused_linear_distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    *,
+    teacher_logits: torch.Tensor | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    divergence: str = "fkl",
+    chunk_size: int | None = None,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    scale_by_t2: bool = False,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    ce_weight: float = 0.0,
+    vocab_size: int | None = None,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    mu: float = 0.5,
+    t: float = 0.5,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Distillation loss from hidden states and LM-head weights, never materialising (N, V) logits.
+
+    Args:
+        student_hidden: (..., H) float32/bfloat16/float16; gets a gradient.
+        student_weight: (V, H) as ``nn.Linear.weight``; student_bias: (V,) or None. Both get gradients.
+        teacher_hidden, teacher_weight, teacher_bias: the teacher's (..., Ht), (Vt, Ht), (Vt,) — constants;
+            or ``teacher_logits`` (..., Vt) instead.
+        chunk_size: tokens per chunk (default from N, V and free memory).
+        softcap: Gemma-style ``softcap·tanh(z/softcap)`` on both sides' logits before the temperature.
+        Other keywords: as :func:`fastkd.distill_loss`.
+
+    Returns: fp32 scalar, or (...,) for reduction="none".
+    """
+    _check_linear("student", student_hidden, student_weight, student_bias)
+    lead = tuple(student_hidden.shape[:-1])
+    if teacher_logits is not None:
+        if teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
+            raise ValueError("pass either teacher_logits or teacher_hidden + teacher_weight, not both")
+        C.check_float_tensor("teacher_logits", teacher_logits)
+        C.check_constant("teacher_logits", teacher_logits)
+        if tuple(teacher_logits.shape[:-1]) != lead:
+            raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} must match student_hidden "
+                             f"{tuple(student_hidden.shape)} in every dimension but the last")
+        if teacher_logits.dtype != student_hidden.dtype:
+            raise TypeError(f"teacher_logits dtype {teacher_logits.dtype} differs from student_hidden dtype "
+                            f"{student_hidden.dtype}")
+        C.check_same_device(student_hidden=student_hidden, teacher_logits=teacher_logits)
+        vt = teacher_logits.shape[-1]
+    else:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError("pass teacher_hidden and teacher_weight (or teacher_logits)")
+        _check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
+        for name, tensor in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
+                             ("teacher_bias", teacher_bias)):
+            C.check_constant(name, tensor)
+        if tuple(teacher_hidden.shape[:-1]) != lead:
+            raise ValueError(f"teacher_hidden shape {tuple(teacher_hidden.shape)} must match student_hidden "
+                             f"{tuple(student_hidden.shape)} in every dimension but the last")
+        if teacher_hidden.dtype != student_hidden.dtype:
+            raise TypeError(f"teacher_hidden dtype {teacher_hidden.dtype} differs from student_hidden dtype "
+                            f"{student_hidden.dtype}; cast it with .to({student_hidden.dtype})")
+        C.check_same_device(student_hidden=student_hidden, teacher_hidden=teacher_hidden)
+        vt = teacher_weight.shape[0]
+    vocab = resolve_vocab(student_weight.shape[0], vt, vocab_size)
+    params = make_params(divergence, temperature=temperature, scale_by_t2=scale_by_t2, beta=beta, alpha=alpha,
+                         mu=mu, t=t, ce_weight=ce_weight, chunk_size=None, softcap=softcap)
+    if ce_weight and labels is None:
+        raise ValueError("ce_weight > 0 needs labels (the cross-entropy targets)")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    device = student_hidden.device
+    wdt = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    tok_weight, flat_labels = C.token_weights(lead, device, labels=labels, ignore_index=ignore_index, mask=mask,
+                                              reduction=reduction, num_items_in_batch=num_items_in_batch,
+                                              dtype=wdt)
+    if ce_weight:
+        C.check_label_range(flat_labels, tok_weight, vocab)
+    n = tok_weight.numel()
+    h = student_hidden.reshape(n, student_hidden.shape[-1])
+    th = None if teacher_hidden is None else teacher_hidden.reshape(n, teacher_hidden.shape[-1])
+    tl = None if teacher_logits is None else teacher_logits.reshape(n, vt)
+    rows = chunk_size or auto_chunk_rows(n, student_weight.shape[0] + vt, device)
+    probe = torch.empty(0, vocab, dtype=student_hidden.dtype, device=device)
+    impl = select("distill", backend, student=probe, teacher=probe, params=params)
+    loss = FusedLinearDistillFunction.apply(
+        h, student_weight, student_bias, th, teacher_weight, teacher_bias, tl,
+        flat_labels if ce_weight else None, tok_weight, replace(params, chunk_size=rows), vocab, rows,
+        reduction, impl.fn)
+    return loss.view(lead) if reduction == "none" else loss
