@@ -1,0 +1,151 @@
+"""``torch.nn`` modules over fastkd's loss functions (DESIGN.md API 5).
+
+Each module stores the keyword options of one function at construction and takes only tensors in
+``forward``; per-call keyword arguments (``labels``, ``mask``, ``num_items_in_batch``, ...) may be passed
+to ``forward`` and override the stored ones. The functional modules are imported inside ``forward``, so
+``import fastkd.nn`` works even when an optional op family (e.g. the OT losses) failed to import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "DistillLoss",
+    "FusedLinearDistillLoss",
+    "SparseDistillLoss",
+    "SinkhornLoss",
+    "SinKDLoss",
+    "ULDLoss",
+]
+
+
+def _fn(module: str, name: str) -> Any:
+    """``fastkd.ops.<module>.<name>``, imported on first use."""
+    return getattr(importlib.import_module(f"fastkd.ops.{module}"), name)
+
+
+class _KwargsLoss(nn.Module):
+    """Stores keyword options; ``extra_repr`` shows them (tensors as their shape)."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        self.options = options
+
+    def _kw(self, call_kw: dict[str, Any]) -> dict[str, Any]:
+        return {**self.options, **call_kw} if call_kw else self.options
+
+    def extra_repr(self) -> str:
+        def show(v: Any) -> str:
+            return f"Tensor{tuple(v.shape)}" if isinstance(v, torch.Tensor) else repr(v)
+
+        return ", ".join(f"{k}={show(v)}" for k, v in self.options.items())
+
+
+class DistillLoss(_KwargsLoss):
+    """:func:`fastkd.distill_loss` as a module.
+
+    ``DistillLoss("jsd", beta=0.5, temperature=2.0)(student_logits (..., V), teacher_logits (..., V),
+    labels=labels)`` → fp32 scalar (or (...,) for ``reduction="none"``).
+    """
+
+    def __init__(self, divergence: str = "fkl", **options: Any) -> None:
+        super().__init__(divergence=divergence, **options)
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, **kw: Any) -> torch.Tensor:
+        return _fn("distill", "distill_loss")(student_logits, teacher_logits, **self._kw(kw))
+
+
+class FusedLinearDistillLoss(_KwargsLoss):
+    """:func:`fastkd.fused_linear_distill_loss` as a module (LM heads fused in, never full logits).
+
+    ``forward(student_hidden (N, Hs), student_weight (V, Hs), teacher_hidden (N, Ht) | None = None,
+    teacher_weight (V, Ht) | None = None, **kw)``; pass ``teacher_logits=`` instead of the teacher pair
+    when they are precomputed.
+    """
+
+    def __init__(self, divergence: str = "fkl", **options: Any) -> None:
+        super().__init__(divergence=divergence, **options)
+
+    def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
+                **kw: Any) -> torch.Tensor:
+        fn = _fn("fused_linear", "fused_linear_distill_loss")
+        return fn(student_hidden, student_weight, teacher_hidden, teacher_weight, **self._kw(kw))
+
+
+class SparseDistillLoss(_KwargsLoss):
+    """:func:`fastkd.sparse_distill_loss` (or its fused-linear form) as a module.
+
+    ``SparseDistillLoss(mode="topk", values="logprobs")(student_logits (..., V), teacher_ids (..., K),
+    teacher_values (..., K))``. With ``fused=True`` the module calls
+    :func:`fastkd.fused_linear_sparse_distill_loss` and forward takes
+    ``(student_hidden (N, H), student_weight (V, H), teacher_ids, teacher_values)``.
+    """
+
+    def __init__(self, *, fused: bool = False, **options: Any) -> None:
+        super().__init__(**options)
+        self.fused = bool(fused)
+
+    def forward(self, *tensors: torch.Tensor, **kw: Any) -> torch.Tensor:
+        want = 4 if self.fused else 3
+        if len(tensors) != want:
+            sig = ("student_hidden, student_weight, teacher_ids, teacher_values" if self.fused
+                   else "student_logits, teacher_ids, teacher_values")
+            raise TypeError(f"SparseDistillLoss(fused={self.fused}).forward takes ({sig}), "
+                            f"got {len(tensors)} positional tensors")
+        name = "fused_linear_sparse_distill_loss" if self.fused else "sparse_distill_loss"
+        return _fn("sparse", name)(*tensors, **self._kw(kw))
+
+    def extra_repr(self) -> str:
+        rest = super().extra_repr()
+        return f"fused={self.fused}" + (f", {rest}" if rest else "")
+
+
+class SinkhornLoss(_KwargsLoss):
+    """Entropic OT cost ⟨P, C⟩ from :func:`fastkd.sinkhorn` as a module.
+
+    ``forward(x (B, n, d), y (B, m, d), a (B, n) | None = None, b (B, m) | None = None)`` with points, or
+    ``forward(cost=C (B, n, m), a=..., b=...)``; returns ``result.value`` (the transport cost), reduced
+    over the batch by ``reduction`` ("mean", "sum" or "none" → (B,)). Options such as ``eps``,
+    ``metric``, ``max_iter``, ``debias``, ``grad`` go to the constructor.
+    """
+
+    def __init__(self, *, reduction: str = "mean", **options: Any) -> None:
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be one of ('mean', 'sum', 'none'), got {reduction!r}")
+        super().__init__(**options)
+        self.reduction = reduction
+
+    def forward(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                a: torch.Tensor | None = None, b: torch.Tensor | None = None, *,
+                cost: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
+        res = _fn("sinkhorn", "sinkhorn")(a, b, cost=cost, x=x, y=y, **self._kw(kw))
+        value = res.value
+        if self.reduction == "none" or value.dim() == 0:
+            return value
+        return value.mean() if self.reduction == "mean" else value.sum()
+
+    def extra_repr(self) -> str:
+        rest = super().extra_repr()
+        return f"reduction={self.reduction!r}" + (f", {rest}" if rest else "")
+
+
+class SinKDLoss(_KwargsLoss):
+    """:func:`fastkd.sinkd_loss` as a module: ``SinKDLoss(temperature=2.0, eps=0.1, n_iter=20)
+    (student_logits (B, V), teacher_logits (B, V))`` → scalar."""
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, **kw: Any) -> torch.Tensor:
+        return _fn("ot_losses", "sinkd_loss")(student_logits, teacher_logits, **self._kw(kw))
+
+
+class ULDLoss(_KwargsLoss):
+    """:func:`fastkd.uld_loss` as a module (cross-tokenizer: vocabularies may differ):
+    ``ULDLoss(temperature=1.0)(student_logits (..., Vs), teacher_logits (..., Vt))`` → scalar."""
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, **kw: Any) -> torch.Tensor:
+        return _fn("ot_losses", "uld_loss")(student_logits, teacher_logits, **self._kw(kw))
