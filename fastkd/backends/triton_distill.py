@@ -1,0 +1,162 @@
+"""``triton`` backend of the divergence losses on logits (kernels in ``fastkd.kernels.distill``).
+
+Registers op ``"distill"`` on backend ``"triton"`` with the contract of :mod:`fastkd.ops.distill`, and
+exposes :func:`scale_grad_` (device-side ``grad *= grad_output`` for backward). Imports cleanly without
+Triton: the backend is then registered with the import error as its reason.
+
+Launch configuration: a fixed default (``BLOCK_V=4096``, ``num_warps=8``); :func:`override_config`
+changes it (tests use small blocks so that several vocabulary blocks are exercised); with
+``FASTKD_AUTOTUNE=1`` the kernel is autotuned over a few (BLOCK_V, num_warps) pairs instead (not when the
+gradient aliases the student: tuning re-runs the kernel, which would read its own output).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+
+import torch
+
+from fastkd.backends import register, triton_import_error, triton_reasons
+from fastkd.params import DistillParams
+
+_IMPORT_ERROR = triton_import_error()
+if _IMPORT_ERROR is None:
+    try:
+        from fastkd.kernels import distill as K
+    except Exception as exc:  # a broken Triton install or a kernel that does not compile under it
+        _IMPORT_ERROR = f"fastkd.kernels.distill failed to import ({type(exc).__name__}: {exc})"
+        K = None
+else:
+    K = None
+
+_CONFIG: dict[str, int | None] = {"block_v": None, "num_warps": None}
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@contextlib.contextmanager
+def override_config(block_v: int | None = None, num_warps: int | None = None) -> Iterator[None]:
+    """Temporarily launch with ``BLOCK_V=block_v`` (a power of two) and ``num_warps`` (None = default)."""
+    if block_v is not None and (block_v < 16 or block_v & (block_v - 1)):
+        raise ValueError(f"block_v must be a power of two >= 16, got {block_v}")
+    old = dict(_CONFIG)
+    _CONFIG.update(block_v=block_v, num_warps=num_warps)
+    try:
+        yield
+    finally:
+        _CONFIG.update(old)
+
+
+def _autotune() -> bool:
+    return os.environ.get("FASTKD_AUTOTUNE", "0") not in ("", "0")
+
+
+def _kernel_args(p: DistillParams) -> tuple[int, float, float, float]:
+    """(kernel divergence code, c1, log w_a, log w_b); endpoints of the mixtures map to simpler codes."""
+    name = p.effective
+    c1, lw_a, lw_b = 0.0, 0.0, 0.0
+    if name == "skl" and p.alpha in (0.0, 1.0):  # KL(p‖q) = fkl at α=0; KL(p‖p) = 0 at α=1
+        return (K.FKL if p.alpha == 0.0 else K.NONE), 0.0, 0.0, 0.0
+    if name == "srkl" and p.alpha in (0.0, 1.0):  # KL(q‖p) = rkl at α=0; KL(q‖q) = 0 at α=1
+        return (K.RKL if p.alpha == 0.0 else K.NONE), 0.0, 0.0, 0.0
+    if name in ("jsd", "symkl"):
+        c1 = p.beta
+        if name == "jsd":
+            lw_a, lw_b = math.log(p.beta), math.log1p(-p.beta)
+    elif name == "skl":
+        c1, lw_a, lw_b = p.alpha, math.log(p.alpha), math.log1p(-p.alpha)
+    elif name == "srkl":
+        c1, lw_a, lw_b = p.alpha, math.log1p(-p.alpha), math.log(p.alpha)
+    elif name == "taid":
+        c1 = p.t
+    codes = {"fkl": K.FKL, "rkl": K.RKL, "jsd": K.JSD, "symkl": K.SYMKL, "skl": K.SKL, "srkl": K.SRKL,
+             "tvd": K.TVD, "akl": K.AKL, "taid": K.TAID}
+    return codes[name], c1, lw_a, lw_b
+
+
+def distill_forward(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    weight: torch.Tensor,
+    grad: torch.Tensor | None,
+    p: DistillParams,
+) -> torch.Tensor:
+    """Backend entry point (op ``distill``): see :mod:`fastkd.ops.distill`.
+
+    student, teacher: (N, V) fp32/bf16/fp16, rows and columns may be strided; labels: (N,) int64 or None
+    (only read when ``p.ce_weight`` > 0); weight: (N,) fp32; grad: (N, V) buffer (may alias ``student``)
+    written with ``weight[i] · ∂loss_i/∂student[i]``, or None. Returns the per-token loss (N,) fp32.
+    One kernel launch, grid (N,).
+    """
+    n, v = student.shape
+    loss = torch.empty(n, dtype=torch.float32, device=student.device)
+    if n == 0:
+        return loss
+    code, c1, lw_a, lw_b = _kernel_args(p)
+    has_labels = bool(p.ce_weight) and labels is not None
+    weight = weight.to(torch.float32).contiguous()
+    lab = labels.to(torch.int64).contiguous() if has_labels else weight  # dummy pointer when unused
+    g = grad if grad is not None else student  # dummy pointer when HAS_GRAD is False
+    inv_t = 1.0 / p.temperature
+    args = (student, teacher, g, lab, weight, loss, v,
+            student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), g.stride(0), g.stride(1),
+            inv_t, p.kd_scale, p.kd_scale * inv_t, p.ce_weight, c1, lw_a, lw_b, p.mu)
+    flags = dict(DIV=code, HAS_GRAD=grad is not None, HAS_LABELS=has_labels,
+                 CE_RAW=has_labels and p.temperature != 1.0, NT=K.AKL_NT)
+    aliased = grad is not None and grad.data_ptr() == student.data_ptr()
+    if _autotune() and _CONFIG["block_v"] is None and not aliased:
+        K._distill_kernel_autotuned[(n,)](*args, **flags, BLOCK_A=K.AKL_BLOCK)
+    else:
+        block_v = _CONFIG["block_v"] or min(K.DEFAULT_BLOCK_V, max(16, 1 << (v - 1).bit_length()))
+        K._distill_kernel[(n,)](*args, **flags, BLOCK_V=block_v, BLOCK_A=min(block_v, K.AKL_BLOCK),
+                                num_warps=_CONFIG["num_warps"] or K.DEFAULT_NUM_WARPS)
+    return loss
+
+
+def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool) -> torch.Tensor:
+    """``grad *= grad_output`` in place, reading grad_output on the device (no host sync).
+
+    grad: (N, V) any float dtype (a 1-D tensor is treated as (N, 1)); grad_output: a one-element tensor
+    (``per_row=False``) or (N,) (``per_row=True``). Rows whose factor is exactly 1.0 are not touched.
+    Returns ``grad``.
+    """
+    g2 = grad if grad.dim() == 2 else grad.reshape(grad.shape[0], -1) if grad.dim() else grad.reshape(1, 1)
+    n, v = g2.shape
+    if per_row:
+        if grad_output.numel() != n:
+            raise ValueError(f"grad_output must have {n} values (one per row), got {grad_output.numel()}")
+        go = grad_output.reshape(n)
+        go_stride = go.stride(0)
+    else:
+        if grad_output.numel() != 1:
+            raise ValueError(f"grad_output must have one value, got shape {tuple(grad_output.shape)}")
+        go = grad_output.reshape(1)
+        go_stride = 0
+    if n == 0 or v == 0:
+        return grad
+    block = _CONFIG["block_v"] or min(4096, max(16, 1 << (v - 1).bit_length()))
+    K._scale_grad_kernel[(n,)](g2, go, v, g2.stride(0), g2.stride(1), go_stride, BLOCK=block,
+                               num_warps=4)
+    return grad
+
+
+def _reasons(student: torch.Tensor | None = None, teacher: torch.Tensor | None = None,
+             params: DistillParams | None = None, **_: object) -> list[str]:
+    if _IMPORT_ERROR is not None:
+        return [_IMPORT_ERROR]
+    reasons = triton_reasons(student, teacher)
+    for name, t in (("student", student), ("teacher", teacher)):
+        if t is not None and t.dtype not in _SUPPORTED_DTYPES:
+            reasons.append(f"{name} dtype {t.dtype} is not supported by the Triton kernels "
+                           f"(float32, bfloat16, float16; use backend='torch' for float64)")
+    if student is not None and student.dim() == 2 and student.shape[1] >= 2**31:
+        reasons.append(f"vocabulary of {student.shape[1]} columns exceeds the kernel's int32 column index")
+    if params is not None and params.softcap is not None:
+        reasons.append("softcap is not implemented by the Triton distill kernel")
+    return reasons
+
+
+register("distill", "triton", distill_forward, _reasons)

@@ -1,0 +1,330 @@
+"""Triton kernels for the divergence losses on logits (one kernel family for all nine divergences).
+
+Notation (one row, after temperature): s = z_s / T (student), t = z_t / T (teacher), log q = s − lse_s,
+log p = t − lse_t. Every divergence D gives the vector qg = q·∂D/∂q; the gradient with respect to the raw
+student logits is then ``w · (kd_scale/T · (qg − q·Σqg) + ce_weight · (softmax(z_s) − onehot(label)))``
+(the softmax chain rule), exactly the mechanism of ``fastkd/backends/torch_distill.py``. Terms
+``x·(log x − log y)`` are 0 where x == 0, so ``-inf`` logits are legal.
+
+``_distill_kernel`` — grid ``(N,)``: one program owns one row and loops over vocabulary blocks:
+
+1. statistics pass (reads s and t): online max / sum-exp of s, t (and of the TAID logits
+   u = (1−τ)s + τt, and of the raw z_s for the cross-entropy when T != 1), in fp32; the fkl / rkl /
+   taid losses are accumulated online in the same pass (``Σ e^{x−m}(x − y)`` rescaled like the sum-exp),
+   so fkl, rkl, symkl and taid need no further reduction;
+2. reduction passes, by divergence: jsd / skl / srkl / tvd need Σqg (and their loss) once the lse's are
+   known (one pass over s and t); akl needs its head set H (below), then Σ_H |p−q| and Σ_¬H |p−q|;
+3. final pass (only with a gradient buffer): reads s and t block by block and writes the gradient once,
+   in the buffer's dtype. Each block is read before it is written, so the buffer may alias the student.
+
+AKL head set without sorting: H = {i : Σ_{j: p_j ≥ p_i} p_j ≤ mu} ∪ {argmax p}. The threshold is found by
+a bisection on the bit pattern of p (an int32 that orders like the float for p ≥ 0): each pass tests
+``AKL_NT`` thresholds at once (mass and count of {p ≥ θ}) and keeps the bracket (lo, hi] with
+mass(lo) > mu ≥ mass(hi); it stops when no p lies in [lo, hi) or hi = lo + 1 (exact), at most ~8 passes
+over the teacher row, usually 3–5. Tie behaviour: tokens with equal p are in or out of the head together
+(the reference's stable sort may split a tied group at the boundary); of tied maxima only the first
+index is forced into the head, as in the reference.
+
+Rows with weight == 0 write loss 0 and a zero gradient row without reading the logits.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Divergence codes: fastkd.params.DIVERGENCE_CODES, plus NONE (skl / srkl at α = 1: D ≡ 0).
+FKL, RKL, JSD, SYMKL, SKL, SRKL, TVD, AKL, TAID, NONE = range(10)
+
+DEFAULT_BLOCK_V = 4096
+DEFAULT_NUM_WARPS = 8
+AKL_NT = 16  # thresholds tested per bisection pass
+AKL_BLOCK = 256  # vocabulary block of the bisection passes (an AKL_NT × AKL_BLOCK tile)
+_P_BITS_HI = 0x3F800010  # just above the bits of 1.0: no probability reaches it
+
+
+@triton.jit
+def _lae(a, b):
+    """log(e^a + e^b), −inf when both are −inf."""
+    m = tl.maximum(a, b)
+    ms = tl.where(m == float("-inf"), 0.0, m)
+    return ms + tl.log(tl.exp(a - ms) + tl.exp(b - ms))
+
+
+@triton.jit
+def _online(m, d, a, x, y):
+    """Fold block x into running (max m, Σe^{x−m} d, Σe^{x−m}(x−y) a), skipping terms with e^{x−m} = 0."""
+    m_new = tl.maximum(m, tl.max(x, 0))
+    ms = tl.where(m_new == float("-inf"), 0.0, m_new)
+    scale = tl.exp(m - ms)
+    e = tl.exp(x - ms)
+    d = d * scale + tl.sum(e, 0)
+    a = a * scale + tl.sum(tl.where(e > 0, e * (x - y), 0.0), 0)
+    return m_new, d, a
+
+
+@triton.jit
+def _mix_terms(lp, lq, p, q, c1, lw_a, lw_b, DIV: tl.constexpr):
+    """Elementwise (D term, qg) of the divergences that need a reduction pass (jsd, skl, srkl, tvd).
+
+    m = w_a·p + w_b·q with log weights lw_a, lw_b (jsd: β, 1−β; skl: α, 1−α; srkl: 1−α, α).
+    """
+    if DIV == 6:  # tvd
+        diff = q - p
+        d_el = 0.5 * tl.abs(diff)
+        qg = 0.5 * q * tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
+    else:
+        lm = _lae(lp + lw_a, lq + lw_b)
+        if DIV == 2:  # jsd: β KL(p‖m) + (1−β) KL(q‖m)
+            qg = (1.0 - c1) * tl.where(q > 0, q * (lq - lm), 0.0)
+            d_el = c1 * tl.where(p > 0, p * (lp - lm), 0.0) + qg
+        elif DIV == 4:  # skl: KL(p ‖ αp + (1−α)q)
+            d_el = tl.where(p > 0, p * (lp - lm), 0.0)
+            qg = -(1.0 - c1) * tl.where(p > 0, tl.exp(lp + lq - lm), 0.0)
+        else:  # srkl: KL(q ‖ (1−α)p + αq)
+            d_el = tl.where(q > 0, q * (lq - lm), 0.0)
+            qg = d_el - c1 * tl.where(q > 0, tl.exp(2.0 * lq - lm), 0.0)
+    return d_el, qg
+
+
+@triton.jit
+def _distill_kernel(
+    s_ptr,  # (N, V) student logits, any float dtype, strides (s_row, s_col)
+    t_ptr,  # (N, V) teacher logits, same dtype, strides (t_row, t_col)
+    g_ptr,  # (N, V) gradient output (may alias s_ptr), strides (g_row, g_col); unused without HAS_GRAD
+    lab_ptr,  # (N,) int64 labels; unused without HAS_LABELS
+    w_ptr,  # (N,) fp32 per-token weight (0 = excluded)
+    loss_ptr,  # (N,) fp32 per-token loss output
+    V,
+    s_row, s_col, t_row, t_col, g_row, g_col,
+    inv_t,  # 1 / temperature
+    kd_scale,  # T² or 1 (loss factor of the divergence)
+    kd_coef,  # kd_scale / T (gradient factor of the divergence)
+    ce_w,  # cross-entropy weight
+    c1,  # β (jsd, symkl), α (skl, srkl) or τ (taid)
+    lw_a, lw_b,  # log mixture weights of jsd / skl / srkl
+    mu,  # akl head mass
+    DIV: tl.constexpr,
+    HAS_GRAD: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    CE_RAW: tl.constexpr,  # cross-entropy needs the un-tempered lse (T != 1)
+    BLOCK_V: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    NT: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_base = s_ptr + row * s_row
+    t_base = t_ptr + row * t_row
+    g_base = g_ptr + row * g_row
+    offs = tl.arange(0, BLOCK_V)
+    w = tl.load(w_ptr + row)
+    NEG: tl.constexpr = float("-inf")
+
+    if w == 0.0:
+        tl.store(loss_ptr + row, 0.0)
+        if HAS_GRAD:
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                tl.store(g_base + cols * g_col, tl.zeros([BLOCK_V], tl.float32).to(g_ptr.dtype.element_ty),
+                         mask=cols < V)
+    else:
+        # ---- pass 1: row statistics (+ online fkl / rkl / taid sums) -------------------------------------
+        zero = tl.sum(tl.zeros([BLOCK_V], tl.float32), 0)
+        m_s = zero + NEG
+        d_s = zero
+        a_r = zero  # Σ e^{s−m_s}(s − t)
+        m_t = zero + NEG
+        d_t = zero
+        a_f = zero  # Σ e^{t−m_t}(t − s)
+        m_u = zero + NEG
+        d_u = zero
+        a_u = zero  # Σ e^{u−m_u}(u − s)
+        m_z = zero + NEG
+        d_z = zero
+        amax = zero.to(tl.int32)  # first index of the teacher's max (akl)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            cm = cols < V
+            xs = tl.load(s_base + cols * s_col, mask=cm, other=NEG).to(tl.float32)
+            xt = tl.load(t_base + cols * t_col, mask=cm, other=NEG).to(tl.float32)
+            s = xs * inv_t
+            t = xt * inv_t
+            if DIV == 7:
+                bm = tl.max(t, 0)
+                bi = tl.min(tl.where((t == bm) & cm, cols, V), 0)
+                amax = tl.where(bm > m_t, bi, amax)
+            m_s, d_s, a_r = _online(m_s, d_s, a_r, s, t)
+            m_t, d_t, a_f = _online(m_t, d_t, a_f, t, s)
+            if DIV == 8:
+                u = tl.where(c1 == 0.0, s, tl.where(c1 == 1.0, t, (1.0 - c1) * s + c1 * t))
+                m_u, d_u, a_u = _online(m_u, d_u, a_u, u, s)
+            if CE_RAW:
+                m_z, d_z, a_z = _online(m_z, d_z, zero, xs, xs)
+        lse_s = m_s + tl.log(d_s)
+        lse_t = m_t + tl.log(d_t)
+        fkl = a_f / d_t - lse_t + lse_s
+        rkl = a_r / d_s - lse_s + lse_t
+        lse_u = m_u + tl.log(d_u)
+
+        # ---- divergence value D and S = Σqg ------------------------------------------------------------
+        w_f = zero
+        w_r = zero
+        if DIV == 0:
+            dval = fkl
+            ssum = zero - 1.0
+        elif DIV == 1:
+            dval = rkl
+            ssum = rkl
+        elif DIV == 3:
+            w_f = zero + c1
+            w_r = zero + (1.0 - c1)
+            dval = w_f * fkl + w_r * rkl
+            ssum = -w_f + w_r * rkl
+        elif DIV == 8:
+            dval = a_u / d_u - lse_u + lse_s
+            ssum = zero - 1.0
+        elif DIV == 9:
+            dval = tl.where((lse_s == lse_s) & (lse_t == lse_t), 0.0, float("nan"))
+            ssum = zero
+        elif DIV == 7:
+            # bisection for the head threshold on the bits of p (see the module docstring)
+            offs_a = tl.arange(0, BLOCK_A)
+            kk = tl.arange(0, NT) + 1
+            lo = zero.to(tl.int32) - 1
+            hi = zero.to(tl.int32) + 0x3F800010
+            n_lo = zero.to(tl.int32) + V
+            n_hi = zero.to(tl.int32)
+            while (hi - lo > 1) & (n_lo > n_hi):
+                step = (hi - lo + NT) // (NT + 1)
+                th = tl.minimum(lo + step * kk, hi - 1)
+                c_acc = tl.zeros([NT], tl.float32)
+                n_acc = tl.zeros([NT], tl.int32)
+                for start in range(0, V, BLOCK_A):
+                    cols = start + offs_a
+                    cm = cols < V
+                    xt = tl.load(t_base + cols * t_col, mask=cm, other=NEG).to(tl.float32)
+                    p = tl.exp(xt * inv_t - lse_t)
+                    pb = p.to(tl.int32, bitcast=True)
+                    ge = (pb[None, :] >= th[:, None]) & cm[None, :]
+                    c_acc += tl.sum(tl.where(ge, p[None, :], 0.0), 1)
+                    n_acc += tl.sum(ge.to(tl.int32), 1)
+                fail = c_acc > mu
+                lo_new = tl.max(tl.where(fail, th, lo), 0)
+                n_lo = tl.min(tl.where(fail, n_acc, n_lo), 0)
+                hi_new = tl.min(tl.where(fail, hi, th), 0)
+                n_hi = tl.max(tl.where(fail, n_hi, n_acc), 0)
+                lo = lo_new
+                hi = hi_new
+            g_h = zero
+            g_all = zero
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                cm = cols < V
+                xs = tl.load(s_base + cols * s_col, mask=cm, other=NEG).to(tl.float32)
+                xt = tl.load(t_base + cols * t_col, mask=cm, other=NEG).to(tl.float32)
+                p = tl.exp(xt * inv_t - lse_t)
+                q = tl.exp(xs * inv_t - lse_s)
+                err = tl.where(cm, tl.abs(p - q), 0.0)
+                head = (p.to(tl.int32, bitcast=True) >= hi) | (cols == amax)
+                g_h += tl.sum(tl.where(head, err, 0.0), 0)
+                g_all += tl.sum(err, 0)
+            g_t = g_all - g_h
+            den = g_h + g_t
+            safe = tl.where(den > 0, den, 1.0)
+            w_f = tl.where(den > 0, g_h / safe, 0.0)
+            w_r = tl.where(den > 0, g_t / safe, 0.0)
+            dval = w_f * fkl + w_r * rkl
+            ssum = -w_f + w_r * rkl
+        else:  # jsd, skl, srkl, tvd: one reduction pass
+            dval = zero
+            ssum = zero
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                cm = cols < V
+                xs = tl.load(s_base + cols * s_col, mask=cm, other=NEG).to(tl.float32)
+                xt = tl.load(t_base + cols * t_col, mask=cm, other=NEG).to(tl.float32)
+                lq = xs * inv_t - lse_s
+                lp = xt * inv_t - lse_t
+                d_el, qg = _mix_terms(lp, lq, tl.exp(lp), tl.exp(lq), c1, lw_a, lw_b, DIV)
+                dval += tl.sum(d_el, 0)
+                ssum += tl.sum(qg, 0)
+
+        loss = kd_scale * dval
+        label = 0
+        if HAS_LABELS:
+            label = tl.load(lab_ptr + row)
+            zl = tl.load(s_base + label * s_col).to(tl.float32)
+            if CE_RAW:
+                lse_z = m_z + tl.log(d_z)
+            else:
+                lse_z = lse_s
+            loss += ce_w * (lse_z - zl)
+        tl.store(loss_ptr + row, loss)
+
+        # ---- final pass: the gradient, written once ----------------------------------------------------
+        if HAS_GRAD:
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                cm = cols < V
+                xs = tl.load(s_base + cols * s_col, mask=cm, other=NEG).to(tl.float32)
+                xt = tl.load(t_base + cols * t_col, mask=cm, other=NEG).to(tl.float32)
+                s = xs * inv_t
+                t = xt * inv_t
+                lq = s - lse_s
+                q = tl.exp(lq)
+                if DIV == 0:
+                    qg = -tl.exp(t - lse_t)
+                elif DIV == 1:
+                    qg = tl.where(q > 0, q * (lq - (t - lse_t)), 0.0)
+                elif (DIV == 3) | (DIV == 7):
+                    lp = t - lse_t
+                    qg = -w_f * tl.exp(lp) + w_r * tl.where(q > 0, q * (lq - lp), 0.0)
+                elif DIV == 8:
+                    u = tl.where(c1 == 0.0, s, tl.where(c1 == 1.0, t, (1.0 - c1) * s + c1 * t))
+                    qg = -tl.exp(u - lse_u)
+                elif DIV == 9:
+                    qg = tl.zeros([BLOCK_V], tl.float32)
+                else:
+                    lp = t - lse_t
+                    d_el, qg = _mix_terms(lp, lq, tl.exp(lp), q, c1, lw_a, lw_b, DIV)
+                g = kd_coef * (qg - q * ssum)
+                if HAS_LABELS:
+                    if CE_RAW:
+                        sm = tl.exp(xs - lse_z)
+                    else:
+                        sm = q
+                    g += ce_w * (sm - tl.where(cols == label, 1.0, 0.0))
+                g = g * w
+                tl.store(g_base + cols * g_col, g.to(g_ptr.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def _scale_grad_kernel(
+    g_ptr,  # (N, V) gradient, scaled in place, strides (g_row, g_col)
+    go_ptr,  # grad_output: one value (go_stride = 0) or (N,) per row
+    V, g_row, g_col, go_stride,
+    BLOCK: tl.constexpr,
+):
+    """grid (N,): program i multiplies row i by grad_output[i·go_stride]; a factor of exactly 1.0 returns
+    without touching the row (the usual case: backward then costs one scalar load per row, no host sync)."""
+    row = tl.program_id(0).to(tl.int64)
+    f = tl.load(go_ptr + row * go_stride).to(tl.float32)
+    if f != 1.0:
+        base = g_ptr + row * g_row
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            cm = cols < V
+            x = tl.load(base + cols * g_col, mask=cm, other=0.0).to(tl.float32)
+            tl.store(base + cols * g_col, (x * f).to(g_ptr.dtype.element_ty), mask=cm)
+
+
+def autotune_configs() -> list[triton.Config]:
+    """Configs tried when FASTKD_AUTOTUNE=1 (BLOCK_V × num_warps)."""
+    return [triton.Config({"BLOCK_V": bv}, num_warps=nw)
+            for bv, nw in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16))]
+
+
+_distill_kernel_autotuned = triton.autotune(
+    configs=autotune_configs(),
+    key=["V", "DIV", "HAS_GRAD", "HAS_LABELS", "CE_RAW"],
+)(_distill_kernel)
