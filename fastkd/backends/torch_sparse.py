@@ -1,0 +1,190 @@
+"""``torch`` backend of the sparse (top-k / tail / sampled) distillation losses, plus the shared K-level math.
+
+Every mode and divergence shares one mechanism (STYLE.md item 2). Per token (row) the backend needs only
+three vocabulary-wide statistics of the tempered student logits s = z / T:
+
+    lse      = logsumexp_v s_v                     (the full-vocabulary normaliser)
+    lse_tail = logsumexp_{v ∉ ids} s_v             (topk_tail only: the student's tail mass, exactly)
+    s_ids    = s gathered at the K ids             (−inf at padding slots)
+
+From those and the teacher's per-slot log-probabilities, :func:`sparse_terms` computes (on (N, K) tensors)
+the per-token loss and a gradient of the closed form
+
+    ∂loss/∂z_v = q_v · (a + b · [v ∉ ids]) + Σ_k c_k · [v = id_k],        q = softmax(s),
+
+with (a, b, c) already multiplied by ``weight · kd_scale / T``. A backend therefore makes one pass over V
+for the statistics and one to write the gradient; the Triton backend runs the same :func:`sparse_terms`.
+
+Derivation: for events e with student probabilities q_e(s) and qg_e = q_e ∂D/∂q_e,
+∂q_k/∂s_v = q_k(δ_{v,id_k} − q_v) and ∂q_tail/∂s_v = q_v([v ∉ ids] − q_tail), so
+∂D/∂s_v = Σ_k qg_k δ_{v,id_k} − q_v Σ_e qg_e + (qg_tail / q_tail) q_v [v ∉ ids]: c = qg_k,
+a = −Σ_e qg_e, b = qg_tail / q_tail. For top-k rkl/jsd the student is renormalised over the K ids
+(q̃ = softmax_K(s_ids)), so c = qg − q̃ Σ qg and a = b = 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from fastkd.backends import register
+
+if TYPE_CHECKING:
+    from fastkd.ops.sparse import SparseParams
+
+_CHUNK_ELEMS = 1 << 22  # elements per fp32 (rows, V) temporary
+
+
+def _pos(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """value where x > 0 else 0 (0·log 0 terms; NaN inputs stay NaN through x)."""
+    return torch.where(x > 0, value, torch.zeros((), dtype=value.dtype, device=value.device))
+
+
+def _safe_log_softmax(x: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the last dim; an all −inf row gives all −inf instead of NaN."""
+    m = x.amax(-1, keepdim=True)
+    empty = m == -math.inf
+    out = torch.log_softmax(torch.where(empty, torch.zeros_like(x), x), dim=-1)
+    return torch.where(empty, torch.full_like(x, -math.inf), out)
+
+
+def _log_mix(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
+    return torch.logaddexp(log_p + math.log(beta), log_q + math.log(1.0 - beta))
+
+
+def sparse_terms(
+    s_ids: torch.Tensor,
+    lse: torch.Tensor,
+    lse_tail: torch.Tensor | None,
+    t_logp: torch.Tensor,
+    t_tail: torch.Tensor | None,
+    weight: torch.Tensor,
+    p: SparseParams,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss (N,) and gradient coefficients (c (N, K), a (N,), b (N,)) for one block of rows.
+
+    s_ids: tempered student logits at the ids, −inf at padding; lse, lse_tail: (N,) statistics above;
+    t_logp: (N, K) teacher log-probabilities (renormalised over K for topk/sampled, raw for topk_tail),
+    −inf at padding; t_tail: (N,) teacher log tail mass (topk_tail). All in the compute dtype.
+    weight: (N,) token weights (0 = excluded). Loss includes kd_scale; (a, b, c) include
+    weight · kd_scale / T. Excluded rows get exactly 0 everywhere.
+    """
+    zero = torch.zeros((), dtype=s_ids.dtype, device=s_ids.device)
+    name = p.effective
+    keep = weight != 0
+    lse_k = torch.where(keep, lse, zero).unsqueeze(-1)  # excluded rows may have lse = −inf
+    b = None
+    if p.mode == "topk_tail":
+        log_q = s_ids - lse_k
+        log_qt = torch.where(keep, lse_tail - lse_k.squeeze(-1), zero)
+        q, qt = log_q.exp(), log_qt.exp()
+        pk, pt = t_logp.exp(), t_tail.exp()
+        if name == "fkl":
+            loss = _pos(pk, pk * (t_logp - log_q)).sum(-1) + _pos(pt, pt * (t_tail - log_qt))
+            c, ct = -pk, -pt
+            b = _pos(pt, -(t_tail - log_qt).exp())
+        elif name == "rkl":
+            c = _pos(q, q * (log_q - t_logp))
+            ct = _pos(qt, qt * (log_qt - t_tail))
+            loss = c.sum(-1) + ct
+            b = _pos(qt, log_qt - t_tail)
+        else:
+            beta = p.beta
+            log_m, log_mt = _log_mix(t_logp, log_q, beta), _log_mix(t_tail, log_qt, beta)
+            c = (1 - beta) * _pos(q, q * (log_q - log_m))
+            ct = (1 - beta) * _pos(qt, qt * (log_qt - log_mt))
+            loss = (beta * (_pos(pk, pk * (t_logp - log_m)).sum(-1) + _pos(pt, pt * (t_tail - log_mt)))
+                    + c.sum(-1) + ct)
+            b = (1 - beta) * _pos(qt, log_qt - log_mt)
+        a = -(c.sum(-1) + ct)
+    elif name == "fkl" or p.mode == "sampled":
+        pk = t_logp.exp()
+        loss = _pos(pk, pk * (t_logp - (s_ids - lse_k))).sum(-1)
+        c = -pk
+        a = pk.sum(-1)
+    else:  # topk rkl / jsd: the student renormalised over the K ids, gradient only at the ids
+        log_q = _safe_log_softmax(s_ids)
+        q = log_q.exp()
+        if name == "rkl":
+            qg = _pos(q, q * (log_q - t_logp))
+            loss = qg.sum(-1)
+        else:
+            beta = p.beta
+            pk = t_logp.exp()
+            log_m = _log_mix(t_logp, log_q, beta)
+            qg = (1 - beta) * _pos(q, q * (log_q - log_m))
+            loss = beta * _pos(pk, pk * (t_logp - log_m)).sum(-1) + qg.sum(-1)
+        c = qg - q * qg.sum(-1, keepdim=True)
+        a = torch.zeros_like(loss)
+    scale = weight.to(s_ids.dtype) * (p.kd_scale / p.temperature)
+    loss = torch.where(keep, loss * p.kd_scale, zero)
+    c = torch.where(keep.unsqueeze(-1), c * scale.unsqueeze(-1), zero)
+    a = torch.where(keep, a * scale, zero)
+    b = torch.zeros_like(a) if b is None else torch.where(keep, b * scale, zero)
+    return loss, c, a, b
+
+
+def _chunk(z: torch.Tensor, ids: torch.Tensor, t_logp: torch.Tensor, t_tail: torch.Tensor | None,
+           weight: torch.Tensor, grad: torch.Tensor | None, p: SparseParams) -> torch.Tensor:
+    """Loss of one row block; writes its gradient into ``grad`` (same rows) when given."""
+    cdt = t_logp.dtype
+    s = z.to(cdt)
+    if p.temperature != 1.0:
+        s = s * (1.0 / p.temperature)
+    valid = ids >= 0
+    safe = torch.where(valid, ids, torch.zeros_like(ids))
+    neg_inf = torch.tensor(-math.inf, dtype=cdt, device=s.device)
+    s_ids = torch.where(valid, s.gather(1, safe), neg_inf)
+    lse = torch.logsumexp(s, dim=-1)
+    not_k = lse_tail = None
+    if p.mode == "topk_tail":
+        not_k = torch.ones_like(s, dtype=torch.bool).scatter_(1, safe, ~valid)
+        lse_tail = torch.logsumexp(torch.where(not_k, s, neg_inf), dim=-1)
+    loss, c, a, b = sparse_terms(s_ids, lse, lse_tail, t_logp, t_tail, weight, p)
+    if grad is None:
+        return loss
+    keep = (weight != 0).unsqueeze(-1)
+    if p.mode == "topk_tail":
+        coef = a.unsqueeze(-1) + torch.where(not_k, b.unsqueeze(-1), torch.zeros((), dtype=cdt, device=s.device))
+        g = torch.where(keep, (s - torch.where(keep, lse.unsqueeze(-1), 0)).exp_() * coef, 0)
+    elif p.mode == "topk" and p.effective != "fkl":
+        g = torch.zeros_like(s)
+    else:
+        g = torch.where(keep, (s - torch.where(keep, lse.unsqueeze(-1), 0)).exp_() * a.unsqueeze(-1), 0)
+    g.scatter_add_(1, safe, c)
+    grad.copy_(g)
+    return loss
+
+
+def sparse_forward(
+    student: torch.Tensor,
+    ids: torch.Tensor,
+    t_logp: torch.Tensor,
+    t_tail: torch.Tensor | None,
+    weight: torch.Tensor,
+    grad: torch.Tensor | None,
+    p: SparseParams,
+) -> torch.Tensor:
+    """Backend entry point (op ``sparse``): see :mod:`fastkd.ops.sparse`.
+
+    student (N, V) raw logits (rows may be strided); ids (N, K) int64, −1 = padding; t_logp (N, K) and
+    t_tail (N,) | None in the compute dtype (fp32, fp64 for fp64 logits); weight (N,); grad (N, V) in the
+    student's dtype or None. Returns the per-token loss (N,) in the compute dtype.
+    """
+    n, v = student.shape
+    loss = torch.empty(n, dtype=t_logp.dtype, device=student.device)
+    rows = p.chunk_size or max(1, min(n, _CHUNK_ELEMS // max(v, 1)))
+    for start in range(0, n, rows):
+        sl = slice(start, min(n, start + rows))
+        loss[sl] = _chunk(student[sl], ids[sl], t_logp[sl], None if t_tail is None else t_tail[sl],
+                          weight[sl], None if grad is None else grad[sl], p)
+    return loss
+
+
+def _reasons(**_: object) -> list[str]:
+    return []
+
+
+register("sparse", "torch", sparse_forward, _reasons)

@@ -1,0 +1,377 @@
+"""``fastkd.sparse_distill_loss`` / ``fused_linear_sparse_distill_loss``: distillation from sparse teachers.
+
+The teacher is given per token as K ids (−1 = padding slot) and K values (log-probs, probs, raw logits or
+sample counts), e.g. from a :class:`fastkd.cache.TeacherCache`. Formulas: :mod:`fastkd.reference.sparse`.
+The student's normaliser is always its full vocabulary.
+
+Layers: the public functions validate arguments, turn masks/reductions into per-token weights
+(:mod:`fastkd.ops._common`) and the teacher's values into per-slot log-probabilities (O(N·K), here, once
+for every backend); the autograd Functions call one backend's ``sparse`` implementation, which computes
+the per-token loss and the weighted gradient in forward; backward scales it by ``grad_output``.
+
+Backend contract (op ``"sparse"``)::
+
+    fn(student (N, V), ids (N, K) int64, t_logp (N, K), t_tail (N,) | None, weight (N,),
+       grad (N, V) | None, params: SparseParams) -> loss (N,)
+
+``t_logp``/``t_tail`` are in the compute dtype (fp32; fp64 for fp64 logits). ``grad``, when given, is
+written with ``weight[i] · ∂loss_i/∂student[i]`` in its own dtype and may alias ``student``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from fastkd.backends import declare, select
+from fastkd.ops import _common as C
+from fastkd.ops.distill import scale_grad_
+from fastkd.ops.fused_linear import LMHeadChunker, _check_linear, auto_chunk_rows
+
+MODES = ("topk", "topk_tail", "sampled")
+SPARSE_DIVERGENCES = ("fkl", "rkl", "jsd")
+VALUE_KINDS = ("logprobs", "logits", "probs", "counts")
+MODE_CODES = {"topk": 0, "topk_tail": 1, "sampled": 2}
+
+declare("sparse", ["fastkd.backends.torch_sparse", "fastkd.backends.triton_sparse"],
+        auto_order=("triton", "torch"))
+
+
+@dataclass(frozen=True)
+class SparseParams:
+    """Non-tensor arguments of one sparse loss (travel to the backend as one record)."""
+
+    mode: str = "topk"
+    divergence: str = "fkl"
+    temperature: float = 1.0
+    scale_by_t2: bool = False
+    beta: float = 0.5
+    chunk_size: int | None = None
+    softcap: float | None = None
+
+    @property
+    def kd_scale(self) -> float:
+        return self.temperature**2 if self.scale_by_t2 else 1.0
+
+    @property
+    def effective(self) -> str:
+        """jsd's β endpoints are fkl / rkl exactly (TRL convention); sampled is always fkl."""
+        if self.divergence == "jsd" and self.beta in (0.0, 1.0):
+            return "fkl" if self.beta == 0.0 else "rkl"
+        return self.divergence
+
+
+def _make_params(mode, divergence, values, temperature, teacher_temperature, scale_by_t2, beta,
+                 chunk_size, softcap) -> SparseParams:
+    C.check_choice("mode", mode, MODES)
+    C.check_choice("divergence", divergence, SPARSE_DIVERGENCES)
+    C.check_choice("values", values, VALUE_KINDS)
+    C.check_positive("temperature", temperature)
+    C.check_range("beta", beta, 0.0, 1.0)
+    if teacher_temperature is not None:
+        C.check_positive("teacher_temperature", teacher_temperature)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if softcap is not None:
+        C.check_positive("softcap", softcap)
+    if mode == "sampled":
+        if divergence != "fkl":
+            raise ValueError(f"mode='sampled' estimates the forward KL only; divergence must be 'fkl', "
+                             f"got {divergence!r}")
+        if values != "counts":
+            raise ValueError(f"mode='sampled' needs values='counts' (how often each id was drawn), got {values!r}")
+    if values == "logits" and mode != "topk":
+        raise ValueError(f"values='logits' (raw teacher logits at the ids) is only meaningful with mode='topk' "
+                         f"(renormalised over the K ids), got mode={mode!r}")
+    if values == "counts" and mode == "topk_tail":
+        raise ValueError("values='counts' has no tail mass; use mode='sampled' or 'topk'")
+    if teacher_temperature is not None and (mode != "topk" or values not in ("logprobs", "probs")):
+        raise ValueError("teacher_temperature (re-tempering stored probabilities) applies to mode='topk' with "
+                         f"values='logprobs' or 'probs' only, got mode={mode!r}, values={values!r}")
+    return SparseParams(mode=mode, divergence=divergence, temperature=float(temperature),
+                        scale_by_t2=bool(scale_by_t2), beta=float(beta), chunk_size=chunk_size,
+                        softcap=None if softcap is None else float(softcap))
+
+
+def _check_teacher(ids: torch.Tensor, vals: torch.Tensor, lead: tuple[int, ...], vocab: int,
+                   device: torch.device, values: str) -> None:
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"teacher_ids must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+        raise TypeError(f"teacher_ids must be an integer tensor, got {ids.dtype}")
+    if not isinstance(vals, torch.Tensor):
+        raise TypeError(f"teacher_values must be a torch.Tensor, got {type(vals).__name__}")
+    if vals.dtype == torch.bool or vals.is_complex() or (not vals.dtype.is_floating_point and values != "counts"):
+        raise TypeError(f"teacher_values must be a float tensor (integer only for values='counts'), got {vals.dtype}")
+    C.check_constant("teacher_values", vals)
+    if ids.dim() < 1 or tuple(ids.shape[:-1]) != lead:
+        raise ValueError(f"teacher_ids must have shape {(*lead, 'K')} (the student's leading dimensions plus K), "
+                         f"got {tuple(ids.shape)}")
+    if ids.shape[-1] == 0:
+        raise ValueError("teacher_ids has K = 0 slots per token; at least one teacher id is needed")
+    if tuple(vals.shape) != tuple(ids.shape):
+        raise ValueError(f"teacher_values shape {tuple(vals.shape)} must equal teacher_ids shape "
+                         f"{tuple(ids.shape)} (one value per id)")
+    if ids.device != device or vals.device != device:
+        raise ValueError(f"teacher_ids ({ids.device}) and teacher_values ({vals.device}) must be on the "
+                         f"student's device {device}")
+    if not C.value_checks_enabled(ids):
+        return
+    if ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < -1 or hi >= vocab:
+            raise ValueError(f"teacher_ids must be in [0, {vocab}) or -1 (padding); got values in [{lo}, {hi}]")
+        srt = ids.reshape(-1, ids.shape[-1]).sort(-1).values
+        dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
+        if bool(dup.any()):
+            row = int(dup.any(-1).nonzero()[0, 0])
+            raise ValueError(f"teacher_ids has a duplicated id within one token (flat token {row}); each id "
+                             f"may appear once per token (merge the values / counts)")
+    if values in ("probs", "counts"):
+        bad = (vals < 0) & (ids >= 0)
+        if bool(bad.any()):
+            raise ValueError(f"teacher_values must be >= 0 for values={values!r}; found {int(bad.sum())} "
+                             f"negative entries")
+    elif values == "logprobs":
+        bad = (vals > 1e-3) & (ids >= 0)
+        if bool(bad.any()):
+            raise ValueError("teacher_values has log-probabilities > 0; if they are raw logits pass "
+                             "values='logits'")
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − e^x) for x ≤ 0, accurate near 0 and for very negative x (Mächler's switch at −ln 2)."""
+    x = x.clamp_max(0.0)
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def teacher_log_probs(ids: torch.Tensor, vals: torch.Tensor, values: str, p: SparseParams,
+                      teacher_temperature: float | None, cdt: torch.dtype,
+                      check: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-slot teacher log-probabilities (N, K) and, for topk_tail, the log tail mass (N,), in ``cdt``."""
+    valid = ids >= 0
+    neg_inf = torch.tensor(-math.inf, dtype=cdt, device=ids.device)
+    v = vals.to(cdt)
+    log_u = v if values in ("logprobs", "logits") else torch.log(v)
+    log_u = torch.where(valid, log_u, neg_inf)
+    if p.mode == "topk_tail":
+        total = torch.logsumexp(log_u, dim=-1)
+        if check and bool((total > math.log1p(1e-2)).any()):
+            raise ValueError("teacher_values sum to more than 1 in some token; mode='topk_tail' needs the "
+                             "teacher's unnormalised top-k probabilities (use mode='topk' to renormalise)")
+        return log_u, _log1mexp(total)
+    if values == "logits":
+        f = 1.0 / p.temperature
+    elif teacher_temperature is not None:
+        f = teacher_temperature / p.temperature
+    else:
+        f = 1.0
+    if f != 1.0:
+        log_u = log_u * f
+    m = log_u.amax(-1, keepdim=True)
+    empty = m == -math.inf  # no valid slot or zero total mass: the token contributes 0
+    out = torch.log_softmax(torch.where(empty, torch.zeros_like(log_u), log_u), dim=-1)
+    return torch.where(empty | ~valid, neg_inf, out), None
+
+
+def _prepare(lead, vocab, device, ids, vals, values, p, teacher_temperature, labels, ignore_index, mask,
+             reduction, num_items_in_batch, cdt):
+    _check_teacher(ids, vals, lead, vocab, device, values)
+    weight, _ = C.token_weights(lead, device, labels=labels, ignore_index=ignore_index, mask=mask,
+                                reduction=reduction, num_items_in_batch=num_items_in_batch, dtype=cdt)
+    n = weight.numel()
+    k = ids.shape[-1]
+    ids2 = ids.reshape(n, k).long()
+    t_logp, t_tail = teacher_log_probs(ids2, vals.reshape(n, k), values, p, teacher_temperature, cdt,
+                                       C.value_checks_enabled(ids))
+    return weight, ids2, t_logp, t_tail
+
+
+class SparseDistillFunction(torch.autograd.Function):
+    """Loss and gradient in forward, gradient scaling in backward (as :class:`DistillFunction`)."""
+
+    @staticmethod
+    def forward(ctx, student, ids, t_logp, t_tail, weight, params, reduction, fn):
+        grad = torch.empty_like(student, memory_format=torch.contiguous_format) if ctx.needs_input_grad[0] else None
+        loss = fn(student, ids, t_logp, t_tail, weight, grad, params)
+        ctx.per_row = reduction == "none"
+        ctx.used = False
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        return C.reduce_tokens(loss, weight, reduction, (weight.numel(),))
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.used:
+            raise RuntimeError("fastkd.sparse_distill_loss: backward ran twice through the same graph; "
+                               "recompute the loss instead of using retain_graph=True")
+        ctx.used = True
+        (grad,) = ctx.saved_tensors
+        return scale_grad_(grad, grad_output, ctx.per_row), None, None, None, None, None, None, None
+
+
+def sparse_distill_loss(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_values: torch.Tensor,
+    *,
+    values: str = "logprobs",
+    mode: str = "topk",
+    divergence: str = "fkl",
+    temperature: float = 1.0,
+    teacher_temperature: float | None = None,
+    scale_by_t2: bool = False,
+    beta: float = 0.5,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Distillation loss from a sparse teacher (K ids + values per token) against full student logits.
+
+    Args:
+        student_logits: (..., V) float32/bfloat16/float16 (float64 for checks); receives the gradient.
+        teacher_ids: (..., K) integer ids in [0, V), −1 = padding slot; no id twice within a token.
+        teacher_values: (..., K) constants: "logprobs" (default), "probs", "logits" (raw teacher logits at
+            the ids; topk only) or "counts" (sample counts; sampled, or topk).
+        mode: "topk" (teacher renormalised over its K ids), "topk_tail" (K buckets + one tail bucket holding
+            1 − Σ on both sides; values must be unnormalised probs / log-probs) or "sampled" (Random-
+            Sampling KD: counts; an unbiased estimate of the full forward-KL gradient).
+        divergence: "fkl", "rkl" or "jsd" (with ``beta``; β=0 → fkl, β=1 → rkl). For topk, rkl/jsd compare
+            with the student renormalised over the same K ids; fkl uses the full-vocabulary log q.
+        temperature: student logits divided by T (and raw teacher logits for values="logits").
+        teacher_temperature: T_gen of stored log-probs/probs (topk only): the teacher becomes p^(T_gen/T),
+            renormalised over K (DistillKit / axolotl re-tempering). None: use the stored values as they are.
+        scale_by_t2, labels, ignore_index, mask, reduction, num_items_in_batch, backend: as ``distill_loss``.
+        chunk_size: rows per chunk of the torch backend.
+
+    Tokens whose K slots are all padding (or carry zero teacher mass) contribute 0 in topk/sampled mode.
+
+    Returns:
+        fp32 scalar, or fp32 (...,) for reduction="none" (float64 for float64 inputs).
+    """
+    C.check_float_tensor("student_logits", student_logits)
+    params = _make_params(mode, divergence, values, temperature, teacher_temperature, scale_by_t2, beta,
+                          chunk_size, None)
+    lead = tuple(student_logits.shape[:-1])
+    vocab = student_logits.shape[-1]
+    cdt = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    weight, ids2, t_logp, t_tail = _prepare(lead, vocab, student_logits.device, teacher_ids, teacher_values,
+                                            values, params, teacher_temperature, labels, ignore_index, mask,
+                                            reduction, num_items_in_batch, cdt)
+    student2d = student_logits.reshape(weight.numel(), vocab)
+    impl = select("sparse", backend, student=student2d, ids=ids2, params=params)
+    loss = SparseDistillFunction.apply(student2d, ids2, t_logp, t_tail, weight, params, reduction, impl.fn)
+    return loss.view(lead) if reduction == "none" else loss
+
+
+def _run_sparse_chunks(student: LMHeadChunker, ids, t_logp, t_tail, weight, params, rows, fn, need_grad):
+    n = weight.numel()
+    loss = torch.empty(n, dtype=t_logp.dtype, device=weight.device)
+    for start in range(0, n, rows):
+        sl = slice(start, min(n, start + rows))
+        z = student.logits(sl)
+        tail = None if t_tail is None else t_tail[sl]
+        if not need_grad:
+            loss[sl] = fn(z, ids[sl], t_logp[sl], tail, weight[sl], None, params)
+            continue
+        grad = torch.empty_like(z) if student.softcap is not None else z  # in place unless the cap needs z
+        loss[sl] = fn(z, ids[sl], t_logp[sl], tail, weight[sl], grad, params)
+        student.backward(sl, grad, z)
+    return loss
+
+
+class FusedLinearSparseFunction(torch.autograd.Function):
+    """Chunked LM head + sparse loss; gradients for hidden, weight, bias (see fastkd.ops.fused_linear)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, t_logp, t_tail, tok_weight, params, rows, reduction, fn):
+        student = LMHeadChunker(hidden, weight, bias, params.softcap)
+        needs = ctx.needs_input_grad
+        ctx.per_row = reduction == "none"
+        ctx.used = False
+        compute = any(needs[:3]) and not ctx.per_row
+        if compute:
+            student.alloc_grads(needs[0], needs[1], needs[2])
+        loss = _run_sparse_chunks(student, ids, t_logp, t_tail, tok_weight, params, rows, fn, compute)
+        if ctx.per_row and any(needs[:3]):  # per-token grad_output is known only in backward: recompute
+            ctx.save_for_backward(hidden, weight, bias, ids, t_logp, t_tail, tok_weight)
+            ctx.args = (params, rows, fn)
+        elif compute:
+            ctx.save_for_backward(*student.finished_grads())
+        return C.reduce_tokens(loss, tok_weight, reduction, (tok_weight.numel(),))
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.used:
+            raise RuntimeError("fastkd.fused_linear_sparse_distill_loss: backward ran twice through the same "
+                               "graph; recompute the loss instead of using retain_graph=True")
+        ctx.used = True
+        nones = (None,) * 8
+        if ctx.per_row:
+            hidden, weight, bias, ids, t_logp, t_tail, tok_weight = ctx.saved_tensors
+            params, rows, fn = ctx.args
+            student = LMHeadChunker(hidden, weight, bias, params.softcap)
+            student.alloc_grads(*ctx.needs_input_grad[:3])
+            w = tok_weight * grad_output.reshape(-1).to(tok_weight.dtype)
+            _run_sparse_chunks(student, ids, t_logp, t_tail, w, params, rows, fn, True)
+            return (*student.finished_grads(), *nones)
+        grads = tuple(None if g is None else scale_grad_(g, grad_output, False) for g in ctx.saved_tensors)
+        return (*grads, *nones)
+
+
+def fused_linear_sparse_distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_values: torch.Tensor,
+    *,
+    student_bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    values: str = "logprobs",
+    mode: str = "topk",
+    divergence: str = "fkl",
+    temperature: float = 1.0,
+    teacher_temperature: float | None = None,
+    scale_by_t2: bool = False,
+    beta: float = 0.5,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """:func:`sparse_distill_loss` on ``student_hidden @ student_weight.T (+ bias)`` without (N, V) logits.
+
+    Args:
+        student_hidden: (..., H); student_weight: (V, H) as ``nn.Linear.weight``; student_bias: (V,) or None.
+            All three get gradients.
+        softcap: Gemma-style ``softcap·tanh(z/softcap)`` on the student logits before the temperature.
+        chunk_size: tokens per chunk (default from N, V and free memory); peak extra memory O(chunk · V).
+        Other arguments: as :func:`sparse_distill_loss`.
+    """
+    _check_linear("student", student_hidden, student_weight, student_bias)
+    params = _make_params(mode, divergence, values, temperature, teacher_temperature, scale_by_t2, beta,
+                          chunk_size, softcap)
+    lead = tuple(student_hidden.shape[:-1])
+    vocab = student_weight.shape[0]
+    device = student_hidden.device
+    cdt = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    tok_weight, ids2, t_logp, t_tail = _prepare(lead, vocab, device, teacher_ids, teacher_values, values,
+                                                params, teacher_temperature, labels, ignore_index, mask,
+                                                reduction, num_items_in_batch, cdt)
+    n = tok_weight.numel()
+    h = student_hidden.reshape(n, student_hidden.shape[-1])
+    rows = chunk_size or auto_chunk_rows(n, vocab, device)
+    probe = torch.empty(0, vocab, dtype=student_hidden.dtype, device=device)
+    impl = select("sparse", backend, student=probe, ids=ids2, params=params)
+    loss = FusedLinearSparseFunction.apply(h, student_weight, student_bias, ids2, t_logp, t_tail, tok_weight,
+                                           replace(params, chunk_size=rows), rows, reduction, impl.fn)
+    return loss.view(lead) if reduction == "none" else loss

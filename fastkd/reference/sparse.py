@@ -1,0 +1,101 @@
+"""Plain reference formulas for sparse (top-k / tail / sampled) logit distillation: the test oracle.
+
+Written with whole-vocabulary tensors and autograd for clarity; call it in float64. Notation:
+s = student_logits / T, q = softmax(s) over the FULL vocabulary, ids (..., K) with −1 = padding slot.
+
+Teacher side, from ``values`` (u_k = the stored value at slot k, padding slots excluded):
+  - ``topk`` / ``sampled``: p̃_k = softmax_k(f · log u_k) over the valid slots, where log u = values for
+    "logprobs", log(values) for "probs"/"counts", values for "logits"; f = 1/T for logits,
+    T_gen/T when ``teacher_temperature=T_gen`` is given for log-probs/probs (re-tempering), else 1.
+  - ``topk_tail``: p_k = u_k (probabilities, not renormalised) and a tail bucket p_tail = 1 − Σ p_k.
+Student side:
+  - ``topk`` fkl / ``sampled``: log q_k = s_{id_k} − logsumexp(s) (full normaliser);
+    D = Σ_k p̃_k (log p̃_k − log q_k).
+  - ``topk`` rkl / jsd: q̃ = softmax over the K ids of s; D = KL(q̃‖p̃) or β KL(p̃‖m) + (1−β) KL(q̃‖m),
+    m = β p̃ + (1−β) q̃ (β = 0 → fkl, β = 1 → rkl as in TRL).
+  - ``topk_tail``: K + 1 events on both sides, q_tail = Σ_{v ∉ ids} q_v; the divergence over those events.
+The per-token loss is multiplied by T² when ``scale_by_t2``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _xlogy_ratio(x: torch.Tensor, log_x: torch.Tensor, log_y: torch.Tensor) -> torch.Tensor:
+    pos = x > 0
+    diff = torch.where(pos, log_x - log_y, torch.zeros_like(log_x))
+    return (torch.where(pos, x, torch.zeros_like(x)) * diff).sum(-1)
+
+
+def _div(name: str, log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
+    """fkl / rkl / generalized jsd over the last dim, from log-probabilities."""
+    if name == "jsd" and beta in (0.0, 1.0):
+        name = "fkl" if beta == 0.0 else "rkl"
+    if name == "fkl":
+        return _xlogy_ratio(log_p.exp(), log_p, log_q)
+    if name == "rkl":
+        return _xlogy_ratio(log_q.exp(), log_q, log_p)
+    some = (log_p > -math.inf) | (log_q > -math.inf)  # logaddexp(−inf, −inf) has a NaN gradient
+    zero = torch.zeros_like(log_p)
+    log_m = torch.logaddexp(torch.where(some, log_p, zero) + math.log(beta),
+                            torch.where(some, log_q, zero) + math.log(1 - beta))
+    log_m = torch.where(some, log_m, torch.full_like(log_m, -math.inf))
+    return beta * _xlogy_ratio(log_p.exp(), log_p, log_m) + (1 - beta) * _xlogy_ratio(log_q.exp(), log_q, log_m)
+
+
+def teacher_log_values(values: torch.Tensor, kind: str) -> torch.Tensor:
+    """log u_k for the stored ``values`` of kind logprobs / probs / counts / logits (padding not applied)."""
+    v = values.double() if values.dtype != torch.float64 else values
+    return v if kind in ("logprobs", "logits") else torch.log(v)
+
+
+def sparse_distill_loss(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_values: torch.Tensor,
+    *,
+    values: str = "logprobs",
+    mode: str = "topk",
+    divergence: str = "fkl",
+    temperature: float = 1.0,
+    teacher_temperature: float | None = None,
+    scale_by_t2: bool = False,
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """Per-token loss (...,) (no masking or reduction) with autograd to ``student_logits``; use float64."""
+    s = student_logits / temperature
+    log_q_full = torch.log_softmax(s, dim=-1)
+    valid = teacher_ids >= 0
+    safe = torch.where(valid, teacher_ids, torch.zeros_like(teacher_ids)).long()
+    neg_inf = torch.full_like(log_q_full[..., :1].expand(safe.shape), -math.inf)
+    log_q_ids = torch.where(valid, log_q_full.gather(-1, safe), neg_inf)
+    log_u = torch.where(valid, teacher_log_values(teacher_values, values), neg_inf.detach())
+    if mode in ("topk", "sampled"):
+        if values == "logits":
+            f = 1.0 / temperature
+        elif teacher_temperature is not None:
+            f = teacher_temperature / temperature
+        else:
+            f = 1.0
+        log_p = torch.log_softmax(log_u * f, dim=-1)
+        if mode == "sampled" or divergence == "fkl" or (divergence == "jsd" and beta == 0.0):
+            out = _xlogy_ratio(log_p.exp(), log_p, log_q_ids)
+        else:
+            log_qt = torch.log_softmax(torch.where(valid, s.gather(-1, safe), neg_inf), dim=-1)
+            out = _div(divergence, log_p, log_qt, beta)
+    elif mode == "topk_tail":
+        p_k = log_u.exp()
+        p_tail = (1 - p_k.sum(-1, keepdim=True)).clamp_min(0)
+        in_k = torch.zeros_like(log_q_full, dtype=torch.bool)
+        in_k.scatter_(-1, safe, valid)
+        q_full = log_q_full.exp()
+        q_tail = torch.where(in_k, torch.zeros_like(q_full), q_full).sum(-1, keepdim=True)
+        log_p = torch.cat([log_u, torch.log(p_tail)], dim=-1)
+        log_q = torch.cat([log_q_ids, torch.log(q_tail)], dim=-1)
+        out = _div(divergence, log_p, log_q, beta)
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    return out * (temperature**2 if scale_by_t2 else 1.0)
