@@ -1,0 +1,229 @@
+"""``DistillationTrainer``: a ``transformers.Trainer`` that distills a student from a teacher through
+fastkd's fused LM-head loss — hidden states in, never the (tokens × vocabulary) logits.
+
+Per batch (causal LM, labels shifted by one as HF does)::
+
+    h_s = student body(input_ids)[:, :-1]        h_t = teacher body(input_ids)[:, :-1]   (no grad)
+    loss = fused_linear_distill_loss(h_s, W_s, h_t, W_t, labels=labels[:, 1:], divergence, temperature,
+                                     ce_weight, beta, ..., softcap, num_items_in_batch)
+
+The models are run through their normal forward with ``logits_to_keep=<no positions>`` while a forward
+hook on the decoder body (``get_decoder()`` / ``.model``) captures ``last_hidden_state``, so wrappers
+such as DDP keep working and the LM head computes nothing; models whose forward has no
+``logits_to_keep`` have their body called directly. ``logit_scale`` (Cohere-style, logits × scale) is
+folded into the hidden states, ``final_logit_softcapping`` (Gemma-style) becomes ``softcap``.
+
+Gradient accumulation: when Trainer passes ``num_items_in_batch`` (the number of target tokens over all
+accumulated micro-batches) the loss is sum / num_items_in_batch, exactly HF's convention for its own
+causal-LM loss; otherwise it is the mean over this micro-batch and Trainer divides by the number of
+accumulation steps.
+
+Offline mode: with ``teacher_cache=`` (a :class:`fastkd.cache.TeacherCache` reader, or anything with
+``lookup(inputs) -> (ids (B, T, K), values (B, T, K))``) the teacher is not run; the loss is
+:func:`fastkd.fused_linear_sparse_distill_loss` on the cached top-k / sampled entries, with the
+``sparse`` options (``mode``, ``values``, ...). Batches must then carry what the cache's ``lookup`` needs
+(e.g. an ``"example_index"`` column; set ``remove_unused_columns=False``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from fastkd.ops.fused_linear import fused_linear_distill_loss
+
+__all__ = ["DistillationTrainer", "lm_head_of", "body_of", "hidden_states"]
+
+_MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "token_type_ids")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP, DataParallel, ...
+        model = model.module
+    return model
+
+
+def lm_head_of(model: nn.Module) -> nn.Linear:
+    """The model's output projection (``get_output_embeddings()``)."""
+    head = _unwrap(model).get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise TypeError(f"{type(_unwrap(model)).__name__} has no output embeddings (LM head) to fuse")
+    return head
+
+
+def body_of(model: nn.Module) -> nn.Module:
+    """The decoder body that returns the final (normed) hidden states."""
+    inner = _unwrap(model)
+    body = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    if body is None or body is inner:
+        body = getattr(inner, getattr(inner, "base_model_prefix", "model"), None) or getattr(inner, "model", None)
+    if not isinstance(body, nn.Module):
+        raise TypeError(f"cannot find the decoder body of {type(inner).__name__} (tried get_decoder() and .model)")
+    return body
+
+
+@contextlib.contextmanager
+def _capture(body: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    box: dict[str, torch.Tensor] = {}
+
+    def hook(_mod: nn.Module, _args: Any, out: Any) -> None:
+        box["h"] = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    handle = body.register_forward_hook(hook)
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+def hidden_states(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """Final hidden states (B, T, H) of a causal LM without computing its logits."""
+    inner = _unwrap(model)
+    body = body_of(model)
+    kw = {k: v for k, v in inputs.items() if k in _MODEL_KEYS and v is not None}
+    if "logits_to_keep" in inspect.signature(inner.forward).parameters:
+        device = next(iter(kw.values())).device
+        with _capture(body) as box:
+            model(**kw, logits_to_keep=torch.empty(0, dtype=torch.long, device=device), use_cache=False)
+        return box["h"]
+    out = body(**kw, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def _config_value(model: nn.Module, *names: str) -> float | None:
+    cfg = getattr(_unwrap(model), "config", None)
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
+    for name in names:
+        value = getattr(cfg, name, None)
+        if value is not None:
+            return float(value)
+    return None
+
+
+class DistillationTrainer(Trainer):
+    """``Trainer`` whose loss is a fastkd divergence between the student (``model``) and ``teacher_model``.
+
+    Args:
+        model: the student causal LM (trained). teacher_model: the teacher causal LM (frozen, eval mode;
+            may live on another device or dtype — its hidden states are moved / cast to the student's).
+        divergence, temperature, scale_by_t2, beta, alpha, mu, t, ce_weight: as :func:`fastkd.distill_loss`
+            (``ce_weight`` adds that multiple of the student's cross-entropy on the labels).
+        chunk_size: tokens per fused chunk (None = automatic).
+        loss_kwargs: further keywords for the loss function (e.g. ``backend``, ``vocab_size``).
+        teacher_cache, sparse: offline mode, see the module docstring; ``sparse`` is a dict of
+            :func:`fastkd.fused_linear_sparse_distill_loss` options (default ``{"mode": "topk"}``).
+        Everything else goes to ``transformers.Trainer``.
+    """
+
+    def __init__(self, model: nn.Module | None = None, teacher_model: nn.Module | None = None, *args: Any,
+                 divergence: str = "fkl", temperature: float = 1.0, scale_by_t2: bool = False,
+                 beta: float = 0.5, alpha: float = 0.1, mu: float = 0.5, t: float = 0.5,
+                 ce_weight: float = 0.0, chunk_size: int | None = None,
+                 loss_kwargs: dict[str, Any] | None = None, teacher_cache: Any = None,
+                 sparse: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if teacher_model is None and teacher_cache is None:
+            raise ValueError("DistillationTrainer needs teacher_model (online) or teacher_cache (offline)")
+        super().__init__(model, *args, **kwargs)
+        # the loss is normalised by num_items_in_batch itself: ask Trainer to count the target tokens
+        self.model_accepts_loss_kwargs = True
+        self.teacher_model = teacher_model
+        if teacher_model is not None:
+            teacher_model.eval()
+            teacher_model.requires_grad_(False)
+        self.teacher_cache = teacher_cache
+        self.sparse_options = {"mode": "topk", **(sparse or {})}
+        self.distill_options: dict[str, Any] = dict(
+            divergence=divergence, temperature=temperature, scale_by_t2=scale_by_t2, beta=beta, alpha=alpha,
+            mu=mu, t=t, ce_weight=ce_weight, chunk_size=chunk_size, **(loss_kwargs or {}))
+        self._teacher_head_cache: tuple[tuple[Any, ...], torch.Tensor, torch.Tensor | None] | None = None
+
+    # ---- helpers ---------------------------------------------------------------------------------------
+    def _teacher_head(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher LM-head weight/bias on the student's device and dtype (cast once, cached)."""
+        head = lm_head_of(self.teacher_model)
+        w, b = head.weight.detach(), None if getattr(head, "bias", None) is None else head.bias.detach()
+        if w.device == device and w.dtype == dtype:
+            return w, b
+        key = (w.data_ptr(), w._version, device, dtype)
+        if self._teacher_head_cache is None or self._teacher_head_cache[0] != key:
+            self._teacher_head_cache = (key, w.to(device, dtype), None if b is None else b.to(device, dtype))
+        return self._teacher_head_cache[1], self._teacher_head_cache[2]
+
+    @staticmethod
+    def _labels(inputs: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Shifted (labels, mask) for positions 0..T-2 (HF causal-LM shift); mask from attention_mask
+        when there are no labels."""
+        if inputs.get("shift_labels") is not None:
+            return inputs["shift_labels"][:, :-1], None
+        if inputs.get("labels") is not None:
+            return inputs["labels"][:, 1:], None
+        am = inputs.get("attention_mask")
+        return None, None if am is None else am[:, 1:].bool()
+
+    def _scale_for_devices(self, loss: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:
+        # mirror Trainer.compute_loss: tokens are averaged across devices, so undo DDP's gradient mean
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+            scale = self.accelerator.num_processes // tp
+            loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return loss
+
+    # ---- the loss --------------------------------------------------------------------------------------
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None) -> Any:
+        labels, mask = self._labels(inputs)
+        h_s = hidden_states(model, inputs)[:, :-1]
+        head = lm_head_of(model)
+        scale = _config_value(model, "logit_scale")
+        if scale is not None:
+            h_s = h_s * scale
+        softcap = _config_value(model, "final_logit_softcapping")
+        n_items = num_items_in_batch
+        if isinstance(n_items, torch.Tensor):
+            n_items = n_items.to(h_s.device)
+        common = dict(labels=labels, mask=mask, num_items_in_batch=n_items)
+        if self.teacher_cache is not None:
+            loss = self._offline_loss(inputs, h_s, head, common)
+        else:
+            t_inputs = self._to_teacher(inputs)
+            with torch.no_grad():
+                h_t = hidden_states(self.teacher_model, t_inputs)[:, :-1]
+                t_scale = _config_value(self.teacher_model, "logit_scale")
+                if t_scale is not None:
+                    h_t = h_t * t_scale
+            t_softcap = _config_value(self.teacher_model, "final_logit_softcapping")
+            if t_softcap != softcap:
+                raise ValueError(f"student and teacher use different final_logit_softcapping ({softcap} vs "
+                                 f"{t_softcap}); the fused loss applies one softcap to both")
+            h_t = h_t.to(h_s.device, h_s.dtype)
+            w_t, b_t = self._teacher_head(h_s.device, h_s.dtype)
+            loss = fused_linear_distill_loss(
+                h_s, head.weight, h_t, w_t, student_bias=getattr(head, "bias", None), teacher_bias=b_t,
+                softcap=softcap, **common, **self.distill_options)
+        loss = self._scale_for_devices(loss, num_items_in_batch)
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _to_teacher(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        device = next(self.teacher_model.parameters()).device
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()
+                if k in _MODEL_KEYS}
+
+    def _offline_loss(self, inputs: dict[str, Any], h_s: torch.Tensor, head: nn.Module,
+                      common: dict[str, Any]) -> torch.Tensor:
+        from fastkd.ops.sparse import fused_linear_sparse_distill_loss
+
+        lookup: Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]] = self.teacher_cache.lookup
+        ids, values = lookup(inputs)
+        ids, values = ids[:, : h_s.shape[1]].to(h_s.device), values[:, : h_s.shape[1]].to(h_s.device)
+        opts = {k: v for k, v in self.distill_options.items() if k not in ("beta", "alpha", "mu", "t",
+                                                                            "scale_by_t2")}
+        if opts.get("divergence") == "jsd":
+            opts["beta"] = self.distill_options["beta"]
+        return fused_linear_sparse_distill_loss(h_s, head.weight, ids, values, **common, **opts,
+                                                **self.sparse_options)
