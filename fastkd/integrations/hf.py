@@ -62,9 +62,11 @@ def body_of(model: nn.Module) -> nn.Module:
     inner = _unwrap(model)
     body = inner.get_decoder() if hasattr(inner, "get_decoder") else None
     if body is None or body is inner:
-        body = getattr(inner, getattr(inner, "base_model_prefix", "model"), None) or getattr(inner, "model", None)
+        prefix = getattr(inner, "base_model_prefix", "model")
+        body = getattr(inner, prefix, None) or getattr(inner, "model", None)
     if not isinstance(body, nn.Module):
-        raise TypeError(f"cannot find the decoder body of {type(inner).__name__} (tried get_decoder() and .model)")
+        raise TypeError(f"cannot find the decoder body of {type(inner).__name__} "
+                        f"(tried get_decoder() and .model)")
     return body
 
 
@@ -144,7 +146,8 @@ class DistillationTrainer(Trainer):
         self._teacher_head_cache: tuple[tuple[Any, ...], torch.Tensor, torch.Tensor | None] | None = None
 
     # ---- helpers ---------------------------------------------------------------------------------------
-    def _teacher_head(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _teacher_head(self, device: torch.device,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher LM-head weight/bias on the student's device and dtype (cast once, cached)."""
         head = lm_head_of(self.teacher_model)
         w, b = head.weight.detach(), None if getattr(head, "bias", None) is None else head.bias.detach()
