@@ -1,0 +1,85 @@
+"""``triton`` backend of the sparse distillation losses (kernels in ``fastkd.kernels.sparse``).
+
+Registers op ``"sparse"`` on backend ``"triton"`` with the contract of :mod:`fastkd.ops.sparse`: the stats
+kernel streams each row once (lse, tail lse, gather at the ids), the shared K-level math
+(:func:`fastkd.backends.torch_sparse.sparse_terms`, O(N·K)) turns them into the loss and the gradient
+coefficients, and the gradient kernel writes each row once. Imports cleanly without Triton (the backend is
+then registered with the import error as its reason). Default launch: ``BLOCK_V=4096``, ``num_warps=8``;
+:data:`CONFIG` can be changed (tests use small blocks so that several vocabulary tiles are exercised).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from fastkd.backends import register, triton_import_error, triton_reasons
+from fastkd.backends.torch_sparse import sparse_terms
+
+if TYPE_CHECKING:
+    from fastkd.ops.sparse import SparseParams
+
+_IMPORT_ERROR = triton_import_error()
+K_ = None
+if _IMPORT_ERROR is None:
+    try:
+        import triton
+
+        from fastkd.kernels import sparse as K_
+    except Exception as exc:  # a broken Triton install or a kernel that does not compile under it
+        _IMPORT_ERROR = f"fastkd.kernels.sparse failed to import ({type(exc).__name__}: {exc})"
+        K_ = None
+
+CONFIG: dict[str, int] = {"block_v": 4096, "num_warps": 8}
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def sparse_forward(
+    student: torch.Tensor,
+    ids: torch.Tensor,
+    t_logp: torch.Tensor,
+    t_tail: torch.Tensor | None,
+    weight: torch.Tensor,
+    grad: torch.Tensor | None,
+    p: SparseParams,
+) -> torch.Tensor:
+    """Backend entry point (op ``sparse``); shapes as in :func:`fastkd.backends.torch_sparse.sparse_forward`."""
+    n, v = student.shape
+    k = ids.shape[1]
+    if student.stride(1) != 1:
+        student = student.contiguous()
+    ids = ids.contiguous()
+    dev = student.device
+    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    has_tail = p.mode == "topk_tail"
+    lse_tail = torch.empty(n, dtype=torch.float32, device=dev) if has_tail else lse
+    s_ids = torch.empty(n, k, dtype=torch.float32, device=dev)
+    block_v = min(CONFIG["block_v"], triton.next_power_of_2(max(v, 16)))
+    block_k = triton.next_power_of_2(max(k, 2))
+    inv_t = 1.0 / p.temperature
+    if n == 0:
+        return torch.zeros(0, dtype=torch.float32, device=dev)
+    K_._sparse_stats_kernel[(n,)](
+        student, ids, lse, lse_tail, s_ids, v, k, student.stride(0), ids.stride(0), inv_t,
+        HAS_TAIL=has_tail, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=CONFIG["num_warps"])
+    loss, c, a, b = sparse_terms(s_ids, lse, lse_tail if has_tail else None, t_logp, t_tail, weight, p)
+    if grad is not None:
+        dense = not (p.mode == "topk" and p.effective != "fkl")
+        K_._sparse_grad_kernel[(n,)](
+            student, grad, ids, s_ids, c.contiguous(), lse, a.contiguous(), b.contiguous(), weight,
+            v, k, student.stride(0), grad.stride(0), ids.stride(0), inv_t,
+            HAS_TAIL=has_tail, DENSE=dense, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=CONFIG["num_warps"])
+    return loss
+
+
+def _reasons(student: torch.Tensor | None = None, **_: object) -> list[str]:
+    if _IMPORT_ERROR is not None:
+        return [_IMPORT_ERROR]
+    reasons = triton_reasons(student)
+    if student is not None and student.dtype not in _SUPPORTED_DTYPES:
+        reasons.append(f"dtype {student.dtype} (the Triton kernels take float32, bfloat16 or float16)")
+    return reasons
+
+
+register("sparse", "triton", sparse_forward, _reasons)

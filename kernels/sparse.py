@@ -1,0 +1,121 @@
+"""Triton kernels of the sparse (top-k / tail / sampled) distillation losses.
+
+Two row-per-program kernels around the shared K-level math of ``fastkd.backends.torch_sparse.sparse_terms``:
+
+``_sparse_stats_kernel`` — grid (N,); program i streams row i of the student logits once in BLOCK_V tiles
+and produces, for s = z / T: the online log-sum-exp over the whole vocabulary, (HAS_TAIL) the online
+log-sum-exp over the entries whose id is NOT among the row's K ids, and s gathered at the K ids.
+
+``_sparse_grad_kernel`` — grid (N,); program i writes row i of the gradient
+``g_v = q_v · (a + b·[v ∉ ids])`` tile by tile (q = exp(s − lse)), then, after a block barrier, overwrites
+the K id positions with ``q_id · a + c_k`` (one rounding to the output dtype; the gradient may alias the
+logits: each tile is read before it is written, and the id fix-up needs only the gathered s_ids).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _online(m, d, x):
+    """Fold a tile x (BLOCK,) into a running (max m, sum d of exp(x − m)); −inf-safe."""
+    m_new = tl.maximum(m, tl.max(x, 0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), 0)
+    return m_new, d
+
+
+@triton.jit
+def _sparse_stats_kernel(
+    z_ptr,  # (N, V) student logits, any float dtype, row stride stride_z, unit column stride
+    ids_ptr,  # (N, K) int64, −1 = padding slot, row stride stride_ids
+    lse_ptr,  # (N,) fp32 out: logsumexp_v s_v
+    lse_tail_ptr,  # (N,) fp32 out: logsumexp_{v ∉ ids} s_v (HAS_TAIL)
+    s_ids_ptr,  # (N, K) fp32 out, contiguous: s at the ids, −inf at padding
+    V,
+    K,
+    stride_z,
+    stride_ids,
+    inv_t,
+    HAS_TAIL: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z
+    offs_k = tl.arange(0, BLOCK_K)
+    ids = tl.load(ids_ptr + row * stride_ids + offs_k, mask=offs_k < K, other=-1)
+    m = tl.full((), float("-inf"), tl.float32)
+    d = tl.zeros((), tl.float32)
+    mt = tl.full((), float("-inf"), tl.float32)
+    dt = tl.zeros((), tl.float32)
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        x = tl.load(z_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_t
+        m, d = _online(m, d, x)
+        if HAS_TAIL:
+            hit = tl.sum((offs[:, None] == ids[None, :]).to(tl.int32), 1) > 0
+            mt, dt = _online(mt, dt, tl.where(hit, float("-inf"), x))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    tl.store(lse_ptr + row, m_safe + tl.log(d))
+    if HAS_TAIL:
+        mt_safe = tl.where(mt == float("-inf"), 0.0, mt)
+        tl.store(lse_tail_ptr + row, mt_safe + tl.log(dt))
+    valid = ids >= 0
+    s_ids = tl.load(z_row + tl.where(valid, ids, 0), mask=valid, other=float("-inf")).to(tl.float32) * inv_t
+    tl.store(s_ids_ptr + row * K + offs_k, s_ids, mask=offs_k < K)
+
+
+@triton.jit
+def _sparse_grad_kernel(
+    z_ptr,  # (N, V) student logits, row stride stride_z
+    g_ptr,  # (N, V) gradient out in its dtype, row stride stride_g (may alias z_ptr)
+    ids_ptr,  # (N, K) int64, row stride stride_ids
+    s_ids_ptr,  # (N, K) fp32, contiguous (from the stats kernel)
+    c_ptr,  # (N, K) fp32, contiguous: coefficient added at each id
+    lse_ptr,  # (N,) fp32
+    a_ptr,  # (N,) fp32: coefficient of q_v everywhere
+    b_ptr,  # (N,) fp32: extra coefficient of q_v off the ids (HAS_TAIL)
+    w_ptr,  # (N,) fp32 token weights; 0 = excluded row (gradient 0 whatever the logits)
+    V,
+    K,
+    stride_z,
+    stride_g,
+    stride_ids,
+    inv_t,
+    HAS_TAIL: tl.constexpr,
+    DENSE: tl.constexpr,  # False when a = b = 0 (topk rkl/jsd): the row is 0 except at the ids
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z
+    g_row = g_ptr + row * stride_g
+    keep = tl.load(w_ptr + row) != 0
+    lse = tl.where(keep, tl.load(lse_ptr + row), 0.0)
+    a = tl.load(a_ptr + row)
+    b = tl.load(b_ptr + row)
+    offs_k = tl.arange(0, BLOCK_K)
+    ids = tl.load(ids_ptr + row * stride_ids + offs_k, mask=offs_k < K, other=-1)
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        if DENSE:
+            x = tl.load(z_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_t
+            coef = a
+            if HAS_TAIL:
+                hit = tl.sum((offs[:, None] == ids[None, :]).to(tl.int32), 1) > 0
+                coef = tl.where(hit, a, a + b)
+            g = tl.where(keep, tl.exp(x - lse) * coef, 0.0)
+        else:
+            g = tl.zeros((BLOCK_V,), tl.float32)
+        tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=offs < V)
+    tl.debug_barrier()  # the id fix-up below must land after the tile stores of this row
+    valid = (ids >= 0) & (offs_k < K)
+    s_ids = tl.load(s_ids_ptr + row * K + offs_k, mask=valid, other=float("-inf"))
+    c = tl.load(c_ptr + row * K + offs_k, mask=valid, other=0.0)
+    g_ids = tl.where(keep, tl.exp(s_ids - lse) * a + c, 0.0)
+    if not DENSE:
+        g_ids = tl.where(keep, c, 0.0)
+    tl.store(g_row + tl.where(valid, ids, 0), g_ids.to(g_ptr.dtype.element_ty), mask=valid)
