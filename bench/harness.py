@@ -1,0 +1,640 @@
+"""Shared benchmark machinery for every ``bench/bench_<family>.py``.
+
+A family module exposes::
+
+    FAMILY: str                                         # e.g. "distill"
+    def cases(device: torch.device, preset: str) -> list[Case]   # preset: "quick" | "default" | "design"
+    def summarize(rows: list[dict], console) -> None    # optional: print derived ratios
+
+A :class:`Case` is one op at one set of sizes: ``make_inputs(device, seed)`` builds the inputs once per
+run (every provider gets the *same* dict; providers must not modify it), ``reference(inputs)`` returns the
+float64 outputs ``(loss, *grads)`` used for the max-error check, and ``providers`` are the implementations.
+A :class:`Provider` is a name plus ``setup(inputs, mode) -> step``: a zero-argument callable running one
+iteration and returning its outputs (a tensor or tuple of tensors, compared with the reference), or a
+:class:`Step` with untimed work before each iteration. :func:`autograd_step` builds the usual
+fwd / bwd / full steps from a loss function. ``setup`` raises :class:`Skip` (the message is the reason)
+when the provider cannot run here; any other exception is reported as an error row.
+
+Measurements per (case, provider, mode): median, p20 and p80 of per-iteration wall time (after warmup;
+``torch.cuda.synchronize`` / CUDA events on GPU); peak extra memory — on CPU in a fresh process per
+provider (peak RSS growth over the RSS after inputs were built, via ``/proc/self/clear_refs`` + VmHWM,
+falling back to ``ru_maxrss``), on GPU ``max_memory_allocated`` minus the allocation before the
+iteration; max |output − float64 reference|. Because the CPU memory child unpickles the case, its
+``make_inputs``, ``reference`` and provider ``setup`` must be module-level functions (or
+``functools.partial`` of them) in an importable module (``bench.bench_<family>``).
+
+Output rows (dicts, one per measurement) carry :data:`COLUMNS`; :func:`write_results` appends them to
+CSV and JSON files under ``bench/results/`` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import functools
+import gc
+import json
+import math
+import os
+import pickle
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "bench" / "results"
+MODES = ("fwd", "bwd", "full")
+PRESETS = ("quick", "default", "design")
+
+COLUMNS = [
+    "run_id", "date", "family", "op", "case", "sizes", "provider", "mode", "status", "reason",
+    "median_ms", "p20_ms", "p80_ms", "reps", "peak_mem_mb", "mem_method", "max_abs_err",
+    "time_vs_baseline", "mem_vs_baseline", "baseline", "device", "device_name", "threads",
+    "torch", "triton", "fastkd", "python", "git_commit",
+]
+
+
+class Skip(Exception):
+    """Raised by a provider's ``setup`` when it cannot run here; ``str(exc)`` is the reason."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One timed iteration: ``before()`` runs untimed and its result is passed to ``run``."""
+
+    run: Callable[..., Any]
+    before: Callable[[], Any] | None = None
+
+
+@dataclass(frozen=True)
+class Provider:
+    """An implementation of a case's op.
+
+    ``setup(inputs, mode)`` returns a zero-arg callable (or a :class:`Step`) running one iteration.
+    ``checked=False`` for providers that compute something else (e.g. "the GEMMs alone").
+    ``warmup_in_child`` runs one untimed iteration before the memory measurement (torch.compile: keeps
+    compilation out of the peak).
+    """
+
+    name: str
+    setup: Callable[[dict[str, Any], str], Callable[[], Any] | Step]
+    checked: bool = True
+    warmup_in_child: bool = False
+
+
+@dataclass
+class Case:
+    """One op at one size. ``sizes`` is shown in the table (e.g. ``{"N": 4096, "V": 32000, "dtype": ...}``)."""
+
+    family: str
+    op: str
+    sizes: dict[str, Any]
+    make_inputs: Callable[[torch.device, int], dict[str, Any]]
+    providers: list[Provider]
+    reference: Callable[[dict[str, Any]], Sequence[torch.Tensor]] | None = None
+    modes: tuple[str, ...] = ("full",)
+    baseline: str | None = None
+    seed: int = 0
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.sizes.items())
+
+
+# -------------------------------------------------------------------------------------------------------
+# Steps
+# -------------------------------------------------------------------------------------------------------
+
+
+def _fwd_only(loss_fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor]:
+    return (loss_fn(),)
+
+
+def _fwd_bwd(loss_fn: Callable[[], torch.Tensor], wrt: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    loss = loss_fn()
+    return (loss, *torch.autograd.grad(loss, list(wrt)))
+
+
+def _bwd(wrt: Sequence[torch.Tensor], loss: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.autograd.grad(loss, list(wrt)))
+
+
+def autograd_step(loss_fn: Callable[[], torch.Tensor], wrt: Sequence[torch.Tensor], mode: str) -> Any:
+    """The step for ``mode`` of a scalar loss: "fwd" → (loss,), "bwd" → grads (forward untimed),
+    "full" → (loss, *grads) with ``grads = torch.autograd.grad(loss, wrt)``."""
+    if mode == "fwd":
+        return functools.partial(_fwd_only, loss_fn)
+    if mode == "bwd":
+        return Step(run=functools.partial(_bwd, wrt), before=loss_fn)
+    if mode == "full":
+        return functools.partial(_fwd_bwd, loss_fn, wrt)
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _as_step(step: Callable[[], Any] | Step) -> Step:
+    return step if isinstance(step, Step) else Step(run=step)
+
+
+def _call(step: Step) -> Any:
+    return step.run(step.before()) if step.before is not None else step.run()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -------------------------------------------------------------------------------------------------------
+# Measurements
+# -------------------------------------------------------------------------------------------------------
+
+
+def time_step(
+    step: Step, device: torch.device, *, warmup: int = 1, budget_s: float = 1.0, min_reps: int = 3,
+    max_reps: int = 100,
+) -> list[float]:
+    """Per-iteration times in ms: ``warmup`` untimed iterations, then as many as fit in ``budget_s``
+    (clamped to [min_reps, max_reps]). CUDA: events around ``run`` only; CPU: perf_counter."""
+    for _ in range(max(warmup, 0)):
+        _call(step)
+    _sync(device)
+    times: list[float] = []
+    start_all = time.perf_counter()
+    while len(times) < max_reps:
+        pre = step.before() if step.before is not None else None
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            out = step.run(pre) if step.before is not None else step.run()
+            b.record()
+            torch.cuda.synchronize(device)
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            out = step.run(pre) if step.before is not None else step.run()
+            times.append((time.perf_counter() - t0) * 1e3)
+        del out, pre
+        if len(times) >= min_reps and time.perf_counter() - start_all >= budget_s:
+            break
+    return times
+
+
+def quantiles(times: Sequence[float]) -> tuple[float, float, float]:
+    """(median, p20, p80) with linear interpolation."""
+    xs = sorted(times)
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    q = statistics.quantiles(xs, n=10, method="inclusive")
+    return statistics.median(xs), q[1], q[7]
+
+
+def max_abs_error(outputs: Any, reference: Sequence[torch.Tensor], mode: str) -> float:
+    """max |out − ref| over the tensors a step returned; "bwd" outputs are compared with ``reference[1:]``.
+    Equal infinities count as 0; a NaN anywhere gives NaN."""
+    outs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    refs = list(reference)[1:] if mode == "bwd" else list(reference)
+    err = 0.0
+    for out, ref in zip(outs, refs):
+        if out is None or ref is None:
+            continue
+        o = out.detach().to(torch.float64).cpu()
+        r = ref.detach().to(torch.float64).cpu()
+        if o.shape != r.shape:
+            raise ValueError(f"output shape {tuple(o.shape)} does not match reference {tuple(r.shape)}")
+        diff = torch.where(o == r, torch.zeros((), dtype=torch.float64), (o - r).abs())
+        if bool(torch.isnan(diff).any()):
+            return math.nan
+        if diff.numel():
+            err = max(err, float(diff.max()))
+    return err
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise OSError("no VmRSS in /proc/self/status")
+
+
+def _hwm_kb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_rss_growth_mb(step: Step, warmup: bool = False) -> tuple[float, str]:
+    """Peak RSS growth (MiB) of one iteration in *this* process, over the RSS just before it.
+
+    Meant for a fresh process whose inputs are already built. Uses VmHWM after resetting it through
+    ``/proc/self/clear_refs``; without that, ``ru_maxrss`` minus the current RSS (an upper bound).
+    """
+    if warmup:
+        out = _call(step)
+        del out
+    gc.collect()
+    _malloc_trim()
+    base = _rss_kb()
+    if _reset_hwm():
+        out = _call(step)
+        peak = _hwm_kb()
+        method = "rss-hwm-fresh-process"
+    else:
+        out = _call(step)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        method = "ru_maxrss-fresh-process"
+    del out
+    return max(peak - base, 0) / 1024.0, method
+
+
+def _child_main() -> None:
+    """Entry of the fresh process: read a pickled (case, provider, mode, threads), print JSON."""
+    case, provider, mode, threads = pickle.loads(sys.stdin.buffer.read())
+    torch.set_num_threads(threads)
+    try:
+        inputs = case.make_inputs(torch.device("cpu"), case.seed)
+        step = _as_step(provider.setup(inputs, mode))
+        mb, method = peak_rss_growth_mb(step, warmup=provider.warmup_in_child)
+        result = {"peak_mem_mb": mb, "mem_method": method}
+    except Exception as exc:  # reported, never fatal for the run
+        result = {"error": f"{type(exc).__name__}: {exc}"}
+    sys.stdout.write("\n@@RESULT@@" + json.dumps(result) + "\n")
+
+
+def cpu_peak_fresh_process(case: Case, provider: Provider, mode: str, timeout_s: float = 900) -> tuple[float, str]:
+    """Peak extra RSS (MiB) of one ``provider`` iteration, measured in a new Python process.
+
+    glibc is told to serve every allocation over 64 KiB with mmap (``MALLOC_MMAP_THRESHOLD_``) so freed
+    buffers leave the RSS and cannot hide a provider's peak.
+    """
+    payload = pickle.dumps((case, provider, mode, torch.get_num_threads()))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    env.setdefault("MALLOC_TRIM_THRESHOLD_", "65536")
+    proc = subprocess.run([sys.executable, "-m", "bench.harness", "--memory-child"], input=payload,
+                          capture_output=True, timeout=timeout_s, env=env, cwd=str(ROOT))
+    text = proc.stdout.decode(errors="replace")
+    if "@@RESULT@@" not in text:
+        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
+        raise RuntimeError(f"memory child failed (rc={proc.returncode}): {' | '.join(tail)}")
+    result = json.loads(text.rsplit("@@RESULT@@", 1)[1].strip())
+    if "error" in result:
+        raise RuntimeError(result["error"])
+    return result["peak_mem_mb"], result["mem_method"]
+
+
+def cuda_peak_mb(step: Step, device: torch.device) -> tuple[float, str]:
+    """max_memory_allocated during one iteration minus the allocation just before it (MiB)."""
+    gc.collect()
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = _call(step)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del out
+    return max(peak - base, 0) / 2**20, "cuda-max-allocated"
+
+
+# -------------------------------------------------------------------------------------------------------
+# Environment and results
+# -------------------------------------------------------------------------------------------------------
+
+
+def _version(dist: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(dist)
+    except Exception:
+        return ""
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cpus)"
+
+
+@functools.cache
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Device and version fields stamped on every row."""
+    import fastkd
+
+    return {
+        "device": device.type, "device_name": device_name(device), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "triton": _version("triton"), "fastkd": fastkd.__version__,
+        "python": platform.python_version(), "git_commit": _git_commit(),
+    }
+
+
+def write_results(rows: list[dict[str, Any]], csv_path: Path | str | None = None,
+                  json_path: Path | str | None = None) -> tuple[Path, Path]:
+    """Append ``rows`` to a CSV (header written when the file is new) and a JSON list."""
+    csv_path = Path(csv_path) if csv_path else RESULTS_DIR / "results.csv"
+    json_path = Path(json_path) if json_path else RESULTS_DIR / "results.json"
+    for p in (csv_path, json_path):
+        p.parent.mkdir(parents=True, exist_ok=True)
+    new = not csv_path.exists() or csv_path.stat().st_size == 0
+    with open(csv_path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+    old: list[dict[str, Any]] = []
+    if json_path.exists() and json_path.stat().st_size:
+        with open(json_path) as f:
+            old = json.load(f)
+    with open(json_path, "w") as f:
+        json.dump(old + rows, f, indent=1, default=str)
+    return csv_path, json_path
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None or x == "":
+        return ""
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "nan"
+        return f"{x:.{digits}g}" if abs(x) < 1e-3 and x != 0 else f"{x:.{digits}f}"
+    return str(x)
+
+
+def print_table(rows: list[dict[str, Any]], console: Any = None, title: str = "fastkd bench") -> None:
+    """A rich table of ``rows`` (one line per case × provider × mode)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=title, show_lines=False)
+    for col in ("op", "case", "provider", "mode", "median ms", "p20–p80 ms", "peak MiB", "max err",
+                "time/base", "mem/base"):
+        table.add_column(col, justify="right" if col not in ("op", "case", "provider", "mode") else "left")
+    for r in rows:
+        if r["status"] != "ok":
+            table.add_row(r["op"], r["case"], r["provider"], r["mode"], f"[yellow]{r['status']}",
+                          f"[dim]{r['reason'][:70]}", "", "", "", "")
+            continue
+        table.add_row(
+            r["op"], r["case"], r["provider"], r["mode"], _fmt(r["median_ms"], 2),
+            f"{_fmt(r['p20_ms'], 2)}–{_fmt(r['p80_ms'], 2)}", _fmt(r["peak_mem_mb"], 1),
+            _fmt(r["max_abs_err"], 2), _fmt(r["time_vs_baseline"], 2), _fmt(r["mem_vs_baseline"], 3),
+        )
+    console.print(table)
+
+
+# -------------------------------------------------------------------------------------------------------
+# Running cases
+# -------------------------------------------------------------------------------------------------------
+
+
+def _select(providers: list[Provider], names: Sequence[str] | None, baseline: str | None) -> list[Provider]:
+    if not names:
+        return providers
+    return [p for p in providers if p.name == baseline or any(n in p.name for n in names)]
+
+
+def run_cases(
+    cases: list[Case], device: torch.device, *, providers: Sequence[str] | None = None,
+    modes: Sequence[str] | None = None, memory: bool = True, budget_s: float = 1.0, warmup: int = 1,
+    min_reps: int = 3, max_reps: int = 100, console: Any = None, progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Measure every (case, provider, mode); returns result rows (see :data:`COLUMNS`).
+
+    ``providers``: keep only providers whose name contains one of these strings (the case baseline is
+    always kept). ``modes``: override each case's modes. ``memory=False`` skips peak-memory measurement.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    env = environment(device)
+    run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    plan = [(c, p, m) for c in cases for p in _select(c.providers, providers, c.baseline)
+            for m in (modes or c.modes)]
+    rows: list[dict[str, Any]] = []
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console, disable=not progress, transient=True)
+    with bar:
+        task = bar.add_task("bench", total=len(plan))
+        by_case: dict[int, list[tuple[Provider, str]]] = {}
+        for c, p, m in plan:
+            by_case.setdefault(id(c), []).append((p, m))
+        for case in cases:
+            todo = by_case.get(id(case), [])
+            if not todo:
+                continue
+            inputs = case.make_inputs(device, case.seed)
+            ref = None
+            ref_error = ""
+            if case.reference is not None:
+                bar.update(task, description=f"{case.op} {case.label}: float64 reference")
+                try:
+                    ref = [None if r is None else r.detach() for r in case.reference(inputs)]
+                except Exception as exc:
+                    ref_error = f"reference failed: {type(exc).__name__}: {exc}"
+            case_rows = []
+            for provider, mode in todo:
+                bar.update(task, description=f"{case.op} {case.label}: {provider.name} {mode}")
+                row = {"run_id": run_id, "date": date, "family": case.family, "op": case.op,
+                       "case": case.label, "sizes": json.dumps(case.sizes), "provider": provider.name,
+                       "mode": mode, "status": "ok", "reason": ref_error, "baseline": case.baseline or "",
+                       **env}
+                row.update(_measure(case, provider, mode, inputs, ref, device, memory=memory,
+                                    budget_s=budget_s, warmup=warmup, min_reps=min_reps, max_reps=max_reps))
+                case_rows.append(row)
+                bar.advance(task)
+            _add_ratios(case_rows)
+            rows.extend(case_rows)
+            del inputs, ref
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _measure(case: Case, provider: Provider, mode: str, inputs: dict[str, Any], ref: Any,
+             device: torch.device, *, memory: bool, budget_s: float, warmup: int, min_reps: int,
+             max_reps: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"median_ms": None, "p20_ms": None, "p80_ms": None, "reps": 0,
+                           "peak_mem_mb": None, "mem_method": "", "max_abs_err": None}
+    try:
+        step = _as_step(provider.setup(inputs, mode))
+        first = _call(step)  # first call: the error check (and a warmup)
+        if provider.checked and ref is not None:
+            out["max_abs_err"] = max_abs_error(first, ref, mode)
+        del first
+        times = time_step(step, device, warmup=max(warmup - 1, 0), budget_s=budget_s, min_reps=min_reps,
+                          max_reps=max_reps)
+        med, p20, p80 = quantiles(times)
+        out.update(median_ms=med, p20_ms=p20, p80_ms=p80, reps=len(times))
+        if memory:
+            try:
+                if device.type == "cuda":
+                    out["peak_mem_mb"], out["mem_method"] = cuda_peak_mb(step, device)
+                else:
+                    del step
+                    gc.collect()
+                    out["peak_mem_mb"], out["mem_method"] = cpu_peak_fresh_process(case, provider, mode)
+            except Exception as exc:
+                out["reason"] = f"memory not measured: {type(exc).__name__}: {exc}"[:300]
+    except Skip as exc:
+        out.update(status="skipped", reason=str(exc))
+    except Exception as exc:
+        out.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:300])
+    return out
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    """time_vs_baseline = median / baseline median; mem_vs_baseline = peak / baseline peak (same mode)."""
+    for r in rows:
+        r["time_vs_baseline"] = r["mem_vs_baseline"] = None
+        base = next((b for b in rows if b["provider"] == r["baseline"] and b["mode"] == r["mode"]
+                     and b["status"] == "ok"), None)
+        if base is None or r["status"] != "ok":
+            continue
+        if base["median_ms"]:
+            r["time_vs_baseline"] = r["median_ms"] / base["median_ms"]
+        if base["peak_mem_mb"] and r["peak_mem_mb"] is not None:
+            r["mem_vs_baseline"] = r["peak_mem_mb"] / base["peak_mem_mb"]
+
+
+def ratio(rows: list[dict[str, Any]], case: str, num: str, den: str, key: str, mode: str = "full") -> float | None:
+    """rows[num][key] / rows[den][key] for one case label (None when either is missing)."""
+    def get(name: str) -> float | None:
+        r = next((r for r in rows if r["case"] == case and r["provider"] == name and r["mode"] == mode
+                  and r["status"] == "ok"), None)
+        return None if r is None else r.get(key)
+
+    a, b = get(num), get(den)
+    return None if a is None or not b else a / b
+
+
+# -------------------------------------------------------------------------------------------------------
+# Command-line driver (shared by `fastkd bench` and `python bench/bench_<family>.py`)
+# -------------------------------------------------------------------------------------------------------
+
+
+def discover_families() -> dict[str, str]:
+    """family name → module name for every ``bench/bench_<family>.py`` in the source tree."""
+    return {p.stem[len("bench_"):]: f"bench.{p.stem}" for p in sorted((ROOT / "bench").glob("bench_*.py"))}
+
+
+def _split(value: str | None) -> list[str] | None:
+    return [x.strip() for x in value.split(",") if x.strip()] if value else None
+
+
+def run_bench(args: Any, modules: list[Any] | None = None, console: Any = None) -> int:
+    """Run families per parsed ``args`` (see ``fastkd.cli.add_bench_arguments``); returns an exit code."""
+    import importlib
+
+    from rich.console import Console
+
+    console = console or Console()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = "quick" if args.quick else "design" if args.design else "default"
+    if modules is None:
+        found = discover_families()
+        wanted = _split(args.families) or list(found)
+        unknown = [f for f in wanted if f not in found]
+        if unknown:
+            console.print(f"[red]unknown bench families {unknown}; available: {sorted(found)}")
+            return 2
+        modules = [importlib.import_module(found[f]) for f in wanted]
+    modes = _split(args.modes)
+    if modes and any(m not in MODES for m in modes):
+        console.print(f"[red]--modes must be a comma list of {MODES}, got {args.modes!r}")
+        return 2
+    budget = args.budget if args.budget is not None else (0.05 if args.quick else 1.0)
+    all_rows: list[dict[str, Any]] = []
+    for mod in modules:
+        cases = mod.cases(device, preset)
+        rows = run_cases(cases, device, providers=_split(args.providers), modes=modes,
+                         memory=not args.no_memory, budget_s=budget, min_reps=2 if args.quick else 3,
+                         console=console)
+        print_table(rows, console, title=f"fastkd bench — {mod.FAMILY} on {device_name(device)}")
+        if hasattr(mod, "summarize"):
+            mod.summarize(rows, console)
+        all_rows.extend(rows)
+    if not all_rows:
+        console.print("[yellow]nothing was measured")
+        return 1
+    out = Path(args.out) if args.out else RESULTS_DIR
+    csv_path, json_path = write_results(all_rows, args.csv or out / "results.csv", args.json or out / "results.json")
+    console.print(f"rows appended to {csv_path} and {json_path}")
+    if args.plot is not None:
+        from bench.plot import plot
+
+        png = plot(json_path, args.plot or None, run_id=all_rows[0]["run_id"])
+        console.print(f"plot written to {png}")
+    bad = [r for r in all_rows if r["status"] == "error"]
+    return 1 if bad and len(bad) == len(all_rows) else 0
+
+
+def cli_main(module: Any, argv: list[str] | None = None) -> int:
+    """``python bench/bench_<family>.py [options]``: the same options as ``fastkd bench``."""
+    import argparse
+
+    from fastkd.cli import add_bench_arguments
+
+    parser = argparse.ArgumentParser(prog=f"bench_{module.FAMILY}.py", description=module.__doc__)
+    add_bench_arguments(parser, families=False)
+    args = parser.parse_args(argv)
+    return run_bench(args, modules=[module])
+
+
+if __name__ == "__main__" and "--memory-child" in sys.argv:
+    # Re-import under the package name so pickled Case/Step classes are the ones this code checks against.
+    from bench.harness import _child_main as _main
+
+    _main()
