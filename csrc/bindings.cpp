@@ -1,0 +1,86 @@
+// pybind11 bindings of fastkd._C. Tensors travel as raw device pointers (Python ints), sizes and strides
+// in elements, and the CUDA stream as an int (torch.cuda.current_stream().cuda_stream), so the module
+// has no libtorch dependency. Every launch checks its error and raises RuntimeError with CUDA's string.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "fastkd.h"
+
+#ifndef FASTKD_BUILD_ARCHS
+#define FASTKD_BUILD_ARCHS "unknown"
+#endif
+#ifndef FASTKD_NVCC_VERSION
+#define FASTKD_NVCC_VERSION "unknown"
+#endif
+#ifndef FASTKD_BUILD_TIME
+#define FASTKD_BUILD_TIME "unknown"
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename P> P ptr(std::uintptr_t v) { return reinterpret_cast<P>(v); }
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("fastkd._C.") + what + ": CUDA error " + std::to_string(err) + " (" +
+                             cudaGetErrorName(err) + "): " + cudaGetErrorString(err));
+  }
+}
+
+void distill(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t grad, std::uintptr_t labels,
+             std::uintptr_t weight, std::uintptr_t loss, int64_t n_rows, int64_t vocab, int64_t stride_s,
+             int64_t stride_t, int64_t stride_g, int dtype, int divergence, float inv_t, float kd_scale, float beta,
+             float alpha, float mu, float t, float ce_weight, std::uintptr_t stream) {
+  if (student == 0 || teacher == 0 || weight == 0 || loss == 0) throw std::invalid_argument("distill: null pointer");
+  if (ce_weight != 0.f && labels == 0) throw std::invalid_argument("distill: ce_weight > 0 needs labels");
+  if (n_rows < 0 || vocab < 0) throw std::invalid_argument("distill: negative size");
+  fastkd::DistillArgs a{};
+  a.student = ptr<const void*>(student);
+  a.teacher = ptr<const void*>(teacher);
+  a.grad = ptr<void*>(grad);
+  a.labels = ptr<const int64_t*>(labels);
+  a.weight = ptr<const float*>(weight);
+  a.loss = ptr<float*>(loss);
+  a.n_rows = n_rows;
+  a.vocab = vocab;
+  a.stride_s = stride_s;
+  a.stride_t = stride_t;
+  a.stride_g = stride_g;
+  a.inv_t = inv_t;
+  a.kd_scale = kd_scale;
+  a.beta = beta;
+  a.alpha = alpha;
+  a.mu = mu;
+  a.t = t;
+  a.ce_weight = ce_weight;
+  py::gil_scoped_release nogil;
+  check(fastkd::launch_distill(a, dtype, divergence, ptr<cudaStream_t>(stream)), "distill");
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["archs"] = FASTKD_BUILD_ARCHS;
+  d["nvcc_version"] = FASTKD_NVCC_VERSION;
+  d["build_time"] = FASTKD_BUILD_TIME;
+  int rt = 0;
+  cudaRuntimeGetVersion(&rt);
+  d["cuda_runtime"] = rt;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastkd CUDA kernels (raw-pointer API; see fastkd/_cpp_lib.py)";
+  m.def("distill", &distill, "Divergence loss + gradient on logits (csrc/distill.cu)", py::arg("student"),
+        py::arg("teacher"), py::arg("grad"), py::arg("labels"), py::arg("weight"), py::arg("loss"),
+        py::arg("n_rows"), py::arg("vocab"), py::arg("stride_s"), py::arg("stride_t"), py::arg("stride_g"),
+        py::arg("dtype"), py::arg("divergence"), py::arg("inv_t"), py::arg("kd_scale"), py::arg("beta"),
+        py::arg("alpha"), py::arg("mu"), py::arg("t"), py::arg("ce_weight"), py::arg("stream"));
+  m.def("build_info", &build_info, "Build metadata: archs, nvcc version, build time, CUDA runtime version");
+}

@@ -1,0 +1,275 @@
+// Divergence losses on logits: one block per row, one kernel template parameterised by the divergence.
+//
+// Per row i with weight w = weight[i] (w == 0: loss 0, gradient 0, logits never read), tempered logits
+// s = z_s / T (student), x = z_t / T (teacher; for taid x = (1−t)·s + t·z_t/T), all math in fp32:
+//   pass 1  lse_s, lse_x (online max/sum-exp), lse of the raw student when ce_weight > 0 and T != 1,
+//           and the teacher's first argmax (akl);
+//   akl     head threshold: 16-ary search over the bit patterns of p (p ≥ 0, so bits order like
+//           values) for the smallest key k with Σ_{bits(p_j) ≥ k} p_j ≤ mu — about 8 passes, each
+//           computing 15 candidate masses with deterministic block sums (no sort, no atomics);
+//   pass 2  D = Σ_j d_j and Σ_j qg_j with qg = q·∂D/∂q (torch_distill.divergence_terms, term by term);
+//   pass 3  grad_j = w·[(qg_j − q_j·Σqg)·kd_scale/T + ce_weight·(softmax(z_s)_j − [j == label])].
+// loss[i] = kd_scale·D − ce_weight·log_softmax(z_s)[label]. Grid: (n_rows,), block: 128–512 threads.
+#include "common.cuh"
+#include "fastkd.h"
+
+namespace fastkd {
+namespace {
+
+constexpr int kUnroll = 2;
+
+struct RowConsts {
+  float inv_t, lse_s, lse_x, beta, alpha, log_b, log_1mb, log_a, log_1ma;
+  float t_mix;
+  uint32_t head_key;  // akl: p_j with bits ≥ head_key are in the head
+  int64_t top;        // akl: the teacher's first argmax (always in the head)
+};
+
+template <int DIV>
+__device__ __forceinline__ float mixed_logit(const RowConsts& c, float s, float zt) {
+  const float tt = zt * c.inv_t;
+  if constexpr (DIV == kTAID) {
+    if (c.t_mix == 0.f) return s;
+    if (c.t_mix == 1.f) return tt;
+    return (1.f - c.t_mix) * s + c.t_mix * tt;
+  } else {
+    return tt;
+  }
+}
+
+__device__ __forceinline__ float pos(float x, float v) { return x > 0.f ? v : 0.f; }
+
+// Per-element terms. d0/qg0 are the divergence (or the fkl part), d1/qg1 the rkl part (symkl, akl),
+// err = |p − q| (akl). Returns q.
+struct Terms { float q, d0, qg0, d1, qg1, err, p; };
+
+template <int DIV>
+__device__ __forceinline__ Terms element_terms(const RowConsts& c, float zs, float zt) {
+  Terms e{};
+  const float s = zs * c.inv_t;
+  const float lq = s - c.lse_s;
+  e.q = expf(lq);
+  const float lp = mixed_logit<DIV>(c, s, zt) - c.lse_x;  // log p (log r for taid)
+  const float p = expf(lp);
+  e.p = p;
+  if constexpr (DIV == kFKL || DIV == kTAID) {
+    e.d0 = pos(p, p * (lp - lq));
+    e.qg0 = -p;
+  } else if constexpr (DIV == kRKL) {
+    e.qg0 = pos(e.q, e.q * (lq - lp));
+    e.d0 = e.qg0;
+  } else if constexpr (DIV == kSymKL || DIV == kAKL) {
+    e.d0 = pos(p, p * (lp - lq));
+    e.qg0 = -p;
+    e.qg1 = pos(e.q, e.q * (lq - lp));
+    e.d1 = e.qg1;
+    e.err = fabsf(p - e.q);
+  } else if constexpr (DIV == kJSD) {
+    const float lm = log_mix(lp, c.beta, c.log_b, lq, 1.f - c.beta, c.log_1mb);
+    e.qg0 = (1.f - c.beta) * pos(e.q, e.q * (lq - lm));
+    e.d0 = c.beta * pos(p, p * (lp - lm)) + e.qg0;
+  } else if constexpr (DIV == kSKL) {
+    const float lm = log_mix(lp, c.alpha, c.log_a, lq, 1.f - c.alpha, c.log_1ma);
+    e.d0 = pos(p, p * (lp - lm));
+    e.qg0 = -(1.f - c.alpha) * pos(p, expf(lp + lq - lm));
+  } else if constexpr (DIV == kSRKL) {
+    const float lm = log_mix(lp, 1.f - c.alpha, c.log_1ma, lq, c.alpha, c.log_a);
+    const float kl = pos(e.q, e.q * (lq - lm));
+    e.d0 = kl;
+    e.qg0 = kl - c.alpha * pos(e.q, expf(2.f * lq - lm));
+  } else if constexpr (DIV == kTVD) {
+    const float diff = e.q - p;
+    e.d0 = 0.5f * fabsf(diff);
+    const float sg = diff > 0.f ? 1.f : (diff < 0.f ? -1.f : (diff == 0.f ? 0.f : diff));
+    e.qg0 = 0.5f * e.q * sg;
+  }
+  return e;
+}
+
+__device__ __forceinline__ uint32_t prob_key(float p) { return __float_as_uint(p); }
+
+template <typename T, int DIV, int VEC>
+__global__ void __launch_bounds__(512) distill_kernel(DistillArgs a) {
+  const int64_t row = blockIdx.x;
+  const float w = a.weight[row];
+  const int64_t V = a.vocab;
+  const T* zs_row = static_cast<const T*>(a.student) + row * a.stride_s;
+  const T* zt_row = static_cast<const T*>(a.teacher) + row * a.stride_t;
+  T* g_row = a.grad ? static_cast<T*>(a.grad) + row * a.stride_g : nullptr;
+  if (w == 0.f) {  // excluded token: never read its logits (they may be anything)
+    if (threadIdx.x == 0) a.loss[row] = 0.f;
+    if (g_row) {
+      for (int64_t j = threadIdx.x; j < V; j += blockDim.x) g_row[j] = from_float<T>(0.f);
+    }
+    return;
+  }
+  const bool ce = a.ce_weight != 0.f;
+  const bool ce_own_lse = ce && a.inv_t != 1.f;
+
+  RowConsts c{};
+  c.inv_t = a.inv_t;
+  c.beta = a.beta;
+  c.alpha = a.alpha;
+  c.t_mix = a.t;
+  c.log_b = a.beta > 0.f ? logf(a.beta) : 0.f;
+  c.log_1mb = a.beta < 1.f ? logf(1.f - a.beta) : 0.f;
+  c.log_a = a.alpha > 0.f ? logf(a.alpha) : 0.f;
+  c.log_1ma = a.alpha < 1.f ? logf(1.f - a.alpha) : 0.f;
+
+  // ---- pass 1: log-sum-exps (student tempered, teacher/mix tempered, raw student) and teacher argmax
+  Lse st[3];
+  float tmax = -INFINITY;
+  int64_t targ = V;
+  row_foreach2<T, VEC, kUnroll>(zs_row, zt_row, V, [&](int64_t j, float zs, float zt) {
+    const float s = zs * c.inv_t;
+    st[0].add(s);
+    const float x = mixed_logit<DIV>(c, s, zt);
+    st[1].add(x);
+    if (ce_own_lse) st[2].add(zs);
+    if constexpr (DIV == kAKL) {
+      if (x > tmax) { tmax = x; targ = j; }
+    }
+  });
+  block_lse<3>(st);
+  c.lse_s = st[0].value();
+  c.lse_x = st[1].value();
+  const float lse_z = ce_own_lse ? st[2].value() : c.lse_s;
+  if constexpr (DIV == kAKL) {
+    block_argmax(tmax, targ);
+    c.top = targ;
+    // ---- head threshold: invariant M(lo) > mu (or lo = −1), M(hi) ≤ mu, M(k) = Σ_{key ≥ k} p
+    int64_t lo = -1, hi = 0x7f800000LL;  // +inf bits: no probability reaches it
+    const float mu = a.mu;
+    while (hi - lo > 1) {
+      int64_t b[15];
+      float m[15];
+#pragma unroll
+      for (int k = 0; k < 15; ++k) {
+        b[k] = lo + 1 + ((hi - lo - 1) * (k + 1)) / 16;
+        m[k] = 0.f;
+      }
+      row_foreach2<T, VEC, kUnroll>(zs_row, zt_row, V, [&](int64_t, float, float zt) {
+        const float p = expf(zt * c.inv_t - c.lse_x);
+        const int64_t key = prob_key(p);
+#pragma unroll
+        for (int k = 0; k < 15; ++k) m[k] += key >= b[k] ? p : 0.f;
+      });
+      block_sum<15>(m);
+      int64_t nlo = lo, nhi = hi;
+#pragma unroll
+      for (int k = 14; k >= 0; --k) {  // m is non-increasing in k's threshold
+        if (m[k] <= mu) nhi = b[k]; else { nlo = b[k]; break; }
+      }
+      if (nhi == hi && nlo == lo) nlo = hi - 1;  // degenerate (NaN masses): stop
+      lo = nlo;
+      hi = nhi;
+    }
+    c.head_key = static_cast<uint32_t>(hi);
+  }
+
+  // ---- pass 2: divergence sums
+  float acc[6] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // d0, qg0, d1, qg1, err_head, err_total
+  row_foreach2<T, VEC, kUnroll>(zs_row, zt_row, V, [&](int64_t j, float zs, float zt) {
+    const Terms e = element_terms<DIV>(c, zs, zt);
+    acc[0] += e.d0;
+    acc[1] += e.qg0;
+    if constexpr (DIV == kSymKL || DIV == kAKL) {
+      acc[2] += e.d1;
+      acc[3] += e.qg1;
+    }
+    if constexpr (DIV == kAKL) {
+      const bool head = prob_key(e.p) >= c.head_key || j == c.top;
+      acc[4] += head ? e.err : 0.f;
+      acc[5] += e.err;
+    }
+  });
+  block_sum<6>(acc);
+  float wf = 1.f, wr = 0.f;
+  if constexpr (DIV == kSymKL) {
+    wf = a.beta;
+    wr = 1.f - a.beta;
+  } else if constexpr (DIV == kAKL) {
+    const float gh = acc[4], gt = acc[5] - acc[4], den = gh + gt;
+    wf = den > 0.f ? gh / den : 0.f;
+    wr = den > 0.f ? gt / den : 0.f;
+  }
+  float D = acc[0], sum_qg = acc[1];
+  if constexpr (DIV == kSymKL || DIV == kAKL) {
+    D = wf * acc[0] + wr * acc[2];
+    sum_qg = wf * acc[1] + wr * acc[3];
+  }
+  int64_t label = -1;
+  if (threadIdx.x == 0) {
+    float loss = D * a.kd_scale;
+    if (ce) {
+      label = a.labels[row];
+      const float zl = (label >= 0 && label < V) ? to_float(zs_row[label]) : NAN;
+      loss -= a.ce_weight * (zl - lse_z);
+    }
+    a.loss[row] = loss;
+  }
+  if (!g_row) return;
+
+  // ---- pass 3: gradient (may overwrite the student row in place)
+  if (ce) label = a.labels[row];
+  const float gscale = a.kd_scale * a.inv_t;
+  row_map2<T, VEC, kUnroll>(zs_row, zt_row, g_row, V, [&](int64_t j, float zs, float zt) {
+    const Terms e = element_terms<DIV>(c, zs, zt);
+    float qg = e.qg0;
+    if constexpr (DIV == kSymKL || DIV == kAKL) qg = wf * e.qg0 + wr * e.qg1;
+    float g = (qg - e.q * sum_qg) * gscale;
+    if (ce) g += a.ce_weight * (expf(zs - lse_z) - (j == label ? 1.f : 0.f));
+    return g * w;
+  });
+}
+
+template <typename T, int DIV>
+cudaError_t launch_typed(const DistillArgs& a, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const auto aligned = [](const void* p, int64_t stride) {
+    return p == nullptr ||
+           (reinterpret_cast<uintptr_t>(p) % 16 == 0 && (stride * static_cast<int64_t>(sizeof(T))) % 16 == 0);
+  };
+  const bool vec = aligned(a.student, a.stride_s) && aligned(a.teacher, a.stride_t) && aligned(a.grad, a.stride_g);
+  // ~4 packs per thread per pass, 128..512 threads.
+  int threads = 128;
+  while (threads < 512 && static_cast<int64_t>(threads) * kVec * 4 < a.vocab) threads *= 2;
+  const dim3 grid(static_cast<unsigned>(a.n_rows));
+  if (vec) {
+    distill_kernel<T, DIV, kVec><<<grid, threads, 0, stream>>>(a);
+  } else {
+    distill_kernel<T, DIV, 1><<<grid, threads, 0, stream>>>(a);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_div(const DistillArgs& a, int divergence, cudaStream_t stream) {
+  switch (divergence) {
+    case kFKL: return launch_typed<T, kFKL>(a, stream);
+    case kRKL: return launch_typed<T, kRKL>(a, stream);
+    case kJSD: return launch_typed<T, kJSD>(a, stream);
+    case kSymKL: return launch_typed<T, kSymKL>(a, stream);
+    case kSKL: return launch_typed<T, kSKL>(a, stream);
+    case kSRKL: return launch_typed<T, kSRKL>(a, stream);
+    case kTVD: return launch_typed<T, kTVD>(a, stream);
+    case kAKL: return launch_typed<T, kAKL>(a, stream);
+    case kTAID: return launch_typed<T, kTAID>(a, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_distill(const DistillArgs& args, int dtype, int divergence, cudaStream_t stream) {
+  if (args.n_rows <= 0 || args.vocab <= 0) return cudaSuccess;
+  if (args.n_rows > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  switch (dtype) {
+    case kFloat32: return launch_div<float>(args, divergence, stream);
+    case kBFloat16: return launch_div<__nv_bfloat16>(args, divergence, stream);
+    case kFloat16: return launch_div<__half>(args, divergence, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace fastkd
