@@ -11,7 +11,8 @@ Used three ways (stdlib imports only at module level, so importing it is cheap):
 
 Environment: ``FASTKD_CUDA_ARCHS`` (default ``"90"``; e.g. ``"80;90a"``, ``"9.0+PTX"``), ``MAX_JOBS``
 (default: from CPU count and free memory), ``CUDA_HOME`` (where to find nvcc), ``FASTKD_SKIP_CUDA_BUILD=1``.
-Build metadata (arch list, nvcc version, UTC build time) is compiled into the module: ``fastkd._C.build_info()``.
+Build metadata (arch list, nvcc version, UTC build time) is compiled into the module:
+``fastkd._C.build_info()``.
 """
 
 from __future__ import annotations
@@ -74,14 +75,14 @@ def parse_archs(spec: str | None = None) -> list[str]:
             continue
         m = re.fullmatch(r"(?:sm_|compute_)?(\d+)\.?(\d)?([af]?)(\+PTX)?", raw, flags=re.IGNORECASE)
         if not m:
-            raise ValueError(f"FASTKD_CUDA_ARCHS: cannot parse arch {raw!r} (expected e.g. '90', '9.0', '90a', "
-                             f"'9.0+PTX')")
+            raise ValueError(f"FASTKD_CUDA_ARCHS: cannot parse arch {raw!r} "
+                             f"(expected e.g. '90', '9.0', '90a', '9.0+PTX')")
         major_minor = m.group(1) + (m.group(2) or "")
         if len(major_minor) < 2:
             raise ValueError(f"FASTKD_CUDA_ARCHS: arch {raw!r} needs a minor version (e.g. '90')")
         arch = major_minor + m.group(3).lower() + ("+PTX" if m.group(4) else "")
         if int(major_minor) < 70:
-            raise ValueError(f"FASTKD_CUDA_ARCHS: arch {raw!r} is older than sm_70, which fastkd does not support")
+            raise ValueError(f"FASTKD_CUDA_ARCHS: arch {raw!r} is older than sm_70 (not supported)")
         if arch not in out:
             out.append(arch)
     if not out:
@@ -173,7 +174,8 @@ def write_ninja(build_dir: Path, srcs: list[Path], nvcc: str, flags: list[str], 
         if src.suffix == ".cpp":
             lines.append("  extra = " + " ".join(bind_flags))
     if output is not None:
-        lines.append(f"build {_ninja_escape(str(output))}: link " + " ".join(_ninja_escape(str(o)) for o in objs))
+        deps = " ".join(_ninja_escape(str(o)) for o in objs)
+        lines.append(f"build {_ninja_escape(str(output))}: link {deps}")
     path = build_dir / "build.ninja"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -1,0 +1,92 @@
+"""``cuda`` backend of the divergence losses on logits: the fastkd._C kernel (csrc/distill.cu).
+
+Same contract as :mod:`fastkd.backends.torch_distill` (see :mod:`fastkd.ops.distill`): one block per row
+computes the row statistics, per-token loss and weighted gradient in fp32 from fp32/bf16/fp16 logits; rows
+may be strided; the gradient may alias the student. The module imports without the extension (the
+reasons say why it cannot run); auto dispatch does not pick it until GPU measurements exist.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastkd.backends import cuda_ext_reasons, register
+from fastkd.params import DIVERGENCE_CODES, DistillParams
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_MAX_ROWS = 2**31 - 1  # grid.x limit: one block per row
+
+
+def _row_major(x: torch.Tensor) -> torch.Tensor:
+    """Rows may be strided; columns must be unit-stride (else a contiguous copy)."""
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def distill_forward(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    weight: torch.Tensor,
+    grad: torch.Tensor | None,
+    p: DistillParams,
+) -> torch.Tensor:
+    """Backend entry point (op ``distill``).
+
+    student, teacher: (N, V) fp32/bf16/fp16 CUDA, column stride 1 (else copied); labels (N,) int64 or
+    None; weight (N,) fp32; grad (N, V) in the student's dtype or None (may alias student).
+    Returns loss (N,) fp32.
+    """
+    from fastkd import _cpp_lib
+
+    lib = _cpp_lib.lib()
+    n, v = student.shape
+    s = _row_major(student)
+    t = _row_major(teacher)
+    w = weight.to(torch.float32).contiguous()
+    lab = None
+    if p.ce_weight:
+        if labels is None:
+            raise ValueError("ce_weight > 0 needs labels")
+        lab = labels.to(torch.int64).contiguous()
+    out_grad = grad
+    if grad is not None and grad.stride(-1) != 1 and v > 1:
+        out_grad = torch.empty((n, v), dtype=grad.dtype, device=grad.device)
+    loss = torch.empty(n, dtype=torch.float32, device=student.device)
+    if n and v:
+        with torch.cuda.device(student.device):
+            stream = torch.cuda.current_stream(student.device).cuda_stream
+            lib.distill(
+                s.data_ptr(), t.data_ptr(), 0 if out_grad is None else out_grad.data_ptr(),
+                0 if lab is None else lab.data_ptr(), w.data_ptr(), loss.data_ptr(),
+                n, v, s.stride(0), t.stride(0), 0 if out_grad is None else out_grad.stride(0),
+                _DTYPE_CODE[student.dtype], _code(p), 1.0 / p.temperature, p.kd_scale,
+                p.beta, p.alpha, p.mu, p.t, p.ce_weight, stream,
+            )
+    if out_grad is not None and out_grad is not grad:
+        grad.copy_(out_grad)
+    return loss
+
+
+def _code(p: DistillParams) -> int:
+    """The divergence actually computed (jsd at β ∈ {0, 1} is fkl / rkl) as csrc/fastkd.h's code."""
+    return DIVERGENCE_CODES[p.effective]
+
+
+def distill_reasons(
+    student: torch.Tensor | None = None, teacher: torch.Tensor | None = None,
+    params: DistillParams | None = None, **_: object,
+) -> list[str]:
+    """Why the cuda backend cannot run these inputs ([] = it can)."""
+    reasons = cuda_ext_reasons(student, teacher)
+    if student is not None:
+        if student.dtype not in SUPPORTED_DTYPES:
+            reasons.append(f"dtype {student.dtype} (the cuda backend supports float32, bfloat16, float16)")
+        if student.dim() == 2 and student.shape[0] > _MAX_ROWS:
+            reasons.append(f"{student.shape[0]} rows exceed the one-block-per-row grid limit {_MAX_ROWS}")
+    if params is not None and params.softcap is not None:
+        reasons.append("softcap is only supported by the fused linear path")
+    return reasons
+
+
+register("distill", "cuda", distill_forward, distill_reasons)
