@@ -140,7 +140,8 @@ def _chunk(z: torch.Tensor, ids: torch.Tensor, t_logp: torch.Tensor, t_tail: tor
     lse = torch.logsumexp(s, dim=-1)
     not_k = lse_tail = None
     if p.mode == "topk_tail":
-        not_k = torch.ones_like(s, dtype=torch.bool).scatter_(1, safe, ~valid)
+        # padding slots point at column 0 too, so count hits instead of scattering booleans
+        not_k = torch.zeros_like(s, dtype=torch.uint8).scatter_add_(1, safe, valid.to(torch.uint8)) == 0
         lse_tail = torch.logsumexp(torch.where(not_k, s, neg_inf), dim=-1)
     loss, c, a, b = sparse_terms(s_ids, lse, lse_tail, t_logp, t_tail, weight, p)
     if grad is None:

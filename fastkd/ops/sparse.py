@@ -161,7 +161,11 @@ def teacher_log_probs(ids: torch.Tensor, vals: torch.Tensor, values: str, p: Spa
         if check and bool((total > math.log1p(1e-2)).any()):
             raise ValueError("teacher_values sum to more than 1 in some token; mode='topk_tail' needs the "
                              "teacher's unnormalised top-k probabilities (use mode='topk' to renormalise)")
-        return log_u, _log1mexp(total)
+        # a tail below the rounding noise of K stored values is no mass (e.g. ids covering the vocabulary)
+        eps = torch.finfo(vals.dtype).eps if vals.dtype.is_floating_point else 0.0
+        t_tail = _log1mexp(total)
+        t_tail = torch.where(t_tail <= math.log(4 * ids.shape[-1] * eps + 1e-300), -math.inf, t_tail)
+        return log_u, t_tail
     if values == "logits":
         f = 1.0 / p.temperature
     elif teacher_temperature is not None:

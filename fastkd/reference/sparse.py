@@ -7,7 +7,8 @@ Teacher side, from ``values`` (u_k = the stored value at slot k, padding slots e
   - ``topk`` / ``sampled``: p̃_k = softmax_k(f · log u_k) over the valid slots, where log u = values for
     "logprobs", log(values) for "probs"/"counts", values for "logits"; f = 1/T for logits,
     T_gen/T when ``teacher_temperature=T_gen`` is given for log-probs/probs (re-tempering), else 1.
-  - ``topk_tail``: p_k = u_k (probabilities, not renormalised) and a tail bucket p_tail = 1 − Σ p_k.
+  - ``topk_tail``: p_k = u_k (probabilities, not renormalised) and a tail bucket p_tail = 1 − Σ p_k
+    (taken as 0 when below 4·K·eps of the values' dtype: rounding noise of the stored values, not mass).
 Student side:
   - ``topk`` fkl / ``sampled``: log q_k = s_{id_k} − logsumexp(s) (full normaliser);
     D = Σ_k p̃_k (log p̃_k − log q_k).
@@ -89,8 +90,10 @@ def sparse_distill_loss(
     elif mode == "topk_tail":
         p_k = log_u.exp()
         p_tail = (1 - p_k.sum(-1, keepdim=True)).clamp_min(0)
-        in_k = torch.zeros_like(log_q_full, dtype=torch.bool)
-        in_k.scatter_(-1, safe, valid)
+        # a tail below the rounding noise of K stored values is taken as no mass
+        noise = 4 * teacher_ids.shape[-1] * torch.finfo(teacher_values.dtype).eps
+        p_tail = torch.where(p_tail <= noise, torch.zeros_like(p_tail), p_tail)
+        in_k = torch.zeros_like(log_q_full).scatter_add(-1, safe, valid.to(log_q_full.dtype)) > 0
         q_full = log_q_full.exp()
         q_tail = torch.where(in_k, torch.zeros_like(q_full), q_full).sum(-1, keepdim=True)
         log_p = torch.cat([log_u, torch.log(p_tail)], dim=-1)
