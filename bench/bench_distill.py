@@ -91,6 +91,7 @@ def _fastkd_loss(s, t, divergence, backend):
 
 
 def setup_fastkd(inputs: dict[str, Any], mode: str, *, divergence: str, backend: str) -> Any:
+    import fastkd.ops.distill  # noqa: F401  (declares the distill backends)
     from fastkd.backends import implementations, triton_interpret
 
     s, t = inputs["student"], inputs["teacher"]

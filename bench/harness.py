@@ -93,7 +93,7 @@ class Provider:
 
 @dataclass
 class Case:
-    """One op at one size. ``sizes`` is shown in the table (e.g. ``{"N": 4096, "V": 32000, "dtype": ...}``)."""
+    """One op at one size; ``sizes`` labels it (e.g. ``{"N": 4096, "V": 32000, "dtype": "fp32"}``)."""
 
     family: str
     op: str
@@ -291,7 +291,9 @@ def _child_main() -> None:
     sys.stdout.write("\n@@RESULT@@" + json.dumps(result) + "\n")
 
 
-def cpu_peak_fresh_process(case: Case, provider: Provider, mode: str, timeout_s: float = 900) -> tuple[float, str]:
+def cpu_peak_fresh_process(
+    case: Case, provider: Provider, mode: str, timeout_s: float = 900
+) -> tuple[float, str]:
     """Peak extra RSS (MiB) of one ``provider`` iteration, measured in a new Python process.
 
     glibc is told to serve every allocation over 64 KiB with mmap (``MALLOC_MMAP_THRESHOLD_``) so freed
@@ -410,26 +412,30 @@ def _fmt(x: Any, digits: int = 3) -> str:
 
 
 def print_table(rows: list[dict[str, Any]], console: Any = None, title: str = "fastkd bench") -> None:
-    """A rich table of ``rows`` (one line per case × provider × mode)."""
+    """A rich table of the measured rows (one line per case × provider × mode), then the skipped ones."""
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
     table = Table(title=title, show_lines=False)
-    for col in ("op", "case", "provider", "mode", "median ms", "p20–p80 ms", "peak MiB", "max err",
-                "time/base", "mem/base"):
-        table.add_column(col, justify="right" if col not in ("op", "case", "provider", "mode") else "left")
+    for col in ("case", "provider", "mode", "median ms", "p20–p80 ms", "peak MiB", "max err", "time/base",
+                "mem/base"):
+        table.add_column(col, justify="left" if col in ("case", "provider", "mode") else "right")
     for r in rows:
         if r["status"] != "ok":
-            table.add_row(r["op"], r["case"], r["provider"], r["mode"], f"[yellow]{r['status']}",
-                          f"[dim]{r['reason'][:70]}", "", "", "", "")
             continue
         table.add_row(
-            r["op"], r["case"], r["provider"], r["mode"], _fmt(r["median_ms"], 2),
+            r["case"], r["provider"], r["mode"], _fmt(r["median_ms"], 2),
             f"{_fmt(r['p20_ms'], 2)}–{_fmt(r['p80_ms'], 2)}", _fmt(r["peak_mem_mb"], 1),
             _fmt(r["max_abs_err"], 2), _fmt(r["time_vs_baseline"], 2), _fmt(r["mem_vs_baseline"], 3),
         )
     console.print(table)
+    for r in rows:
+        if r["status"] != "ok":
+            console.print(f"[yellow]{r['status']}[/] {r['case']} {r['provider']} {r['mode']}: {r['reason']}",
+                          markup=True, highlight=False)
+        elif r["reason"]:
+            console.print(f"[yellow]note[/] {r['case']} {r['provider']}: {r['reason']}", highlight=False)
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -547,7 +553,9 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
             r["mem_vs_baseline"] = r["peak_mem_mb"] / base["peak_mem_mb"]
 
 
-def ratio(rows: list[dict[str, Any]], case: str, num: str, den: str, key: str, mode: str = "full") -> float | None:
+def ratio(
+    rows: list[dict[str, Any]], case: str, num: str, den: str, key: str, mode: str = "full"
+) -> float | None:
     """rows[num][key] / rows[den][key] for one case label (None when either is missing)."""
     def get(name: str) -> float | None:
         r = next((r for r in rows if r["case"] == case and r["provider"] == name and r["mode"] == mode
@@ -578,7 +586,7 @@ def run_bench(args: Any, modules: list[Any] | None = None, console: Any = None) 
 
     from rich.console import Console
 
-    console = console or Console()
+    console = console or Console(width=None if sys.stdout.isatty() else 160)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -598,9 +606,14 @@ def run_bench(args: Any, modules: list[Any] | None = None, console: Any = None) 
     budget = args.budget if args.budget is not None else (0.05 if args.quick else 1.0)
     all_rows: list[dict[str, Any]] = []
     for mod in modules:
+        if not callable(getattr(mod, "cases", None)):
+            console.print(f"[yellow]{mod.__name__} does not define cases(device, preset); skipped "
+                          "(run it directly with python)")
+            continue
         cases = mod.cases(device, preset)
         rows = run_cases(cases, device, providers=_split(args.providers), modes=modes,
-                         memory=not args.no_memory, budget_s=budget, min_reps=2 if args.quick else 3,
+                         memory=not args.no_memory, budget_s=budget, warmup=2 if args.quick else 1,
+                         min_reps=2 if args.quick else 3,
                          console=console)
         print_table(rows, console, title=f"fastkd bench — {mod.FAMILY} on {device_name(device)}")
         if hasattr(mod, "summarize"):
@@ -610,7 +623,8 @@ def run_bench(args: Any, modules: list[Any] | None = None, console: Any = None) 
         console.print("[yellow]nothing was measured")
         return 1
     out = Path(args.out) if args.out else RESULTS_DIR
-    csv_path, json_path = write_results(all_rows, args.csv or out / "results.csv", args.json or out / "results.json")
+    csv_path, json_path = write_results(all_rows, args.csv or out / "results.csv",
+                                        args.json or out / "results.json")
     console.print(f"rows appended to {csv_path} and {json_path}")
     if args.plot is not None:
         from bench.plot import plot

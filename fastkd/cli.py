@@ -29,7 +29,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser, families: bool = True) 
                         help="default: cuda when available, else cpu")
     parser.add_argument("--out", default=None, help="results directory (default: bench/results)")
     parser.add_argument("--csv", default=None, help="CSV file to append rows to (default: OUT/results.csv)")
-    parser.add_argument("--json", default=None, help="JSON file to append rows to (default: OUT/results.json)")
+    parser.add_argument("--json", default=None, help="JSON file to append to (default: OUT/results.json)")
     parser.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
                         help="also write a bar plot (optionally to PNG)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -128,7 +128,8 @@ def cmd_check(args: Any) -> int:
     for line in skipped:
         console.print(f"[dim]skipped {line}")
     failed = [r for r in results if not r.ok]
-    console.print(f"{len(results) - len(failed)} passed, {len(failed)} failed, {len(skipped)} backends skipped")
+    console.print(f"{len(results) - len(failed)} passed, {len(failed)} failed, "
+                  f"{len(skipped)} backends skipped")
     return 1 if failed or not results else 0
 
 
@@ -148,8 +149,9 @@ def cmd_bench(args: Any) -> int:
         import fastkd
 
         print("fastkd bench: the benchmark suites (bench/harness.py, bench/bench_*.py) live in the source "
-              f"repository, and this fastkd (installed at {Path(fastkd.__file__).parent}) has none. Clone the "
-              "repository, `pip install -e .` it, and run `fastkd bench` from its root.", file=sys.stderr)
+              f"repository, and this fastkd (installed at {Path(fastkd.__file__).parent}) has none. "
+              "Clone the repository, `pip install -e .` it, and run `fastkd bench` from its root.",
+              file=sys.stderr)
         return 2
     _device(args)
     if str(root) not in sys.path:
@@ -181,7 +183,8 @@ def _add_cache_teacher(subparsers: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastkd", description="Kernel-backed knowledge-distillation losses.")
+    parser = argparse.ArgumentParser(prog="fastkd",
+                                     description="Kernel-backed knowledge-distillation losses.")
     sub = parser.add_subparsers(dest="command", metavar="{info,bench,check,cache-teacher}")
     sub.required = True
     p = sub.add_parser("info", help="versions, devices and backend availability with reasons")
