@@ -1,0 +1,176 @@
+"""Vocabulary-parallel losses and DDP with 2 gloo processes on CPU vs the single-process results.
+
+Each test spawns 2 processes once and runs all of its cases inside them (spawning is the slow part);
+a failing assertion in a worker fails the test with the worker's traceback."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastkd
+import fastkd.reference as R
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo needed")
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init(rank: int, port: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+
+
+def _spawn(fn) -> None:
+    mp.spawn(fn, args=(_free_port(),), nprocs=WORLD, join=True)
+
+
+# ---- vocabulary-parallel ------------------------------------------------------------------------------
+def _vp_worker(rank: int, port: int) -> None:
+    from fastkd.integrations.distributed import (
+        vocab_parallel_distill_loss,
+        vocab_parallel_fused_linear_distill_loss,
+    )
+
+    _init(rank, port)
+    try:
+        g = torch.Generator().manual_seed(0)  # same full tensors on every rank
+        n, v, h = 13, 37 * WORLD, 8
+        vr = v // WORLD
+        cols = slice(rank * vr, (rank + 1) * vr)
+        s_full = torch.randn(n, v, generator=g, dtype=torch.float64) * 3
+        t_full = torch.randn(n, v, generator=g, dtype=torch.float64) * 3
+        s_full[2, 5] = float("-inf")  # masked vocabulary entries on both sides
+        t_full[2, 5] = float("-inf")
+        s_full[4, 40] = float("-inf")
+        t_full[4, 40] = float("-inf")
+        labels = torch.randint(0, v, (n,), generator=g)
+        labels[[1, 7]] = -100
+        cases = [("fkl", {}), ("rkl", {}), ("jsd", dict(beta=0.3)), ("jsd", dict(beta=0.0)),
+                 ("fkl", dict(temperature=2.0, ce_weight=0.7, scale_by_t2=True)),
+                 ("jsd", dict(ce_weight=0.4, reduction="sum")), ("rkl", dict(num_items_in_batch=5.0)),
+                 ("rkl", dict(reduction="none", ce_weight=1.0))]
+        # the float64 oracle back-propagates NaN through logaddexp(-inf, -inf); give it a finite stand-in
+        # (exp(-1e4) == 0 exactly in float64, so values are unchanged)
+        s_fin, t_fin = s_full.clamp_min(-1e4), t_full.clamp_min(-1e4)
+        for div, kw in cases:
+            s_sh = s_full[:, cols].clone().requires_grad_()
+            out = vocab_parallel_distill_loss(s_sh, t_full[:, cols], div, labels=labels, chunk_size=5, **kw)
+            gout = torch.rand(out.shape, generator=g, dtype=torch.float64) + 0.5
+            (out * gout).sum().backward()
+            s_ref = s_fin.clone().requires_grad_()
+            ref = R.distill_loss(s_ref, t_fin, div, labels=labels, **kw)
+            (ref * gout).sum().backward()
+            torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12, msg=f"{div} {kw}")
+            torch.testing.assert_close(s_sh.grad, s_ref.grad[:, cols], rtol=1e-9, atol=1e-12,
+                                       msg=f"grad {div} {kw}")
+        # float32 vs fastkd.distill_loss in one process
+        s32, t32 = s_full.float(), t_full.float()
+        s_sh = s32[:, cols].clone().requires_grad_()
+        vocab_parallel_distill_loss(s_sh, t32[:, cols], "jsd", labels=labels, ce_weight=0.5).backward()
+        s_one = s32.clone().requires_grad_()
+        fastkd.distill_loss(s_one, t32, "jsd", labels=labels, ce_weight=0.5, backend="torch").backward()
+        torch.testing.assert_close(s_sh.grad, s_one.grad[:, cols], rtol=1e-4, atol=1e-6)
+
+        # fused: replicated hidden states, sharded LM heads (teacher hidden or teacher logits)
+        hs = torch.randn(n, h, generator=g, dtype=torch.float64)
+        ws = torch.randn(v, h, generator=g, dtype=torch.float64) * 0.5
+        bs = torch.randn(v, generator=g, dtype=torch.float64)
+        ht = torch.randn(n, 2 * h, generator=g, dtype=torch.float64)
+        wt = torch.randn(v, 2 * h, generator=g, dtype=torch.float64) * 0.5
+        fused_cases = [("fkl", dict(ce_weight=0.3)), ("rkl", dict(temperature=1.5)), ("jsd", dict(beta=0.7))]
+        for div, kw in fused_cases:
+            for use_logits in (False, True):
+                hs_r = hs.clone().requires_grad_()
+                ws_r = ws[cols].clone().requires_grad_()
+                bs_r = bs[cols].clone().requires_grad_()
+                teacher = (dict(teacher_logits=(ht @ wt.t())[:, cols]) if use_logits
+                           else dict(teacher_hidden=ht, teacher_weight=wt[cols]))
+                out = vocab_parallel_fused_linear_distill_loss(hs_r, ws_r, student_bias=bs_r, divergence=div,
+                                                               labels=labels, chunk_size=4, **teacher, **kw)
+                (out * 1.3).backward()
+                hs_f, ws_f, bs_f = (x.clone().requires_grad_() for x in (hs, ws, bs))
+                ref = R.fused_linear_distill_loss(hs_f, ws_f, ht, wt, student_bias=bs_f, divergence=div,
+                                                  labels=labels, **kw)
+                (ref * 1.3).backward()
+                torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+                torch.testing.assert_close(hs_r.grad, hs_f.grad, rtol=1e-9, atol=1e-12)
+                torch.testing.assert_close(ws_r.grad, ws_f.grad[cols], rtol=1e-9, atol=1e-12)
+                torch.testing.assert_close(bs_r.grad, bs_f.grad[cols], rtol=1e-9, atol=1e-12)
+        # bad inputs name the argument
+        try:
+            vocab_parallel_distill_loss(s32[:, cols], t32[:, cols], "tvd")
+            raise AssertionError("tvd accepted")
+        except ValueError as e:
+            assert "divergence" in str(e)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vocab_parallel_matches_single_process():
+    _spawn(_vp_worker)
+
+
+def test_vocab_parallel_needs_process_group():
+    from fastkd.integrations.distributed import vocab_parallel_distill_loss
+
+    if dist.is_initialized():
+        pytest.skip("a default process group exists in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        vocab_parallel_distill_loss(torch.randn(2, 5), torch.randn(2, 5))
+
+
+# ---- DDP ----------------------------------------------------------------------------------------------
+def _ddp_data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 6, 12, generator=g)
+    teacher = torch.randn(8, 6, 50, generator=g) * 2
+    labels = torch.randint(0, 50, (8, 6), generator=g)
+    labels[0, :4] = -100
+    labels[5, :] = -100
+    labels[6, 1::2] = -100
+    return x, teacher, labels
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(3)
+    return torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.Tanh(), torch.nn.Linear(32, 50))
+
+
+def _ddp_worker(rank: int, port: int) -> None:
+    _init(rank, port)
+    try:
+        x, teacher, labels = _ddp_data()
+        n_items = int((labels != -100).sum())  # global count, as HF computes it
+        model = torch.nn.parallel.DistributedDataParallel(_model())
+        part = slice(rank * 4, (rank + 1) * 4)
+        # sum / global count on each rank; DDP averages gradients, so scale by the world size (HF convention)
+        loss = fastkd.distill_loss(model(x[part]), teacher[part], "jsd", labels=labels[part], ce_weight=0.2,
+                                   num_items_in_batch=n_items, backend="torch") * WORLD
+        loss.backward()
+        single = _model()
+        ref = fastkd.distill_loss(single(x), teacher, "jsd", labels=labels, ce_weight=0.2, backend="torch")
+        ref.backward()
+        for (name, p), q in zip(model.module.named_parameters(), single.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+        total = loss.detach() / WORLD
+        dist.all_reduce(total)
+        torch.testing.assert_close(total, ref.detach(), rtol=1e-5, atol=1e-7)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gradients_match_single_process():
+    _spawn(_ddp_worker)
