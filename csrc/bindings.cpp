@@ -62,6 +62,59 @@ void distill(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t grad
   check(fastkd::launch_distill(a, dtype, divergence, ptr<cudaStream_t>(stream)), "distill");
 }
 
+void sparse_stats(std::uintptr_t student, std::uintptr_t ids, std::uintptr_t weight, std::uintptr_t lse,
+                  std::uintptr_t lse_tail, std::uintptr_t s_ids, int64_t n_rows, int64_t vocab, int64_t k,
+                  int64_t stride_s, int64_t stride_ids, int dtype, float inv_t, std::uintptr_t stream) {
+  if (student == 0 || ids == 0 || weight == 0 || lse == 0 || s_ids == 0)
+    throw std::invalid_argument("sparse_stats: null pointer");
+  if (lse_tail != 0 && vocab > fastkd::sparse_max_tail_vocab())
+    throw std::invalid_argument("sparse_stats: vocabulary too large for the tail bitmap");
+  fastkd::SparseStatsArgs a{};
+  a.student = ptr<const void*>(student);
+  a.ids = ptr<const int64_t*>(ids);
+  a.weight = ptr<const float*>(weight);
+  a.lse = ptr<float*>(lse);
+  a.lse_tail = ptr<float*>(lse_tail);
+  a.s_ids = ptr<float*>(s_ids);
+  a.n_rows = n_rows;
+  a.vocab = vocab;
+  a.k = k;
+  a.stride_s = stride_s;
+  a.stride_ids = stride_ids;
+  a.inv_t = inv_t;
+  py::gil_scoped_release nogil;
+  check(fastkd::launch_sparse_stats(a, dtype, ptr<cudaStream_t>(stream)), "sparse_stats");
+}
+
+void sparse_grad(std::uintptr_t student, std::uintptr_t grad, std::uintptr_t ids, std::uintptr_t weight,
+                 std::uintptr_t s_ids, std::uintptr_t lse, std::uintptr_t a_coef, std::uintptr_t b_coef,
+                 std::uintptr_t c_coef, int64_t n_rows, int64_t vocab, int64_t k, int64_t stride_s, int64_t stride_g,
+                 int64_t stride_ids, int dtype, float inv_t, bool zero_base, std::uintptr_t stream) {
+  if (student == 0 || grad == 0 || ids == 0 || weight == 0 || s_ids == 0 || lse == 0 || a_coef == 0 ||
+      b_coef == 0 || c_coef == 0)
+    throw std::invalid_argument("sparse_grad: null pointer");
+  fastkd::SparseGradArgs a{};
+  a.student = ptr<const void*>(student);
+  a.grad = ptr<void*>(grad);
+  a.ids = ptr<const int64_t*>(ids);
+  a.weight = ptr<const float*>(weight);
+  a.s_ids = ptr<const float*>(s_ids);
+  a.lse = ptr<const float*>(lse);
+  a.a = ptr<const float*>(a_coef);
+  a.b = ptr<const float*>(b_coef);
+  a.c = ptr<const float*>(c_coef);
+  a.n_rows = n_rows;
+  a.vocab = vocab;
+  a.k = k;
+  a.stride_s = stride_s;
+  a.stride_g = stride_g;
+  a.stride_ids = stride_ids;
+  a.inv_t = inv_t;
+  a.zero_base = zero_base ? 1 : 0;
+  py::gil_scoped_release nogil;
+  check(fastkd::launch_sparse_grad(a, dtype, ptr<cudaStream_t>(stream)), "sparse_grad");
+}
+
 py::dict build_info() {
   py::dict d;
   d["archs"] = FASTKD_BUILD_ARCHS;
@@ -82,5 +135,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("n_rows"), py::arg("vocab"), py::arg("stride_s"), py::arg("stride_t"), py::arg("stride_g"),
         py::arg("dtype"), py::arg("divergence"), py::arg("inv_t"), py::arg("kd_scale"), py::arg("beta"),
         py::arg("alpha"), py::arg("mu"), py::arg("t"), py::arg("ce_weight"), py::arg("stream"));
+  m.def("sparse_stats", &sparse_stats, "Sparse losses: lse, tail lse and s at the ids (csrc/sparse.cu)",
+        py::arg("student"), py::arg("ids"), py::arg("weight"), py::arg("lse"), py::arg("lse_tail"),
+        py::arg("s_ids"), py::arg("n_rows"), py::arg("vocab"), py::arg("k"), py::arg("stride_s"),
+        py::arg("stride_ids"), py::arg("dtype"), py::arg("inv_t"), py::arg("stream"));
+  m.def("sparse_grad", &sparse_grad, "Sparse losses: gradient from (a, b, c) coefficients (csrc/sparse.cu)",
+        py::arg("student"), py::arg("grad"), py::arg("ids"), py::arg("weight"), py::arg("s_ids"), py::arg("lse"),
+        py::arg("a"), py::arg("b"), py::arg("c"), py::arg("n_rows"), py::arg("vocab"), py::arg("k"),
+        py::arg("stride_s"), py::arg("stride_g"), py::arg("stride_ids"), py::arg("dtype"), py::arg("inv_t"),
+        py::arg("zero_base"), py::arg("stream"));
+  m.attr("SPARSE_MAX_TAIL_VOCAB") = fastkd::sparse_max_tail_vocab();
   m.def("build_info", &build_info, "Build metadata: archs, nvcc version, build time, CUDA runtime version");
 }

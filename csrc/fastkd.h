@@ -30,4 +30,37 @@ struct DistillArgs {
 
 cudaError_t launch_distill(const DistillArgs& args, int dtype, int divergence, cudaStream_t stream);
 
+// Sparse (top-k / tail / sampled) losses: the two vocabulary-wide passes (csrc/sparse.cu). The K-level
+// terms between them (fastkd.backends.torch_sparse.sparse_terms) are O(N·K) and run in PyTorch.
+struct SparseStatsArgs {
+  const void* student;   // (n_rows, vocab), row stride stride_s
+  const int64_t* ids;    // (n_rows, k), row stride stride_ids; −1 = padding
+  const float* weight;   // (n_rows,), 0 = excluded row
+  float* lse;            // (n_rows,) out: logsumexp_v s_v (s = z / T)
+  float* lse_tail;       // (n_rows,) out or nullptr: logsumexp over v not in ids
+  float* s_ids;          // (n_rows, k) out, contiguous: s at the ids, −inf at padding, NaN at bad ids
+  int64_t n_rows, vocab, k, stride_s, stride_ids;
+  float inv_t;
+};
+
+struct SparseGradArgs {
+  const void* student;   // (n_rows, vocab), row stride stride_s
+  void* grad;            // (n_rows, vocab), row stride stride_g (may alias the student)
+  const int64_t* ids;    // (n_rows, k), row stride stride_ids
+  const float* weight;   // (n_rows,)
+  const float* s_ids;    // (n_rows, k) contiguous, from the stats pass
+  const float* lse;      // (n_rows,)
+  const float* a;        // (n_rows,)  grad_v = q_v·(a + b·[v ∉ ids]) + Σ_k c_k·[v = id_k]
+  const float* b;        // (n_rows,)
+  const float* c;        // (n_rows, k) contiguous
+  int64_t n_rows, vocab, k, stride_s, stride_g, stride_ids;
+  float inv_t;
+  int zero_base;         // 1: the q-term is absent (top-k rkl/jsd): grad = Σ_k c_k·[v = id_k]
+};
+
+cudaError_t launch_sparse_stats(const SparseStatsArgs& args, int dtype, cudaStream_t stream);
+cudaError_t launch_sparse_grad(const SparseGradArgs& args, int dtype, cudaStream_t stream);
+// Largest vocabulary the tail pass supports (its id bitmap lives in shared memory).
+int64_t sparse_max_tail_vocab();
+
 }  // namespace fastkd

@@ -1,0 +1,164 @@
+// Sparse distillation losses (top-k / top-k + tail / sampled): the two vocabulary-wide passes.
+//
+// stats (grid (n_rows,)): lse = logsumexp_v s_v with s = z / T, and for topk_tail lse_tail =
+//   logsumexp over the columns that are not among the row's ids — exact, using a bitmap of the ids in
+//   shared memory (V/8 bytes) instead of subtracting the head mass (which cancels catastrophically) —
+//   plus s at the ids (−inf at padding slots, NaN for an id outside [−1, V)).
+// grad (grid (n_rows,)): grad_v = q_v·(a + b·[v ∉ ids]) with q = exp(s − lse), written for every column,
+//   then, after a block barrier, the id columns are rewritten as q_id·a + Σ_{k: id_k = id} c_k (the sum
+//   makes duplicated ids add up, as scatter_add does). Rows with weight 0 get zeros.
+#include "common.cuh"
+#include "fastkd.h"
+
+namespace fastkd {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBitmapBytes = 160 * 1024;
+
+template <typename T, int VEC, bool TAIL>
+__global__ void __launch_bounds__(kThreads) sparse_stats_kernel(SparseStatsArgs a) {
+  extern __shared__ uint32_t bitmap[];
+  const int64_t row = blockIdx.x;
+  const int64_t V = a.vocab;
+  const int64_t* ids = a.ids + row * a.stride_ids;
+  float* s_ids = a.s_ids + row * a.k;
+  if (a.weight[row] == 0.f) {
+    if (threadIdx.x == 0) {
+      a.lse[row] = 0.f;
+      if (TAIL) a.lse_tail[row] = 0.f;
+    }
+    for (int64_t k = threadIdx.x; k < a.k; k += blockDim.x) s_ids[k] = -INFINITY;
+    return;
+  }
+  const T* z = static_cast<const T*>(a.student) + row * a.stride_s;
+  const int64_t words = (V + 31) / 32;
+  if (TAIL) {
+    for (int64_t w = threadIdx.x; w < words; w += blockDim.x) bitmap[w] = 0u;
+    __syncthreads();
+  }
+  for (int64_t k = threadIdx.x; k < a.k; k += blockDim.x) {
+    const int64_t id = ids[k];
+    if (id >= 0 && id < V) {
+      s_ids[k] = to_float(z[id]) * a.inv_t;
+      if (TAIL) atomicOr(&bitmap[id >> 5], 1u << (id & 31));
+    } else {
+      s_ids[k] = id == -1 ? -INFINITY : NAN;
+    }
+  }
+  if (TAIL) __syncthreads();
+  Lse st[2];
+  // Single-row scan: reuse row_foreach2 with the same row on both sides (the second load hits L1).
+  row_foreach2<T, VEC, 2>(z, z, V, [&](int64_t j, float zv, float) {
+    const float s = zv * a.inv_t;
+    st[0].add(s);
+    if (TAIL && !((bitmap[j >> 5] >> (j & 31)) & 1u)) st[1].add(s);
+  });
+  block_lse<2>(st);
+  if (threadIdx.x == 0) {
+    a.lse[row] = st[0].value();
+    if (TAIL) a.lse_tail[row] = st[1].value();
+  }
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) sparse_grad_kernel(SparseGradArgs a) {
+  const int64_t row = blockIdx.x;
+  const int64_t V = a.vocab;
+  const T* z = static_cast<const T*>(a.student) + row * a.stride_s;
+  T* g = static_cast<T*>(a.grad) + row * a.stride_g;
+  const float w = a.weight[row];
+  if (w == 0.f || a.zero_base) {
+    for (int64_t j = threadIdx.x; j < V; j += blockDim.x) g[j] = from_float<T>(0.f);
+    if (w == 0.f) return;
+  } else {
+    const float lse = a.lse[row], coef = a.a[row] + a.b[row], inv_t = a.inv_t;
+    // Reads z_v and writes g_v from the same thread, so g may alias z.
+    row_map2<T, VEC, 2>(z, z, g, V, [&](int64_t, float zv, float) { return expf(zv * inv_t - lse) * coef; });
+  }
+  __syncthreads();  // the base term is written before the id columns are rewritten
+  const int64_t* ids = a.ids + row * a.stride_ids;
+  const float* s_ids = a.s_ids + row * a.k;
+  const float* c = a.c + row * a.k;
+  const float lse = a.lse[row], ca = a.a[row];
+  for (int64_t k = threadIdx.x; k < a.k; k += blockDim.x) {
+    const int64_t id = ids[k];
+    if (id < 0 || id >= V) continue;
+    bool first = true;
+    for (int64_t e = 0; e < k && first; ++e) first = ids[e] != id;
+    if (!first) continue;  // the first slot holding this id writes it
+    float val = a.zero_base ? 0.f : expf(s_ids[k] - lse) * ca;
+    for (int64_t e = k; e < a.k; ++e) {
+      if (ids[e] == id) val += c[e];
+    }
+    g[id] = from_float<T>(val);
+  }
+}
+
+template <typename T>
+bool aligned16(const void* p, int64_t stride) {
+  return p == nullptr ||
+         (reinterpret_cast<uintptr_t>(p) % 16 == 0 && (stride * static_cast<int64_t>(sizeof(T))) % 16 == 0);
+}
+
+template <typename T>
+cudaError_t stats_typed(const SparseStatsArgs& a, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vec = aligned16<T>(a.student, a.stride_s);
+  const bool tail = a.lse_tail != nullptr;
+  const size_t smem = tail ? static_cast<size_t>((a.vocab + 31) / 32) * 4 : 0;
+  if (static_cast<int64_t>(smem) > kMaxBitmapBytes) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(a.n_rows));
+  auto go = [&](auto kernel) -> cudaError_t {
+    if (smem > 48 * 1024) {
+      const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(smem));
+      if (e != cudaSuccess) return e;
+    }
+    kernel<<<grid, kThreads, smem, stream>>>(a);
+    return cudaGetLastError();
+  };
+  if (tail) return vec ? go(sparse_stats_kernel<T, kVec, true>) : go(sparse_stats_kernel<T, 1, true>);
+  return vec ? go(sparse_stats_kernel<T, kVec, false>) : go(sparse_stats_kernel<T, 1, false>);
+}
+
+template <typename T>
+cudaError_t grad_typed(const SparseGradArgs& a, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vec = aligned16<T>(a.student, a.stride_s) && aligned16<T>(a.grad, a.stride_g);
+  const dim3 grid(static_cast<unsigned>(a.n_rows));
+  if (vec) {
+    sparse_grad_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(a);
+  } else {
+    sparse_grad_kernel<T, 1><<<grid, kThreads, 0, stream>>>(a);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+int64_t sparse_max_tail_vocab() { return kMaxBitmapBytes * 8; }
+
+cudaError_t launch_sparse_stats(const SparseStatsArgs& args, int dtype, cudaStream_t stream) {
+  if (args.n_rows <= 0) return cudaSuccess;
+  if (args.n_rows > 0x7fffffffLL || args.vocab <= 0) return cudaErrorInvalidConfiguration;
+  switch (dtype) {
+    case kFloat32: return stats_typed<float>(args, stream);
+    case kBFloat16: return stats_typed<__nv_bfloat16>(args, stream);
+    case kFloat16: return stats_typed<__half>(args, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t launch_sparse_grad(const SparseGradArgs& args, int dtype, cudaStream_t stream) {
+  if (args.n_rows <= 0 || args.vocab <= 0) return cudaSuccess;
+  if (args.n_rows > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  switch (dtype) {
+    case kFloat32: return grad_typed<float>(args, stream);
+    case kBFloat16: return grad_typed<__nv_bfloat16>(args, stream);
+    case kFloat16: return grad_typed<__half>(args, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace fastkd

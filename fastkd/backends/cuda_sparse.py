@@ -1,0 +1,102 @@
+"""``cuda`` backend of the sparse (top-k / tail / sampled) losses: fastkd._C kernels (csrc/sparse.cu).
+
+Same contract as :mod:`fastkd.backends.torch_sparse` (see :mod:`fastkd.ops.sparse`). The two passes over
+the vocabulary run in CUDA — statistics (lse, exact tail lse via an id bitmap, s at the ids) and the
+gradient ``q_v·(a + b·[v ∉ ids]) + Σ_k c_k·[v = id_k]`` — and the O(N·K) terms between them are
+:func:`fastkd.backends.torch_sparse.sparse_terms`, shared with the other backends. fp32 math; fp64 inputs
+are left to the torch backend. Imports cleanly without the extension.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from fastkd.backends import cuda_ext_reasons, register
+
+if TYPE_CHECKING:
+    from fastkd.ops.sparse import SparseParams
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_MAX_ROWS = 2**31 - 1
+MAX_TAIL_VOCAB = 160 * 1024 * 8  # csrc/sparse.cu kMaxBitmapBytes · 8
+
+
+def _unit_cols(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def sparse_forward(
+    student: torch.Tensor,
+    ids: torch.Tensor,
+    t_logp: torch.Tensor,
+    t_tail: torch.Tensor | None,
+    weight: torch.Tensor,
+    grad: torch.Tensor | None,
+    p: SparseParams,
+) -> torch.Tensor:
+    """Backend entry point (op ``sparse``).
+
+    student (N, V) fp32/bf16/fp16 CUDA raw logits; ids (N, K) int64 (−1 = padding); t_logp (N, K) fp32,
+    t_tail (N,) fp32 or None; weight (N,) fp32; grad (N, V) in the student's dtype or None (may alias
+    student). Returns the per-token loss (N,) fp32.
+    """
+    from fastkd import _cpp_lib
+    from fastkd.backends.torch_sparse import sparse_terms
+
+    lib = _cpp_lib.lib()
+    n, v = student.shape
+    k = ids.shape[1]
+    z = _unit_cols(student)
+    ids = _unit_cols(ids.to(torch.int64))
+    w = weight.to(torch.float32).contiguous()
+    dev = student.device
+    tail = p.mode == "topk_tail"
+    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    lse_tail = torch.empty(n, dtype=torch.float32, device=dev) if tail else None
+    s_ids = torch.empty((n, k), dtype=torch.float32, device=dev)
+    inv_t = 1.0 / p.temperature
+    code = _DTYPE_CODE[student.dtype]
+    if n == 0:
+        return torch.zeros(0, dtype=torch.float32, device=dev)
+    with torch.cuda.device(dev):
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        tail_ptr = 0 if lse_tail is None else lse_tail.data_ptr()
+        lib.sparse_stats(z.data_ptr(), ids.data_ptr(), w.data_ptr(), lse.data_ptr(), tail_ptr, s_ids.data_ptr(),
+                         n, v, k, z.stride(0), ids.stride(0), code, inv_t, stream)
+        loss, c, a, b = sparse_terms(s_ids, lse, lse_tail, t_logp.to(torch.float32),
+                                     None if t_tail is None else t_tail.to(torch.float32), w, p)
+        if grad is not None:
+            out = grad
+            if grad.stride(-1) != 1 and v > 1:
+                out = torch.empty((n, v), dtype=grad.dtype, device=dev)
+            zero_base = p.mode == "topk" and p.effective != "fkl"
+            c = c.to(torch.float32).contiguous()
+            lib.sparse_grad(z.data_ptr(), out.data_ptr(), ids.data_ptr(), w.data_ptr(), s_ids.data_ptr(),
+                            lse.data_ptr(), a.to(torch.float32).contiguous().data_ptr(),
+                            b.to(torch.float32).contiguous().data_ptr(), c.data_ptr(), n, v, k, z.stride(0),
+                            out.stride(0), ids.stride(0), code, inv_t, zero_base, stream)
+            if out is not grad:
+                grad.copy_(out)
+    return loss
+
+
+def sparse_reasons(student: torch.Tensor | None = None, ids: torch.Tensor | None = None,
+                   params: SparseParams | None = None, **_: object) -> list[str]:
+    """Why the cuda backend cannot run these inputs ([] = it can)."""
+    reasons = cuda_ext_reasons(student, ids)
+    if student is not None:
+        if student.dtype not in SUPPORTED_DTYPES:
+            reasons.append(f"dtype {student.dtype} (the cuda backend supports float32, bfloat16, float16)")
+        if student.dim() == 2 and student.shape[0] > _MAX_ROWS:
+            reasons.append(f"{student.shape[0]} rows exceed the one-block-per-row grid limit {_MAX_ROWS}")
+        if (params is not None and params.mode == "topk_tail" and student.dim() == 2
+                and student.shape[1] > MAX_TAIL_VOCAB):
+            reasons.append(f"mode='topk_tail' supports vocabularies up to {MAX_TAIL_VOCAB} on the cuda "
+                           f"backend (shared-memory id bitmap), got {student.shape[1]}")
+    return reasons
+
+
+register("sparse", "cuda", sparse_forward, sparse_reasons)
