@@ -64,8 +64,8 @@ def sparse_forward(
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
         tail_ptr = 0 if lse_tail is None else lse_tail.data_ptr()
-        lib.sparse_stats(z.data_ptr(), ids.data_ptr(), w.data_ptr(), lse.data_ptr(), tail_ptr, s_ids.data_ptr(),
-                         n, v, k, z.stride(0), ids.stride(0), code, inv_t, stream)
+        lib.sparse_stats(z.data_ptr(), ids.data_ptr(), w.data_ptr(), lse.data_ptr(), tail_ptr,
+                         s_ids.data_ptr(), n, v, k, z.stride(0), ids.stride(0), code, inv_t, stream)
         loss, c, a, b = sparse_terms(s_ids, lse, lse_tail, t_logp.to(torch.float32),
                                      None if t_tail is None else t_tail.to(torch.float32), w, p)
         if grad is not None:
