@@ -34,7 +34,8 @@ def test_distill_loss_module():
     labels[0, :2] = -100
     mod = fnn.DistillLoss("jsd", beta=0.3, temperature=2.0, ce_weight=0.5)
     out, g = _grad(mod, s, t, labels=labels)
-    ref, g_ref = _grad(fastkd.distill_loss, s, t, "jsd", beta=0.3, temperature=2.0, ce_weight=0.5, labels=labels)
+    ref, g_ref = _grad(fastkd.distill_loss, s, t, "jsd", beta=0.3, temperature=2.0, ce_weight=0.5,
+                       labels=labels)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(g, g_ref)
     r = repr(mod)
