@@ -102,7 +102,7 @@ def distill_forward(
     g = grad if grad is not None else student  # dummy pointer when HAS_GRAD is False
     inv_t = 1.0 / p.temperature
     args = (student, teacher, g, lab, weight, loss, v,
-            student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), g.stride(0), g.stride(1),
+            *student.stride(), *teacher.stride(), *g.stride(),
             inv_t, p.kd_scale, p.kd_scale * inv_t, p.ce_weight, c1, lw_a, lw_b, p.mu)
     flags = dict(DIV=code, HAS_GRAD=grad is not None, HAS_LABELS=has_labels,
                  CE_RAW=has_labels and p.temperature != 1.0, NT=K.AKL_NT)

@@ -1,0 +1,323 @@
+"""Triton backend of distill_loss vs the float64 reference and the torch backend.
+
+Without a GPU the kernels run in Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1), on
+small odd shapes with BLOCK_V=32 so that every row spans several vocabulary blocks (V=131 = 4·32 + 3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastkd
+from fastkd import reference as R
+from fastkd.backends import BackendUnavailableError
+from fastkd.backends import triton_distill as TD
+from fastkd.params import DistillParams
+
+DIVS = fastkd.DIVERGENCES
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Relative rounding of one stored gradient element per dtype (the kernel computes in fp32).
+GRAD_EPS = {torch.float32: 2e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}
+BLOCK = 32
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+pytestmark = pytest.mark.skipif(TD._IMPORT_ERROR is not None, reason=f"no triton: {TD._IMPORT_ERROR}")
+
+
+def _logits(shape, dtype, scale=2.0):
+    return (torch.randn(shape) * scale).to(dtype)
+
+
+def _teacher(shape, dtype, div):
+    """Teacher logits; for akl, distinct values per row (exact in bf16/fp16): the kernel keeps tied
+    probabilities together at the head boundary while the reference's stable sort may split them."""
+    if div != "akl":
+        return _logits(shape, dtype)
+    v = shape[-1]
+    perm = torch.argsort(torch.rand(shape), dim=-1).float()
+    return ((perm - v / 2) / 16).to(dtype)
+
+
+def _run(zs, zt, div, backend="triton", block=BLOCK, **kw):
+    """(loss, grad w.r.t. zs) from fastkd.distill_loss(zs, zt, div, **kw) on ``backend``."""
+    x = zs.clone().requires_grad_()
+    with TD.override_config(block_v=block):
+        out = fastkd.distill_loss(x, zt, div, backend=backend, **kw)
+    out.sum().backward()
+    return out.detach(), x.grad
+
+
+def _ref(zs, zt, div, **kw):
+    """float64 reference (loss, grad).
+
+    Autograd through the reference's logaddexp / log_softmax turns −inf logits into NaN gradients for the
+    whole row, so the gradient is taken with −inf replaced by −1e4 (exp underflows to exactly 0 in float64:
+    the same probabilities, and the limit gradient); the value uses the true −inf.
+    """
+    out = R.distill_loss(zs.double(), zt.double(), div, **kw)
+    fin = lambda z: torch.where(torch.isneginf(z), -1e4, z.double())
+    x = fin(zs).requires_grad_()
+    y = R.distill_loss(x, fin(zt), div, **kw).sum()
+    grad = torch.autograd.grad(y, x)[0] if y.requires_grad else torch.zeros_like(x)  # skl at α=1: D ≡ 0
+    return out, torch.where(torch.isneginf(zs), 0.0, grad)
+
+
+def _check(s, zt, div, torch_too=True, **kw):
+    loss, grad = _run(s, zt, div, **kw)
+    rloss, rgrad = _ref(s, zt, div, **kw)
+    assert loss.dtype == torch.float32 and grad.dtype == s.dtype
+    assert torch.equal(grad[torch.isneginf(s)], torch.zeros_like(grad[torch.isneginf(s)]))
+    torch.testing.assert_close(loss.double(), rloss, rtol=2e-5, atol=2e-5 * (1 + rloss.abs().max().item()))
+    eps = GRAD_EPS[s.dtype]
+    gscale = rgrad.abs().max().item()
+    torch.testing.assert_close(grad.double(), rgrad, rtol=eps, atol=2 * eps * gscale + 1e-7)
+    if torch_too:  # the torch backend computes the same fp32 math
+        tloss, tgrad = _run(s, zt, div, backend="torch", **kw)
+        torch.testing.assert_close(loss, tloss, rtol=2e-5, atol=2e-5 * (1 + tloss.abs().max().item()))
+        torch.testing.assert_close(grad.float(), tgrad.float(), rtol=eps, atol=2 * eps * gscale + 1e-7)
+    return loss, grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("div", DIVS)
+def test_matches_reference(div, dtype):
+    shape = (2, 3, 131)
+    s, t = _logits(shape, dtype), _teacher(shape, dtype, div)
+    mask = torch.rand(shape[:-1]) > 0.3
+    _check(s, t, div, temperature=1.7, scale_by_t2=True, mask=mask)
+
+
+@pytest.mark.parametrize("div", DIVS)
+def test_labels_ce_and_reductions(div):
+    s, t = _logits((3, 67), torch.float32), _logits((3, 67), torch.float32)
+    labels = torch.tensor([5, -100, 66])
+    _check(s, t, div, labels=labels, ce_weight=0.7, temperature=2.0, reduction="sum")
+    _check(s, t, div, labels=labels, ce_weight=1.3, reduction="none", torch_too=False)
+    _check(s, t, div, labels=labels, reduction="mean", num_items_in_batch=7, torch_too=False)
+
+
+def _neg_inf(shape, dtype, teacher_only, div):
+    s, t = _logits(shape, dtype), _teacher(shape, dtype, div)
+    cols = torch.rand(shape) < 0.25
+    cols[..., 0] = False  # keep at least one finite column per row
+    t[cols] = float("-inf")
+    if not teacher_only:
+        s[cols] = float("-inf")
+    return s, t
+
+
+@pytest.mark.parametrize("div", DIVS)
+def test_neg_inf_both_sides(div):
+    s, t = _neg_inf((3, 131), torch.bfloat16, False, div)
+    loss, grad = _check(s, t, div, temperature=0.8)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad.float()).all()
+
+
+@pytest.mark.parametrize("div", DIVS)
+def test_neg_inf_teacher_only(div):
+    s, t = _neg_inf((3, 131), torch.float32, True, div)
+    if div in ("rkl", "symkl", "akl"):  # q > 0 where p == 0: the divergence is +inf, as in the reference
+        loss, _ = _run(s, t, div, reduction="none")
+        rloss, _ = _ref(s, t, div, reduction="none")
+        assert torch.isinf(rloss).all() and torch.equal(loss.double(), rloss)
+    else:
+        loss, grad = _check(s, t, div, reduction="none", t=0.3)
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("div", ["fkl", "jsd", "akl", "taid"])
+def test_vocab_padding_strided_views(div):
+    s, t = _logits((4, 131), torch.float16), _teacher((4, 140), torch.float16, div)
+    t[:, 131:] = 50.0  # padding columns must be ignored
+    loss, grad = _run(s, t, div, vocab_size=131)
+    rloss, rgrad = _ref(s, t, div, vocab_size=131)
+    torch.testing.assert_close(loss.double(), rloss, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(grad.double(), rgrad, rtol=1e-3, atol=1e-3 * rgrad.abs().max().item())
+    s2 = _logits((4, 140), torch.float16)
+    s2[:, 131:] = float("nan")  # student padding: gradient there is 0
+    _, grad2 = _run(s2, t[:, :140], div, vocab_size=131)
+    assert torch.equal(grad2[:, 131:], torch.zeros_like(grad2[:, 131:]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("div", ["rkl", "skl", "tvd", "akl"])
+def test_inplace_grad(div, dtype):
+    s, t = _logits((5, 131), dtype), _teacher((5, 131), dtype, div)
+    rloss, rgrad = _run(s, t, div, backend="torch", reduction="sum")
+    leaf = s.clone().requires_grad_()
+    x = leaf * 1  # a non-leaf whose storage may be overwritten
+    with TD.override_config(block_v=BLOCK):
+        out = fastkd.distill_loss(x, t, div, backend="triton", inplace_grad=True, reduction="sum")
+    out.backward()
+    torch.testing.assert_close(out, rloss, rtol=2e-5, atol=2e-5)
+    eps = GRAD_EPS[dtype]
+    torch.testing.assert_close(leaf.grad.float(), rgrad.float(), rtol=eps, atol=2 * eps)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_grad_output_not_one(reduction):
+    s, t = _logits((4, 131), torch.float32), _logits((4, 131), torch.float32)
+    go = torch.tensor([0.5, -2.0, 1.0, 3.0]) if reduction == "none" else torch.tensor(-1.7)
+    x = s.clone().requires_grad_()
+    with TD.override_config(block_v=BLOCK):
+        out = fastkd.distill_loss(x, t, "jsd", backend="triton", reduction=reduction)
+    out.backward(go)
+    xr = s.double().requires_grad_()
+    R.distill_loss(xr, t.double(), "jsd", reduction=reduction).backward(go.double())
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_excluded_rows_are_zero_whatever_the_logits():
+    s, t = _logits((4, 131), torch.float32), _logits((4, 131), torch.float32)
+    s[1] = float("nan")
+    t[2] = float("-inf")
+    mask = torch.tensor([True, False, False, True])
+    for div in ("fkl", "akl"):
+        loss, grad = _run(s, t, div, mask=mask, reduction="none")
+        assert torch.equal(loss[1:3], torch.zeros(2)) and torch.equal(grad[1:3], torch.zeros(2, 131))
+        assert torch.isfinite(loss).all()
+    loss, grad = _run(s, t, "rkl", mask=torch.zeros(4, dtype=torch.bool))
+    assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_nan_input_gives_nan():
+    s, t = _logits((2, 131), torch.float32), _logits((2, 131), torch.float32)
+    s[0, 7] = float("nan")
+    loss, _ = _run(s, t, "fkl", reduction="none")
+    assert torch.isnan(loss[0]) and torch.isfinite(loss[1])
+
+
+@pytest.mark.parametrize(("div", "kw"), [
+    ("jsd", {"beta": 0.0}), ("jsd", {"beta": 1.0}), ("skl", {"alpha": 0.0}), ("skl", {"alpha": 1.0}),
+    ("srkl", {"alpha": 0.0}), ("srkl", {"alpha": 1.0}), ("symkl", {"beta": 0.2}), ("taid", {"t": 0.0}),
+    ("taid", {"t": 1.0}), ("akl", {"mu": 0.0}), ("akl", {"mu": 0.9})])
+def test_parameter_endpoints(div, kw):
+    s, t = _logits((3, 131), torch.float32), _logits((3, 131), torch.float32)
+    _check(s, t, div, **kw)
+
+
+def _akl_threshold_formula(s, t, mu):
+    """AKL with the kernel's documented head: {i: Σ_{p_j ≥ p_i} p_j ≤ mu} ∪ {first argmax}, float64."""
+    lq, lp = torch.log_softmax(s.double(), -1), torch.log_softmax(t.double(), -1)
+    p, q = lp.exp(), lq.exp()
+    mass = (p.unsqueeze(-2) * (p.unsqueeze(-2) >= p.unsqueeze(-1))).sum(-1)
+    head = mass <= mu
+    head.scatter_(-1, p.argmax(-1, keepdim=True), True)
+    err = (p - q).abs()
+    gh, gt = (err * head).sum(-1), (err * ~head).sum(-1)
+    return (gh * R.distill.fkl(lp, lq) + gt * R.distill.rkl(lp, lq)) / (gh + gt)
+
+
+def test_akl_ties_move_together():
+    # p ∝ (4, 3, 3, 1, 1, ...): the tied 3s straddle mu in the reference's stable sort, not in the kernel
+    t = torch.zeros(2, 50)
+    t[:, 0], t[:, 1], t[:, 2] = math.log(40.0), math.log(30.0), math.log(30.0)
+    p = torch.softmax(t[0].double(), -1)
+    mu = float(p[0] + p[1] + 0.5 * p[2])
+    s = _logits((2, 50), torch.float32)
+    loss, _ = _run(s, t, "akl", mu=mu, reduction="none")
+    torch.testing.assert_close(loss.double(), _akl_threshold_formula(s, t, mu), rtol=1e-5, atol=1e-6)
+    t[:, 3] = math.log(40.0)  # tied maxima that do not fit: only the first is forced into the head
+    loss, _ = _run(s, t, "akl", mu=0.05, reduction="none")
+    torch.testing.assert_close(loss.double(), _akl_threshold_formula(s, t, 0.05), rtol=1e-5, atol=1e-6)
+    rloss, _ = _ref(s, t, "akl", mu=0.05, reduction="none")
+    torch.testing.assert_close(loss.double(), rloss, rtol=1e-5, atol=1e-6)
+
+
+def test_default_config_and_peaked_teacher():
+    s = _logits((3, 300), torch.float32)
+    t = _logits((3, 300), torch.float32, scale=30.0)  # nearly one-hot teacher
+    for div in ("akl", "srkl"):
+        loss, grad = _run(s, t, div, block=None)
+        rloss, rgrad = _ref(s, t, div)
+        torch.testing.assert_close(loss.double(), rloss, rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(grad.double(), rgrad, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_no_worse_than_pytorch_bf16():
+    s, t = _logits((6, 131), torch.bfloat16), _logits((6, 131), torch.bfloat16)
+    loss, _ = _run(s, t, "fkl", reduction="none")
+    rloss, _ = _ref(s, t, "fkl", reduction="none")
+    lp, lq = torch.log_softmax(t, -1), torch.log_softmax(s, -1)  # PyTorch computing in bf16
+    torch_err = (torch.nn.functional.kl_div(lq, lp, log_target=True, reduction="none").sum(-1).double()
+                 - rloss).abs().max()
+    assert (loss.double() - rloss).abs().max() <= torch_err + 1e-5
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.integers(1, 3), v=st.integers(1, 90), div=st.sampled_from(DIVS),
+       temp=st.sampled_from([0.5, 1.0, 3.0]), seed=st.integers(0, 2**16))
+def test_property_vs_torch_backend(rows, v, div, temp, seed):
+    g = torch.Generator().manual_seed(seed)
+    s, t = torch.randn(rows, v, generator=g) * 3, torch.randn(rows, v, generator=g) * 3
+    loss, grad = _run(s, t, div, temperature=temp, reduction="none", block=16)
+    tloss, tgrad = _run(s, t, div, temperature=temp, reduction="none", backend="torch")
+    torch.testing.assert_close(loss, tloss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, tgrad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scale_grad(dtype):
+    g = _logits((5, 131), dtype)
+    orig = g.clone()
+    with TD.override_config(block_v=BLOCK):
+        assert TD.scale_grad_(g, torch.tensor(1.0), per_row=False) is g
+        assert torch.equal(g, orig)
+        TD.scale_grad_(g, torch.tensor(-2.5), per_row=False)
+        torch.testing.assert_close(g, (orig.float() * -2.5).to(dtype))
+        g = orig.clone()
+        f = torch.tensor([1.0, 0.0, 3.0, 1.0, -0.5])
+        TD.scale_grad_(g, f, per_row=True)
+        torch.testing.assert_close(g, (orig.float() * f[:, None]).to(dtype))
+        assert torch.equal(g[0], orig[0]) and torch.equal(g[3], orig[3])
+        with pytest.raises(ValueError, match="grad_output"):
+            TD.scale_grad_(g, torch.ones(3), per_row=True)
+
+
+def test_reasons():
+    s = torch.randn(2, 8, dtype=torch.float64)
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        fastkd.distill_loss(s, s.clone(), backend="triton")
+    reasons = TD._reasons(student=s.float(), teacher=s.float(), params=DistillParams(softcap=5.0))
+    assert any("softcap" in r for r in reasons)
+    assert TD._reasons(student=s.float(), teacher=s.float(), params=DistillParams()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU-only (larger shapes, default and autotuned configs)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("div", DIVS)
+def test_gpu_large_vs_torch(div):
+    s = (torch.randn(64, 32003, device="cuda") * 3).bfloat16()
+    t = (torch.randn(64, 32003, device="cuda") * 3).bfloat16()
+    labels = torch.randint(0, 32003, (64,), device="cuda")
+    kw = dict(temperature=1.5, labels=labels, ce_weight=0.5)
+    loss, grad = _run(s, t, div, block=None, **kw)
+    tloss, tgrad = _run(s, t, div, backend="torch", **kw)
+    torch.testing.assert_close(loss, tloss, rtol=1e-4, atol=1e-4)
+    gmax = tgrad.float().abs().max().item()
+    torch.testing.assert_close(grad.float(), tgrad.float(), rtol=1e-2, atol=1e-2 * gmax)
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_gpu_autotune_inplace_and_scale(monkeypatch):
+    monkeypatch.setenv("FASTKD_AUTOTUNE", "1")
+    s = torch.randn(256, 50000, device="cuda").half()
+    t = torch.randn(256, 50000, device="cuda").half()
+    loss, grad = _run(s, t, "jsd", block=None)
+    tloss, tgrad = _run(s, t, "jsd", backend="torch")
+    torch.testing.assert_close(loss, tloss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad.float(), tgrad.float(), rtol=1e-2, atol=1e-6)
+    g = grad.clone()
+    TD.scale_grad_(g, torch.full((256,), 2.0, device="cuda"), per_row=True)
+    torch.testing.assert_close(g.float(), 2 * grad.float())
