@@ -181,8 +181,16 @@ def teacher_log_probs(ids: torch.Tensor, vals: torch.Tensor, values: str, p: Spa
 
 
 def _prepare(lead, vocab, device, ids, vals, values, p, teacher_temperature, labels, ignore_index, mask,
-             reduction, num_items_in_batch, cdt):
+             reduction, num_items_in_batch, cdt, tail=None):
     _check_teacher(ids, vals, lead, vocab, device, values)
+    if tail is not None:
+        if p.mode != "topk_tail":
+            raise ValueError(f"teacher_tail is only used by mode='topk_tail', got mode={p.mode!r}")
+        C.check_float_tensor("teacher_tail", tail, min_dim=0)
+        C.check_constant("teacher_tail", tail)
+        if tuple(tail.shape) != lead or tail.device != device:
+            raise ValueError(f"teacher_tail must have shape {lead} on {device}, got {tuple(tail.shape)} on "
+                             f"{tail.device}")
     weight, _ = C.token_weights(lead, device, labels=labels, ignore_index=ignore_index, mask=mask,
                                 reduction=reduction, num_items_in_batch=num_items_in_batch, dtype=cdt)
     n = weight.numel()
@@ -190,6 +198,8 @@ def _prepare(lead, vocab, device, ids, vals, values, p, teacher_temperature, lab
     ids2 = ids.reshape(n, k).long()
     t_logp, t_tail = teacher_log_probs(ids2, vals.reshape(n, k), values, p, teacher_temperature, cdt,
                                        C.value_checks_enabled(ids))
+    if tail is not None:
+        t_tail = tail.reshape(n).to(cdt).clamp_max(0.0)
     return weight, ids2, t_logp, t_tail
 
 
@@ -226,6 +236,7 @@ def sparse_distill_loss(
     divergence: str = "fkl",
     temperature: float = 1.0,
     teacher_temperature: float | None = None,
+    teacher_tail: torch.Tensor | None = None,
     scale_by_t2: bool = False,
     beta: float = 0.5,
     labels: torch.Tensor | None = None,
@@ -251,6 +262,8 @@ def sparse_distill_loss(
         temperature: student logits divided by T (and raw teacher logits for values="logits").
         teacher_temperature: T_gen of stored log-probs/probs (topk only): the teacher becomes p^(T_gen/T),
             renormalised over K (DistillKit / axolotl re-tempering). None: use the stored values as they are.
+        teacher_tail: (...,) log of the teacher's mass outside its K ids (topk_tail only), e.g. the exact
+            one a :class:`fastkd.cache.TeacherCache` stores; default log(1 − Σ values).
         scale_by_t2, labels, ignore_index, mask, reduction, num_items_in_batch, backend: as ``distill_loss``.
         chunk_size: rows per chunk of the torch backend.
 
@@ -267,7 +280,7 @@ def sparse_distill_loss(
     cdt = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     weight, ids2, t_logp, t_tail = _prepare(lead, vocab, student_logits.device, teacher_ids, teacher_values,
                                             values, params, teacher_temperature, labels, ignore_index, mask,
-                                            reduction, num_items_in_batch, cdt)
+                                            reduction, num_items_in_batch, cdt, teacher_tail)
     student2d = student_logits.reshape(weight.numel(), vocab)
     impl = select("sparse", backend, student=student2d, ids=ids2, params=params)
     loss = SparseDistillFunction.apply(student2d, ids2, t_logp, t_tail, weight, params, reduction, impl.fn)
@@ -343,6 +356,7 @@ def fused_linear_sparse_distill_loss(
     divergence: str = "fkl",
     temperature: float = 1.0,
     teacher_temperature: float | None = None,
+    teacher_tail: torch.Tensor | None = None,
     scale_by_t2: bool = False,
     beta: float = 0.5,
     labels: torch.Tensor | None = None,
@@ -370,7 +384,7 @@ def fused_linear_sparse_distill_loss(
     cdt = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
     tok_weight, ids2, t_logp, t_tail = _prepare(lead, vocab, device, teacher_ids, teacher_values, values,
                                                 params, teacher_temperature, labels, ignore_index, mask,
-                                                reduction, num_items_in_batch, cdt)
+                                                reduction, num_items_in_batch, cdt, teacher_tail)
     n = tok_weight.numel()
     h = student_hidden.reshape(n, student_hidden.shape[-1])
     rows = chunk_size or auto_chunk_rows(n, vocab, device)
