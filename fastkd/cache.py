@@ -109,17 +109,19 @@ def decode_ids(stored: torch.Tensor, fmt: str, bits: int, k: int) -> torch.Tenso
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _chunk_logits(hidden, weight, bias, sl, temperature) -> torch.Tensor:
+def _chunk_logits(hidden, weight, bias, sl, temperature, softcap=None) -> torch.Tensor:
     z = hidden[sl].float() @ weight.float().t()
     if bias is not None:
         z += bias.float()
+    if softcap is not None:  # Gemma-style final-logit capping, before the temperature
+        z = torch.tanh(z / softcap) * softcap
     return z / temperature if temperature != 1.0 else z
 
 
 @torch.no_grad()
 def topk_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                     k: int, temperature: float = 1.0,
-                     chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     k: int, temperature: float = 1.0, chunk_size: int = 256,
+                     softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k of softmax((h W^T + b) / T) per token without (N, V) logits.
 
     hidden (N, H), weight (V, H), bias (V,). Returns ids (N, k) int64, log-probs (N, k) fp32 and the log of
@@ -132,7 +134,7 @@ def topk_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     tail = torch.empty(n, dtype=torch.float32, device=hidden.device)
     for start in range(0, n, chunk_size):
         sl = slice(start, min(n, start + chunk_size))
-        z = _chunk_logits(hidden, weight, bias, sl, temperature)
+        z = _chunk_logits(hidden, weight, bias, sl, temperature, softcap)
         lse = torch.logsumexp(z, -1)
         top = z.topk(k, -1)
         ids[sl], logp[sl] = top.indices, top.values - lse.unsqueeze(-1)
@@ -143,7 +145,8 @@ def topk_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 @torch.no_grad()
 def sample_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                        num_samples: int, temperature: float = 1.0, chunk_size: int = 256,
-                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       generator: torch.Generator | None = None,
+                       softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Random-Sampling KD targets: ``num_samples`` draws per token from the teacher (with replacement).
 
     Returns ids (N, num_samples) int64 (distinct ids first, −1 padding) and counts (N, num_samples) int32.
@@ -154,7 +157,7 @@ def sample_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
     counts = torch.zeros(n, s, dtype=torch.int32, device=hidden.device)
     for start in range(0, n, chunk_size):
         sl = slice(start, min(n, start + chunk_size))
-        probs = torch.softmax(_chunk_logits(hidden, weight, bias, sl, temperature), -1)
+        probs = torch.softmax(_chunk_logits(hidden, weight, bias, sl, temperature, softcap), -1)
         draws = torch.multinomial(probs, s, replacement=True, generator=generator)
         c = torch.zeros_like(probs).scatter_add_(1, draws, torch.ones_like(draws, dtype=probs.dtype))
         top = c.topk(min(s, v), -1)
@@ -307,17 +310,17 @@ class TeacherCacheWriter:
 
     def add_from_hidden(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                         temperature: float = 1.0, chunk_size: int = 256, input_ids: torch.Tensor | None = None,
-                        generator: torch.Generator | None = None) -> int:
+                        generator: torch.Generator | None = None, softcap: float | None = None) -> int:
         """Compute the example's targets from teacher hidden states (T, H) and LM head (V, H), then add it."""
         ix = self.index
         if weight.shape[0] != ix["vocab_size"]:
             raise ValueError(f"weight has {weight.shape[0]} rows but the cache's vocab_size is {ix['vocab_size']}")
         if ix["values"] == "counts":
             ids, counts = sample_from_hidden(hidden, weight, bias, num_samples=ix["k"], temperature=temperature,
-                                             chunk_size=chunk_size, generator=generator)
+                                             chunk_size=chunk_size, generator=generator, softcap=softcap)
             return self.add(ids, counts, input_ids=input_ids)
         ids, logp, tail = topk_from_hidden(hidden, weight, bias, k=ix["k"], temperature=temperature,
-                                           chunk_size=chunk_size)
+                                           chunk_size=chunk_size, softcap=softcap)
         return self.add(ids, logp, tail, input_ids=input_ids)
 
     def flush(self) -> None:
