@@ -115,6 +115,31 @@ void sparse_grad(std::uintptr_t student, std::uintptr_t grad, std::uintptr_t ids
   check(fastkd::launch_sparse_grad(a, dtype, ptr<cudaStream_t>(stream)), "sparse_grad");
 }
 
+void sinkhorn(std::uintptr_t a_ptr, std::uintptr_t b_ptr, std::uintptr_t cost, std::uintptr_t f, std::uintptr_t g,
+              std::uintptr_t f_next, std::uintptr_t err, std::uintptr_t eps, int64_t batch, int64_t n, int64_t m,
+              int n_iters, double err_eps, int dtype, std::uintptr_t stream) {
+  if (a_ptr == 0 || b_ptr == 0 || cost == 0 || f == 0 || g == 0 || f_next == 0 || err == 0 || (n_iters > 0 && eps == 0))
+    throw std::invalid_argument("sinkhorn: null pointer");
+  if (n + m > fastkd::sinkhorn_max_points(dtype))
+    throw std::invalid_argument("sinkhorn: n + m exceeds the one-block shared-memory limit");
+  fastkd::SinkhornArgs a{};
+  a.a = ptr<const void*>(a_ptr);
+  a.b = ptr<const void*>(b_ptr);
+  a.cost = ptr<const void*>(cost);
+  a.f = ptr<void*>(f);
+  a.g = ptr<void*>(g);
+  a.f_next = ptr<void*>(f_next);
+  a.err = ptr<void*>(err);
+  a.eps = ptr<const void*>(eps);
+  a.batch = batch;
+  a.n = n;
+  a.m = m;
+  a.n_iters = n_iters;
+  a.err_eps = err_eps;
+  py::gil_scoped_release nogil;
+  check(fastkd::launch_sinkhorn(a, dtype, ptr<cudaStream_t>(stream)), "sinkhorn");
+}
+
 py::dict build_info() {
   py::dict d;
   d["archs"] = FASTKD_BUILD_ARCHS;
@@ -145,5 +170,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stride_s"), py::arg("stride_g"), py::arg("stride_ids"), py::arg("dtype"), py::arg("inv_t"),
         py::arg("zero_base"), py::arg("stream"));
   m.attr("SPARSE_MAX_TAIL_VOCAB") = fastkd::sparse_max_tail_vocab();
+  m.def("sinkhorn", &sinkhorn, "Batched log-domain Sinkhorn iterations, one block per problem (csrc/sinkhorn.cu)",
+        py::arg("a"), py::arg("b"), py::arg("cost"), py::arg("f"), py::arg("g"), py::arg("f_next"), py::arg("err"),
+        py::arg("eps"), py::arg("batch"), py::arg("n"), py::arg("m"), py::arg("n_iters"), py::arg("err_eps"),
+        py::arg("dtype"), py::arg("stream"));
+  m.def("sinkhorn_max_points", &fastkd::sinkhorn_max_points, py::arg("dtype"));
   m.def("build_info", &build_info, "Build metadata: archs, nvcc version, build time, CUDA runtime version");
 }

@@ -63,4 +63,23 @@ cudaError_t launch_sparse_grad(const SparseGradArgs& args, int dtype, cudaStream
 // Largest vocabulary the tail pass supports (its id bitmap lives in shared memory).
 int64_t sparse_max_tail_vocab();
 
+// Batched log-domain Sinkhorn on a stored cost, one block per problem (csrc/sinkhorn.cu).
+struct SinkhornArgs {
+  const void* a;         // (batch, n) marginal, contiguous
+  const void* b;         // (batch, m) marginal, contiguous
+  const void* cost;      // (batch, n, m) contiguous
+  void* f;               // (batch, n) in/out potentials
+  void* g;               // (batch, m) in/out potentials
+  void* f_next;          // (batch, n) out: the f half-step after the last g (for the error)
+  void* err;             // (batch,) out: ‖P1 − a‖₁ after the last iteration
+  const void* eps;       // (n_iters,) ε of each iteration
+  int64_t batch, n, m;
+  int n_iters;
+  double err_eps;        // ε of the error half-step
+};
+
+// dtype: kFloat32 or 3 (float64).
+cudaError_t launch_sinkhorn(const SinkhornArgs& args, int dtype, cudaStream_t stream);
+int64_t sinkhorn_max_points(int dtype);  // largest n + m one block's shared memory holds
+
 }  // namespace fastkd
