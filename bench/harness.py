@@ -566,6 +566,27 @@ def ratio(
     return None if a is None or not b else a / b
 
 
+def _no_inputs(device: torch.device, seed: int) -> dict[str, Any]:
+    return {}
+
+
+def _allocate(mb: float) -> torch.Tensor:
+    return torch.ones(int(mb * 2**20) // 4, dtype=torch.float32)  # written, so every page is resident
+
+
+def _setup_allocate(inputs: dict[str, Any], mode: str, *, mb: float) -> Any:
+    return functools.partial(_allocate, mb)
+
+
+def calibration_case(mb: float) -> Case:
+    """A case whose providers allocate and touch ``mb`` MiB ("alloc") and 1 MiB ("small") per iteration:
+    checks that the peak-memory measurement sees a known allocation (used by the tests)."""
+    return Case(family="calibration", op="allocate", sizes={"MiB": mb}, make_inputs=_no_inputs,
+                providers=[Provider("alloc", functools.partial(_setup_allocate, mb=mb), checked=False),
+                           Provider("small", functools.partial(_setup_allocate, mb=1.0), checked=False)],
+                baseline="alloc")
+
+
 # -------------------------------------------------------------------------------------------------------
 # Command-line driver (shared by `fastkd bench` and `python bench/bench_<family>.py`)
 # -------------------------------------------------------------------------------------------------------

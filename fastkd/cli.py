@@ -173,7 +173,6 @@ def _add_cache_teacher(subparsers: Any) -> None:
     except ImportError as exc:
         p = subparsers.add_parser("cache-teacher", help="build a sparse teacher cache (unavailable)",
                                   description="unavailable: fastkd.cache_cli is missing")
-        p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(_run=_cache_teacher_missing, _cache_error=f"{type(exc).__name__}: {exc}")
         return
     parser = cache_cli.add_parser(subparsers)
@@ -205,7 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args._run is not _cache_teacher_missing:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return int(args._run(args) or 0)
 
 

@@ -1,0 +1,113 @@
+"""bench/harness.py: measurements, error check, results files, plot; `fastkd bench --quick` end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import harness as H  # noqa: E402
+
+
+def test_fresh_process_memory_sees_a_known_allocation():
+    case = H.calibration_case(256)
+    big, method = H.cpu_peak_fresh_process(case, case.providers[0], "full")
+    small, _ = H.cpu_peak_fresh_process(case, case.providers[1], "full")
+    assert method.endswith("fresh-process")
+    assert 250 <= big <= 275, big  # 256 MiB plus interpreter noise
+    assert 0 <= small < 16, small
+
+
+def test_memory_child_reports_provider_errors():
+    case = H.calibration_case(-1.0)  # torch.ones(negative size) raises inside the child
+    with pytest.raises(RuntimeError, match="RuntimeError"):
+        H.cpu_peak_fresh_process(case, case.providers[0], "full")
+
+
+def test_max_abs_error_alignment_inf_and_nan():
+    ref = (torch.tensor(1.0, dtype=torch.float64), torch.tensor([0.5, -math.inf], dtype=torch.float64))
+    out = (torch.tensor(1.25), torch.tensor([0.25, -math.inf]))
+    assert H.max_abs_error(out, ref, "full") == pytest.approx(0.25)
+    assert H.max_abs_error(out[:1], ref, "fwd") == pytest.approx(0.25)
+    assert H.max_abs_error((torch.tensor([0.5, -math.inf]),), ref, "bwd") == 0.0  # bwd → reference[1:]
+    assert math.isnan(H.max_abs_error((torch.tensor(float("nan")),), ref, "fwd"))
+    with pytest.raises(ValueError, match="shape"):
+        H.max_abs_error((torch.zeros(3),), (torch.zeros(2),), "full")
+
+
+def test_quantiles_and_autograd_steps():
+    assert H.quantiles([5.0]) == (5.0, 5.0, 5.0)
+    med, p20, p80 = H.quantiles([float(x) for x in range(1, 11)])
+    assert med == 5.5 and p20 == pytest.approx(2.8) and p80 == pytest.approx(8.2)
+    x = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    loss_fn = lambda: (x**2).sum()  # noqa: E731
+    full = H._call(H._as_step(H.autograd_step(loss_fn, [x], "full")))
+    assert torch.allclose(full[1], 2 * x) and torch.allclose(full[0], (x**2).sum())
+    bwd = H._call(H._as_step(H.autograd_step(loss_fn, [x], "bwd")))
+    assert len(bwd) == 1 and torch.allclose(bwd[0], 2 * x)
+    with pytest.raises(ValueError, match="mode"):
+        H.autograd_step(loss_fn, [x], "sideways")
+    times = H.time_step(H._as_step(H.autograd_step(loss_fn, [x], "fwd")), torch.device("cpu"), budget_s=0.0,
+                        min_reps=4)
+    assert len(times) == 4 and all(t > 0 for t in times)
+
+
+def _boom(inputs, mode):
+    raise ZeroDivisionError("provider bug")
+
+
+def _skip(inputs, mode):
+    raise H.Skip("needs a GPU")
+
+
+def test_run_cases_reports_skips_errors_and_ratios(tmp_path):
+    case = H.calibration_case(8)
+    case.providers += [H.Provider("boom", _boom), H.Provider("skipper", _skip)]
+    rows = H.run_cases([case], torch.device("cpu"), memory=False, budget_s=0.0, progress=False)
+    by = {r["provider"]: r for r in rows}
+    assert by["alloc"]["status"] == "ok" and by["alloc"]["time_vs_baseline"] == 1.0
+    assert by["small"]["median_ms"] > 0 and by["small"]["time_vs_baseline"] > 0
+    assert by["boom"]["status"] == "error" and "ZeroDivisionError: provider bug" in by["boom"]["reason"]
+    assert by["skipper"]["status"] == "skipped" and by["skipper"]["reason"] == "needs a GPU"
+    csv_path, json_path = H.write_results(rows, tmp_path / "r.csv", tmp_path / "r.json")
+    H.write_results(rows, csv_path, json_path)  # appends, header once
+    lines = csv_path.read_text().splitlines()
+    assert lines[0].split(",") == H.COLUMNS and len(lines) == 1 + 2 * len(rows)
+    assert len(json.loads(json_path.read_text())) == 2 * len(rows)
+    png = __import__("bench.plot", fromlist=["plot"]).plot(json_path, tmp_path / "p.png")
+    assert png.stat().st_size > 1000
+
+
+def test_fastkd_bench_quick_end_to_end(tmp_path, capsys):
+    from fastkd.cli import main
+
+    rc = main(["bench", "--quick", "--families", "distill,fused_linear", "--threads", "1", "--out",
+               str(tmp_path), "--plot", str(tmp_path / "plot.png")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "fastkd-torch" in out and "four matmuls" in out
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == H.COLUMNS
+    ok = {(r["family"], r["provider"]): r for r in rows if r["status"] == "ok"}
+    for key in [("distill", "naive"), ("distill", "fastkd-torch"), ("fused_linear", "naive"),
+                ("fused_linear", "matmuls"), ("fused_linear", "fastkd-torch")]:
+        r = ok[key]
+        assert float(r["median_ms"]) > 0 and float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
+        assert float(r["peak_mem_mb"]) > 0 and r["mem_method"] == "rss-hwm-fresh-process"
+        assert r["device"] == "cpu" and r["torch"] == torch.__version__ and r["fastkd"] and r["date"]
+        if key[1] != "matmuls":
+            assert float(r["max_abs_err"]) < 1e-5
+    assert ok[("fused_linear", "matmuls")]["max_abs_err"] == ""
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    assert all(r["reason"] for r in skipped)
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+    assert len(json.loads((tmp_path / "results.json").read_text())) == len(rows)

@@ -1,0 +1,90 @@
+"""The `fastkd` command: info, check, bench argument errors, cache-teacher."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastkd import cli, info
+
+
+def test_python_m_fastkd_info_lists_every_op_and_backend():
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200")
+    proc = subprocess.run([sys.executable, "-m", "fastkd", "info"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for word in ("fastkd", "torch", "triton", "python", "distill", "fused_linear", "sparse", "sinkhorn",
+                 "CUDA extension", "cpu"):
+        assert word in proc.stdout
+    if not __import__("torch").cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") == "0":
+        assert "Triton needs CUDA tensors" in proc.stdout  # the reason, not just "no"
+
+
+def test_backend_status_reasons_on_cpu():
+    st = info.backend_status("distill", info.default_device())
+    assert st["torch"] == []
+    assert set(st) == {"torch", "triton", "cuda"}
+    assert all(isinstance(r, list) for r in st.values())
+
+
+def test_check_passes_and_prints_errors(capsys):
+    assert cli.main(["check", "--ops", "distill,sinkhorn"]) == 0
+    out = capsys.readouterr().out
+    assert "pass" in out and "distill" in out and "FAIL" not in out
+
+
+def test_check_fails_with_exit_1_on_a_wrong_backend(monkeypatch, capsys):
+    def bad(backend, device, gen):
+        return [info.CheckResult("distill", backend, "rigged", 0.5, 1e-4)]
+
+    def raises(backend, device, gen):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setitem(info._CHECKS, "distill", bad)
+    assert cli.main(["check", "--ops", "distill"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+    monkeypatch.setitem(info._CHECKS, "distill", raises)
+    results, _ = info.run_checks(info.default_device(), ("distill",))
+    assert results and not results[0].ok and "kernel exploded" in results[0].error
+    assert math.isnan(results[0].max_err)
+
+
+@pytest.mark.parametrize("argv", [[], ["nosuch"], ["bench", "--budget", "-1"], ["bench", "--threads", "x"],
+                                  ["bench", "--quick", "--design"], ["check", "--device", "tpu"]])
+def test_bad_arguments_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_bad_values_exit_nonzero_with_a_message(capsys):
+    assert cli.main(["bench", "--families", "nosuch"]) == 2
+    assert "unknown bench families" in capsys.readouterr().out
+    assert cli.main(["bench", "--quick", "--families", "distill", "--modes", "sideways"]) == 2
+    assert "--modes" in capsys.readouterr().out
+    assert cli.main(["check", "--ops", "bogus"]) == 2
+    assert "unknown ops" in capsys.readouterr().out
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(SystemExit, match="CUDA is not available"):
+            cli.main(["check", "--device", "cuda"])
+
+
+def test_bench_without_source_tree_says_so(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "find_bench_root", lambda: None)
+    assert cli.main(["bench", "--quick"]) == 2
+    assert "source" in capsys.readouterr().err
+
+
+def test_cache_teacher_is_registered(capsys):
+    parser = cli.build_parser()
+    assert "cache-teacher" in parser._subparsers._group_actions[0].choices
+    try:
+        import fastkd.cache_cli  # noqa: F401
+    except ImportError:
+        assert cli.main(["cache-teacher", "--out", "x"]) == 2
+        assert "fastkd.cache_cli is not available" in capsys.readouterr().err
