@@ -289,7 +289,8 @@ class TeacherCacheWriter:
         ex = {"ids": ids, "values": vals.to(_VALUE_DTYPES[ix["value_dtype"]])}
         if ix["store_tail"]:
             if tail is None:  # derive the tail from the values (less exact than a computed one)
-                tail = torch.log1p(-torch.logsumexp(vals.float(), -1).exp().clamp_max(1.0))
+                lse = torch.logsumexp(torch.where(ids >= 0, vals.double(), -math.inf), -1).clamp_max(0.0)
+                tail = torch.log(-torch.expm1(lse)).float()
             if tuple(tail.shape) != (t,):
                 raise ValueError(f"tail must have shape ({t},), got {tuple(tail.shape)}")
             ex["tail"] = tail.detach().cpu().to(_VALUE_DTYPES[ix["value_dtype"]])
