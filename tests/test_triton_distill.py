@@ -321,3 +321,19 @@ def test_gpu_autotune_inplace_and_scale(monkeypatch):
     g = grad.clone()
     TD.scale_grad_(g, torch.full((256,), 2.0, device="cuda"), per_row=True)
     torch.testing.assert_close(g.float(), 2 * grad.float())
+
+
+def test_gpu_suite_dry_run(tmp_path):
+    """bench/gpu_suite.py --dry-run runs its cases on CPU and the Triton provider is measured."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench import gpu_suite
+
+    rc = gpu_suite.main(["--dry-run", "--cases", "distill-jsd", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "gpu_suite_dry.json").read_text())
+    triton_rows = [r for r in rows if r["provider"] == "fastkd-triton"]
+    assert rc == 0 and triton_rows and triton_rows[0]["status"] == "ok"
+    assert triton_rows[0]["max_abs_err"] < 1e-3

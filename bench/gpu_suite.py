@@ -1,0 +1,368 @@
+"""The whole GPU benchmark suite in one command: ``python bench/gpu_suite.py`` (on a CUDA device).
+
+Cases (DESIGN.md GPU targets), each fwd+bwd (mode "full"), loss = mean over tokens:
+
+* ``distill-<div>`` for fkl / rkl / jsd: N=8192, V=128256, bf16 logits. Providers: fastkd-triton,
+  PyTorch eager ("naive"), torch.compile, Liger-Kernel (LigerKLDIVLoss / LigerJSD, when importable).
+  Derived: achieved GB/s against the floor (read both logits once + write the gradient once, 3·N·V·2
+  bytes) and that floor's share of the measured device copy bandwidth (``dst.copy_(src)``, 2 GiB).
+* ``fused-<div>`` for fkl / jsd: ``fastkd.fused_linear_distill_loss`` with N=8192, Hs=2048, Ht=4096,
+  V=128256, bf16, vs Liger's chunked LigerFusedLinearJSD (jsd) and the four GEMMs alone ("matmuls").
+  Derived: time / GEMMs.
+
+Every row: median / p20 / p80 ms (CUDA events after warmup, many repetitions; bench/harness.py), peak
+extra memory (``torch.cuda.max_memory_allocated`` over the allocation before the iteration), and max
+|error| against a float64 reference on a slice (the loss over all tokens, the gradient of the first
+``REF_ROWS`` rows; the reference is computed chunk by chunk on the device). Results: a table, then
+``bench/results/gpu_suite.{csv,json}`` (harness rows) and ``gpu_suite_summary.{csv,json}`` (derived).
+
+Extending: append a :class:`SuiteCase` to :data:`SUITE` (or call :func:`add_case`) — a name, a builder
+``(device, dry: bool) -> harness.Case`` and optional ``floor_bytes`` / ``gemm_provider`` for the derived
+columns. Sparse, Sinkhorn and cuda-backend rows are meant to be added that way.
+
+``--dry-run``: every case at tiny sizes on the CPU (Triton in its interpreter, no memory measurement,
+torch.compile and Liger skipped) — a smoke test of the whole suite for CI, well under a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench import bench_distill as BD  # noqa: E402
+from bench import bench_fused_linear as BF  # noqa: E402
+from bench.harness import (  # noqa: E402
+    RESULTS_DIR,
+    Case,
+    Provider,
+    Skip,
+    Step,
+    autograd_step,
+    print_table,
+    run_cases,
+    write_results,
+)
+
+REF_ROWS = 64  # gradient rows compared with the float64 reference
+
+
+@dataclass(frozen=True)
+class SuiteCase:
+    """One suite entry: ``build(device, dry)`` returns the harness Case (tiny sizes when ``dry``)."""
+
+    name: str
+    build: Callable[[torch.device, bool], Case]
+    floor_bytes: Callable[[dict[str, Any]], float] | None = None  # HBM floor of one iteration, from sizes
+    gemm_provider: str | None = None  # provider whose time is the GEMM floor
+
+
+# -------------------------------------------------------------------------------------------------------
+# Shared pieces: sliced outputs (compared with a sliced reference), fastkd providers that also run in the
+# Triton interpreter for --dry-run.
+# -------------------------------------------------------------------------------------------------------
+
+
+def _slice_outputs(outputs: Any, keep: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """(loss, g1, g2, ...) → (loss, g_k[:REF_ROWS] for k in keep): views, so timing is unaffected."""
+    outs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    return (outs[0], *(outs[k][:REF_ROWS] for k in keep))
+
+
+def _sliced_run(run: Callable[..., Any], keep: tuple[int, ...], *args: Any) -> tuple[torch.Tensor, ...]:
+    return _slice_outputs(run(*args), keep)
+
+
+def sliced(setup: Callable[[dict[str, Any], str], Any], keep: tuple[int, ...]) -> Callable[..., Step]:
+    """Wrap a provider ``setup`` so its step returns the loss and the first REF_ROWS rows of the grads
+    numbered ``keep`` (1 = first gradient)."""
+    return functools.partial(_sliced_setup, setup, keep)
+
+
+def _sliced_setup(setup, keep, inputs, mode):
+    if mode != "full":
+        raise Skip("the GPU suite measures fwd+bwd (mode 'full')")
+    step = setup(inputs, mode)
+    if isinstance(step, Step):
+        return Step(run=functools.partial(_sliced_run, step.run, keep), before=step.before)
+    return functools.partial(_sliced_run, step, keep)
+
+
+def _no_compile(inputs: dict[str, Any], mode: str) -> Any:
+    raise Skip("torch.compile is not run in --dry-run")
+
+
+# ---- distill on logits -----------------------------------------------------------------------------------
+
+
+def distill_reference(inputs: dict[str, Any], *, divergence: str, chunk: int = 512) -> tuple[torch.Tensor,
+                                                                                               ...]:
+    """float64 (mean loss over all rows, gradient of the first REF_ROWS rows), chunked on the device."""
+    from fastkd import reference as R
+
+    s, t = inputs["student"].detach(), inputs["teacher"]
+    n = s.shape[0]
+    total = torch.zeros((), dtype=torch.float64, device=s.device)
+    grad = None
+    for i in range(0, n, chunk):
+        sc = s[i:i + chunk].double().requires_grad_(i < REF_ROWS)
+        part = R.per_token(sc, t[i:i + chunk].double(), divergence).sum() / n
+        if i < REF_ROWS:
+            (g,) = torch.autograd.grad(part, [sc])
+            grad = g[:REF_ROWS] if grad is None else torch.cat([grad, g])[:REF_ROWS]
+        total += part.detach()
+    return total, grad
+
+
+def _distill_fastkd(s, t, divergence):
+    import fastkd
+
+    return fastkd.distill_loss(s, t, divergence, backend="triton")
+
+
+def setup_distill_triton(inputs: dict[str, Any], mode: str, *, divergence: str) -> Any:
+    import fastkd.ops.distill  # noqa: F401  (declares the distill backends before select loads them)
+    from fastkd.backends import select
+
+    s, t = inputs["student"], inputs["teacher"]
+    try:
+        select("distill", "triton", student=s.detach(), teacher=t, params=None)
+    except Exception as exc:
+        raise Skip(str(exc)) from exc
+    return autograd_step(functools.partial(_distill_fastkd, s, t, divergence), [s], mode)
+
+
+def distill_case(divergence: str, device: torch.device, dry: bool) -> Case:
+    n, v = (16, 300) if dry else (8192, 128256)
+    comp = _no_compile if dry else functools.partial(BD.setup_compile, divergence=divergence)
+    providers = [
+        Provider("naive", sliced(functools.partial(BD.setup_naive, divergence=divergence), (1,))),
+        Provider("torch.compile", sliced(comp, (1,)), warmup_in_child=True),
+        Provider("fastkd-triton",
+                 sliced(functools.partial(setup_distill_triton, divergence=divergence), (1,))),
+        Provider("liger", sliced(functools.partial(BD.setup_liger, divergence=divergence), (1,))),
+    ]
+    return Case(family="gpu_suite", op="distill_loss",
+                sizes={"N": n, "V": v, "dtype": "bf16", "div": divergence},
+                make_inputs=functools.partial(BD.make_inputs, n=n, v=v, dtype="bf16"),
+                reference=functools.partial(distill_reference, divergence=divergence),
+                providers=providers, baseline="naive")
+
+
+def distill_floor_bytes(sizes: dict[str, Any]) -> float:
+    return 3.0 * sizes["N"] * sizes["V"] * 2  # read student + teacher, write the gradient (bf16)
+
+
+# ---- fused LM head ---------------------------------------------------------------------------------------
+
+
+def fused_reference(inputs: dict[str, Any], *, divergence: str, chunk: int = 512) -> tuple[torch.Tensor,
+                                                                                             ...]:
+    """float64 (mean loss over all rows, grad of the student hidden for the first REF_ROWS rows)."""
+    from fastkd import reference as R
+
+    h, w = inputs["h"].detach(), inputs["W"].detach().double()
+    ht, wt = inputs["ht"], inputs["Wt"].double()
+    n = h.shape[0]
+    total = torch.zeros((), dtype=torch.float64, device=h.device)
+    grad = None
+    for i in range(0, n, chunk):
+        hc = h[i:i + chunk].double().requires_grad_(i < REF_ROWS)
+        part = R.per_token(hc @ w.T, ht[i:i + chunk].double() @ wt.T, divergence).sum() / n
+        if i < REF_ROWS:
+            (g,) = torch.autograd.grad(part, [hc])
+            grad = g[:REF_ROWS] if grad is None else torch.cat([grad, g])[:REF_ROWS]
+        total += part.detach()
+    return total, grad
+
+
+def _fused_fastkd(inputs, divergence):
+    import fastkd
+
+    return fastkd.fused_linear_distill_loss(inputs["h"], inputs["W"], inputs["ht"], inputs["Wt"],
+                                            divergence=divergence, backend="triton")
+
+
+def setup_fused_triton(inputs: dict[str, Any], mode: str, *, divergence: str) -> Any:
+    try:
+        import fastkd.ops.fused_linear  # noqa: F401
+        from fastkd.backends import select
+
+        probe = inputs["h"].detach()[:1, :1]
+        select("distill", "triton", student=probe, teacher=probe, params=None)
+    except Exception as exc:
+        raise Skip(f"{type(exc).__name__}: {exc}") from exc
+    return autograd_step(functools.partial(_fused_fastkd, inputs, divergence), [inputs["h"], inputs["W"]],
+                         mode)
+
+
+def fused_case(divergence: str, device: torch.device, dry: bool) -> Case:
+    n, h, ht, v = (16, 32, 48, 300) if dry else (8192, 2048, 4096, 128256)
+    comp = _no_compile if dry else functools.partial(BF.setup_compile, divergence=divergence)
+    providers = [
+        Provider("naive", sliced(functools.partial(BF.setup_naive, divergence=divergence), (1,))),
+        Provider("torch.compile", sliced(comp, (1,)), warmup_in_child=True),
+        Provider("matmuls", BF.setup_matmuls, checked=False),
+        Provider("fastkd-triton", sliced(functools.partial(setup_fused_triton, divergence=divergence), (1,))),
+        Provider("liger", sliced(functools.partial(BF.setup_liger, divergence=divergence), (1,))),
+    ]
+    return Case(family="gpu_suite", op="fused_linear_distill_loss",
+                sizes={"N": n, "H": h, "Ht": ht, "V": v, "dtype": "bf16", "div": divergence},
+                make_inputs=functools.partial(BF.make_inputs, n=n, h=h, ht=ht, v=v, dtype="bf16"),
+                reference=functools.partial(fused_reference, divergence=divergence),
+                providers=providers, baseline="naive")
+
+
+SUITE: list[SuiteCase] = [
+    *(SuiteCase(f"distill-{d}", functools.partial(distill_case, d), floor_bytes=distill_floor_bytes)
+      for d in ("fkl", "rkl", "jsd")),
+    *(SuiteCase(f"fused-{d}", functools.partial(fused_case, d), gemm_provider="matmuls")
+      for d in ("fkl", "jsd")),
+]
+
+
+def add_case(entry: SuiteCase) -> None:
+    """Register another suite entry (sparse, Sinkhorn, cuda backend, ...)."""
+    SUITE.append(entry)
+
+
+# -------------------------------------------------------------------------------------------------------
+# Derived metrics and the driver
+# -------------------------------------------------------------------------------------------------------
+
+
+def copy_bandwidth_gbps(device: torch.device, nbytes: int = 2 << 30, reps: int = 20) -> float | None:
+    """Measured device copy bandwidth (read + write bytes / median time), GB/s; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(reps + 3):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        torch.cuda.synchronize(device)
+        if i >= 3:
+            times.append(a.elapsed_time(b))
+    times.sort()
+    return 2 * nbytes / (times[len(times) // 2] * 1e-3) / 1e9
+
+
+def derive(entries: dict[str, SuiteCase], rows: list[dict[str, Any]], copy_bw: float | None) -> list[dict]:
+    """Per measured row: GB/s vs the HBM floor, share of the copy bandwidth, time vs GEMMs / vs Liger."""
+    out = []
+    for r in rows:
+        if r["status"] != "ok" or r["median_ms"] is None:
+            continue
+        entry = entries[r["suite_case"]]
+        sizes = json.loads(r["sizes"])
+        d = {"suite_case": r["suite_case"], "provider": r["provider"], "median_ms": r["median_ms"],
+             "peak_mem_mb": r["peak_mem_mb"], "max_abs_err": r["max_abs_err"], "gbps": None,
+             "floor_ms": None, "pct_of_copy_bw": None, "time_vs_gemms": None, "speedup_vs_liger": None,
+             "device_name": r["device_name"], "run_id": r["run_id"]}
+        if entry.floor_bytes is not None:
+            fb = entry.floor_bytes(sizes)
+            d["gbps"] = fb / (r["median_ms"] * 1e-3) / 1e9
+            if copy_bw:
+                d["floor_ms"] = fb / (copy_bw * 1e9) * 1e3
+                d["pct_of_copy_bw"] = 100.0 * d["gbps"] / copy_bw
+        peers = {p["provider"]: p for p in rows if p["suite_case"] == r["suite_case"] and p["status"] == "ok"}
+        if entry.gemm_provider in peers:
+            d["time_vs_gemms"] = r["median_ms"] / peers[entry.gemm_provider]["median_ms"]
+        if "liger" in peers:
+            d["speedup_vs_liger"] = peers["liger"]["median_ms"] / r["median_ms"]
+        out.append(d)
+    return out
+
+
+def print_summary(summary: list[dict[str, Any]], copy_bw: float | None, console: Any) -> None:
+    from rich.table import Table
+
+    bw = "n/a (not CUDA)" if copy_bw is None else f"{copy_bw:.0f} GB/s"
+    table = Table(title=f"GPU suite: derived metrics (device copy bandwidth {bw})")
+    cols = ("case", "provider", "median ms", "GB/s", "% copy bw", "× GEMMs", "vs liger", "peak MiB",
+            "max err")
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("case", "provider") else "right")
+
+    def f(x: Any, fmt: str) -> str:
+        return "" if x is None else format(x, fmt)
+
+    for d in summary:
+        table.add_row(d["suite_case"], d["provider"], f(d["median_ms"], ".3f"), f(d["gbps"], ".0f"),
+                      f(d["pct_of_copy_bw"], ".1f"), f(d["time_vs_gemms"], ".2f"),
+                      f(d["speedup_vs_liger"], ".2f"), f(d["peak_mem_mb"], ".0f"), f(d["max_abs_err"], ".2e"))
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU (Triton interpreter)")
+    parser.add_argument("--cases", default="", help="comma list of substrings of suite case names")
+    parser.add_argument("--providers", default="", help="comma list of substrings of provider names")
+    parser.add_argument("--budget", type=float, default=None, help="seconds of timing per measurement")
+    parser.add_argument("--out", default=str(RESULTS_DIR), help="directory for the CSV / JSON files")
+    parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    args = parser.parse_args(argv)
+    from rich.console import Console
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    if args.dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        device = torch.device("cpu")
+    else:
+        if not torch.cuda.is_available():
+            console.print("[red]no CUDA device: the GPU suite needs one (use --dry-run for a CPU smoke test)")
+            return 2
+        device = torch.device("cuda")
+    wanted = [w for w in args.cases.split(",") if w]
+    entries = {e.name: e for e in SUITE if not wanted or any(w in e.name for w in wanted)}
+    copy_bw = copy_bandwidth_gbps(device)
+    rows: list[dict[str, Any]] = []
+    for name, entry in entries.items():
+        case = entry.build(device, args.dry_run)
+        case_rows = run_cases(
+            [case], device, providers=[p for p in args.providers.split(",") if p] or None,
+            memory=not (args.no_memory or args.dry_run),
+            budget_s=args.budget if args.budget is not None else (0.01 if args.dry_run else 3.0),
+            warmup=1 if args.dry_run else 5, min_reps=1 if args.dry_run else 10,
+            max_reps=2 if args.dry_run else 200, console=console, progress=not args.dry_run)
+        for r in case_rows:
+            r["suite_case"] = name
+        rows.extend(case_rows)
+    print_table(rows, console, title=f"fastkd GPU suite on {rows[0]['device_name'] if rows else device}")
+    summary = derive(entries, rows, copy_bw)
+    print_summary(summary, copy_bw, console)
+    out = Path(args.out)
+    tag = "gpu_suite_dry" if args.dry_run else "gpu_suite"
+    csv_path, json_path = write_results(rows, out / f"{tag}.csv", out / f"{tag}.json")
+    with open(out / f"{tag}_summary.json", "w") as fh:
+        json.dump({"copy_bw_gbps": copy_bw, "rows": summary}, fh, indent=1, default=str)
+    if summary:
+        with open(out / f"{tag}_summary.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(summary[0]))
+            w.writeheader()
+            w.writerows(summary)
+    console.print(f"rows appended to {csv_path} and {json_path}; derived: {out / (tag + '_summary.*')}")
+    errors = [r for r in rows if r["status"] == "error"]
+    for r in errors:
+        console.print(f"[red]error[/] {r['suite_case']} {r['provider']}: {r['reason']}", highlight=False)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
