@@ -42,8 +42,13 @@ import torch
 FORMAT = "fastkd-teacher-cache"
 VERSION = 1
 INDEX = "index.json"
-_VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-                 "uint8": torch.uint8, "int32": torch.int32}
+_VALUE_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "uint8": torch.uint8,
+    "int32": torch.int32,
+}
 
 
 class CacheCorruptedError(RuntimeError):
@@ -68,10 +73,14 @@ def choose_id_format(vocab_size: int, id_format: str = "auto") -> str:
             return "uint16"
         return "packed" if id_bits(vocab_size) < 32 else "int32"
     if id_format not in ("int16", "uint16", "packed", "int32"):
-        raise ValueError(f"id_format must be 'auto', 'int16', 'uint16', 'packed' or 'int32', got {id_format!r}")
+        raise ValueError(
+            f"id_format must be 'auto', 'int16', 'uint16', 'packed' or 'int32', got {id_format!r}"
+        )
     limit = {"int16": 2**15, "uint16": 2**16, "packed": 2**31, "int32": 2**31}[id_format]
     if vocab_size >= limit:
-        raise ValueError(f"id_format={id_format!r} holds vocabularies below {limit}, got vocab_size={vocab_size}")
+        raise ValueError(
+            f"id_format={id_format!r} holds vocabularies below {limit}, got vocab_size={vocab_size}"
+        )
     return id_format
 
 
@@ -119,9 +128,16 @@ def _chunk_logits(hidden, weight, bias, sl, temperature, softcap=None) -> torch.
 
 
 @torch.no_grad()
-def topk_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                     k: int, temperature: float = 1.0, chunk_size: int = 256,
-                     softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def topk_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    k: int,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k of softmax((h W^T + b) / T) per token without (N, V) logits.
 
     hidden (N, H), weight (V, H), bias (V,). Returns ids (N, k) int64, log-probs (N, k) fp32 and the log of
@@ -143,10 +159,17 @@ def topk_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 
 @torch.no_grad()
-def sample_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                       num_samples: int, temperature: float = 1.0, chunk_size: int = 256,
-                       generator: torch.Generator | None = None,
-                       softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    num_samples: int,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+    generator: torch.Generator | None = None,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random-Sampling KD targets: ``num_samples`` draws per token from the teacher (with replacement).
 
     Returns ids (N, num_samples) int64 (distinct ids first, −1 padding) and counts (N, num_samples) int32.
@@ -191,7 +214,9 @@ def _read_index(path: Path) -> dict[str, Any]:
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise CacheCorruptedError(f"{f} is not a {FORMAT} index")
     if index.get("version") != VERSION:
-        raise CacheCorruptedError(f"{f} has format version {index.get('version')}, this fastkd reads {VERSION}")
+        raise CacheCorruptedError(
+            f"{f} has format version {index.get('version')}, this fastkd reads {VERSION}"
+        )
     return index
 
 
@@ -212,9 +237,20 @@ class TeacherCacheWriter:
         meta: JSON-serialisable metadata kept in the index (teacher name, temperature, mode, ...).
     """
 
-    def __init__(self, path: str | os.PathLike, *, vocab_size: int, k: int, values: str = "logprobs",
-                 value_dtype: str | None = None, id_format: str = "auto", store_tail: bool = True,
-                 shard_tokens: int = 1 << 20, resume: bool = False, meta: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        vocab_size: int,
+        k: int,
+        values: str = "logprobs",
+        value_dtype: str | None = None,
+        id_format: str = "auto",
+        store_tail: bool = True,
+        shard_tokens: int = 1 << 20,
+        resume: bool = False,
+        meta: dict[str, Any] | None = None,
+    ):
         if values not in ("logprobs", "counts"):
             raise ValueError(f"values must be 'logprobs' or 'counts', got {values!r}")
         if not isinstance(vocab_size, int) or vocab_size <= 0:
@@ -224,18 +260,28 @@ class TeacherCacheWriter:
         value_dtype = value_dtype or ("float16" if values == "logprobs" else "uint8")
         allowed = ("float16", "bfloat16", "float32") if values == "logprobs" else ("uint8", "int32")
         if value_dtype not in allowed:
-            raise ValueError(f"value_dtype for values={values!r} must be one of {allowed}, got {value_dtype!r}")
+            raise ValueError(
+                f"value_dtype for values={values!r} must be one of {allowed}, got {value_dtype!r}"
+            )
         if shard_tokens <= 0:
             raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
         self.path = Path(path)
         fmt = choose_id_format(vocab_size, id_format)
-        settings = {"vocab_size": vocab_size, "k": k, "values": values, "value_dtype": value_dtype,
-                    "id_format": fmt, "id_bits": id_bits(vocab_size),
-                    "store_tail": bool(store_tail and values == "logprobs")}
+        settings = {
+            "vocab_size": vocab_size,
+            "k": k,
+            "values": values,
+            "value_dtype": value_dtype,
+            "id_format": fmt,
+            "id_bits": id_bits(vocab_size),
+            "store_tail": bool(store_tail and values == "logprobs"),
+        }
         if (self.path / INDEX).exists():
             if not resume:
-                raise FileExistsError(f"{self.path} already holds a teacher cache; pass resume=True to continue "
-                                      f"it or choose a new directory")
+                raise FileExistsError(
+                    f"{self.path} already holds a teacher cache; pass resume=True to continue "
+                    f"it or choose a new directory"
+                )
             index = _read_index(self.path)
             diff = {key: (index.get(key), val) for key, val in settings.items() if index.get(key) != val}
             if diff:
@@ -244,8 +290,16 @@ class TeacherCacheWriter:
                 tmp.unlink()
         else:
             self.path.mkdir(parents=True, exist_ok=True)
-            index = {"format": FORMAT, "version": VERSION, **settings, "meta": meta or {}, "shards": [],
-                     "n_examples": 0, "n_tokens": 0, "has_input_ids": None}
+            index = {
+                "format": FORMAT,
+                "version": VERSION,
+                **settings,
+                "meta": meta or {},
+                "shards": [],
+                "n_examples": 0,
+                "n_tokens": 0,
+                "has_input_ids": None,
+            }
         self.index = index
         self.shard_tokens = shard_tokens
         self._buf: list[dict[str, torch.Tensor]] = []
@@ -257,8 +311,13 @@ class TeacherCacheWriter:
     def n_examples(self) -> int:
         return self.index["n_examples"] + len(self._buf)
 
-    def add(self, ids: torch.Tensor, values: torch.Tensor, tail: torch.Tensor | None = None,
-            input_ids: torch.Tensor | None = None) -> int:
+    def add(
+        self,
+        ids: torch.Tensor,
+        values: torch.Tensor,
+        tail: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+    ) -> int:
         """Buffer one example: ids (T, k') int (−1 padding, k' ≤ k), values (T, k'), tail (T,) log mass.
 
         Returns the example's index. Writes a shard when enough tokens are buffered.
@@ -267,13 +326,17 @@ class TeacherCacheWriter:
             raise RuntimeError("this TeacherCacheWriter is closed")
         ix = self.index
         if ids.dim() != 2 or values.shape != ids.shape:
-            raise ValueError(f"ids and values must both be (T, k), got {tuple(ids.shape)} and {tuple(values.shape)}")
+            raise ValueError(
+                f"ids and values must both be (T, k), got {tuple(ids.shape)} and {tuple(values.shape)}"
+            )
         t, k = ids.shape
         if k > ix["k"]:
             raise ValueError(f"ids has {k} slots per token but the cache stores k={ix['k']}")
         ids = ids.detach().to("cpu", torch.int64)
         if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= ix["vocab_size"]):
-            raise ValueError(f"ids must be in [0, {ix['vocab_size']}) or -1, got [{int(ids.min())}, {int(ids.max())}]")
+            raise ValueError(
+                f"ids must be in [0, {ix['vocab_size']}) or -1, got [{int(ids.min())}, {int(ids.max())}]"
+            )
         vals = values.detach().cpu()
         if ix["values"] == "counts":
             if vals.dtype.is_floating_point and not torch.equal(vals, vals.round()):
@@ -309,19 +372,39 @@ class TeacherCacheWriter:
             self.flush()
         return self.n_examples - 1
 
-    def add_from_hidden(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                        temperature: float = 1.0, chunk_size: int = 256, input_ids: torch.Tensor | None = None,
-                        generator: torch.Generator | None = None, softcap: float | None = None) -> int:
+    def add_from_hidden(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        temperature: float = 1.0,
+        chunk_size: int = 256,
+        input_ids: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        softcap: float | None = None,
+    ) -> int:
         """Compute the example's targets from teacher hidden states (T, H) and LM head (V, H), then add it."""
         ix = self.index
         if weight.shape[0] != ix["vocab_size"]:
-            raise ValueError(f"weight has {weight.shape[0]} rows but the cache's vocab_size is {ix['vocab_size']}")
+            raise ValueError(
+                f"weight has {weight.shape[0]} rows but the cache's vocab_size is {ix['vocab_size']}"
+            )
         if ix["values"] == "counts":
-            ids, counts = sample_from_hidden(hidden, weight, bias, num_samples=ix["k"], temperature=temperature,
-                                             chunk_size=chunk_size, generator=generator, softcap=softcap)
+            ids, counts = sample_from_hidden(
+                hidden,
+                weight,
+                bias,
+                num_samples=ix["k"],
+                temperature=temperature,
+                chunk_size=chunk_size,
+                generator=generator,
+                softcap=softcap,
+            )
             return self.add(ids, counts, input_ids=input_ids)
-        ids, logp, tail = topk_from_hidden(hidden, weight, bias, k=ix["k"], temperature=temperature,
-                                           chunk_size=chunk_size, softcap=softcap)
+        ids, logp, tail = topk_from_hidden(
+            hidden, weight, bias, k=ix["k"], temperature=temperature, chunk_size=chunk_size, softcap=softcap
+        )
         return self.add(ids, logp, tail, input_ids=input_ids)
 
     def flush(self) -> None:
@@ -332,8 +415,10 @@ class TeacherCacheWriter:
 
         ix = self.index
         tensors = {
-            "offsets": torch.tensor([0, *torch.tensor([e["ids"].shape[0] for e in self._buf]).cumsum(0).tolist()],
-                                    dtype=torch.int64),
+            "offsets": torch.tensor(
+                [0, *torch.tensor([e["ids"].shape[0] for e in self._buf]).cumsum(0).tolist()],
+                dtype=torch.int64,
+            ),
             "ids": encode_ids(torch.cat([e["ids"] for e in self._buf]), ix["id_format"], ix["id_bits"]),
             "values": torch.cat([e["values"] for e in self._buf]),
         }
@@ -343,8 +428,15 @@ class TeacherCacheWriter:
         data = save(tensors, metadata={"format": FORMAT, "version": str(VERSION)})
         name = f"shard-{len(ix['shards']):05d}.safetensors"
         _fsync_write(self.path / name, data)
-        ix["shards"].append({"file": name, "n_examples": len(self._buf), "n_tokens": self._buf_tokens,
-                             "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        ix["shards"].append(
+            {
+                "file": name,
+                "n_examples": len(self._buf),
+                "n_tokens": self._buf_tokens,
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        )
         ix["n_examples"] += len(self._buf)
         ix["n_tokens"] += self._buf_tokens
         _fsync_write(self.path / INDEX, json.dumps(ix, indent=1).encode())
@@ -395,8 +487,9 @@ class TeacherCache:
                 raise CacheCorruptedError(f"shard {f} listed in {INDEX} is missing")
             size = f.stat().st_size
             if size != sh["bytes"]:
-                raise CacheCorruptedError(f"shard {f} is truncated or altered: {size} bytes, the index says "
-                                          f"{sh['bytes']}")
+                raise CacheCorruptedError(
+                    f"shard {f} is truncated or altered: {size} bytes, the index says {sh['bytes']}"
+                )
             if verify:
                 self._shard(i, verify=True)
 
@@ -432,8 +525,9 @@ class TeacherCache:
         f = self.path / sh["file"]
         data = f.read_bytes()
         if len(data) != sh["bytes"]:
-            raise CacheCorruptedError(f"shard {f} is truncated or altered: {len(data)} bytes, the index says "
-                                      f"{sh['bytes']}")
+            raise CacheCorruptedError(
+                f"shard {f} is truncated or altered: {len(data)} bytes, the index says {sh['bytes']}"
+            )
         if verify and hashlib.sha256(data).hexdigest() != sh["sha256"]:
             raise CacheCorruptedError(f"shard {f} fails its SHA-256 check (the file was altered)")
         try:
@@ -441,8 +535,14 @@ class TeacherCache:
         except Exception as exc:
             raise CacheCorruptedError(f"shard {f} is corrupted ({type(exc).__name__}: {exc})") from exc
         off = tensors.get("offsets")
-        if (off is None or "ids" not in tensors or "values" not in tensors or off.numel() != sh["n_examples"] + 1
-                or int(off[-1]) != sh["n_tokens"] or tensors["ids"].shape[0] != sh["n_tokens"]):
+        if (
+            off is None
+            or "ids" not in tensors
+            or "values" not in tensors
+            or off.numel() != sh["n_examples"] + 1
+            or int(off[-1]) != sh["n_tokens"]
+            or tensors["ids"].shape[0] != sh["n_tokens"]
+        ):
             raise CacheCorruptedError(f"shard {f} does not match {INDEX} (examples/tokens/tensors differ)")
         if len(self._open) >= 2:  # keep at most two decoded shards in memory
             self._open.pop(next(iter(self._open)))
@@ -462,8 +562,10 @@ class TeacherCache:
         j = idx - self._starts[s]
         a, b = int(t["offsets"][j]), int(t["offsets"][j + 1])
         ix = self.index
-        out = {"teacher_ids": decode_ids(t["ids"][a:b], ix["id_format"], ix["id_bits"], ix["k"]),
-               "teacher_values": t["values"][a:b].float()}
+        out = {
+            "teacher_ids": decode_ids(t["ids"][a:b], ix["id_format"], ix["id_bits"], ix["k"]),
+            "teacher_values": t["values"][a:b].float(),
+        }
         if "tail" in t:
             out["teacher_tail"] = t["tail"][a:b].float()
         if "input_ids" in t:
@@ -496,8 +598,11 @@ class TeacherCacheDataset(torch.utils.data.Dataset):
         adds ``mask`` (B, T) bool, True = a real token."""
         b, t = len(batch), max(x["teacher_ids"].shape[0] for x in batch)
         k = batch[0]["teacher_ids"].shape[1]
-        out = {"teacher_ids": torch.full((b, t, k), -1, dtype=torch.int64),
-               "teacher_values": torch.zeros(b, t, k), "mask": torch.zeros(b, t, dtype=torch.bool)}
+        out = {
+            "teacher_ids": torch.full((b, t, k), -1, dtype=torch.int64),
+            "teacher_values": torch.zeros(b, t, k),
+            "mask": torch.zeros(b, t, dtype=torch.bool),
+        }
         if "teacher_tail" in batch[0]:
             out["teacher_tail"] = torch.full((b, t), -math.inf)
         if "input_ids" in batch[0]:

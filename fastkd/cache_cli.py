@@ -25,8 +25,10 @@ import torch
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "cache-teacher", help="build a sparse teacher cache (top-k log-probs or samples) from a causal LM",
-        description=__doc__.split("\n\n")[1] if __doc__ else None)
+        "cache-teacher",
+        help="build a sparse teacher cache (top-k log-probs or samples) from a causal LM",
+        description=__doc__.split("\n\n")[1] if __doc__ else None,
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="local Hugging Face model directory (no downloads)")
     src.add_argument("--config", help="config.json of a model to build with random weights (--seed)")
@@ -40,7 +42,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=1024, help="truncate examples to this many tokens")
     p.add_argument("--batch-size", type=int, default=4, help="examples per teacher forward")
     p.add_argument("--chunk-size", type=int, default=256, help="tokens per LM-head chunk")
-    p.add_argument("--value-dtype", default=None, help="float16 (default) / bfloat16 / float32; counts: uint8")
+    p.add_argument(
+        "--value-dtype", default=None, help="float16 (default) / bfloat16 / float32; counts: uint8"
+    )
     p.add_argument("--id-format", default="auto", help="auto / int16 / uint16 / packed / int32")
     p.add_argument("--shard-tokens", type=int, default=1 << 18, help="tokens per shard")
     p.add_argument("--no-tail", action="store_true", help="do not store the tail mass")
@@ -48,8 +52,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="stop after this many examples")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and of sampling")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="teacher weights dtype")
+    p.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="teacher weights dtype"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -98,11 +103,25 @@ def load_teacher(args: argparse.Namespace, device: torch.device) -> Any:
 
 
 @torch.no_grad()
-def build_cache(model: Any, examples: list[list[int]], out: str | Path, *, k: int | None = None,
-                samples: int | None = None, temperature: float = 1.0, batch_size: int = 4,
-                chunk_size: int = 256, value_dtype: str | None = None, id_format: str = "auto",
-                shard_tokens: int = 1 << 18, store_tail: bool = True, resume: bool = False, seed: int = 0,
-                progress: bool = True, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_cache(
+    model: Any,
+    examples: list[list[int]],
+    out: str | Path,
+    *,
+    k: int | None = None,
+    samples: int | None = None,
+    temperature: float = 1.0,
+    batch_size: int = 4,
+    chunk_size: int = 256,
+    value_dtype: str | None = None,
+    id_format: str = "auto",
+    shard_tokens: int = 1 << 18,
+    store_tail: bool = True,
+    resume: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Run the teacher over ``examples`` and write the cache; returns a summary dict."""
     from fastkd.cache import TeacherCache, TeacherCacheWriter
 
@@ -112,10 +131,18 @@ def build_cache(model: Any, examples: list[list[int]], out: str | Path, *, k: in
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
     values = "counts" if samples else "logprobs"
     slots = samples or k or 32
-    writer = TeacherCacheWriter(out, vocab_size=vocab, k=slots, values=values, value_dtype=value_dtype,
-                                id_format=id_format, store_tail=store_tail, shard_tokens=shard_tokens,
-                                resume=resume, meta={**(meta or {}), "temperature": temperature,
-                                                     "mode": "sampled" if samples else "topk"})
+    writer = TeacherCacheWriter(
+        out,
+        vocab_size=vocab,
+        k=slots,
+        values=values,
+        value_dtype=value_dtype,
+        id_format=id_format,
+        store_tail=store_tail,
+        shard_tokens=shard_tokens,
+        resume=resume,
+        meta={**(meta or {}), "temperature": temperature, "mode": "sampled" if samples else "topk"},
+    )
     start = writer.n_examples
     device = head.weight.device
     gen = torch.Generator(device=device).manual_seed(seed + start)
@@ -127,7 +154,7 @@ def build_cache(model: Any, examples: list[list[int]], out: str | Path, *, k: in
     with writer, Progress(*columns, disable=not progress, transient=True) as bar:
         task = bar.add_task("cache", total=len(examples), completed=start)
         for b in range(0, len(todo), batch_size):
-            batch = todo[b:b + batch_size]
+            batch = todo[b : b + batch_size]
             length = max(len(e) for e in batch)
             ids = torch.zeros(len(batch), length, dtype=torch.long)
             att = torch.zeros(len(batch), length, dtype=torch.long)
@@ -136,14 +163,29 @@ def build_cache(model: Any, examples: list[list[int]], out: str | Path, *, k: in
                 att[i, : len(e)] = 1
             hidden = decoder(input_ids=ids.to(device), attention_mask=att.to(device)).last_hidden_state
             for i, e in enumerate(batch):
-                writer.add_from_hidden(hidden[i, : len(e)], head.weight, getattr(head, "bias", None),
-                                       temperature=temperature, chunk_size=chunk_size,
-                                       input_ids=torch.tensor(e), generator=gen, softcap=softcap)
+                writer.add_from_hidden(
+                    hidden[i, : len(e)],
+                    head.weight,
+                    getattr(head, "bias", None),
+                    temperature=temperature,
+                    chunk_size=chunk_size,
+                    input_ids=torch.tensor(e),
+                    generator=gen,
+                    softcap=softcap,
+                )
             bar.advance(task, len(batch))
     cache = TeacherCache(out)
-    return {"examples": len(cache), "tokens": cache.n_tokens, "new_examples": len(todo),
-            "bytes_per_token": cache.bytes_per_token(), "seconds": time.perf_counter() - t0,
-            "k": slots, "values": values, "id_format": cache.index["id_format"], "vocab_size": vocab}
+    return {
+        "examples": len(cache),
+        "tokens": cache.n_tokens,
+        "new_examples": len(todo),
+        "bytes_per_token": cache.bytes_per_token(),
+        "seconds": time.perf_counter() - t0,
+        "k": slots,
+        "values": values,
+        "id_format": cache.index["id_format"],
+        "vocab_size": vocab,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -156,18 +198,33 @@ def run(args: argparse.Namespace) -> int:
             examples = examples[: args.limit]
         model = load_teacher(args, device)
         summary = build_cache(
-            model, examples, args.out, k=args.k, samples=args.samples, temperature=args.temperature,
-            batch_size=args.batch_size, chunk_size=args.chunk_size, value_dtype=args.value_dtype,
-            id_format=args.id_format, shard_tokens=args.shard_tokens, store_tail=not args.no_tail,
-            resume=args.resume, seed=args.seed, progress=not args.no_progress,
-            meta={"teacher": args.model or args.config, "data": str(args.data)})
+            model,
+            examples,
+            args.out,
+            k=args.k,
+            samples=args.samples,
+            temperature=args.temperature,
+            batch_size=args.batch_size,
+            chunk_size=args.chunk_size,
+            value_dtype=args.value_dtype,
+            id_format=args.id_format,
+            shard_tokens=args.shard_tokens,
+            store_tail=not args.no_tail,
+            resume=args.resume,
+            seed=args.seed,
+            progress=not args.no_progress,
+            meta={"teacher": args.model or args.config, "data": str(args.data)},
+        )
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"fastkd cache-teacher: error: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {summary['new_examples']} examples ({summary['examples']} in total, {summary['tokens']} tokens) "
-          f"to {args.out}: K={summary['k']} {summary['values']}, ids {summary['id_format']} "
-          f"(V={summary['vocab_size']}), {summary['bytes_per_token']:.1f} bytes/token, "
-          f"{summary['seconds']:.1f} s")
+    print(
+        f"wrote {summary['new_examples']} examples ({summary['examples']} in total, "
+        f"{summary['tokens']} tokens) "
+        f"to {args.out}: K={summary['k']} {summary['values']}, ids {summary['id_format']} "
+        f"(V={summary['vocab_size']}), {summary['bytes_per_token']:.1f} bytes/token, "
+        f"{summary['seconds']:.1f} s"
+    )
     return 0
 
 

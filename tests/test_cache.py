@@ -15,8 +15,17 @@ from fastkd.cache import CacheCorruptedError, TeacherCache, TeacherCacheWriter
 from fastkd.reference import distill as ref_dense
 
 
-@pytest.mark.parametrize("vocab,fmt", [(100, "int16"), (40000, "uint16"), (128256, "packed"), (151936, "packed"),
-                                       (1000, "int32"), (1000, "packed")])
+@pytest.mark.parametrize(
+    "vocab,fmt",
+    [
+        (100, "int16"),
+        (40000, "uint16"),
+        (128256, "packed"),
+        (151936, "packed"),
+        (1000, "int32"),
+        (1000, "packed"),
+    ],
+)
 def test_id_encodings_round_trip(vocab, fmt):
     ids = torch.randint(-1, vocab, (9, 7))
     ids[0], ids[1] = vocab - 1, -1
@@ -84,7 +93,11 @@ def test_bytes_per_token_is_compact(tmp_path):
 
 def test_topk_and_samples_from_hidden_chunked():
     g = torch.Generator().manual_seed(1)
-    h, w, b = torch.randn(37, 16, generator=g), torch.randn(300, 16, generator=g), torch.randn(300, generator=g)
+    h, w, b = (
+        torch.randn(37, 16, generator=g),
+        torch.randn(300, 16, generator=g),
+        torch.randn(300, generator=g),
+    )
     ids, lp, tail = C.topk_from_hidden(h, w, b, k=10, temperature=1.5, chunk_size=8)
     full = torch.log_softmax(((h @ w.t() + b) / 1.5).double(), -1)
     top = full.topk(10, -1)
@@ -92,7 +105,9 @@ def test_topk_and_samples_from_hidden_chunked():
     torch.testing.assert_close(lp.double(), top.values, atol=1e-5, rtol=1e-5)
     exact_tail = torch.log1p(-top.values.exp().sum(-1))
     torch.testing.assert_close(tail.double(), exact_tail, atol=1e-5, rtol=1e-5)
-    ids, counts = C.sample_from_hidden(h, w, b, num_samples=12, chunk_size=8, generator=torch.Generator().manual_seed(0))
+    ids, counts = C.sample_from_hidden(
+        h, w, b, num_samples=12, chunk_size=8, generator=torch.Generator().manual_seed(0)
+    )
     assert (counts.sum(-1) == 12).all() and ((ids >= 0) == (counts > 0)).all()
     srt = ids.sort(-1).values
     assert not ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()
@@ -108,20 +123,30 @@ def test_cache_feeds_the_sparse_loss(tmp_path):
     ds = TeacherCache(tmp_path).dataset()
     batch = ds.collate([ds[0], ds[1]])
     z = torch.randn(2, 9, 40, dtype=torch.float64)
-    got = fastkd.sparse_distill_loss(z, batch["teacher_ids"], batch["teacher_values"].double(), reduction="none")
+    got = fastkd.sparse_distill_loss(
+        z, batch["teacher_ids"], batch["teacher_values"].double(), reduction="none"
+    )
     exp = ref_dense.per_token(z.view(-1, 40), (h @ w.t()).double(), "fkl").view(2, 9)
     torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
     with TeacherCache.create(tmp_path / "k4", vocab_size=40, k=4) as wr:
         wr.add_from_hidden(h, w)
     x = TeacherCache(tmp_path / "k4")[0]
-    loss = fastkd.sparse_distill_loss(z.view(-1, 40), x["teacher_ids"], x["teacher_values"].double(),
-                                      teacher_tail=x["teacher_tail"].double(), mode="topk_tail")
+    loss = fastkd.sparse_distill_loss(
+        z.view(-1, 40),
+        x["teacher_ids"],
+        x["teacher_values"].double(),
+        teacher_tail=x["teacher_tail"].double(),
+        mode="topk_tail",
+    )
     assert torch.isfinite(loss)
 
 
 def test_crash_midway_and_resume(tmp_path, monkeypatch):
     exs = _examples(n=10)
-    with pytest.raises(KeyboardInterrupt), TeacherCache.create(tmp_path, vocab_size=500, k=6, shard_tokens=12) as w:
+    with (
+        pytest.raises(KeyboardInterrupt),
+        TeacherCache.create(tmp_path, vocab_size=500, k=6, shard_tokens=12) as w,
+    ):
         for i, (ids, vals, _) in enumerate(exs):
             if i == 6:
                 raise KeyboardInterrupt  # the process dies with examples still buffered
@@ -152,7 +177,7 @@ def test_crash_midway_and_resume(tmp_path, monkeypatch):
         TeacherCacheWriter(tmp_path, vocab_size=500, k=7, resume=True)
     with TeacherCacheWriter(tmp_path, vocab_size=500, k=6, shard_tokens=12, resume=True) as w:
         assert w.n_examples == start
-        for ids, vals, _ in exs[w.n_examples:]:
+        for ids, vals, _ in exs[w.n_examples :]:
             w.add(ids, vals)
     full = TeacherCache(tmp_path, verify=True)
     assert len(full) == len(exs)
@@ -226,8 +251,15 @@ def tiny_llama(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     d = tmp_path_factory.mktemp("llama")
-    cfg = LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=257,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     cfg.save_pretrained(d)
     torch.manual_seed(0)
     return d, LlamaForCausalLM(cfg).eval()
@@ -236,8 +268,16 @@ def tiny_llama(tmp_path_factory):
 def test_build_cache_from_tiny_llama(tiny_llama, tmp_path):
     _, model = tiny_llama
     examples = [torch.randint(0, 257, (n,)).tolist() for n in (5, 9, 3, 7)]
-    summary = cache_cli.build_cache(model, examples, tmp_path / "c", k=16, batch_size=3, chunk_size=4,
-                                    value_dtype="float32", progress=False)
+    summary = cache_cli.build_cache(
+        model,
+        examples,
+        tmp_path / "c",
+        k=16,
+        batch_size=3,
+        chunk_size=4,
+        value_dtype="float32",
+        progress=False,
+    )
     assert summary["examples"] == 4 and summary["tokens"] == 24
     cache = TeacherCache(tmp_path / "c")
     for i, ex in enumerate(examples):
@@ -259,8 +299,21 @@ def test_cli_config_jsonl_resume(tiny_llama, tmp_path, capsys):
     d, _ = tiny_llama
     data = tmp_path / "toks.jsonl"
     data.write_text("\n".join(json.dumps(torch.randint(0, 257, (4 + i,)).tolist()) for i in range(6)))
-    base = ["--config", str(d / "config.json"), "--data", str(data), "--out", str(tmp_path / "c"), "--k", "8",
-            "--device", "cpu", "--shard-tokens", "10", "--no-progress"]
+    base = [
+        "--config",
+        str(d / "config.json"),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "c"),
+        "--k",
+        "8",
+        "--device",
+        "cpu",
+        "--shard-tokens",
+        "10",
+        "--no-progress",
+    ]
     assert cache_cli.main([*base, "--limit", "3"]) == 0
     assert "bytes/token" in capsys.readouterr().out
     assert cache_cli.main(base) == 1  # exists without --resume: a clear error, exit code 1

@@ -95,8 +95,11 @@ def sparse_terms(
             log_m, log_mt = _log_mix(t_logp, log_q, beta), _log_mix(t_tail, log_qt, beta)
             c = (1 - beta) * _pos(q, q * (log_q - log_m))
             ct = (1 - beta) * _pos(qt, qt * (log_qt - log_mt))
-            loss = (beta * (_pos(pk, pk * (t_logp - log_m)).sum(-1) + _pos(pt, pt * (t_tail - log_mt)))
-                    + c.sum(-1) + ct)
+            loss = (
+                beta * (_pos(pk, pk * (t_logp - log_m)).sum(-1) + _pos(pt, pt * (t_tail - log_mt)))
+                + c.sum(-1)
+                + ct
+            )
             b = (1 - beta) * _pos(qt, log_qt - log_mt)
         a = -(c.sum(-1) + ct)
     elif name == "fkl" or p.mode == "sampled":
@@ -126,8 +129,15 @@ def sparse_terms(
     return loss, c, a, b
 
 
-def _chunk(z: torch.Tensor, ids: torch.Tensor, t_logp: torch.Tensor, t_tail: torch.Tensor | None,
-           weight: torch.Tensor, grad: torch.Tensor | None, p: SparseParams) -> torch.Tensor:
+def _chunk(
+    z: torch.Tensor,
+    ids: torch.Tensor,
+    t_logp: torch.Tensor,
+    t_tail: torch.Tensor | None,
+    weight: torch.Tensor,
+    grad: torch.Tensor | None,
+    p: SparseParams,
+) -> torch.Tensor:
     """Loss of one row block; writes its gradient into ``grad`` (same rows) when given."""
     cdt = t_logp.dtype
     s = z.to(cdt)
@@ -148,7 +158,9 @@ def _chunk(z: torch.Tensor, ids: torch.Tensor, t_logp: torch.Tensor, t_tail: tor
         return loss
     keep = (weight != 0).unsqueeze(-1)
     if p.mode == "topk_tail":
-        coef = a.unsqueeze(-1) + torch.where(not_k, b.unsqueeze(-1), torch.zeros((), dtype=cdt, device=s.device))
+        coef = a.unsqueeze(-1) + torch.where(
+            not_k, b.unsqueeze(-1), torch.zeros((), dtype=cdt, device=s.device)
+        )
         g = torch.where(keep, (s - torch.where(keep, lse.unsqueeze(-1), 0)).exp_() * coef, 0)
     elif p.mode == "topk" and p.effective != "fkl":
         g = torch.zeros_like(s)
@@ -179,8 +191,15 @@ def sparse_forward(
     rows = p.chunk_size or max(1, min(n, _CHUNK_ELEMS // max(v, 1)))
     for start in range(0, n, rows):
         sl = slice(start, min(n, start + rows))
-        loss[sl] = _chunk(student[sl], ids[sl], t_logp[sl], None if t_tail is None else t_tail[sl],
-                          weight[sl], None if grad is None else grad[sl], p)
+        loss[sl] = _chunk(
+            student[sl],
+            ids[sl],
+            t_logp[sl],
+            None if t_tail is None else t_tail[sl],
+            weight[sl],
+            None if grad is None else grad[sl],
+            p,
+        )
     return loss
 
 

@@ -44,7 +44,7 @@ def sparse_forward(
     grad: torch.Tensor | None,
     p: SparseParams,
 ) -> torch.Tensor:
-    """Backend entry point (op ``sparse``); shapes as in :func:`fastkd.backends.torch_sparse.sparse_forward`."""
+    """Backend entry point (op ``sparse``); shapes as in ``torch_sparse.sparse_forward``."""
     n, v = student.shape
     k = ids.shape[1]
     if student.stride(1) != 1:
@@ -61,15 +61,46 @@ def sparse_forward(
     if n == 0:
         return torch.zeros(0, dtype=torch.float32, device=dev)
     K_._sparse_stats_kernel[(n,)](
-        student, ids, lse, lse_tail, s_ids, v, k, student.stride(0), ids.stride(0), inv_t,
-        HAS_TAIL=has_tail, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=CONFIG["num_warps"])
+        student,
+        ids,
+        lse,
+        lse_tail,
+        s_ids,
+        v,
+        k,
+        student.stride(0),
+        ids.stride(0),
+        inv_t,
+        HAS_TAIL=has_tail,
+        BLOCK_V=block_v,
+        BLOCK_K=block_k,
+        num_warps=CONFIG["num_warps"],
+    )
     loss, c, a, b = sparse_terms(s_ids, lse, lse_tail if has_tail else None, t_logp, t_tail, weight, p)
     if grad is not None:
         dense = not (p.mode == "topk" and p.effective != "fkl")
         K_._sparse_grad_kernel[(n,)](
-            student, grad, ids, s_ids, c.contiguous(), lse, a.contiguous(), b.contiguous(), weight,
-            v, k, student.stride(0), grad.stride(0), ids.stride(0), inv_t,
-            HAS_TAIL=has_tail, DENSE=dense, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=CONFIG["num_warps"])
+            student,
+            grad,
+            ids,
+            s_ids,
+            c.contiguous(),
+            lse,
+            a.contiguous(),
+            b.contiguous(),
+            weight,
+            v,
+            k,
+            student.stride(0),
+            grad.stride(0),
+            ids.stride(0),
+            inv_t,
+            HAS_TAIL=has_tail,
+            DENSE=dense,
+            BLOCK_V=block_v,
+            BLOCK_K=block_k,
+            num_warps=CONFIG["num_warps"],
+        )
     return loss
 
 

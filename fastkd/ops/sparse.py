@@ -35,8 +35,11 @@ SPARSE_DIVERGENCES = ("fkl", "rkl", "jsd")
 VALUE_KINDS = ("logprobs", "logits", "probs", "counts")
 MODE_CODES = {"topk": 0, "topk_tail": 1, "sampled": 2}
 
-declare("sparse", ["fastkd.backends.torch_sparse", "fastkd.backends.triton_sparse"],
-        auto_order=("triton", "torch"))
+declare(
+    "sparse",
+    ["fastkd.backends.torch_sparse", "fastkd.backends.triton_sparse"],
+    auto_order=("triton", "torch"),
+)
 
 
 @dataclass(frozen=True)
@@ -63,8 +66,9 @@ class SparseParams:
         return self.divergence
 
 
-def _make_params(mode, divergence, values, temperature, teacher_temperature, scale_by_t2, beta,
-                 chunk_size, softcap) -> SparseParams:
+def _make_params(
+    mode, divergence, values, temperature, teacher_temperature, scale_by_t2, beta, chunk_size, softcap
+) -> SparseParams:
     C.check_choice("mode", mode, MODES)
     C.check_choice("divergence", divergence, SPARSE_DIVERGENCES)
     C.check_choice("values", values, VALUE_KINDS)
@@ -78,67 +82,104 @@ def _make_params(mode, divergence, values, temperature, teacher_temperature, sca
         C.check_positive("softcap", softcap)
     if mode == "sampled":
         if divergence != "fkl":
-            raise ValueError(f"mode='sampled' estimates the forward KL only; divergence must be 'fkl', "
-                             f"got {divergence!r}")
+            raise ValueError(
+                f"mode='sampled' estimates the forward KL only; divergence must be 'fkl', got {divergence!r}"
+            )
         if values != "counts":
-            raise ValueError(f"mode='sampled' needs values='counts' (how often each id was drawn), got {values!r}")
+            raise ValueError(
+                f"mode='sampled' needs values='counts' (how often each id was drawn), got {values!r}"
+            )
     if values == "logits" and mode != "topk":
-        raise ValueError(f"values='logits' (raw teacher logits at the ids) is only meaningful with mode='topk' "
-                         f"(renormalised over the K ids), got mode={mode!r}")
+        raise ValueError(
+            f"values='logits' (raw teacher logits at the ids) is only meaningful with mode='topk' "
+            f"(renormalised over the K ids), got mode={mode!r}"
+        )
     if values == "counts" and mode == "topk_tail":
         raise ValueError("values='counts' has no tail mass; use mode='sampled' or 'topk'")
     if teacher_temperature is not None and (mode != "topk" or values not in ("logprobs", "probs")):
-        raise ValueError("teacher_temperature (re-tempering stored probabilities) applies to mode='topk' with "
-                         f"values='logprobs' or 'probs' only, got mode={mode!r}, values={values!r}")
-    return SparseParams(mode=mode, divergence=divergence, temperature=float(temperature),
-                        scale_by_t2=bool(scale_by_t2), beta=float(beta), chunk_size=chunk_size,
-                        softcap=None if softcap is None else float(softcap))
+        raise ValueError(
+            "teacher_temperature (re-tempering stored probabilities) applies to mode='topk' with "
+            f"values='logprobs' or 'probs' only, got mode={mode!r}, values={values!r}"
+        )
+    return SparseParams(
+        mode=mode,
+        divergence=divergence,
+        temperature=float(temperature),
+        scale_by_t2=bool(scale_by_t2),
+        beta=float(beta),
+        chunk_size=chunk_size,
+        softcap=None if softcap is None else float(softcap),
+    )
 
 
-def _check_teacher(ids: torch.Tensor, vals: torch.Tensor, lead: tuple[int, ...], vocab: int,
-                   device: torch.device, values: str) -> None:
+def _check_teacher(
+    ids: torch.Tensor,
+    vals: torch.Tensor,
+    lead: tuple[int, ...],
+    vocab: int,
+    device: torch.device,
+    values: str,
+) -> None:
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"teacher_ids must be a torch.Tensor, got {type(ids).__name__}")
     if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
         raise TypeError(f"teacher_ids must be an integer tensor, got {ids.dtype}")
     if not isinstance(vals, torch.Tensor):
         raise TypeError(f"teacher_values must be a torch.Tensor, got {type(vals).__name__}")
-    if vals.dtype == torch.bool or vals.is_complex() or (not vals.dtype.is_floating_point and values != "counts"):
-        raise TypeError(f"teacher_values must be a float tensor (integer only for values='counts'), got {vals.dtype}")
+    if (
+        vals.dtype == torch.bool
+        or vals.is_complex()
+        or (not vals.dtype.is_floating_point and values != "counts")
+    ):
+        raise TypeError(
+            f"teacher_values must be a float tensor (integer only for values='counts'), got {vals.dtype}"
+        )
     C.check_constant("teacher_values", vals)
     if ids.dim() < 1 or tuple(ids.shape[:-1]) != lead:
-        raise ValueError(f"teacher_ids must have shape {(*lead, 'K')} (the student's leading dimensions plus K), "
-                         f"got {tuple(ids.shape)}")
+        raise ValueError(
+            f"teacher_ids must have shape {(*lead, 'K')} (the student's leading dimensions plus K), "
+            f"got {tuple(ids.shape)}"
+        )
     if ids.shape[-1] == 0:
         raise ValueError("teacher_ids has K = 0 slots per token; at least one teacher id is needed")
     if tuple(vals.shape) != tuple(ids.shape):
-        raise ValueError(f"teacher_values shape {tuple(vals.shape)} must equal teacher_ids shape "
-                         f"{tuple(ids.shape)} (one value per id)")
+        raise ValueError(
+            f"teacher_values shape {tuple(vals.shape)} must equal teacher_ids shape "
+            f"{tuple(ids.shape)} (one value per id)"
+        )
     if ids.device != device or vals.device != device:
-        raise ValueError(f"teacher_ids ({ids.device}) and teacher_values ({vals.device}) must be on the "
-                         f"student's device {device}")
+        raise ValueError(
+            f"teacher_ids ({ids.device}) and teacher_values ({vals.device}) must be on the "
+            f"student's device {device}"
+        )
     if not C.value_checks_enabled(ids):
         return
     if ids.numel():
         lo, hi = int(ids.min()), int(ids.max())
         if lo < -1 or hi >= vocab:
-            raise ValueError(f"teacher_ids must be in [0, {vocab}) or -1 (padding); got values in [{lo}, {hi}]")
+            raise ValueError(
+                f"teacher_ids must be in [0, {vocab}) or -1 (padding); got values in [{lo}, {hi}]"
+            )
         srt = ids.reshape(-1, ids.shape[-1]).sort(-1).values
         dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
         if bool(dup.any()):
             row = int(dup.any(-1).nonzero()[0, 0])
-            raise ValueError(f"teacher_ids has a duplicated id within one token (flat token {row}); each id "
-                             f"may appear once per token (merge the values / counts)")
+            raise ValueError(
+                f"teacher_ids has a duplicated id within one token (flat token {row}); each id "
+                f"may appear once per token (merge the values / counts)"
+            )
     if values in ("probs", "counts"):
         bad = (vals < 0) & (ids >= 0)
         if bool(bad.any()):
-            raise ValueError(f"teacher_values must be >= 0 for values={values!r}; found {int(bad.sum())} "
-                             f"negative entries")
+            raise ValueError(
+                f"teacher_values must be >= 0 for values={values!r}; found {int(bad.sum())} negative entries"
+            )
     elif values == "logprobs":
         bad = (vals > 1e-3) & (ids >= 0)
         if bool(bad.any()):
-            raise ValueError("teacher_values has log-probabilities > 0; if they are raw logits pass "
-                             "values='logits'")
+            raise ValueError(
+                "teacher_values has log-probabilities > 0; if they are raw logits pass values='logits'"
+            )
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -147,9 +188,15 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def teacher_log_probs(ids: torch.Tensor, vals: torch.Tensor, values: str, p: SparseParams,
-                      teacher_temperature: float | None, cdt: torch.dtype,
-                      check: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def teacher_log_probs(
+    ids: torch.Tensor,
+    vals: torch.Tensor,
+    values: str,
+    p: SparseParams,
+    teacher_temperature: float | None,
+    cdt: torch.dtype,
+    check: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-slot teacher log-probabilities (N, K) and, for topk_tail, the log tail mass (N,), in ``cdt``."""
     valid = ids >= 0
     neg_inf = torch.tensor(-math.inf, dtype=cdt, device=ids.device)
@@ -159,8 +206,10 @@ def teacher_log_probs(ids: torch.Tensor, vals: torch.Tensor, values: str, p: Spa
     if p.mode == "topk_tail":
         total = torch.logsumexp(log_u, dim=-1)
         if check and bool((total > math.log1p(1e-2)).any()):
-            raise ValueError("teacher_values sum to more than 1 in some token; mode='topk_tail' needs the "
-                             "teacher's unnormalised top-k probabilities (use mode='topk' to renormalise)")
+            raise ValueError(
+                "teacher_values sum to more than 1 in some token; mode='topk_tail' needs the "
+                "teacher's unnormalised top-k probabilities (use mode='topk' to renormalise)"
+            )
         # a tail below the rounding noise of K stored values is no mass (e.g. ids covering the vocabulary)
         eps = torch.finfo(vals.dtype).eps if vals.dtype.is_floating_point else 0.0
         t_tail = _log1mexp(total)
@@ -180,8 +229,23 @@ def teacher_log_probs(ids: torch.Tensor, vals: torch.Tensor, values: str, p: Spa
     return torch.where(empty | ~valid, neg_inf, out), None
 
 
-def _prepare(lead, vocab, device, ids, vals, values, p, teacher_temperature, labels, ignore_index, mask,
-             reduction, num_items_in_batch, cdt, tail=None):
+def _prepare(
+    lead,
+    vocab,
+    device,
+    ids,
+    vals,
+    values,
+    p,
+    teacher_temperature,
+    labels,
+    ignore_index,
+    mask,
+    reduction,
+    num_items_in_batch,
+    cdt,
+    tail=None,
+):
     _check_teacher(ids, vals, lead, vocab, device, values)
     if tail is not None:
         if p.mode != "topk_tail":
@@ -189,15 +253,25 @@ def _prepare(lead, vocab, device, ids, vals, values, p, teacher_temperature, lab
         C.check_float_tensor("teacher_tail", tail, min_dim=0)
         C.check_constant("teacher_tail", tail)
         if tuple(tail.shape) != lead or tail.device != device:
-            raise ValueError(f"teacher_tail must have shape {lead} on {device}, got {tuple(tail.shape)} on "
-                             f"{tail.device}")
-    weight, _ = C.token_weights(lead, device, labels=labels, ignore_index=ignore_index, mask=mask,
-                                reduction=reduction, num_items_in_batch=num_items_in_batch, dtype=cdt)
+            raise ValueError(
+                f"teacher_tail must have shape {lead} on {device}, got {tuple(tail.shape)} on {tail.device}"
+            )
+    weight, _ = C.token_weights(
+        lead,
+        device,
+        labels=labels,
+        ignore_index=ignore_index,
+        mask=mask,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+        dtype=cdt,
+    )
     n = weight.numel()
     k = ids.shape[-1]
     ids2 = ids.reshape(n, k).long()
-    t_logp, t_tail = teacher_log_probs(ids2, vals.reshape(n, k), values, p, teacher_temperature, cdt,
-                                       C.value_checks_enabled(ids))
+    t_logp, t_tail = teacher_log_probs(
+        ids2, vals.reshape(n, k), values, p, teacher_temperature, cdt, C.value_checks_enabled(ids)
+    )
     if tail is not None:
         t_tail = tail.reshape(n).to(cdt).clamp_max(0.0)
     return weight, ids2, t_logp, t_tail
@@ -208,7 +282,11 @@ class SparseDistillFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, ids, t_logp, t_tail, weight, params, reduction, fn):
-        grad = torch.empty_like(student, memory_format=torch.contiguous_format) if ctx.needs_input_grad[0] else None
+        grad = (
+            torch.empty_like(student, memory_format=torch.contiguous_format)
+            if ctx.needs_input_grad[0]
+            else None
+        )
         loss = fn(student, ids, t_logp, t_tail, weight, grad, params)
         ctx.per_row = reduction == "none"
         ctx.used = False
@@ -219,8 +297,10 @@ class SparseDistillFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         if ctx.used:
-            raise RuntimeError("fastkd.sparse_distill_loss: backward ran twice through the same graph; "
-                               "recompute the loss instead of using retain_graph=True")
+            raise RuntimeError(
+                "fastkd.sparse_distill_loss: backward ran twice through the same graph; "
+                "recompute the loss instead of using retain_graph=True"
+            )
         ctx.used = True
         (grad,) = ctx.saved_tensors
         return scale_grad_(grad, grad_output, ctx.per_row), None, None, None, None, None, None, None
@@ -273,14 +353,29 @@ def sparse_distill_loss(
         fp32 scalar, or fp32 (...,) for reduction="none" (float64 for float64 inputs).
     """
     C.check_float_tensor("student_logits", student_logits)
-    params = _make_params(mode, divergence, values, temperature, teacher_temperature, scale_by_t2, beta,
-                          chunk_size, None)
+    params = _make_params(
+        mode, divergence, values, temperature, teacher_temperature, scale_by_t2, beta, chunk_size, None
+    )
     lead = tuple(student_logits.shape[:-1])
     vocab = student_logits.shape[-1]
     cdt = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    weight, ids2, t_logp, t_tail = _prepare(lead, vocab, student_logits.device, teacher_ids, teacher_values,
-                                            values, params, teacher_temperature, labels, ignore_index, mask,
-                                            reduction, num_items_in_batch, cdt, teacher_tail)
+    weight, ids2, t_logp, t_tail = _prepare(
+        lead,
+        vocab,
+        student_logits.device,
+        teacher_ids,
+        teacher_values,
+        values,
+        params,
+        teacher_temperature,
+        labels,
+        ignore_index,
+        mask,
+        reduction,
+        num_items_in_batch,
+        cdt,
+        teacher_tail,
+    )
     student2d = student_logits.reshape(weight.numel(), vocab)
     impl = select("sparse", backend, student=student2d, ids=ids2, params=params)
     loss = SparseDistillFunction.apply(student2d, ids2, t_logp, t_tail, weight, params, reduction, impl.fn)
@@ -326,8 +421,10 @@ class FusedLinearSparseFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         if ctx.used:
-            raise RuntimeError("fastkd.fused_linear_sparse_distill_loss: backward ran twice through the same "
-                               "graph; recompute the loss instead of using retain_graph=True")
+            raise RuntimeError(
+                "fastkd.fused_linear_sparse_distill_loss: backward ran twice through the same "
+                "graph; recompute the loss instead of using retain_graph=True"
+            )
         ctx.used = True
         nones = (None,) * 8
         if ctx.per_row:
@@ -376,20 +473,46 @@ def fused_linear_sparse_distill_loss(
         Other arguments: as :func:`sparse_distill_loss`.
     """
     _check_linear("student", student_hidden, student_weight, student_bias)
-    params = _make_params(mode, divergence, values, temperature, teacher_temperature, scale_by_t2, beta,
-                          chunk_size, softcap)
+    params = _make_params(
+        mode, divergence, values, temperature, teacher_temperature, scale_by_t2, beta, chunk_size, softcap
+    )
     lead = tuple(student_hidden.shape[:-1])
     vocab = student_weight.shape[0]
     device = student_hidden.device
     cdt = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
-    tok_weight, ids2, t_logp, t_tail = _prepare(lead, vocab, device, teacher_ids, teacher_values, values,
-                                                params, teacher_temperature, labels, ignore_index, mask,
-                                                reduction, num_items_in_batch, cdt, teacher_tail)
+    tok_weight, ids2, t_logp, t_tail = _prepare(
+        lead,
+        vocab,
+        device,
+        teacher_ids,
+        teacher_values,
+        values,
+        params,
+        teacher_temperature,
+        labels,
+        ignore_index,
+        mask,
+        reduction,
+        num_items_in_batch,
+        cdt,
+        teacher_tail,
+    )
     n = tok_weight.numel()
     h = student_hidden.reshape(n, student_hidden.shape[-1])
     rows = chunk_size or auto_chunk_rows(n, vocab, device)
     probe = torch.empty(0, vocab, dtype=student_hidden.dtype, device=device)
     impl = select("sparse", backend, student=probe, ids=ids2, params=params)
-    loss = FusedLinearSparseFunction.apply(h, student_weight, student_bias, ids2, t_logp, t_tail, tok_weight,
-                                           replace(params, chunk_size=rows), rows, reduction, impl.fn)
+    loss = FusedLinearSparseFunction.apply(
+        h,
+        student_weight,
+        student_bias,
+        ids2,
+        t_logp,
+        t_tail,
+        tok_weight,
+        replace(params, chunk_size=rows),
+        rows,
+        reduction,
+        impl.fn,
+    )
     return loss.view(lead) if reduction == "none" else loss

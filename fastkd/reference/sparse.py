@@ -41,10 +41,13 @@ def _div(name: str, log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> to
         return _xlogy_ratio(log_q.exp(), log_q, log_p)
     some = (log_p > -math.inf) | (log_q > -math.inf)  # logaddexp(−inf, −inf) has a NaN gradient
     zero = torch.zeros_like(log_p)
-    log_m = torch.logaddexp(torch.where(some, log_p, zero) + math.log(beta),
-                            torch.where(some, log_q, zero) + math.log(1 - beta))
+    log_m = torch.logaddexp(
+        torch.where(some, log_p, zero) + math.log(beta), torch.where(some, log_q, zero) + math.log(1 - beta)
+    )
     log_m = torch.where(some, log_m, torch.full_like(log_m, -math.inf))
-    return beta * _xlogy_ratio(log_p.exp(), log_p, log_m) + (1 - beta) * _xlogy_ratio(log_q.exp(), log_q, log_m)
+    return beta * _xlogy_ratio(log_p.exp(), log_p, log_m) + (1 - beta) * _xlogy_ratio(
+        log_q.exp(), log_q, log_m
+    )
 
 
 def teacher_log_values(values: torch.Tensor, kind: str) -> torch.Tensor:
