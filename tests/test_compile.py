@@ -23,7 +23,7 @@ def _fastkd_ops() -> list[str]:
 HAS_OPS = bool(_fastkd_ops())
 fullgraph_xfail = pytest.mark.xfail(
     not HAS_OPS, strict=False,
-    reason="no torch.ops.fastkd custom ops registered: dynamo cannot trace the backend registry's lazy imports")
+    reason="no torch.ops.fastkd custom ops registered: dynamo cannot trace the backend registry's imports")
 
 
 def _inputs(seed: int = 0):
@@ -89,10 +89,9 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func.namespace == "fastkd":
-            args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, lambda x: x.detach().clone(),
-                                                             (args, kwargs))
-            self.calls.append((func, args, kwargs))
-            return func(*args, **kwargs)
+            saved = torch.utils._pytree.tree_map_only(torch.Tensor, lambda x: x.detach().clone(),
+                                                      (args, kwargs))
+            self.calls.append((func, *saved))
         return func(*args, **kwargs)
 
 
