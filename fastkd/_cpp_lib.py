@@ -49,7 +49,7 @@ def _try_import() -> None:
         return
     _TRIED_IMPORT = True
     if os.environ.get("FASTKD_DISABLE_CUDA_EXT", "0") not in ("", "0"):
-        _IMPORT_ERROR = "disabled by FASTKD_DISABLE_CUDA_EXT"
+        _IMPORT_ERROR = "fastkd._C is disabled by FASTKD_DISABLE_CUDA_EXT"
         return
     try:
         _MODULE = importlib.import_module("fastkd._C")
