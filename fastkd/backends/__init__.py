@@ -63,6 +63,7 @@ def register(
 def declare(op: str, modules: list[str], auto_order: tuple[str, ...] | None = None) -> None:
     """Declare the backend modules of ``op`` (imported lazily) and its auto-dispatch order."""
     _BACKEND_MODULES[op] = list(modules)
+    _load.cache_clear()  # a select() before this declare must not keep an empty load cached
     if auto_order is not None:
         _AUTO_ORDER[op] = tuple(auto_order)
 

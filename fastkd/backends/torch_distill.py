@@ -10,6 +10,10 @@ a time; the gradient is written straight into the caller's buffer in its dtype.
 from __future__ import annotations
 
 import math
+import os
+import warnings
+from collections.abc import Callable
+from functools import cache
 
 import torch
 
@@ -159,6 +163,40 @@ def chunk_loss_grad(
     return loss, grad
 
 
+# On CPU the eager chunk math is a dozen memory-bound passes; inductor fuses it into a few vectorised
+# loops (measured ~6x faster on a 512x32000 fp32 chunk). Compiling costs seconds per divergence and
+# dtype, so it is used only for large chunks: FASTKD_TORCH_COMPILE=auto (default) | 1 (always) | 0 (never).
+_COMPILE_MIN_ELEMS = 1 << 20
+
+
+@cache
+def _compiled_chunk_fn() -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
+    return torch.compile(chunk_loss_grad, dynamic=True)
+
+
+_COMPILE_FAILED: list[str] = []
+
+
+def chunk_fn(elems: int, device: torch.device) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
+    """The chunk implementation for a chunk of ``elems`` elements: compiled or eager (same function)."""
+    mode = os.environ.get("FASTKD_TORCH_COMPILE", "auto")
+    if _COMPILE_FAILED or mode == "0" or torch.compiler.is_compiling():
+        return chunk_loss_grad
+    if mode == "1" or (mode == "auto" and device.type == "cpu" and elems >= _COMPILE_MIN_ELEMS):
+        return _guarded_compiled
+    return chunk_loss_grad
+
+
+def _guarded_compiled(*args: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+    try:
+        return _compiled_chunk_fn()(*args)
+    except Exception as exc:  # no C++ compiler, inductor bug: fall back to eager, say so once
+        _COMPILE_FAILED.append(f"{type(exc).__name__}: {exc}")
+        warnings.warn(f"fastkd: torch.compile of the chunk kernel failed, using eager PyTorch ({exc})",
+                      RuntimeWarning, stacklevel=2)
+        return chunk_loss_grad(*args)
+
+
 def distill_forward(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -177,10 +215,11 @@ def distill_forward(
     cdt = torch.float64 if student.dtype == torch.float64 else torch.float32
     loss = torch.empty(n, dtype=cdt, device=student.device)
     rows = p.chunk_size or auto_chunk_rows(n, v)
+    run = chunk_fn(min(rows, n) * v, student.device)
     for start in range(0, n, rows):
         sl = slice(start, min(n, start + rows))
         lab = labels[sl] if labels is not None else None
-        chunk_loss, chunk_grad = chunk_loss_grad(student[sl], teacher[sl], lab, weight[sl], p, grad is not None)
+        chunk_loss, chunk_grad = run(student[sl], teacher[sl], lab, weight[sl], p, grad is not None)
         loss[sl] = chunk_loss
         if grad is not None:
             grad[sl].copy_(chunk_grad)

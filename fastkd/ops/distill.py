@@ -84,6 +84,11 @@ def resolve_vocab(vs: int, vt: int, vocab_size: int | None) -> int:
 
 def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool) -> torch.Tensor:
     """grad *= grad_output (a scalar, or one value per row), in place outside torch.compile."""
+    if grad.is_cuda and not torch.compiler.is_compiling():
+        from fastkd.backends import triton_distill  # device-side: skips the pass when grad_output == 1
+
+        if triton_distill._IMPORT_ERROR is None:
+            return triton_distill.scale_grad_(grad, grad_output, per_row)
     g = grad_output.reshape(-1, *([1] * (grad.dim() - 1))) if per_row else grad_output
     if torch.compiler.is_compiling():
         return grad * g.to(grad.dtype)

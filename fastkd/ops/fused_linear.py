@@ -24,7 +24,7 @@ from fastkd.ops import _common as C
 from fastkd.ops.distill import make_params, resolve_vocab, scale_grad_
 from fastkd.params import DistillParams
 
-_CPU_CHUNK_ELEMS = 1 << 22  # student + teacher chunk logits stay inside a few tens of MB
+_CPU_CHUNK_ELEMS = 1 << 23  # student + teacher chunk logits: ~32 MiB each at fp32
 _GPU_CHUNK_BYTES = 1 << 30  # at most ~1 GiB of chunk temporaries on a GPU
 
 
