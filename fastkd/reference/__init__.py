@@ -11,3 +11,4 @@ from fastkd.reference.distill import (  # noqa: F401
     fused_linear_distill_loss,
     per_token,
 )
+from fastkd.reference.sparse import sparse_distill_loss, teacher_log_values  # noqa: F401
