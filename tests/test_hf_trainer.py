@@ -172,3 +172,39 @@ def test_bad_construction():
                              divergence="nope")
     with pytest.raises(ValueError, match="divergence"):
         tr.compute_loss(student, batch())
+
+
+@pytest.mark.parametrize("values", ["logprobs", "counts"])
+def test_offline_teacher_cache(tmp_path, values):
+    """Offline: the trainer reads a TeacherCache built from the teacher's hidden states; its loss equals the
+    float64 sparse reference on the student's full logits and a few steps lower it."""
+    cache_mod = pytest.importorskip("fastkd.cache")
+    import fastkd.reference.sparse as RS
+
+    student, teacher = tiny(16, 1, 0), tiny(24, 2, 1)
+    rows = [batch(1, 9, seed=20 + i)["input_ids"][0][: 6 + i % 4] for i in range(6)]  # ragged lengths
+    g = torch.Generator().manual_seed(5)
+    with cache_mod.TeacherCache.create(tmp_path / "c", vocab_size=V, k=8, values=values,
+                                       value_dtype="float32" if values == "logprobs" else None) as w:
+        for ids in rows:
+            with torch.no_grad():
+                h = hidden_states(teacher, {"input_ids": ids[None]})[0]
+            w.add_from_hidden(h, teacher.lm_head.weight.detach(), input_ids=ids, generator=g)
+    tr = DistillationTrainer(model=student, teacher_cache=tmp_path / "c", divergence="fkl",
+                             args=args(max_steps=10, learning_rate=3e-2, lr_scheduler_type="constant",
+                                       warmup_steps=0, per_device_train_batch_size=3))
+    mode = tr.sparse_options["mode"]
+    assert mode == ("topk_tail" if values == "logprobs" else "sampled")
+    inputs = tr.data_collator([tr.train_dataset[i] for i in range(3)])
+    loss = tr.compute_loss(student, inputs)
+    ls = student(input_ids=inputs["input_ids"]).logits[:, :-1].double()
+    per_tok = RS.sparse_distill_loss(ls, inputs["teacher_ids"][:, :-1],
+                                     inputs["teacher_values"][:, :-1].double(), values=values, mode=mode)
+    keep = inputs["labels"][:, 1:] != -100
+    ref = torch.where(keep, per_tok, 0.0).sum() / keep.sum()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    before = loss.item()
+    tr.train()
+    assert tr.compute_loss(student, inputs).item() < before
+    with pytest.raises(ValueError, match="ce_weight"):
+        DistillationTrainer(model=student, teacher_cache=tmp_path / "c", ce_weight=0.5, args=args())

@@ -18,18 +18,21 @@ accumulated micro-batches) the loss is sum / num_items_in_batch, exactly HF's co
 causal-LM loss; otherwise it is the mean over this micro-batch and Trainer divides by the number of
 accumulation steps.
 
-Offline mode: with ``teacher_cache=`` (a :class:`fastkd.cache.TeacherCache` reader, or anything with
-``lookup(inputs) -> (ids (B, T, K), values (B, T, K))``) the teacher is not run; the loss is
-:func:`fastkd.fused_linear_sparse_distill_loss` on the cached top-k / sampled entries, with the
-``sparse`` options (``mode``, ``values``, ...). Batches must then carry what the cache's ``lookup`` needs
-(e.g. an ``"example_index"`` column; set ``remove_unused_columns=False``).
+Offline mode (no teacher forward): batches that carry the teacher's sparse targets — ``teacher_ids``
+(B, T, K), ``teacher_values`` (B, T, K) and optionally ``teacher_tail`` (B, T), as produced by
+:class:`fastkd.cache.TeacherCacheDataset` — are distilled with
+:func:`fastkd.fused_linear_sparse_distill_loss` (entry i is the teacher's distribution at position i, so
+entries 0..T−2 pair with the shifted labels). Pass ``teacher_cache=<TeacherCache or its directory>``
+and no ``train_dataset`` to train on the cache itself (labels = the cached input_ids). ``sparse`` holds
+options for the sparse loss (``mode``, ``values``, ...; default from the cache: "topk_tail" with a
+stored tail, "topk" without, "sampled" for count caches).
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -119,7 +122,7 @@ class DistillationTrainer(Trainer):
         chunk_size: tokens per fused chunk (None = automatic).
         loss_kwargs: further keywords for the loss function (e.g. ``backend``, ``vocab_size``).
         teacher_cache, sparse: offline mode, see the module docstring; ``sparse`` is a dict of
-            :func:`fastkd.fused_linear_sparse_distill_loss` options (default ``{"mode": "topk"}``).
+            :func:`fastkd.fused_linear_sparse_distill_loss` options.
         Everything else goes to ``transformers.Trainer``.
     """
 
@@ -131,6 +134,23 @@ class DistillationTrainer(Trainer):
                  sparse: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if teacher_model is None and teacher_cache is None:
             raise ValueError("DistillationTrainer needs teacher_model (online) or teacher_cache (offline)")
+        sparse_defaults: dict[str, Any] = {}
+        if teacher_cache is not None:
+            from fastkd.cache import TeacherCache, TeacherCacheDataset
+
+            cache = teacher_cache if isinstance(teacher_cache, TeacherCache) else TeacherCache(teacher_cache)
+            if cache.values_kind == "counts":
+                sparse_defaults = {"values": "counts", "mode": "sampled"}
+            else:
+                sparse_defaults = {"values": "logprobs",
+                                   "mode": "topk_tail" if cache.index.get("store_tail") else "topk"}
+            if kwargs.get("train_dataset") is None:
+                ds = TeacherCacheDataset(cache)
+                kwargs["train_dataset"] = ds
+                kwargs.setdefault("data_collator", _CacheCollator(ds))
+        if ce_weight and teacher_model is None:
+            raise ValueError("ce_weight is not supported in offline (teacher_cache) mode: the sparse loss "
+                             "has no cross-entropy term")
         super().__init__(model, *args, **kwargs)
         # the loss is normalised by num_items_in_batch itself: ask Trainer to count the target tokens
         self.model_accepts_loss_kwargs = True
@@ -138,12 +158,18 @@ class DistillationTrainer(Trainer):
         if teacher_model is not None:
             teacher_model.eval()
             teacher_model.requires_grad_(False)
-        self.teacher_cache = teacher_cache
-        self.sparse_options = {"mode": "topk", **(sparse or {})}
+        self.sparse_options = {**sparse_defaults, **(sparse or {})}
         self.distill_options: dict[str, Any] = dict(
             divergence=divergence, temperature=temperature, scale_by_t2=scale_by_t2, beta=beta, alpha=alpha,
             mu=mu, t=t, ce_weight=ce_weight, chunk_size=chunk_size, **(loss_kwargs or {}))
         self._teacher_head_cache: tuple[tuple[Any, ...], torch.Tensor, torch.Tensor | None] | None = None
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # keep the teacher's cached targets when Trainer drops the columns the model's forward does not take
+        super()._set_signature_columns_if_needed()
+        for key in ("teacher_ids", "teacher_values", "teacher_tail", "mask"):
+            if key not in self._signature_columns:
+                self._signature_columns.append(key)
 
     # ---- helpers ---------------------------------------------------------------------------------------
     def _teacher_head(self, device: torch.device,
@@ -191,8 +217,11 @@ class DistillationTrainer(Trainer):
         if isinstance(n_items, torch.Tensor):
             n_items = n_items.to(h_s.device)
         common = dict(labels=labels, mask=mask, num_items_in_batch=n_items)
-        if self.teacher_cache is not None:
-            loss = self._offline_loss(inputs, h_s, head, common)
+        if inputs.get("teacher_ids") is not None:
+            loss = self._offline_loss(inputs, h_s, head, softcap, common)
+        elif self.teacher_model is None:
+            raise ValueError("offline mode: the batch has no 'teacher_ids' (use "
+                             "fastkd.cache.TeacherCacheDataset and its collate, or pass teacher_model)")
         else:
             t_inputs = self._to_teacher(inputs)
             with torch.no_grad():
@@ -217,16 +246,36 @@ class DistillationTrainer(Trainer):
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()
                 if k in _MODEL_KEYS}
 
-    def _offline_loss(self, inputs: dict[str, Any], h_s: torch.Tensor, head: nn.Module,
+    def _offline_loss(self, inputs: dict[str, Any], h_s: torch.Tensor, head: nn.Module, softcap: float | None,
                       common: dict[str, Any]) -> torch.Tensor:
         from fastkd.ops.sparse import fused_linear_sparse_distill_loss
 
-        lookup: Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]] = self.teacher_cache.lookup
-        ids, values = lookup(inputs)
-        ids, values = ids[:, : h_s.shape[1]].to(h_s.device), values[:, : h_s.shape[1]].to(h_s.device)
-        opts = {k: v for k, v in self.distill_options.items() if k not in ("beta", "alpha", "mu", "t",
-                                                                            "scale_by_t2")}
-        if opts.get("divergence") == "jsd":
-            opts["beta"] = self.distill_options["beta"]
-        return fused_linear_sparse_distill_loss(h_s, head.weight, ids, values, **common, **opts,
-                                                **self.sparse_options)
+        t = h_s.shape[1]
+        ids = inputs["teacher_ids"][:, :t].to(h_s.device)
+        vals = inputs["teacher_values"][:, :t].to(h_s.device)
+        tail = inputs.get("teacher_tail")
+        opts = {k: self.distill_options[k] for k in ("divergence", "temperature", "scale_by_t2", "beta",
+                                                      "chunk_size")}
+        opts.update(self.sparse_options)
+        if tail is not None and opts.get("mode") == "topk_tail":
+            opts["teacher_tail"] = tail[:, :t].to(h_s.device)
+        extra = {k: v for k, v in self.distill_options.items() if k in ("backend",)}
+        return fused_linear_sparse_distill_loss(h_s, head.weight, ids, vals,
+                                                student_bias=getattr(head, "bias", None), softcap=softcap,
+                                                **common, **opts, **extra)
+
+
+class _CacheCollator:
+    """TeacherCacheDataset.collate plus causal-LM labels (input_ids, −100 on padding) and attention_mask."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __call__(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        out = self.dataset.collate(rows)
+        if "input_ids" not in out:
+            raise ValueError("the teacher cache stores no input_ids; pass your own train_dataset whose "
+                             "batches carry input_ids, labels and the teacher_* tensors")
+        out["attention_mask"] = out.pop("mask").long()
+        out["labels"] = out["input_ids"].masked_fill(out["attention_mask"] == 0, -100)
+        return out
