@@ -157,7 +157,7 @@ class _Envelope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, cost, x, y, f, g, eps, metric):
         val, rows, cols = plan_stats(a, b, cost, x, y, f, g, eps, metric)
-        reg = _reg_value(rows, cols, f, g, eps)
+        reg = _reg_value(rows, cols, f, g, eps, a, b)
         ctx.save_for_backward(a, b, cost, x, y, f, g)
         ctx.eps, ctx.metric = eps, metric
         return val, reg
@@ -190,17 +190,17 @@ class _Envelope(torch.autograd.Function):
         return ga, gb, gc, gx, gy, None, None, None, None
 
 
-def _reg_value(rows, cols, f, g, eps):
+def _reg_value(rows, cols, f, g, eps, a, b):
     # ⟨P, C⟩ + ε KL(P ‖ ab) = ⟨P, C⟩ + Σ P (f + g − C) − ε (ΣP − Σab)
-    #                       = Σ_i f_i (P1)_i + Σ_j g_j (Pᵀ1)_j − ε (ΣP − 1)
-    return (f * rows).sum(1) + (g * cols).sum(1) - eps * (rows.sum(1) - 1)
+    #                       = Σ_i f_i (P1)_i + Σ_j g_j (Pᵀ1)_j − ε (ΣP − Σa Σb)
+    return (f * rows).sum(1) + (g * cols).sum(1) - eps * (rows.sum(1) - a.sum(1) * b.sum(1))
 
 
 def _values(a, b, cost, x, y, f, g, eps, metric, unroll):
     """(value, reg_value) (B,): differentiable through f, g in unroll mode, envelope gradients otherwise."""
     if unroll:
         val, rows, cols = plan_stats(a, b, cost, x, y, f, g, eps, metric)
-        return val, _reg_value(rows, cols, f, g, eps)
+        return val, _reg_value(rows, cols, f, g, eps, a, b)
     return _Envelope.apply(a, b, cost, x, y, f.detach(), g.detach(), eps, metric)
 
 
