@@ -1,0 +1,75 @@
+"""``triton`` backend of ``sinkhorn`` (kernels/sinkhorn.py), fp32.
+
+* n, m ≤ ``SMALL_MAX`` and no ε annealing: one program per problem runs ``check_every`` iterations per
+  launch (all ``max_iter`` in one launch when tol=0) with the cost and potentials on chip; the host reads
+  the batch's marginal error between launches for the batch-wide stop.
+* otherwise: two tiled log-sum-exp launches per iteration (f, then g), the cost loaded through strides or
+  computed from points on the fly, driven by the torch backend's loop (annealing and tolerance included).
+
+Envelope gradients only (the op computes them from the returned potentials); ``grad="unroll"`` needs the
+torch backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastkd.backends import register, triton_reasons
+from fastkd.ops.sinkhorn import SinkhornParams
+
+SMALL_MAX = 64
+
+
+class _TiledTriton:
+    def __init__(self, a, b, cost, x, y, metric):
+        from fastkd.kernels import sinkhorn as K
+
+        self.K = K
+        self.log_a, self.log_b = a.log().contiguous(), b.log().contiguous()
+        self.cost, self.x, self.y, self.metric = cost, x, y, metric
+
+    def f_step(self, g, f_prev, eps):
+        out = torch.empty_like(self.log_a)
+        self.K.half_step(out, g.contiguous(), self.log_b, self.cost, self.x, self.y, eps, self.metric, False)
+        return out
+
+    def g_step(self, f, g_prev, eps):
+        out = torch.empty_like(self.log_b)
+        self.K.half_step(out, f.contiguous(), self.log_a, self.cost, self.x, self.y, eps, self.metric, True)
+        return out
+
+
+def sinkhorn_triton(a, b, cost, x, y, params: SinkhornParams):
+    """Batched log-domain Sinkhorn with Triton kernels (see the module docstring)."""
+    from fastkd.backends.torch_sinkhorn import run_iterations
+    from fastkd.kernels import sinkhorn as K
+
+    bsz, n = a.shape
+    m = b.shape[1]
+    if max(n, m) <= SMALL_MAX and params.eps_scaling is None:
+        f = torch.zeros_like(a)
+        g = torch.zeros_like(b)
+        err = torch.empty(bsz, dtype=a.dtype, device=a.device)
+        log_a, log_b = a.log().contiguous(), b.log().contiguous()
+        step = params.max_iter if params.tol == 0 else params.check_every
+        done = 0
+        while done < params.max_iter:
+            k = min(step, params.max_iter - done)
+            K.small_solve(f, g, err, log_a, log_b, cost, x, y, params.eps, params.metric, k)
+            done += k
+            if params.tol > 0 and bool(err.amax() < params.tol):
+                break
+        return f, g, done, err
+    return run_iterations(_TiledTriton(a, b, cost, x, y, params.metric), a, b, params)
+
+
+def _reasons(a=None, b=None, cost=None, x=None, y=None, params=None, **_) -> list[str]:
+    reasons = triton_reasons(a, cost, x)
+    if params is not None and params.unroll:
+        reasons.append("grad='unroll' needs autograd through the iterations (use backend='torch')")
+    if a is not None and a.dtype != torch.float32:
+        reasons.append(f"the Triton Sinkhorn kernels compute in float32, got {a.dtype} (use backend='torch')")
+    return reasons
+
+
+register("sinkhorn", "triton", sinkhorn_triton, _reasons)
