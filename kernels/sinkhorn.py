@@ -1,6 +1,7 @@
 """Triton kernels of the batched log-domain Sinkhorn solver (fp32).
 
-Updates (see fastkd.ops.sinkhorn): f_i = −ε LSE_j(log b_j + (g_j − C_ij)/ε), g_j = −ε LSE_i(log a_i + (f_i − C_ij)/ε).
+Updates (see fastkd.ops.sinkhorn): f_i = −ε LSE_j(log b_j + (g_j − C_ij)/ε),
+g_j = −ε LSE_i(log a_i + (f_i − C_ij)/ε).
 
 * :func:`_sinkhorn_small_kernel` — grid (B,): one program solves one problem with n, m ≤ BLOCK; the cost
   tile, log-marginals and potentials stay in registers for ``n_steps`` iterations (one launch), then it
@@ -147,7 +148,7 @@ def _sinkhorn_small_kernel(
 
 def half_step(out, h, logw, cost, x, y, eps: float, metric: str, transpose: bool,
               block_r: int = 32, block_c: int = 64, num_warps: int = 4) -> None:
-    """out (B, R) ← −ε LSE_c(logw + (h − C)/ε); C = cost (B, n, m) or its transpose, or C(x, y) from points."""
+    """out (B, R) ← −ε LSE_c(logw + (h − C)/ε); C = cost (B, n, m), its transpose, or C(x, y) from points."""
     bsz, rows = out.shape
     cols = h.shape[1]
     if cost is not None:
