@@ -1,0 +1,165 @@
+"""SinKD and ULD vs float64 formulas written here; gradients, masks, -inf logits, low precision, bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastkd
+import fastkd.ops.ot_losses as OL
+from fastkd.reference import ot as R
+
+F64 = torch.float64
+
+
+def _sinkd_formula(s, t, temp, eps, n_iter):
+    ps, pt = torch.softmax(s / temp, -1), torch.softmax(t / temp, -1)
+    w = torch.cdist(ps, pt, p=1)
+    p = torch.exp(-w / eps)
+    for _ in range(n_iter):
+        p = p / p.sum(1, keepdim=True)
+        p = p / p.sum(0, keepdim=True)
+    return (p * w).sum() / s.shape[0]
+
+
+@pytest.mark.parametrize("shape, temp, eps, n_iter", [((6, 11), 2.0, 0.1, 20), ((2, 3, 17), 1.0, 0.05, 5),
+                                                      ((5, 9), 3.0, 1.0, 0)])
+def test_sinkd_value_and_grad(shape, temp, eps, n_iter, monkeypatch):
+    s = torch.randn(*shape, dtype=F64, requires_grad=True)
+    t = torch.randn(*shape, dtype=F64)
+    got = fastkd.sinkd_loss(s, t, temperature=temp, eps=eps, n_iter=n_iter)
+    v = shape[-1]
+    want = _sinkd_formula(s.reshape(-1, v), t.reshape(-1, v), temp, eps, n_iter)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got, R.sinkd_loss(s.reshape(-1, v), t.reshape(-1, v), temp, eps, n_iter))
+    (g1,) = torch.autograd.grad(2.5 * got, s)  # grad_output != 1
+    (g2,) = torch.autograd.grad(2.5 * want, s)
+    torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)
+    monkeypatch.setattr(OL, "_CHUNK_ELEMS", v)  # one teacher row per chunk
+    (g3,) = torch.autograd.grad(fastkd.sinkd_loss(s, t, temperature=temp, eps=eps, n_iter=n_iter) * 2.5, s)
+    torch.testing.assert_close(g3, g2, rtol=1e-10, atol=1e-12)
+
+
+def test_sinkd_gradcheck_and_low_precision():
+    s = torch.randn(3, 5, dtype=F64, requires_grad=True)
+    t = torch.randn(3, 5, dtype=F64)
+    assert torch.autograd.gradcheck(lambda z: fastkd.sinkd_loss(z, t, n_iter=3), (s,))
+    s32 = torch.randn(8, 33)
+    t32 = torch.randn(8, 33)
+    want = _sinkd_formula(s32.double(), t32.double(), 2.0, 0.1, 20)
+    for dt in (torch.bfloat16, torch.float16):
+        sl = s32.to(dt).requires_grad_()
+        got = fastkd.sinkd_loss(sl, t32.to(dt))
+        assert got.dtype == torch.float32
+        torch_err = (_sinkd_formula(s32.to(dt).float(), t32.to(dt).float(), 2.0, 0.1, 20).double() - want).abs()
+        assert (got.double() - want).abs() <= torch_err + 1e-5
+        got.backward()
+        assert sl.grad.dtype == dt and torch.isfinite(sl.grad.float()).all()
+
+
+@pytest.mark.parametrize("vs, vt", [(37, 37), (41, 29), (13, 50)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_uld_vs_formula(vs, vt, reduction):
+    s = torch.randn(3, 4, vs, dtype=F64, requires_grad=True)
+    t = torch.randn(3, 4, vt, dtype=F64)
+    labels = torch.randint(0, 5, (3, 4))
+    labels[0, 1] = labels[2, 3] = -100
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[1, 2] = False
+    keep = (labels != -100) & mask
+    got = fastkd.uld_loss(s, t, temperature=1.7, labels=labels, mask=mask, reduction=reduction)
+    per = R.uld_per_token(s, t, 1.7) * keep
+    want = {"mean": per.sum() / keep.sum(), "sum": per.sum(), "none": per}[reduction]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    go = torch.rand_like(got) + 0.5  # grad_output != 1
+    (g1,) = torch.autograd.grad(got, s, go)
+    (g2,) = torch.autograd.grad(want, s, go)
+    torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)
+
+
+def test_uld_chunks_gradcheck_and_inf_logits(monkeypatch):
+    monkeypatch.setattr(OL, "_CHUNK_ELEMS", 20)  # several row chunks
+    s = torch.randn(5, 9, dtype=F64, requires_grad=True)
+    t = torch.randn(5, 7, dtype=F64)
+    t[:, 2] = -torch.inf
+    sl = s.detach().clone()
+    sl[:, 4] = -torch.inf
+    sl.requires_grad_()
+    got = fastkd.uld_loss(sl, t)
+    torch.testing.assert_close(got, R.uld_per_token(sl, t).mean())
+    got.backward()
+    assert torch.isfinite(sl.grad).all() and torch.all(sl.grad[:, 4] == 0)
+    assert torch.autograd.gradcheck(lambda z: fastkd.uld_loss(z, t, reduction="none"), (s,))
+
+
+def test_uld_all_masked_and_nan_in_masked_rows():
+    s = torch.randn(2, 3, 10, requires_grad=True)
+    t = torch.randn(2, 3, 10)
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    loss = fastkd.uld_loss(s, t, mask=mask)
+    loss.backward()
+    assert loss.item() == 0 and torch.all(s.grad == 0)
+    s2 = s.detach().clone()
+    s2[0, 0] = torch.nan
+    s2.requires_grad_()
+    mask[1] = True
+    loss = fastkd.uld_loss(s2, t, mask=mask)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.all(s2.grad[0] == 0)
+    assert torch.isnan(fastkd.uld_loss(s2.detach(), t))  # NaN in a kept row is not hidden
+
+
+def test_uld_top_k_error_bound():
+    s = torch.randn(16, 200, dtype=F64) * 3
+    t = torch.randn(16, 150, dtype=F64) * 3
+    exact = fastkd.uld_loss(s, t, reduction="none")
+    for k in (1, 10, 100, 1000):
+        approx = fastkd.uld_loss(s, t, reduction="none", top_k=k)
+        tq = 1 - torch.softmax(s, -1).topk(min(k, 200), -1).values.sum(-1)
+        tp = 1 - torch.softmax(t, -1).topk(min(k, 150), -1).values.sum(-1)
+        assert torch.all(approx <= exact + 1e-12)
+        assert torch.all(exact - approx <= 2 * torch.minimum(tq, tp) + 1e-12)
+    torch.testing.assert_close(fastkd.uld_loss(s, t, top_k=1000), exact.mean())
+
+
+def test_uld_low_precision():
+    s = torch.randn(64, 257) * 2
+    t = torch.randn(64, 300) * 2
+    want = R.uld_per_token(s.double(), t.double()).mean()
+    for dt in (torch.bfloat16, torch.float16):
+        sl = s.to(dt).requires_grad_()
+        got = fastkd.uld_loss(sl, t.to(dt))
+        torch_err = (R.uld_per_token(s.to(dt).float(), t.to(dt).float()).mean().double() - want).abs()
+        assert got.dtype == torch.float32
+        assert (got.double() - want).abs() <= torch_err + 1e-5
+        got.backward()
+        assert sl.grad.dtype == dt
+
+
+def test_bad_inputs():
+    s, t = torch.randn(4, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match="temperature"):
+        fastkd.sinkd_loss(s, t, temperature=0.0)
+    with pytest.raises(ValueError, match="eps"):
+        fastkd.sinkd_loss(s, t, eps=-1.0)
+    with pytest.raises(ValueError, match="n_iter"):
+        fastkd.sinkd_loss(s, t, n_iter=-1)
+    with pytest.raises(ValueError, match="vocabulary"):
+        fastkd.sinkd_loss(s, torch.randn(4, 9))
+    with pytest.raises(ValueError, match="detach"):
+        fastkd.sinkd_loss(s, t.requires_grad_())
+    t = t.detach()
+    with pytest.raises(ValueError, match="detach"):
+        fastkd.uld_loss(s, t.clone().requires_grad_())
+    with pytest.raises(ValueError, match="every dimension but the last"):
+        fastkd.uld_loss(s, torch.randn(5, 8))
+    with pytest.raises(TypeError, match="one dtype"):
+        fastkd.uld_loss(s, t.double())
+    with pytest.raises(ValueError, match="top_k"):
+        fastkd.uld_loss(s, t, top_k=0)
+    with pytest.raises(ValueError, match="reduction"):
+        fastkd.uld_loss(s, t, reduction="avg")
+    with pytest.raises(ValueError, match="mask must have shape"):
+        fastkd.uld_loss(s, t, mask=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="student_logits"):
+        fastkd.uld_loss(s.long(), t)
