@@ -137,6 +137,7 @@ def _chunk(
     weight: torch.Tensor,
     grad: torch.Tensor | None,
     p: SparseParams,
+    has_excluded: bool = True,
 ) -> torch.Tensor:
     """Loss of one row block; writes its gradient into ``grad`` (same rows) when given."""
     cdt = t_logp.dtype
@@ -157,17 +158,28 @@ def _chunk(
     if grad is None:
         return loss
     keep = (weight != 0).unsqueeze(-1)
-    if p.mode == "topk_tail":
-        coef = a.unsqueeze(-1) + torch.where(
-            not_k, b.unsqueeze(-1), torch.zeros((), dtype=cdt, device=s.device)
-        )
-        g = torch.where(keep, (s - torch.where(keep, lse.unsqueeze(-1), 0)).exp_() * coef, 0)
-    elif p.mode == "topk" and p.effective != "fkl":
-        g = torch.zeros_like(s)
+    lse_k = torch.where(keep.squeeze(-1), lse, 0).unsqueeze(-1)  # excluded rows may have lse = −inf
+    # The gradient is built in one (rows, V) buffer: ``grad`` itself when it has the compute dtype (it may
+    # alias z: every read of z is done by now), else the private tempered copy s, else a new buffer.
+    if grad.dtype == cdt and grad.stride(-1) == 1:
+        g = grad
+    elif s.data_ptr() != z.data_ptr():
+        g = s
     else:
-        g = torch.where(keep, (s - torch.where(keep, lse.unsqueeze(-1), 0)).exp_() * a.unsqueeze(-1), 0)
-    g.scatter_add_(1, safe, c)
-    grad.copy_(g)
+        g = torch.empty_like(s)
+    if p.mode == "topk" and p.effective != "fkl":
+        g.zero_()  # the student renormalised over K: the gradient lives on the ids only
+    else:
+        torch.sub(s, lse_k, out=g).exp_()  # q
+        if p.mode == "topk_tail":
+            g.mul_(torch.where(not_k, (a + b).unsqueeze(-1), a.unsqueeze(-1)))
+        else:
+            g.mul_(a.unsqueeze(-1))
+        if has_excluded:
+            g.masked_fill_(~keep, 0)  # also clears inf·0 of excluded rows
+    g.scatter_add_(1, safe, c)  # padding slots add an exact 0 at column 0
+    if g is not grad:
+        grad.copy_(g)
     return loss
 
 
@@ -189,6 +201,7 @@ def sparse_forward(
     n, v = student.shape
     loss = torch.empty(n, dtype=t_logp.dtype, device=student.device)
     rows = p.chunk_size or max(1, min(n, _CHUNK_ELEMS // max(v, 1)))
+    has_excluded = bool((weight == 0).any())  # one host sync per call (this is the fallback backend)
     for start in range(0, n, rows):
         sl = slice(start, min(n, start + rows))
         loss[sl] = _chunk(
@@ -199,6 +212,7 @@ def sparse_forward(
             weight[sl],
             None if grad is None else grad[sl],
             p,
+            has_excluded,
         )
     return loss
 
