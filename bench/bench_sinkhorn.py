@@ -99,6 +99,62 @@ def run(bsz=16, n=256, eps=0.05, iters=200, reps=7, device="cpu", dtype=torch.fl
     return rows
 
 
+# ---------------------------------------------------------------------------------------------------------
+# bench/harness.py interface (``fastkd bench``)
+# ---------------------------------------------------------------------------------------------------------
+
+FAMILY = "sinkhorn"
+
+
+def make_inputs(device: torch.device, seed: int, bsz: int = 16, n: int = 256) -> dict:
+    x, y, cost = problem(bsz, n, device=str(device), seed=seed)
+    return {"cost": cost, "eps": 0.05, "iters": 200}
+
+
+def reference(inputs: dict) -> tuple[torch.Tensor]:
+    from fastkd.reference import ot as R
+
+    c = inputs["cost"].double()
+    bsz, n, m = c.shape
+    a = torch.full((bsz, n), 1.0 / n, dtype=torch.float64, device=c.device)
+    b = torch.full((bsz, m), 1.0 / m, dtype=torch.float64, device=c.device)
+    return (R.sinkhorn(a, b, c, inputs["eps"], inputs["iters"])["value"],)
+
+
+def setup_fastkd(backend: str, inputs: dict, mode: str):
+    from bench.harness import Skip
+
+    if backend == "triton" and inputs["cost"].device.type != "cuda":
+        raise Skip("Triton needs CUDA tensors")
+    return lambda: fastkd.sinkhorn(cost=inputs["cost"], eps=inputs["eps"], max_iter=inputs["iters"], tol=0,
+                                   backend=backend).value
+
+
+def setup_pot(inputs: dict, mode: str):
+    from bench.harness import Skip
+
+    try:
+        import ot.batch
+    except ImportError as exc:
+        raise Skip(f"POT with ot.batch is not installed ({exc})") from exc
+    return lambda: ot.batch.solve_batch(inputs["cost"], reg=inputs["eps"], method="log_sinkhorn",
+                                        max_iter=inputs["iters"], tol=0, grad="detach").value_linear
+
+
+def cases(device: torch.device, preset: str = "default") -> list:
+    """quick: B=2, n=32; default/design: B=16, n=m=256, eps=0.05, 200 iterations; GPU: B=64, n=1024."""
+    import functools
+
+    from bench.harness import Case, Provider
+
+    bsz, n = (2, 32) if preset == "quick" else (64, 1024) if device.type == "cuda" else (16, 256)
+    providers = [Provider(f"fastkd-{be}", functools.partial(setup_fastkd, be)) for be in ("torch", "triton")]
+    providers.append(Provider("pot-batch", setup_pot))
+    return [Case(FAMILY, "sinkhorn", {"B": bsz, "n": n, "eps": 0.05, "iters": 200, "dtype": "fp32"},
+                 functools.partial(make_inputs, bsz=bsz, n=n), providers, reference=reference,
+                 modes=("fwd",), baseline="pot-batch")]
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
