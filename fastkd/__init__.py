@@ -46,6 +46,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
+    # ruff: noqa: F401
     from fastkd.backends import BackendUnavailableError
     from fastkd.ops.distill import DIVERGENCES, distill_loss
     from fastkd.ops.fused_linear import fused_linear_distill_loss

@@ -106,7 +106,10 @@ def select(op: str, backend: str | None = "auto", **inputs: Any) -> Impl:
     name = requested_backend(backend)
     impls = implementations(op)
     if name == "auto":
+        on_gpu = any(getattr(v, "is_cuda", False) for v in inputs.values())
         for candidate in _AUTO_ORDER.get(op, _DEFAULT_ORDER):
+            if candidate != "torch" and not on_gpu:
+                continue  # auto never picks an interpreter or a GPU backend for CPU tensors
             impl = impls.get(candidate)
             if impl is not None and not impl.not_supported_reasons(**inputs):
                 return impl

@@ -87,7 +87,8 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
     name0, t0 = items[0]
     for name, t in items[1:]:
         if t.device != t0.device:
-            raise ValueError(f"{name} is on {t.device} but {name0} is on {t0.device}; move them to one device")
+            raise ValueError(f"{name} is on {t.device} but {name0} is on {t0.device}; "
+                             "move them to one device")
 
 
 def token_weights(
@@ -103,7 +104,8 @@ def token_weights(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Return (weight (N,) fp32, labels (N,) int64 or None) for tokens of shape ``lead_shape``.
 
-    ``dtype`` is float32, or float64 for float64 logits. Excluded tokens get weight 0; kept tokens get 1 ("sum", "none"), 1/num_kept ("mean"), or
+    ``dtype`` is float32, or float64 for float64 logits. Excluded tokens get weight 0; kept tokens
+    get 1 ("sum", "none"), 1/num_kept ("mean"), or
     1/num_items_in_batch when that is given. Never syncs with the device.
     """
     check_choice("reduction", reduction, REDUCTIONS)

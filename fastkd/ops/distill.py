@@ -78,21 +78,32 @@ def resolve_vocab(vs: int, vt: int, vocab_size: int | None) -> int:
     if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
         raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
     if not 0 < vocab_size <= min(vs, vt):
-        raise ValueError(f"vocab_size must be in [1, {min(vs, vt)}] (the smaller vocabulary), got {vocab_size}")
+        raise ValueError(f"vocab_size must be in [1, {min(vs, vt)}] (the smaller vocabulary), "
+                         f"got {vocab_size}")
     return vocab_size
 
 
-def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool) -> torch.Tensor:
-    """grad *= grad_output (a scalar, or one value per row), in place outside torch.compile."""
+def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, bool]:
+    """grad · grad_output (a scalar, or one value per row) → (result, whether ``grad`` was modified).
+
+    On CUDA the device-side Triton kernel scales in place and skips the pass when grad_output == 1 (no host
+    sync, no second (N, V) buffer). Elsewhere ``grad`` is never modified: it is returned as is when
+    grad_output is exactly 1 (checked on the host, which costs no sync for CPU tensors), else a scaled copy.
+    """
     if grad.is_cuda and not torch.compiler.is_compiling():
-        from fastkd.backends import triton_distill  # device-side: skips the pass when grad_output == 1
+        from fastkd.backends import triton_distill
 
         if triton_distill._IMPORT_ERROR is None:
-            return triton_distill.scale_grad_(grad, grad_output, per_row)
+            return triton_distill.scale_grad_(grad, grad_output, per_row), True
+    if not grad.is_cuda and not torch.compiler.is_compiling() and bool((grad_output == 1).all()):
+        return grad, False
     g = grad_output.reshape(-1, *([1] * (grad.dim() - 1))) if per_row else grad_output
-    if torch.compiler.is_compiling():
-        return grad * g.to(grad.dtype)
-    return grad.mul_(g.to(grad.dtype))
+    return grad * g.to(grad.dtype), False
+
+
+def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool) -> torch.Tensor:
+    """:func:`scale_grad` without the flag (the result may or may not share ``grad``'s storage)."""
+    return scale_grad(grad, grad_output, per_row)[0]
 
 
 class DistillFunction(torch.autograd.Function):
@@ -122,12 +133,11 @@ class DistillFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         if ctx.used:
             raise RuntimeError(
-                "fastkd.distill_loss: backward ran twice through the same graph; the stored gradient is "
-                "scaled in place, so recompute the loss instead of using retain_graph=True"
+                "fastkd.distill_loss: backward ran twice through the same graph after the stored CUDA "
+                "gradient was scaled in place; recompute the loss instead of using retain_graph=True"
             )
-        ctx.used = True
         (grad,) = ctx.saved_tensors
-        grad = scale_grad_(grad, grad_output, ctx.per_row)
+        grad, ctx.used = scale_grad(grad, grad_output, ctx.per_row)
         return grad, None, None, None, None, None, None, None, None
 
 

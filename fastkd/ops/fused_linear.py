@@ -21,7 +21,7 @@ import torch
 
 from fastkd.backends import select
 from fastkd.ops import _common as C
-from fastkd.ops.distill import make_params, resolve_vocab, scale_grad_
+from fastkd.ops.distill import make_params, resolve_vocab, scale_grad
 from fastkd.params import DistillParams
 
 _CPU_CHUNK_ELEMS = 1 << 23  # student + teacher chunk logits: ~32 MiB each at fp32
@@ -38,6 +38,16 @@ def auto_chunk_rows(n: int, vocab: int, device: torch.device) -> int:
         rows = _CPU_CHUNK_ELEMS // max(1, vocab)
     rows = max(8, rows // 8 * 8)
     return max(1, min(n, rows))
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for low-precision inputs with an fp32 result (fp32 accumulate, no rounding of the output)."""
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):  # older PyTorch without mm(out_dtype=)
+            return torch.mm(a, b).float()
+    return torch.mm(a.float(), b.float())
 
 
 class LMHeadChunker:
@@ -78,8 +88,8 @@ class LMHeadChunker:
         if self.grad_hidden is not None:
             torch.mm(g, self.weight, out=self.grad_hidden[sl])
         if self.grad_weight is not None:
-            if self._acc32:
-                self.grad_weight.add_(g.t() @ self.hidden[sl])
+            if self._acc32:  # fp32 accumulation: no rounding of partial sums to bf16/fp16 per chunk
+                self.grad_weight.add_(_mm_fp32(g.t(), self.hidden[sl]))
             else:
                 self.grad_weight.addmm_(g.t(), self.hidden[sl])
         if self.grad_bias is not None:
@@ -144,7 +154,8 @@ class FusedLinearDistillFunction(torch.autograd.Function):
             student.alloc_grads(needs[0], needs[1], needs[2])
         loss = _run_chunks(student, teacher_fn, labels, tok_weight, params, vocab, rows, fn, compute_grads)
         if ctx.per_row and any(needs[:3]):  # recompute in backward with weight · grad_output
-            ctx.save_for_backward(hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, labels, tok_weight)
+            ctx.save_for_backward(hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, labels,
+                                  tok_weight)
             ctx.args = (params, vocab, rows, fn)
         elif compute_grads:
             ctx.save_for_backward(*(g for g in student.finished_grads()))
@@ -155,7 +166,6 @@ class FusedLinearDistillFunction(torch.autograd.Function):
         if ctx.used:
             raise RuntimeError("fastkd.fused_linear_distill_loss: backward ran twice through the same graph; "
                                "recompute the loss instead of using retain_graph=True")
-        ctx.used = True
         nones = (None,) * 11
         if ctx.per_row:
             hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, labels, tok_weight = ctx.saved_tensors
@@ -166,8 +176,9 @@ class FusedLinearDistillFunction(torch.autograd.Function):
             w = tok_weight * grad_output.reshape(-1).to(tok_weight.dtype)
             _run_chunks(student, teacher_fn, labels, w, params, vocab, rows, fn, True)
             return (*student.finished_grads(), *nones)
-        grads = tuple(None if g is None else scale_grad_(g, grad_output, False) for g in ctx.saved_tensors)
-        return (*grads, *nones)
+        scaled = [None if g is None else scale_grad(g, grad_output, False) for g in ctx.saved_tensors]
+        ctx.used = any(s is not None and s[1] for s in scaled)
+        return (*(None if s is None else s[0] for s in scaled), *nones)
 
 
 def _check_linear(prefix: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:

@@ -30,7 +30,13 @@ def _log_mix(log_a: torch.Tensor, wa: float, log_b: torch.Tensor, wb: float) -> 
         terms.append(log_a + math.log(wa))
     if wb > 0:
         terms.append(log_b + math.log(wb))
-    return terms[0] if len(terms) == 1 else torch.logaddexp(terms[0], terms[1])
+    if len(terms) == 1:
+        return terms[0]
+    a, b = terms
+    both = torch.isneginf(a) & torch.isneginf(b)  # logaddexp's gradient is NaN there; the value is -inf
+    zero = torch.zeros((), dtype=a.dtype, device=a.device)
+    out = torch.logaddexp(torch.where(both, zero, a), torch.where(both, zero, b))
+    return torch.where(both, a, out)
 
 
 def fkl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
