@@ -25,9 +25,13 @@ struct RowConsts {
   int64_t top;        // akl: the teacher's first argmax (always in the head)
 };
 
+// Tempering uses __fmul_rn (never contracted into an FMA) so that a logit is rounded exactly as torch's
+// z * (1/T) and p has the same bits in the akl threshold pass and the loss / gradient passes.
+__device__ __forceinline__ float temper(float z, float inv_t) { return __fmul_rn(z, inv_t); }
+
 template <int DIV>
 __device__ __forceinline__ float mixed_logit(const RowConsts& c, float s, float zt) {
-  const float tt = zt * c.inv_t;
+  const float tt = temper(zt, c.inv_t);
   if constexpr (DIV == kTAID) {
     if (c.t_mix == 0.f) return s;
     if (c.t_mix == 1.f) return tt;
@@ -46,7 +50,7 @@ struct Terms { float q, d0, qg0, d1, qg1, err, p; };
 template <int DIV>
 __device__ __forceinline__ Terms element_terms(const RowConsts& c, float zs, float zt) {
   Terms e{};
-  const float s = zs * c.inv_t;
+  const float s = temper(zs, c.inv_t);
   const float lq = s - c.lse_s;
   e.q = expf(lq);
   const float lp = mixed_logit<DIV>(c, s, zt) - c.lse_x;  // log p (log r for taid)
@@ -89,7 +93,7 @@ __device__ __forceinline__ Terms element_terms(const RowConsts& c, float zs, flo
 __device__ __forceinline__ uint32_t prob_key(float p) { return __float_as_uint(p); }
 
 template <typename T, int DIV, int VEC>
-__global__ void __launch_bounds__(512) distill_kernel(DistillArgs a) {
+__global__ void __launch_bounds__(512, 1) distill_kernel(DistillArgs a) {
   const int64_t row = blockIdx.x;
   const float w = a.weight[row];
   const int64_t V = a.vocab;
@@ -121,7 +125,7 @@ __global__ void __launch_bounds__(512) distill_kernel(DistillArgs a) {
   float tmax = -INFINITY;
   int64_t targ = V;
   row_foreach2<T, VEC, kUnroll>(zs_row, zt_row, V, [&](int64_t j, float zs, float zt) {
-    const float s = zs * c.inv_t;
+    const float s = temper(zs, c.inv_t);
     st[0].add(s);
     const float x = mixed_logit<DIV>(c, s, zt);
     st[1].add(x);
@@ -149,7 +153,8 @@ __global__ void __launch_bounds__(512) distill_kernel(DistillArgs a) {
         m[k] = 0.f;
       }
       row_foreach2<T, VEC, kUnroll>(zs_row, zt_row, V, [&](int64_t, float, float zt) {
-        const float p = expf(zt * c.inv_t - c.lse_x);
+        const float lp = temper(zt, c.inv_t) - c.lse_x;  // = the loss pass's log p (akl is never taid)
+        const float p = expf(lp);
         const int64_t key = prob_key(p);
 #pragma unroll
         for (int k = 0; k < 15; ++k) m[k] += key >= b[k] ? p : 0.f;
