@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from fastkd.backends import declare, select
+from fastkd.backends import declare, requested_backend, select
 from fastkd.ops import _common as C
 from fastkd.params import DIVERGENCE_CODES, DistillParams
 
@@ -32,6 +32,39 @@ declare(
     ["fastkd.backends.torch_distill", "fastkd.backends.triton_distill", "fastkd.backends.cuda_distill"],
     auto_order=("triton", "torch"),
 )
+
+
+@torch.library.custom_op("fastkd::distill_rows", mutates_args=("grad",))
+def distill_rows(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, weight: torch.Tensor,
+    grad: torch.Tensor | None, divergence: str, temperature: float, scale_by_t2: bool, beta: float, alpha: float,
+    mu: float, t: float, ce_weight: float, chunk_size: int, backend: str,
+) -> torch.Tensor:
+    """Per-token loss (N,) of one backend's ``distill`` on rows; writes the weighted gradient into ``grad``.
+
+    The one entry point to the backends for dense losses: eager autograd Functions call it directly and
+    ``torch.compile`` sees it as an opaque op (fake implementation below). ``chunk_size=0`` = automatic.
+    """
+    params = DistillParams(divergence=divergence, temperature=temperature, scale_by_t2=scale_by_t2, beta=beta,
+                           alpha=alpha, mu=mu, t=t, ce_weight=ce_weight, chunk_size=chunk_size or None)
+    impl = select("distill", backend, student=student, teacher=teacher, params=params)
+    return impl.fn(student, teacher, labels, weight, grad, params)
+
+
+@distill_rows.register_fake
+def _distill_rows_fake(student, teacher, labels, weight, grad, *args):
+    return student.new_empty(student.shape[0], dtype=torch.float64 if student.dtype == torch.float64
+                             else torch.float32)
+
+
+def backend_fn(backend: str):
+    """A ``distill`` backend callable (contract in the module docstring) that goes through the custom op."""
+
+    def fn(student, teacher, labels, weight, grad, p: DistillParams) -> torch.Tensor:
+        return distill_rows(student, teacher, labels, weight, grad, p.divergence, p.temperature, p.scale_by_t2,
+                            p.beta, p.alpha, p.mu, p.t, p.ce_weight, p.chunk_size or 0, backend)
+
+    return fn
 
 
 def make_params(
@@ -211,7 +244,6 @@ def distill_loss(
     n = weight.numel()
     student2d = student_logits.reshape(n, student_logits.shape[-1])
     teacher2d = teacher_logits.reshape(n, teacher_logits.shape[-1])
-    impl = select("distill", backend, student=student2d, teacher=teacher2d, params=params)
     loss = DistillFunction.apply(student2d, teacher2d, flat_labels if ce_weight else None, weight, params,
-                                 vocab, reduction, inplace_grad, impl.fn)
+                                 vocab, reduction, inplace_grad, backend_fn(requested_backend(backend)))
     return loss.view(lead) if reduction == "none" else loss

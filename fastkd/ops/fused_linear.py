@@ -19,9 +19,9 @@ from dataclasses import replace
 
 import torch
 
-from fastkd.backends import select
+from fastkd.backends import requested_backend
 from fastkd.ops import _common as C
-from fastkd.ops.distill import make_params, resolve_vocab, scale_grad
+from fastkd.ops.distill import backend_fn, make_params, resolve_vocab, scale_grad
 from fastkd.params import DistillParams
 
 _CPU_CHUNK_ELEMS = 1 << 23  # student + teacher chunk logits: ~32 MiB each at fp32
@@ -289,10 +289,8 @@ def fused_linear_distill_loss(
     th = None if teacher_hidden is None else teacher_hidden.reshape(n, teacher_hidden.shape[-1])
     tl = None if teacher_logits is None else teacher_logits.reshape(n, vt)
     rows = chunk_size or auto_chunk_rows(n, student_weight.shape[0] + vt, device)
-    probe = torch.empty(0, vocab, dtype=student_hidden.dtype, device=device)
-    impl = select("distill", backend, student=probe, teacher=probe, params=params)
     loss = FusedLinearDistillFunction.apply(
         h, student_weight, student_bias, th, teacher_weight, teacher_bias, tl,
         flat_labels if ce_weight else None, tok_weight, replace(params, chunk_size=rows), vocab, rows,
-        reduction, impl.fn)
+        reduction, backend_fn(requested_backend(backend)))
     return loss.view(lead) if reduction == "none" else loss
