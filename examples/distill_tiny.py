@@ -1,0 +1,284 @@
+"""Distill a tiny byte-level language model with fastkd, end to end on a CPU.
+
+1. Train a teacher (a small causal transformer) on Python's own standard-library source code, tokenised
+   as bytes (V = 256).
+2. Distill smaller students from it, each for the same number of steps on the same windows:
+   - ``ce``      cross-entropy only (the baseline),
+   - ``fused``   fastkd.fused_linear_distill_loss (forward KL + CE from hidden states and LM heads),
+   - ``sparse``  offline: the teacher's top-k log-probs (+ tail mass) written to a fastkd.cache.TeacherCache,
+                 then fastkd.fused_linear_sparse_distill_loss (the teacher is not run while training),
+   - ``uld``     cross-tokenizer: a second teacher trained on a *different* tokenizer (the same byte
+                 segmentation, but a shuffled, larger id space of 320 entries), distilled with
+                 fastkd.uld_loss, which compares sorted probabilities and so needs no vocabulary mapping.
+3. Print validation perplexity per student, wall time, and the peak extra memory (fresh process, peak RSS)
+   of one loss forward+backward fused vs unfused (logits → log_softmax → kl_div), at this example's shape
+   and at a 32k vocabulary.
+
+Run:  python examples/distill_tiny.py            (about 2–3 minutes on 2 CPU cores)
+      python examples/distill_tiny.py --quick    (smoke test, well under a minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import resource
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastkd
+
+# ---------------------------------------------------------------------------------------------------------
+# data: bytes of stdlib sources
+# ---------------------------------------------------------------------------------------------------------
+_FILES = ("inspect.py", "argparse.py", "typing.py", "dataclasses.py", "functools.py", "pathlib.py",
+          "textwrap.py", "string.py", "enum.py", "tempfile.py")
+
+
+def load_bytes(limit: int) -> torch.Tensor:
+    """Up to ``limit`` bytes of standard-library source code as int64 token ids in [0, 256)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    data = bytearray()
+    for name in _FILES:
+        path = root / name
+        if path.exists():
+            data += path.read_bytes()
+        if len(data) >= limit:
+            break
+    if len(data) < 10_000:
+        raise RuntimeError(f"found too little standard-library source under {root}")
+    return torch.tensor(list(data[:limit]), dtype=torch.long)
+
+
+def windows(data: torch.Tensor, n: int, ctx: int, gen: torch.Generator) -> torch.Tensor:
+    """n random windows (n, ctx + 1) of the byte stream."""
+    starts = torch.randint(0, data.numel() - ctx - 1, (n,), generator=gen)
+    return torch.stack([data[s: s + ctx + 1] for s in starts.tolist()])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a tiny causal transformer that exposes its hidden states and LM head
+# ---------------------------------------------------------------------------------------------------------
+class TinyLM(nn.Module):
+    def __init__(self, vocab: int, dim: int, layers: int, ctx: int, heads: int = 4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.randn(ctx, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.body = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids → (B, T, dim) final hidden states."""
+        t = ids.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(t)
+        return self.norm(self.body(self.embed(ids) + self.pos[:t], mask=mask, is_causal=True))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.hidden(ids))
+
+
+def ce_loss(model: TinyLM, batch: torch.Tensor, id_map: torch.Tensor | None = None) -> torch.Tensor:
+    x, y = batch[:, :-1], batch[:, 1:]
+    if id_map is not None:
+        x, y = id_map[x], id_map[y]
+    logits = model(x)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+@torch.no_grad()
+def perplexity(model: TinyLM, val: torch.Tensor) -> float:
+    model.eval()
+    loss = sum(ce_loss(model, val[i: i + 64]).item() * len(val[i: i + 64]) for i in range(0, len(val), 64))
+    model.train()
+    return math.exp(loss / len(val))
+
+
+def train(model: TinyLM, batches: list[torch.Tensor], loss_fn, lr: float) -> float:
+    """Adam over the given batches; returns wall seconds."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    t0 = time.perf_counter()
+    for batch in batches:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model, batch).backward()
+        opt.step()
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# peak memory of one loss step, measured in a fresh process
+# ---------------------------------------------------------------------------------------------------------
+def _measure(kind: str, n: int, h: int, v: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    hs = torch.randn(n, h, generator=g, requires_grad=True)
+    ws = (torch.randn(v, h, generator=g) * 0.1).requires_grad_()
+    ht, wt = torch.randn(n, 2 * h, generator=g), torch.randn(v, 2 * h, generator=g) * 0.1
+    # warm up on a tiny problem so that imports and first-call setup are not counted
+    fastkd.fused_linear_distill_loss(hs[:4], ws, ht[:4], wt).backward()
+    ws.grad = hs.grad = None
+    with open("/proc/self/statm") as f:
+        base = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    t0 = time.perf_counter()
+    if kind == "fused":
+        loss = fastkd.fused_linear_distill_loss(hs, ws, ht, wt, divergence="fkl")
+    else:
+        ls, lt = hs @ ws.t(), ht @ wt.t()
+        loss = F.kl_div(F.log_softmax(ls, -1), F.log_softmax(lt, -1), log_target=True, reduction="batchmean")
+    loss.backward()
+    dt = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"{max(peak - base, 0) / 2**20:.1f} {dt:.3f}")
+
+
+def measure(kind: str, n: int, h: int, v: int) -> tuple[float, float]:
+    """(peak extra MiB, seconds) of one fwd+bwd of the loss, in a fresh Python process."""
+    out = subprocess.run([sys.executable, __file__, "--measure", kind, str(n), str(h), str(v)],
+                         capture_output=True, text=True, check=True)
+    mib, sec = out.stdout.split()[-2:]
+    return float(mib), float(sec)
+
+
+# ---------------------------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny smoke run")
+    ap.add_argument("--measure", nargs=4, metavar=("KIND", "N", "H", "V"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.measure:
+        _measure(a.measure[0], *map(int, a.measure[1:]))
+        return
+    torch.manual_seed(0)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    ctx, bsz = (32, 16) if a.quick else (64, 32)
+    t_steps, s_steps = (30, 20) if a.quick else (500, 300)
+    data = load_bytes(60_000 if a.quick else 400_000)
+    split = int(0.9 * data.numel())
+    gen = torch.Generator().manual_seed(1)
+    val = windows(data[split:], 64 if a.quick else 256, ctx, gen)
+    teacher_batches = [windows(data[:split], bsz, ctx, gen) for _ in range(t_steps)]
+    student_batches = [windows(data[:split], bsz, ctx, gen) for _ in range(s_steps)]
+    t_dim, s_dim = (64, 32) if a.quick else (128, 48)
+    rows = []
+
+    # 1. teachers: bytes, and a different tokenizer (a shuffled id space of 320) for ULD
+    teacher = TinyLM(256, t_dim, 2, ctx)
+    t_time = train(teacher, teacher_batches, ce_loss, 3e-3)
+    teacher.eval().requires_grad_(False)
+    rows.append(("teacher (bytes)", perplexity(teacher, val), t_time))
+    id_map = torch.randperm(320, generator=torch.Generator().manual_seed(7))[:256]  # byte → id in [0, 320)
+    has_uld = hasattr(fastkd, "uld_loss") and _importable("fastkd.ops.ot_losses")
+    if has_uld:
+        teacher_b = TinyLM(320, t_dim, 2, ctx)
+        tb_time = train(teacher_b, teacher_batches, lambda m, b: ce_loss(m, b, id_map), 3e-3)
+        teacher_b.eval().requires_grad_(False)
+        with torch.no_grad():  # its perplexity on the same bytes (ids mapped)
+            ppl_b = math.exp(sum(ce_loss(teacher_b, val[i: i + 64], id_map).item() * len(val[i: i + 64])
+                                 for i in range(0, len(val), 64)) / len(val))
+        rows.append(("teacher (320-id tokenizer)", ppl_b, tb_time))
+
+    def student() -> TinyLM:
+        torch.manual_seed(3)
+        return TinyLM(256, s_dim, 1, ctx)
+
+    # 2a. CE-only baseline
+    s_ce = student()
+    wall = train(s_ce, student_batches, ce_loss, 3e-3)
+    rows.append(("student: CE only", perplexity(s_ce, val), wall))
+
+    # 2b. fused dense distillation: KD(fkl, T=2) + CE, from hidden states and LM heads
+    def fused_loss(m: TinyLM, b: torch.Tensor) -> torch.Tensor:
+        x, y = b[:, :-1], b[:, 1:]
+        with torch.no_grad():
+            ht = teacher.hidden(x)
+        return fastkd.fused_linear_distill_loss(m.hidden(x), m.lm_head.weight, ht, teacher.lm_head.weight,
+                                                divergence="fkl", temperature=2.0, scale_by_t2=True,
+                                                labels=y, ce_weight=1.0)
+
+    s_f = student()
+    wall = train(s_f, student_batches, fused_loss, 3e-3)
+    rows.append(("student: fastkd fused KD+CE", perplexity(s_f, val), wall))
+
+    # 2c. offline sparse: top-k teacher cache, then the fused sparse loss (+ CE)
+    if _importable("fastkd.cache"):
+        from fastkd.cache import TeacherCache
+
+        k = 8
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            with TeacherCache.create(Path(tmp) / "c", vocab_size=256, k=k, values="logprobs") as w, \
+                    torch.no_grad():
+                for b in student_batches:
+                    hb = teacher.hidden(b[:, :-1])
+                    for row, h in zip(b, hb, strict=True):
+                        w.add_from_hidden(h, teacher.lm_head.weight, temperature=2.0, input_ids=row[:-1])
+            cache = TeacherCache(Path(tmp) / "c")
+            cache_time = time.perf_counter() - t0
+            cached = iter(range(len(cache)))
+
+            def sparse_loss(m: TinyLM, b: torch.Tensor) -> torch.Tensor:
+                ex = [cache[next(cached)] for _ in range(len(b))]
+                ids = torch.stack([e["teacher_ids"] for e in ex])
+                vals = torch.stack([e["teacher_values"] for e in ex])
+                tail = torch.stack([e["teacher_tail"] for e in ex])
+                x, y = b[:, :-1], b[:, 1:]
+                h = m.hidden(x)
+                kd = fastkd.fused_linear_sparse_distill_loss(
+                    h, m.lm_head.weight, ids, vals, teacher_tail=tail, mode="topk_tail", values="logprobs",
+                    temperature=2.0, scale_by_t2=True)
+                ce = F.cross_entropy(m.lm_head(h).reshape(-1, 256), y.reshape(-1))
+                return kd + ce
+
+            s_s = student()
+            wall = train(s_s, student_batches, sparse_loss, 3e-3)
+            rows.append((f"student: fastkd sparse top-{k} cache (+{cache_time:.0f}s to build, "
+                         f"{cache.bytes_per_token():.0f} B/token)", perplexity(s_s, val), wall))
+
+    # 2d. cross-tokenizer ULD from the 320-id teacher
+    if has_uld:
+        def uld(m: TinyLM, b: torch.Tensor) -> torch.Tensor:
+            x, y = b[:, :-1], b[:, 1:]
+            with torch.no_grad():
+                lt = teacher_b(id_map[x])
+            ls = m(x)
+            return fastkd.uld_loss(ls, lt, temperature=1.0) + F.cross_entropy(ls.reshape(-1, 256), y.reshape(-1))
+
+        s_u = student()
+        wall = train(s_u, student_batches, uld, 3e-3)
+        rows.append(("student: fastkd ULD (teacher tokenizer 320 ids) + CE", perplexity(s_u, val), wall))
+
+    print(f"\nbyte-level LM on stdlib sources: teacher dim {t_dim}×2 layers, students dim {s_dim}×1 layer, "
+          f"context {ctx}, batch {bsz}, {s_steps} student steps\n")
+    print(f"{'model':<72} {'val ppl':>8} {'train s':>8}")
+    for name, ppl, sec in rows:
+        print(f"{name:<72} {ppl:>8.3f} {sec:>8.1f}")
+
+    n_ex = bsz * ctx
+    shapes = [(n_ex, s_dim, 256)] + ([] if a.quick else [(2048, 64, 32000)])
+    print("\none loss forward+backward, peak extra memory (fresh process, peak RSS):")
+    print(f"{'N × H → V':<24} {'unfused MiB':>12} {'fused MiB':>10} {'unfused s':>10} {'fused s':>8}")
+    for n, h, v in shapes:
+        um, us = measure("unfused", n, h, v)
+        fm, fs = measure("fused", n, h, v)
+        print(f"{f'{n} × {h} → {v}':<24} {um:>12.1f} {fm:>10.1f} {us:>10.3f} {fs:>8.3f}")
+
+
+def _importable(name: str) -> bool:
+    try:
+        __import__(name)
+        return True
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    main()
