@@ -108,21 +108,13 @@ def cuda_extension_info() -> list[str]:
         lib = importlib.import_module("fastkd._cpp_lib")
     except Exception as exc:
         return [f"fastkd._cpp_lib failed to import: {type(exc).__name__}: {exc}"]
-    lines = []
-    err = lib.load_error() if hasattr(lib, "load_error") else None
-    lines.append(f"fastkd._C: {'not loaded: ' + str(err) if err else 'loaded'}")
-    for name in ("build_info", "build_metadata", "info"):
-        fn = getattr(lib, name, None)
-        if callable(fn):
-            try:
-                meta = fn()
-            except Exception as exc:
-                meta = f"{type(exc).__name__}: {exc}"
-            if isinstance(meta, dict):
-                lines += [f"  {k}: {v}" for k, v in meta.items()]
-            elif meta:
-                lines.append(f"  {meta}")
-            break
+    try:
+        meta = lib.build_info()
+    except Exception as exc:
+        return [f"fastkd._C: build_info failed: {type(exc).__name__}: {exc}"]
+    # state: loaded | buildable (JIT on first use with CUDA tensors) | unavailable
+    lines = [f"fastkd._C: {meta.get('state', 'unknown')}"]
+    lines += [f"  {k}: {v}" for k, v in meta.items() if k != "state"]
     return lines
 
 

@@ -47,7 +47,8 @@ import torch
 from fastkd.backends import declare, requested_backend, select
 from fastkd.ops import _common as C
 
-declare("sinkhorn", ["fastkd.backends.torch_sinkhorn", "fastkd.backends.triton_sinkhorn"],
+declare("sinkhorn",
+        ["fastkd.backends.torch_sinkhorn", "fastkd.backends.triton_sinkhorn", "fastkd.backends.cuda_sinkhorn"],
         auto_order=("triton", "torch"))
 
 METRICS = ("sqeuclidean", "euclidean", "l1", "cosine")
