@@ -37,7 +37,7 @@ MODE_CODES = {"topk": 0, "topk_tail": 1, "sampled": 2}
 
 declare(
     "sparse",
-    ["fastkd.backends.torch_sparse", "fastkd.backends.triton_sparse"],
+    ["fastkd.backends.torch_sparse", "fastkd.backends.triton_sparse", "fastkd.backends.cuda_sparse"],
     auto_order=("triton", "torch"),
 )
 
