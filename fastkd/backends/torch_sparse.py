@@ -148,35 +148,42 @@ def _chunk(
     safe = torch.where(valid, ids, torch.zeros_like(ids))
     neg_inf = torch.tensor(-math.inf, dtype=cdt, device=s.device)
     s_ids = torch.where(valid, s.gather(1, safe), neg_inf)
-    lse = torch.logsumexp(s, dim=-1)
     not_k = lse_tail = None
     if p.mode == "topk_tail":
         # padding slots point at column 0 too, so count hits instead of scattering booleans
         not_k = torch.zeros_like(s, dtype=torch.uint8).scatter_add_(1, safe, valid.to(torch.uint8)) == 0
         lse_tail = torch.logsumexp(torch.where(not_k, s, neg_inf), dim=-1)
-    loss, c, a, b = sparse_terms(s_ids, lse, lse_tail, t_logp, t_tail, weight, p)
-    if grad is None:
-        return loss
-    keep = (weight != 0).unsqueeze(-1)
-    lse_k = torch.where(keep.squeeze(-1), lse, 0).unsqueeze(-1)  # excluded rows may have lse = −inf
-    # The gradient is built in one (rows, V) buffer: ``grad`` itself when it has the compute dtype (it may
-    # alias z: every read of z is done by now), else the private tempered copy s, else a new buffer.
-    if grad.dtype == cdt and grad.stride(-1) == 1:
-        g = grad
-    elif s.data_ptr() != z.data_ptr():
-        g = s
+    dense = grad is not None and not (p.mode == "topk" and p.effective != "fkl")
+    if not dense:
+        lse = torch.logsumexp(s, dim=-1)
+        loss, c, a, b = sparse_terms(s_ids, lse, lse_tail, t_logp, t_tail, weight, p)
+        if grad is None:
+            return loss
+        g = grad if grad.dtype == cdt and grad.stride(-1) == 1 else torch.empty_like(s)
+        g.zero_()  # top-k rkl/jsd: the student renormalised over K, the gradient lives on the ids only
     else:
-        g = torch.empty_like(s)
-    if p.mode == "topk" and p.effective != "fkl":
-        g.zero_()  # the student renormalised over K: the gradient lives on the ids only
-    else:
-        torch.sub(s, lse_k, out=g).exp_()  # q
+        # One fused per-row softmax gives q (rows stay in cache; far fewer memory passes than max / exp /
+        # sum / scale as separate tensor ops). It runs in place in ``grad`` when that has the compute dtype
+        # (it may alias z: every other read of z is done by now), else in the private tempered copy s, else
+        # in a new buffer (in-place softmax only on CPU). lse comes from the row maxima (two cheap
+        # reductions, no argmax): max q = exp(max s − lse) ≥ 1/V never underflows, so lse = max s − log max q.
+        cpu = s.device.type == "cpu"
+        if grad.dtype == cdt and grad.stride(-1) == 1 and (cpu or grad.data_ptr() != s.data_ptr()):
+            g = grad
+        elif cpu and s.data_ptr() != z.data_ptr():
+            g = s
+        else:
+            g = torch.empty_like(s)
+        m = s.amax(-1)
+        torch.ops.aten._softmax.out(s, 1, False, out=g)
+        lse = m - g.amax(-1).log()
+        loss, c, a, b = sparse_terms(s_ids, lse, lse_tail, t_logp, t_tail, weight, p)
         if p.mode == "topk_tail":
             g.mul_(torch.where(not_k, (a + b).unsqueeze(-1), a.unsqueeze(-1)))
         else:
             g.mul_(a.unsqueeze(-1))
         if has_excluded:
-            g.masked_fill_(~keep, 0)  # also clears inf·0 of excluded rows
+            g.masked_fill_((weight == 0).unsqueeze(-1), 0)  # also clears inf·0 and 0/0 of excluded rows
     g.scatter_add_(1, safe, c)  # padding slots add an exact 0 at column 0
     if g is not grad:
         grad.copy_(g)
