@@ -57,6 +57,8 @@ def sparse_forward(
     s_ids = torch.empty(n, k, dtype=torch.float32, device=dev)
     block_v = min(CONFIG["block_v"], triton.next_power_of_2(max(v, 16)))
     block_k = triton.next_power_of_2(max(k, 2))
+    if has_tail:  # the id-membership test is a (BLOCK_V, BLOCK_K) tile: keep it near 16K elements
+        block_v = max(16, min(block_v, 16384 // block_k))
     inv_t = 1.0 / p.temperature
     if n == 0:
         return torch.zeros(0, dtype=torch.float32, device=dev)
