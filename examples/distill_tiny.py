@@ -14,16 +14,15 @@
    of one loss forward+backward fused vs unfused (logits → log_softmax → kl_div), at this example's shape
    and at a 32k vocabulary.
 
-Run:  python examples/distill_tiny.py            (about 2–3 minutes on 2 CPU cores)
+Run:  python examples/distill_tiny.py            (about 2–3 minutes on one CPU core)
       python examples/distill_tiny.py --quick    (smoke test, well under a minute)
+      python examples/distill_tiny.py --hf-memory fused|logits   (one HF Trainer step's peak memory at V=32000)
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
-import resource
 import subprocess
 import sys
 import sysconfig
@@ -126,41 +125,119 @@ def _measure(kind: str, n: int, h: int, v: int) -> None:
     # warm up on a tiny problem so that imports and first-call setup are not counted
     fastkd.fused_linear_distill_loss(hs[:4], ws, ht[:4], wt).backward()
     ws.grad = hs.grad = None
-    with open("/proc/self/statm") as f:
-        base = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    def step() -> None:
+        if kind == "fused":
+            loss = fastkd.fused_linear_distill_loss(hs, ws, ht, wt, divergence="fkl")
+        else:
+            ls, lt = hs @ ws.t(), ht @ wt.t()
+            loss = F.kl_div(F.log_softmax(ls, -1), F.log_softmax(lt, -1), log_target=True,
+                            reduction="batchmean")
+        loss.backward()
+
+    base = _rss_reset_peak()
+    step()  # the first full-size step: its peak RSS is the memory figure
+    peak = _peak_rss()
+    ws.grad = hs.grad = None
     t0 = time.perf_counter()
-    if kind == "fused":
-        loss = fastkd.fused_linear_distill_loss(hs, ws, ht, wt, divergence="fkl")
-    else:
-        ls, lt = hs @ ws.t(), ht @ wt.t()
-        loss = F.kl_div(F.log_softmax(ls, -1), F.log_softmax(lt, -1), log_target=True, reduction="batchmean")
-    loss.backward()
+    step()  # a second, warm step: the time figure
     dt = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(f"{max(peak - base, 0) / 2**20:.1f} {dt:.3f}")
 
 
-def measure(kind: str, n: int, h: int, v: int) -> tuple[float, float]:
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _rss_reset_peak() -> int:
+    """Current RSS in bytes, after resetting the kernel's peak-RSS mark (VmHWM) to it (Linux ≥ 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def _peak_rss() -> int:
+    """Peak RSS in bytes since the last reset."""
+    return _status_kib("VmHWM") * 1024
+
+
+def measure(kind: str, n: int, h: int, v: int, threads: int) -> tuple[float, float]:
     """(peak extra MiB, seconds) of one fwd+bwd of the loss, in a fresh Python process."""
-    out = subprocess.run([sys.executable, __file__, "--measure", kind, str(n), str(h), str(v)],
+    out = subprocess.run([sys.executable, __file__, "--threads", str(threads), "--measure", kind, str(n), str(h),
+                          str(v)],
                          capture_output=True, text=True, check=True)
     mib, sec = out.stdout.split()[-2:]
     return float(mib), float(sec)
+
+
+def hf_trainer_memory(kind: str, vocab: int = 32000, bsz: int = 8, seq: int = 256) -> None:
+    """One training step of fastkd's DistillationTrainer ("fused") or of a plain Trainer whose loss is
+    logits → log_softmax → kl_div ("logits"), tiny random Llamas (student 64×2, teacher 128×2 hidden×layers);
+    prints the peak extra RSS of the step and its wall time. Needs transformers."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    from fastkd.integrations.hf import DistillationTrainer
+
+    def llama(h: int, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=vocab, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=2, max_position_embeddings=seq, tie_word_embeddings=False))
+
+    student, teacher = llama(64, 0), llama(128, 1).eval().requires_grad_(False)
+
+    class LogitsKD(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            ls = model(input_ids=inputs["input_ids"]).logits[:, :-1]
+            with torch.no_grad():
+                lt = teacher(input_ids=inputs["input_ids"]).logits[:, :-1]
+            keep = inputs["labels"][:, 1:] != -100
+            kl = F.kl_div(F.log_softmax(ls, -1), F.log_softmax(lt, -1), log_target=True, reduction="none")
+            return (kl.sum(-1) * keep).sum() / keep.sum()
+
+    ids = torch.randint(0, vocab, (bsz, seq), generator=torch.Generator().manual_seed(0))
+    rows = [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x} for x in ids]
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=True, save_strategy="no",
+                             max_steps=1, per_device_train_batch_size=bsz, disable_tqdm=True, optim="sgd")
+    tr = (DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=rows)
+          if kind == "fused" else LogitsKD(model=student, args=args, train_dataset=rows))
+    small = {k: v[None, :8] for k, v in rows[0].items()}
+    tr.compute_loss(student, small).backward()  # warm-up: first-call imports and setup are not counted
+    student.zero_grad()
+    base = _rss_reset_peak()
+    t0 = time.perf_counter()
+    tr.train()
+    dt = time.perf_counter() - t0
+    print(f"{kind}: one Trainer step at B={bsz}, T={seq}, V={vocab}: peak extra "
+          f"{(_peak_rss() - base) / 2**20:.0f} MiB, {dt:.2f} s")
 
 
 # ---------------------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny smoke run")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: tiny ops gain nothing from more, and OpenMP spin-waiting "
+                         "makes them far slower on a busy machine)")
+    ap.add_argument("--hf-memory", choices=("fused", "logits"),
+                    help="instead: peak memory of one HF Trainer step, DistillationTrainer vs logits KD")
     ap.add_argument("--measure", nargs=4, metavar=("KIND", "N", "H", "V"), help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.hf_memory:
+        torch.set_num_threads(max(1, a.threads))
+        hf_trainer_memory(a.hf_memory)
+        return
     if a.measure:
+        torch.set_num_threads(max(1, a.threads))
         _measure(a.measure[0], *map(int, a.measure[1:]))
         return
     torch.manual_seed(0)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(max(1, a.threads))
     ctx, bsz = (32, 16) if a.quick else (64, 32)
-    t_steps, s_steps = (30, 20) if a.quick else (500, 300)
+    t_steps, s_steps = (30, 20) if a.quick else (400, 300)
     data = load_bytes(60_000 if a.quick else 400_000)
     split = int(0.9 * data.numel())
     gen = torch.Generator().manual_seed(1)
@@ -264,11 +341,12 @@ def main() -> None:
 
     n_ex = bsz * ctx
     shapes = [(n_ex, s_dim, 256)] + ([] if a.quick else [(2048, 64, 32000)])
-    print("\none loss forward+backward, peak extra memory (fresh process, peak RSS):")
+    print("\none loss forward+backward: peak extra memory of the first step (fresh process, peak RSS above "
+          "the RSS before it), time of a second warm step")
     print(f"{'N × H → V':<24} {'unfused MiB':>12} {'fused MiB':>10} {'unfused s':>10} {'fused s':>8}")
     for n, h, v in shapes:
-        um, us = measure("unfused", n, h, v)
-        fm, fs = measure("fused", n, h, v)
+        um, us = measure("unfused", n, h, v, a.threads)
+        fm, fs = measure("fused", n, h, v, a.threads)
         print(f"{f'{n} × {h} → {v}':<24} {um:>12.1f} {fm:>10.1f} {us:>10.3f} {fs:>8.3f}")
 
 
