@@ -67,7 +67,7 @@ def sample_inputs(op: str, device: torch.device) -> dict[str, Any]:
                              ce_weight=0.0, chunk_size=None)
         return {"student": s, "teacher": s.clone(), "params": params}
     if op == "sparse":
-        from fastkd.ops.sparse import SparseParams
+        from fastkd.params import SparseParams
 
         return {"student": s, "ids": torch.zeros(4, 2, dtype=torch.long, device=device),
                 "params": SparseParams()}

@@ -11,28 +11,13 @@ DIVERGENCE_CODES: dict[str, int] = {
 
 
 @dataclass(frozen=True)
-class DistillParams:
-    """Everything but tensors that defines one divergence loss on logits.
-
-    The per-token loss a backend computes is
-        loss_i = kd_scale · D(softmax(t_i / T) , softmax(s_i / T)) + ce_weight · CE(s_i, label_i)
-    with kd_scale = T² when ``scale_by_t2`` else 1 and CE on the un-tempered student logits.
-    """
+class DivergenceParams:
+    """What every distillation loss shares: the divergence, its temperature and jsd's β."""
 
     divergence: str = "fkl"
     temperature: float = 1.0
     scale_by_t2: bool = False
     beta: float = 0.5  # jsd, symkl
-    alpha: float = 0.1  # skl, srkl
-    mu: float = 0.5  # akl head mass
-    t: float = 0.5  # taid interpolation
-    ce_weight: float = 0.0
-    chunk_size: int | None = None  # rows per chunk (torch backend / fused path); None = automatic
-    softcap: float | None = None  # fused path only: cap·tanh(z / cap) on both sides
-
-    @property
-    def code(self) -> int:
-        return DIVERGENCE_CODES[self.divergence]
 
     @property
     def kd_scale(self) -> float:
@@ -44,3 +29,33 @@ class DistillParams:
         if self.divergence == "jsd" and self.beta in (0.0, 1.0):
             return "fkl" if self.beta == 0.0 else "rkl"
         return self.divergence
+
+
+@dataclass(frozen=True)
+class DistillParams(DivergenceParams):
+    """Everything but tensors that defines one divergence loss on logits.
+
+    The per-token loss a backend computes is
+        loss_i = kd_scale · D(softmax(t_i / T) , softmax(s_i / T)) + ce_weight · CE(s_i, label_i)
+    with kd_scale = T² when ``scale_by_t2`` else 1 and CE on the un-tempered student logits.
+    """
+
+    alpha: float = 0.1  # skl, srkl
+    mu: float = 0.5  # akl head mass
+    t: float = 0.5  # taid interpolation
+    ce_weight: float = 0.0
+    chunk_size: int | None = None  # rows per chunk (torch backend / fused path); None = automatic
+    softcap: float | None = None  # fused path only: cap·tanh(z / cap) on both sides
+
+    @property
+    def code(self) -> int:
+        return DIVERGENCE_CODES[self.divergence]
+
+
+@dataclass(frozen=True)
+class SparseParams(DivergenceParams):
+    """Non-tensor arguments of one sparse loss (fastkd.ops.sparse): top-k / top-k + tail / sampled."""
+
+    mode: str = "topk"
+    chunk_size: int | None = None
+    softcap: float | None = None

@@ -181,7 +181,7 @@ def test_distill_backend_cuda_raises_with_reasons(no_ext):
 def test_backend_modules_import_and_report(no_ext):
     from fastkd.backends import cuda_distill, cuda_sinkhorn, cuda_sparse, implementations
     from fastkd.ops.sinkhorn import SinkhornParams
-    from fastkd.ops.sparse import SparseParams
+    from fastkd.params import SparseParams
 
     assert implementations("distill")["cuda"].fn is cuda_distill.distill_forward
     s = torch.randn(4, 9, dtype=torch.float64)

@@ -16,7 +16,7 @@ import torch
 from fastkd.backends import cuda_ext_reasons, register
 
 if TYPE_CHECKING:
-    from fastkd.ops.sparse import SparseParams
+    from fastkd.params import SparseParams
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}

@@ -32,7 +32,7 @@ import torch
 from fastkd.backends import register
 
 if TYPE_CHECKING:
-    from fastkd.ops.sparse import SparseParams
+    from fastkd.params import SparseParams
 
 _CHUNK_ELEMS = 1 << 22  # elements per fp32 (rows, V) temporary
 

@@ -18,7 +18,7 @@ from fastkd.backends import register, triton_import_error, triton_reasons
 from fastkd.backends.torch_sparse import sparse_terms
 
 if TYPE_CHECKING:
-    from fastkd.ops.sparse import SparseParams
+    from fastkd.params import SparseParams
 
 _IMPORT_ERROR = triton_import_error()
 K_ = None

@@ -101,87 +101,104 @@ class LMHeadChunker:
         return self.grad_hidden, gw, gb
 
 
-def _run_chunks(
-    student: LMHeadChunker,
-    teacher_logits_fn: Callable[[slice], torch.Tensor],
-    labels: torch.Tensor | None,
-    weight: torch.Tensor,
-    params: DistillParams,
-    vocab: int,
-    rows: int,
-    fn: Callable[..., torch.Tensor],
-    need_grad: bool,
-) -> torch.Tensor:
+ChunkLoss = Callable[[slice, torch.Tensor, "torch.Tensor | None", torch.Tensor, tuple], torch.Tensor]
+
+
+def run_chunks(student: LMHeadChunker, chunk_loss: ChunkLoss, aux: tuple, weight: torch.Tensor, rows: int,
+               need_grad: bool) -> torch.Tensor:
+    """Loss (N,) over row chunks; with ``need_grad`` the student's gradients are accumulated as well.
+
+    ``chunk_loss(sl, logits, grad, weight[sl], aux)`` returns the chunk's per-token loss and, when ``grad`` is
+    given, writes the weighted gradient of the chunk's (capped) student logits into it. ``grad`` is the
+    logits buffer itself (in place) unless a softcap needs the logits afterwards.
+    """
     n = weight.numel()
     loss = torch.empty(n, dtype=torch.float64 if student.hidden.dtype == torch.float64 else torch.float32,
                        device=weight.device)
     for start in range(0, n, rows):
         sl = slice(start, min(n, start + rows))
-        zs = student.logits(sl)
-        zt = teacher_logits_fn(sl)
-        lab = labels[sl] if labels is not None else None
+        z = student.logits(sl)
         if not need_grad:
-            loss[sl] = fn(zs[:, :vocab], zt[:, :vocab], lab, weight[sl], None, params)
+            loss[sl] = chunk_loss(sl, z, None, weight[sl], aux)
             continue
-        grad = torch.empty_like(zs) if student.softcap is not None else zs  # in place unless the cap needs zs
-        loss[sl] = fn(zs[:, :vocab], zt[:, :vocab], lab, weight[sl], grad[:, :vocab], params)
-        if vocab < grad.shape[1]:
-            grad[:, vocab:].zero_()
-        student.backward(sl, grad, zs)
+        grad = torch.empty_like(z) if student.softcap is not None else z
+        loss[sl] = chunk_loss(sl, z, grad, weight[sl], aux)
+        student.backward(sl, grad, z)
     return loss
 
 
-def _teacher_fn(t_hidden, t_weight, t_bias, t_logits, softcap) -> Callable[[slice], torch.Tensor]:
-    """Chunk slice → the teacher's (capped) logits, from hidden states + LM head or from given logits."""
-    if t_logits is None:
-        return LMHeadChunker(t_hidden, t_weight, t_bias, softcap).logits
-    if softcap is None:
-        return lambda sl: t_logits[sl]
-    return lambda sl: softcap * torch.tanh(t_logits[sl] / softcap)
+class FusedHeadFunction(torch.autograd.Function):
+    """Chunked LM head + a per-chunk loss on its logits: the engine of every fused loss (dense, sparse).
 
+    apply(hidden (N, H), weight (V, H), bias (V,) | None, tok_weight (N,), chunk_loss, rows, reduction,
+    softcap, *aux): ``aux`` holds the loss's own tensors (teacher side, labels, ids, ...) that
+    ``chunk_loss`` slices. Scalar reductions get all gradients in forward (scaled in backward); for
+    ``reduction="none"`` forward computes losses only and backward re-runs the chunks with
+    ``tok_weight · grad_output``.
+    """
 
-class FusedLinearDistillFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, labels, tok_weight,
-                params, vocab, rows, reduction, fn):
-        student = LMHeadChunker(hidden, weight, bias, params.softcap)
-        teacher_fn = _teacher_fn(t_hidden, t_weight, t_bias, t_logits, params.softcap)
-        needs = ctx.needs_input_grad
+    def forward(ctx, hidden, weight, bias, tok_weight, chunk_loss, rows, reduction, softcap, *aux):
+        student = LMHeadChunker(hidden, weight, bias, softcap)
+        needs = ctx.needs_input_grad[:3]
         ctx.per_row = reduction == "none"
         ctx.used = False
-        compute_grads = any(needs[:3]) and not ctx.per_row
-        if compute_grads:
-            student.alloc_grads(needs[0], needs[1], needs[2])
-        loss = _run_chunks(student, teacher_fn, labels, tok_weight, params, vocab, rows, fn, compute_grads)
-        if ctx.per_row and any(needs[:3]):  # recompute in backward with weight · grad_output
-            ctx.save_for_backward(hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, labels,
-                                  tok_weight)
-            ctx.args = (params, vocab, rows, fn)
-        elif compute_grads:
-            ctx.save_for_backward(*(g for g in student.finished_grads()))
+        ctx.n_aux = len(aux)
+        compute = any(needs) and not ctx.per_row
+        if compute:
+            student.alloc_grads(*needs)
+        loss = run_chunks(student, chunk_loss, aux, tok_weight, rows, compute)
+        if ctx.per_row and any(needs):
+            ctx.save_for_backward(hidden, weight, bias, tok_weight, *aux)
+            ctx.args = (chunk_loss, rows, softcap)
+        elif compute:
+            ctx.save_for_backward(*student.finished_grads())
         return C.reduce_tokens(loss, tok_weight, reduction, (tok_weight.numel(),))
 
     @staticmethod
     def backward(ctx, grad_output):
         if ctx.used:
-            raise RuntimeError("fastkd.fused_linear_distill_loss: backward ran twice through the same graph; "
-                               "recompute the loss instead of using retain_graph=True")
-        nones = (None,) * 11
+            raise RuntimeError("fastkd: backward ran twice through a fused loss after its CUDA gradients were "
+                               "scaled in place; recompute the loss instead of using retain_graph=True")
+        nones = (None,) * (5 + ctx.n_aux)
         if ctx.per_row:
-            hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, labels, tok_weight = ctx.saved_tensors
-            params, vocab, rows, fn = ctx.args
-            student = LMHeadChunker(hidden, weight, bias, params.softcap)
-            teacher_fn = _teacher_fn(t_hidden, t_weight, t_bias, t_logits, params.softcap)
+            hidden, weight, bias, tok_weight, *aux = ctx.saved_tensors
+            chunk_loss, rows, softcap = ctx.args
+            student = LMHeadChunker(hidden, weight, bias, softcap)
             student.alloc_grads(*ctx.needs_input_grad[:3])
             w = tok_weight * grad_output.reshape(-1).to(tok_weight.dtype)
-            _run_chunks(student, teacher_fn, labels, w, params, vocab, rows, fn, True)
+            run_chunks(student, chunk_loss, tuple(aux), w, rows, True)
             return (*student.finished_grads(), *nones)
         scaled = [None if g is None else scale_grad(g, grad_output, False) for g in ctx.saved_tensors]
         ctx.used = any(s is not None and s[1] for s in scaled)
         return (*(None if s is None else s[0] for s in scaled), *nones)
 
 
-def _check_linear(prefix: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+def _teacher_logits(aux: tuple, sl: slice, softcap: float | None) -> torch.Tensor:
+    """The teacher's (capped) logits of a chunk, from hidden states + LM head or from given logits."""
+    t_hidden, t_weight, t_bias, t_logits, _ = aux
+    if t_logits is None:
+        return LMHeadChunker(t_hidden, t_weight, t_bias, softcap).logits(sl)
+    return t_logits[sl] if softcap is None else softcap * torch.tanh(t_logits[sl] / softcap)
+
+
+def dense_chunk_loss(params: DistillParams, vocab: int, fn: Callable[..., torch.Tensor]) -> ChunkLoss:
+    """The per-chunk loss of :func:`fused_linear_distill_loss` (aux: t_hidden, t_weight, t_bias, t_logits,
+    labels); vocabulary padding columns beyond ``vocab`` get a zero gradient."""
+
+    def chunk_loss(sl, z, grad, w, aux):
+        zt = _teacher_logits(aux, sl, params.softcap)
+        labels = aux[4]
+        lab = None if labels is None else labels[sl]
+        loss = fn(z[:, :vocab], zt[:, :vocab], lab, w, None if grad is None else grad[:, :vocab], params)
+        if grad is not None and vocab < grad.shape[1]:
+            grad[:, vocab:].zero_()
+        return loss
+
+    return chunk_loss
+
+
+def check_linear(prefix: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     C.check_float_tensor(f"{prefix}_hidden", hidden)
     C.check_float_tensor(f"{prefix}_weight", weight, min_dim=2)
     if weight.dim() != 2:
@@ -240,7 +257,7 @@ def fused_linear_distill_loss(
 
     Returns: fp32 scalar, or (...,) for reduction="none".
     """
-    _check_linear("student", student_hidden, student_weight, student_bias)
+    check_linear("student", student_hidden, student_weight, student_bias)
     lead = tuple(student_hidden.shape[:-1])
     if teacher_logits is not None:
         if teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
@@ -258,7 +275,7 @@ def fused_linear_distill_loss(
     else:
         if teacher_hidden is None or teacher_weight is None:
             raise ValueError("pass teacher_hidden and teacher_weight (or teacher_logits)")
-        _check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
+        check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
         for name, tensor in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
                              ("teacher_bias", teacher_bias)):
             C.check_constant(name, tensor)
@@ -289,8 +306,9 @@ def fused_linear_distill_loss(
     th = None if teacher_hidden is None else teacher_hidden.reshape(n, teacher_hidden.shape[-1])
     tl = None if teacher_logits is None else teacher_logits.reshape(n, vt)
     rows = chunk_size or auto_chunk_rows(n, student_weight.shape[0] + vt, device)
-    loss = FusedLinearDistillFunction.apply(
-        h, student_weight, student_bias, th, teacher_weight, teacher_bias, tl,
-        flat_labels if ce_weight else None, tok_weight, replace(params, chunk_size=rows), vocab, rows,
-        reduction, backend_fn(requested_backend(backend)))
+    params = replace(params, chunk_size=rows)
+    chunk_loss = dense_chunk_loss(params, vocab, backend_fn(requested_backend(backend)))
+    loss = FusedHeadFunction.apply(h, student_weight, student_bias, tok_weight, chunk_loss, rows, reduction,
+                                   params.softcap, th, teacher_weight, teacher_bias, tl,
+                                   flat_labels if ce_weight else None)
     return loss.view(lead) if reduction == "none" else loss

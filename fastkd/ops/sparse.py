@@ -21,14 +21,16 @@ written with ``weight[i] · ∂loss_i/∂student[i]`` in its own dtype and may a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
 from fastkd.backends import declare, select
 from fastkd.ops import _common as C
-from fastkd.ops.distill import scale_grad_
-from fastkd.ops.fused_linear import LMHeadChunker, _check_linear, auto_chunk_rows
+from fastkd.ops.distill import scale_grad
+from fastkd.ops.fused_linear import FusedHeadFunction, auto_chunk_rows, check_linear
+from fastkd.params import SparseParams
 
 MODES = ("topk", "topk_tail", "sampled")
 SPARSE_DIVERGENCES = ("fkl", "rkl", "jsd")
@@ -40,30 +42,6 @@ declare(
     ["fastkd.backends.torch_sparse", "fastkd.backends.triton_sparse", "fastkd.backends.cuda_sparse"],
     auto_order=("triton", "torch"),
 )
-
-
-@dataclass(frozen=True)
-class SparseParams:
-    """Non-tensor arguments of one sparse loss (travel to the backend as one record)."""
-
-    mode: str = "topk"
-    divergence: str = "fkl"
-    temperature: float = 1.0
-    scale_by_t2: bool = False
-    beta: float = 0.5
-    chunk_size: int | None = None
-    softcap: float | None = None
-
-    @property
-    def kd_scale(self) -> float:
-        return self.temperature**2 if self.scale_by_t2 else 1.0
-
-    @property
-    def effective(self) -> str:
-        """jsd's β endpoints are fkl / rkl exactly (TRL convention); sampled is always fkl."""
-        if self.divergence == "jsd" and self.beta in (0.0, 1.0):
-            return "fkl" if self.beta == 0.0 else "rkl"
-        return self.divergence
 
 
 def _make_params(
@@ -298,12 +276,12 @@ class SparseDistillFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         if ctx.used:
             raise RuntimeError(
-                "fastkd.sparse_distill_loss: backward ran twice through the same graph; "
-                "recompute the loss instead of using retain_graph=True"
+                "fastkd.sparse_distill_loss: backward ran twice through the same graph after the stored CUDA "
+                "gradient was scaled in place; recompute the loss instead of using retain_graph=True"
             )
-        ctx.used = True
         (grad,) = ctx.saved_tensors
-        return scale_grad_(grad, grad_output, ctx.per_row), None, None, None, None, None, None, None
+        grad, ctx.used = scale_grad(grad, grad_output, ctx.per_row)
+        return grad, None, None, None, None, None, None, None
 
 
 def sparse_distill_loss(
@@ -382,61 +360,14 @@ def sparse_distill_loss(
     return loss.view(lead) if reduction == "none" else loss
 
 
-def _run_sparse_chunks(student: LMHeadChunker, ids, t_logp, t_tail, weight, params, rows, fn, need_grad):
-    n = weight.numel()
-    loss = torch.empty(n, dtype=t_logp.dtype, device=weight.device)
-    for start in range(0, n, rows):
-        sl = slice(start, min(n, start + rows))
-        z = student.logits(sl)
-        tail = None if t_tail is None else t_tail[sl]
-        if not need_grad:
-            loss[sl] = fn(z, ids[sl], t_logp[sl], tail, weight[sl], None, params)
-            continue
-        grad = torch.empty_like(z) if student.softcap is not None else z  # in place unless the cap needs z
-        loss[sl] = fn(z, ids[sl], t_logp[sl], tail, weight[sl], grad, params)
-        student.backward(sl, grad, z)
-    return loss
+def _sparse_chunk_loss(params: SparseParams, fn: Callable[..., torch.Tensor]):
+    """Per-chunk loss for :class:`FusedHeadFunction` (aux: ids, t_logp, t_tail)."""
 
+    def chunk_loss(sl, z, grad, w, aux):
+        ids, t_logp, t_tail = aux
+        return fn(z, ids[sl], t_logp[sl], None if t_tail is None else t_tail[sl], w, grad, params)
 
-class FusedLinearSparseFunction(torch.autograd.Function):
-    """Chunked LM head + sparse loss; gradients for hidden, weight, bias (see fastkd.ops.fused_linear)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, t_logp, t_tail, tok_weight, params, rows, reduction, fn):
-        student = LMHeadChunker(hidden, weight, bias, params.softcap)
-        needs = ctx.needs_input_grad
-        ctx.per_row = reduction == "none"
-        ctx.used = False
-        compute = any(needs[:3]) and not ctx.per_row
-        if compute:
-            student.alloc_grads(needs[0], needs[1], needs[2])
-        loss = _run_sparse_chunks(student, ids, t_logp, t_tail, tok_weight, params, rows, fn, compute)
-        if ctx.per_row and any(needs[:3]):  # per-token grad_output is known only in backward: recompute
-            ctx.save_for_backward(hidden, weight, bias, ids, t_logp, t_tail, tok_weight)
-            ctx.args = (params, rows, fn)
-        elif compute:
-            ctx.save_for_backward(*student.finished_grads())
-        return C.reduce_tokens(loss, tok_weight, reduction, (tok_weight.numel(),))
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        if ctx.used:
-            raise RuntimeError(
-                "fastkd.fused_linear_sparse_distill_loss: backward ran twice through the same "
-                "graph; recompute the loss instead of using retain_graph=True"
-            )
-        ctx.used = True
-        nones = (None,) * 8
-        if ctx.per_row:
-            hidden, weight, bias, ids, t_logp, t_tail, tok_weight = ctx.saved_tensors
-            params, rows, fn = ctx.args
-            student = LMHeadChunker(hidden, weight, bias, params.softcap)
-            student.alloc_grads(*ctx.needs_input_grad[:3])
-            w = tok_weight * grad_output.reshape(-1).to(tok_weight.dtype)
-            _run_sparse_chunks(student, ids, t_logp, t_tail, w, params, rows, fn, True)
-            return (*student.finished_grads(), *nones)
-        grads = tuple(None if g is None else scale_grad_(g, grad_output, False) for g in ctx.saved_tensors)
-        return (*grads, *nones)
+    return chunk_loss
 
 
 def fused_linear_sparse_distill_loss(
@@ -472,7 +403,7 @@ def fused_linear_sparse_distill_loss(
         chunk_size: tokens per chunk (default from N, V and free memory); peak extra memory O(chunk · V).
         Other arguments: as :func:`sparse_distill_loss`.
     """
-    _check_linear("student", student_hidden, student_weight, student_bias)
+    check_linear("student", student_hidden, student_weight, student_bias)
     params = _make_params(
         mode, divergence, values, temperature, teacher_temperature, scale_by_t2, beta, chunk_size, softcap
     )
@@ -502,17 +433,7 @@ def fused_linear_sparse_distill_loss(
     rows = chunk_size or auto_chunk_rows(n, vocab, device)
     probe = torch.empty(0, vocab, dtype=student_hidden.dtype, device=device)
     impl = select("sparse", backend, student=probe, ids=ids2, params=params)
-    loss = FusedLinearSparseFunction.apply(
-        h,
-        student_weight,
-        student_bias,
-        ids2,
-        t_logp,
-        t_tail,
-        tok_weight,
-        replace(params, chunk_size=rows),
-        rows,
-        reduction,
-        impl.fn,
-    )
+    chunk_loss = _sparse_chunk_loss(replace(params, chunk_size=rows), impl.fn)
+    loss = FusedHeadFunction.apply(h, student_weight, student_bias, tok_weight, chunk_loss, rows, reduction,
+                                   params.softcap, ids2, t_logp, t_tail)
     return loss.view(lead) if reduction == "none" else loss
