@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastkd
 import fastkd.ops.distill  # noqa: F401  (registers its ops, if any)
 import fastkd.ops.fused_linear  # noqa: F401
+import fastkd.ops.sparse  # noqa: F401
 
 
 def _fastkd_ops() -> list[str]:
@@ -46,6 +47,21 @@ def _fused(s, t, labels, h, w, th, tw):
                                             backend="torch")
 
 
+def _sparse(s, t, labels, h, w, th, tw):
+    vals, ids = torch.log_softmax(t, -1).topk(5, dim=-1)
+    return fastkd.sparse_distill_loss(s, ids, vals, mode="topk_tail", divergence="jsd", labels=labels,
+                                      backend="torch")
+
+
+def _fused_sparse(s, t, labels, h, w, th, tw):
+    vals, ids = torch.log_softmax(t, -1).topk(5, dim=-1)
+    return fastkd.fused_linear_sparse_distill_loss(h, w, ids, vals, mode="topk", labels=labels, backend="torch")
+
+
+LOSSES = [_distill, _fused, _sparse, _fused_sparse]
+LOSS_IDS = ["distill_loss", "fused_linear_distill_loss", "sparse_distill_loss", "fused_linear_sparse_distill_loss"]
+
+
 def _run(fn, compiled: bool, fullgraph: bool = False):
     x = _inputs()
     for k in ("s", "h", "w"):
@@ -68,13 +84,13 @@ def _compare(fn, fullgraph: bool) -> None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("fn", [_distill, _fused], ids=["distill_loss", "fused_linear_distill_loss"])
+@pytest.mark.parametrize("fn", LOSSES, ids=LOSS_IDS)
 def test_compile_matches_eager(fn):
     _compare(fn, fullgraph=False)
 
 
 @fullgraph_xfail
-@pytest.mark.parametrize("fn", [_distill, _fused], ids=["distill_loss", "fused_linear_distill_loss"])
+@pytest.mark.parametrize("fn", LOSSES, ids=LOSS_IDS)
 def test_compile_fullgraph_matches_eager(fn):
     _compare(fn, fullgraph=True)
 
@@ -100,8 +116,8 @@ def test_opcheck_custom_ops():
     """Every fastkd:: op that the public losses reach passes torch.library.opcheck on real arguments."""
     rec = _Recorder()
     with rec:
-        _run(_distill, False)
-        _run(_fused, False)
+        for fn in LOSSES:
+            _run(fn, False)
     assert rec.calls, f"registered ops {_fastkd_ops()} were never reached by distill_loss / fused loss"
     seen = set()
     for op, args, kwargs in rec.calls:

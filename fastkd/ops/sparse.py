@@ -26,7 +26,7 @@ from dataclasses import replace
 
 import torch
 
-from fastkd.backends import declare, select
+from fastkd.backends import declare, requested_backend, select
 from fastkd.ops import _common as C
 from fastkd.ops.distill import scale_grad
 from fastkd.ops.fused_linear import FusedHeadFunction, auto_chunk_rows, check_linear
@@ -42,6 +42,40 @@ declare(
     ["fastkd.backends.torch_sparse", "fastkd.backends.triton_sparse", "fastkd.backends.cuda_sparse"],
     auto_order=("triton", "torch"),
 )
+
+
+@torch.library.custom_op("fastkd::sparse_rows", mutates_args=("grad",))
+def sparse_rows(
+    student: torch.Tensor, ids: torch.Tensor, t_logp: torch.Tensor, t_tail: torch.Tensor | None,
+    weight: torch.Tensor, grad: torch.Tensor | None, sparse_mode: str, divergence: str, temperature: float,
+    scale_by_t2: bool, beta: float, chunk_size: int, backend: str,
+) -> torch.Tensor:
+    """Per-token loss (N,) of one backend's ``sparse`` on rows; writes the weighted gradient into ``grad``.
+
+    The one entry point to the sparse backends: eager autograd Functions call it and ``torch.compile``
+    sees an opaque op (fake implementation below). ``chunk_size=0`` = automatic. (``sparse_mode``, not
+    ``mode``: that name is taken inside PyTorch's functionalization of mutating ops.)
+    """
+    params = SparseParams(mode=sparse_mode, divergence=divergence, temperature=temperature, scale_by_t2=scale_by_t2,
+                          beta=beta, chunk_size=chunk_size or None)
+    impl = select("sparse", backend, student=student, ids=ids, params=params)
+    return impl.fn(student, ids, t_logp, t_tail, weight, grad, params)
+
+
+@sparse_rows.register_fake
+def _sparse_rows_fake(student, ids, t_logp, t_tail, weight, grad, *args):
+    return student.new_empty(student.shape[0], dtype=torch.float64 if student.dtype == torch.float64
+                             else torch.float32)
+
+
+def _backend_fn(backend: str) -> Callable[..., torch.Tensor]:
+    """A ``sparse`` backend callable (contract in the module docstring) that goes through the custom op."""
+
+    def fn(student, ids, t_logp, t_tail, weight, grad, p: SparseParams) -> torch.Tensor:
+        return sparse_rows(student, ids, t_logp, t_tail, weight, grad, p.mode, p.divergence, p.temperature,
+                           p.scale_by_t2, p.beta, p.chunk_size or 0, backend)
+
+    return fn
 
 
 def _make_params(
@@ -355,8 +389,8 @@ def sparse_distill_loss(
         teacher_tail,
     )
     student2d = student_logits.reshape(weight.numel(), vocab)
-    impl = select("sparse", backend, student=student2d, ids=ids2, params=params)
-    loss = SparseDistillFunction.apply(student2d, ids2, t_logp, t_tail, weight, params, reduction, impl.fn)
+    fn = _backend_fn(requested_backend(backend))
+    loss = SparseDistillFunction.apply(student2d, ids2, t_logp, t_tail, weight, params, reduction, fn)
     return loss.view(lead) if reduction == "none" else loss
 
 
@@ -431,9 +465,7 @@ def fused_linear_sparse_distill_loss(
     n = tok_weight.numel()
     h = student_hidden.reshape(n, student_hidden.shape[-1])
     rows = chunk_size or auto_chunk_rows(n, vocab, device)
-    probe = torch.empty(0, vocab, dtype=student_hidden.dtype, device=device)
-    impl = select("sparse", backend, student=probe, ids=ids2, params=params)
-    chunk_loss = _sparse_chunk_loss(replace(params, chunk_size=rows), impl.fn)
+    chunk_loss = _sparse_chunk_loss(replace(params, chunk_size=rows), _backend_fn(requested_backend(backend)))
     loss = FusedHeadFunction.apply(h, student_weight, student_bias, tok_weight, chunk_loss, rows, reduction,
                                    params.softcap, ids2, t_logp, t_tail)
     return loss.view(lead) if reduction == "none" else loss
