@@ -143,7 +143,12 @@ def chunk_loss_grad(
         loss, qg, q = divergence_terms(name, s, t, p)
         grad = None
         if need_grad:  # ∂D/∂s = qg − q·Σqg, then the chain rule through s = z / T
-            grad = qg.sub_(q * qg.sum(-1, keepdim=True)).mul_(p.kd_scale * inv_t)
+            if name in ("fkl", "taid"):  # qg = −target, Σqg = −1 exactly: q − target (one reduction fewer)
+                grad = qg.add_(q)
+            else:
+                grad = qg.sub_(q * qg.sum(-1, keepdim=True))
+            if p.kd_scale * inv_t != 1.0:
+                grad = grad.mul_(p.kd_scale * inv_t)
     loss = loss * p.kd_scale
     if p.ce_weight:
         z = zs.to(cdt)
