@@ -201,6 +201,9 @@ def cases(device: torch.device, preset: str = "default") -> list[Case]:
     return [case(1024, 256, 256, 32000, "fp32", "fkl", device)]
 
 
+_DESIGN_LABELS = ("N=4096,H=512,Ht=512,V=32000", "N=8192,H=2048,Ht=4096,V=128256")
+
+
 def summarize(rows: list[dict[str, Any]], console: Any) -> None:
     """Per case: fastkd's peak memory / naive and time / the four matmuls (the DESIGN.md targets)."""
     for label in dict.fromkeys(r["case"] for r in rows):
@@ -211,10 +214,14 @@ def summarize(rows: list[dict[str, Any]], console: Any) -> None:
                         and r["mode"] == "full" and r["status"] == "ok"), None)
             if mem is None and tm is None:
                 continue
+            # The DESIGN.md targets are stated for its sizes only (memory ratios shrink as N grows).
+            design = any(key in label for key in _DESIGN_LABELS)
+            t_mem, t_time = ("(target ≤ 0.1)", "(target ≤ 1.25)") if design else ("", "")
             console.print(
-                f"{label} {prov}: peak memory / naive = {'n/a' if mem is None else f'{mem:.4f}'} "
-                f"(target ≤ 0.1), time / four matmuls = {'n/a' if tm is None else f'{tm:.3f}'} "
-                f"(target ≤ 1.25), max abs error vs float64 = {'n/a' if err is None else f'{err:.2e}'}",
+                f"{label} {prov}: peak memory / naive = {'n/a' if mem is None else f'{mem:.4f}'} {t_mem}, "
+                f"time / four matmuls = {'n/a' if tm is None else f'{tm:.3f}'} {t_time}, "
+                f"max abs error vs float64 = {'n/a' if err is None else f'{err:.2e}'}"
+                + ("" if design else " (DESIGN.md targets apply to `fastkd bench --design` sizes)"),
                 highlight=False)
 
 
