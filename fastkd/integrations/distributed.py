@@ -287,9 +287,9 @@ def vocab_parallel_fused_linear_distill_loss(
 
     Peak extra memory O(chunk_size · V_r); never forms full logits on any rank.
     """
-    from fastkd.ops.fused_linear import _check_linear
+    from fastkd.ops.fused_linear import check_linear
 
-    _check_linear("student", student_hidden, student_weight, student_bias)
+    check_linear("student", student_hidden, student_weight, student_bias)
     lead = tuple(student_hidden.shape[:-1])
     n = math.prod(lead)
     if teacher_logits is not None:
@@ -303,7 +303,7 @@ def vocab_parallel_fused_linear_distill_loss(
     else:
         if teacher_hidden is None or teacher_weight is None:
             raise ValueError("pass teacher_hidden and teacher_weight (or teacher_logits)")
-        _check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
+        check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
         for name, x in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
                         ("teacher_bias", teacher_bias)):
             C.check_constant(name, x)
