@@ -1,14 +1,26 @@
 """The whole GPU benchmark suite in one command: ``python bench/gpu_suite.py`` (on a CUDA device).
 
-Cases (DESIGN.md GPU targets), each fwd+bwd (mode "full"), loss = mean over tokens:
+Cases (DESIGN.md GPU targets), each fwd+bwd (mode "full") unless noted, loss = mean over tokens. Every
+fastkd op also runs as ``fastkd-cuda`` (backend="cuda", the C++/CUDA extension), skipped with the
+backend's own reasons (``fastkd.backends.select``) where it cannot run.
 
 * ``distill-<div>`` for fkl / rkl / jsd: N=8192, V=128256, bf16 logits. Providers: fastkd-triton,
-  PyTorch eager ("naive"), torch.compile, Liger-Kernel (LigerKLDIVLoss / LigerJSD, when importable).
-  Derived: achieved GB/s against the floor (read both logits once + write the gradient once, 3·N·V·2
-  bytes) and that floor's share of the measured device copy bandwidth (``dst.copy_(src)``, 2 GiB).
+  fastkd-cuda, PyTorch eager ("naive"), torch.compile, Liger-Kernel (LigerKLDIVLoss / LigerJSD, when
+  importable). Derived: achieved GB/s against the floor (read both logits once + write the gradient
+  once, 3·N·V·2 bytes) and that floor's share of the measured device copy bandwidth (``dst.copy_(src)``).
 * ``fused-<div>`` for fkl / jsd: ``fastkd.fused_linear_distill_loss`` with N=8192, Hs=2048, Ht=4096,
   V=128256, bf16, vs Liger's chunked LigerFusedLinearJSD (jsd) and the four GEMMs alone ("matmuls").
-  Derived: time / GEMMs.
+  Derived: time / GEMMs, speed-up vs liger.
+* ``sparse-fkl-k64``: ``fastkd.fused_linear_sparse_distill_loss`` (top-K=64 teacher, fkl), N=8192,
+  H=2048, V=128256, bf16; fastkd-triton / -torch / -cuda vs "student-matmuls" (h Wᵀ, G W, Gᵀ h alone),
+  "dense-fused" (the dense teacher through fused_linear_distill_loss) and "naive". Derived: time /
+  student GEMMs (target ≤ 1.1), speed-up vs dense-fused and vs naive. Error: loss, grad_h rows and
+  grad_W rows.
+* ``sinkhorn`` (mode "fwd"): ``fastkd.sinkhorn`` on points x, y (B=64, n=m=1024, d=2, ‖x−y‖²),
+  eps=0.05, exactly 200 iterations (tol=0); fastkd-triton / -torch / -cuda vs POT
+  ``ot.batch.solve_batch`` (log_sinkhorn, torch backend, on the same device; cost built in the step)
+  and GeomLoss ``SamplesLoss("sinkhorn", backend="tensorized")`` (timed only, unchecked). Derived:
+  speed-up vs POT (target ≥ 10) and vs GeomLoss (target ≥ 2). Error: ⟨P, C⟩ vs float64.
 
 Every row: median / p20 / p80 ms (CUDA events after warmup, many repetitions; bench/harness.py), peak
 extra memory (``torch.cuda.max_memory_allocated`` over the allocation before the iteration), and max
@@ -17,11 +29,12 @@ extra memory (``torch.cuda.max_memory_allocated`` over the allocation before the
 ``bench/results/gpu_suite.{csv,json}`` (harness rows) and ``gpu_suite_summary.{csv,json}`` (derived).
 
 Extending: append a :class:`SuiteCase` to :data:`SUITE` (or call :func:`add_case`) — a name, a builder
-``(device, dry: bool) -> harness.Case`` and optional ``floor_bytes`` / ``gemm_provider`` for the derived
-columns. Sparse, Sinkhorn and cuda-backend rows are meant to be added that way.
+``(device, dry: bool) -> harness.Case`` and optional ``floor_bytes`` / ``gemm_provider`` /
+``speedup_vs`` ((label, baseline provider) pairs → summary column ``speedup_vs_<label>``).
 
-``--dry-run``: every case at tiny sizes on the CPU (Triton in its interpreter, no memory measurement,
-torch.compile and Liger skipped) — a smoke test of the whole suite for CI, well under a minute.
+``--dry-run``: every case at tiny sizes on the CPU (Triton in its interpreter, no memory measurement;
+torch.compile, Liger and the cuda backend skipped with reasons; POT and GeomLoss run on CPU tensors,
+Sinkhorn with 20 iterations) — a smoke test of the whole suite for CI (~7 s on a 2-core machine).
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ import argparse
 import csv
 import functools
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -44,6 +58,7 @@ import torch  # noqa: E402
 
 from bench import bench_distill as BD  # noqa: E402
 from bench import bench_fused_linear as BF  # noqa: E402
+from bench import bench_sparse as BS  # noqa: E402
 from bench.harness import (  # noqa: E402
     RESULTS_DIR,
     Case,
@@ -57,6 +72,7 @@ from bench.harness import (  # noqa: E402
 )
 
 REF_ROWS = 64  # gradient rows compared with the float64 reference
+FASTKD_BACKENDS = ("triton", "cuda")  # fastkd backends measured in the distill / fused cases
 
 
 @dataclass(frozen=True)
@@ -67,6 +83,7 @@ class SuiteCase:
     build: Callable[[torch.device, bool], Case]
     floor_bytes: Callable[[dict[str, Any]], float] | None = None  # HBM floor of one iteration, from sizes
     gemm_provider: str | None = None  # provider whose time is the GEMM floor
+    speedup_vs: tuple[tuple[str, str], ...] = (("liger", "liger"),)  # (column label, baseline provider)
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -104,6 +121,20 @@ def _no_compile(inputs: dict[str, Any], mode: str) -> Any:
     raise Skip("torch.compile is not run in --dry-run")
 
 
+def require_backend(op: str, backend: str, **probe: Any) -> None:
+    """Raise :class:`Skip` (the backend's own reasons) unless fastkd's ``backend`` can run ``op`` on
+    tensors like ``probe`` (same device and dtype; ``fastkd.backends.select`` checks them)."""
+    try:
+        import fastkd.ops.distill  # noqa: F401  (each op module declares its backends)
+        import fastkd.ops.sinkhorn  # noqa: F401
+        import fastkd.ops.sparse  # noqa: F401
+        from fastkd.backends import select
+
+        select(op, backend, **probe)
+    except Exception as exc:  # BackendUnavailableError lists every reason
+        raise Skip(f"{type(exc).__name__}: {exc}") from exc
+
+
 # ---- distill on logits -----------------------------------------------------------------------------------
 
 
@@ -126,22 +157,16 @@ def distill_reference(inputs: dict[str, Any], *, divergence: str, chunk: int = 5
     return total, grad
 
 
-def _distill_fastkd(s, t, divergence):
+def _distill_fastkd(s, t, divergence, backend):
     import fastkd
 
-    return fastkd.distill_loss(s, t, divergence, backend="triton")
+    return fastkd.distill_loss(s, t, divergence, backend=backend)
 
 
-def setup_distill_triton(inputs: dict[str, Any], mode: str, *, divergence: str) -> Any:
-    import fastkd.ops.distill  # noqa: F401  (declares the distill backends before select loads them)
-    from fastkd.backends import select
-
+def setup_distill_fastkd(inputs: dict[str, Any], mode: str, *, divergence: str, backend: str) -> Any:
     s, t = inputs["student"], inputs["teacher"]
-    try:
-        select("distill", "triton", student=s.detach(), teacher=t, params=None)
-    except Exception as exc:
-        raise Skip(str(exc)) from exc
-    return autograd_step(functools.partial(_distill_fastkd, s, t, divergence), [s], mode)
+    require_backend("distill", backend, student=s.detach(), teacher=t, params=None)
+    return autograd_step(functools.partial(_distill_fastkd, s, t, divergence, backend), [s], mode)
 
 
 def distill_case(divergence: str, device: torch.device, dry: bool) -> Case:
@@ -150,8 +175,9 @@ def distill_case(divergence: str, device: torch.device, dry: bool) -> Case:
     providers = [
         Provider("naive", sliced(functools.partial(BD.setup_naive, divergence=divergence), (1,))),
         Provider("torch.compile", sliced(comp, (1,)), warmup_in_child=True),
-        Provider("fastkd-triton",
-                 sliced(functools.partial(setup_distill_triton, divergence=divergence), (1,))),
+        *(Provider(f"fastkd-{b}",
+                   sliced(functools.partial(setup_distill_fastkd, divergence=divergence, backend=b), (1,)))
+          for b in FASTKD_BACKENDS),
         Provider("liger", sliced(functools.partial(BD.setup_liger, divergence=divergence), (1,))),
     ]
     return Case(family="gpu_suite", op="distill_loss",
@@ -188,24 +214,20 @@ def fused_reference(inputs: dict[str, Any], *, divergence: str, chunk: int = 512
     return total, grad
 
 
-def _fused_fastkd(inputs, divergence):
+def _fused_fastkd(inputs, divergence, backend):
     import fastkd
 
     return fastkd.fused_linear_distill_loss(inputs["h"], inputs["W"], inputs["ht"], inputs["Wt"],
-                                            divergence=divergence, backend="triton")
+                                            divergence=divergence, backend=backend)
 
 
-def setup_fused_triton(inputs: dict[str, Any], mode: str, *, divergence: str) -> Any:
-    try:
-        import fastkd.ops.fused_linear  # noqa: F401
-        from fastkd.backends import select
-
+def setup_fused_fastkd(inputs: dict[str, Any], mode: str, *, divergence: str, backend: str) -> Any:
+    """``fastkd.fused_linear_distill_loss`` on ``backend`` ("auto" is not probed: it always runs)."""
+    if backend != "auto":
         probe = inputs["h"].detach()[:1, :1]
-        select("distill", "triton", student=probe, teacher=probe, params=None)
-    except Exception as exc:
-        raise Skip(f"{type(exc).__name__}: {exc}") from exc
-    return autograd_step(functools.partial(_fused_fastkd, inputs, divergence), [inputs["h"], inputs["W"]],
-                         mode)
+        require_backend("distill", backend, student=probe, teacher=probe, params=None)
+    return autograd_step(functools.partial(_fused_fastkd, inputs, divergence, backend),
+                         [inputs["h"], inputs["W"]], mode)
 
 
 def fused_case(divergence: str, device: torch.device, dry: bool) -> Case:
@@ -215,7 +237,9 @@ def fused_case(divergence: str, device: torch.device, dry: bool) -> Case:
         Provider("naive", sliced(functools.partial(BF.setup_naive, divergence=divergence), (1,))),
         Provider("torch.compile", sliced(comp, (1,)), warmup_in_child=True),
         Provider("matmuls", BF.setup_matmuls, checked=False),
-        Provider("fastkd-triton", sliced(functools.partial(setup_fused_triton, divergence=divergence), (1,))),
+        *(Provider(f"fastkd-{b}",
+                   sliced(functools.partial(setup_fused_fastkd, divergence=divergence, backend=b), (1,)))
+          for b in FASTKD_BACKENDS),
         Provider("liger", sliced(functools.partial(BF.setup_liger, divergence=divergence), (1,))),
     ]
     return Case(family="gpu_suite", op="fused_linear_distill_loss",
@@ -225,11 +249,165 @@ def fused_case(divergence: str, device: torch.device, dry: bool) -> Case:
                 providers=providers, baseline="naive")
 
 
+# ---- sparse (top-K teacher) fused LM head ----------------------------------------------------------------
+
+
+def sparse_reference(inputs: dict[str, Any], *, chunk: int = 512) -> tuple[torch.Tensor, ...]:
+    """float64 (mean top-K fkl over all rows, grad_h of the first REF_ROWS rows, grad_W of the first
+    REF_ROWS vocabulary rows), chunked on the device: per chunk z = h Wᵀ, G = ∂loss/∂z, then
+    grad_h[:R] = G[:R] W and grad_W[:R] = Σ_chunks G[:, :R]ᵀ h."""
+    from fastkd.reference.sparse import sparse_distill_loss
+
+    h, w = inputs["h"].detach(), inputs["W"].detach().double()
+    ids, lp = inputs["ids"], inputs["lp"].double()
+    n = h.shape[0]
+    total = torch.zeros((), dtype=torch.float64, device=h.device)
+    grad_w = torch.zeros_like(w[:REF_ROWS])
+    grad_h = None
+    for i in range(0, n, max(chunk, REF_ROWS)):
+        hc = h[i:i + chunk].double()
+        z = (hc @ w.T).requires_grad_(True)
+        part = sparse_distill_loss(z, ids[i:i + chunk], lp[i:i + chunk]).sum() / n
+        (gz,) = torch.autograd.grad(part, [z])
+        if grad_h is None:
+            grad_h = gz[:REF_ROWS] @ w
+        grad_w += gz[:, :REF_ROWS].T @ hc
+        total += part.detach()
+    return total, grad_h, grad_w
+
+
+def _sparse_fastkd(inputs, backend):
+    import fastkd
+
+    return fastkd.fused_linear_sparse_distill_loss(inputs["h"], inputs["W"], inputs["ids"], inputs["lp"],
+                                                   backend=backend)
+
+
+def setup_sparse_fastkd(inputs: dict[str, Any], mode: str, *, backend: str) -> Any:
+    probe = inputs["h"].detach()[:1, :1]
+    require_backend("sparse", backend, student=probe, ids=inputs["ids"][:1], params=None)
+    return autograd_step(functools.partial(_sparse_fastkd, inputs, backend), [inputs["h"], inputs["W"]], mode)
+
+
+def sparse_case(device: torch.device, dry: bool) -> Case:
+    """Top-K (K=64) fkl through the LM head, fwd+bwd; "student-matmuls" = h Wᵀ, G W, Gᵀ h alone and
+    "dense-fused" = the dense teacher (ht, Wt with H columns) through fused_linear_distill_loss (auto
+    backend: Triton on CUDA), not the same loss (unchecked)."""
+    n, h, v, k = (16, 32, 300, 8) if dry else (8192, 2048, 128256, 64)
+    providers = [
+        Provider("naive", sliced(BS.setup_naive, (1, 2))),
+        Provider("student-matmuls", BS.setup_matmuls, checked=False),
+        Provider("dense-fused", functools.partial(setup_fused_fastkd, divergence="fkl", backend="auto"),
+                 checked=False),
+        *(Provider(f"fastkd-{b}", sliced(functools.partial(setup_sparse_fastkd, backend=b), (1, 2)))
+          for b in ("triton", "torch", "cuda")),
+    ]
+    return Case(family="gpu_suite", op="fused_linear_sparse_distill_loss",
+                sizes={"N": n, "H": h, "V": v, "K": k, "dtype": "bf16", "div": "fkl"},
+                make_inputs=functools.partial(BS.make_inputs, n=n, h=h, v=v, k=k, dtype="bf16"),
+                reference=sparse_reference, providers=providers, baseline="naive")
+
+
+# ---- batched Sinkhorn on point clouds --------------------------------------------------------------------
+
+
+def sinkhorn_inputs(device: torch.device, seed: int, *, bsz: int, n: int, d: int) -> dict[str, Any]:
+    """x ~ U[0,1]^d, y ~ U[0.25,1.25]^d, (B, n, d) fp32 (bench/bench_sinkhorn.py's problem, points only)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(bsz, n, d, generator=g)
+    y = torch.rand(bsz, n, d, generator=g) + 0.25
+    return {"x": x.to(device), "y": y.to(device)}
+
+
+def sinkhorn_reference(inputs: dict[str, Any], *, eps: float, iters: int) -> tuple[torch.Tensor]:
+    """float64 ⟨P, C⟩ (B,) after exactly ``iters`` log-domain iterations on C = ‖x − y‖², uniform a, b."""
+    from fastkd.reference import ot as R
+
+    x, y = inputs["x"].double(), inputs["y"].double()
+    bsz, n, m = x.shape[0], x.shape[1], y.shape[1]
+    a = torch.full((bsz, n), 1.0 / n, dtype=torch.float64, device=x.device)
+    b = torch.full((bsz, m), 1.0 / m, dtype=torch.float64, device=x.device)
+    with torch.no_grad():
+        return (R.sinkhorn(a, b, R.pairwise_cost(x, y), eps, iters)["value"],)
+
+
+def _sinkhorn_fastkd(inputs, backend, eps, iters):
+    import fastkd
+
+    return fastkd.sinkhorn(x=inputs["x"], y=inputs["y"], eps=eps, max_iter=iters, tol=0,
+                           backend=backend).value
+
+
+def setup_sinkhorn_fastkd(inputs: dict[str, Any], mode: str, *, backend: str, eps: float,
+                          iters: int) -> Any:
+    require_backend("sinkhorn", backend, x=inputs["x"], y=inputs["y"], params=None)
+    return functools.partial(_sinkhorn_fastkd, inputs, backend, eps, iters)
+
+
+def _sinkhorn_pot(inputs, eps, iters):
+    import ot.batch
+
+    cost = ot.batch.dist_batch(inputs["x"], inputs["y"])  # ‖x − y‖², inside the timed step as fastkd's
+    return ot.batch.solve_batch(cost, reg=eps, method="log_sinkhorn", max_iter=iters, tol=0,
+                                grad="detach").value_linear
+
+
+def setup_sinkhorn_pot(inputs: dict[str, Any], mode: str, *, eps: float, iters: int) -> Any:
+    try:
+        import ot.batch  # noqa: F401
+    except ImportError as exc:
+        raise Skip(f"POT with ot.batch is not installed ({exc})") from exc
+    return functools.partial(_sinkhorn_pot, inputs, eps, iters)
+
+
+def _sinkhorn_geomloss(loss, inputs):
+    return (loss(inputs["x"], inputs["y"]),)
+
+
+def setup_sinkhorn_geomloss(inputs: dict[str, Any], mode: str, *, eps: float, iters: int) -> Any:
+    """GeomLoss tensorized: cost ‖x − y‖²/2 with ε = blur², so blur = √(ε/2) is fastkd's ε on ‖x − y‖²;
+    its ε-annealing from the diameter down to blur takes ≈ log(diam/blur)/log(1/scaling) iterations, so
+    scaling is chosen for ``iters`` of them. Timed only: neither the iterations nor the value (a dual
+    objective) are fastkd's."""
+    try:
+        from geomloss import SamplesLoss
+    except ImportError as exc:
+        raise Skip(f"geomloss is not installed ({exc})") from exc
+    x, y = inputs["x"], inputs["y"]
+    lo = torch.minimum(x.amin((0, 1)), y.amin((0, 1)))
+    hi = torch.maximum(x.amax((0, 1)), y.amax((0, 1)))
+    blur = math.sqrt(eps / 2)
+    diameter = float((hi - lo).norm())
+    scaling = min(max((blur / diameter) ** (1.0 / iters), 0.5), 0.999)
+    loss = SamplesLoss("sinkhorn", p=2, blur=blur, scaling=scaling, debias=False, backend="tensorized")
+    return functools.partial(_sinkhorn_geomloss, loss, inputs)
+
+
+def sinkhorn_case(device: torch.device, dry: bool) -> Case:
+    """B=64, n=m=1024, d=2, eps=0.05, 200 iterations exactly (tol=0); the output compared is ⟨P, C⟩."""
+    bsz, n, d, eps, iters = (2, 32, 2, 0.05, 20) if dry else (64, 1024, 2, 0.05, 200)
+    kw = {"eps": eps, "iters": iters}
+    providers = [
+        *(Provider(f"fastkd-{b}", functools.partial(setup_sinkhorn_fastkd, backend=b, **kw))
+          for b in ("triton", "torch", "cuda")),
+        Provider("pot-batch", functools.partial(setup_sinkhorn_pot, **kw)),
+        Provider("geomloss", functools.partial(setup_sinkhorn_geomloss, **kw), checked=False),
+    ]
+    return Case(family="gpu_suite", op="sinkhorn",
+                sizes={"B": bsz, "n": n, "m": n, "d": d, "eps": eps, "iters": iters, "dtype": "fp32"},
+                make_inputs=functools.partial(sinkhorn_inputs, bsz=bsz, n=n, d=d),
+                reference=functools.partial(sinkhorn_reference, **kw), providers=providers,
+                modes=("fwd",), baseline="pot-batch")
+
+
 SUITE: list[SuiteCase] = [
     *(SuiteCase(f"distill-{d}", functools.partial(distill_case, d), floor_bytes=distill_floor_bytes)
       for d in ("fkl", "rkl", "jsd")),
     *(SuiteCase(f"fused-{d}", functools.partial(fused_case, d), gemm_provider="matmuls")
       for d in ("fkl", "jsd")),
+    SuiteCase("sparse-fkl-k64", sparse_case, gemm_provider="student-matmuls",
+              speedup_vs=(("dense", "dense-fused"), ("naive", "naive"))),
+    SuiteCase("sinkhorn", sinkhorn_case, speedup_vs=(("pot", "pot-batch"), ("geomloss", "geomloss"))),
 ]
 
 
@@ -262,8 +440,16 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int = 2 << 30, reps: int =
     return 2 * nbytes / (times[len(times) // 2] * 1e-3) / 1e9
 
 
+def speedup_columns(entries: dict[str, SuiteCase]) -> list[str]:
+    """Summary columns ``speedup_vs_<label>`` over every entry's ``speedup_vs`` (first-seen order)."""
+    return list(dict.fromkeys(f"speedup_vs_{label}" for e in entries.values() for label, _ in e.speedup_vs))
+
+
 def derive(entries: dict[str, SuiteCase], rows: list[dict[str, Any]], copy_bw: float | None) -> list[dict]:
-    """Per measured row: GB/s vs the HBM floor, share of the copy bandwidth, time vs GEMMs / vs Liger."""
+    """Per measured row: GB/s vs the HBM floor, share of the copy bandwidth, time / the GEMM provider's
+    time, and ``speedup_vs_<label>`` = the named baseline's median / this row's median (same suite case);
+    a metric that does not apply (or whose baseline did not run) is None."""
+    speedups = speedup_columns(entries)
     out = []
     for r in rows:
         if r["status"] != "ok" or r["median_ms"] is None:
@@ -272,30 +458,33 @@ def derive(entries: dict[str, SuiteCase], rows: list[dict[str, Any]], copy_bw: f
         sizes = json.loads(r["sizes"])
         d = {"suite_case": r["suite_case"], "provider": r["provider"], "median_ms": r["median_ms"],
              "peak_mem_mb": r["peak_mem_mb"], "max_abs_err": r["max_abs_err"], "gbps": None,
-             "floor_ms": None, "pct_of_copy_bw": None, "time_vs_gemms": None, "speedup_vs_liger": None,
-             "device_name": r["device_name"], "run_id": r["run_id"]}
+             "floor_ms": None, "pct_of_copy_bw": None, "time_vs_gemms": None,
+             **dict.fromkeys(speedups), "device_name": r["device_name"], "run_id": r["run_id"]}
         if entry.floor_bytes is not None:
             fb = entry.floor_bytes(sizes)
             d["gbps"] = fb / (r["median_ms"] * 1e-3) / 1e9
             if copy_bw:
                 d["floor_ms"] = fb / (copy_bw * 1e9) * 1e3
                 d["pct_of_copy_bw"] = 100.0 * d["gbps"] / copy_bw
-        peers = {p["provider"]: p for p in rows if p["suite_case"] == r["suite_case"] and p["status"] == "ok"}
+        peers = {p["provider"]: p for p in rows if p["suite_case"] == r["suite_case"] and p["status"] == "ok"
+                 and p["median_ms"]}
         if entry.gemm_provider in peers:
             d["time_vs_gemms"] = r["median_ms"] / peers[entry.gemm_provider]["median_ms"]
-        if "liger" in peers:
-            d["speedup_vs_liger"] = peers["liger"]["median_ms"] / r["median_ms"]
+        for label, provider in entry.speedup_vs:
+            if provider in peers and r["median_ms"] > 0:
+                d[f"speedup_vs_{label}"] = peers[provider]["median_ms"] / r["median_ms"]
         out.append(d)
     return out
 
 
-def print_summary(summary: list[dict[str, Any]], copy_bw: float | None, console: Any) -> None:
+def print_summary(summary: list[dict[str, Any]], copy_bw: float | None, console: Any,
+                  speedups: list[str]) -> None:
     from rich.table import Table
 
     bw = "n/a (not CUDA)" if copy_bw is None else f"{copy_bw:.0f} GB/s"
-    table = Table(title=f"GPU suite: derived metrics (device copy bandwidth {bw})")
-    cols = ("case", "provider", "median ms", "GB/s", "% copy bw", "× GEMMs", "vs liger", "peak MiB",
-            "max err")
+    table = Table(title=f"GPU suite: derived metrics (device copy bandwidth {bw}; vs X = X's time / this)")
+    cols = ("case", "provider", "median ms", "GB/s", "% copy bw", "× GEMMs",
+            *(f"vs {c.removeprefix('speedup_vs_')}" for c in speedups), "peak MiB", "max err")
     for c in cols:
         table.add_column(c, justify="left" if c in ("case", "provider") else "right")
 
@@ -305,7 +494,8 @@ def print_summary(summary: list[dict[str, Any]], copy_bw: float | None, console:
     for d in summary:
         table.add_row(d["suite_case"], d["provider"], f(d["median_ms"], ".3f"), f(d["gbps"], ".0f"),
                       f(d["pct_of_copy_bw"], ".1f"), f(d["time_vs_gemms"], ".2f"),
-                      f(d["speedup_vs_liger"], ".2f"), f(d["peak_mem_mb"], ".0f"), f(d["max_abs_err"], ".2e"))
+                      *(f(d[c], ".2f") for c in speedups), f(d["peak_mem_mb"], ".0f"),
+                      f(d["max_abs_err"], ".2e"))
     console.print(table)
 
 
@@ -346,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.extend(case_rows)
     print_table(rows, console, title=f"fastkd GPU suite on {rows[0]['device_name'] if rows else device}")
     summary = derive(entries, rows, copy_bw)
-    print_summary(summary, copy_bw, console)
+    print_summary(summary, copy_bw, console, speedup_columns(entries))
     out = Path(args.out)
     tag = "gpu_suite_dry" if args.dry_run else "gpu_suite"
     csv_path, json_path = write_results(rows, out / f"{tag}.csv", out / f"{tag}.json")
