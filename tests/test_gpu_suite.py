@@ -1,0 +1,140 @@
+"""bench/gpu_suite.py: the whole suite's --dry-run on CPU (every case, every fastkd provider checked against
+its float64 reference, unavailable providers skipped with reasons), the derived columns, and the new
+chunked references against the full float64 ones."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import gpu_suite as GS  # noqa: E402
+
+# fastkd providers that must run in the dry run, per suite case, and their max |error| bound (bf16
+# gradients round at ~4e-3 relative; Sinkhorn values are fp32)
+EXPECTED = {
+    **{f"distill-{d}": ("fastkd-triton",) for d in ("fkl", "rkl", "jsd")},
+    **{f"fused-{d}": ("fastkd-triton",) for d in ("fkl", "jsd")},
+    "sparse-fkl-k64": ("fastkd-triton", "fastkd-torch"),
+    "sinkhorn": ("fastkd-triton", "fastkd-torch"),
+}
+TOL = {"sinkhorn": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_suite")
+    rc = GS.main(["--dry-run", "--out", str(out)])
+    rows = json.loads((out / "gpu_suite_dry.json").read_text())
+    summary = json.loads((out / "gpu_suite_dry_summary.json").read_text())["rows"]
+    with open(out / "gpu_suite_dry_summary.csv") as fh:
+        header = next(csv.reader(fh))
+    return rc, rows, summary, header
+
+
+def _row(rows, case, provider):
+    found = [r for r in rows if r["suite_case"] == case and r["provider"] == provider]
+    assert len(found) == 1, (case, provider, len(found))
+    return found[0]
+
+
+def test_every_case_ran_its_fastkd_providers(dry_run):
+    rc, rows, _, _ = dry_run
+    assert rc == 0
+    assert {e.name for e in GS.SUITE} == set(EXPECTED)
+    for case, providers in EXPECTED.items():
+        for p in providers:
+            r = _row(rows, case, p)
+            assert r["status"] == "ok", (case, p, r["reason"])
+            assert r["median_ms"] > 0 and r["reps"] >= 1
+            assert r["max_abs_err"] is not None and r["max_abs_err"] < TOL.get(case, 2e-3), (case, p, r)
+
+
+def test_baselines_ran_and_agree(dry_run):
+    _, rows, _, _ = dry_run
+    for case in ("sparse-fkl-k64", "sinkhorn"):
+        base = "naive" if case.startswith("sparse") else "pot-batch"
+        r = _row(rows, case, base)
+        assert r["status"] == "ok" and r["max_abs_err"] < TOL.get(case, 2e-3), r
+    for case, p in (("sparse-fkl-k64", "student-matmuls"), ("sparse-fkl-k64", "dense-fused"),
+                    ("sinkhorn", "geomloss")):
+        r = _row(rows, case, p)
+        assert r["status"] == "ok" and r["max_abs_err"] is None  # timed, not checked
+
+
+def test_unavailable_providers_skipped_with_reasons(dry_run):
+    _, rows, _, _ = dry_run
+    for case in EXPECTED:
+        r = _row(rows, case, "fastkd-cuda")  # the cuda backend needs CUDA tensors: never runs in a dry run
+        assert r["status"] == "skipped"
+        assert "BackendUnavailableError" in r["reason"] and "cuda" in r["reason"]
+    for case in ("distill-fkl", "fused-jsd"):
+        r = _row(rows, case, "torch.compile")
+        assert r["status"] == "skipped" and "dry-run" in r["reason"]
+    assert not [r for r in rows if r["status"] == "error"]
+    assert all(r["reason"] for r in rows if r["status"] == "skipped")
+
+
+def test_summary_has_derived_columns_for_new_rows(dry_run):
+    _, rows, summary, header = dry_run
+    for col in ("time_vs_gemms", "speedup_vs_liger", "speedup_vs_dense", "speedup_vs_pot",
+                "speedup_vs_geomloss"):
+        assert col in header
+    by = {(d["suite_case"], d["provider"]): d for d in summary}
+    for p in ("fastkd-triton", "fastkd-torch"):
+        d = by[("sparse-fkl-k64", p)]
+        mm = _row(rows, "sparse-fkl-k64", "student-matmuls")["median_ms"]
+        assert d["time_vs_gemms"] == pytest.approx(d["median_ms"] / mm)
+        assert d["speedup_vs_dense"] is not None and d["speedup_vs_pot"] is None
+        s = by[("sinkhorn", p)]
+        pot = _row(rows, "sinkhorn", "pot-batch")["median_ms"]
+        assert s["speedup_vs_pot"] == pytest.approx(pot / s["median_ms"])
+        assert s["speedup_vs_geomloss"] is not None and s["time_vs_gemms"] is None
+    assert by[("fused-fkl", "fastkd-triton")]["time_vs_gemms"] is not None
+    assert by[("distill-jsd", "fastkd-triton")]["gbps"] is not None
+    assert ("sinkhorn", "fastkd-cuda") not in by  # skipped rows get no summary row
+
+
+def test_derive_speedups_and_missing_baseline():
+    entries = {"s": GS.SuiteCase("s", GS.sinkhorn_case, speedup_vs=(("pot", "pot-batch"), ("gl", "gl")))}
+
+    def row(provider, ms, status="ok"):
+        return {"suite_case": "s", "provider": provider, "median_ms": ms, "status": status, "sizes": "{}",
+                "peak_mem_mb": None, "max_abs_err": None, "device_name": "x", "run_id": "r"}
+
+    rows = [row("fastkd-triton", 2.0), row("pot-batch", 30.0), row("gl", None, "skipped")]
+    out = {d["provider"]: d for d in GS.derive(entries, rows, None)}
+    assert set(out) == {"fastkd-triton", "pot-batch"}
+    assert out["fastkd-triton"]["speedup_vs_pot"] == pytest.approx(15.0)
+    assert out["fastkd-triton"]["speedup_vs_gl"] is None and out["fastkd-triton"]["time_vs_gemms"] is None
+
+
+def test_sparse_reference_matches_full_float64():
+    """The chunked device reference (loss, grad_h rows, grad_W rows) equals bench_sparse's full one,
+    over several chunks (N=150 > chunk=64) so the grad_W accumulation and row slicing are exercised."""
+    from bench import bench_sparse as BS
+
+    inputs = BS.make_inputs(torch.device("cpu"), 3, n=150, h=24, v=200, k=8, dtype="fp32")
+    loss, gh, gw = GS.sparse_reference(inputs, chunk=64)
+    rl, rgh, rgw = BS.reference(inputs)
+    torch.testing.assert_close(loss, rl, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gh, rgh[:GS.REF_ROWS], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gw, rgw[:GS.REF_ROWS], rtol=1e-10, atol=1e-12)
+    assert float(loss) > 0 and gh.abs().max() > 0 and gw.abs().max() > 0
+
+
+def test_sinkhorn_reference_matches_fastkd_float64():
+    inputs = GS.sinkhorn_inputs(torch.device("cpu"), 1, bsz=3, n=17, d=2)
+    (ref,) = GS.sinkhorn_reference(inputs, eps=0.1, iters=30)
+    import fastkd
+
+    got = fastkd.sinkhorn(x=inputs["x"].double(), y=inputs["y"].double(), eps=0.1, max_iter=30, tol=0,
+                          backend="torch").value
+    assert ref.shape == (3,) and float(ref.min()) > 0
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
