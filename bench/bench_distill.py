@@ -146,7 +146,8 @@ def providers(divergence: str, device: torch.device, *, compile_: bool = True) -
         if backend != "torch" and device.type != "cuda":
             continue  # no CPU kernels outside the interpreter; `fastkd info` explains why
         ps.append(Provider(f"fastkd-{backend}",
-                           functools.partial(setup_fastkd, divergence=divergence, backend=backend)))
+                           functools.partial(setup_fastkd, divergence=divergence, backend=backend),
+                           warmup_in_child=True))  # CPU: inductor compiles the chunk kernel once
     ps.append(Provider("liger", functools.partial(setup_liger, divergence=divergence)))
     return ps
 

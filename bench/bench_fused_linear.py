@@ -176,7 +176,8 @@ def providers(divergence: str, device: torch.device, *, compile_: bool) -> list[
     for backend in ("torch", "triton", "cuda"):
         if backend == "torch" or device.type == "cuda":
             ps.append(Provider(f"fastkd-{backend}",
-                               functools.partial(setup_fastkd, divergence=divergence, backend=backend)))
+                               functools.partial(setup_fastkd, divergence=divergence, backend=backend),
+                           warmup_in_child=True))  # CPU: inductor compiles the chunk kernel once
     ps.append(Provider("liger", functools.partial(setup_liger, divergence=divergence)))
     return ps
 
