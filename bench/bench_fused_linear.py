@@ -217,10 +217,10 @@ def summarize(rows: list[dict[str, Any]], console: Any) -> None:
                 continue
             # The DESIGN.md targets are stated for its sizes only (memory ratios shrink as N grows).
             design = any(key in label for key in _DESIGN_LABELS)
-            t_mem, t_time = ("(target ≤ 0.1)", "(target ≤ 1.25)") if design else ("", "")
+            t_mem, t_time = (" (target ≤ 0.1)", " (target ≤ 1.25)") if design else ("", "")
             console.print(
-                f"{label} {prov}: peak memory / naive = {'n/a' if mem is None else f'{mem:.4f}'} {t_mem}, "
-                f"time / four matmuls = {'n/a' if tm is None else f'{tm:.3f}'} {t_time}, "
+                f"{label} {prov}: peak memory / naive = {'n/a' if mem is None else f'{mem:.4f}'}{t_mem}, "
+                f"time / four matmuls = {'n/a' if tm is None else f'{tm:.3f}'}{t_time}, "
                 f"max abs error vs float64 = {'n/a' if err is None else f'{err:.2e}'}"
                 + ("" if design else " (DESIGN.md targets apply to `fastkd bench --design` sizes)"),
                 highlight=False)
