@@ -258,7 +258,10 @@ def test_property_vs_torch_backend(rows, v, div, temp, seed):
     loss, grad = _run(s, t, div, temperature=temp, reduction="none", block=16)
     tloss, tgrad = _run(s, t, div, temperature=temp, reduction="none", backend="torch")
     torch.testing.assert_close(loss, tloss, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad, tgrad, rtol=1e-5, atol=1e-6)
+    # Gradients like rkl's q·(log q − log p − L) cancel terms as large as the tempered logits, so fp32
+    # rounding scales with that magnitude (seen: 3.8e-6 at |z/T| ≈ 18 for two correct fp32 backends).
+    scale = 1.0 + (s.abs().max() + t.abs().max()).item() / temp
+    torch.testing.assert_close(grad, tgrad, rtol=1e-5, atol=1e-6 * scale)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
