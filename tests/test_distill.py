@@ -311,3 +311,7 @@ def test_bad_tensors():
         fastkd.distill_loss(torch.tensor(1.0), torch.tensor(1.0))
     with pytest.raises(TypeError, match="teacher_logits"):
         fastkd.distill_loss(s, [1, 2])
+    with pytest.raises(ValueError, match="student vocabulary .* is empty"):
+        fastkd.distill_loss(s[:, :0], t[:, :0])
+    with pytest.raises(ValueError, match="student vocabulary .* is empty"):
+        fastkd.fused_linear_distill_loss(torch.randn(3, 4), torch.randn(0, 4), torch.randn(3, 2), torch.randn(0, 2))

@@ -101,6 +101,9 @@ def make_params(
 
 def resolve_vocab(vs: int, vt: int, vocab_size: int | None) -> int:
     """The number of leading vocabulary columns both sides use."""
+    for name, size in (("student", vs), ("teacher", vt)):
+        if size == 0:
+            raise ValueError(f"the {name} vocabulary (last dimension) is empty: a distribution needs V >= 1")
     if vocab_size is None:
         if vs != vt:
             raise ValueError(
