@@ -164,3 +164,10 @@ def test_bad_inputs():
         fastkd.uld_loss(s, t, mask=torch.ones(3, dtype=torch.bool))
     with pytest.raises(TypeError, match="student_logits"):
         fastkd.uld_loss(s.long(), t)
+
+
+def test_empty_vocabulary_raises():
+    with pytest.raises(ValueError, match="student_logits has an empty vocabulary"):
+        fastkd.uld_loss(torch.randn(3, 0), torch.randn(3, 5))
+    with pytest.raises(ValueError, match="teacher_logits has an empty vocabulary"):
+        fastkd.sinkd_loss(torch.randn(3, 4), torch.randn(3, 0))

@@ -318,3 +318,12 @@ def test_bad_tensor_arguments():
         assert torch.isnan(fastkd.sinkhorn(a, b, cost=bad, max_iter=3).value[0])
     finally:
         Cm.set_input_checks(None)
+
+
+def test_empty_measures_raise():
+    with pytest.raises(ValueError, match="cost has no points"):
+        fastkd.sinkhorn(cost=torch.randn(2, 0, 4))
+    with pytest.raises(ValueError, match="x has no points"):
+        fastkd.sinkhorn(x=torch.randn(2, 0, 3), y=torch.randn(2, 4, 3))
+    with pytest.raises(ValueError, match="y has no points"):
+        fastkd.sinkhorn(x=torch.randn(2, 3, 3), y=torch.randn(2, 0, 3))

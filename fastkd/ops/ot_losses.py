@@ -29,6 +29,9 @@ def _check_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor, same
     if tuple(student_logits.shape[:-1]) != tuple(teacher_logits.shape[:-1]):
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
                          f"{tuple(teacher_logits.shape)} must match in every dimension but the last")
+    for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if t.shape[-1] == 0:
+            raise ValueError(f"{name} has an empty vocabulary (last dimension): a distribution needs V >= 1")
     if same_vocab and student_logits.shape[-1] != teacher_logits.shape[-1]:
         raise ValueError(f"student_logits and teacher_logits must have one vocabulary size, got "
                          f"{student_logits.shape[-1]} and {teacher_logits.shape[-1]}")

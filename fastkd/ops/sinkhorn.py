@@ -340,6 +340,9 @@ def sinkhorn(
         bsz, n, m = x_b.shape[0], x_b.shape[1], y_b.shape[1]
     else:
         bsz, n, m = cost_b.shape
+    if n == 0 or m == 0:
+        side = ("x" if n == 0 else "y") if x_b is not None else "cost"
+        raise ValueError(f"{side} has no points (n={n}, m={m}): each measure needs at least one point")
     if debias and cost is not None:
         raise ValueError("debias=True needs points x, y (S(a,a) and S(b,b) need the costs C(x,x), C(y,y))")
     ref = cost_b if cost_b is not None else x_b
