@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from fastkd.ops import _common as C
-from fastkd.ops.distill import make_params, scale_grad_
+from fastkd.ops.distill import make_params, scale_grad
 from fastkd.params import DistillParams
 
 __all__ = ["vocab_parallel_distill_loss", "vocab_parallel_fused_linear_distill_loss", "VP_DIVERGENCES"]
@@ -143,14 +143,19 @@ class _VPDistillFunction(torch.autograd.Function):
             if need:
                 grad[sl] = gi
         ctx.per_row = reduction == "none"
+        ctx.used = False
         if need:
             ctx.save_for_backward(grad)
         return C.reduce_tokens(loss, w, reduction, (n,))
 
     @staticmethod
     def backward(ctx, grad_output):
+        if ctx.used:
+            raise RuntimeError("vocab_parallel_distill_loss: backward ran twice through the same graph after the "
+                               "stored CUDA gradient was scaled in place; recompute the loss instead")
         (grad,) = ctx.saved_tensors
-        return scale_grad_(grad.clone(), grad_output, ctx.per_row), *([None] * 8)
+        grad, ctx.used = scale_grad(grad, grad_output, ctx.per_row)
+        return grad, *([None] * 8)
 
 
 def vocab_parallel_distill_loss(

@@ -137,11 +137,6 @@ def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool) -> 
     return grad * g.to(grad.dtype), False
 
 
-def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool) -> torch.Tensor:
-    """:func:`scale_grad` without the flag (the result may or may not share ``grad``'s storage)."""
-    return scale_grad(grad, grad_output, per_row)[0]
-
-
 class DistillFunction(torch.autograd.Function):
     """Autograd wrapper: loss and gradient in forward, gradient scaling in backward."""
 
