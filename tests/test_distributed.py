@@ -5,6 +5,7 @@ a failing assertion in a worker fails the test with the worker's traceback."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 
@@ -30,7 +31,8 @@ def _free_port() -> int:
 def _init(rank: int, port: int) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))  # a stuck peer fails the test, never hangs CI
 
 
 def _spawn(fn) -> None:
@@ -115,6 +117,7 @@ def _vp_worker(rank: int, port: int) -> None:
             raise AssertionError("tvd accepted")
         except ValueError as e:
             assert "divergence" in str(e)
+        dist.barrier()  # no rank tears gloo down while its peer still finishes the last collective
     finally:
         dist.destroy_process_group()
 
@@ -168,6 +171,7 @@ def _ddp_worker(rank: int, port: int) -> None:
         total = loss.detach() / WORLD
         dist.all_reduce(total)
         torch.testing.assert_close(total, ref.detach(), rtol=1e-5, atol=1e-7)
+        dist.barrier()  # no rank tears gloo down while its peer still finishes the last collective
     finally:
         dist.destroy_process_group()
 
