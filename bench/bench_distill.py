@@ -41,7 +41,7 @@ def make_inputs(device: torch.device, seed: int, *, n: int, v: int, dtype: str) 
 
 
 def reference(inputs: dict[str, Any], *, divergence: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, grad_student) in float64 from ``fastkd.reference.distill_loss``."""
+    """(loss, grad_student) in float64 from ``fastkd.distill.reference_loss``."""
     from fastkd import reference as R
 
     s = inputs["student"].detach().double().requires_grad_(True)
@@ -91,14 +91,14 @@ def _fastkd_loss(s, t, divergence, backend):
 
 
 def setup_fastkd(inputs: dict[str, Any], mode: str, *, divergence: str, backend: str) -> Any:
-    import fastkd.ops.distill  # noqa: F401  (declares the distill backends)
-    from fastkd.backends import implementations, triton_interpret
+    import fastkd.distill.op  # noqa: F401  (declares the distill backends)
+    from fastkd.core.registry import implementations, triton_interpret
 
     s, t = inputs["student"], inputs["teacher"]
     impl = implementations("distill").get(backend)
     if impl is None:
         raise Skip(f"fastkd backend {backend!r} is not implemented for distill")
-    from fastkd.ops.distill import make_params
+    from fastkd.distill.op import make_params
 
     params = make_params(divergence, temperature=1.0, scale_by_t2=False, beta=0.5, alpha=0.1, mu=0.5, t=0.5,
                          ce_weight=0.0, chunk_size=None)

@@ -131,9 +131,9 @@ def _fastkd_loss(inputs, divergence, backend):
 
 
 def setup_fastkd(inputs: dict[str, Any], mode: str, *, divergence: str, backend: str) -> Any:
-    import fastkd.ops.fused_linear  # noqa: F401  (declares the backends it dispatches to)
-    from fastkd.backends import implementations, triton_interpret
-    from fastkd.ops.distill import make_params
+    import fastkd.distill.fused  # noqa: F401  (declares the backends it dispatches to)
+    from fastkd.core.registry import implementations, triton_interpret
+    from fastkd.distill.op import make_params
 
     impl = implementations("distill").get(backend)
     if impl is None:

@@ -112,7 +112,7 @@ def make_inputs(device: torch.device, seed: int, bsz: int = 16, n: int = 256) ->
 
 
 def reference(inputs: dict) -> tuple[torch.Tensor]:
-    from fastkd.reference import ot as R
+    from fastkd.ot import reference as R
 
     c = inputs["cost"].double()
     bsz, n, m = c.shape

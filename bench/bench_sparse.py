@@ -60,7 +60,7 @@ def make_inputs(
 
 def reference(inputs: dict[str, Any], rows: int = 256) -> tuple[torch.Tensor, ...]:
     """(loss, grad_h, grad_W) in float64, ``rows`` tokens at a time."""
-    from fastkd.reference.sparse import sparse_distill_loss
+    from fastkd.sparse.reference import sparse_distill_loss
 
     h, w = inputs["h"].detach().cpu().double(), inputs["W"].detach().cpu().double().requires_grad_(True)
     ids, lp = inputs["ids"].cpu(), inputs["lp"].cpu().double()
@@ -125,8 +125,8 @@ def _sparse_fused(inputs, backend):
 
 
 def setup_fastkd(inputs: dict[str, Any], mode: str, *, backend: str) -> Any:
-    import fastkd.ops.sparse  # noqa: F401  (declares the sparse backends)
-    from fastkd.backends import implementations, triton_interpret
+    import fastkd.sparse.op  # noqa: F401  (declares the sparse backends)
+    from fastkd.core.registry import implementations, triton_interpret
 
     impl = implementations("sparse").get(backend)
     if impl is None:

@@ -2,7 +2,7 @@
 
 Cases (DESIGN.md GPU targets), each fwd+bwd (mode "full") unless noted, loss = mean over tokens. Every
 fastkd op also runs as ``fastkd-cuda`` (backend="cuda", the C++/CUDA extension), skipped with the
-backend's own reasons (``fastkd.backends.select``) where it cannot run.
+backend's own reasons (``fastkd.core.registry.select``) where it cannot run.
 
 * ``distill-<div>`` for fkl / rkl / jsd: N=8192, V=128256, bf16 logits. Providers: fastkd-triton,
   fastkd-cuda, PyTorch eager ("naive"), torch.compile, Liger-Kernel (LigerKLDIVLoss / LigerJSD, when
@@ -123,12 +123,12 @@ def _no_compile(inputs: dict[str, Any], mode: str) -> Any:
 
 def require_backend(op: str, backend: str, **probe: Any) -> None:
     """Raise :class:`Skip` (the backend's own reasons) unless fastkd's ``backend`` can run ``op`` on
-    tensors like ``probe`` (same device and dtype; ``fastkd.backends.select`` checks them)."""
+    tensors like ``probe`` (same device and dtype; ``fastkd.core.registry.select`` checks them)."""
     try:
-        import fastkd.ops.distill  # noqa: F401  (each op module declares its backends)
-        import fastkd.ops.sinkhorn  # noqa: F401
-        import fastkd.ops.sparse  # noqa: F401
-        from fastkd.backends import select
+        import fastkd.distill.op  # noqa: F401  (each op module declares its backends)
+        import fastkd.ot.sinkhorn  # noqa: F401
+        import fastkd.sparse.op  # noqa: F401
+        from fastkd.core.registry import select
 
         select(op, backend, **probe)
     except Exception as exc:  # BackendUnavailableError lists every reason
@@ -256,7 +256,7 @@ def sparse_reference(inputs: dict[str, Any], *, chunk: int = 512) -> tuple[torch
     """float64 (mean top-K fkl over all rows, grad_h of the first REF_ROWS rows, grad_W of the first
     REF_ROWS vocabulary rows), chunked on the device: per chunk z = h Wᵀ, G = ∂loss/∂z, then
     grad_h[:R] = G[:R] W and grad_W[:R] = Σ_chunks G[:, :R]ᵀ h."""
-    from fastkd.reference.sparse import sparse_distill_loss
+    from fastkd.sparse.reference import sparse_distill_loss
 
     h, w = inputs["h"].detach(), inputs["W"].detach().double()
     ids, lp = inputs["ids"], inputs["lp"].double()
@@ -321,7 +321,7 @@ def sinkhorn_inputs(device: torch.device, seed: int, *, bsz: int, n: int, d: int
 
 def sinkhorn_reference(inputs: dict[str, Any], *, eps: float, iters: int) -> tuple[torch.Tensor]:
     """float64 ⟨P, C⟩ (B,) after exactly ``iters`` log-domain iterations on C = ‖x − y‖², uniform a, b."""
-    from fastkd.reference import ot as R
+    from fastkd.ot import reference as R
 
     x, y = inputs["x"].double(), inputs["y"].double()
     bsz, n, m = x.shape[0], x.shape[1], y.shape[1]

@@ -253,7 +253,7 @@ def main() -> None:
     teacher.eval().requires_grad_(False)
     rows.append(("teacher (bytes)", perplexity(teacher, val), t_time))
     id_map = torch.randperm(320, generator=torch.Generator().manual_seed(7))[:256]  # byte → id in [0, 320)
-    has_uld = hasattr(fastkd, "uld_loss") and _importable("fastkd.ops.ot_losses")
+    has_uld = hasattr(fastkd, "uld_loss") and _importable("fastkd.ot.losses")
     if has_uld:
         teacher_b = TinyLM(320, t_dim, 2, ctx)
         tb_time = train(teacher_b, teacher_batches, lambda m, b: ce_loss(m, b, id_map), 3e-3)

@@ -12,19 +12,19 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
-    "distill_loss": "fastkd.ops.distill",
-    "DIVERGENCES": "fastkd.ops.distill",
-    "fused_linear_distill_loss": "fastkd.ops.fused_linear",
-    "sparse_distill_loss": "fastkd.ops.sparse",
-    "fused_linear_sparse_distill_loss": "fastkd.ops.sparse",
-    "sinkhorn": "fastkd.ops.sinkhorn",
-    "SinkhornResult": "fastkd.ops.sinkhorn",
-    "sinkd_loss": "fastkd.ops.ot_losses",
-    "uld_loss": "fastkd.ops.ot_losses",
-    "TAIDSchedule": "fastkd.taid",
-    "BackendUnavailableError": "fastkd.backends",
+    "distill_loss": "fastkd.distill.op",
+    "DIVERGENCES": "fastkd.distill.op",
+    "fused_linear_distill_loss": "fastkd.distill.fused",
+    "sparse_distill_loss": "fastkd.sparse.op",
+    "fused_linear_sparse_distill_loss": "fastkd.sparse.op",
+    "sinkhorn": "fastkd.ot.sinkhorn",
+    "SinkhornResult": "fastkd.ot.sinkhorn",
+    "sinkd_loss": "fastkd.ot.losses",
+    "uld_loss": "fastkd.ot.losses",
+    "TAIDSchedule": "fastkd.distill.taid",
+    "BackendUnavailableError": "fastkd.core.registry",
 }
-_SUBMODULES = {"nn", "reference", "backends", "ops", "cache", "integrations", "kernels", "cli"}
+_SUBMODULES = {"nn", "reference", "core", "distill", "sparse", "ot", "cache", "integrations", "kernels", "cli"}
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
@@ -47,10 +47,10 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     # ruff: noqa: F401
-    from fastkd.backends import BackendUnavailableError
-    from fastkd.ops.distill import DIVERGENCES, distill_loss
-    from fastkd.ops.fused_linear import fused_linear_distill_loss
-    from fastkd.ops.ot_losses import sinkd_loss, uld_loss
-    from fastkd.ops.sinkhorn import SinkhornResult, sinkhorn
-    from fastkd.ops.sparse import fused_linear_sparse_distill_loss, sparse_distill_loss
-    from fastkd.taid import TAIDSchedule
+    from fastkd.core.registry import BackendUnavailableError
+    from fastkd.distill.fused import fused_linear_distill_loss
+    from fastkd.distill.op import DIVERGENCES, distill_loss
+    from fastkd.distill.taid import TAIDSchedule
+    from fastkd.ot.losses import sinkd_loss, uld_loss
+    from fastkd.ot.sinkhorn import SinkhornResult, sinkhorn
+    from fastkd.sparse.op import fused_linear_sparse_distill_loss, sparse_distill_loss

@@ -5,7 +5,7 @@ CUDA device are present, a JIT build on first use (:func:`lib`, called by the ``
 CUDA tensors — never at import) into ``$FASTKD_CACHE_DIR`` (default ``~/.cache/fastkd``), keyed by a hash of
 the sources, arch list, nvcc version and Python ABI. ``FASTKD_CUDA_JIT=0`` disables the JIT build.
 
-:func:`load_error` (used by :func:`fastkd.backends.cuda_ext_reasons`) returns None when the extension is
+:func:`load_error` (used by :func:`fastkd.core.registry.cuda_ext_reasons`) returns None when the extension is
 usable (loaded, or JIT-buildable) and otherwise one line saying why; :func:`build_info` feeds ``fastkd info``.
 Nothing here imports torch.cuda state at import time.
 """

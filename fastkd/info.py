@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 OPS = ("distill", "fused_linear", "sparse", "sinkhorn")
-# fused_linear runs the distill backends chunk by chunk (fastkd/ops/fused_linear.py)
+# fused_linear runs the distill backends chunk by chunk (fastkd/core/lmhead.py)
 _REGISTRY_OP = {"distill": "distill", "fused_linear": "distill", "sparse": "sparse", "sinkhorn": "sinkhorn"}
-_OP_MODULE = {"distill": "fastkd.ops.distill", "fused_linear": "fastkd.ops.fused_linear",
-              "sparse": "fastkd.ops.sparse", "sinkhorn": "fastkd.ops.sinkhorn"}
+_OP_MODULE = {"distill": "fastkd.distill.op", "fused_linear": "fastkd.distill.fused",
+              "sparse": "fastkd.sparse.op", "sinkhorn": "fastkd.ot.sinkhorn"}
 
 
 def _dist_version(name: str) -> str:
@@ -61,18 +61,18 @@ def sample_inputs(op: str, device: torch.device) -> dict[str, Any]:
     """Small inputs of the kind each op family's backends are asked about (``not_supported_reasons``)."""
     s = torch.randn(4, 16, device=device)
     if op in ("distill", "fused_linear"):
-        from fastkd.ops.distill import make_params
+        from fastkd.distill.op import make_params
 
         params = make_params("fkl", temperature=1.0, scale_by_t2=False, beta=0.5, alpha=0.1, mu=0.5, t=0.5,
                              ce_weight=0.0, chunk_size=None)
         return {"student": s, "teacher": s.clone(), "params": params}
     if op == "sparse":
-        from fastkd.params import SparseParams
+        from fastkd.core.params import SparseParams
 
         return {"student": s, "ids": torch.zeros(4, 2, dtype=torch.long, device=device),
                 "params": SparseParams()}
     if op == "sinkhorn":
-        from fastkd.ops.sinkhorn import SinkhornParams
+        from fastkd.ot.sinkhorn import SinkhornParams
 
         a = torch.full((1, 4), 0.25, device=device)
         return {"a": a, "b": a.clone(), "cost": torch.rand(1, 4, 4, device=device), "x": None, "y": None,
@@ -82,7 +82,7 @@ def sample_inputs(op: str, device: torch.device) -> dict[str, Any]:
 
 def backend_status(op: str, device: torch.device) -> dict[str, list[str]]:
     """backend → reasons it cannot run ``op`` on sample tensors of ``device`` ([] = available)."""
-    from fastkd import backends
+    from fastkd.core import registry as backends
 
     try:
         importlib.import_module(_OP_MODULE[op])
@@ -95,7 +95,7 @@ def backend_status(op: str, device: torch.device) -> dict[str, list[str]]:
 
 
 def backend_load_errors() -> dict[str, str]:
-    from fastkd import backends
+    from fastkd.core import registry as backends
 
     return dict(backends._LOAD_ERRORS)
 
@@ -189,7 +189,7 @@ def _check_fused_linear(backend: str, device: torch.device, gen: torch.Generator
 
 def _check_sparse(backend: str, device: torch.device, gen: torch.Generator) -> list[CheckResult]:
     import fastkd
-    from fastkd.reference.sparse import sparse_distill_loss as ref_sparse
+    from fastkd.sparse.reference import sparse_distill_loss as ref_sparse
 
     out = []
     s0 = torch.randn(5, 37, generator=gen) * 2
@@ -208,7 +208,7 @@ def _check_sparse(backend: str, device: torch.device, gen: torch.Generator) -> l
 
 def _check_sinkhorn(backend: str, device: torch.device, gen: torch.Generator) -> list[CheckResult]:
     import fastkd
-    from fastkd.reference.ot import sinkhorn as ref_sinkhorn
+    from fastkd.ot.reference import sinkhorn as ref_sinkhorn
 
     a = torch.softmax(torch.randn(2, 6, generator=gen), -1)
     b = torch.softmax(torch.randn(2, 7, generator=gen), -1)

@@ -25,8 +25,8 @@ __all__ = [
 
 
 def _fn(module: str, name: str) -> Any:
-    """``fastkd.ops.<module>.<name>``, imported on first use."""
-    return getattr(importlib.import_module(f"fastkd.ops.{module}"), name)
+    """``fastkd.<module>.<name>`` (e.g. ``distill.op``), imported on first use."""
+    return getattr(importlib.import_module(f"fastkd.{module}"), name)
 
 
 class _KwargsLoss(nn.Module):
@@ -57,7 +57,7 @@ class DistillLoss(_KwargsLoss):
         super().__init__(divergence=divergence, **options)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, **kw: Any) -> torch.Tensor:
-        return _fn("distill", "distill_loss")(student_logits, teacher_logits, **self._kw(kw))
+        return _fn("distill.op", "distill_loss")(student_logits, teacher_logits, **self._kw(kw))
 
 
 class FusedLinearDistillLoss(_KwargsLoss):
@@ -74,7 +74,7 @@ class FusedLinearDistillLoss(_KwargsLoss):
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
                 teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
                 **kw: Any) -> torch.Tensor:
-        fn = _fn("fused_linear", "fused_linear_distill_loss")
+        fn = _fn("distill.fused", "fused_linear_distill_loss")
         return fn(student_hidden, student_weight, teacher_hidden, teacher_weight, **self._kw(kw))
 
 
@@ -99,7 +99,7 @@ class SparseDistillLoss(_KwargsLoss):
             raise TypeError(f"SparseDistillLoss(fused={self.fused}).forward takes ({sig}), "
                             f"got {len(tensors)} positional tensors")
         name = "fused_linear_sparse_distill_loss" if self.fused else "sparse_distill_loss"
-        return _fn("sparse", name)(*tensors, **self._kw(kw))
+        return _fn("sparse.op", name)(*tensors, **self._kw(kw))
 
     def extra_repr(self) -> str:
         rest = super().extra_repr()
@@ -124,7 +124,7 @@ class SinkhornLoss(_KwargsLoss):
     def forward(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None,
                 a: torch.Tensor | None = None, b: torch.Tensor | None = None, *,
                 cost: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
-        res = _fn("sinkhorn", "sinkhorn")(a, b, cost=cost, x=x, y=y, **self._kw(kw))
+        res = _fn("ot.sinkhorn", "sinkhorn")(a, b, cost=cost, x=x, y=y, **self._kw(kw))
         value = res.value
         if self.reduction == "none" or value.dim() == 0:
             return value
@@ -140,7 +140,7 @@ class SinKDLoss(_KwargsLoss):
     (student_logits (B, V), teacher_logits (B, V))`` → scalar."""
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, **kw: Any) -> torch.Tensor:
-        return _fn("ot_losses", "sinkd_loss")(student_logits, teacher_logits, **self._kw(kw))
+        return _fn("ot.losses", "sinkd_loss")(student_logits, teacher_logits, **self._kw(kw))
 
 
 class ULDLoss(_KwargsLoss):
@@ -148,4 +148,4 @@ class ULDLoss(_KwargsLoss):
     ``ULDLoss(temperature=1.0)(student_logits (..., Vs), teacher_logits (..., Vt))`` → scalar."""
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, **kw: Any) -> torch.Tensor:
-        return _fn("ot_losses", "uld_loss")(student_logits, teacher_logits, **self._kw(kw))
+        return _fn("ot.losses", "uld_loss")(student_logits, teacher_logits, **self._kw(kw))

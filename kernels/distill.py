@@ -3,7 +3,7 @@
 Notation (one row, after temperature): s = z_s / T (student), t = z_t / T (teacher), log q = s − lse_s,
 log p = t − lse_t. Every divergence D gives the vector qg = q·∂D/∂q; the gradient with respect to the raw
 student logits is then ``w · (kd_scale/T · (qg − q·Σqg) + ce_weight · (softmax(z_s) − onehot(label)))``
-(the softmax chain rule), exactly the mechanism of ``fastkd/backends/torch_distill.py``. Terms
+(the softmax chain rule), exactly the mechanism of ``fastkd/distill/torch_impl.py``. Terms
 ``x·(log x − log y)`` are 0 where x == 0, so ``-inf`` logits are legal.
 
 ``_distill_kernel`` — grid ``(N,)``: one program owns one row and loops over vocabulary blocks:
@@ -33,7 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Divergence codes: fastkd.params.DIVERGENCE_CODES, plus NONE (skl / srkl at α = 1: D ≡ 0).
+# Divergence codes: fastkd.core.params.DIVERGENCE_CODES, plus NONE (skl / srkl at α = 1: D ≡ 0).
 FKL, RKL, JSD, SYMKL, SKL, SRKL, TVD, AKL, TAID, NONE = range(10)
 
 DEFAULT_BLOCK_V = 4096

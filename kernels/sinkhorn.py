@@ -1,6 +1,6 @@
 """Triton kernels of the batched log-domain Sinkhorn solver (fp32).
 
-Updates (see fastkd.ops.sinkhorn): f_i = −ε LSE_j(log b_j + (g_j − C_ij)/ε),
+Updates (see fastkd.ot.sinkhorn): f_i = −ε LSE_j(log b_j + (g_j − C_ij)/ε),
 g_j = −ε LSE_i(log a_i + (f_i − C_ij)/ε).
 
 * :func:`_sinkhorn_small_kernel` — grid (B,): one program solves one problem with n, m ≤ BLOCK; the cost

@@ -1,6 +1,6 @@
 """Triton kernels of the sparse (top-k / tail / sampled) distillation losses.
 
-Two row-per-program kernels around the shared K-level math of ``fastkd.backends.torch_sparse.sparse_terms``:
+Two row-per-program kernels around the shared K-level math of ``fastkd.sparse.torch_impl.sparse_terms``:
 
 ``_sparse_stats_kernel`` — grid (N,); program i streams row i of the student logits once in BLOCK_V tiles
 and produces, for s = z / T: the online log-sum-exp over the whole vocabulary, (HAS_TAIL) the online

@@ -12,7 +12,7 @@ import fastkd
 from fastkd import cache as C
 from fastkd import cache_cli
 from fastkd.cache import CacheCorruptedError, TeacherCache, TeacherCacheWriter
-from fastkd.reference import distill as ref_dense
+from fastkd.distill import reference as ref_dense
 
 
 @pytest.mark.parametrize(

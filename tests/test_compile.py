@@ -12,9 +12,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastkd
-import fastkd.ops.distill  # noqa: F401  (registers its ops, if any)
-import fastkd.ops.fused_linear  # noqa: F401
-import fastkd.ops.sparse  # noqa: F401
+import fastkd.distill.fused  # noqa: F401
+import fastkd.distill.op  # noqa: F401  (registers its ops, if any)
+import fastkd.sparse.op  # noqa: F401
 
 
 def _fastkd_ops() -> list[str]:

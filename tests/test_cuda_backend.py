@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import fastkd
 from fastkd import reference as R
-from fastkd.backends import BackendUnavailableError
+from fastkd.core.registry import BackendUnavailableError
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -33,9 +33,9 @@ def _extension():
     if err is not None:
         pytest.skip(f"fastkd._C unavailable: {err}")
     _cpp_lib.lib()  # JIT-builds here if needed, once per module
-    import fastkd.backends.cuda_distill  # noqa: F401
-    import fastkd.backends.cuda_sinkhorn  # noqa: F401
-    import fastkd.backends.cuda_sparse  # noqa: F401  (registers even where ops do not declare it yet)
+    import fastkd.distill.cuda_impl  # noqa: F401
+    import fastkd.ot.cuda_impl  # noqa: F401
+    import fastkd.sparse.cuda_impl  # noqa: F401  (registers even where ops do not declare it yet)
 
 
 def _logits(shape, dtype, scale=2.0):

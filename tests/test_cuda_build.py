@@ -16,8 +16,8 @@ import torch
 
 import fastkd
 from fastkd import _cpp_lib
-from fastkd.backends import BackendUnavailableError, cuda_ext_reasons
-from fastkd.params import DIVERGENCE_CODES, DistillParams
+from fastkd.core.params import DIVERGENCE_CODES, DistillParams
+from fastkd.core.registry import BackendUnavailableError, cuda_ext_reasons
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -179,9 +179,12 @@ def test_distill_backend_cuda_raises_with_reasons(no_ext):
 
 
 def test_backend_modules_import_and_report(no_ext):
-    from fastkd.backends import cuda_distill, cuda_sinkhorn, cuda_sparse, implementations
-    from fastkd.ops.sinkhorn import SinkhornParams
-    from fastkd.params import SparseParams
+    from fastkd.core.params import SparseParams
+    from fastkd.core.registry import implementations
+    from fastkd.distill import cuda_impl as cuda_distill
+    from fastkd.ot import cuda_impl as cuda_sinkhorn
+    from fastkd.ot.sinkhorn import SinkhornParams
+    from fastkd.sparse import cuda_impl as cuda_sparse
 
     assert implementations("distill")["cuda"].fn is cuda_distill.distill_forward
     s = torch.randn(4, 9, dtype=torch.float64)
@@ -199,7 +202,7 @@ def test_backend_modules_import_and_report(no_ext):
 
 
 def test_auto_dispatch_never_picks_cuda():
-    from fastkd.backends import select
+    from fastkd.core.registry import select
 
     s = torch.randn(2, 7)
     assert select("distill", "auto", student=s, teacher=s, params=DistillParams()).backend != "cuda"

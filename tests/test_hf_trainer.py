@@ -1,5 +1,5 @@
 """DistillationTrainer (fused LM-head distillation inside transformers.Trainer) vs an unfused reference:
-full student/teacher logits from the HF models + fastkd.reference.distill_loss in float64."""
+full student/teacher logits from the HF models + fastkd.distill.reference_loss in float64."""
 
 from __future__ import annotations
 
@@ -179,7 +179,7 @@ def test_offline_teacher_cache(tmp_path, values):
     """Offline: the trainer reads a TeacherCache built from the teacher's hidden states; its loss equals the
     float64 sparse reference on the student's full logits and a few steps lower it."""
     cache_mod = pytest.importorskip("fastkd.cache")
-    import fastkd.reference.sparse as RS
+    import fastkd.sparse.reference as RS
 
     student, teacher = tiny(16, 1, 0), tiny(24, 2, 1)
     rows = [batch(1, 9, seed=20 + i)["input_ids"][0][: 6 + i % 4] for i in range(6)]  # ragged lengths

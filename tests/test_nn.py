@@ -65,7 +65,7 @@ def test_fused_linear_module():
     assert "divergence='rkl'" in repr(mod)
 
 
-@pytest.mark.skipif(not _has("fastkd.ops.sparse"), reason="sparse ops not present")
+@pytest.mark.skipif(not _has("fastkd.sparse.op"), reason="sparse ops not present")
 def test_sparse_modules():
     s = torch.randn(6, 50)
     vals, ids = torch.log_softmax(torch.randn(6, 50), -1).topk(5, dim=-1)
@@ -83,7 +83,7 @@ def test_sparse_modules():
         fused(s, ids, vals)
 
 
-@pytest.mark.skipif(not _has("fastkd.ops.sinkhorn"), reason="sinkhorn not present")
+@pytest.mark.skipif(not _has("fastkd.ot.sinkhorn"), reason="sinkhorn not present")
 def test_sinkhorn_module():
     x, y = torch.randn(3, 9, 2), torch.randn(3, 11, 2)
     mod = fnn.SinkhornLoss(eps=0.2, max_iter=200)
@@ -103,7 +103,7 @@ def test_sinkhorn_module():
         fnn.SinkhornLoss(reduction="avg")
 
 
-@pytest.mark.skipif(not _has("fastkd.ops.ot_losses"), reason="ot_losses not present")
+@pytest.mark.skipif(not _has("fastkd.ot.losses"), reason="ot_losses not present")
 def test_ot_loss_modules():
     s, t = torch.randn(4, 30), torch.randn(4, 30)
     out, g = _grad(fnn.SinKDLoss(temperature=2.0, eps=0.1, n_iter=20), s, t)
@@ -119,7 +119,7 @@ def test_ot_loss_modules():
 
 def test_imports_without_optional_families(monkeypatch):
     """fastkd.nn imports with an op family unavailable; only that module fails, when called."""
-    monkeypatch.setitem(sys.modules, "fastkd.ops.ot_losses", None)  # import → ImportError
+    monkeypatch.setitem(sys.modules, "fastkd.ot.losses", None)  # import → ImportError
     monkeypatch.delitem(sys.modules, "fastkd.nn", raising=False)
     monkeypatch.setattr(fastkd, "nn", fnn, raising=False)  # restored after the re-import below
     mod = importlib.import_module("fastkd.nn")

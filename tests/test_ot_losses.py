@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import fastkd
-import fastkd.ops.ot_losses as OL
-from fastkd.reference import ot as R
+import fastkd.ot.losses as OL
+from fastkd.ot import reference as R
 
 F64 = torch.float64
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import fastkd
-from fastkd.ops import _common as Cm
-from fastkd.ops.sinkhorn import SinkhornNonConvergenceError
-from fastkd.reference import ot as R
+from fastkd.core import checks as Cm
+from fastkd.ot import reference as R
+from fastkd.ot.sinkhorn import SinkhornNonConvergenceError
 
 F64 = torch.float64
 
@@ -53,8 +53,8 @@ def test_points_metrics_and_tiled_path(metric, monkeypatch):
     r = fastkd.sinkhorn(a, b, x=x, y=y, metric=metric, eps=0.1, max_iter=60, tol=0)
     torch.testing.assert_close(r.value, ref["value"], rtol=1e-9, atol=1e-10)
     # force the tiled (cost-on-the-fly) path with tiny tiles
-    import fastkd.backends.torch_sinkhorn as T
-    import fastkd.ops.sinkhorn as S
+    import fastkd.ot.sinkhorn as S
+    import fastkd.ot.torch_impl as T
     monkeypatch.setattr(T, "_DENSE_MAX_ELEMS", 0)
     monkeypatch.setattr(S, "TILE_ELEMS", 2 * 9 * 4)
     r2 = fastkd.sinkhorn(a, b, x=x, y=y, metric=metric, eps=0.1, max_iter=60, tol=0)
@@ -190,7 +190,7 @@ def test_envelope_point_gradients(metric, monkeypatch):
     ex, ey = torch.autograd.grad(3 * (plan * R.pairwise_cost(x, y, metric)).sum(), (x, y))
     torch.testing.assert_close(gx, ex)
     torch.testing.assert_close(gy, ey)
-    import fastkd.ops.sinkhorn as S
+    import fastkd.ot.sinkhorn as S
     monkeypatch.setattr(S, "TILE_ELEMS", 2 * 6 * 4)  # tiled backward
     r = fastkd.sinkhorn(a, b, x=x, y=y, metric=metric, eps=0.1, max_iter=200, tol=0)
     gx2, gy2 = torch.autograd.grad(3 * r.value.sum(), (x, y))
@@ -230,7 +230,7 @@ def test_unroll_gradcheck_points():
 @pytest.mark.parametrize("case", ["cost_small", "points_small", "points_tiled", "cost_tiled"])
 def test_triton_matches_torch(case):
     pytest.importorskip("triton")
-    if not torch.cuda.is_available() and not fastkd.backends.triton_interpret():
+    if not torch.cuda.is_available() and not fastkd.core.registry.triton_interpret():
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     n, m = (9, 13) if "small" in case else (70, 45)
@@ -241,7 +241,7 @@ def test_triton_matches_torch(case):
         kw["cost"] = R.pairwise_cost(x, y)
     else:
         kw.update(x=x, y=y)
-    import fastkd.backends.triton_sinkhorn as TS
+    import fastkd.ot.triton_impl as TS
     old = TS.SMALL_MAX
     TS.SMALL_MAX = 16 if "small" in case else 0
     try:

@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastkd
-from fastkd.backends import BackendUnavailableError
-from fastkd.backends import triton_sparse as TS
-from fastkd.reference import distill as ref_dense
-from fastkd.reference import sparse as ref
+from fastkd.core.registry import BackendUnavailableError
+from fastkd.distill import reference as ref_dense
+from fastkd.sparse import reference as ref
+from fastkd.sparse import triton_impl as TS
 
 CASES = [("topk", "logprobs", d) for d in ("fkl", "rkl", "jsd")] + [
     ("topk", "probs", "jsd"),
@@ -28,7 +28,7 @@ CASES = [("topk", "logprobs", d) for d in ("fkl", "rkl", "jsd")] + [
 
 
 def formula(z, ids, vals, kind, mode, div, T=1.0, Tg=None, beta=0.5):
-    """Per-token float64 loss written slot by slot (independent of fastkd.reference.sparse)."""
+    """Per-token float64 loss written slot by slot (independent of fastkd.sparse.reference)."""
     out = []
     for i in range(z.shape[0]):
         s = z[i] / T

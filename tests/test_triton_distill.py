@@ -15,9 +15,11 @@ from hypothesis import strategies as st
 
 import fastkd
 from fastkd import reference as R
-from fastkd.backends import BackendUnavailableError
-from fastkd.backends import triton_distill as TD
-from fastkd.params import DistillParams
+from fastkd.core.autograd import scale_grad_
+from fastkd.core.params import DistillParams
+from fastkd.core.registry import BackendUnavailableError
+from fastkd.distill import reference as ref_distill
+from fastkd.distill import triton_impl as TD
 
 DIVS = fastkd.DIVERGENCES
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -210,7 +212,7 @@ def _akl_threshold_formula(s, t, mu):
     head.scatter_(-1, p.argmax(-1, keepdim=True), True)
     err = (p - q).abs()
     gh, gt = (err * head).sum(-1), (err * ~head).sum(-1)
-    return (gh * R.distill.fkl(lp, lq) + gt * R.distill.rkl(lp, lq)) / (gh + gt)
+    return (gh * ref_distill.fkl(lp, lq) + gt * ref_distill.rkl(lp, lq)) / (gh + gt)
 
 
 def test_akl_ties_move_together():
@@ -269,17 +271,17 @@ def test_scale_grad(dtype):
     g = _logits((5, 131), dtype)
     orig = g.clone()
     with TD.override_config(block_v=BLOCK):
-        assert TD.scale_grad_(g, torch.tensor(1.0), per_row=False) is g
+        assert scale_grad_(g, torch.tensor(1.0), per_row=False) is g
         assert torch.equal(g, orig)
-        TD.scale_grad_(g, torch.tensor(-2.5), per_row=False)
+        scale_grad_(g, torch.tensor(-2.5), per_row=False)
         torch.testing.assert_close(g, (orig.float() * -2.5).to(dtype))
         g = orig.clone()
         f = torch.tensor([1.0, 0.0, 3.0, 1.0, -0.5])
-        TD.scale_grad_(g, f, per_row=True)
+        scale_grad_(g, f, per_row=True)
         torch.testing.assert_close(g, (orig.float() * f[:, None]).to(dtype))
         assert torch.equal(g[0], orig[0]) and torch.equal(g[3], orig[3])
         with pytest.raises(ValueError, match="grad_output"):
-            TD.scale_grad_(g, torch.ones(3), per_row=True)
+            scale_grad_(g, torch.ones(3), per_row=True)
 
 
 def test_reasons():
@@ -322,7 +324,7 @@ def test_gpu_autotune_inplace_and_scale(monkeypatch):
     torch.testing.assert_close(loss, tloss, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grad.float(), tgrad.float(), rtol=1e-2, atol=1e-6)
     g = grad.clone()
-    TD.scale_grad_(g, torch.full((256,), 2.0, device="cuda"), per_row=True)
+    scale_grad_(g, torch.full((256,), 2.0, device="cuda"), per_row=True)
     torch.testing.assert_close(g.float(), 2 * grad.float())
 
 

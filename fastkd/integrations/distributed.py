@@ -31,9 +31,10 @@ import math
 import torch
 import torch.distributed as dist
 
-from fastkd.ops import _common as C
-from fastkd.ops.distill import make_params, scale_grad
-from fastkd.params import DistillParams
+from fastkd.core import checks as C
+from fastkd.core.autograd import scale_grad
+from fastkd.core.params import DistillParams
+from fastkd.distill.op import make_params
 
 __all__ = ["vocab_parallel_distill_loss", "vocab_parallel_fused_linear_distill_loss", "VP_DIVERGENCES"]
 
@@ -292,7 +293,7 @@ def vocab_parallel_fused_linear_distill_loss(
 
     Peak extra memory O(chunk_size · V_r); never forms full logits on any rank.
     """
-    from fastkd.ops.fused_linear import check_linear
+    from fastkd.core.lmhead import check_linear
 
     check_linear("student", student_hidden, student_weight, student_bias)
     lead = tuple(student_hidden.shape[:-1])

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from fastkd.ops.fused_linear import fused_linear_distill_loss
+from fastkd.distill.fused import fused_linear_distill_loss
 
 __all__ = ["DistillationTrainer", "lm_head_of", "body_of", "hidden_states"]
 
@@ -248,7 +248,7 @@ class DistillationTrainer(Trainer):
 
     def _offline_loss(self, inputs: dict[str, Any], h_s: torch.Tensor, head: nn.Module, softcap: float | None,
                       common: dict[str, Any]) -> torch.Tensor:
-        from fastkd.ops.sparse import fused_linear_sparse_distill_loss
+        from fastkd.sparse.op import fused_linear_sparse_distill_loss
 
         t = h_s.shape[1]
         ids = inputs["teacher_ids"][:, :t].to(h_s.device)

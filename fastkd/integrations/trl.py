@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fastkd.ops.distill import distill_loss
+from fastkd.distill.op import distill_loss
 
 __all__ = ["generalized_jsd_loss", "patch_gkd_trainer"]
 

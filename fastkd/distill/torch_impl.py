@@ -17,8 +17,8 @@ from functools import cache
 
 import torch
 
-from fastkd.backends import register
-from fastkd.params import DistillParams
+from fastkd.core.params import DistillParams
+from fastkd.core.registry import register
 
 # Target elements per fp32 temporary in one chunk: 4M elements = 16 MiB (a handful are alive at once).
 _CHUNK_ELEMS = 1 << 22
@@ -210,7 +210,7 @@ def distill_forward(
     grad: torch.Tensor | None,
     p: DistillParams,
 ) -> torch.Tensor:
-    """Backend entry point (op ``distill``): see :mod:`fastkd.ops.distill`.
+    """Backend entry point (op ``distill``): see :mod:`fastkd.distill.op`.
 
     student, teacher: (N, V) (rows may be strided); labels (N,) int64 or None; weight (N,) fp32;
     grad: (N, V) output buffer in the student's dtype (may alias ``student``) or None.

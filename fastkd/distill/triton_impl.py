@@ -1,8 +1,7 @@
 """``triton`` backend of the divergence losses on logits (kernels in ``fastkd.kernels.distill``).
 
-Registers op ``"distill"`` on backend ``"triton"`` with the contract of :mod:`fastkd.ops.distill`, and
-exposes :func:`scale_grad_` (device-side ``grad *= grad_output`` for backward). Imports cleanly without
-Triton: the backend is then registered with the import error as its reason.
+Registers op ``"distill"`` on backend ``"triton"`` with the contract of :mod:`fastkd.distill.op`.
+Imports cleanly without Triton: the backend is then registered with the import error as its reason.
 
 Launch configuration: a fixed default (``BLOCK_V=4096``, ``num_warps=8``); :func:`override_config`
 changes it (tests use small blocks so that several vocabulary blocks are exercised); with
@@ -19,8 +18,8 @@ from collections.abc import Iterator
 
 import torch
 
-from fastkd.backends import register, triton_import_error, triton_reasons
-from fastkd.params import DistillParams
+from fastkd.core.params import DistillParams
+from fastkd.core.registry import register, triton_import_error, triton_reasons
 
 _IMPORT_ERROR = triton_import_error()
 if _IMPORT_ERROR is None:
@@ -84,7 +83,7 @@ def distill_forward(
     grad: torch.Tensor | None,
     p: DistillParams,
 ) -> torch.Tensor:
-    """Backend entry point (op ``distill``): see :mod:`fastkd.ops.distill`.
+    """Backend entry point (op ``distill``): see :mod:`fastkd.distill.op`.
 
     student, teacher: (N, V) fp32/bf16/fp16, rows and columns may be strided; labels: (N,) int64 or None
     (only read when ``p.ce_weight`` > 0); weight: (N,) fp32; grad: (N, V) buffer (may alias ``student``)
@@ -114,33 +113,6 @@ def distill_forward(
         K._distill_kernel[(n,)](*args, **flags, BLOCK_V=block_v, BLOCK_A=min(block_v, K.AKL_BLOCK),
                                 num_warps=_CONFIG["num_warps"] or K.DEFAULT_NUM_WARPS)
     return loss
-
-
-def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool) -> torch.Tensor:
-    """``grad *= grad_output`` in place, reading grad_output on the device (no host sync).
-
-    grad: (N, V) any float dtype (a 1-D tensor is treated as (N, 1)); grad_output: a one-element tensor
-    (``per_row=False``) or (N,) (``per_row=True``). Rows whose factor is exactly 1.0 are not touched.
-    Returns ``grad``.
-    """
-    g2 = grad if grad.dim() == 2 else grad.reshape(grad.shape[0], -1) if grad.dim() else grad.reshape(1, 1)
-    n, v = g2.shape
-    if per_row:
-        if grad_output.numel() != n:
-            raise ValueError(f"grad_output must have {n} values (one per row), got {grad_output.numel()}")
-        go = grad_output.reshape(n)
-        go_stride = go.stride(0)
-    else:
-        if grad_output.numel() != 1:
-            raise ValueError(f"grad_output must have one value, got shape {tuple(grad_output.shape)}")
-        go = grad_output.reshape(1)
-        go_stride = 0
-    if n == 0 or v == 0:
-        return grad
-    block = _CONFIG["block_v"] or min(4096, max(16, 1 << (v - 1).bit_length()))
-    K._scale_grad_kernel[(n,)](g2, go, v, g2.stride(0), g2.stride(1), go_stride, BLOCK=block,
-                               num_warps=4)
-    return grad
 
 
 def _reasons(student: torch.Tensor | None = None, teacher: torch.Tensor | None = None,

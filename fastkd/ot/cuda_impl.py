@@ -3,9 +3,9 @@
 One CUDA block per problem keeps f, g, log a, log b in shared memory and runs whole segments of
 iterations per launch (a block barrier per half-iteration); the host launches one segment per tolerance
 check, so ``n_iter``, the ε-annealing schedule and the stopping rule are those of the torch backend
-(:func:`fastkd.backends.torch_sinkhorn.run_iterations`): check every ``check_every`` iterations once ε has
+(:func:`fastkd.ot.torch_impl.run_iterations`): check every ``check_every`` iterations once ε has
 reached its final value, stop when max error < tol, and measure the error after the last iteration.
-Point clouds are turned into a cost with :func:`fastkd.ops.sinkhorn.pairwise_cost` (small problems only).
+Point clouds are turned into a cost with :func:`fastkd.ot.sinkhorn.pairwise_cost` (small problems only).
 ``grad="unroll"`` (autograd through iterations) is left to the torch backend.
 """
 
@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fastkd.backends import cuda_ext_reasons, register
+from fastkd.core.registry import cuda_ext_reasons, register
 
 if TYPE_CHECKING:
-    from fastkd.ops.sinkhorn import SinkhornParams
+    from fastkd.ot.sinkhorn import SinkhornParams
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 3}
@@ -36,7 +36,7 @@ def sinkhorn_cuda(a, b, cost, x, y, params: SinkhornParams):
     a (B, n), b (B, m), cost (B, n, m) or points x (B, n, d), y (B, m, d); one dtype (fp32 or fp64), CUDA.
     """
     from fastkd import _cpp_lib
-    from fastkd.ops.sinkhorn import pairwise_cost
+    from fastkd.ot.sinkhorn import pairwise_cost
 
     lib = _cpp_lib.lib()
     if cost is None:

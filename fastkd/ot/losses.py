@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from fastkd.ops import _common as C
+from fastkd.core import checks as C
 
 # Elements per fp32 temporary in one chunk (rows × vocabulary, or rows × rows × vocabulary for SinKD).
 _CHUNK_ELEMS = 1 << 22

@@ -1,9 +1,9 @@
 """``cuda`` backend of the sparse (top-k / tail / sampled) losses: fastkd._C kernels (csrc/sparse.cu).
 
-Same contract as :mod:`fastkd.backends.torch_sparse` (see :mod:`fastkd.ops.sparse`). The two passes over
+Same contract as :mod:`fastkd.sparse.torch_impl` (see :mod:`fastkd.sparse.op`). The two passes over
 the vocabulary run in CUDA — statistics (lse, exact tail lse via an id bitmap, s at the ids) and the
 gradient ``q_v·(a + b·[v ∉ ids]) + Σ_k c_k·[v = id_k]`` — and the O(N·K) terms between them are
-:func:`fastkd.backends.torch_sparse.sparse_terms`, shared with the other backends. fp32 math; fp64 inputs
+:func:`fastkd.sparse.torch_impl.sparse_terms`, shared with the other backends. fp32 math; fp64 inputs
 are left to the torch backend. Imports cleanly without the extension.
 """
 
@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fastkd.backends import cuda_ext_reasons, register
+from fastkd.core.registry import cuda_ext_reasons, register
 
 if TYPE_CHECKING:
-    from fastkd.params import SparseParams
+    from fastkd.core.params import SparseParams
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -44,7 +44,7 @@ def sparse_forward(
     student). Returns the per-token loss (N,) fp32.
     """
     from fastkd import _cpp_lib
-    from fastkd.backends.torch_sparse import sparse_terms
+    from fastkd.sparse.torch_impl import sparse_terms
 
     lib = _cpp_lib.lib()
     n, v = student.shape

@@ -1,6 +1,6 @@
 """``torch`` backend of ``sinkhorn``: batched log-domain Sinkhorn, no Python loop over the batch.
 
-Two paths, both computing the iterates of :mod:`fastkd.ops.sinkhorn` (f, then g, from g = 0):
+Two paths, both computing the iterates of :mod:`fastkd.ot.sinkhorn` (f, then g, from g = 0):
 
 * **Dense** (a cost matrix is given, or points whose (B, n, m) cost fits in ~16M elements): the
   log-domain updates are evaluated with an *absorbed* kernel (Schmitzer's stabilisation, in the log
@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from fastkd.backends import register
-from fastkd.ops.sinkhorn import SinkhornParams, pairwise_cost, row_tile
+from fastkd.core.registry import register
+from fastkd.ot.sinkhorn import SinkhornParams, pairwise_cost, row_tile
 
 _DENSE_MAX_ELEMS = 1 << 24
 

@@ -1,6 +1,6 @@
 """``cuda`` backend of the divergence losses on logits: the fastkd._C kernel (csrc/distill.cu).
 
-Same contract as :mod:`fastkd.backends.torch_distill` (see :mod:`fastkd.ops.distill`): one block per row
+Same contract as :mod:`fastkd.distill.torch_impl` (see :mod:`fastkd.distill.op`): one block per row
 computes the row statistics, per-token loss and weighted gradient in fp32 from fp32/bf16/fp16 logits; rows
 may be strided; the gradient may alias the student. The module imports without the extension (the
 reasons say why it cannot run); auto dispatch does not pick it until GPU measurements exist.
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from fastkd.backends import cuda_ext_reasons, register
-from fastkd.params import DIVERGENCE_CODES, DistillParams
+from fastkd.core.params import DIVERGENCE_CODES, DistillParams
+from fastkd.core.registry import cuda_ext_reasons, register
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}

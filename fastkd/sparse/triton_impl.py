@@ -1,8 +1,8 @@
 """``triton`` backend of the sparse distillation losses (kernels in ``fastkd.kernels.sparse``).
 
-Registers op ``"sparse"`` on backend ``"triton"`` with the contract of :mod:`fastkd.ops.sparse`: the stats
+Registers op ``"sparse"`` on backend ``"triton"`` with the contract of :mod:`fastkd.sparse.op`: the stats
 kernel streams each row once (lse, tail lse, gather at the ids), the shared K-level math
-(:func:`fastkd.backends.torch_sparse.sparse_terms`, O(N·K)) turns them into the loss and the gradient
+(:func:`fastkd.sparse.torch_impl.sparse_terms`, O(N·K)) turns them into the loss and the gradient
 coefficients, and the gradient kernel writes each row once. Imports cleanly without Triton (the backend is
 then registered with the import error as its reason). Default launch: ``BLOCK_V=4096``, ``num_warps=8``;
 :data:`CONFIG` can be changed (tests use small blocks so that several vocabulary tiles are exercised).
@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fastkd.backends import register, triton_import_error, triton_reasons
-from fastkd.backends.torch_sparse import sparse_terms
+from fastkd.core.registry import register, triton_import_error, triton_reasons
+from fastkd.sparse.torch_impl import sparse_terms
 
 if TYPE_CHECKING:
-    from fastkd.params import SparseParams
+    from fastkd.core.params import SparseParams
 
 _IMPORT_ERROR = triton_import_error()
 K_ = None

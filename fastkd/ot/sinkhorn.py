@@ -26,7 +26,7 @@ in tiles). The plan carries no gradient. ``grad="unroll"`` runs autograd through
 
 Marginals: a, b must be non-negative and sum to 1 per problem (within 1e-4); otherwise a ValueError
 naming the argument (no silent renormalisation). Data checks that need a GPU sync run on CPU tensors
-only, or where ``FASTKD_CHECK_INPUTS=1`` / :func:`fastkd.ops._common.set_input_checks` ask for them.
+only, or where ``FASTKD_CHECK_INPUTS=1`` / :func:`fastkd.core.checks.set_input_checks` ask for them.
 
 Backend contract (op ``"sinkhorn"``)::
 
@@ -44,11 +44,11 @@ from typing import NamedTuple
 
 import torch
 
-from fastkd.backends import declare, requested_backend, select
-from fastkd.ops import _common as C
+from fastkd.core import checks as C
+from fastkd.core.registry import declare, requested_backend, select
 
 declare("sinkhorn",
-        ["fastkd.backends.torch_sinkhorn", "fastkd.backends.triton_sinkhorn", "fastkd.backends.cuda_sinkhorn"],
+        ["fastkd.ot.torch_impl", "fastkd.ot.triton_impl", "fastkd.ot.cuda_impl"],
         auto_order=("triton", "torch"))
 
 METRICS = ("sqeuclidean", "euclidean", "l1", "cosine")

@@ -1,6 +1,6 @@
 """Float64 reference formulas for the optimal-transport ops (test oracle, never a backend).
 
-Conventions (shared with :mod:`fastkd.ops.sinkhorn`):
+Conventions (shared with :mod:`fastkd.ot.sinkhorn`):
 
 * plan        P_ij = a_i b_j exp((f_i + g_j − C_ij) / ε)
 * updates     f_i = −ε log Σ_j b_j exp((g_j − C_ij)/ε),   g_j = −ε log Σ_i a_i exp((f_i − C_ij)/ε)

@@ -54,7 +54,7 @@ class DistillParams(DivergenceParams):
 
 @dataclass(frozen=True)
 class SparseParams(DivergenceParams):
-    """Non-tensor arguments of one sparse loss (fastkd.ops.sparse): top-k / top-k + tail / sampled."""
+    """Non-tensor arguments of one sparse loss (fastkd.sparse.op): top-k / top-k + tail / sampled."""
 
     mode: str = "topk"
     chunk_size: int | None = None

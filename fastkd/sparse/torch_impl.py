@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fastkd.backends import register
+from fastkd.core.registry import register
 
 if TYPE_CHECKING:
-    from fastkd.params import SparseParams
+    from fastkd.core.params import SparseParams
 
 _CHUNK_ELEMS = 1 << 22  # elements per fp32 (rows, V) temporary
 
@@ -199,7 +199,7 @@ def sparse_forward(
     grad: torch.Tensor | None,
     p: SparseParams,
 ) -> torch.Tensor:
-    """Backend entry point (op ``sparse``): see :mod:`fastkd.ops.sparse`.
+    """Backend entry point (op ``sparse``): see :mod:`fastkd.sparse.op`.
 
     student (N, V) raw logits (rows may be strided); ids (N, K) int64, −1 = padding; t_logp (N, K) and
     t_tail (N,) | None in the compute dtype (fp32, fp64 for fp64 logits); weight (N,); grad (N, V) in the

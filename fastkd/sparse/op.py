@@ -1,11 +1,11 @@
 """``fastkd.sparse_distill_loss`` / ``fused_linear_sparse_distill_loss``: distillation from sparse teachers.
 
 The teacher is given per token as K ids (−1 = padding slot) and K values (log-probs, probs, raw logits or
-sample counts), e.g. from a :class:`fastkd.cache.TeacherCache`. Formulas: :mod:`fastkd.reference.sparse`.
+sample counts), e.g. from a :class:`fastkd.cache.TeacherCache`. Formulas: :mod:`fastkd.sparse.reference`.
 The student's normaliser is always its full vocabulary.
 
 Layers: the public functions validate arguments, turn masks/reductions into per-token weights
-(:mod:`fastkd.ops._common`) and the teacher's values into per-slot log-probabilities (O(N·K), here, once
+(:mod:`fastkd.core.checks`) and the teacher's values into per-slot log-probabilities (O(N·K), here, once
 for every backend); the autograd Functions call one backend's ``sparse`` implementation, which computes
 the per-token loss and the weighted gradient in forward; backward scales it by ``grad_output``.
 
@@ -26,11 +26,11 @@ from dataclasses import replace
 
 import torch
 
-from fastkd.backends import declare, requested_backend, select
-from fastkd.ops import _common as C
-from fastkd.ops.distill import scale_grad
-from fastkd.ops.fused_linear import FusedHeadFunction, auto_chunk_rows, check_linear
-from fastkd.params import SparseParams
+from fastkd.core import checks as C
+from fastkd.core.autograd import scale_grad
+from fastkd.core.lmhead import FusedHeadFunction, auto_chunk_rows, check_linear
+from fastkd.core.params import SparseParams
+from fastkd.core.registry import declare, requested_backend, select
 
 MODES = ("topk", "topk_tail", "sampled")
 SPARSE_DIVERGENCES = ("fkl", "rkl", "jsd")
@@ -39,7 +39,7 @@ MODE_CODES = {"topk": 0, "topk_tail": 1, "sampled": 2}
 
 declare(
     "sparse",
-    ["fastkd.backends.torch_sparse", "fastkd.backends.triton_sparse", "fastkd.backends.cuda_sparse"],
+    ["fastkd.sparse.torch_impl", "fastkd.sparse.triton_impl", "fastkd.sparse.cuda_impl"],
     auto_order=("triton", "torch"),
 )
 

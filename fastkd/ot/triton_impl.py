@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from fastkd.backends import register, triton_reasons
-from fastkd.ops.sinkhorn import SinkhornParams
+from fastkd.core.registry import register, triton_reasons
+from fastkd.ot.sinkhorn import SinkhornParams
 
 SMALL_MAX = 64
 
@@ -41,8 +41,8 @@ class _TiledTriton:
 
 def sinkhorn_triton(a, b, cost, x, y, params: SinkhornParams):
     """Batched log-domain Sinkhorn with Triton kernels (see the module docstring)."""
-    from fastkd.backends.torch_sinkhorn import run_iterations
     from fastkd.kernels import sinkhorn as K
+    from fastkd.ot.torch_impl import run_iterations
 
     bsz, n = a.shape
     m = b.shape[1]

@@ -170,3 +170,23 @@ def reduce_tokens(loss: torch.Tensor, weight: torch.Tensor, reduction: str,
     if reduction == "none":
         return loss.view(lead_shape)
     return (loss * weight).sum()
+
+
+def resolve_vocab(vs: int, vt: int, vocab_size: int | None) -> int:
+    """The number of leading vocabulary columns both sides use."""
+    for name, size in (("student", vs), ("teacher", vt)):
+        if size == 0:
+            raise ValueError(f"the {name} vocabulary (last dimension) is empty: a distribution needs V >= 1")
+    if vocab_size is None:
+        if vs != vt:
+            raise ValueError(
+                f"student and teacher vocabularies differ ({vs} vs {vt}); if they differ only by padding "
+                f"columns, pass vocab_size=<real vocabulary size> to use the first vocab_size columns"
+            )
+        return vs
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
+        raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
+    if not 0 < vocab_size <= min(vs, vt):
+        raise ValueError(f"vocab_size must be in [1, {min(vs, vt)}] (the smaller vocabulary), "
+                         f"got {vocab_size}")
+    return vocab_size

@@ -1,7 +1,7 @@
 """``fastkd.distill_loss``: divergence losses between student and teacher logits.
 
 Layers: :func:`distill_loss` validates arguments and turns masks/reductions into per-token weights
-(:mod:`fastkd.ops._common`); :class:`DistillFunction` calls one backend's ``distill`` implementation,
+(:mod:`fastkd.core.checks`); :class:`DistillFunction` calls one backend's ``distill`` implementation,
 which computes the per-token loss *and* the weighted gradient in the forward pass; backward only scales
 that gradient by ``grad_output`` (in place: the gradient buffer is the only (N, V) tensor kept).
 
@@ -21,15 +21,16 @@ import math
 
 import torch
 
-from fastkd.backends import declare, requested_backend, select
-from fastkd.ops import _common as C
-from fastkd.params import DIVERGENCE_CODES, DistillParams
+from fastkd.core import checks as C
+from fastkd.core.autograd import scale_grad
+from fastkd.core.params import DIVERGENCE_CODES, DistillParams
+from fastkd.core.registry import declare, requested_backend, select
 
 DIVERGENCES: tuple[str, ...] = tuple(DIVERGENCE_CODES)
 
 declare(
     "distill",
-    ["fastkd.backends.torch_distill", "fastkd.backends.triton_distill", "fastkd.backends.cuda_distill"],
+    ["fastkd.distill.torch_impl", "fastkd.distill.triton_impl", "fastkd.distill.cuda_impl"],
     auto_order=("triton", "torch"),
 )
 
@@ -97,44 +98,6 @@ def make_params(
         beta=float(beta), alpha=float(alpha), mu=float(mu), t=float(t), ce_weight=float(ce_weight),
         chunk_size=chunk_size, softcap=None if softcap is None else float(softcap),
     )
-
-
-def resolve_vocab(vs: int, vt: int, vocab_size: int | None) -> int:
-    """The number of leading vocabulary columns both sides use."""
-    for name, size in (("student", vs), ("teacher", vt)):
-        if size == 0:
-            raise ValueError(f"the {name} vocabulary (last dimension) is empty: a distribution needs V >= 1")
-    if vocab_size is None:
-        if vs != vt:
-            raise ValueError(
-                f"student and teacher vocabularies differ ({vs} vs {vt}); if they differ only by padding "
-                f"columns, pass vocab_size=<real vocabulary size> to use the first vocab_size columns"
-            )
-        return vs
-    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
-        raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
-    if not 0 < vocab_size <= min(vs, vt):
-        raise ValueError(f"vocab_size must be in [1, {min(vs, vt)}] (the smaller vocabulary), "
-                         f"got {vocab_size}")
-    return vocab_size
-
-
-def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, bool]:
-    """grad · grad_output (a scalar, or one value per row) → (result, whether ``grad`` was modified).
-
-    On CUDA the device-side Triton kernel scales in place and skips the pass when grad_output == 1 (no host
-    sync, no second (N, V) buffer). Elsewhere ``grad`` is never modified: it is returned as is when
-    grad_output is exactly 1 (checked on the host, which costs no sync for CPU tensors), else a scaled copy.
-    """
-    if grad.is_cuda and not torch.compiler.is_compiling():
-        from fastkd.backends import triton_distill
-
-        if triton_distill._IMPORT_ERROR is None:
-            return triton_distill.scale_grad_(grad, grad_output, per_row), True
-    if not grad.is_cuda and not torch.compiler.is_compiling() and bool((grad_output == 1).all()):
-        return grad, False
-    g = grad_output.reshape(-1, *([1] * (grad.dim() - 1))) if per_row else grad_output
-    return grad * g.to(grad.dtype), False
 
 
 class DistillFunction(torch.autograd.Function):
@@ -227,7 +190,7 @@ def distill_loss(
     if tuple(teacher_logits.shape[:-1]) != lead:
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
                          f"{tuple(teacher_logits.shape)} must match in every dimension but the last")
-    vocab = resolve_vocab(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
+    vocab = C.resolve_vocab(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
     params = make_params(divergence, temperature=temperature, scale_by_t2=scale_by_t2, beta=beta, alpha=alpha,
                          mu=mu, t=t, ce_weight=ce_weight, chunk_size=chunk_size)
     if ce_weight and labels is None:

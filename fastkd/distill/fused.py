@@ -1,0 +1,141 @@
+"""``fastkd.fused_linear_distill_loss``: distillation through the LM head without full logits.
+
+The LM-head engine (:mod:`fastkd.core.lmhead`) chunks the tokens; this module supplies its per-chunk loss:
+the teacher's chunk logits (from its hidden states + LM head, or sliced from given logits) and one
+``distill`` backend (torch, Triton or CUDA) run on the chunk with the gradient written in place of the
+chunk's student logits. Peak extra memory is O(chunk · V), independent of N.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+
+from fastkd.core import checks as C
+from fastkd.core.lmhead import ChunkLoss, FusedHeadFunction, LMHeadChunker, auto_chunk_rows, check_linear
+from fastkd.core.params import DistillParams
+from fastkd.core.registry import requested_backend
+from fastkd.distill.op import backend_fn, make_params
+
+
+def _teacher_logits(aux: tuple, sl: slice, softcap: float | None) -> torch.Tensor:
+    """The teacher's (capped) logits of a chunk, from hidden states + LM head or from given logits."""
+    t_hidden, t_weight, t_bias, t_logits, _ = aux
+    if t_logits is None:
+        return LMHeadChunker(t_hidden, t_weight, t_bias, softcap).logits(sl)
+    return t_logits[sl] if softcap is None else softcap * torch.tanh(t_logits[sl] / softcap)
+
+
+def dense_chunk_loss(params: DistillParams, vocab: int, fn: Callable[..., torch.Tensor]) -> ChunkLoss:
+    """The per-chunk loss of :func:`fused_linear_distill_loss` (aux: t_hidden, t_weight, t_bias, t_logits,
+    labels); vocabulary padding columns beyond ``vocab`` get a zero gradient."""
+
+    def chunk_loss(sl, z, grad, w, aux):
+        zt = _teacher_logits(aux, sl, params.softcap)
+        labels = aux[4]
+        lab = None if labels is None else labels[sl]
+        loss = fn(z[:, :vocab], zt[:, :vocab], lab, w, None if grad is None else grad[:, :vocab], params)
+        if grad is not None and vocab < grad.shape[1]:
+            grad[:, vocab:].zero_()
+        return loss
+
+    return chunk_loss
+
+
+def fused_linear_distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    *,
+    teacher_logits: torch.Tensor | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    divergence: str = "fkl",
+    chunk_size: int | None = None,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    scale_by_t2: bool = False,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    ce_weight: float = 0.0,
+    vocab_size: int | None = None,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    mu: float = 0.5,
+    t: float = 0.5,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Distillation loss from hidden states and LM-head weights, never materialising (N, V) logits.
+
+    Args:
+        student_hidden: (..., H) float32/bfloat16/float16; gets a gradient.
+        student_weight: (V, H) as ``nn.Linear.weight``; student_bias: (V,) or None. Both get gradients.
+        teacher_hidden, teacher_weight, teacher_bias: the teacher's (..., Ht), (Vt, Ht), (Vt,) — constants;
+            or ``teacher_logits`` (..., Vt) instead.
+        chunk_size: tokens per chunk (default from N, V and free memory).
+        softcap: Gemma-style ``softcap·tanh(z/softcap)`` on both sides' logits before the temperature.
+        Other keywords: as :func:`fastkd.distill_loss`.
+
+    Returns: fp32 scalar, or (...,) for reduction="none".
+    """
+    check_linear("student", student_hidden, student_weight, student_bias)
+    lead = tuple(student_hidden.shape[:-1])
+    if teacher_logits is not None:
+        if teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
+            raise ValueError("pass either teacher_logits or teacher_hidden + teacher_weight, not both")
+        C.check_float_tensor("teacher_logits", teacher_logits)
+        C.check_constant("teacher_logits", teacher_logits)
+        if tuple(teacher_logits.shape[:-1]) != lead:
+            raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} must match student_hidden "
+                             f"{tuple(student_hidden.shape)} in every dimension but the last")
+        if teacher_logits.dtype != student_hidden.dtype:
+            raise TypeError(f"teacher_logits dtype {teacher_logits.dtype} differs from student_hidden dtype "
+                            f"{student_hidden.dtype}")
+        C.check_same_device(student_hidden=student_hidden, teacher_logits=teacher_logits)
+        vt = teacher_logits.shape[-1]
+    else:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError("pass teacher_hidden and teacher_weight (or teacher_logits)")
+        check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
+        for name, tensor in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
+                             ("teacher_bias", teacher_bias)):
+            C.check_constant(name, tensor)
+        if tuple(teacher_hidden.shape[:-1]) != lead:
+            raise ValueError(f"teacher_hidden shape {tuple(teacher_hidden.shape)} must match student_hidden "
+                             f"{tuple(student_hidden.shape)} in every dimension but the last")
+        if teacher_hidden.dtype != student_hidden.dtype:
+            raise TypeError(f"teacher_hidden dtype {teacher_hidden.dtype} differs from student_hidden dtype "
+                            f"{student_hidden.dtype}; cast it with .to({student_hidden.dtype})")
+        C.check_same_device(student_hidden=student_hidden, teacher_hidden=teacher_hidden)
+        vt = teacher_weight.shape[0]
+    vocab = C.resolve_vocab(student_weight.shape[0], vt, vocab_size)
+    params = make_params(divergence, temperature=temperature, scale_by_t2=scale_by_t2, beta=beta, alpha=alpha,
+                         mu=mu, t=t, ce_weight=ce_weight, chunk_size=None, softcap=softcap)
+    if ce_weight and labels is None:
+        raise ValueError("ce_weight > 0 needs labels (the cross-entropy targets)")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    device = student_hidden.device
+    wdt = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    tok_weight, flat_labels = C.token_weights(lead, device, labels=labels, ignore_index=ignore_index, mask=mask,
+                                              reduction=reduction, num_items_in_batch=num_items_in_batch,
+                                              dtype=wdt)
+    if ce_weight:
+        C.check_label_range(flat_labels, tok_weight, vocab)
+    n = tok_weight.numel()
+    h = student_hidden.reshape(n, student_hidden.shape[-1])
+    th = None if teacher_hidden is None else teacher_hidden.reshape(n, teacher_hidden.shape[-1])
+    tl = None if teacher_logits is None else teacher_logits.reshape(n, vt)
+    rows = chunk_size or auto_chunk_rows(n, student_weight.shape[0] + vt, device)
+    params = replace(params, chunk_size=rows)
+    chunk_loss = dense_chunk_loss(params, vocab, backend_fn(requested_backend(backend)))
+    loss = FusedHeadFunction.apply(h, student_weight, student_bias, tok_weight, chunk_loss, rows, reduction,
+                                   params.softcap, th, teacher_weight, teacher_bias, tl,
+                                   flat_labels if ce_weight else None)
+    return loss.view(lead) if reduction == "none" else loss

@@ -1,1 +1,0 @@
-"""Autograd Functions, argument checks and dispatch for each op family."""
