@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from fastkd.core.lmhead import iter_logits
+
 FORMAT = "fastkd-teacher-cache"
 VERSION = 1
 INDEX = "index.json"
@@ -118,15 +120,6 @@ def decode_ids(stored: torch.Tensor, fmt: str, bits: int, k: int) -> torch.Tenso
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _chunk_logits(hidden, weight, bias, sl, temperature, softcap=None) -> torch.Tensor:
-    z = hidden[sl].float() @ weight.float().t()
-    if bias is not None:
-        z += bias.float()
-    if softcap is not None:  # Gemma-style final-logit capping, before the temperature
-        z = torch.tanh(z / softcap) * softcap
-    return z / temperature if temperature != 1.0 else z
-
-
 @torch.no_grad()
 def topk_from_hidden(
     hidden: torch.Tensor,
@@ -148,9 +141,9 @@ def topk_from_hidden(
     ids = torch.empty(n, k, dtype=torch.int64, device=hidden.device)
     logp = torch.empty(n, k, dtype=torch.float32, device=hidden.device)
     tail = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    for start in range(0, n, chunk_size):
-        sl = slice(start, min(n, start + chunk_size))
-        z = _chunk_logits(hidden, weight, bias, sl, temperature, softcap)
+    # the LM-head engine's chunk logits (fp32, softcap then temperature) in one reused workspace
+    for sl, z in iter_logits(hidden, weight, bias, chunk_size, softcap=softcap, temperature=temperature,
+                             dtype=torch.float32):
         lse = torch.logsumexp(z, -1)
         top = z.topk(k, -1)
         ids[sl], logp[sl] = top.indices, top.values - lse.unsqueeze(-1)
@@ -178,9 +171,9 @@ def sample_from_hidden(
     s = num_samples
     ids = torch.full((n, s), -1, dtype=torch.int64, device=hidden.device)
     counts = torch.zeros(n, s, dtype=torch.int32, device=hidden.device)
-    for start in range(0, n, chunk_size):
-        sl = slice(start, min(n, start + chunk_size))
-        probs = torch.softmax(_chunk_logits(hidden, weight, bias, sl, temperature, softcap), -1)
+    for sl, z in iter_logits(hidden, weight, bias, chunk_size, softcap=softcap, temperature=temperature,
+                             dtype=torch.float32):
+        probs = torch.softmax(z, -1)
         draws = torch.multinomial(probs, s, replacement=True, generator=generator)
         c = torch.zeros_like(probs).scatter_add_(1, draws, torch.ones_like(draws, dtype=probs.dtype))
         top = c.topk(min(s, v), -1)

@@ -1,102 +1,233 @@
 """The LM-head engine: chunked ``hidden @ weight.T`` with a per-chunk loss, shared by every fused path.
 
-For one chunk of ``c`` rows :func:`run_chunks` computes the (soft-capped) logits ``h_c @ W.T (+ b)``, hands
-them to the loss's ``chunk_loss`` (which runs one backend on the chunk and writes the logit gradient in
-place of the logits), then turns that gradient into ``grad_hidden[c] = g @ W``,
-``grad_weight += g.T @ h_c`` (fp32 accumulator for low-precision weights) and ``grad_bias += g.sum(0)``.
-Peak extra memory is O(c · V) plus the gradients themselves, independent of N.
+Users: ``fastkd.distill.fused`` (dense), ``fastkd.sparse.op`` (sparse), ``fastkd.integrations.distributed``
+(vocabulary-parallel) and the teacher-cache extraction in ``fastkd.cache``. The engine owns, in one place:
+
+* **Chunk size** — :func:`auto_chunk_rows`: rows whose working set fits a stated memory budget
+  (``FASTKD_CHUNK_MB`` MiB; default 64 MiB on CPU, min(1 GiB, free/4) on a GPU), a multiple of 128 rows
+  when N allows (whole tensor-core / cache tiles), never fewer than 8.
+* **Softcap** — :func:`softcap_` applies ``cap·tanh(z/cap)`` in place and can store its derivative
+  ``1 − tanh²(z/cap)`` for the backward; nothing else in fastkd caps logits.
+* **Chunk logits** — :meth:`LMHeadChunker.logits` writes ``h_c @ W.T (+ b)`` (then the cap) into one
+  ``(rows, V)`` workspace allocated on the first chunk of a call and reused by every later chunk
+  (``torch.mm(..., out=)`` / ``torch.addmm(b, ..., out=)``). A teacher head given as hidden states goes
+  through a second chunker with its own workspace.
+* **Backward accumulation** — the loss writes the gradient of the capped chunk logits *into the logits
+  workspace*; :meth:`LMHeadChunker.backward` multiplies in the cap derivative in place and accumulates
+
+      grad_hidden[c] = g @ W            (torch.mm(..., out=grad_hidden[c]))
+      grad_weight   += g.T @ h_c        (addmm_ into an fp32 accumulator for bf16/fp16 weights)
+      grad_bias     += g.T @ 1          (addmv_)
+
+  For bf16/fp16 weights on CUDA the accumulation is ``torch.addmm(acc, g.T, h_c, out_dtype=fp32, out=acc)``;
+  where that overload is missing (CPU, older PyTorch) only the chunk's (c, V) / (c, H) operands are
+  copied into preallocated fp32 staging buffers. No (V, H) temporary is ever made per chunk.
+
+Steady-state memory beyond the gradients: one (rows, V) logits buffer per head (+ one for the cap
+derivative with a softcap, + the fp32 staging buffers for low-precision weights off CUDA) plus whatever
+the loss backend needs for one chunk — all O(rows · V), independent of N; the buffers are dropped when
+the call's chunk loop ends.
 
 :class:`FusedHeadFunction` is the autograd wrapper: for scalar reductions everything happens in forward and
 backward scales the stored gradients by ``grad_output``; for ``reduction="none"`` the per-token
 ``grad_output`` is only known in backward, so forward computes the losses alone and backward re-runs the
-chunks with ``weight · grad_output``. Users: ``fastkd.distill.fused`` (dense), ``fastkd.sparse.op``
-(sparse), ``fastkd.integrations.distributed`` (vocabulary-parallel) and the teacher-cache extraction.
+chunks with ``weight · grad_output``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import os
+from collections.abc import Callable, Iterator
 
 import torch
 
 from fastkd.core import checks as C
 from fastkd.core.autograd import scale_grad
 
-_CPU_CHUNK_ELEMS = 1 << 24  # student + teacher chunk logits: 64 MiB together at fp32 (256 rows at V=32000)
-_GPU_CHUNK_BYTES = 1 << 30  # at most ~1 GiB of chunk temporaries on a GPU
+CHUNK_MB_ENV = "FASTKD_CHUNK_MB"
+ROW_MULTIPLE = 128  # chunk rows are a multiple of this when the budget and N allow
+_MIN_ROWS = 8
+_CPU_BUDGET_MB = 64.0
+_GPU_BUDGET_MB = 1024.0
+# Bytes per logit column of one chunk row: the engine's fp32-sized logits buffer + about as much again of
+# loss-backend temporaries (the torch backend's chunk math; Triton/CUDA need none, the estimate stays safe).
+BYTES_PER_COL = 8
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def auto_chunk_rows(n: int, vocab: int, device: torch.device) -> int:
-    """Rows per chunk from N, V and (on a GPU) free memory; a multiple of 8 where possible."""
+def chunk_budget_mb(device: torch.device, budget_mb: float | None = None) -> float:
+    """The chunk working-set budget in MiB: ``budget_mb``, else ``FASTKD_CHUNK_MB``, else the device default."""
+    if budget_mb is None:
+        env = os.environ.get(CHUNK_MB_ENV, "").strip()
+        if env:
+            try:
+                budget_mb = float(env)
+            except ValueError:
+                raise ValueError(f"{CHUNK_MB_ENV} must be a positive number of MiB, got {env!r}") from None
+            if not math.isfinite(budget_mb) or budget_mb <= 0:
+                raise ValueError(f"{CHUNK_MB_ENV} must be a positive number of MiB, got {env!r}")
+    elif not isinstance(budget_mb, (int, float)) or not math.isfinite(budget_mb) or budget_mb <= 0:
+        raise ValueError(f"budget_mb must be a positive number of MiB, got {budget_mb!r}")
+    if budget_mb is not None:
+        return float(budget_mb)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        budget = min(_GPU_CHUNK_BYTES, free // 4)
-        rows = budget // max(1, vocab * 4 * 6)  # ~6 fp32-sized (c, V) temporaries alive at once
-    else:
-        rows = _CPU_CHUNK_ELEMS // max(1, vocab)
-    rows = max(8, rows // 8 * 8)
+        return min(_GPU_BUDGET_MB, free / 4 / 2**20)
+    return _CPU_BUDGET_MB
+
+
+def auto_chunk_rows(n: int, cols: int, device: torch.device, budget_mb: float | None = None) -> int:
+    """Rows per chunk for ``n`` tokens whose chunk holds ``cols`` logit columns (student + teacher heads).
+
+    rows = budget / (cols · 8 bytes) (the logits buffer plus as much again of loss temporaries), rounded
+    down to a multiple of 128 when that leaves at least 128 rows (else to a multiple of 8, at least 8),
+    and at most ``n``. The budget is ``budget_mb`` / ``FASTKD_CHUNK_MB`` / the device default
+    (:func:`chunk_budget_mb`). Example: CPU, V = Vt = 32000 → 64 MiB / 512 kB → 128 rows.
+    """
+    if n <= 0:
+        return 1
+    budget = chunk_budget_mb(device, budget_mb) * 2**20
+    rows = int(budget // max(1, cols * BYTES_PER_COL))
+    rows = rows // ROW_MULTIPLE * ROW_MULTIPLE if rows >= ROW_MULTIPLE else max(_MIN_ROWS, rows // 8 * 8)
     return max(1, min(n, rows))
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for low-precision inputs with an fp32 result (fp32 accumulate, no rounding of the output)."""
-    if a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError, NotImplementedError):  # older PyTorch without mm(out_dtype=)
-            return torch.mm(a, b).float()
-    return torch.mm(a.float(), b.float())
+def softcap_(z: torch.Tensor, cap: float | None, deriv: torch.Tensor | None = None) -> torch.Tensor:
+    """``z ← cap·tanh(z/cap)`` in place (Gemma-style final-logit capping); returns ``z``.
+
+    With ``deriv`` (same shape), also stores ``d cap·tanh(z/cap)/dz = 1 − tanh²(z/cap)`` there.
+    """
+    if cap is None:
+        return z
+    z.div_(cap).tanh_()
+    if deriv is not None:
+        torch.mul(z, z, out=deriv)
+        deriv.neg_().add_(1.0)
+    return z.mul_(cap)
+
+
+def _addmm_fp32_inplace(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``acc += a @ b`` for bf16/fp16 a, b into fp32 ``acc`` without a temporary; False if unsupported."""
+    try:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    except (RuntimeError, TypeError, NotImplementedError):  # CPU, or PyTorch without addmm(out_dtype=)
+        return False
+    return True
 
 
 class LMHeadChunker:
-    """Chunked ``hidden @ weight.T`` with gradient back-propagation, shared by the dense and sparse losses.
+    """One LM head ``hidden (N, H) @ weight (V, H).T (+ bias (V,))``, evaluated chunk by chunk.
 
-    hidden (N, H), weight (V, H), bias (V,) or None. Call :meth:`logits` for a row slice, then
-    :meth:`backward` with the gradient of those (capped) logits to accumulate ``grad_hidden``,
-    ``grad_weight``, ``grad_bias`` (allocated by :meth:`alloc_grads`).
+    :meth:`logits` returns a (c, V) view of a workspace reused by every chunk (valid until the next call);
+    after :meth:`alloc_grads`, :meth:`backward` takes the gradient of a chunk's capped logits (normally
+    written into that same view) and accumulates ``grad_hidden`` / ``grad_weight`` / ``grad_bias``.
+    :meth:`release` drops the workspaces (the engine calls it when a chunk loop ends).
     """
 
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 softcap: float | None = None):
+                 softcap: float | None = None, rows: int | None = None):
         self.hidden, self.weight, self.bias, self.softcap = hidden, weight, bias, softcap
+        self.rows = rows
         self.grad_hidden = self.grad_weight = self.grad_bias = None
-        self._acc32 = weight.dtype in (torch.bfloat16, torch.float16)
+        self._acc32 = weight.dtype in _LOW_PRECISION
+        self._z: torch.Tensor | None = None  # (rows, V) logits / gradient workspace
+        self._dcap: torch.Tensor | None = None  # (rows, V) softcap derivative (only when gradients are needed)
+        self._g32: torch.Tensor | None = None  # fp32 staging of a low-precision chunk gradient (rows, V)
+        self._h32: torch.Tensor | None = None  # fp32 staging of the chunk's hidden states (rows, H)
+        self._ones: torch.Tensor | None = None
+        self._native_fp32_acc = True  # addmm(out_dtype=) worked (or is still to be tried)
+
+    def _buf(self, name: str, c: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = getattr(self, name)
+        if buf is None or buf.shape[0] < c:
+            buf = torch.empty(max(c, self.rows or c), cols, dtype=dtype, device=self.weight.device)
+            setattr(self, name, buf)
+        return buf[:c]
 
     def logits(self, sl: slice) -> torch.Tensor:
-        z = self.hidden[sl] @ self.weight.t()
-        if self.bias is not None:
-            z += self.bias
-        if self.softcap is not None:
-            z = torch.tanh_(z.div_(self.softcap)).mul_(self.softcap)
-        return z
+        """The chunk's (capped) logits (c, V) in the weight dtype, in the reused workspace."""
+        h = self.hidden[sl]
+        c, v = h.shape[0], self.weight.shape[0]
+        z = self._buf("_z", c, v, self.weight.dtype)
+        if self.bias is None:
+            torch.mm(h, self.weight.t(), out=z)
+        else:
+            torch.addmm(self.bias, h, self.weight.t(), out=z)
+        need_deriv = self.softcap is not None and (self.grad_hidden is not None or self.grad_weight is not None
+                                                   or self.grad_bias is not None)
+        return softcap_(z, self.softcap, self._buf("_dcap", c, v, z.dtype) if need_deriv else None)
 
     def alloc_grads(self, need_hidden: bool, need_weight: bool, need_bias: bool) -> None:
         h, w = self.hidden, self.weight
-        self.grad_hidden = torch.empty_like(h) if need_hidden else None
+        self.grad_hidden = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_hidden else None
         wdt = torch.float32 if self._acc32 else w.dtype
         self.grad_weight = torch.zeros(w.shape, dtype=wdt, device=w.device) if need_weight else None
         self.grad_bias = (torch.zeros(w.shape[0], dtype=wdt, device=w.device)
                           if need_bias and self.bias is not None else None)
 
-    def backward(self, sl: slice, grad_logits: torch.Tensor, capped_logits: torch.Tensor | None) -> None:
-        """Accumulate the gradients of one chunk; ``capped_logits`` are this chunk's logits after the cap."""
+    def backward(self, sl: slice, grad_logits: torch.Tensor) -> None:
+        """Accumulate one chunk's gradients from ``grad_logits`` (c, V), the gradient of the capped logits
+        (modified in place by the cap derivative). Call after :meth:`logits` of the same ``sl``."""
         g = grad_logits
-        if self.softcap is not None:  # d/dz cap·tanh(z/cap) = 1 − tanh², tanh = capped / cap
-            g = g * (1 - (capped_logits / self.softcap).square())
+        if self.softcap is not None:  # d/dz cap·tanh(z/cap) = 1 − tanh², stored by logits()
+            g.mul_(self._dcap[: g.shape[0]])
+        h = self.hidden[sl]
         if self.grad_hidden is not None:
             torch.mm(g, self.weight, out=self.grad_hidden[sl])
+        if self.grad_weight is None and self.grad_bias is None:
+            return
+        g_acc, h_acc = g, h
+        if self._acc32:  # fp32 accumulation: partial sums are never rounded to bf16/fp16
+            if self.grad_weight is not None and self._native_fp32_acc and g.is_cuda:
+                self._native_fp32_acc = _addmm_fp32_inplace(self.grad_weight, g.t(), h)
+                if self._native_fp32_acc:
+                    if self.grad_bias is not None:
+                        self.grad_bias.add_(g.sum(0, dtype=torch.float32))
+                    return
+            g_acc = self._buf("_g32", g.shape[0], g.shape[1], torch.float32).copy_(g)
+            if self.grad_weight is not None:
+                h_acc = self._buf("_h32", h.shape[0], h.shape[1], torch.float32).copy_(h)
         if self.grad_weight is not None:
-            if self._acc32:  # fp32 accumulation: no rounding of partial sums to bf16/fp16 per chunk
-                self.grad_weight.add_(_mm_fp32(g.t(), self.hidden[sl]))
-            else:
-                self.grad_weight.addmm_(g.t(), self.hidden[sl])
+            self.grad_weight.addmm_(g_acc.t(), h_acc)
         if self.grad_bias is not None:
-            self.grad_bias.add_(g.sum(0, dtype=self.grad_bias.dtype))
+            ones = self._ones
+            if ones is None or ones.shape[0] < g.shape[0] or ones.dtype != g_acc.dtype:
+                ones = self._ones = torch.ones(max(g.shape[0], self.rows or 0), dtype=g_acc.dtype,
+                                               device=g.device)
+            self.grad_bias.addmv_(g_acc.t(), ones[: g.shape[0]])
 
     def finished_grads(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         gw = self.grad_weight.to(self.weight.dtype) if self.grad_weight is not None else None
         gb = self.grad_bias.to(self.bias.dtype) if self.grad_bias is not None else None
         return self.grad_hidden, gw, gb
+
+    def release(self) -> None:
+        """Drop the chunk workspaces (gradients are kept)."""
+        self._z = self._dcap = self._g32 = self._h32 = self._ones = None
+
+
+def iter_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, *,
+                softcap: float | None = None, temperature: float = 1.0,
+                dtype: torch.dtype | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yield ``(rows slice, logits)`` chunk by chunk, no gradients: ``softcap(h_c W.T + b) / temperature``.
+
+    hidden (N, H), weight (V, H), bias (V,) | None; ``dtype`` (e.g. fp32 for bf16 heads) converts the head
+    once per call, never per chunk. Each yielded (c, V) view lives in one reused workspace: it is valid
+    (and may be modified in place) until the next chunk is requested. Used by the teacher-cache extraction.
+    """
+    if dtype is not None:
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    head = LMHeadChunker(hidden, weight, bias, softcap, rows)
+    try:
+        for start in range(0, hidden.shape[0], rows):
+            sl = slice(start, min(hidden.shape[0], start + rows))
+            z = head.logits(sl)
+            yield sl, (z.div_(temperature) if temperature != 1.0 else z)
+    finally:
+        head.release()
 
 
 ChunkLoss = Callable[[slice, torch.Tensor, "torch.Tensor | None", torch.Tensor, tuple], torch.Tensor]
@@ -107,21 +238,31 @@ def run_chunks(student: LMHeadChunker, chunk_loss: ChunkLoss, aux: tuple, weight
     """Loss (N,) over row chunks; with ``need_grad`` the student's gradients are accumulated as well.
 
     ``chunk_loss(sl, logits, grad, weight[sl], aux)`` returns the chunk's per-token loss and, when ``grad`` is
-    given, writes the weighted gradient of the chunk's (capped) student logits into it. ``grad`` is the
-    logits buffer itself (in place) unless a softcap needs the logits afterwards.
+    given, writes the weighted gradient of the chunk's (capped) student logits into it; ``grad`` *is* the
+    logits view (in place), so the loss must read a logit before overwriting it (every backend does).
+    Optional hooks of ``chunk_loss``: ``finish(student)`` after the last chunk when gradients were
+    accumulated (e.g. an all-reduce of ``grad_hidden``), ``release()`` when the loop ends (drop the loss's
+    own workspaces, e.g. a teacher head's logits buffer).
     """
     n = weight.numel()
     loss = torch.empty(n, dtype=torch.float64 if student.hidden.dtype == torch.float64 else torch.float32,
                        device=weight.device)
-    for start in range(0, n, rows):
-        sl = slice(start, min(n, start + rows))
-        z = student.logits(sl)
-        if not need_grad:
-            loss[sl] = chunk_loss(sl, z, None, weight[sl], aux)
-            continue
-        grad = torch.empty_like(z) if student.softcap is not None else z
-        loss[sl] = chunk_loss(sl, z, grad, weight[sl], aux)
-        student.backward(sl, grad, z)
+    student.rows = rows
+    try:
+        for start in range(0, n, rows):
+            sl = slice(start, min(n, start + rows))
+            z = student.logits(sl)
+            loss[sl] = chunk_loss(sl, z, z if need_grad else None, weight[sl], aux)
+            if need_grad:
+                student.backward(sl, z)
+        finish = getattr(chunk_loss, "finish", None)
+        if need_grad and finish is not None:
+            finish(student)
+    finally:
+        student.release()
+        release = getattr(chunk_loss, "release", None)
+        if release is not None:
+            release()
     return loss
 
 
@@ -137,7 +278,7 @@ class FusedHeadFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, tok_weight, chunk_loss, rows, reduction, softcap, *aux):
-        student = LMHeadChunker(hidden, weight, bias, softcap)
+        student = LMHeadChunker(hidden, weight, bias, softcap, rows)
         needs = ctx.needs_input_grad[:3]
         ctx.per_row = reduction == "none"
         ctx.used = False
@@ -162,7 +303,7 @@ class FusedHeadFunction(torch.autograd.Function):
         if ctx.per_row:
             hidden, weight, bias, tok_weight, *aux = ctx.saved_tensors
             chunk_loss, rows, softcap = ctx.args
-            student = LMHeadChunker(hidden, weight, bias, softcap)
+            student = LMHeadChunker(hidden, weight, bias, softcap, rows)
             student.alloc_grads(*ctx.needs_input_grad[:3])
             w = tok_weight * grad_output.reshape(-1).to(tok_weight.dtype)
             run_chunks(student, chunk_loss, tuple(aux), w, rows, True)
@@ -189,5 +330,3 @@ def check_linear(prefix: str, hidden: torch.Tensor, weight: torch.Tensor, bias: 
         if bias.dtype != hidden.dtype:
             raise TypeError(f"{prefix}_bias dtype {bias.dtype} differs from {prefix}_hidden dtype {hidden.dtype}")
     C.check_same_device(**{f"{prefix}_hidden": hidden, f"{prefix}_weight": weight, f"{prefix}_bias": bias})
-
-

@@ -1,9 +1,11 @@
 """``fastkd.fused_linear_distill_loss``: distillation through the LM head without full logits.
 
-The LM-head engine (:mod:`fastkd.core.lmhead`) chunks the tokens; this module supplies its per-chunk loss:
-the teacher's chunk logits (from its hidden states + LM head, or sliced from given logits) and one
-``distill`` backend (torch, Triton or CUDA) run on the chunk with the gradient written in place of the
-chunk's student logits. Peak extra memory is O(chunk · V), independent of N.
+The LM-head engine (:mod:`fastkd.core.lmhead`) owns the chunk loop, the chunk size
+(``FASTKD_CHUNK_MB``), the softcap, the reused logits workspaces and the in-place gradient accumulation;
+this module supplies its per-chunk loss, :class:`DenseChunkLoss`: the teacher's chunk logits (from a
+second engine head over its hidden states + LM head, or sliced from given logits) and one ``distill``
+backend (torch, Triton or CUDA, chosen by the registry) run on the chunk with the gradient written in
+place of the chunk's student logits. Peak extra memory is O(chunk · V), independent of N.
 """
 
 from __future__ import annotations
@@ -14,34 +16,55 @@ from dataclasses import replace
 import torch
 
 from fastkd.core import checks as C
-from fastkd.core.lmhead import ChunkLoss, FusedHeadFunction, LMHeadChunker, auto_chunk_rows, check_linear
+from fastkd.core.lmhead import FusedHeadFunction, LMHeadChunker, auto_chunk_rows, check_linear, softcap_
 from fastkd.core.params import DistillParams
 from fastkd.core.registry import requested_backend
 from fastkd.distill.op import backend_fn, make_params
 
 
-def _teacher_logits(aux: tuple, sl: slice, softcap: float | None) -> torch.Tensor:
-    """The teacher's (capped) logits of a chunk, from hidden states + LM head or from given logits."""
-    t_hidden, t_weight, t_bias, t_logits, _ = aux
-    if t_logits is None:
-        return LMHeadChunker(t_hidden, t_weight, t_bias, softcap).logits(sl)
-    return t_logits[sl] if softcap is None else softcap * torch.tanh(t_logits[sl] / softcap)
+class DenseChunkLoss:
+    """The per-chunk loss of :func:`fused_linear_distill_loss` for :func:`~fastkd.core.lmhead.run_chunks`.
 
+    aux = (t_hidden, t_weight, t_bias, t_logits, labels). The teacher's chunk logits come from a second
+    engine head (hidden states + LM head, its own reused workspace) or are copied from ``t_logits`` into a
+    reused buffer when a softcap must be applied; then one ``distill`` backend runs on the chunk with the
+    gradient written in place of the student's chunk logits. Vocabulary padding columns beyond ``vocab``
+    get a zero gradient.
+    """
 
-def dense_chunk_loss(params: DistillParams, vocab: int, fn: Callable[..., torch.Tensor]) -> ChunkLoss:
-    """The per-chunk loss of :func:`fused_linear_distill_loss` (aux: t_hidden, t_weight, t_bias, t_logits,
-    labels); vocabulary padding columns beyond ``vocab`` get a zero gradient."""
+    def __init__(self, params: DistillParams, vocab: int, fn: Callable[..., torch.Tensor], rows: int):
+        self.params, self.vocab, self.fn, self.rows = params, vocab, fn, rows
+        self._teacher: LMHeadChunker | None = None
+        self._tbuf: torch.Tensor | None = None
 
-    def chunk_loss(sl, z, grad, w, aux):
-        zt = _teacher_logits(aux, sl, params.softcap)
-        labels = aux[4]
+    def teacher_logits(self, sl: slice, aux: tuple) -> torch.Tensor:
+        t_hidden, t_weight, t_bias, t_logits, _ = aux
+        cap = self.params.softcap
+        if t_logits is None:
+            if self._teacher is None:
+                self._teacher = LMHeadChunker(t_hidden, t_weight, t_bias, cap, self.rows)
+            return self._teacher.logits(sl)
+        if cap is None:
+            return t_logits[sl]
+        c = sl.stop - sl.start
+        if self._tbuf is None or self._tbuf.shape[0] < c:
+            self._tbuf = t_logits.new_empty(max(c, self.rows), t_logits.shape[1])
+        return softcap_(self._tbuf[:c].copy_(t_logits[sl]), cap)
+
+    def __call__(self, sl, z, grad, w, aux):
+        zt = self.teacher_logits(sl, aux)
+        labels, vocab = aux[4], self.vocab
         lab = None if labels is None else labels[sl]
-        loss = fn(z[:, :vocab], zt[:, :vocab], lab, w, None if grad is None else grad[:, :vocab], params)
+        loss = self.fn(z[:, :vocab], zt[:, :vocab], lab, w, None if grad is None else grad[:, :vocab],
+                       self.params)
         if grad is not None and vocab < grad.shape[1]:
             grad[:, vocab:].zero_()
         return loss
 
-    return chunk_loss
+    def release(self) -> None:
+        if self._teacher is not None:
+            self._teacher.release()
+        self._teacher = self._tbuf = None
 
 
 def fused_linear_distill_loss(
@@ -134,7 +157,7 @@ def fused_linear_distill_loss(
     tl = None if teacher_logits is None else teacher_logits.reshape(n, vt)
     rows = chunk_size or auto_chunk_rows(n, student_weight.shape[0] + vt, device)
     params = replace(params, chunk_size=rows)
-    chunk_loss = dense_chunk_loss(params, vocab, backend_fn(requested_backend(backend)))
+    chunk_loss = DenseChunkLoss(params, vocab, backend_fn(requested_backend(backend)), rows)
     loss = FusedHeadFunction.apply(h, student_weight, student_bias, tok_weight, chunk_loss, rows, reduction,
                                    params.softcap, th, teacher_weight, teacher_bias, tl,
                                    flat_labels if ce_weight else None)

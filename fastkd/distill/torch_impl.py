@@ -17,6 +17,7 @@ from functools import cache
 
 import torch
 
+from fastkd.core import lmhead
 from fastkd.core.params import DistillParams
 from fastkd.core.registry import register
 
@@ -25,7 +26,10 @@ _CHUNK_ELEMS = 1 << 22
 
 
 def auto_chunk_rows(n_rows: int, vocab: int, elems: int = _CHUNK_ELEMS) -> int:
-    return max(1, min(n_rows, elems // max(vocab, 1)))
+    """Rows per backend chunk: the LM-head engine's one rule (:func:`fastkd.core.lmhead.auto_chunk_rows`:
+    multiples of 128 rows) with a budget of ``elems`` fp32 elements per (rows, V) temporary."""
+    return lmhead.auto_chunk_rows(n_rows, vocab, torch.device("cpu"),
+                                  budget_mb=elems * lmhead.BYTES_PER_COL / 2**20)
 
 
 def _where_pos(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
