@@ -29,6 +29,7 @@ CSV and JSON files under ``bench/results/`` (git-ignored).
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import functools
@@ -277,40 +278,109 @@ def peak_rss_growth_mb(step: Step, warmup: bool = False) -> tuple[float, str]:
     return max(peak - base, 0) / 1024.0, method
 
 
-def _child_main() -> None:
-    """Entry of the fresh process: read a pickled (case, provider, mode, threads), print JSON."""
-    case, provider, mode, threads = pickle.loads(sys.stdin.buffer.read())
+def _measure_in_child(case: Case, provider: Provider, mode: str, threads: int) -> dict[str, Any]:
+    """Body of the fresh process: build the inputs, set up the step, measure one iteration's peak."""
     torch.set_num_threads(threads)
     try:
         inputs = case.make_inputs(torch.device("cpu"), case.seed)
         step = _as_step(provider.setup(inputs, mode))
         mb, method = peak_rss_growth_mb(step, warmup=provider.warmup_in_child)
-        result = {"peak_mem_mb": mb, "mem_method": method}
+        return {"peak_mem_mb": mb, "mem_method": method}
     except Exception as exc:  # reported, never fatal for the run
-        result = {"error": f"{type(exc).__name__}: {exc}"}
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _child_main() -> None:
+    """Entry of the subprocess fallback: read a pickled (case, provider, mode, threads), print JSON."""
+    case, provider, mode, threads = pickle.loads(sys.stdin.buffer.read())
+    result = _measure_in_child(case, provider, mode, threads)
     sys.stdout.write("\n@@RESULT@@" + json.dumps(result) + "\n")
+
+
+# glibc serves every allocation over 64 KiB with mmap so freed buffers leave the RSS and cannot hide a
+# provider's peak; read once at process start, so they are set in the environment of the fresh processes.
+_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+_FORKSERVER: Any = None
+
+
+def _forkserver_context() -> Any:
+    """A multiprocessing "forkserver" context whose server has imported torch, fastkd and this module once.
+
+    Each measurement forks a fresh process from it: a new address space (its own VmHWM) without paying
+    Python + torch start-up per provider (1.5-5 s each on a 2-core machine, most of a CPU bench's time).
+    The server only imports (no OpenMP pool has been started in it), so forking it is safe.
+    """
+    global _FORKSERVER
+    if _FORKSERVER is None:
+        import multiprocessing as mp
+        import multiprocessing.forkserver as mp_forkserver
+
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "fastkd", "bench.harness"])
+        saved = {k: os.environ.get(k) for k in _MALLOC_ENV}
+        os.environ.update({k: os.environ.get(k, v) for k, v in _MALLOC_ENV.items()})
+        try:
+            mp_forkserver.ensure_running()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        _FORKSERVER = ctx
+    return _FORKSERVER
+
+
+def _forked_child(conn: Any, case: Case, provider: Provider, mode: str, threads: int) -> None:
+    conn.send(_measure_in_child(case, provider, mode, threads))
+    conn.close()
 
 
 def cpu_peak_fresh_process(
     case: Case, provider: Provider, mode: str, timeout_s: float = 900
 ) -> tuple[float, str]:
-    """Peak extra RSS (MiB) of one ``provider`` iteration, measured in a new Python process.
+    """Peak extra RSS (MiB) of one ``provider`` iteration, measured in a new process.
 
-    glibc is told to serve every allocation over 64 KiB with mmap (``MALLOC_MMAP_THRESHOLD_``) so freed
-    buffers leave the RSS and cannot hide a provider's peak.
+    Forked from a pre-imported fork server (:func:`_forkserver_context`); where the "forkserver" start
+    method does not exist, or ``FASTKD_BENCH_MEMORY_CHILD=subprocess``, a new Python interpreter
+    (``python -m bench.harness --memory-child``). Either way the process starts with ``MALLOC_*`` set.
     """
-    payload = pickle.dumps((case, provider, mode, torch.get_num_threads()))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-    env.setdefault("MALLOC_TRIM_THRESHOLD_", "65536")
-    proc = subprocess.run([sys.executable, "-m", "bench.harness", "--memory-child"], input=payload,
-                          capture_output=True, timeout=timeout_s, env=env, cwd=str(ROOT))
-    text = proc.stdout.decode(errors="replace")
-    if "@@RESULT@@" not in text:
-        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
-        raise RuntimeError(f"memory child failed (rc={proc.returncode}): {' | '.join(tail)}")
-    result = json.loads(text.rsplit("@@RESULT@@", 1)[1].strip())
+    import multiprocessing as mp
+
+    threads = torch.get_num_threads()
+    if (os.environ.get("FASTKD_BENCH_MEMORY_CHILD", "fork") != "subprocess"
+            and "forkserver" in mp.get_all_start_methods()):
+        ctx = _forkserver_context()
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_forked_child, args=(send, case, provider, mode, threads), daemon=True)
+        proc.start()
+        send.close()
+        try:
+            if not recv.poll(timeout_s):
+                raise RuntimeError(f"memory child timed out after {timeout_s:.0f} s")
+            result = recv.recv()
+        except EOFError as exc:
+            proc.join(5)
+            raise RuntimeError(f"memory child died (exit code {proc.exitcode})") from exc
+        finally:
+            if proc.is_alive():
+                proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    else:
+        payload = pickle.dumps((case, provider, mode, threads))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        for k, v in _MALLOC_ENV.items():
+            env.setdefault(k, v)
+        proc = subprocess.run([sys.executable, "-m", "bench.harness", "--memory-child"], input=payload,
+                              capture_output=True, timeout=timeout_s, env=env, cwd=str(ROOT))
+        text = proc.stdout.decode(errors="replace")
+        if "@@RESULT@@" not in text:
+            tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
+            raise RuntimeError(f"memory child failed (rc={proc.returncode}): {' | '.join(tail)}")
+        result = json.loads(text.rsplit("@@RESULT@@", 1)[1].strip())
     if "error" in result:
         raise RuntimeError(result["error"])
     return result["peak_mem_mb"], result["mem_method"]
@@ -453,43 +523,62 @@ def run_cases(
     cases: list[Case], device: torch.device, *, providers: Sequence[str] | None = None,
     modes: Sequence[str] | None = None, memory: bool = True, budget_s: float = 1.0, warmup: int = 1,
     min_reps: int = 3, max_reps: int = 100, console: Any = None, progress: bool = True,
+    run_id: str | None = None, family: str | None = None,
 ) -> list[dict[str, Any]]:
     """Measure every (case, provider, mode); returns result rows (see :data:`COLUMNS`).
 
     ``providers``: keep only providers whose name contains one of these strings (the case baseline is
     always kept). ``modes``: override each case's modes. ``memory=False`` skips peak-memory measurement.
+    ``run_id`` labels the rows (one id for every family of a ``fastkd bench`` run; default: now, UTC).
+    ``progress``: two rich bars on a terminal (the family's cases, the current case's providers); one line
+    per case and provider otherwise, so a log shows where the time goes.
     """
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    console = console or Console()
     env = environment(device)
-    run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    now = _dt.datetime.now(_dt.timezone.utc)
+    run_id = run_id or now.strftime("%Y%m%dT%H%M%SZ")
+    date = now.isoformat(timespec="seconds")
     plan = [(c, p, m) for c in cases for p in _select(c.providers, providers, c.baseline)
             for m in (modes or c.modes)]
+    by_case: dict[int, list[tuple[Provider, str]]] = {}
+    for c, p, m in plan:
+        by_case.setdefault(id(c), []).append((p, m))
+    todo_cases = [c for c in cases if by_case.get(id(c))]
+    family = family or (todo_cases[0].family if todo_cases else "bench")
+    live = progress and console.is_terminal
+    lines = progress and not console.is_terminal
     rows: list[dict[str, Any]] = []
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=console, disable=not progress, transient=True)
+                   console=console, disable=not live, transient=True)
     with bar:
-        task = bar.add_task("bench", total=len(plan))
-        by_case: dict[int, list[tuple[Provider, str]]] = {}
-        for c, p, m in plan:
-            by_case.setdefault(id(c), []).append((p, m))
-        for case in cases:
-            todo = by_case.get(id(case), [])
-            if not todo:
-                continue
+        fam_task = bar.add_task(f"[bold]{family}[/] cases", total=len(todo_cases))
+        case_task = bar.add_task("", total=1)
+        for i, case in enumerate(todo_cases, 1):
+            todo = by_case[id(case)]
+            t_case = time.perf_counter()
+            bar.update(fam_task, description=f"[bold]{family}[/] case {i}/{len(todo_cases)}")
+            bar.reset(case_task, total=len(todo) + (case.reference is not None),
+                      description=f"  {case.label}")
+            if lines:
+                console.print(f"[{family}] case {i}/{len(todo_cases)} {case.op} {case.label}: "
+                              f"{len(todo)} measurements", highlight=False)
             inputs = case.make_inputs(device, case.seed)
             ref = None
             ref_error = ""
             if case.reference is not None:
-                bar.update(task, description=f"{case.op} {case.label}: float64 reference")
+                bar.update(case_task, description=f"  {case.label}: float64 reference")
                 try:
                     ref = [None if r is None else r.detach() for r in case.reference(inputs)]
                 except Exception as exc:
                     ref_error = f"reference failed: {type(exc).__name__}: {exc}"
+                bar.advance(case_task)
             case_rows = []
             for provider, mode in todo:
-                bar.update(task, description=f"{case.op} {case.label}: {provider.name} {mode}")
+                bar.update(case_task, description=f"  {case.label}: {provider.name} {mode}")
+                t0 = time.perf_counter()
                 row = {"run_id": run_id, "date": date, "family": case.family, "op": case.op,
                        "case": case.label, "sizes": json.dumps(case.sizes), "provider": provider.name,
                        "mode": mode, "status": "ok", "reason": ref_error, "baseline": case.baseline or "",
@@ -497,9 +586,15 @@ def run_cases(
                 row.update(_measure(case, provider, mode, inputs, ref, device, memory=memory,
                                     budget_s=budget_s, warmup=warmup, min_reps=min_reps, max_reps=max_reps))
                 case_rows.append(row)
-                bar.advance(task)
+                bar.advance(case_task)
+                if lines:
+                    console.print(f"[{family}]   {provider.name} {mode}: {row['status']} "
+                                  f"({time.perf_counter() - t0:.1f} s)", highlight=False)
             _add_ratios(case_rows)
             rows.extend(case_rows)
+            bar.advance(fam_task)
+            if lines:
+                console.print(f"[{family}] case {i} done in {time.perf_counter() - t_case:.1f} s", highlight=False)
             del inputs, ref
             gc.collect()
             if device.type == "cuda":
@@ -601,20 +696,79 @@ def _split(value: str | None) -> list[str] | None:
     return [x.strip() for x in value.split(",") if x.strip()] if value else None
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from exc
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from exc
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}")
+    return value
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser, families: bool = True) -> None:
+    """Options of ``fastkd bench`` and ``python bench/bench_<family>.py`` (bench owns them; ``fastkd.cli``
+    forwards its ``bench`` arguments to :func:`main`)."""
+    if families:
+        parser.add_argument("--families", default=None,
+                            help="comma list of families to run (default: every bench/bench_*.py)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="tiny sizes, few repetitions (smoke test)")
+    size.add_argument("--design", action="store_true",
+                      help="the target sizes of docs/DESIGN.md (slow on CPU: minutes per case)")
+    parser.add_argument("--providers", default=None,
+                        help="comma list; keep providers whose name contains one of these (baseline kept)")
+    parser.add_argument("--modes", default=None, help="comma list of fwd,bwd,full (default: each case's)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--out", default=None, help="results directory (default: bench/results)")
+    parser.add_argument("--csv", default=None, help="CSV file to append rows to (default: OUT/results.csv)")
+    parser.add_argument("--json", default=None, help="JSON file to append to (default: OUT/results.json)")
+    parser.add_argument("--plot", default=None, metavar="PNG",
+                        help="where to write the run's plot (default: OUT/bench-<run id>.png)")
+    parser.add_argument("--no-plot", action="store_true", help="do not write the plot")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--budget", type=_positive_float, default=None,
+                        help="seconds of timed repetitions per measurement (default 0.5, 0.05 with --quick)")
+    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+
+
+def build_parser(prog: str = "fastkd bench", families: bool = True,
+                 description: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description or "Benchmark every op family (bench/bench_*.py): one table per "
+        "family, rows appended to bench/results/results.csv|json, one PNG plot of the run.")
+    add_bench_arguments(parser, families=families)
+    return parser
+
+
 def run_bench(args: Any, modules: list[Any] | None = None, console: Any = None) -> int:
-    """Run families per parsed ``args`` (see ``fastkd.cli.add_bench_arguments``); returns an exit code."""
+    """Run families per parsed ``args`` (see :func:`add_bench_arguments`); returns an exit code."""
     import importlib
 
     from rich.console import Console
 
     console = console or Console(width=None if sys.stdout.isatty() else 160)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        console.print("[red]--device cuda requested but CUDA is not available")
+        return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = "quick" if args.quick else "design" if args.design else "default"
     if modules is None:
         found = discover_families()
-        wanted = _split(args.families) or list(found)
+        wanted = _split(getattr(args, "families", None)) or list(found)
         unknown = [f for f in wanted if f not in found]
         if unknown:
             console.print(f"[red]unknown bench families {unknown}; available: {sorted(found)}")
@@ -624,19 +778,22 @@ def run_bench(args: Any, modules: list[Any] | None = None, console: Any = None) 
     if modes and any(m not in MODES for m in modes):
         console.print(f"[red]--modes must be a comma list of {MODES}, got {args.modes!r}")
         return 2
-    budget = args.budget if args.budget is not None else (0.05 if args.quick else 1.0)
+    budget = args.budget if args.budget is not None else (0.05 if args.quick else 0.5)
+    run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    t_run = time.perf_counter()
     all_rows: list[dict[str, Any]] = []
     for mod in modules:
         if not callable(getattr(mod, "cases", None)):
             console.print(f"[yellow]{mod.__name__} does not define cases(device, preset); skipped "
                           "(run it directly with python)")
             continue
+        t_fam = time.perf_counter()
         cases = mod.cases(device, preset)
         rows = run_cases(cases, device, providers=_split(args.providers), modes=modes,
                          memory=not args.no_memory, budget_s=budget, warmup=2 if args.quick else 1,
-                         min_reps=2 if args.quick else 3,
-                         console=console)
-        print_table(rows, console, title=f"fastkd bench — {mod.FAMILY} on {device_name(device)}")
+                         min_reps=2 if args.quick else 3, console=console, run_id=run_id, family=mod.FAMILY)
+        print_table(rows, console, title=f"fastkd bench — {mod.FAMILY} on {device_name(device)} "
+                                         f"({time.perf_counter() - t_fam:.0f} s)")
         if hasattr(mod, "summarize"):
             mod.summarize(rows, console)
         all_rows.extend(rows)
@@ -647,25 +804,33 @@ def run_bench(args: Any, modules: list[Any] | None = None, console: Any = None) 
     csv_path, json_path = write_results(all_rows, args.csv or out / "results.csv",
                                         args.json or out / "results.json")
     console.print(f"rows appended to {csv_path} and {json_path}")
-    if args.plot is not None:
-        from bench.plot import plot
+    if not args.no_plot:
+        try:
+            from bench.plot import plot
 
-        png = plot(json_path, args.plot or None, run_id=all_rows[0]["run_id"])
-        console.print(f"plot written to {png}")
+            png = plot(json_path, args.plot or out / f"bench-{run_id}.png", run_id=run_id)
+            console.print(f"plot of this run (time and memory relative to each case's baseline): {png}",
+                          highlight=False)
+        except ImportError as exc:
+            console.print(f"[yellow]no plot: matplotlib is not installed ({exc}); `make bench` installs it")
+        except Exception as exc:
+            console.print(f"[yellow]no plot: {type(exc).__name__}: {exc}")
+    console.print(f"bench finished in {time.perf_counter() - t_run:.0f} s", highlight=False)
     bad = [r for r in all_rows if r["status"] == "error"]
     return 1 if bad and len(bad) == len(all_rows) else 0
 
 
+def main(argv: list[str] | None = None, modules: list[Any] | None = None, prog: str = "fastkd bench") -> int:
+    """Parse bench options from ``argv`` and run (``fastkd bench ...`` lands here; so does
+    ``python bench/bench_<family>.py ...`` with ``modules=[that module]``)."""
+    description = modules[0].__doc__ if modules and len(modules) == 1 else None
+    args = build_parser(prog, families=modules is None, description=description).parse_args(argv)
+    return run_bench(args, modules=modules)
+
+
 def cli_main(module: Any, argv: list[str] | None = None) -> int:
     """``python bench/bench_<family>.py [options]``: the same options as ``fastkd bench``."""
-    import argparse
-
-    from fastkd.cli import add_bench_arguments
-
-    parser = argparse.ArgumentParser(prog=f"bench_{module.FAMILY}.py", description=module.__doc__)
-    add_bench_arguments(parser, families=False)
-    args = parser.parse_args(argv)
-    return run_bench(args, modules=[module])
+    return main(argv, modules=[module], prog=f"bench_{module.FAMILY}.py")
 
 
 if __name__ == "__main__" and "--memory-child" in sys.argv:

@@ -1,7 +1,10 @@
-"""Bar plots of benchmark results: ``python bench/plot.py results.json [-o out.png] [--run-id ID]``.
+"""One PNG per benchmark run: ``python bench/plot.py results.json [-o out.png] [--run-id ID]``.
 
-One subplot pair per (op, case, mode): median time (with p20–p80 whiskers) and peak extra memory per
-provider. By default the latest run in the JSON file is plotted.
+Every family of the run in one figure: a row per (family, case, mode) and two panels per row, the median
+time and the peak extra memory of each provider *relative to the case's baseline* (1.0 = the baseline,
+log scale, lower is better), each bar labelled with its absolute value (ms, MiB). ``fastkd bench`` writes
+it to ``bench/results/bench-<run id>.png`` and prints the path; by default this script plots the latest
+run in the JSON file.
 """
 
 from __future__ import annotations
@@ -23,8 +26,40 @@ def load_rows(json_path: Path | str, run_id: str | None = None) -> list[dict[str
     return [r for r in rows if r["run_id"] == run_id and r["status"] == "ok"]
 
 
+def _relative(rows: list[dict[str, Any]], key: str) -> list[float]:
+    """``key`` of each row over the baseline row's (NaN where either is missing); a group without its
+    baseline falls back to its first row, so a plot is never empty."""
+    base_name = rows[0].get("baseline") or rows[0]["provider"]
+    base = next((r for r in rows if r["provider"] == base_name and r.get(key)), None)
+    base = base or next((r for r in rows if r.get(key)), None)
+    out = []
+    for r in rows:
+        v = r.get(key)
+        out.append(v / base[key] if base is not None and v is not None and v > 0 else math.nan)
+    return out
+
+
+def _panel(ax: Any, names: list[str], rel: list[float], absolute: list[float | None], unit: str,
+           xlabel: str) -> None:
+    finite = [x for x in rel if math.isfinite(x) and x > 0]
+    colors = ["tab:gray" if math.isfinite(x) and abs(x - 1) < 1e-12 else
+              "tab:green" if math.isfinite(x) and x < 1 else "tab:red" for x in rel]
+    ax.barh(names, [x if math.isfinite(x) else 0 for x in rel], color=colors)
+    ax.axvline(1.0, color="black", lw=0.8)
+    if finite and max(finite) / min(finite) > 20:
+        ax.set_xscale("log")
+    ax.invert_yaxis()
+    for y, (x, a) in enumerate(zip(rel, absolute)):
+        label = "n/a" if a is None or not math.isfinite(x) else f" {x:.2f}x ({a:.3g} {unit})"
+        ax.text(x if math.isfinite(x) and x > 0 else (min(finite) if finite else 1), y, label, va="center",
+                fontsize=7)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+
+
 def plot(json_path: Path | str, out: Path | str | None = None, run_id: str | None = None) -> Path:
-    """Write a PNG bar plot of one run; returns its path (default: next to the JSON file)."""
+    """Write the PNG of one run (every family); returns its path (default: ``bench-<run id>.png`` next to
+    the JSON file)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,26 +68,28 @@ def plot(json_path: Path | str, out: Path | str | None = None, run_id: str | Non
     rows = load_rows(json_path, run_id)
     if not rows:
         raise ValueError(f"no successful rows to plot in {json_path}")
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["op"], r["case"], r["mode"]), []).append(r)
-    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 2.6 * len(groups)), squeeze=False)
-    for (op, case, mode), (ax_t, ax_m) in zip(groups, axes):
-        g = groups[(op, case, mode)]
+        groups.setdefault((r.get("family", ""), r["op"], r["case"], r["mode"]), []).append(r)
+    heights = [0.6 + 0.28 * len(g) for g in groups.values()]
+    fig, axes = plt.subplots(len(groups), 2, figsize=(13, sum(heights) + 0.8), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for (family, op, case, mode), (ax_t, ax_m) in zip(groups, axes):
+        g = groups[(family, op, case, mode)]
         names = [r["provider"] for r in g]
-        med = [r["median_ms"] for r in g]
-        err = [[m - r["p20_ms"] for m, r in zip(med, g)], [r["p80_ms"] - m for m, r in zip(med, g)]]
-        ax_t.barh(names, med, xerr=err, color="tab:blue")
-        ax_t.set_xlabel("median time (ms), p20–p80")
-        ax_t.set_title(f"{op} {case} [{mode}]", fontsize=8)
-        mem = [r["peak_mem_mb"] if r["peak_mem_mb"] is not None else math.nan for r in g]
-        ax_m.barh(names, mem, color="tab:orange")
-        ax_m.set_xlabel("peak extra memory (MiB)")
-        ax_m.set_title(g[0]["device_name"], fontsize=8)
+        base = g[0].get("baseline") or names[0]
+        _panel(ax_t, names, _relative(g, "median_ms"), [r["median_ms"] for r in g], "ms",
+               f"median time / {base} (lower is better)")
+        _panel(ax_m, names, _relative(g, "peak_mem_mb"), [r.get("peak_mem_mb") for r in g], "MiB",
+               f"peak extra memory / {base} (lower is better)")
+        ax_t.set_title(f"{family}: {op} {case} [{mode}]", fontsize=8, loc="left")
+    first = rows[0]
+    fig.suptitle(f"fastkd bench {first['run_id']} on {first.get('device_name', '')} "
+                 f"(torch {first.get('torch', '')}, fastkd {first.get('fastkd', '')})", fontsize=9)
     fig.tight_layout()
-    out = Path(out) if out else Path(json_path).with_suffix(f".{rows[0]['run_id']}.png")
+    out = Path(out) if out else Path(json_path).with_name(f"bench-{first['run_id']}.png")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
 

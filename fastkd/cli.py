@@ -1,7 +1,8 @@
 """The ``fastkd`` command (also ``python -m fastkd``): ``info``, ``bench``, ``check``, ``cache-teacher``.
 
 ``bench`` runs the suites of the source tree's ``bench/`` directory (``bench/bench_<family>.py`` on the
-shared ``bench/harness.py``); run it from a clone of the repository.
+shared ``bench/harness.py``); run it from a clone of the repository. Imports point one way: this module
+finds and imports ``bench.harness`` when ``bench`` runs, and bench never imports ``fastkd.cli``.
 """
 
 from __future__ import annotations
@@ -11,51 +12,6 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
-
-
-def add_bench_arguments(parser: argparse.ArgumentParser, families: bool = True) -> None:
-    """Options of ``fastkd bench`` (shared with ``python bench/bench_<family>.py``)."""
-    if families:
-        parser.add_argument("--families", default=None,
-                            help="comma list of families to run (default: every bench/bench_*.py)")
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="tiny sizes, few repetitions (smoke test)")
-    size.add_argument("--design", action="store_true",
-                      help="the DESIGN.md target sizes (slow on CPU: minutes per case)")
-    parser.add_argument("--providers", default=None,
-                        help="comma list; keep providers whose name contains one of these (baseline kept)")
-    parser.add_argument("--modes", default=None, help="comma list of fwd,bwd,full (default: each case's)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                        help="default: cuda when available, else cpu")
-    parser.add_argument("--out", default=None, help="results directory (default: bench/results)")
-    parser.add_argument("--csv", default=None, help="CSV file to append rows to (default: OUT/results.csv)")
-    parser.add_argument("--json", default=None, help="JSON file to append to (default: OUT/results.json)")
-    parser.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
-                        help="also write a bar plot (optionally to PNG)")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    parser.add_argument("--budget", type=_positive_float, default=None,
-                        help="seconds of timed repetitions per measurement (default 1, 0.05 with --quick)")
-    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from exc
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from exc
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}")
-    return value
 
 
 def _device(args: Any) -> Any:
@@ -94,6 +50,11 @@ def cmd_info(args: Any) -> int:
         for backend, reasons in info.backend_status(op, device).items():
             table.add_row(op, backend, "[green]yes" if not reasons else "[red]no", "; ".join(reasons))
     console.print(table)
+    console.print(f"[bold]auto dispatch on {device.type} tensors")
+    for op in info.OPS:
+        chosen, skipped = info.auto_choice(op, device)
+        why = "; ".join(f"skipped {b}: {r}" for b, r in skipped)
+        console.print(f"  {op:<13} -> {chosen}" + (f"  ({why})" if why else ""), highlight=False)
     errors = info.backend_load_errors()
     for module, err in errors.items():
         console.print(f"[yellow]backend module {module} failed to load: {err}")
@@ -144,6 +105,7 @@ def find_bench_root() -> Path | None:
 
 
 def cmd_bench(args: Any) -> int:
+    """Forward every argument after ``bench`` to ``bench.harness.main`` (bench owns its options)."""
     root = find_bench_root()
     if root is None:
         import fastkd
@@ -153,12 +115,11 @@ def cmd_bench(args: Any) -> int:
               "Clone the repository, `pip install -e .` it, and run `fastkd bench` from its root.",
               file=sys.stderr)
         return 2
-    _device(args)
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    from bench.harness import run_bench
+    from bench.harness import main as bench_main
 
-    return run_bench(args)
+    return bench_main(list(args.bench_args), prog="fastkd bench")
 
 
 def _cache_teacher_missing(args: Any) -> int:
@@ -190,10 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
     p.add_argument("--interpret", action="store_true", help="set TRITON_INTERPRET=1 (Triton on CPU tensors)")
     p.set_defaults(_run=cmd_info)
-    p = sub.add_parser("bench", help="benchmark every op family on this machine's device",
-                       description="Run bench/bench_*.py: table, CSV/JSON rows under bench/results, plot.")
-    add_bench_arguments(p)
-    p.set_defaults(_run=cmd_bench)
+    # The bench options belong to bench/harness.py (the source tree's bench/, found at run time): every
+    # argument after `bench` is forwarded there, `fastkd bench --help` included.
+    p = sub.add_parser("bench", help="benchmark every op family on this machine's device (fastkd bench --help)",
+                       add_help=False)
+    p.set_defaults(_run=cmd_bench, bench_args=[])
     p = sub.add_parser("check", help="every available backend vs the float64 reference (exit 1 on failure)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
     p.add_argument("--ops", default=None, help="comma list of distill,fused_linear,sparse,sinkhorn")
@@ -205,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        # forwarded verbatim: argparse would otherwise take bench's options for fastkd's own
+        args = parser.parse_args(["bench"])
+        args.bench_args = argv[1:]
+        return int(args._run(args) or 0)
     args, extra = parser.parse_known_args(argv)
     if extra and args._run is not _cache_teacher_missing:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

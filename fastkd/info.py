@@ -36,7 +36,8 @@ def versions() -> dict[str, str]:
 
     return {"fastkd": fastkd.__version__, "torch": torch.__version__, "triton": _dist_version("triton"),
             "python": platform.python_version(), "liger-kernel": _dist_version("liger-kernel"),
-            "pot": _dist_version("pot")}
+            "pot": _dist_version("pot"), "geomloss": _dist_version("geomloss"),
+            "transformers": _dist_version("transformers"), "trl": _dist_version("trl")}
 
 
 def devices() -> list[str]:
@@ -92,6 +93,19 @@ def backend_status(op: str, device: torch.device) -> dict[str, list[str]]:
         return backends.status(_REGISTRY_OP[op], **sample_inputs(op, device))
     except Exception as exc:
         return {b: [f"status check failed: {type(exc).__name__}: {exc}"] for b in backends.BACKENDS}
+
+
+def auto_choice(op: str, device: torch.device) -> tuple[str, list[tuple[str, str]]]:
+    """``(backend, skipped)``: what ``backend="auto"`` picks for ``op`` on sample tensors of ``device`` and
+    ``[(backend, reason), ...]`` for each backend it passed over (``fastkd.core.registry.auto_choice``)."""
+    from fastkd.core import registry as backends
+
+    try:
+        importlib.import_module(_OP_MODULE[op])
+        impl, skipped = backends.auto_choice(_REGISTRY_OP[op], **sample_inputs(op, device))
+    except Exception as exc:
+        return "none", [("*", f"{type(exc).__name__}: {exc}")]
+    return impl.backend, skipped
 
 
 def backend_load_errors() -> dict[str, str]:

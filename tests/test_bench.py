@@ -120,3 +120,20 @@ def test_distill_quick_case_errors_small_and_same_inputs():
     a = cases[0].make_inputs(torch.device("cpu"), 0)
     b = cases[0].make_inputs(torch.device("cpu"), 0)
     assert torch.equal(a["student"], b["student"]) and torch.equal(a["teacher"], b["teacher"])
+
+
+def test_one_run_writes_one_png_with_every_family_and_prints_its_path(tmp_path, capsys):
+    from bench import plot as P
+
+    rc = H.main(["--quick", "--families", "fused_linear,sinkhorn", "--threads", "1", "--no-memory",
+                 "--budget", "0.01", "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert len(pngs) == 1 and pngs[0].stat().st_size > 1000
+    assert str(pngs[0]) in out.replace("\n", "")
+    rows = P.load_rows(tmp_path / "results.json")
+    assert {r["family"] for r in rows} == {"fused_linear", "sinkhorn"}
+    assert len({r["run_id"] for r in rows}) == 1
+    base = [r for r in rows if r["provider"] == r["baseline"]]
+    assert base and all(P._relative([r], "median_ms") == [1.0] for r in base)

@@ -18,7 +18,8 @@ def test_python_m_fastkd_info_lists_every_op_and_backend():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     for word in ("fastkd", "torch", "triton", "python", "distill", "fused_linear", "sparse", "sinkhorn",
-                 "CUDA extension", "cpu"):
+                 "CUDA extension", "cpu", "geomloss", "transformers", "trl", "liger-kernel", "pot",
+                 "auto dispatch"):
         assert word in proc.stdout
     if not __import__("torch").cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") == "0":
         assert "Triton needs CUDA tensors" in proc.stdout  # the reason, not just "no"
@@ -88,3 +89,52 @@ def test_cache_teacher_is_registered(capsys):
     except ImportError:
         assert cli.main(["cache-teacher", "--out", "x"]) == 2
         assert "fastkd.cache_cli is not available" in capsys.readouterr().err
+
+
+def test_auto_dispatch_says_why_it_skipped_a_backend(caplog):
+    import logging
+
+    import torch
+
+    import fastkd
+    from fastkd.core import registry
+
+    s, t = torch.randn(3, 7), torch.randn(3, 7)
+    with caplog.at_level(logging.DEBUG, logger="fastkd"):
+        fastkd.distill_loss(s, t, "fkl")
+    text = caplog.text
+    assert "skipped triton" in text and "not CUDA tensors" in text and "using torch" in text
+    chosen, skipped = info.auto_choice("distill", torch.device("cpu"))
+    assert chosen == "torch" and dict(skipped)["triton"]
+    import fastkd.ot.sinkhorn  # noqa: F401  (declares the sinkhorn backends)
+
+    impl, why = registry.auto_choice("sinkhorn", cost=torch.rand(1, 3, 3))
+    assert impl.backend == "torch" and [b for b, _ in why][:1] == ["triton"]
+
+
+def test_explicit_gpu_backend_on_cpu_tensors_suggests_auto(monkeypatch):
+    import torch
+
+    import fastkd
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # read at dispatch: CPU tensors are then not Triton's
+    with pytest.raises(fastkd.BackendUnavailableError, match='backend="auto"'):
+        fastkd.distill_loss(torch.randn(2, 5), torch.randn(2, 5), "fkl", backend="triton")
+    with pytest.raises(fastkd.BackendUnavailableError, match='backend="auto"'):
+        fastkd.distill_loss(torch.randn(2, 5), torch.randn(2, 5), "fkl", backend="cuda")
+
+
+def test_bench_help_comes_from_bench_and_bench_never_imports_the_cli(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--families" in out and "--no-plot" in out and "docs/DESIGN.md" in out
+    # a fresh interpreter: importing every bench module must not import fastkd.cli (no import circle)
+    code = ("import sys, bench.harness, bench.plot, bench.bench_distill, bench.bench_fused_linear, "
+            "bench.bench_sparse, bench.bench_sinkhorn; print('fastkd.cli' in sys.modules)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=root))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"

@@ -14,6 +14,7 @@ requested backend that cannot run raises one :class:`BackendUnavailableError` li
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from functools import cache
 from typing import Any
 
 BACKENDS = ("torch", "triton", "cuda")
+logger = logging.getLogger("fastkd")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -101,28 +103,67 @@ def requested_backend(backend: str | None) -> str:
     return name
 
 
-def select(op: str, backend: str | None = "auto", **inputs: Any) -> Impl:
-    """Pick the implementation of ``op`` for ``inputs`` (see the module docstring)."""
-    name = requested_backend(backend)
+def auto_choice(op: str, **inputs: Any) -> tuple[Impl, list[tuple[str, str]]]:
+    """What ``backend="auto"`` picks for ``op`` on ``inputs``, and why it passed over the others.
+
+    Returns ``(impl, skipped)`` with ``skipped`` = ``[(backend, reason), ...]`` in auto order: a backend that
+    is not registered, a non-torch backend on CPU tensors (auto never picks an interpreter or a GPU backend
+    for them), or one whose ``not_supported_reasons`` are non-empty. Raises :class:`BackendUnavailableError`
+    when nothing (not even torch) is registered.
+    """
     impls = implementations(op)
+    on_gpu = any(getattr(v, "is_cuda", False) for v in inputs.values())
+    order = _AUTO_ORDER.get(op, _DEFAULT_ORDER)
+    skipped: list[tuple[str, str]] = []
+    chosen: Impl | None = None
+    for candidate in order:
+        impl = impls.get(candidate)
+        if impl is None:
+            skipped.append((candidate, "not registered"))
+            continue
+        if candidate != "torch" and not on_gpu:
+            skipped.append((candidate, "inputs are not CUDA tensors (auto picks it for CUDA tensors only)"))
+            continue
+        reasons = impl.not_supported_reasons(**inputs)
+        if reasons:
+            skipped.append((candidate, "; ".join(reasons)))
+            continue
+        chosen = impl
+        break
+    if chosen is None:
+        if "torch" not in impls:
+            raise BackendUnavailableError(f"no backend is registered for {op!r}")
+        chosen = impls["torch"]
+    skipped += [(b, f'not in the auto order {order} (opt in with backend="{b}")')
+                for b in impls if b not in order]
+    return chosen, skipped
+
+
+def select(op: str, backend: str | None = "auto", **inputs: Any) -> Impl:
+    """Pick the implementation of ``op`` for ``inputs`` (see the module docstring).
+
+    With ``backend="auto"`` every backend passed over is logged at DEBUG level on the ``"fastkd"`` logger
+    with its reason (``logging.getLogger("fastkd").setLevel(logging.DEBUG)`` to see why Triton was not used).
+    """
+    name = requested_backend(backend)
     if name == "auto":
-        on_gpu = any(getattr(v, "is_cuda", False) for v in inputs.values())
-        for candidate in _AUTO_ORDER.get(op, _DEFAULT_ORDER):
-            if candidate != "torch" and not on_gpu:
-                continue  # auto never picks an interpreter or a GPU backend for CPU tensors
-            impl = impls.get(candidate)
-            if impl is not None and not impl.not_supported_reasons(**inputs):
-                return impl
-        if "torch" in impls:
-            return impls["torch"]
-        raise BackendUnavailableError(f"no backend is registered for {op!r}")
+        impl, skipped = auto_choice(op, **inputs)
+        if skipped and logger.isEnabledFor(logging.DEBUG):
+            for candidate, reason in skipped:
+                logger.debug("fastkd auto dispatch of %r: skipped %s: %s", op, candidate, reason)
+            logger.debug("fastkd auto dispatch of %r: using %s", op, impl.backend)
+        return impl
+    impls = implementations(op)
     impl = impls.get(name)
     if impl is None:
         raise BackendUnavailableError(f"backend {name!r} does not implement {op!r}")
     reasons = impl.not_supported_reasons(**inputs)
     if reasons:
+        hint = ""
+        if name != "torch" and not any(getattr(v, "is_cuda", False) for v in inputs.values()):
+            hint = ' (for CPU tensors use backend="auto" or "torch": it runs everywhere)'
         raise BackendUnavailableError(
-            f"backend {name!r} cannot run {op!r} on these inputs: " + "; ".join(reasons)
+            f"backend {name!r} cannot run {op!r} on these inputs: " + "; ".join(reasons) + hint
         )
     return impl
 
