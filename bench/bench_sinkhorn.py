@@ -1,14 +1,15 @@
 """Benchmark: batched Sinkhorn, fastkd (torch / triton) vs POT ``ot.batch.solve_batch`` and GeomLoss.
 
-Problem (DESIGN.md): B=16, n=m=256, d=2 points, sqeuclidean cost, eps=0.05, exactly 200 iterations (tol=0).
+Problem (docs/DESIGN.md): B=16, n=m=256, d=2 points, sqeuclidean cost, eps=0.05, exactly 200 iterations (tol=0).
 Providers:
 
 * ``fastkd-torch``   ``fastkd.sinkhorn(cost=C, eps, max_iter=200, tol=0, backend="torch")``
 * ``fastkd-triton``  same with ``backend="triton"`` (CUDA only)
 * ``pot-batch``      ``ot.batch.solve_batch(C, reg=eps, method="log_sinkhorn", max_iter=200, tol=0)``:
   POT's batched log-domain solver (its loop also forms the plan every 10 iterations for its stopping test)
-* ``geomloss``       ``SamplesLoss("sinkhorn", p=2, blur=sqrt(eps), scaling→one ε, debias=False)``: its own
-  ε-scaling schedule, so timed for reference only (not the same iterations; value not compared)
+* ``geomloss``       ``SamplesLoss("sinkhorn", p=2, blur=sqrt(eps/2), scaling=0.99, debias=False)`` on the
+  points (its cost is ‖x−y‖²/2): its own ε-scaling schedule, so timed for reference only (not the same
+  iterations; value not compared). Skipped with the reason when geomloss is not installed.
 
 Values: fastkd's ``value`` (⟨P, C⟩) vs POT's ``value_linear`` on the same cost (relative difference).
 Run standalone: ``python bench/bench_sinkhorn.py [--device cuda] [--dtype float64] [--reps 7]``; prints
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -108,7 +110,7 @@ FAMILY = "sinkhorn"
 
 def make_inputs(device: torch.device, seed: int, bsz: int = 16, n: int = 256) -> dict:
     x, y, cost = problem(bsz, n, device=str(device), seed=seed)
-    return {"cost": cost, "eps": 0.05, "iters": 200}
+    return {"cost": cost, "x": x, "y": y, "eps": 0.05, "iters": 200}
 
 
 def reference(inputs: dict) -> tuple[torch.Tensor]:
@@ -141,15 +143,30 @@ def setup_pot(inputs: dict, mode: str):
                                         max_iter=inputs["iters"], tol=0, grad="detach").value_linear
 
 
+def setup_geomloss(inputs: dict, mode: str):
+    """GeomLoss ``SamplesLoss("sinkhorn", p=2, blur=sqrt(eps/2), scaling=0.99, debias=False)`` on the
+    point clouds: its cost ‖x−y‖²/2 and ε = blur² make the same problem as C = ‖x−y‖², ε, but it runs its
+    own ε-scaling schedule and returns the regularized dual value, so the row is timed for reference and
+    its value is not compared (``checked=False``)."""
+    from bench.harness import Skip
+
+    try:
+        from geomloss import SamplesLoss
+    except ImportError as exc:
+        raise Skip(f"geomloss is not installed ({exc}); `make bench` installs it") from exc
+    loss = SamplesLoss("sinkhorn", p=2, blur=math.sqrt(inputs["eps"] / 2), scaling=0.99, debias=False,
+                       backend="tensorized")
+    return functools.partial(loss, inputs["x"], inputs["y"])
+
+
 def cases(device: torch.device, preset: str = "default") -> list:
     """quick: B=2, n=32; default/design: B=16, n=m=256, eps=0.05, 200 iterations; GPU: B=64, n=1024."""
-    import functools
-
     from bench.harness import Case, Provider
 
     bsz, n = (2, 32) if preset == "quick" else (64, 1024) if device.type == "cuda" else (16, 256)
     providers = [Provider(f"fastkd-{be}", functools.partial(setup_fastkd, be)) for be in ("torch", "triton")]
     providers.append(Provider("pot-batch", setup_pot))
+    providers.append(Provider("geomloss", setup_geomloss, checked=False))
     return [Case(FAMILY, "sinkhorn", {"B": bsz, "n": n, "eps": 0.05, "iters": 200, "dtype": "fp32"},
                  functools.partial(make_inputs, bsz=bsz, n=n), providers, reference=reference,
                  modes=("fwd",), baseline="pot-batch")]

@@ -564,7 +564,7 @@ def run_cases(
                       description=f"  {case.label}")
             if lines:
                 console.print(f"[{family}] case {i}/{len(todo_cases)} {case.op} {case.label}: "
-                              f"{len(todo)} measurements", highlight=False)
+                              f"{len(todo)} measurements", highlight=False, markup=False)
             inputs = case.make_inputs(device, case.seed)
             ref = None
             ref_error = ""
@@ -589,12 +589,13 @@ def run_cases(
                 bar.advance(case_task)
                 if lines:
                     console.print(f"[{family}]   {provider.name} {mode}: {row['status']} "
-                                  f"({time.perf_counter() - t0:.1f} s)", highlight=False)
+                                  f"({time.perf_counter() - t0:.1f} s)", highlight=False, markup=False)
             _add_ratios(case_rows)
             rows.extend(case_rows)
             bar.advance(fam_task)
             if lines:
-                console.print(f"[{family}] case {i} done in {time.perf_counter() - t_case:.1f} s", highlight=False)
+                console.print(f"[{family}] case {i} done in {time.perf_counter() - t_case:.1f} s", highlight=False,
+                              markup=False)
             del inputs, ref
             gc.collect()
             if device.type == "cuda":

@@ -5,6 +5,12 @@ The paper moves t from ``t_start`` to ``t_end`` adaptively: with the relative de
 δ_n = (J_{n−1} − J_n) / J_{n−1}, a momentum m_n = β·m_{n−1} + (1−β)·δ_n and
     t_{n+1} = min(t_end, max(t_linear(n), t_n + α·sigmoid(m_n)·(1 − t_n))),
 where t_linear is the linear schedule from t_start to t_end over the run, so t never lags behind it.
+
+First call: like the official ``TAID.update_t`` (SakanaAI's code), the first :meth:`TAIDSchedule.step` only
+records the objective (J_0) and returns t unchanged, whatever ``step`` it is given: a run resumed at step
+5000 without ``load_state_dict`` keeps t = ``t_start`` for that one call and catches up with the linear
+schedule on the next. With ``adaptive=False`` later calls set t to the linear schedule (as the official
+``disable_adaptive``). A NaN objective leaves the state unchanged (the official code would propagate it).
 """
 
 from __future__ import annotations
@@ -43,18 +49,24 @@ class TAIDSchedule:
         return self.t_start + (self.t_end - self.t_start) * frac
 
     def step(self, loss: float | torch.Tensor, step: int, total_steps: int) -> float:
-        """Update t from this step's objective value; returns the new t. NaN losses leave t unchanged."""
+        """Update t from this step's objective value; returns the new t.
+
+        The first call only records ``loss`` (t unchanged, as the official ``update_t``); NaN losses leave
+        the state unchanged."""
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         if math.isnan(value):
             return self.t
+        if self.prev_loss is None:
+            self.prev_loss = value
+            return self.t
         target = self.linear(step, total_steps)
-        if self.adaptive and self.prev_loss is not None:
+        if self.adaptive:
             rel = (self.prev_loss - value) / (self.prev_loss + 1e-15)
             self.momentum = self.beta * self.momentum + (1 - self.beta) * rel
             delta = self.alpha / (1 + math.exp(-self.momentum)) * (1 - self.t)
             self.t = min(self.t_end, max(target, self.t + delta))
         else:
-            self.t = min(self.t_end, max(target, self.t))
+            self.t = target
         self.prev_loss = value
         return self.t
 
