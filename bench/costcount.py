@@ -1,0 +1,336 @@
+"""Counters of the GPU cost model (bench/model.py): aten ops through a ``TorchDispatchMode`` and Triton kernels
+through an instrumented interpreter, with the roofline of published H100 / H200 figures. Rules: see
+bench/model.py's docstring (everything here is a model, not a measurement).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+
+@dataclass(frozen=True)
+class GPU:
+    """Published datasheet figures (leads, not measurements)."""
+
+    name: str
+    hbm_bw: float  # bytes/s
+    tensor_flops: float  # dense bf16/fp16 tensor-core FLOP/s
+    fp32_flops: float  # non-tensor fp32 FLOP/s
+    l2_bytes: float
+    sms: int
+    mem_bytes: float
+
+
+GPUS = {
+    "h100": GPU("H100 SXM", 3.35e12, 989e12, 67e12, 50e6, 132, 80e9),
+    "h200": GPU("H200", 4.8e12, 989e12, 67e12, 50e6, 132, 141e9),
+}
+ASSUMED_REGS = 64  # registers per thread for the occupancy estimate of the L2 rule
+SAMPLE_ROWS = 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PyTorch ops: a dispatch mode that counts bytes, FLOPs and live memory
+# ----------------------------------------------------------------------------------------------------------
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a kernel touches to read/write ``t`` once: stored elements (stride-0 dims count once)."""
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            n *= size
+    return n * t.element_size() if t.numel() else 0
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for y in x for t in _tensors(y)]
+    if isinstance(x, dict):
+        return [t for y in x.values() for t in _tensors(y)]
+    return []
+
+
+_FREE_OPS = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_local_scalar_dense",
+             "lift_fresh", "detach", "alias", "set_", "resize_", "record_stream")
+_MATMULS = ("mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "matmul")
+
+
+def op_flops(name: str, args: tuple, out: list[torch.Tensor]) -> float:
+    """FLOPs of one aten op: 2·M·N·K for matmuls (+ M·N for addmm's add), else one per element."""
+    ts = _tensors(args)
+    if name in ("mm", "_scaled_mm") and len(ts) >= 2:
+        (m, k), n = ts[0].shape, ts[1].shape[1]
+        return 2.0 * m * n * k
+    if name == "addmm" and len(ts) >= 3:
+        (m, k), n = ts[1].shape, ts[2].shape[1]
+        return 2.0 * m * n * k + m * n
+    if name in ("bmm", "baddbmm") and len(ts) >= 2:
+        a, b = ts[-2], ts[-1]
+        return 2.0 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+    biggest = max([t.numel() for t in ts + out] or [0])
+    return float(biggest)
+
+
+@dataclass
+class OpCost:
+    name: str
+    bytes: float
+    flops: float
+    tensor_core: bool
+    rule: str = ""
+    launches: int = 1
+
+    def ms(self, gpu: GPU) -> float:
+        peak = gpu.tensor_flops if self.tensor_core else gpu.fp32_flops
+        return 1e3 * max(self.bytes / gpu.hbm_bw, self.flops / peak)
+
+
+class TorchCounter(TorchDispatchMode):
+    """Counts every aten op's bytes (inputs + outputs) and FLOPs, and the peak of live op outputs.
+
+    ``hook(func, args, kwargs, out)`` may return a list of :class:`OpCost` that replaces the op's own cost
+    (used for fastkd's custom ops, whose kernels are counted by replay).
+    """
+
+    def __init__(self, hook: Callable[..., list[OpCost] | None] | None = None):
+        super().__init__()
+        self.ops: list[OpCost] = []
+        self.live = 0
+        self.peak = 0
+        self.hook = hook
+        self.suspended = 0
+
+    def _alloc(self, t: torch.Tensor) -> None:
+        nbytes = t.untyped_storage().nbytes() if t.device.type != "meta" else tensor_bytes(t)
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(t, self._free, nbytes)
+
+    def _free(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def _run_custom(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """A fastkd custom op run through its Python body with this mode active, so that the aten ops of its
+        torch side are counted (its Triton launches are counted by the TritonCounter)."""
+        from torch._library.custom_ops import OPDEFS
+
+        with self:
+            return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "fastkd" and self.hook is None:
+            out = self._run_custom(func, args, kwargs)
+        else:
+            out = func(*args, **kwargs)
+        if self.suspended:
+            return out
+        name = func.__name__.split(".")[0]
+        outs = _tensors(out)
+        schema = func._schema
+        aliased = any(r.alias_info is not None for r in schema.returns)
+        if not aliased and not func.is_view:
+            for t in outs:
+                self._alloc(t)
+        if func.namespace == "fastkd" and self.hook is None:
+            return out  # already run by the opening lines with this mode re-entered (see _run_custom)
+        custom = self.hook(func, args, kwargs, out) if self.hook is not None else None
+        if custom is not None:
+            self.ops.extend(custom)
+            return out
+        if func.is_view or name in _FREE_OPS:
+            return out
+        ins = _tensors((args, kwargs))
+        if name in ("copy_", "_copy_from"):
+            nbytes = tensor_bytes(ins[1]) + tensor_bytes(ins[0])
+        else:
+            in_ids = {id(t) for t in outs}
+            if name.endswith("_") or "out" in kwargs:  # in-place / out=: the output is a (read) input already
+                nbytes = sum(tensor_bytes(t) for t in ins) + sum(tensor_bytes(t) for t in outs
+                                                                  if id(t) not in {id(i) for i in ins})
+                if name in ("zero_", "fill_"):
+                    nbytes = sum(tensor_bytes(t) for t in outs)
+            else:
+                nbytes = sum(tensor_bytes(t) for t in ins if id(t) not in in_ids) + sum(tensor_bytes(t)
+                                                                                      for t in outs)
+        if name in ("zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "fill", "scalar_tensor"):
+            nbytes = sum(tensor_bytes(t) for t in outs)
+        operands = ins[1:3] if name in ("addmm", "baddbmm") else ins[:2]  # the multiplied pair, not the addend
+        tc = name in _MATMULS and all(t.dtype in (torch.bfloat16, torch.float16) for t in operands)
+        self.ops.append(OpCost(f"aten.{name}", float(nbytes), op_flops(name, args, outs), tc))
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernels: the interpreter's loads and stores, per program
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LaunchStats:
+    """One kernel launch as run (programs_run of programs_total programs along grid axis 0 × the rest)."""
+
+    kernel: str
+    num_warps: int
+    rows_total: int
+    rows_run: int
+    load_bytes: float = 0.0
+    store_bytes: float = 0.0
+    unique_load_bytes: float = 0.0
+    max_program_bytes: float = 0.0
+    programs: int = 0
+    replayed: bool = False  # launched by a custom-op replay (costed by the op's hook, not on its own)
+
+    def cost(self, gpu: GPU, extra: float = 1.0) -> OpCost:
+        """HBM bytes of the whole launch (all its rows, × ``extra``) under the L2 rule of the module docstring."""
+        scale = extra * self.rows_total / max(1, self.rows_run)
+        threads = 32 * self.num_warps
+        occ = max(1, min(32, 2048 // threads, 65536 // (threads * ASSUMED_REGS)))
+        progs_total = self.programs * scale
+        resident = min(progs_total, gpu.sms * occ)
+        in_flight = resident * self.max_program_bytes
+        reread = self.load_bytes - self.unique_load_bytes
+        if reread <= 0:
+            loads, rule = self.load_bytes, "no re-reads"
+        elif in_flight <= gpu.l2_bytes:
+            loads = self.unique_load_bytes
+            rule = (f"re-reads once: {resident:.0f} progs x {self.max_program_bytes / 1e3:.0f} KB = "
+                    f"{in_flight / 1e6:.0f} MB <= L2 {gpu.l2_bytes / 1e6:.0f} MB")
+        else:
+            loads = self.load_bytes
+            rule = (f"re-reads from HBM: {resident:.0f} progs x {self.max_program_bytes / 1e3:.0f} KB = "
+                    f"{in_flight / 1e6:.0f} MB > L2 {gpu.l2_bytes / 1e6:.0f} MB")
+        return OpCost(f"triton.{self.kernel}", (loads + self.store_bytes) * scale, 0.0, False,
+                      f"{self.kernel}: {rule}")
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    return t.device.type == "meta"
+
+
+def _stand_in(a: Any, rows: int) -> Any:
+    """A CPU tensor standing in for a meta-tensor kernel argument: the first ``rows`` rows (same strides) when
+    the tensor is large, else the whole shape; floats are ones (a factor of 1 leaves in-place scaling kernels
+    on their fast path, as grad_output = 1 does on the GPU), integers zeros."""
+    if not isinstance(a, torch.Tensor) or not _is_fake(a):
+        return a
+    shape = list(a.shape)
+    if a.dim() and shape[0] > rows and tensor_bytes(a) > (1 << 24):
+        shape[0] = rows
+    span = 1 + sum((s - 1) * abs(st) for s, st in zip(shape, a.stride()) if s > 0)
+    base = (torch.ones(span, dtype=a.dtype) if a.dtype.is_floating_point else torch.zeros(span, dtype=a.dtype))
+    return base.as_strided(shape, a.stride())
+
+
+def _cvt(I: Any, v: Any) -> Any:
+    """The interpreter's argument conversion, plus Python floats as fp32 scalars (as a compiled launch
+    specialises them; the stock interpreter leaves them Python floats, which breaks ``x.to(...)``)."""
+    if isinstance(v, float):
+        return I.tl.tensor(I.TensorHandle(np.array([v], dtype=np.float32), I.tl.float32), I.tl.float32)
+    return I._implicit_cvt(v)
+
+
+class TritonCounter:
+    """Instruments the Triton interpreter: every launch inside the context is recorded as LaunchStats.
+
+    ``max_rows`` limits a launch to its first programs along grid axis 0 (the caller scales the counts).
+    Loads and stores count active lanes × element size; distinct addresses are tracked per program.
+    """
+
+    def __init__(self, max_rows: int | None = None):
+        self.max_rows = max_rows
+        self.launches: list[LaunchStats] = []
+        self._loads: list[tuple[np.ndarray, int]] | None = None
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[TritonCounter]:
+        from triton.runtime import interpreter as I
+
+        builder = I.InterpreterBuilder
+        old_load, old_store, old_call = builder.create_masked_load, builder.create_masked_store, I.GridExecutor.__call__
+        counter = self
+
+        def load(b, ptrs, mask, other, cache_policy, is_volatile):
+            size = ptrs.get_element_ty().primitive_bitwidth // 8
+            addrs = ptrs.data[mask.data.astype(bool)] if mask is not None else ptrs.data.ravel()
+            counter._record_load(np.asarray(addrs).ravel(), size)
+            return old_load(b, ptrs, mask, other, cache_policy, is_volatile)
+
+        def store(b, ptrs, value, mask, cache_policy):
+            size = ptrs.get_element_ty().primitive_bitwidth // 8
+            n = int(np.count_nonzero(mask.data)) if mask is not None else ptrs.data.size
+            counter.launches[-1].store_bytes += n * size
+            return old_store(b, ptrs, value, mask, cache_policy)
+
+        def call(executor, *args, **kwargs):
+            with _disable_current_modes():  # the interpreter's own torch calls are not the model's traffic
+                if any(_is_fake(t) for t in _tensors((args, kwargs))):
+                    rows = counter.max_rows or SAMPLE_ROWS
+                    args = tuple(_stand_in(a, rows) for a in args)
+                    kwargs = {k: _stand_in(v, rows) for k, v in kwargs.items()}
+                    old_max, counter.max_rows = counter.max_rows, rows
+                    try:
+                        return counter._run(I, executor, args, kwargs)
+                    finally:
+                        counter.max_rows = old_max
+                return counter._run(I, executor, args, kwargs)
+
+        builder.create_masked_load, builder.create_masked_store = load, store
+        I.GridExecutor.__call__ = call
+        try:
+            yield self
+        finally:
+            builder.create_masked_load, builder.create_masked_store = old_load, old_store
+            I.GridExecutor.__call__ = old_call
+
+    def _record_load(self, addrs: np.ndarray, size: int) -> None:
+        self.launches[-1].load_bytes += addrs.size * size
+        if self._loads is not None:
+            self._loads.append((addrs, size))
+
+    def _run(self, I: Any, ex: Any, args_dev: tuple, kwargs: dict) -> None:
+        """GridExecutor.__call__ with per-program accounting and an optional row limit (same semantics)."""
+        import inspect
+
+        num_warps = int(kwargs.get("num_warps") or 4)
+        spec = inspect.getfullargspec(ex.fn)
+        kwargs = {k: v for k, v in kwargs.items() if k in spec.args or k in spec.kwonlyargs}
+        args_hst, kwargs_hst = ex._init_args_hst(args_dev, kwargs)
+        for hook in ex.pre_run_hooks:
+            hook(*args_hst, **kwargs_hst)
+        scope = I._patch_lang(ex.fn)
+        try:
+            args = inspect.getcallargs(ex.fn, *args_hst, **kwargs_hst)
+            args = {k: v if k in ex.constexprs else _cvt(I, v) for k, v in args.items()}
+            grid = ex.grid(args) if callable(ex.grid) else ex.grid
+            grid = tuple(grid) + (1,) * (3 - len(grid))
+            rows = grid[0] if self.max_rows is None else min(grid[0], self.max_rows)
+            st = LaunchStats(getattr(ex.fn, "__name__", "kernel"), num_warps, grid[0], rows)
+            self.launches.append(st)
+            I.interpreter_builder.set_grid_dim(*grid)
+            for x in range(rows):
+                for y in range(grid[1]):
+                    for z in range(grid[2]):
+                        I.interpreter_builder.set_grid_idx(x, y, z)
+                        self._loads = []
+                        ex.fn(**args)
+                        uniq = sum(np.unique(np.concatenate([a for a, s in self._loads if s == size])).size * size
+                                   for size in {s for _, s in self._loads})
+                        st.unique_load_bytes += uniq
+                        st.max_program_bytes = max(st.max_program_bytes, uniq)
+                        st.programs += 1
+                        self._loads = None
+        finally:
+            scope.restore()
+        ex._restore_args_dev(args_dev, args_hst, kwargs, kwargs_hst)

@@ -1,0 +1,128 @@
+"""The GPU cost model (bench/model.py) on cases whose answer is known exactly (model, not a GPU run)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("the cost model counts Triton bytes in the interpreter (TRITON_INTERPRET=1)", allow_module_level=True)
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from bench import model as M  # noqa: E402
+
+
+@triton.jit
+def _copy_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+
+@triton.jit
+def _reread_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    a = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    b = tl.load(x_ptr + offs, mask=offs < n, other=0.0)  # the same bytes again
+    tl.store(y_ptr + offs, a + b, mask=offs < n)
+
+
+def test_torch_copy_moves_twice_its_bytes():
+    x = torch.randn(1000)
+    y = torch.empty(1000)
+    with M.TorchCounter() as c:
+        x.clone()
+        y.copy_(x)
+    assert [o.bytes for o in c.ops] == [8000.0, 8000.0]
+
+
+def test_matmul_flops_are_2mnk():
+    a, b, acc = torch.randn(7, 5), torch.randn(5, 3), torch.randn(7, 3)
+    with M.TorchCounter() as c:
+        a @ b
+        torch.addmm(acc, a, b)
+        torch.bmm(a[None].expand(2, 7, 5), b[None].expand(2, 5, 3))
+    assert [o.flops for o in c.ops] == [2 * 7 * 3 * 5, 2 * 7 * 3 * 5 + 7 * 3, 2 * 2 * 7 * 3 * 5]
+    # a stride-0 (broadcast) operand counts its stored elements once
+    assert c.ops[2].bytes == (7 * 5 + 5 * 3 + 2 * 7 * 3) * 4
+
+
+def test_masked_off_lanes_move_nothing():
+    x = torch.randn(100)
+    y = torch.empty(100)
+    counter = M.TritonCounter()
+    with counter.active():
+        _copy_kernel[(1,)](x, y, 0, BLOCK=128)  # every lane masked off
+        _copy_kernel[(1,)](x, y, 100, BLOCK=128)  # 100 of 128 lanes active
+    off, on = counter.launches
+    assert (off.load_bytes, off.store_bytes) == (0, 0)
+    assert (on.load_bytes, on.store_bytes) == (400, 400)
+    assert torch.equal(y, x)  # the instrumented interpreter still runs the kernel
+
+
+def test_l2_rule_counts_rereads_once_only_when_in_flight_fits():
+    x = torch.randn(64)
+    y = torch.empty(64)
+    counter = M.TritonCounter()
+    with counter.active():
+        _reread_kernel[(1,)](x, y, 64, BLOCK=64)
+    (st,) = counter.launches
+    assert st.load_bytes == 2 * st.unique_load_bytes == 512
+    gpu = M.GPUS["h100"]
+    one = st.cost(gpu)
+    assert one.bytes == 256 + 256 and "re-reads once" in one.rule
+    # the audit's logits row: 8192 rows of 512 KB distinct bytes, num_warps=8 -> 132 SMs x 4 resident programs
+    # hold 277 MB > 50 MB of L2, so the second read of each row is HBM traffic
+    row = M.LaunchStats("k", 8, rows_total=8192, rows_run=1, load_bytes=2 * 2**19, store_bytes=2**18,
+                        unique_load_bytes=2**19, max_program_bytes=2**19, programs=1)
+    cost = row.cost(gpu)
+    assert cost.bytes == 8192 * (2 * 2**19 + 2**18) and "from HBM: 528 progs" in cost.rule
+
+
+def _distill_bytes(rows: int, v: int = 300) -> tuple[float, float]:
+    import fastkd
+
+    s = torch.randn(rows, v, requires_grad=True)
+    t = torch.randn(rows, v)
+    counter = M.TritonCounter()
+    with counter.active():
+        loss = fastkd.distill_loss(s, t, "fkl", backend="triton")
+        loss.backward()
+    kernels = [st for st in counter.launches if "distill" in st.kernel]
+    assert kernels, [st.kernel for st in counter.launches]
+    return sum(st.load_bytes for st in kernels), sum(st.store_bytes for st in kernels)
+
+
+def test_distill_kernel_bytes_scale_linearly_in_rows():
+    one, three = _distill_bytes(1), _distill_bytes(3)
+    assert three == (3 * one[0], 3 * one[1])
+    # at least the floor: each logit of both inputs read once, the gradient written once (fp32)
+    assert one[0] >= 2 * 300 * 4 and one[1] >= 300 * 4
+
+
+def test_model_rows_small_case():
+    """The whole pipeline (meta tensors seen as CUDA, replayed custom op, torch ops) at a small size."""
+    gpu = M.GPUS["h200"]
+    rows = M.model_case(M.distill_case("fkl", n=64, v=1000), gpu, rows=2, providers=["fastkd", "naive"])
+    by = {r["provider"]: r for r in rows}
+    assert all(r["status"] == "ok" for r in rows), rows
+    fk, nv = by["fastkd-triton"], by["naive"]
+    assert fk["floor_bytes"] == 3 * 64 * 1000 * 2
+    assert 1.0 <= fk["bytes_vs_floor"] < nv["bytes_vs_floor"]
+    assert fk["predicted_ms"] == pytest.approx(fk["hbm_bytes"] / gpu.hbm_bw * 1e3, rel=0.05)
+    assert nv["peak_extra_mb"] > 0
+    md = M.markdown(rows, gpu)
+    assert "model, not measured" in md and "fastkd-triton" in md
+
+
+def test_model_fused_case_has_gemm_time():
+    rows = M.model_case(M.fused_case("fkl", n=256, hs=64, ht=96, v=1000), M.GPUS["h100"], rows=2,
+                        providers=["fastkd"])
+    (r,) = rows
+    assert r["status"] == "ok", r
+    assert r["gemm_ms"] > 0 and r["time_vs_gemm"] >= 1.0
+    assert r["flops"] >= 2 * 256 * 1000 * (64 * 3 + 96)  # at least the four GEMMs
