@@ -166,3 +166,22 @@ def test_masked_vocabulary_entries_stay_finite(beta):
     assert torch.isfinite(ours) and torch.isfinite(g).all()
     torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_one_dimensional_input_matches_trl(reduction, beta):
+    # a single (V,) distribution: TRL's "batchmean" divides by jsd.size(0), i.e. by V here
+    torch.manual_seed(3)
+    s, te = (torch.randn(41) * 2).requires_grad_(), torch.randn(41) * 2
+    torch.manual_seed(4)
+    ours, g_ours = grads(fkd_trl.generalized_jsd_loss, s, te, beta=beta, reduction=reduction)
+    torch.manual_seed(4)
+    theirs, g_theirs = grads(TRL_FN, s, te, beta=beta, reduction=reduction)
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-4, atol=1e-8)
+    ref = formula64(s.detach(), te, None, beta, 1.0, reduction)
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-8)
+    if reduction == "batchmean":
+        total = fkd_trl.generalized_jsd_loss(s.detach(), te, beta=beta, reduction="sum")
+        torch.testing.assert_close(ours, total / 41)

@@ -11,7 +11,8 @@ keeps the tokens with ``labels != -100`` (``jsd[mask]`` → (M, V)), and reduces
 
     num_items_in_batch given → jsd.sum() / num_items_in_batch   (whatever ``reduction`` is)
     "batchmean" → jsd.sum() / max(#kept tokens, 1) with labels, else jsd.sum() / max(jsd.size(0), 1)
-                  (without labels that is the *batch size* B of a (B, T, V) input, as in TRL)
+                  (without labels that is the *batch size* B of a (B, T, V) input, as in TRL, and V
+                  for a single 1-D (V,) distribution — TRL's convention, kept for equal values)
     "sum"       → jsd.sum()
     "mean"      → jsd.sum() / jsd.numel()  — TRL's mean is over tokens *and* vocabulary entries
     "none"      → jsd itself: (M, V) with labels, (..., V) without — one value per vocabulary entry
@@ -118,8 +119,8 @@ def generalized_jsd_loss(
     total = distill_loss(student_logits, teacher_logits, "jsd", reduction="sum", **kw)
     if reduction == "sum":
         return total
-    if reduction == "batchmean":  # no labels: TRL divides by jsd.size(0), the leading (batch) dimension
-        return total / max(student_logits.size(0), 1) if student_logits.dim() > 1 else total
+    if reduction == "batchmean":  # no labels: TRL divides by jsd.size(0), the leading dimension — the batch
+        return total / max(student_logits.size(0), 1)  # of (B, T, V), the vocabulary V of a 1-D (V,) input
     # "mean": TRL averages over every kept element, tokens × vocabulary
     vocab = student_logits.shape[-1]
     count = student_logits.numel() if labels is None else (labels != -100).sum() * vocab
