@@ -171,3 +171,48 @@ def test_empty_vocabulary_raises():
         fastkd.uld_loss(torch.randn(3, 0), torch.randn(3, 5))
     with pytest.raises(ValueError, match="teacher_logits has an empty vocabulary"):
         fastkd.sinkd_loss(torch.randn(3, 4), torch.randn(3, 0))
+
+
+def _uld_sequence_mean64(s, t, keep, temp):
+    """ULD paper / TRL GOLD reduction restated: per sequence Σ_kept L1(sorted q, sorted p) / kept, then the
+    mean over the sequences that keep a token."""
+    per = R.uld_per_token(s.double(), t.double(), temp)  # (B, T)
+    k = keep.double()
+    count = k.sum(1)
+    seq = (per * k).sum(1) / count.clamp_min(1)
+    return seq[count > 0].mean() if bool((count > 0).any()) else per.sum() * 0
+
+
+def test_uld_sequence_mean_is_per_sequence_then_batch():
+    torch.manual_seed(7)
+    s = torch.randn(3, 6, 13, dtype=F64, requires_grad=True)
+    t = torch.randn(3, 6, 17, dtype=F64)
+    labels = torch.zeros(3, 6, dtype=torch.long)
+    labels[0, 1:] = -100  # sequence 0 keeps 1 token, 1 keeps 6, 2 keeps none
+    labels[2] = -100
+    keep = labels != -100
+    got = fastkd.uld_loss(s, t, temperature=1.3, labels=labels, reduction="sequence_mean")
+    want = _uld_sequence_mean64(s, t, keep, 1.3)
+    torch.testing.assert_close(got, want)
+    (g,) = torch.autograd.grad(got, s)
+    (g_want,) = torch.autograd.grad(want, s)
+    torch.testing.assert_close(g, g_want)
+    # differs from the token mean when sequences keep different numbers of tokens
+    mean = fastkd.uld_loss(s, t, temperature=1.3, labels=labels)
+    assert abs(float(mean) - float(got)) > 1e-3
+    # equal lengths: both reductions agree
+    full = fastkd.uld_loss(s, t, reduction="sequence_mean")
+    torch.testing.assert_close(full, fastkd.uld_loss(s, t))
+    # nothing kept: 0 with zero gradient, never NaN
+    none = fastkd.uld_loss(s, t, mask=torch.zeros(3, 6, dtype=torch.bool), reduction="sequence_mean")
+    assert float(none) == 0.0 and not torch.autograd.grad(none, s)[0].any()
+    assert torch.autograd.gradcheck(
+        lambda z: fastkd.uld_loss(z, t[:2, :3], labels=labels[:2, :3], reduction="sequence_mean"),
+        (s[:2, :3].detach().clone().requires_grad_(),))
+
+
+def test_uld_sequence_mean_needs_the_batch_layout():
+    with pytest.raises(ValueError, match=r"sequence_mean.*\(B, T, V\)"):
+        fastkd.uld_loss(torch.randn(4, 9), torch.randn(4, 7), reduction="sequence_mean")
+    with pytest.raises(ValueError, match="sequence_mean"):
+        fastkd.uld_loss(torch.randn(2, 2, 4, 9), torch.randn(2, 2, 4, 7), reduction="sequence_mean")

@@ -193,7 +193,11 @@ def uld_loss(
     Per token: q = softmax(student/T) sorted descending, p = softmax(teacher/T) sorted descending, the
     shorter one zero-padded to max(Vs, Vt); loss = Σ_r |q_(r) − p_(r)| (the 1-D Wasserstein-1 distance
     between the two sorted distributions on ranks). Tokens are excluded with ``labels == ignore_index``
-    or ``mask == False``; ``reduction`` "mean" (over kept tokens), "sum", or "none".
+    or ``mask == False``; ``reduction`` "mean" (over kept tokens), "sum", "none", or "sequence_mean":
+    (B, T, V) inputs only, the mean over each sequence's kept tokens, then the mean over the sequences
+    that keep any token (0 if none). "sequence_mean" is the reduction of the ULD paper's code and of
+    TRL's GOLD trainer (per-sequence sum / answer length, then the batch mean); "mean" weights every
+    token equally, so the two differ when sequences keep different numbers of tokens.
 
     ``top_k``: only the k largest probabilities of each side are sorted (torch.topk, O(V) memory and
     time per row instead of a full sort); the rest is one tail bucket per side, compared by its mass:
@@ -215,8 +219,17 @@ def uld_loss(
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
     lead = tuple(student_logits.shape[:-1])
     dt = _stat_dtype(student_logits)
+    per_seq = reduction == "sequence_mean"
+    if per_seq and student_logits.dim() != 3:
+        raise ValueError("reduction='sequence_mean' averages per sequence and needs (B, T, V) logits, got "
+                         f"student_logits of shape {tuple(student_logits.shape)}")
     weight, _ = C.token_weights(lead, student_logits.device, labels=labels, ignore_index=ignore_index,
-                                mask=mask, reduction=reduction, num_items_in_batch=None, dtype=dt)
+                                mask=mask, reduction="sum" if per_seq else reduction, num_items_in_batch=None,
+                                dtype=dt)
+    if per_seq:  # 0/1 keep -> 1 / (kept tokens of the sequence · sequences keeping any token); no sync
+        keep = weight.view(lead)
+        count = keep.sum(1, keepdim=True)
+        weight = (keep / count.clamp_min(1) / (count > 0).sum().clamp_min(1)).reshape(-1)
     n = weight.numel()
     s2 = student_logits.reshape(n, student_logits.shape[-1])
     t2 = teacher_logits.reshape(n, teacher_logits.shape[-1])
