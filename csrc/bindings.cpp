@@ -87,11 +87,12 @@ void sparse_stats(std::uintptr_t student, std::uintptr_t ids, std::uintptr_t wei
 }
 
 void sparse_grad(std::uintptr_t student, std::uintptr_t grad, std::uintptr_t ids, std::uintptr_t weight,
-                 std::uintptr_t s_ids, std::uintptr_t lse, std::uintptr_t a_coef, std::uintptr_t b_coef,
-                 std::uintptr_t c_coef, int64_t n_rows, int64_t vocab, int64_t k, int64_t stride_s, int64_t stride_g,
-                 int64_t stride_ids, int dtype, float inv_t, bool zero_base, std::uintptr_t stream) {
-  if (student == 0 || grad == 0 || ids == 0 || weight == 0 || s_ids == 0 || lse == 0 || a_coef == 0 ||
-      b_coef == 0 || c_coef == 0)
+                 std::uintptr_t s_ids, std::uintptr_t lse, std::uintptr_t lse_base, std::uintptr_t a_coef,
+                 std::uintptr_t b_coef, std::uintptr_t c_coef, int64_t n_rows, int64_t vocab, int64_t k,
+                 int64_t stride_s, int64_t stride_g, int64_t stride_ids, int dtype, float inv_t, bool zero_base,
+                 std::uintptr_t stream) {
+  if (student == 0 || grad == 0 || ids == 0 || weight == 0 || s_ids == 0 || lse == 0 || lse_base == 0 ||
+      a_coef == 0 || b_coef == 0 || c_coef == 0)
     throw std::invalid_argument("sparse_grad: null pointer");
   fastkd::SparseGradArgs a{};
   a.student = ptr<const void*>(student);
@@ -100,6 +101,7 @@ void sparse_grad(std::uintptr_t student, std::uintptr_t grad, std::uintptr_t ids
   a.weight = ptr<const float*>(weight);
   a.s_ids = ptr<const float*>(s_ids);
   a.lse = ptr<const float*>(lse);
+  a.lse_base = ptr<const float*>(lse_base);
   a.a = ptr<const float*>(a_coef);
   a.b = ptr<const float*>(b_coef);
   a.c = ptr<const float*>(c_coef);
@@ -166,9 +168,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stride_ids"), py::arg("dtype"), py::arg("inv_t"), py::arg("stream"));
   m.def("sparse_grad", &sparse_grad, "Sparse losses: gradient from (a, b, c) coefficients (csrc/sparse.cu)",
         py::arg("student"), py::arg("grad"), py::arg("ids"), py::arg("weight"), py::arg("s_ids"), py::arg("lse"),
-        py::arg("a"), py::arg("b"), py::arg("c"), py::arg("n_rows"), py::arg("vocab"), py::arg("k"),
-        py::arg("stride_s"), py::arg("stride_g"), py::arg("stride_ids"), py::arg("dtype"), py::arg("inv_t"),
-        py::arg("zero_base"), py::arg("stream"));
+        py::arg("lse_base"), py::arg("a"), py::arg("b"), py::arg("c"), py::arg("n_rows"), py::arg("vocab"),
+        py::arg("k"), py::arg("stride_s"), py::arg("stride_g"), py::arg("stride_ids"), py::arg("dtype"),
+        py::arg("inv_t"), py::arg("zero_base"), py::arg("stream"));
   m.attr("SPARSE_MAX_TAIL_VOCAB") = fastkd::sparse_max_tail_vocab();
   m.def("sinkhorn", &sinkhorn, "Batched log-domain Sinkhorn iterations, one block per problem (csrc/sinkhorn.cu)",
         py::arg("a"), py::arg("b"), py::arg("cost"), py::arg("f"), py::arg("g"), py::arg("f_next"), py::arg("err"),

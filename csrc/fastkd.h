@@ -50,8 +50,9 @@ struct SparseGradArgs {
   const float* weight;   // (n_rows,)
   const float* s_ids;    // (n_rows, k) contiguous, from the stats pass
   const float* lse;      // (n_rows,)
-  const float* a;        // (n_rows,)  grad_v = q_v·(a + b·[v ∉ ids]) + Σ_k c_k·[v = id_k]
-  const float* b;        // (n_rows,)
+  const float* lse_base; // (n_rows,) normaliser of the off-id term (lse_tail for topk_tail, else lse)
+  const float* a;        // (n_rows,)  grad_v = a·e^(s_v − lse) + Σ_k c_k·[v = id_k] at the ids,
+  const float* b;        // (n_rows,)  grad_v = b·e^(s_v − lse_base) off the ids
   const float* c;        // (n_rows, k) contiguous
   int64_t n_rows, vocab, k, stride_s, stride_g, stride_ids;
   float inv_t;

@@ -4,9 +4,11 @@
 //   logsumexp over the columns that are not among the row's ids — exact, using a bitmap of the ids in
 //   shared memory (V/8 bytes) instead of subtracting the head mass (which cancels catastrophically) —
 //   plus s at the ids (−inf at padding slots, NaN for an id outside [−1, V)).
-// grad (grid (n_rows,)): grad_v = q_v·(a + b·[v ∉ ids]) with q = exp(s − lse), written for every column,
-//   then, after a block barrier, the id columns are rewritten as q_id·a + Σ_{k: id_k = id} c_k (the sum
-//   makes duplicated ids add up, as scatter_add does). Rows with weight 0 get zeros.
+// grad (grid (n_rows,)): grad_v = b·exp(s_v − lse_base), written for every column (lse_base = lse_tail
+//   for topk_tail, so that a tail mass underflowing in fp32 still gives a finite off-id gradient), then,
+//   after a block barrier, the id columns are rewritten as exp(s_id − lse)·a + Σ_{k: id_k = id} c_k (the
+//   sum makes duplicated ids add up, as scatter_add does). Rows with weight 0 get zeros. Ids are untrusted:
+//   an id outside [0, V) is never dereferenced (the stats pass stores NaN for it, which poisons the row).
 #include "common.cuh"
 #include "fastkd.h"
 
@@ -72,9 +74,9 @@ __global__ void __launch_bounds__(kThreads) sparse_grad_kernel(SparseGradArgs a)
     for (int64_t j = threadIdx.x; j < V; j += blockDim.x) g[j] = from_float<T>(0.f);
     if (w == 0.f) return;
   } else {
-    const float lse = a.lse[row], coef = a.a[row] + a.b[row], inv_t = a.inv_t;
+    const float lse_base = a.lse_base[row], coef = a.b[row], inv_t = a.inv_t;
     // Reads z_v and writes g_v from the same thread, so g may alias z.
-    row_map2<T, VEC, 2>(z, z, g, V, [&](int64_t, float zv, float) { return expf(zv * inv_t - lse) * coef; });
+    row_map2<T, VEC, 2>(z, z, g, V, [&](int64_t, float zv, float) { return expf(zv * inv_t - lse_base) * coef; });
   }
   __syncthreads();  // the base term is written before the id columns are rewritten
   const int64_t* ids = a.ids + row * a.stride_ids;

@@ -47,7 +47,9 @@ def _cost_tile(x_ptr, y_ptr, pid_b, offs_r, offs_c, mask_r, mask_c, D,
     if METRIC == 1:
         acc = tl.sqrt(acc)
     if METRIC == 3:
-        acc = 1.0 - acc / (tl.sqrt(xx)[:, None] * tl.sqrt(yy)[None, :])
+        # a zero vector gets similarity 0 (cost 1), as fastkd.ot.sinkhorn.pairwise_cost defines it
+        tiny = 1.1754943508222875e-38
+        acc = 1.0 - acc / (tl.maximum(tl.sqrt(xx), tiny)[:, None] * tl.maximum(tl.sqrt(yy), tiny)[None, :])
     return acc
 
 

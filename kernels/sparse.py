@@ -6,10 +6,16 @@ Two row-per-program kernels around the shared K-level math of ``fastkd.sparse.to
 and produces, for s = z / T: the online log-sum-exp over the whole vocabulary, (HAS_TAIL) the online
 log-sum-exp over the entries whose id is NOT among the row's K ids, and s gathered at the K ids.
 
-``_sparse_grad_kernel`` — grid (N,); program i writes row i of the gradient
-``g_v = q_v · (a + b·[v ∉ ids])`` tile by tile (q = exp(s − lse)), then, after a block barrier, overwrites
-the K id positions with ``q_id · a + c_k`` (one rounding to the output dtype; the gradient may alias the
-logits: each tile is read before it is written, and the id fix-up needs only the gathered s_ids).
+``_sparse_grad_kernel`` — grid (N,); program i writes row i of the gradient ``g_v = b'·exp(s_v − lb)``
+tile by tile (the off-id term; lb = lse_tail for topk_tail so that an underflowing tail stays finite), then,
+after a block barrier, overwrites the K id positions with ``a·exp(s_id − lse) + Σ_{j: id_j = id} c_j`` (one
+rounding to the output dtype; the gradient may alias the logits: each tile is read before it is written, and
+the id fix-up needs only the gathered s_ids). Slots holding the same id all store the same sum, so duplicated
+ids add up like ``scatter_add`` instead of racing.
+
+Ids are untrusted on the device (value checks are off for GPU tensors by default): every access at an id is
+masked by ``0 <= id < V``, and an id outside [−1, V) yields s = NaN in the stats pass, which makes that
+token's loss and gradient NaN (``sparse_terms``) rather than touching memory outside the row.
 """
 
 from __future__ import annotations
@@ -63,8 +69,9 @@ def _sparse_stats_kernel(
     if HAS_TAIL:
         mt_safe = tl.where(mt == float("-inf"), 0.0, mt)
         tl.store(lse_tail_ptr + row, mt_safe + tl.log(dt))
-    valid = ids >= 0
+    valid = (ids >= 0) & (ids < V)
     s_ids = tl.load(z_row + tl.where(valid, ids, 0), mask=valid, other=float("-inf")).to(tl.float32) * inv_t
+    s_ids = tl.where(valid | (ids == -1), s_ids, float("nan"))  # an out-of-range id poisons its token
     tl.store(s_ids_ptr + row * K + offs_k, s_ids, mask=offs_k < K)
 
 
@@ -75,9 +82,10 @@ def _sparse_grad_kernel(
     ids_ptr,  # (N, K) int64, row stride stride_ids
     s_ids_ptr,  # (N, K) fp32, contiguous (from the stats kernel)
     c_ptr,  # (N, K) fp32, contiguous: coefficient added at each id
-    lse_ptr,  # (N,) fp32
-    a_ptr,  # (N,) fp32: coefficient of q_v everywhere
-    b_ptr,  # (N,) fp32: extra coefficient of q_v off the ids (HAS_TAIL)
+    lse_ptr,  # (N,) fp32: logsumexp of the row (the id columns' normaliser)
+    a_ptr,  # (N,) fp32: coefficient of exp(s_v − lse) at the ids
+    lb_ptr,  # (N,) fp32: normaliser of the off-id term (lse_tail for topk_tail, else lse; 0 if excluded)
+    b_ptr,  # (N,) fp32: coefficient of exp(s_v − lb) off the ids
     w_ptr,  # (N,) fp32 token weights; 0 = excluded row (gradient 0 whatever the logits)
     V,
     K,
@@ -85,7 +93,6 @@ def _sparse_grad_kernel(
     stride_g,
     stride_ids,
     inv_t,
-    HAS_TAIL: tl.constexpr,
     DENSE: tl.constexpr,  # False when a = b = 0 (topk rkl/jsd): the row is 0 except at the ids
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -95,6 +102,7 @@ def _sparse_grad_kernel(
     g_row = g_ptr + row * stride_g
     keep = tl.load(w_ptr + row) != 0
     lse = tl.where(keep, tl.load(lse_ptr + row), 0.0)
+    lb = tl.where(keep, tl.load(lb_ptr + row), 0.0)
     a = tl.load(a_ptr + row)
     b = tl.load(b_ptr + row)
     offs_k = tl.arange(0, BLOCK_K)
@@ -103,19 +111,18 @@ def _sparse_grad_kernel(
         offs = start + tl.arange(0, BLOCK_V)
         if DENSE:
             x = tl.load(z_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_t
-            coef = a
-            if HAS_TAIL:
-                hit = tl.sum((offs[:, None] == ids[None, :]).to(tl.int32), 1) > 0
-                coef = tl.where(hit, a, a + b)
-            g = tl.where(keep, tl.exp(x - lse) * coef, 0.0)
+            g = tl.where(keep, tl.exp(x - lb) * b, 0.0)
         else:
             g = tl.zeros((BLOCK_V,), tl.float32)
         tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=offs < V)
     tl.debug_barrier()  # the id fix-up below must land after the tile stores of this row
-    valid = (ids >= 0) & (offs_k < K)
+    valid = (ids >= 0) & (ids < V) & (offs_k < K)
     s_ids = tl.load(s_ids_ptr + row * K + offs_k, mask=valid, other=float("-inf"))
     c = tl.load(c_ptr + row * K + offs_k, mask=valid, other=0.0)
-    g_ids = tl.where(keep, tl.exp(s_ids - lse) * a + c, 0.0)
+    # every slot of a duplicated id stores the same total, so the racing stores agree
+    same = (ids[:, None] == ids[None, :]) & valid[None, :]
+    c_sum = tl.sum(tl.where(same, c[None, :], 0.0), 1)
+    g_ids = tl.where(keep, tl.exp(s_ids - lse) * a + c_sum, 0.0)
     if not DENSE:
-        g_ids = tl.where(keep, c, 0.0)
+        g_ids = tl.where(keep, c_sum, 0.0)
     tl.store(g_row + tl.where(valid, ids, 0), g_ids.to(g_ptr.dtype.element_ty), mask=valid)

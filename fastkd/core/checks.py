@@ -145,7 +145,18 @@ def token_weights(
         if isinstance(num_items_in_batch, torch.Tensor):
             if num_items_in_batch.numel() != 1:
                 raise ValueError("num_items_in_batch must be a number or a one-element tensor")
-            weight = weight / num_items_in_batch.to(device=device, dtype=dtype).reshape(())
+            if num_items_in_batch.dtype == torch.bool or num_items_in_batch.is_complex():
+                raise TypeError(f"num_items_in_batch must be a real number tensor, got {num_items_in_batch.dtype}")
+            count = num_items_in_batch.detach().to(device=device, dtype=dtype).reshape(())
+            if value_checks_enabled(num_items_in_batch):
+                value = float(count)
+                if not (value > 0) or math.isinf(value):
+                    raise ValueError(f"num_items_in_batch must be a finite number > 0, got tensor({value!r})")
+            else:
+                # no host sync here: a count of 0, a negative or a non-finite count poisons the loss with NaN
+                # (never a silent inf or a negative loss)
+                count = torch.where((count > 0) & count.isfinite(), count, torch.full_like(count, math.nan))
+            weight = weight / count
         else:
             check_positive("num_items_in_batch", num_items_in_batch)
             weight = weight / float(num_items_in_batch)

@@ -84,7 +84,9 @@ def sinkd_loss(
     With p_s = softmax(student/T), p_t = softmax(teacher/T), rows (B, V) (leading dimensions are flattened
     into B): W_ij = ‖p_s,i − p_t,j‖₁ (B, B); P = exp(−W/ε); ``n_iter`` times P ← P / (row sums), then
     P ← P / (column sums); loss = ⟨P, W⟩ / B. The gradient is autograd through W and every normalisation
-    (P is not detached). W is built in chunks: peak extra memory O(B·V + chunk), not O(B²·V).
+    (P is not detached). The normalisations run in the log domain (log P ← log P − logsumexp), which is the
+    same P and gradient but stays finite at small ε in fp32 (where exp(−W/ε) of a whole row underflows).
+    W is built in chunks: peak extra memory O(B·V + chunk), not O(B²·V).
 
     Args:
         student_logits: (B, V) (or (..., V)) fp32/bf16/fp16/fp64; receives the gradient.
@@ -108,11 +110,13 @@ def sinkd_loss(
     ps = torch.softmax(s / temperature, dim=-1)
     pt = torch.softmax(t / temperature, dim=-1)
     w = _PairwiseL1.apply(ps, pt)
-    p = torch.exp(-w / eps)
+    # The normalisations run on log P: the same P and the same autograd gradient as dividing by the sums,
+    # but exp(−W/ε) of a whole row can underflow at small ε (fp32: W/ε > ~87), and then 0/0 gave NaN.
+    log_p = -w / eps
     for _ in range(n_iter):
-        p = p / p.sum(1, keepdim=True)
-        p = p / p.sum(0, keepdim=True)
-    return (p * w).sum() / s.shape[0]
+        log_p = log_p - torch.logsumexp(log_p, 1, keepdim=True)
+        log_p = log_p - torch.logsumexp(log_p, 0, keepdim=True)
+    return (log_p.exp() * w).sum() / s.shape[0]
 
 
 # ---------------------------------------------------------------------------------------------------------

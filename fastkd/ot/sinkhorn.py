@@ -104,8 +104,11 @@ def pairwise_cost(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor
         return sq if metric == "sqeuclidean" else sq.sqrt()
     if metric == "l1":
         return torch.cdist(x, y, p=1)
-    xn = x / x.norm(dim=-1, keepdim=True)
-    yn = y / y.norm(dim=-1, keepdim=True)
+    # a zero vector has no direction: ``sinkhorn`` rejects it where value checks run; elsewhere (no host
+    # sync) its similarity to every point is defined as 0, i.e. cost 1, instead of 0/0 = NaN
+    tiny = torch.finfo(x.dtype).tiny
+    xn = x / x.norm(dim=-1, keepdim=True).clamp_min(tiny)
+    yn = y / y.norm(dim=-1, keepdim=True).clamp_min(tiny)
     return 1 - torch.bmm(xn, yn.transpose(1, 2))
 
 
@@ -253,6 +256,17 @@ def _check_finite(name: str, t: torch.Tensor | None) -> None:
         raise ValueError(f"{name} contains NaN or inf entries")
 
 
+def _check_nonzero(name: str, t: torch.Tensor | None) -> None:
+    """metric="cosine" needs a direction for every point (checked where value checks run)."""
+    if t is None or not C.value_checks_enabled(t):
+        return
+    zero = (t == 0).all(-1)
+    if bool(zero.any()):
+        prob, idx = (int(i) for i in zero.nonzero()[0])
+        raise ValueError(f"{name} has a zero vector (problem {prob}, point {idx}); metric='cosine' needs "
+                         f"non-zero points (1 − <x,y>/(|x||y|) is undefined for it)")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Public function
 # ---------------------------------------------------------------------------------------------------------
@@ -300,6 +314,8 @@ def sinkhorn(
         x, y: (B, n, d) and (B, m, d) (or unbatched (n, d), (m, d)) with ``metric`` one of
             "sqeuclidean" (‖x−y‖², POT's default), "euclidean", "l1", "cosine"; the cost is built on the
             fly (in tiles, never as a whole (B, n, m) tensor when that would exceed ~16M elements).
+            "cosine" with a zero vector is a ValueError where value checks run (CPU tensors or
+            FASTKD_CHECK_INPUTS=1); elsewhere a zero vector gets cost 1 to every point (similarity 0).
         eps: entropic regularisation ε > 0 (in cost units). Stable down to ~1e-3 on costs of scale 1.
         max_iter: iterations (one f and one g update each).
         tol: stop once every problem's ‖P1 − a‖₁ < tol (checked every 10 iterations, batch-wide);
@@ -354,6 +370,9 @@ def sinkhorn(
     _check_finite("cost", cost_b)
     _check_finite("x", x_b)
     _check_finite("y", y_b)
+    if metric == "cosine":
+        _check_nonzero("x", x_b)
+        _check_nonzero("y", y_b)
     cost_b = None if cost_b is None else cost_b.to(dtype)
     x_b = None if x_b is None else x_b.to(dtype)
     y_b = None if y_b is None else y_b.to(dtype)

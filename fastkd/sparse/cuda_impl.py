@@ -66,7 +66,7 @@ def sparse_forward(
         tail_ptr = 0 if lse_tail is None else lse_tail.data_ptr()
         lib.sparse_stats(z.data_ptr(), ids.data_ptr(), w.data_ptr(), lse.data_ptr(), tail_ptr,
                          s_ids.data_ptr(), n, v, k, z.stride(0), ids.stride(0), code, inv_t, stream)
-        loss, c, a, b = sparse_terms(s_ids, lse, lse_tail, t_logp.to(torch.float32),
+        loss, c, a, lb, b = sparse_terms(s_ids, lse, lse_tail, t_logp.to(torch.float32),
                                      None if t_tail is None else t_tail.to(torch.float32), w, p)
         if grad is not None:
             out = grad
@@ -75,7 +75,8 @@ def sparse_forward(
             zero_base = p.mode == "topk" and p.effective != "fkl"
             c = c.to(torch.float32).contiguous()
             lib.sparse_grad(z.data_ptr(), out.data_ptr(), ids.data_ptr(), w.data_ptr(), s_ids.data_ptr(),
-                            lse.data_ptr(), a.to(torch.float32).contiguous().data_ptr(),
+                            lse.data_ptr(), lb.to(torch.float32).contiguous().data_ptr(),
+                            a.to(torch.float32).contiguous().data_ptr(),
                             b.to(torch.float32).contiguous().data_ptr(), c.data_ptr(), n, v, k, z.stride(0),
                             out.stride(0), ids.stride(0), code, inv_t, zero_base, stream)
             if out is not grad:

@@ -132,6 +132,8 @@ def _check_teacher(
     device: torch.device,
     values: str,
 ) -> None:
+    if vocab == 0:  # before any backend: torch would index an empty row, Triton would return 0
+        raise ValueError("the student vocabulary (last dimension) is empty: a distribution needs V >= 1")
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"teacher_ids must be a torch.Tensor, got {type(ids).__name__}")
     if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():

@@ -15,6 +15,13 @@ the per-token loss and a gradient of the closed form
 with (a, b, c) already multiplied by ``weight · kd_scale / T``. A backend therefore makes one pass over V
 for the statistics and one to write the gradient; the Triton backend runs the same :func:`sparse_terms`.
 
+Off the ids the gradient is evaluated as ``b' · exp(s_v − lb)`` with ``lb = lse_tail`` and
+``b' = q_tail · (a + b)`` for topk_tail (``lb = lse``, ``b' = a`` otherwise): the same number, but when the
+student's tail mass underflows (q_v = 0 and b = p_tail / q_tail = inf in fp32) the product stays finite
+(exp(s_v − lse_tail) ≤ 1). Slots whose id is outside [−1, V) get s = NaN from every backend and poison
+their token (NaN loss, NaN gradient coefficients) instead of reading or writing outside the row; the
+gradient at a duplicated id is the sum of its slots' coefficients on every backend.
+
 Derivation: for events e with student probabilities q_e(s) and qg_e = q_e ∂D/∂q_e,
 ∂q_k/∂s_v = q_k(δ_{v,id_k} − q_v) and ∂q_tail/∂s_v = q_v([v ∉ ids] − q_tail), so
 ∂D/∂s_v = Σ_k qg_k δ_{v,id_k} − q_v Σ_e qg_e + (qg_tail / q_tail) q_v [v ∉ ids]: c = qg_k,
@@ -38,8 +45,8 @@ _CHUNK_ELEMS = 1 << 22  # elements per fp32 (rows, V) temporary
 
 
 def _pos(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """value where x > 0 else 0 (0·log 0 terms; NaN inputs stay NaN through x)."""
-    return torch.where(x > 0, value, torch.zeros((), dtype=value.dtype, device=value.device))
+    """0 where x == 0 else value (the 0·log 0 terms); a NaN x or value stays NaN (NaN inputs give NaN)."""
+    return torch.where(x == 0, torch.zeros((), dtype=value.dtype, device=value.device), value)
 
 
 def _safe_log_softmax(x: torch.Tensor) -> torch.Tensor:
@@ -62,20 +69,23 @@ def sparse_terms(
     t_tail: torch.Tensor | None,
     weight: torch.Tensor,
     p: SparseParams,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Loss (N,) and gradient coefficients (c (N, K), a (N,), b (N,)) for one block of rows.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss (N,) and gradient coefficients (c (N, K), a (N,), lb (N,), b' (N,)) for one block of rows.
 
-    s_ids: tempered student logits at the ids, −inf at padding; lse, lse_tail: (N,) statistics above;
-    t_logp: (N, K) teacher log-probabilities (renormalised over K for topk/sampled, raw for topk_tail),
-    −inf at padding; t_tail: (N,) teacher log tail mass (topk_tail). All in the compute dtype.
-    weight: (N,) token weights (0 = excluded). Loss includes kd_scale; (a, b, c) include
-    weight · kd_scale / T. Excluded rows get exactly 0 everywhere.
+    s_ids: tempered student logits at the ids, −inf at padding, NaN at an id outside [0, V);
+    lse, lse_tail: (N,) statistics above; t_logp: (N, K) teacher log-probabilities (renormalised over K for
+    topk/sampled, raw for topk_tail), −inf at padding; t_tail: (N,) teacher log tail mass (topk_tail). All in
+    the compute dtype. weight: (N,) token weights (0 = excluded).
+
+    The gradient of row i is ``a·exp(s_v − lse) + Σ_k c_k·[v = id_k]`` at its ids and ``b'·exp(s_v − lb)``
+    elsewhere. Loss includes kd_scale; (a, b', c) include weight · kd_scale / T. Excluded rows get exactly 0
+    everywhere (lb = 0); a kept row with a NaN in s_ids gets NaN loss and NaN coefficients.
     """
     zero = torch.zeros((), dtype=s_ids.dtype, device=s_ids.device)
     name = p.effective
     keep = weight != 0
     lse_k = torch.where(keep, lse, zero).unsqueeze(-1)  # excluded rows may have lse = −inf
-    b = None
+    b = lb = None
     if p.mode == "topk_tail":
         log_q = s_ids - lse_k
         log_qt = torch.where(keep, lse_tail - lse_k.squeeze(-1), zero)
@@ -84,12 +94,10 @@ def sparse_terms(
         if name == "fkl":
             loss = _pos(pk, pk * (t_logp - log_q)).sum(-1) + _pos(pt, pt * (t_tail - log_qt))
             c, ct = -pk, -pt
-            b = _pos(pt, -(t_tail - log_qt).exp())
         elif name == "rkl":
             c = _pos(q, q * (log_q - t_logp))
             ct = _pos(qt, qt * (log_qt - t_tail))
             loss = c.sum(-1) + ct
-            b = _pos(qt, log_qt - t_tail)
         else:
             beta = p.beta
             log_m, log_mt = _log_mix(t_logp, log_q, beta), _log_mix(t_tail, log_qt, beta)
@@ -100,8 +108,10 @@ def sparse_terms(
                 + c.sum(-1)
                 + ct
             )
-            b = (1 - beta) * _pos(qt, log_qt - log_mt)
         a = -(c.sum(-1) + ct)
+        # b' = q_tail·(a + qg_tail/q_tail) without the division (q_tail may underflow to 0 in fp32)
+        b = a * qt + ct
+        lb = torch.where(keep & (lse_tail > -math.inf), lse_tail, zero)
     elif name == "fkl" or p.mode == "sampled":
         pk = t_logp.exp()
         loss = _pos(pk, pk * (t_logp - (s_ids - lse_k))).sum(-1)
@@ -125,8 +135,13 @@ def sparse_terms(
     loss = torch.where(keep, loss * p.kd_scale, zero)
     c = torch.where(keep.unsqueeze(-1), c * scale.unsqueeze(-1), zero)
     a = torch.where(keep, a * scale, zero)
-    b = torch.zeros_like(a) if b is None else torch.where(keep, b * scale, zero)
-    return loss, c, a, b
+    b = a if b is None else torch.where(keep, b * scale, zero)
+    lb = torch.where(keep, lse, zero) if lb is None else lb
+    # a NaN logit at an id, or an id outside the vocabulary (NaN from the stats pass), poisons the token
+    bad = (keep & s_ids.isnan().any(-1)).unsqueeze(-1)
+    nan = torch.full((), math.nan, dtype=s_ids.dtype, device=s_ids.device)
+    loss, a, b = (torch.where(bad.squeeze(-1), nan, x) for x in (loss, a, b))
+    return loss, torch.where(bad, nan, c), a, lb, b
 
 
 def _chunk(
@@ -144,23 +159,36 @@ def _chunk(
     s = z.to(cdt)
     if p.temperature != 1.0:
         s = s * (1.0 / p.temperature)
-    valid = ids >= 0
+    v = s.shape[1]
+    valid = (ids >= 0) & (ids < v)
     safe = torch.where(valid, ids, torch.zeros_like(ids))
     neg_inf = torch.tensor(-math.inf, dtype=cdt, device=s.device)
-    s_ids = torch.where(valid, s.gather(1, safe), neg_inf)
+    # an id outside [−1, V) is never used as an index: its slot reads NaN (poisons the token, no device assert)
+    pad = torch.where(ids == -1, neg_inf, torch.tensor(math.nan, dtype=cdt, device=s.device))
+    s_ids = torch.where(valid, s.gather(1, safe), pad)
     not_k = lse_tail = None
     if p.mode == "topk_tail":
-        # padding slots point at column 0 too, so count hits instead of scattering booleans
-        not_k = torch.zeros_like(s, dtype=torch.uint8).scatter_add_(1, safe, valid.to(torch.uint8)) == 0
+        # padding and out-of-range slots mark a spare column V, dropped afterwards
+        spare = torch.where(valid, ids, torch.full_like(ids, v))
+        not_k = torch.ones((s.shape[0], v + 1), dtype=torch.bool, device=s.device).scatter_(1, spare, False)[:, :v]
         lse_tail = torch.logsumexp(torch.where(not_k, s, neg_inf), dim=-1)
     dense = grad is not None and not (p.mode == "topk" and p.effective != "fkl")
-    if not dense:
+    if not dense or p.mode == "topk_tail":
         lse = torch.logsumexp(s, dim=-1)
-        loss, c, a, b = sparse_terms(s_ids, lse, lse_tail, t_logp, t_tail, weight, p)
+        loss, c, a, lb, b = sparse_terms(s_ids, lse, lse_tail, t_logp, t_tail, weight, p)
         if grad is None:
             return loss
         g = grad if grad.dtype == cdt and grad.stride(-1) == 1 else torch.empty_like(s)
-        g.zero_()  # top-k rkl/jsd: the student renormalised over K, the gradient lives on the ids only
+        if not dense:
+            g.zero_()  # top-k rkl/jsd: the student renormalised over K, the gradient lives on the ids only
+        else:
+            # q_v·a at the ids, b'·exp(s_v − lse_tail) off them (finite when the tail mass underflows);
+            # g may alias z: s was read in full above (it is a copy unless z already had the compute dtype)
+            base = torch.where(not_k, lb.unsqueeze(-1), lse.unsqueeze(-1))
+            coef = torch.where(not_k, b.unsqueeze(-1), a.unsqueeze(-1))
+            torch.sub(s, base, out=g).exp_().mul_(coef)
+            if has_excluded:
+                g.masked_fill_((weight == 0).unsqueeze(-1), 0)
     else:
         # One fused per-row softmax gives q (rows stay in cache; far fewer memory passes than max / exp /
         # sum / scale as separate tensor ops). It runs in place in ``grad`` when that has the compute dtype
@@ -177,14 +205,12 @@ def _chunk(
         m = s.amax(-1)
         torch.ops.aten._softmax.out(s, 1, False, out=g)
         lse = m - g.amax(-1).log()
-        loss, c, a, b = sparse_terms(s_ids, lse, lse_tail, t_logp, t_tail, weight, p)
-        if p.mode == "topk_tail":
-            g.mul_(torch.where(not_k, (a + b).unsqueeze(-1), a.unsqueeze(-1)))
-        else:
-            g.mul_(a.unsqueeze(-1))
+        loss, c, a, _, _ = sparse_terms(s_ids, lse, lse_tail, t_logp, t_tail, weight, p)
+        g.mul_(a.unsqueeze(-1))
         if has_excluded:
             g.masked_fill_((weight == 0).unsqueeze(-1), 0)  # also clears inf·0 and 0/0 of excluded rows
-    g.scatter_add_(1, safe, c)  # padding slots add an exact 0 at column 0
+    # padding and out-of-range slots add an exact 0 at column 0; duplicated ids add up
+    g.scatter_add_(1, safe, torch.where(valid, c, torch.zeros((), dtype=c.dtype, device=c.device)))
     if g is not grad:
         grad.copy_(g)
     return loss

@@ -78,7 +78,7 @@ def sparse_forward(
         BLOCK_K=block_k,
         num_warps=CONFIG["num_warps"],
     )
-    loss, c, a, b = sparse_terms(s_ids, lse, lse_tail if has_tail else None, t_logp, t_tail, weight, p)
+    loss, c, a, lb, b = sparse_terms(s_ids, lse, lse_tail if has_tail else None, t_logp, t_tail, weight, p)
     if grad is not None:
         dense = not (p.mode == "topk" and p.effective != "fkl")
         K_._sparse_grad_kernel[(n,)](
@@ -89,6 +89,7 @@ def sparse_forward(
             c.contiguous(),
             lse,
             a.contiguous(),
+            lb.contiguous(),
             b.contiguous(),
             weight,
             v,
@@ -97,9 +98,8 @@ def sparse_forward(
             grad.stride(0),
             ids.stride(0),
             inv_t,
-            HAS_TAIL=has_tail,
             DENSE=dense,
-            BLOCK_V=block_v,
+            BLOCK_V=min(CONFIG["block_v"], triton.next_power_of_2(max(v, 16))),  # no membership tile here
             BLOCK_K=block_k,
             num_warps=CONFIG["num_warps"],
         )
