@@ -86,13 +86,26 @@ def _vp_worker(rank: int, port: int) -> None:
         fastkd.distill_loss(s_one, t32, "jsd", labels=labels, ce_weight=0.5, backend="torch").backward()
         torch.testing.assert_close(s_sh.grad, s_one.grad[:, cols], rtol=1e-4, atol=1e-6)
 
+        # the registry's Triton backend (interpreter here) on the augmented shards, float32
+        for div, kw in (("fkl", dict(temperature=1.5)), ("rkl", {}), ("jsd", dict(beta=0.3, ce_weight=0.5))):
+            s_sh = s32[:, cols].clone().requires_grad_()
+            out = vocab_parallel_distill_loss(s_sh, t32[:, cols], div, labels=labels, chunk_size=8,
+                                              backend="triton", **kw)
+            out.backward()
+            s_one = s32.clone().requires_grad_()
+            ref = fastkd.distill_loss(s_one, t32, div, labels=labels, backend="torch", **kw)
+            ref.backward()
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6, msg=f"triton {div}")
+            torch.testing.assert_close(s_sh.grad, s_one.grad[:, cols], rtol=1e-4, atol=1e-6, msg=f"triton {div}")
+
         # fused: replicated hidden states, sharded LM heads (teacher hidden or teacher logits)
         hs = torch.randn(n, h, generator=g, dtype=torch.float64)
         ws = torch.randn(v, h, generator=g, dtype=torch.float64) * 0.5
         bs = torch.randn(v, generator=g, dtype=torch.float64)
         ht = torch.randn(n, 2 * h, generator=g, dtype=torch.float64)
         wt = torch.randn(v, 2 * h, generator=g, dtype=torch.float64) * 0.5
-        fused_cases = [("fkl", dict(ce_weight=0.3)), ("rkl", dict(temperature=1.5)), ("jsd", dict(beta=0.7))]
+        fused_cases = [("fkl", dict(ce_weight=0.3)), ("rkl", dict(temperature=1.5)), ("jsd", dict(beta=0.7)),
+                       ("jsd", dict(reduction="none", temperature=2.0, ce_weight=0.2))]
         for div, kw in fused_cases:
             for use_logits in (False, True):
                 hs_r = hs.clone().requires_grad_()
@@ -102,11 +115,12 @@ def _vp_worker(rank: int, port: int) -> None:
                            else dict(teacher_hidden=ht, teacher_weight=wt[cols]))
                 out = vocab_parallel_fused_linear_distill_loss(hs_r, ws_r, student_bias=bs_r, divergence=div,
                                                                labels=labels, chunk_size=4, **teacher, **kw)
-                (out * 1.3).backward()
+                gout = torch.rand(out.shape, generator=g, dtype=torch.float64) + 0.5  # same on both ranks
+                (out * gout).sum().backward()
                 hs_f, ws_f, bs_f = (x.clone().requires_grad_() for x in (hs, ws, bs))
                 ref = R.fused_linear_distill_loss(hs_f, ws_f, ht, wt, student_bias=bs_f, divergence=div,
                                                   labels=labels, **kw)
-                (ref * 1.3).backward()
+                (ref * gout).sum().backward()
                 torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
                 torch.testing.assert_close(hs_r.grad, hs_f.grad, rtol=1e-9, atol=1e-12)
                 torch.testing.assert_close(ws_r.grad, ws_f.grad[cols], rtol=1e-9, atol=1e-12)
@@ -124,6 +138,34 @@ def _vp_worker(rank: int, port: int) -> None:
 
 def test_vocab_parallel_matches_single_process():
     _spawn(_vp_worker)
+
+
+def test_vocab_parallel_backend_is_the_registry_choice(monkeypatch):
+    """The augmented shards the vocab-parallel losses hand to the ``distill`` registry select Triton for
+    CUDA tensors (no GPU here: meta tensors that report is_cuda, as bench/model.py does) and torch for
+    float64, with the registry's reasons; the jsd side pass (srkl, α = 1 − β) is Triton-capable too."""
+    from fastkd.core.params import make_params
+    from fastkd.core.registry import select, status
+    from fastkd.integrations.distributed import _aug_dtype, _VPChunk
+
+    base_is_cuda = torch._C.TensorBase.is_cuda
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: t.device.type == "meta"
+                                                          or base_is_cuda.__get__(t)))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # meta is not "cuda": let the device check pass
+    for div in ("fkl", "rkl", "jsd"):
+        params = make_params(div, temperature=2.0, scale_by_t2=True, beta=0.3, ce_weight=0.5)
+        chunk = _VPChunk(params, 0, None, fastkd.distill.op.backend_fn("auto"), rows=8)
+        assert chunk.kd_params.ce_weight == 0.0 and chunk.kd_params.softcap is None
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):  # the augmented rows are fp32 for all
+            aug = torch.empty(8, 38, dtype=_aug_dtype(dtype), device="meta")
+            for p in (chunk.kd_params, chunk.b_params):
+                if p is None:
+                    continue
+                assert select("distill", "auto", student=aug, teacher=aug, params=p).backend == "triton", div
+        aug64 = torch.empty(8, 38, dtype=_aug_dtype(torch.float64), device="meta")
+        assert select("distill", "auto", student=aug64, teacher=aug64, params=chunk.kd_params).backend == "torch"
+        reasons = status("distill", student=aug64, teacher=aug64, params=chunk.kd_params)["triton"]
+        assert any("float64" in r for r in reasons), reasons
 
 
 def test_vocab_parallel_needs_process_group():

@@ -2,22 +2,38 @@
 
 Each rank of ``group`` holds one contiguous vocabulary shard: logits ``(..., V_r)`` (or an LM-head weight
 shard ``(V_r, H)`` with replicated hidden states ``(N, H)``), columns ``[vocab_start, vocab_start + V_r)``
-of the full vocabulary. The softmax statistics are combined with ``torch.distributed.all_reduce``:
+of the full vocabulary.
 
-    m = all_reduce_max(max_v z)            Z = all_reduce_sum(Σ_v exp(z − m))       lse = m + log Z
+**Engine and backends.** The fused variant runs on the LM-head engine (:mod:`fastkd.core.lmhead`: chunk
+loop, reused logits workspaces, in-place gradient accumulation; the teacher head as in
+:func:`fastkd.fused_linear_distill_loss`). The divergence itself is computed by the registry's ``distill``
+backends (torch, Triton on CUDA tensors, CUDA) on an *augmented* shard: the shard's tempered logits plus
+one column holding the log-mass of every other shard,
 
-then each rank forms its shard of log q = s/T − lse_s and log p = t/T − lse_t and the per-token loss is
-``all_reduce_sum`` of the shard's partial sums. Gradients are local (each rank's slice of the full
-gradient), computed in forward like :func:`fastkd.distill_loss`:
+    λ_s = logsumexp over the other ranks of lse_r(s/T)      (all_gather of each rank's (rows,) lse)
 
-    fkl:  loss = Σ p (log p − log q)                    ∂/∂(s/T) = q − p
-    rkl:  loss = Σ q (log q − log p)  = Σ q a            ∂/∂(s/T) = q (a − Σ q a),  a = log q − log p
-    jsd:  loss = β KL(p‖m) + (1−β) KL(q‖m), m = βp+(1−β)q ∂/∂(s/T) = q (a − Σ q a),  a = (1−β) log(q/m)
-    ce:   CE = lse(s) − s[label]                         ∂/∂s = softmax(s) − onehot(label)
+(and λ_t likewise for the teacher). A softmax over ``[s_r/T, λ_s]`` gives exactly the *global* q on the
+shard's columns and the rest mass Q̄ = exp(λ_s − lse_s) in the extra column, so the backend returns
 
-(β = 0 / 1 are fkl / rkl exactly, as in :func:`fastkd.distill_loss`). Every rank returns the same
-loss value. Collectives per row chunk: 2 (max, sum-exp) + 1 (loss sums; also Σ q a and the label logit),
-all on (3, rows)-sized fp32 tensors; every rank must call with the same number of rows.
+    loss_aug = kd·(Σ_{v∈r} f(p_v, q_v) + f(P̄, Q̄)),  grad_v = w·kd/T·(qg_v − q_v·S_aug)   (v ∈ r)
+
+with S_aug = Σ_{v∈r} qg_v + qg(P̄, Q̄) and qg = q·∂D/∂q (softmax chain rule). What must stay here is only
+what needs a cross-shard reduction *between* passes, which a single-row backend cannot do:
+
+* the statistics exchange (all_gather of the shards' lse, then the extra column);
+* the rest-column terms f(P̄, Q̄) and qg(P̄, Q̄) (per-row scalars, :func:`_rest_terms`), so that
+  ``D = all_reduce_sum(loss_aug/kd − f(P̄, Q̄))``;
+* the gradient correction for divergences whose S = Σ_v qg_v over the *full* vocabulary is not a constant:
+  grad_v += w·kd/T·q_v·(S_aug − S), S = all_reduce_sum(S_local). For fkl S = −1 on every shard (no
+  correction); for rkl S_local = D_local; for jsd S_local = (1−β)·KL(q‖m) restricted to the shard, which a
+  second, loss-only backend call gives (``srkl`` with α = 1−β has exactly that loss);
+* the cross-entropy term, whose label lives on one shard: CE = lse(z) − z[label] with
+  ∂/∂z = softmax(z) − onehot(label).
+
+Every rank returns the same loss value; gradients are local (each rank's slice of the full gradient).
+Collectives per row chunk: one all_gather of (2 or 3, rows) lse values and one all_reduce of the (≤ 3,
+rows) partial sums; every rank must use the same chunk rows (the automatic choice is agreed with an
+all_reduce(MIN)).
 
 In the fused variant the hidden states are replicated, so the hidden-state gradient is the *sum* of
 every rank's partial ``g_r @ W_r``; ``reduce_hidden_grad=True`` (default) all-reduces it, as the
@@ -27,19 +43,22 @@ backward of Megatron's "copy to tensor-parallel region" does. Weight / bias grad
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 
 from fastkd.core import checks as C
 from fastkd.core.autograd import scale_grad
+from fastkd.core.lmhead import FusedHeadFunction, LMHeadChunker, auto_chunk_rows, check_linear
 from fastkd.core.params import DistillParams
-from fastkd.distill.op import make_params
+from fastkd.core.registry import requested_backend
+from fastkd.distill.fused import DenseChunkLoss
+from fastkd.distill.op import backend_fn, make_params
 
 __all__ = ["vocab_parallel_distill_loss", "vocab_parallel_fused_linear_distill_loss", "VP_DIVERGENCES"]
 
 VP_DIVERGENCES = ("fkl", "rkl", "jsd")
-_DEFAULT_ROWS = 1024
 
 
 def _all_reduce(x: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -47,72 +66,143 @@ def _all_reduce(x: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | N
     return x
 
 
-def _lse(z: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Global log-sum-exp over the sharded last dim of z (k, n, V_r) → (k, n)."""
-    m = _all_reduce(z.amax(-1), dist.ReduceOp.MAX, group)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all -inf rows: lse = -inf below
-    se = _all_reduce(torch.exp(z - m.unsqueeze(-1)).sum(-1), dist.ReduceOp.SUM, group)
-    return m + torch.log(se)
+def _global_and_rest_lse(local: torch.Tensor, group: dist.ProcessGroup | None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """local (k, n) per-shard lse → (global lse, lse over every *other* shard), both (k, n); −inf when empty."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    every = torch.stack(parts)
+    others = torch.cat([every[:rank], every[rank + 1:]])
+    rest = torch.logsumexp(others, 0) if world > 1 else torch.full_like(local, -math.inf)
+    return torch.logsumexp(every, 0), rest
 
 
-def _chunk(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, w: torch.Tensor,
-           p: DistillParams, vocab_start: int, group: dist.ProcessGroup | None,
-           need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token loss (n,) and the local gradient slice w·∂loss/∂s (n, V_r) (compute dtype) for a chunk."""
-    cdt = torch.float64 if s.dtype == torch.float64 else torch.float32
-    T = p.temperature
-    ss, ts = s.to(cdt) / T, t.to(cdt) / T
-    use_ce = p.ce_weight != 0 and labels is not None
-    raw_needed = use_ce and T != 1.0
-    zs = torch.stack([ss, ts, s.to(cdt)]) if raw_needed else torch.stack([ss, ts])
-    lse = _lse(zs, group)
-    log_q = ss - lse[0].unsqueeze(-1)
-    log_p = ts - lse[1].unsqueeze(-1)
-    q, pt = torch.exp(log_q), torch.exp(log_p)
-    zero = torch.zeros((), dtype=cdt, device=s.device)
-    div = p.effective
+def _rest_terms(div: str, beta: float, lp: torch.Tensor, lq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor | None]:
+    """Per-row terms of the lumped "other shards" column with masses P̄ = e^lp (teacher), Q̄ = e^lq (student):
+    (f(P̄, Q̄), qg(P̄, Q̄), and for jsd Q̄·log(Q̄/M̄) — the srkl(α = 1−β) term). 0·log 0 terms are 0."""
+    pb, qb = lp.exp(), lq.exp()
+    zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
     if div == "fkl":
-        elem = torch.where(pt > 0, pt * (log_p - log_q), zero)
-        a = None
-    elif div == "rkl":
-        a = torch.where(q > 0, log_q - log_p, zero)
-        elem = q * a
-    else:
-        b = p.beta
-        log_m = torch.logaddexp(log_p + math.log(b), log_q + math.log1p(-b))
-        elem = (torch.where(pt > 0, b * pt * (log_p - log_m), zero)
-                + torch.where(q > 0, (1 - b) * q * (log_q - log_m), zero))
-        a = torch.where(q > 0, (1 - b) * (log_q - log_m), zero)
-    parts = [elem.sum(-1), (q * a).sum(-1) if a is not None else torch.zeros_like(lse[0])]
-    if use_ce:
-        local = labels - vocab_start
-        inside = (local >= 0) & (local < s.shape[-1])
-        z_lab = s.to(cdt).gather(-1, torch.where(inside, local, 0).unsqueeze(-1)).squeeze(-1)
-        parts.append(torch.where(inside, z_lab, zero))
-    sums = _all_reduce(torch.stack(parts), dist.ReduceOp.SUM, group)
-    keep = w != 0
-    loss = p.kd_scale * sums[0]
-    if use_ce:
-        lse_raw = lse[2] if raw_needed else lse[0]
-        loss = loss + p.ce_weight * (lse_raw - sums[2])
-    loss = torch.where(keep, loss, zero)
-    if not need_grad:
-        return loss, None
-    g = q - pt if a is None else q * (a - sums[1].unsqueeze(-1))
-    g = g * (p.kd_scale / T)
-    if use_ce:
-        sm = torch.exp(s.to(cdt) - (lse[2] if raw_needed else lse[0]).unsqueeze(-1))
-        g = g + p.ce_weight * sm
-        rows = torch.nonzero(inside & keep).squeeze(-1)
-        g[rows, local[rows]] -= p.ce_weight
-    g = torch.where(keep.unsqueeze(-1), g * w.unsqueeze(-1), zero)
-    return loss, g
+        return torch.where(pb > 0, pb * (lp - lq), zero), -pb, None
+    if div == "rkl":
+        f = torch.where(qb > 0, qb * (lq - lp), zero)
+        return f, f, None
+    lm = torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
+    kq = torch.where(qb > 0, qb * (lq - lm), zero)
+    return torch.where(pb > 0, beta * pb * (lp - lm), zero) + (1 - beta) * kq, (1 - beta) * kq, kq
 
 
-def _rows(chunk_size: int | None) -> int:
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+def _aug_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the augmented rows handed to the backend: fp32 (fp64 for fp64 logits) — the extra column's
+    log-mass λ must not be rounded to bf16/fp16, and every backend accepts fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _VPChunk(DenseChunkLoss):
+    """One row chunk of the vocabulary-parallel loss (see the module docstring), as an engine chunk loss.
+
+    Called by the engine with the student's chunk logits (c, V_r) (``grad`` aliases them) and by
+    :class:`_VPDistillFunction` with logits rows; ``aux`` = (t_hidden, t_weight, t_bias, t_logits, labels).
+    Keeps two (rows, V_r + 1) workspaces in the compute dtype (the augmented student / teacher rows).
+    """
+
+    def __init__(self, params: DistillParams, vocab_start: int, group: dist.ProcessGroup | None, fn, rows: int,
+                 reduce_hidden_grad: bool = False):
+        super().__init__(params, 0, fn, rows)
+        self.vocab_start, self.group, self.reduce_hidden_grad = vocab_start, group, reduce_hidden_grad
+        self.kd_params = replace(params, ce_weight=0.0)
+        self.div = params.effective
+        self.b_params = (replace(params, divergence="srkl", alpha=1.0 - params.beta, scale_by_t2=False,
+                                 ce_weight=0.0) if self.div == "jsd" else None)
+        self._aug: dict[str, torch.Tensor] = {}
+
+    def _ws(self, name: str, c: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        buf = self._aug.get(name)
+        if buf is None or buf.shape[0] < c or buf.shape[1] != cols or buf.dtype != dtype:
+            buf = self._aug[name] = torch.empty(max(c, self.rows), cols, dtype=dtype, device=device)
+        return buf[:c]
+
+    def __call__(self, sl, z, grad, w, aux):
+        labels = aux[4]
+        return self.rows_loss(z, self.teacher_logits(sl, aux), None if labels is None else labels[sl], w, grad)
+
+    def rows_loss(self, s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, w: torch.Tensor,
+                  grad: torch.Tensor | None) -> torch.Tensor:
+        """Per-token loss (c,) of rows s, t (c, V_r); writes w·∂loss/∂s into ``grad`` (may alias ``s``)."""
+        p, group = self.params, self.group
+        c, vr = s.shape
+        cdt = _aug_dtype(s.dtype)
+        T, kd = p.temperature, p.kd_scale
+        a_s = self._ws("s", c, vr + 1, cdt, s.device)
+        a_t = self._ws("t", c, vr + 1, cdt, s.device)
+        a_s[:, :vr].copy_(s)
+        a_t[:, :vr].copy_(t)
+        use_ce = p.ce_weight != 0 and labels is not None
+        raw_needed = use_ce and T != 1.0
+        stats = [torch.logsumexp(a_s[:, :vr] / T, -1), torch.logsumexp(a_t[:, :vr] / T, -1)]
+        if raw_needed:
+            stats.append(torch.logsumexp(a_s[:, :vr], -1))
+        lse, rest = _global_and_rest_lse(torch.stack(stats), group)
+        a_s[:, vr] = rest[0] * T  # the backend divides by T: the column's tempered value is λ
+        a_t[:, vr] = rest[1] * T
+        f_x, qg_x, kq_x = _rest_terms(self.div, p.beta, rest[1] - lse[1], rest[0] - lse[0])
+        s_local = None
+        if self.div == "jsd":  # Σ_shard qg = (1−β)·KL(q‖m) on the shard: a loss-only srkl(α=1−β) pass
+            s_local = (1 - p.beta) * (self.fn(a_s, a_t, None, w, None, self.b_params) - kq_x)
+        need_grad = grad is not None
+        loss_aug = self.fn(a_s, a_t, None, w, a_s if need_grad else None, self.kd_params)
+        d_local = loss_aug / kd - f_x
+        if self.div == "rkl":
+            s_local = d_local
+        parts = [d_local] + ([s_local] if s_local is not None else [])
+        if use_ce:
+            local = labels - self.vocab_start
+            inside = (local >= 0) & (local < vr)
+            z_lab = s.gather(-1, torch.where(inside, local, 0).unsqueeze(-1)).squeeze(-1).to(cdt)
+            parts.append(torch.where(inside, z_lab, 0.0))
+        sums = _all_reduce(torch.stack(parts), dist.ReduceOp.SUM, group)
+        keep = w != 0
+        loss = kd * sums[0]
+        lse_raw = (lse[2] if raw_needed else lse[0]) if use_ce else None
+        if use_ce:
+            loss = loss + p.ce_weight * (lse_raw - sums[-1])
+        loss = torch.where(keep, loss, 0.0)
+        if not need_grad:
+            return loss
+        g = a_s[:, :vr]  # the backend's gradient on the shard's columns (extra column dropped)
+        wk = torch.where(keep, w.to(cdt), 0.0)
+        if s_local is not None:  # S_aug − S: the full-vocabulary Σ qg differs from the augmented row's
+            delta = torch.where(keep, (s_local + qg_x - sums[1]) * wk * (kd / T), 0.0)
+            g.addcmul_(torch.exp(s.to(cdt) / T - lse[0].unsqueeze(-1)), delta.unsqueeze(-1))
+        if use_ce:
+            g.addcmul_(torch.exp(s.to(cdt) - lse_raw.unsqueeze(-1)), (p.ce_weight * wk).unsqueeze(-1))
+            rows = torch.nonzero(inside & keep).squeeze(-1)
+            g[rows, local[rows]] -= p.ce_weight * wk[rows]
+        grad.copy_(g)  # every read of s is above: grad may alias it
+        return loss
+
+    def finish(self, student: LMHeadChunker) -> None:
+        if self.reduce_hidden_grad and student.grad_hidden is not None:
+            _all_reduce(student.grad_hidden, dist.ReduceOp.SUM, self.group)
+
+    def release(self) -> None:
+        super().release()
+        self._aug = {}
+
+
+def _rows(chunk_size: int | None, n: int, vocab_local: int, device: torch.device,
+          group: dist.ProcessGroup | None) -> int:
+    """Rows per chunk, identical on every rank (collectives run per chunk)."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    return chunk_size or _DEFAULT_ROWS
+    if chunk_size is not None:
+        return chunk_size
+    # two (rows, V_r + 1) augmented fp32 rows + the engine's logits: about 2x the dense fused working set
+    rows = torch.tensor([auto_chunk_rows(max(n, 1), 2 * (vocab_local + 1), device)], device=device)
+    return int(_all_reduce(rows, dist.ReduceOp.MIN, group).item())
 
 
 def _setup(divergence: str, group: dist.ProcessGroup | None, vocab_local: int, vocab_start: int | None,
@@ -120,7 +210,7 @@ def _setup(divergence: str, group: dist.ProcessGroup | None, vocab_local: int, v
     C.check_choice("divergence", divergence, VP_DIVERGENCES)
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("vocab-parallel losses need torch.distributed initialised (init_process_group)")
-    params = make_params(divergence, alpha=0.1, mu=0.5, t=0.5, chunk_size=None, **kw)
+    params = make_params(divergence, chunk_size=None, **kw)
     if vocab_start is None:
         vocab_start = dist.get_rank(group) * vocab_local
     if not isinstance(vocab_start, int) or vocab_start < 0:
@@ -130,19 +220,19 @@ def _setup(divergence: str, group: dist.ProcessGroup | None, vocab_local: int, v
 
 class _VPDistillFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, s, t, labels, w, params, vocab_start, group, rows, reduction):
+    def forward(ctx, s, t, labels, w, chunk, rows, reduction):
         need = ctx.needs_input_grad[0]
         n = s.shape[0]
         cdt = torch.float64 if s.dtype == torch.float64 else torch.float32
         loss = torch.empty(n, dtype=cdt, device=s.device)
-        grad = torch.empty_like(s) if need else None
-        for i in range(0, n, rows):
-            sl = slice(i, min(i + rows, n))
-            li, gi = _chunk(s[sl], t[sl], None if labels is None else labels[sl], w[sl], params, vocab_start,
-                            group, need)
-            loss[sl] = li
-            if need:
-                grad[sl] = gi
+        grad = torch.empty_like(s, memory_format=torch.contiguous_format) if need else None
+        try:
+            for i in range(0, n, rows):
+                sl = slice(i, min(i + rows, n))
+                loss[sl] = chunk.rows_loss(s[sl], t[sl], None if labels is None else labels[sl], w[sl],
+                                           None if grad is None else grad[sl])
+        finally:
+            chunk.release()
         ctx.per_row = reduction == "none"
         ctx.used = False
         if need:
@@ -156,7 +246,7 @@ class _VPDistillFunction(torch.autograd.Function):
                                "stored CUDA gradient was scaled in place; recompute the loss instead")
         (grad,) = ctx.saved_tensors
         grad, ctx.used = scale_grad(grad, grad_output, ctx.per_row)
-        return grad, *([None] * 8)
+        return grad, *([None] * 6)
 
 
 def vocab_parallel_distill_loss(
@@ -176,6 +266,7 @@ def vocab_parallel_distill_loss(
     ce_weight: float = 0.0,
     beta: float = 0.5,
     chunk_size: int | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """:func:`fastkd.distill_loss` for vocabulary-sharded logits (one shard per rank of ``group``).
 
@@ -185,7 +276,9 @@ def vocab_parallel_distill_loss(
         group: the tensor-parallel process group (None = the default group).
         vocab_start: global index of this rank's first column (default rank · V_r: equal shards).
         labels: (...,) *global* vocabulary ids (or ignore_index); the CE term finds each label's shard.
-        Others: as :func:`fastkd.distill_loss`. chunk_size: rows per chunk (every rank must agree).
+        Others: as :func:`fastkd.distill_loss`. chunk_size: rows per chunk (every rank must agree; default
+            from the LM-head engine's budget, agreed across ranks). backend: the ``distill`` backend that
+            computes the divergence on the augmented shard ("auto": Triton for CUDA tensors).
 
     Returns: the full loss (fp32 scalar, (...,) for "none"), identical on every rank; the gradient
     reaching ``student_logits`` is this rank's (..., V_r) slice of the full gradient.
@@ -210,53 +303,10 @@ def vocab_parallel_distill_loss(
     n = w.numel()
     s2 = student_logits.reshape(n, -1)
     t2 = teacher_logits.reshape(n, -1)
-    out = _VPDistillFunction.apply(s2, t2, flat_labels if ce_weight else None, w, params, vocab_start, group,
-                                   _rows(chunk_size), reduction)
+    rows = _rows(chunk_size, n, s2.shape[1], s2.device, group)
+    chunk = _VPChunk(params, vocab_start, group, backend_fn(requested_backend(backend)), rows)
+    out = _VPDistillFunction.apply(s2, t2, flat_labels if ce_weight else None, w, chunk, rows, reduction)
     return out.view(lead) if reduction == "none" else out
-
-
-class _VPFusedFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, wt, b, th, twt, tb, tlog, labels, w, params, vocab_start, group, rows, reduction,
-                reduce_hidden_grad):
-        n = h.shape[0]
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        need = need_h or need_w or need_b
-        cdt = torch.float64 if h.dtype == torch.float64 else torch.float32
-        loss = torch.empty(n, dtype=cdt, device=h.device)
-        gh = torch.zeros_like(h) if need_h else None
-        gw = torch.zeros(wt.shape, dtype=cdt, device=wt.device) if need_w else None
-        gb = torch.zeros(wt.shape[0], dtype=cdt, device=wt.device) if need_b else None
-        for i in range(0, n, rows):
-            sl = slice(i, min(i + rows, n))
-            zs = torch.nn.functional.linear(h[sl], wt, b)
-            zt = tlog[sl] if tlog is not None else torch.nn.functional.linear(th[sl], twt, tb)
-            li, g = _chunk(zs, zt, None if labels is None else labels[sl], w[sl], params, vocab_start, group,
-                           need)
-            loss[sl] = li
-            if need:
-                g = g.to(h.dtype)
-                if need_h:
-                    gh[sl] = g @ wt
-                if need_w:
-                    gw += (g.t() @ h[sl]).to(cdt)
-                if need_b:
-                    gb += g.sum(0).to(cdt)
-        if need_h and reduce_hidden_grad:
-            gh = _all_reduce(gh, dist.ReduceOp.SUM, group)
-        ctx.per_row = reduction == "none"
-        ctx.save_for_backward(gh, None if gw is None else gw.to(wt.dtype),
-                              None if gb is None else gb.to(wt.dtype))
-        return C.reduce_tokens(loss, w, reduction, (n,))
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        gh, gw, gb = ctx.saved_tensors
-        if ctx.per_row:  # per-token grad_output: recomputation would be needed for W; refuse clearly
-            raise RuntimeError("vocab_parallel_fused_linear_distill_loss: backward of reduction='none' is "
-                               "not supported; use 'mean' or 'sum'")
-        out = [None if x is None else x * grad_output.to(x.dtype) for x in (gh, gw, gb)]
-        return (*out, *([None] * 12))
 
 
 def vocab_parallel_fused_linear_distill_loss(
@@ -282,6 +332,7 @@ def vocab_parallel_fused_linear_distill_loss(
     ce_weight: float = 0.0,
     beta: float = 0.5,
     chunk_size: int | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """:func:`fastkd.fused_linear_distill_loss` for column-parallel (vocabulary-sharded) LM heads.
 
@@ -289,12 +340,11 @@ def vocab_parallel_fused_linear_distill_loss(
         student_hidden: (..., H) replicated on every rank. student_weight: (V_r, H) this rank's shard
             (student_bias (V_r,)). teacher_hidden (..., Ht) replicated + teacher_weight (V_r, Ht) shard,
             or teacher_logits (..., V_r). reduce_hidden_grad: all-reduce the hidden-state gradient.
-        Others: as :func:`vocab_parallel_distill_loss`; reduction "mean" or "sum" (no "none").
+        Others: as :func:`vocab_parallel_distill_loss`. With reduction="none" every rank must run the
+            backward (it re-runs the chunks, with their collectives).
 
-    Peak extra memory O(chunk_size · V_r); never forms full logits on any rank.
+    Runs on the LM-head engine: peak extra memory O(chunk_size · V_r); never forms full logits on any rank.
     """
-    from fastkd.core.lmhead import check_linear
-
     check_linear("student", student_hidden, student_weight, student_bias)
     lead = tuple(student_hidden.shape[:-1])
     n = math.prod(lead)
@@ -317,8 +367,6 @@ def vocab_parallel_fused_linear_distill_loss(
             raise ValueError(f"teacher_weight shard has {teacher_weight.shape[0]} rows but student_weight "
                              f"has {student_weight.shape[0]}; shards must cover the same vocabulary columns")
         th, tl = teacher_hidden.reshape(n, -1), None
-    if reduction == "none":
-        raise ValueError("reduction must be 'mean' or 'sum' for the vocab-parallel fused loss, got 'none'")
     if ce_weight and labels is None:
         raise ValueError("ce_weight > 0 needs labels (the cross-entropy targets)")
     params, vocab_start = _setup(divergence, group, student_weight.shape[0], vocab_start,
@@ -328,7 +376,10 @@ def vocab_parallel_fused_linear_distill_loss(
     w, flat_labels = C.token_weights(lead, student_hidden.device, labels=labels, ignore_index=ignore_index,
                                      mask=mask, reduction=reduction, num_items_in_batch=num_items_in_batch,
                                      dtype=wdt)
-    return _VPFusedFunction.apply(student_hidden.reshape(n, -1), student_weight, student_bias, th,
-                                  teacher_weight, teacher_bias, tl, flat_labels if ce_weight else None, w,
-                                  params, vocab_start, group, _rows(chunk_size), reduction,
-                                  reduce_hidden_grad)
+    rows = _rows(chunk_size, n, student_weight.shape[0], student_hidden.device, group)
+    chunk = _VPChunk(params, vocab_start, group, backend_fn(requested_backend(backend)), rows,
+                     reduce_hidden_grad=reduce_hidden_grad)
+    loss = FusedHeadFunction.apply(student_hidden.reshape(n, -1), student_weight, student_bias, w, chunk, rows,
+                                   reduction, None, th, teacher_weight, teacher_bias, tl,
+                                   flat_labels if ce_weight else None)
+    return loss.view(lead) if reduction == "none" else loss
