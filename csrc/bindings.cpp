@@ -2,10 +2,12 @@
 // in elements, and the CUDA stream as an int (torch.cuda.current_stream().cuda_stream), so the module
 // has no libtorch dependency. Every launch checks its error and raises RuntimeError with CUDA's string.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "fastkd.h"
 
@@ -34,11 +36,13 @@ void check(cudaError_t err, const char* what) {
 
 void distill(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t grad, std::uintptr_t labels,
              std::uintptr_t weight, std::uintptr_t loss, int64_t n_rows, int64_t vocab, int64_t stride_s,
-             int64_t stride_t, int64_t stride_g, int dtype, int divergence, float inv_t, float kd_scale, float beta,
-             float alpha, float mu, float t, float ce_weight, std::uintptr_t stream) {
+             int64_t stride_t, int64_t stride_g, int dtype, int divergence, float inv_t, float kd_scale,
+             const std::vector<float>& hyper, float ce_weight, std::uintptr_t stream) {
   if (student == 0 || teacher == 0 || weight == 0 || loss == 0) throw std::invalid_argument("distill: null pointer");
   if (ce_weight != 0.f && labels == 0) throw std::invalid_argument("distill: ce_weight > 0 needs labels");
   if (n_rows < 0 || vocab < 0) throw std::invalid_argument("distill: negative size");
+  if (hyper.size() != fastkd::kNumHyper)
+    throw std::invalid_argument("distill: hyper must hold " + std::to_string(fastkd::kNumHyper) + " values");
   fastkd::DistillArgs a{};
   a.student = ptr<const void*>(student);
   a.teacher = ptr<const void*>(teacher);
@@ -53,10 +57,7 @@ void distill(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t grad
   a.stride_g = stride_g;
   a.inv_t = inv_t;
   a.kd_scale = kd_scale;
-  a.beta = beta;
-  a.alpha = alpha;
-  a.mu = mu;
-  a.t = t;
+  for (int k = 0; k < fastkd::kNumHyper; ++k) a.hyper[k] = hyper[k];
   a.ce_weight = ce_weight;
   py::gil_scoped_release nogil;
   check(fastkd::launch_distill(a, dtype, divergence, ptr<cudaStream_t>(stream)), "distill");
@@ -160,8 +161,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("distill", &distill, "Divergence loss + gradient on logits (csrc/distill.cu)", py::arg("student"),
         py::arg("teacher"), py::arg("grad"), py::arg("labels"), py::arg("weight"), py::arg("loss"),
         py::arg("n_rows"), py::arg("vocab"), py::arg("stride_s"), py::arg("stride_t"), py::arg("stride_g"),
-        py::arg("dtype"), py::arg("divergence"), py::arg("inv_t"), py::arg("kd_scale"), py::arg("beta"),
-        py::arg("alpha"), py::arg("mu"), py::arg("t"), py::arg("ce_weight"), py::arg("stream"));
+        py::arg("dtype"), py::arg("divergence"), py::arg("inv_t"), py::arg("kd_scale"), py::arg("hyper"),
+        py::arg("ce_weight"), py::arg("stream"));
   m.def("sparse_stats", &sparse_stats, "Sparse losses: lse, tail lse and s at the ids (csrc/sparse.cu)",
         py::arg("student"), py::arg("ids"), py::arg("weight"), py::arg("lse"), py::arg("lse_tail"),
         py::arg("s_ids"), py::arg("n_rows"), py::arg("vocab"), py::arg("k"), py::arg("stride_s"),

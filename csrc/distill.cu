@@ -1,4 +1,7 @@
 // Divergence losses on logits: one block per row, one kernel template parameterised by the divergence.
+// Divergence codes and hyperparameter slots come from the table fastkd/core/divergences.py (fastkd.h enums,
+// tested against it); endpoint rules (jsd at beta = 0 -> fkl, skl at alpha = 1 -> kZero, ...) are applied
+// by the Python launcher, so each case below only sees the open range of its hyperparameters.
 //
 // Per row i with weight w = weight[i] (w == 0: loss 0, gradient 0, logits never read), tempered logits
 // s = z_s / T (student), x = z_t / T (teacher; for taid x = (1−t)·s + t·z_t/T), all math in fp32:
@@ -7,7 +10,7 @@
 //   akl     head threshold: 16-ary search over the bit patterns of p (p ≥ 0, so bits order like
 //           values) for the smallest key k with Σ_{bits(p_j) ≥ k} p_j ≤ mu — about 8 passes, each
 //           computing 15 candidate masses with deterministic block sums (no sort, no atomics);
-//   pass 2  D = Σ_j d_j and Σ_j qg_j with qg = q·∂D/∂q (torch_distill.divergence_terms, term by term);
+//   pass 2  D = Σ_j d_j and Σ_j qg_j with qg = q·∂D/∂q (fastkd/distill/torch_impl.py TERMS, term by term);
 //   pass 3  grad_j = w·[(qg_j − q_j·Σqg)·kd_scale/T + ce_weight·(softmax(z_s)_j − [j == label])].
 // loss[i] = kd_scale·D − ce_weight·log_softmax(z_s)[label]. Grid: (n_rows,), block: 128–512 threads.
 #include "common.cuh"
@@ -17,6 +20,8 @@ namespace fastkd {
 namespace {
 
 constexpr int kUnroll = 2;
+// akl bracket top: just above the bits of 1.0f, so no probability reaches it (kernels/distill.py P_BITS_HI).
+constexpr int64_t kProbBitsHi = 0x3F800010LL;
 
 struct RowConsts {
   float inv_t, lse_s, lse_x, beta, alpha, log_b, log_1mb, log_a, log_1ma;
@@ -41,7 +46,8 @@ __device__ __forceinline__ float mixed_logit(const RowConsts& c, float s, float 
   }
 }
 
-__device__ __forceinline__ float pos(float x, float v) { return x > 0.f ? v : 0.f; }
+// v where x != 0 else 0, for a probability x ≥ 0 or NaN: 0·(−inf) terms are 0 and NaN inputs stay NaN.
+__device__ __forceinline__ float pos(float x, float v) { return x != 0.f ? v : 0.f; }
 
 // Per-element terms. d0/qg0 are the divergence (or the fkl part), d1/qg1 the rkl part (symkl, akl),
 // err = |p − q| (akl). Returns q.
@@ -86,6 +92,13 @@ __device__ __forceinline__ Terms element_terms(const RowConsts& c, float zs, flo
     e.d0 = 0.5f * fabsf(diff);
     const float sg = diff > 0.f ? 1.f : (diff < 0.f ? -1.f : (diff == 0.f ? 0.f : diff));
     e.qg0 = 0.5f * e.q * sg;
+  } else if constexpr (DIV == kAB) {
+    // −1/(αβ)·(p^α q^β − α/(α+β)·p^(α+β) − β/(α+β)·q^(α+β)); qg = (q^(α+β) − p^α q^β)/α, powers in log domain
+    const float sab = c.alpha + c.beta;
+    const float pq = expf(c.alpha * lp + c.beta * lq);
+    const float qq = expf(sab * lq);
+    e.d0 = -(pq - c.alpha / sab * expf(sab * lp) - c.beta / sab * qq) / (c.alpha * c.beta);
+    e.qg0 = (qq - pq) / c.alpha;
   }
   return e;
 }
@@ -112,13 +125,13 @@ __global__ void __launch_bounds__(512, 1) distill_kernel(DistillArgs a) {
 
   RowConsts c{};
   c.inv_t = a.inv_t;
-  c.beta = a.beta;
-  c.alpha = a.alpha;
-  c.t_mix = a.t;
-  c.log_b = a.beta > 0.f ? logf(a.beta) : 0.f;
-  c.log_1mb = a.beta < 1.f ? logf(1.f - a.beta) : 0.f;
-  c.log_a = a.alpha > 0.f ? logf(a.alpha) : 0.f;
-  c.log_1ma = a.alpha < 1.f ? logf(1.f - a.alpha) : 0.f;
+  c.beta = a.hyper[kBeta];
+  c.alpha = a.hyper[kAlpha];
+  c.t_mix = a.hyper[kT];
+  c.log_b = c.beta > 0.f ? logf(c.beta) : 0.f;
+  c.log_1mb = c.beta < 1.f ? logf(1.f - c.beta) : 0.f;
+  c.log_a = c.alpha > 0.f ? logf(c.alpha) : 0.f;
+  c.log_1ma = c.alpha < 1.f ? logf(1.f - c.alpha) : 0.f;
 
   // ---- pass 1: log-sum-exps (student tempered, teacher/mix tempered, raw student) and teacher argmax
   Lse st[3];
@@ -142,8 +155,8 @@ __global__ void __launch_bounds__(512, 1) distill_kernel(DistillArgs a) {
     block_argmax(tmax, targ);
     c.top = targ;
     // ---- head threshold: invariant M(lo) > mu (or lo = −1), M(hi) ≤ mu, M(k) = Σ_{key ≥ k} p
-    int64_t lo = -1, hi = 0x7f800000LL;  // +inf bits: no probability reaches it
-    const float mu = a.mu;
+    int64_t lo = -1, hi = kProbBitsHi;
+    const float mu = a.hyper[kMu];
     while (hi - lo > 1) {
       int64_t b[15];
       float m[15];
@@ -191,8 +204,8 @@ __global__ void __launch_bounds__(512, 1) distill_kernel(DistillArgs a) {
   block_sum<6>(acc);
   float wf = 1.f, wr = 0.f;
   if constexpr (DIV == kSymKL) {
-    wf = a.beta;
-    wr = 1.f - a.beta;
+    wf = c.beta;
+    wr = 1.f - c.beta;
   } else if constexpr (DIV == kAKL) {
     const float gh = acc[4], gt = acc[5] - acc[4], den = gh + gt;
     wf = den > 0.f ? gh / den : 0.f;
@@ -203,6 +216,7 @@ __global__ void __launch_bounds__(512, 1) distill_kernel(DistillArgs a) {
     D = wf * acc[0] + wr * acc[2];
     sum_qg = wf * acc[1] + wr * acc[3];
   }
+  if constexpr (DIV == kZero) D = (c.lse_s == c.lse_s && c.lse_x == c.lse_x) ? 0.f : NAN;  // NaN in, NaN out
   int64_t label = -1;
   if (threadIdx.x == 0) {
     float loss = D * a.kd_scale;
@@ -260,6 +274,8 @@ cudaError_t launch_div(const DistillArgs& a, int divergence, cudaStream_t stream
     case kTVD: return launch_typed<T, kTVD>(a, stream);
     case kAKL: return launch_typed<T, kAKL>(a, stream);
     case kTAID: return launch_typed<T, kTAID>(a, stream);
+    case kAB: return launch_typed<T, kAB>(a, stream);
+    case kZero: return launch_typed<T, kZero>(a, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -13,8 +13,14 @@ namespace fastkd {
 // Element type of a floating-point tensor (matches fastkd/_cpp_lib.py DTYPE_CODES).
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// Divergence codes (matches fastkd/params.py DIVERGENCE_CODES).
-enum Divergence : int { kFKL = 0, kRKL = 1, kJSD = 2, kSymKL = 3, kSKL = 4, kSRKL = 5, kTVD = 6, kAKL = 7, kTAID = 8 };
+// Divergence codes: the table fastkd/core/divergences.py CODES (tests/test_divergences.py parses this enum and
+// asserts equality). kZero is the table's internal target of endpoint rules (skl / srkl at alpha = 1).
+enum Divergence : int {
+  kFKL = 0, kRKL = 1, kJSD = 2, kSymKL = 3, kSKL = 4, kSRKL = 5, kTVD = 6, kAKL = 7, kTAID = 8, kAB = 9, kZero = 10
+};
+
+// Hyperparameter slots of DistillArgs::hyper, in fastkd/core/divergences.py HYPER_NAMES order (tested).
+enum Hyper : int { kBeta = 0, kAlpha = 1, kMu = 2, kT = 3, kNumHyper = 4 };
 
 // One divergence loss on logits: see csrc/distill.cu for the per-row contract.
 struct DistillArgs {
@@ -25,7 +31,8 @@ struct DistillArgs {
   const float* weight;    // (n_rows,) fp32, 0 = excluded row
   float* loss;            // (n_rows,) fp32 out
   int64_t n_rows, vocab, stride_s, stride_t, stride_g;
-  float inv_t, kd_scale, beta, alpha, mu, t, ce_weight;
+  float inv_t, kd_scale, ce_weight;
+  float hyper[kNumHyper];  // beta, alpha, mu, t (enum Hyper)
 };
 
 cudaError_t launch_distill(const DistillArgs& args, int dtype, int divergence, cudaStream_t stream);

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
     "distill_loss": "fastkd.distill.op",
-    "DIVERGENCES": "fastkd.distill.op",
+    "DIVERGENCES": "fastkd.core.divergences",
     "fused_linear_distill_loss": "fastkd.distill.fused",
     "sparse_distill_loss": "fastkd.sparse.op",
     "fused_linear_sparse_distill_loss": "fastkd.sparse.op",
@@ -47,9 +47,10 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     # ruff: noqa: F401
+    from fastkd.core.divergences import DIVERGENCES
     from fastkd.core.registry import BackendUnavailableError
     from fastkd.distill.fused import fused_linear_distill_loss
-    from fastkd.distill.op import DIVERGENCES, distill_loss
+    from fastkd.distill.op import distill_loss
     from fastkd.distill.taid import TAIDSchedule
     from fastkd.ot.losses import sinkd_loss, uld_loss
     from fastkd.ot.sinkhorn import SinkhornResult, sinkhorn

@@ -1,4 +1,4 @@
-"""Triton kernels for the divergence losses on logits (one kernel family for all nine divergences).
+"""Triton kernels for the divergence losses on logits (one kernel for every divergence of the table).
 
 Notation (one row, after temperature): s = z_s / T (student), t = z_t / T (teacher), log q = s − lse_s,
 log p = t − lse_t. Every divergence D gives the vector qg = q·∂D/∂q; the gradient with respect to the raw
@@ -25,7 +25,13 @@ over the teacher row, usually 3–5. Tie behaviour: tokens with equal p are in o
 (the reference's stable sort may split a tied group at the boundary); of tied maxima only the first
 index is forced into the head, as in the reference.
 
-Rows with weight == 0 write loss 0 and a zero gradient row without reading the logits.
+Rows with weight == 0 write loss 0 and a zero gradient row without reading the logits. With labels, a
+label outside [0, V) is never dereferenced: that row's loss is NaN.
+
+Divergence codes are the table's (``fastkd.core.divergences.CODES``) as ``tl.constexpr`` globals; the
+hyperparameters arrive as ``h_<name>`` arguments in ``HYPER_NAMES`` order and the kernel derives what it
+needs from them (log mixture weights, ...). The endpoint rules of the table are applied by the launcher
+(``DistillParams.code``), so e.g. jsd never sees β ∈ {0, 1}.
 """
 
 from __future__ import annotations
@@ -33,14 +39,26 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Divergence codes: fastkd.core.params.DIVERGENCE_CODES, plus NONE (skl / srkl at α = 1: D ≡ 0).
-FKL, RKL, JSD, SYMKL, SKL, SRKL, TVD, AKL, TAID, NONE = range(10)
+from fastkd.core.divergences import CODES
+
+# Divergence codes of the table, as compile-time constants of the DIV switch.
+FKL = tl.constexpr(CODES["fkl"])
+RKL = tl.constexpr(CODES["rkl"])
+JSD = tl.constexpr(CODES["jsd"])
+SYMKL = tl.constexpr(CODES["symkl"])
+SKL = tl.constexpr(CODES["skl"])
+SRKL = tl.constexpr(CODES["srkl"])
+TVD = tl.constexpr(CODES["tvd"])
+AKL = tl.constexpr(CODES["akl"])
+TAID = tl.constexpr(CODES["taid"])
+AB = tl.constexpr(CODES["ab"])
+ZERO = tl.constexpr(CODES["zero"])  # skl / srkl at α = 1: D ≡ 0
 
 DEFAULT_BLOCK_V = 4096
 DEFAULT_NUM_WARPS = 8
 AKL_NT = 16  # thresholds tested per bisection pass
 AKL_BLOCK = 256  # vocabulary block of the bisection passes (an AKL_NT × AKL_BLOCK tile)
-_P_BITS_HI = 0x3F800010  # just above the bits of 1.0: no probability reaches it
+P_BITS_HI = tl.constexpr(0x3F800010)  # akl bracket top, just above the bits of 1.0 (csrc/distill.cu: same)
 
 
 @triton.jit
@@ -64,21 +82,28 @@ def _online(m, d, a, x, y):
 
 
 @triton.jit
-def _mix_terms(lp, lq, p, q, c1, lw_a, lw_b, DIV: tl.constexpr):
-    """Elementwise (D term, qg) of the divergences that need a reduction pass (jsd, skl, srkl, tvd).
+def _mix_terms(lp, lq, p, q, c1, c2, lw_a, lw_b, DIV: tl.constexpr):
+    """Elementwise (D term, qg) of the divergences that need a reduction pass (jsd, skl, srkl, tvd, ab).
 
-    m = w_a·p + w_b·q with log weights lw_a, lw_b (jsd: β, 1−β; skl: α, 1−α; srkl: 1−α, α).
+    m = w_a·p + w_b·q with log weights lw_a, lw_b (jsd: β, 1−β; skl: α, 1−α; srkl: 1−α, α); ab: c1 = α,
+    c2 = β and the powers are taken in the log domain (p^α q^β = e^{α log p + β log q}).
     """
-    if DIV == 6:  # tvd
+    if DIV == TVD:
         diff = q - p
         d_el = 0.5 * tl.abs(diff)
         qg = 0.5 * q * tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
+    elif DIV == AB:  # −1/(αβ) Σ (p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β)); qg = (q^(α+β) − p^α q^β)/α
+        s_ab = c1 + c2
+        pq = tl.exp(c1 * lp + c2 * lq)
+        qq = tl.exp(s_ab * lq)
+        d_el = -(pq - c1 / s_ab * tl.exp(s_ab * lp) - c2 / s_ab * qq) / (c1 * c2)
+        qg = (qq - pq) / c1
     else:
         lm = _lae(lp + lw_a, lq + lw_b)
-        if DIV == 2:  # jsd: β KL(p‖m) + (1−β) KL(q‖m)
+        if DIV == JSD:  # β KL(p‖m) + (1−β) KL(q‖m)
             qg = (1.0 - c1) * tl.where(q > 0, q * (lq - lm), 0.0)
             d_el = c1 * tl.where(p > 0, p * (lp - lm), 0.0) + qg
-        elif DIV == 4:  # skl: KL(p ‖ αp + (1−α)q)
+        elif DIV == SKL:  # KL(p ‖ αp + (1−α)q)
             d_el = tl.where(p > 0, p * (lp - lm), 0.0)
             qg = -(1.0 - c1) * tl.where(p > 0, tl.exp(lp + lq - lm), 0.0)
         else:  # srkl: KL(q ‖ (1−α)p + αq)
@@ -101,9 +126,7 @@ def _distill_kernel(
     kd_scale,  # T² or 1 (loss factor of the divergence)
     kd_coef,  # kd_scale / T (gradient factor of the divergence)
     ce_w,  # cross-entropy weight
-    c1,  # β (jsd, symkl), α (skl, srkl) or τ (taid)
-    lw_a, lw_b,  # log mixture weights of jsd / skl / srkl
-    mu,  # akl head mass
+    h_beta, h_alpha, h_mu, h_t,  # hyperparameters, fastkd.core.divergences.HYPER_NAMES order
     DIV: tl.constexpr,
     HAS_GRAD: tl.constexpr,
     HAS_LABELS: tl.constexpr,
@@ -119,6 +142,29 @@ def _distill_kernel(
     offs = tl.arange(0, BLOCK_V)
     w = tl.load(w_ptr + row)
     NEG: tl.constexpr = float("-inf")
+    # per-divergence constants from the hyperparameters: c1 (c2) and the log mixture weights lw_a, lw_b
+    c1 = h_beta * 0.0
+    c2 = c1
+    lw_a = c1
+    lw_b = c1
+    mu = h_mu
+    if (DIV == JSD) | (DIV == SYMKL):
+        c1 = h_beta
+        lw_a = tl.log(h_beta)
+        lw_b = tl.log(1.0 - h_beta)
+    elif DIV == SKL:  # m = αp + (1−α)q
+        c1 = h_alpha
+        lw_a = tl.log(h_alpha)
+        lw_b = tl.log(1.0 - h_alpha)
+    elif DIV == SRKL:  # m = (1−α)p + αq
+        c1 = h_alpha
+        lw_a = tl.log(1.0 - h_alpha)
+        lw_b = tl.log(h_alpha)
+    elif DIV == TAID:
+        c1 = h_t
+    elif DIV == AB:
+        c1 = h_alpha
+        c2 = h_beta
 
     if w == 0.0:
         tl.store(loss_ptr + row, 0.0)
@@ -149,13 +195,13 @@ def _distill_kernel(
             xt = tl.load(t_base + cols * t_col, mask=cm, other=NEG).to(tl.float32)
             s = xs * inv_t
             t = xt * inv_t
-            if DIV == 7:
+            if DIV == AKL:
                 bm = tl.max(t, 0)
                 bi = tl.min(tl.where((t == bm) & cm, cols, V), 0)
                 amax = tl.where(bm > m_t, bi, amax)
             m_s, d_s, a_r = _online(m_s, d_s, a_r, s, t)
             m_t, d_t, a_f = _online(m_t, d_t, a_f, t, s)
-            if DIV == 8:
+            if DIV == TAID:
                 u = tl.where(c1 == 0.0, s, tl.where(c1 == 1.0, t, (1.0 - c1) * s + c1 * t))
                 m_u, d_u, a_u = _online(m_u, d_u, a_u, u, s)
             if CE_RAW:
@@ -169,29 +215,29 @@ def _distill_kernel(
         # ---- divergence value D and S = Σqg ------------------------------------------------------------
         w_f = zero
         w_r = zero
-        if DIV == 0:
+        if DIV == FKL:
             dval = fkl
             ssum = zero - 1.0
-        elif DIV == 1:
+        elif DIV == RKL:
             dval = rkl
             ssum = rkl
-        elif DIV == 3:
+        elif DIV == SYMKL:
             w_f = zero + c1
             w_r = zero + (1.0 - c1)
             dval = w_f * fkl + w_r * rkl
             ssum = -w_f + w_r * rkl
-        elif DIV == 8:
+        elif DIV == TAID:
             dval = a_u / d_u - lse_u + lse_s
             ssum = zero - 1.0
-        elif DIV == 9:
+        elif DIV == ZERO:
             dval = tl.where((lse_s == lse_s) & (lse_t == lse_t), 0.0, float("nan"))
             ssum = zero
-        elif DIV == 7:
+        elif DIV == AKL:
             # bisection for the head threshold on the bits of p (see the module docstring)
             offs_a = tl.arange(0, BLOCK_A)
             kk = tl.arange(0, NT) + 1
             lo = zero.to(tl.int32) - 1
-            hi = zero.to(tl.int32) + 0x3F800010
+            hi = zero.to(tl.int32) + P_BITS_HI
             n_lo = zero.to(tl.int32) + V
             n_hi = zero.to(tl.int32)
             while (hi - lo > 1) & (n_lo > n_hi):
@@ -235,7 +281,7 @@ def _distill_kernel(
             w_r = tl.where(den > 0, g_t / safe, 0.0)
             dval = w_f * fkl + w_r * rkl
             ssum = -w_f + w_r * rkl
-        else:  # jsd, skl, srkl, tvd: one reduction pass
+        else:  # jsd, skl, srkl, tvd, ab: one reduction pass
             dval = zero
             ssum = zero
             for start in range(0, V, BLOCK_V):
@@ -245,15 +291,18 @@ def _distill_kernel(
                 xt = tl.load(t_base + cols * t_col, mask=cm, other=NEG).to(tl.float32)
                 lq = xs * inv_t - lse_s
                 lp = xt * inv_t - lse_t
-                d_el, qg = _mix_terms(lp, lq, tl.exp(lp), tl.exp(lq), c1, lw_a, lw_b, DIV)
-                dval += tl.sum(d_el, 0)
-                ssum += tl.sum(qg, 0)
+                d_el, qg = _mix_terms(lp, lq, tl.exp(lp), tl.exp(lq), c1, c2, lw_a, lw_b, DIV)
+                # padding columns (−inf on both sides) must add nothing: ab's e^{α·(−inf) + β·(−inf)} is NaN
+                # when α, β have opposite signs
+                dval += tl.sum(tl.where(cm, d_el, 0.0), 0)
+                ssum += tl.sum(tl.where(cm, qg, 0.0), 0)
 
         loss = kd_scale * dval
         label = 0
         if HAS_LABELS:
             label = tl.load(lab_ptr + row)
-            zl = tl.load(s_base + label * s_col).to(tl.float32)
+            ok = (label >= 0) & (label < V)  # never read outside the row: a bad label gives a NaN loss
+            zl = tl.load(s_base + tl.where(ok, label, 0) * s_col, mask=ok, other=float("nan")).to(tl.float32)
             if CE_RAW:
                 lse_z = m_z + tl.log(d_z)
             else:
@@ -272,21 +321,21 @@ def _distill_kernel(
                 t = xt * inv_t
                 lq = s - lse_s
                 q = tl.exp(lq)
-                if DIV == 0:
+                if DIV == FKL:
                     qg = -tl.exp(t - lse_t)
-                elif DIV == 1:
+                elif DIV == RKL:
                     qg = tl.where(q > 0, q * (lq - (t - lse_t)), 0.0)
-                elif (DIV == 3) | (DIV == 7):
+                elif (DIV == SYMKL) | (DIV == AKL):
                     lp = t - lse_t
                     qg = -w_f * tl.exp(lp) + w_r * tl.where(q > 0, q * (lq - lp), 0.0)
-                elif DIV == 8:
+                elif DIV == TAID:
                     u = tl.where(c1 == 0.0, s, tl.where(c1 == 1.0, t, (1.0 - c1) * s + c1 * t))
                     qg = -tl.exp(u - lse_u)
-                elif DIV == 9:
+                elif DIV == ZERO:
                     qg = tl.zeros([BLOCK_V], tl.float32)
                 else:
                     lp = t - lse_t
-                    d_el, qg = _mix_terms(lp, lq, tl.exp(lp), q, c1, lw_a, lw_b, DIV)
+                    d_el, qg = _mix_terms(lp, lq, tl.exp(lp), q, c1, c2, lw_a, lw_b, DIV)
                 g = kd_coef * (qg - q * ssum)
                 if HAS_LABELS:
                     if CE_RAW:

@@ -133,7 +133,7 @@ def test_enum_codes_match_the_header():
     header = (ROOT / "csrc" / "fastkd.h").read_text()
     enum = dict(re.findall(r"k(\w+) = (\d+)", header.split("enum Divergence")[1].split("};")[0]))
     names = {"FKL": "fkl", "RKL": "rkl", "JSD": "jsd", "SymKL": "symkl", "SKL": "skl", "SRKL": "srkl",
-             "TVD": "tvd", "AKL": "akl", "TAID": "taid"}
+             "TVD": "tvd", "AKL": "akl", "TAID": "taid", "AB": "ab", "Zero": "zero"}
     assert {names[k]: int(v) for k, v in enum.items()} == DIVERGENCE_CODES
     dtypes = dict(re.findall(r"k(Float32|BFloat16|Float16) = (\d+)", header))
     assert _cpp_lib.DTYPE_CODES == {"float32": 0, "bfloat16": 1, "float16": 2}

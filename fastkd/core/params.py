@@ -1,13 +1,22 @@
-"""Frozen parameter records that travel from the ops layer to a backend (STYLE.md item 4)."""
+"""Frozen parameter records that travel from the ops layer to a backend (STYLE.md item 4).
+
+Hyperparameters come from the divergence table (:mod:`fastkd.core.divergences`): a field left ``None``
+takes the chosen divergence's default, a given one is validated against the divergence's range (a clear
+ValueError naming it) in ``__post_init__``, so every record that exists is valid. The hyperparameter fields
+of :class:`DistillParams` are exactly :data:`fastkd.core.divergences.HYPER_NAMES` (tested); the custom op
+``fastkd::distill_rows`` and the kernels receive them in that order (:meth:`DistillParams.hyper_values`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
-# Divergence codes shared by every backend (Triton constexpr switch, CUDA enum, torch dispatch).
-DIVERGENCE_CODES: dict[str, int] = {
-    "fkl": 0, "rkl": 1, "jsd": 2, "symkl": 3, "skl": 4, "srkl": 5, "tvd": 6, "akl": 7, "taid": 8,
-}
+from fastkd.core import checks as C
+from fastkd.core.divergences import BY_NAME, CODES, FAMILIES, HYPERS, check_divergence, effective, resolve_hyper
+
+# Kept for importers of the old name; the codes live in the divergence table.
+DIVERGENCE_CODES: dict[str, int] = CODES
 
 
 @dataclass(frozen=True)
@@ -17,18 +26,28 @@ class DivergenceParams:
     divergence: str = "fkl"
     temperature: float = 1.0
     scale_by_t2: bool = False
-    beta: float = 0.5  # jsd, symkl
+    beta: float | None = None  # None: the divergence's default (table)
+
+    def __post_init__(self) -> None:
+        if self.divergence not in BY_NAME:
+            raise ValueError(f"divergence must be one of {tuple(BY_NAME)}, got {self.divergence!r}")
+        given = {f.name: getattr(self, f.name) for f in fields(self) if f.name in HYPERS}
+        for name, value in resolve_hyper(self.divergence, given).items():
+            object.__setattr__(self, name, value)
 
     @property
     def kd_scale(self) -> float:
         return self.temperature**2 if self.scale_by_t2 else 1.0
 
     @property
+    def hyper(self) -> dict[str, float]:
+        """The resolved hyperparameters of this record, by name."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name in HYPERS}
+
+    @property
     def effective(self) -> str:
-        """The divergence actually computed: jsd's β endpoints are fkl / rkl exactly (TRL convention)."""
-        if self.divergence == "jsd" and self.beta in (0.0, 1.0):
-            return "fkl" if self.beta == 0.0 else "rkl"
-        return self.divergence
+        """The divergence actually computed (endpoint rules of the table: jsd at β = 0 is fkl, ...)."""
+        return effective(self.divergence, self.hyper)
 
 
 @dataclass(frozen=True)
@@ -40,16 +59,21 @@ class DistillParams(DivergenceParams):
     with kd_scale = T² when ``scale_by_t2`` else 1 and CE on the un-tempered student logits.
     """
 
-    alpha: float = 0.1  # skl, srkl
-    mu: float = 0.5  # akl head mass
-    t: float = 0.5  # taid interpolation
+    alpha: float | None = None  # skl / srkl skew, ab exponent of p
+    mu: float | None = None  # akl head mass
+    t: float | None = None  # taid interpolation
     ce_weight: float = 0.0
     chunk_size: int | None = None  # rows per chunk (torch backend / fused path); None = automatic
     softcap: float | None = None  # fused path only: cap·tanh(z / cap) on both sides
 
     @property
     def code(self) -> int:
-        return DIVERGENCE_CODES[self.divergence]
+        """Kernel / C++ code of the divergence actually computed."""
+        return CODES[self.effective]
+
+    def hyper_values(self) -> tuple[float, ...]:
+        """Hyperparameter values in :data:`~fastkd.core.divergences.HYPER_NAMES` order (kernel arguments)."""
+        return tuple(float(getattr(self, name)) for name in HYPERS)
 
 
 @dataclass(frozen=True)
@@ -59,3 +83,40 @@ class SparseParams(DivergenceParams):
     mode: str = "topk"
     chunk_size: int | None = None
     softcap: float | None = None
+
+
+__all__ = ["DIVERGENCE_CODES", "FAMILIES", "DivergenceParams", "DistillParams", "SparseParams", "make_params"]
+
+
+def make_params(
+    divergence: str,
+    *,
+    temperature: float,
+    scale_by_t2: bool,
+    beta: float | None = None,
+    alpha: float | None = None,
+    mu: float | None = None,
+    t: float | None = None,
+    ce_weight: float = 0.0,
+    chunk_size: int | None = None,
+    softcap: float | None = None,
+    family: str = "logits",
+) -> DistillParams:
+    """Validate the non-tensor arguments of a dense loss and pack them (hyperparameters: table-driven).
+
+    ``divergence`` must be supported by ``family`` (a row's ``families`` in the table); None
+    hyperparameters take the divergence's defaults. Raises ValueError / TypeError naming the argument.
+    """
+    check_divergence(divergence, family)
+    C.check_positive("temperature", temperature)
+    C.check_range("ce_weight", ce_weight, 0.0, math.inf)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if softcap is not None:
+        C.check_positive("softcap", softcap)
+    return DistillParams(
+        divergence=divergence, temperature=float(temperature), scale_by_t2=bool(scale_by_t2),
+        beta=beta, alpha=alpha, mu=mu, t=t, ce_weight=float(ce_weight),
+        chunk_size=chunk_size, softcap=None if softcap is None else float(softcap),
+    )

@@ -3,14 +3,16 @@
 Same contract as :mod:`fastkd.distill.torch_impl` (see :mod:`fastkd.distill.op`): one block per row
 computes the row statistics, per-token loss and weighted gradient in fp32 from fp32/bf16/fp16 logits; rows
 may be strided; the gradient may alias the student. The module imports without the extension (the
-reasons say why it cannot run); auto dispatch does not pick it until GPU measurements exist.
+reasons say why it cannot run); auto dispatch does not pick it until GPU measurements exist. The divergence
+code (``DistillParams.code``, after the table's endpoint rules) and the hyperparameters (``hyper_values()``,
+csrc/fastkd.h ``enum Hyper`` order) pass through unchanged, so a new divergence needs no edit here.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fastkd.core.params import DIVERGENCE_CODES, DistillParams
+from fastkd.core.params import DistillParams
 from fastkd.core.registry import cuda_ext_reasons, register
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -60,17 +62,12 @@ def distill_forward(
                 s.data_ptr(), t.data_ptr(), 0 if out_grad is None else out_grad.data_ptr(),
                 0 if lab is None else lab.data_ptr(), w.data_ptr(), loss.data_ptr(),
                 n, v, s.stride(0), t.stride(0), 0 if out_grad is None else out_grad.stride(0),
-                _DTYPE_CODE[student.dtype], _code(p), 1.0 / p.temperature, p.kd_scale,
-                p.beta, p.alpha, p.mu, p.t, p.ce_weight, stream,
+                _DTYPE_CODE[student.dtype], p.code, 1.0 / p.temperature, p.kd_scale,
+                list(p.hyper_values()), p.ce_weight, stream,
             )
     if out_grad is not None and out_grad is not grad:
         grad.copy_(out_grad)
     return loss
-
-
-def _code(p: DistillParams) -> int:
-    """The divergence actually computed (jsd at β ∈ {0, 1} is fkl / rkl) as csrc/fastkd.h's code."""
-    return DIVERGENCE_CODES[p.effective]
 
 
 def distill_reasons(

@@ -88,10 +88,10 @@ def fused_linear_distill_loss(
     num_items_in_batch: int | float | torch.Tensor | None = None,
     ce_weight: float = 0.0,
     vocab_size: int | None = None,
-    beta: float = 0.5,
-    alpha: float = 0.1,
-    mu: float = 0.5,
-    t: float = 0.5,
+    beta: float | None = None,
+    alpha: float | None = None,
+    mu: float | None = None,
+    t: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Distillation loss from hidden states and LM-head weights, never materialising (N, V) logits.
@@ -139,7 +139,7 @@ def fused_linear_distill_loss(
         vt = teacher_weight.shape[0]
     vocab = C.resolve_vocab(student_weight.shape[0], vt, vocab_size)
     params = make_params(divergence, temperature=temperature, scale_by_t2=scale_by_t2, beta=beta, alpha=alpha,
-                         mu=mu, t=t, ce_weight=ce_weight, chunk_size=None, softcap=softcap)
+                         mu=mu, t=t, ce_weight=ce_weight, chunk_size=None, softcap=softcap, family="fused")
     if ce_weight and labels is None:
         raise ValueError("ce_weight > 0 needs labels (the cross-entropy targets)")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):

@@ -13,20 +13,27 @@ Backend contract (op ``"distill"``)::
 Rows of ``student``/``teacher`` may be strided (vocabulary padding is sliced off as a view); ``grad``,
 when given, must be written with ``weight[i] * ∂loss_i/∂student[i]`` in its own dtype and may alias
 ``student``; rows with ``weight == 0`` get loss 0 and gradient 0 whatever their logits are.
+
+Divergence names, hyperparameter defaults/ranges and endpoint rules come from the divergence table
+(:mod:`fastkd.core.divergences`); :func:`make_params` (:mod:`fastkd.core.params`) validates against it.
+The custom op ``fastkd::distill_rows`` takes the :class:`DistillParams` fields as one float list built
+from the dataclass, so a new hyperparameter needs no edit here.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 
 import torch
 
 from fastkd.core import checks as C
 from fastkd.core.autograd import scale_grad
-from fastkd.core.params import DIVERGENCE_CODES, DistillParams
+from fastkd.core.divergences import DIVERGENCES
+from fastkd.core.params import DistillParams, make_params
 from fastkd.core.registry import declare, requested_backend, select
 
-DIVERGENCES: tuple[str, ...] = tuple(DIVERGENCE_CODES)
+__all__ = ["DIVERGENCES", "DistillFunction", "backend_fn", "distill_loss", "distill_rows", "make_params"]
 
 declare(
     "distill",
@@ -34,22 +41,38 @@ declare(
     auto_order=("triton", "torch"),
 )
 
+# The custom op's scalar arguments are the fields of DistillParams, packed as one float list in field
+# order (None as NaN), so a new field needs no edit here. ``softcap`` is left out: the LM-head engine
+# applies it to the logits before the rows reach a backend.
+_OP_FIELDS = tuple(f for f in fields(DistillParams) if f.name not in ("divergence", "softcap"))
+
+
+def _pack(p: DistillParams) -> list[float]:
+    return [math.nan if getattr(p, f.name) is None else float(getattr(p, f.name)) for f in _OP_FIELDS]
+
+
+def _unpack(divergence: str, values: list[float]) -> DistillParams:
+    kw = {}
+    for f, v in zip(_OP_FIELDS, values, strict=True):
+        kind = str(f.type).split("|")[0].strip()
+        kw[f.name] = None if math.isnan(v) else bool(v) if kind == "bool" else int(v) if kind == "int" else v
+    return DistillParams(divergence=divergence, **kw)
+
 
 @torch.library.custom_op("fastkd::distill_rows", mutates_args=("grad",))
 def distill_rows(
     student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, weight: torch.Tensor,
-    grad: torch.Tensor | None, divergence: str, temperature: float, scale_by_t2: bool, beta: float, alpha: float,
-    mu: float, t: float, ce_weight: float, chunk_size: int, backend: str,
+    grad: torch.Tensor | None, divergence: str, params: list[float], backend: str,
 ) -> torch.Tensor:
     """Per-token loss (N,) of one backend's ``distill`` on rows; writes the weighted gradient into ``grad``.
 
     The one entry point to the backends for dense losses: eager autograd Functions call it directly and
-    ``torch.compile`` sees it as an opaque op (fake implementation below). ``chunk_size=0`` = automatic.
+    ``torch.compile`` sees it as an opaque op (fake implementation below). ``params``: the fields of
+    :class:`DistillParams` but ``divergence`` / ``softcap``, in field order, None as NaN.
     """
-    params = DistillParams(divergence=divergence, temperature=temperature, scale_by_t2=scale_by_t2, beta=beta,
-                           alpha=alpha, mu=mu, t=t, ce_weight=ce_weight, chunk_size=chunk_size or None)
-    impl = select("distill", backend, student=student, teacher=teacher, params=params)
-    return impl.fn(student, teacher, labels, weight, grad, params)
+    p = _unpack(divergence, params)
+    impl = select("distill", backend, student=student, teacher=teacher, params=p)
+    return impl.fn(student, teacher, labels, weight, grad, p)
 
 
 @distill_rows.register_fake
@@ -62,42 +85,20 @@ def backend_fn(backend: str):
     """A ``distill`` backend callable (contract in the module docstring) that goes through the custom op."""
 
     def fn(student, teacher, labels, weight, grad, p: DistillParams) -> torch.Tensor:
-        return distill_rows(student, teacher, labels, weight, grad, p.divergence, p.temperature, p.scale_by_t2,
-                            p.beta, p.alpha, p.mu, p.t, p.ce_weight, p.chunk_size or 0, backend)
+        return distill_rows(student, teacher, labels, weight, grad, p.divergence, _pack(p), backend)
 
     return fn
 
 
-def make_params(
-    divergence: str,
-    *,
-    temperature: float,
-    scale_by_t2: bool,
-    beta: float,
-    alpha: float,
-    mu: float,
-    t: float,
-    ce_weight: float,
-    chunk_size: int | None,
-    softcap: float | None = None,
-) -> DistillParams:
-    """Validate the non-tensor arguments shared by the dense losses and pack them."""
-    C.check_choice("divergence", divergence, DIVERGENCES)
-    C.check_positive("temperature", temperature)
-    C.check_range("beta", beta, 0.0, 1.0)
-    C.check_range("alpha", alpha, 0.0, 1.0)
-    C.check_range("mu", mu, 0.0, 1.0)
-    C.check_range("t", t, 0.0, 1.0)
-    C.check_range("ce_weight", ce_weight, 0.0, math.inf)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if softcap is not None:
-        C.check_positive("softcap", softcap)
-    return DistillParams(
-        divergence=divergence, temperature=float(temperature), scale_by_t2=bool(scale_by_t2),
-        beta=float(beta), alpha=float(alpha), mu=float(mu), t=float(t), ce_weight=float(ce_weight),
-        chunk_size=chunk_size, softcap=None if softcap is None else float(softcap),
-    )
+def _has_overlap(x: torch.Tensor) -> bool:
+    """True when two elements of ``x`` share memory (an expanded / stride-0 or otherwise overlapping view)."""
+    dims = sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz > 1)
+    span = 1
+    for st, sz in dims:
+        if st < span:
+            return True
+        span = st * sz
+    return False
 
 
 class DistillFunction(torch.autograd.Function):
@@ -149,10 +150,10 @@ def distill_loss(
     num_items_in_batch: int | float | torch.Tensor | None = None,
     ce_weight: float = 0.0,
     vocab_size: int | None = None,
-    beta: float = 0.5,
-    alpha: float = 0.1,
-    mu: float = 0.5,
-    t: float = 0.5,
+    beta: float | None = None,
+    alpha: float | None = None,
+    mu: float | None = None,
+    t: float | None = None,
     chunk_size: int | None = None,
     inplace_grad: bool = False,
     backend: str = "auto",
@@ -170,10 +171,14 @@ def distill_loss(
         num_items_in_batch: when given, the sum is divided by it (HF gradient accumulation).
         ce_weight: adds ``ce_weight × cross_entropy(student_logits, labels)`` (un-tempered) per token.
         vocab_size: use only the first ``vocab_size`` columns of both (vocabulary padding).
-        beta: jsd / symkl mixing weight; alpha: skl / srkl skew; mu: akl head mass; t: taid interpolation.
+        beta, alpha, mu, t: the divergence's hyperparameters (``fastkd.core.divergences.TABLE``; None = the
+            divergence's default): beta = jsd / symkl mixing weight (0.5); alpha = skl / srkl skew (0.1);
+            mu = akl head mass (0.5); t = taid interpolation (0.5); ab: alpha, beta = exponents of p and q
+            (0.8, 0.3; any nonzero reals with alpha + beta != 0).
         chunk_size: rows per chunk for the torch backend (default: ~4M elements per chunk).
         inplace_grad: write the gradient into ``student_logits``' storage (saves one (N, V) buffer;
-            the logits are overwritten, autograd raises if something else still needs them).
+            the logits are overwritten, autograd raises if something else still needs them). The student
+            must not be an expanded / overlapping view (ValueError).
         backend: "auto", "torch", "triton" or "cuda" (``FASTKD_BACKEND`` when "auto").
 
     Returns:
@@ -195,6 +200,12 @@ def distill_loss(
                          mu=mu, t=t, ce_weight=ce_weight, chunk_size=chunk_size)
     if ce_weight and labels is None:
         raise ValueError("ce_weight > 0 needs labels (the cross-entropy targets)")
+    if inplace_grad and student_logits.requires_grad and _has_overlap(student_logits):
+        raise ValueError(
+            f"inplace_grad=True needs student_logits whose elements do not share memory, got an expanded or "
+            f"overlapping view (shape {tuple(student_logits.shape)}, strides {student_logits.stride()}); "
+            f"pass student_logits.contiguous() or use inplace_grad=False"
+        )
     device = student_logits.device
     weight, flat_labels = C.token_weights(lead, device, labels=labels, ignore_index=ignore_index, mask=mask,
                                           reduction=reduction, num_items_in_batch=num_items_in_batch,

@@ -4,16 +4,21 @@ Everything is written with whole-vocabulary tensors and autograd, for clarity; c
 Notation (after temperature): s = student_logits / T, t = teacher_logits / T, q = softmax(s) (student),
 p = softmax(t) (teacher). Terms of the form x·(log x − log y) are 0 where x = 0, so ``-inf`` logits are
 legal; a divergence that is infinite (p > 0 where q = 0 for fkl) stays infinite.
+
+Which divergences exist and their hyperparameter defaults come from the divergence table
+(:mod:`fastkd.core.divergences`); :data:`FORMULAS` maps every table row to its formula here (tested).
+The reference applies no endpoint rule: jsd at β ∈ {0, 1} etc. are computed from their own formulas.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-DIVERGENCES = ("fkl", "rkl", "jsd", "symkl", "skl", "srkl", "tvd", "akl", "taid")
+from fastkd.core.divergences import DIVERGENCES, check_divergence, resolve_hyper  # noqa: F401 (re-exported)
 
 
 def _xlogy_ratio(x: torch.Tensor, log_x: torch.Tensor, log_y: torch.Tensor) -> torch.Tensor:
@@ -115,30 +120,47 @@ def taid(s: torch.Tensor, t: torch.Tensor, t_interp: float) -> torch.Tensor:
     return _xlogy_ratio(log_r.exp(), log_r, F.log_softmax(s, dim=-1))
 
 
-def per_token(s: torch.Tensor, t: torch.Tensor, name: str, *, beta: float = 0.5, alpha: float = 0.1,
-               mu: float = 0.5, t_interp: float = 0.5) -> torch.Tensor:
-    """Per-token divergence between temperature-scaled logits s (student) and t (teacher), shape (...,)."""
-    log_q = F.log_softmax(s, dim=-1)
-    log_p = F.log_softmax(t, dim=-1)
-    if name == "fkl":
-        return fkl(log_p, log_q)
-    if name == "rkl":
-        return rkl(log_p, log_q)
-    if name == "jsd":
-        return jsd(log_p, log_q, beta)
-    if name == "symkl":
-        return symkl(log_p, log_q, beta)
-    if name == "skl":
-        return skl(log_p, log_q, alpha)
-    if name == "srkl":
-        return srkl(log_p, log_q, alpha)
-    if name == "tvd":
-        return tvd(log_p, log_q)
-    if name == "akl":
-        return akl(log_p, log_q, mu)
-    if name == "taid":
-        return taid(s, t, t_interp)
-    raise ValueError(f"divergence must be one of {DIVERGENCES}, got {name!r}")
+def ab(log_p: torch.Tensor, log_q: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """ABKD's α-β divergence: −1/(αβ) Σ (p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β)), in the log domain."""
+    ab_ = alpha + beta
+    terms = ((alpha * log_p + beta * log_q).exp() - alpha / ab_ * (ab_ * log_p).exp()
+             - beta / ab_ * (ab_ * log_q).exp())
+    return -terms.sum(-1) / (alpha * beta)
+
+
+def zero(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """The table's internal ``zero`` divergence (skl / srkl at α = 1): 0, NaN where an input is NaN."""
+    nan = torch.isnan(log_p).any(-1) | torch.isnan(log_q).any(-1)
+    grad_path = torch.nan_to_num(log_q, 0.0, 0.0, 0.0).sum(-1) * 0.0  # zero gradient, keeps autograd happy
+    return torch.where(nan, math.nan, grad_path)
+
+
+# name -> per-token formula of (s, t, log_p, log_q, hyperparameters); one entry per table row.
+FORMULAS: dict[str, Callable[..., torch.Tensor]] = {
+    "fkl": lambda s, t, lp, lq, h: fkl(lp, lq),
+    "rkl": lambda s, t, lp, lq, h: rkl(lp, lq),
+    "jsd": lambda s, t, lp, lq, h: jsd(lp, lq, h["beta"]),
+    "symkl": lambda s, t, lp, lq, h: symkl(lp, lq, h["beta"]),
+    "skl": lambda s, t, lp, lq, h: skl(lp, lq, h["alpha"]),
+    "srkl": lambda s, t, lp, lq, h: srkl(lp, lq, h["alpha"]),
+    "tvd": lambda s, t, lp, lq, h: tvd(lp, lq),
+    "akl": lambda s, t, lp, lq, h: akl(lp, lq, h["mu"]),
+    "taid": lambda s, t, lp, lq, h: taid(s, t, h["t"]),
+    "ab": lambda s, t, lp, lq, h: ab(lp, lq, h["alpha"], h["beta"]),
+    "zero": lambda s, t, lp, lq, h: zero(lp, lq),
+}
+
+
+def per_token(s: torch.Tensor, t: torch.Tensor, name: str, *, beta: float | None = None,
+              alpha: float | None = None, mu: float | None = None, t_interp: float | None = None) -> torch.Tensor:
+    """Per-token divergence between temperature-scaled logits s (student) and t (teacher), shape (...,).
+
+    Hyperparameters left None take the divergence's default from the table.
+    """
+    if name != "zero":
+        check_divergence(name, "logits")
+    h = resolve_hyper(name, {"beta": beta, "alpha": alpha, "mu": mu, "t": t_interp})
+    return FORMULAS[name](s, t, F.log_softmax(t, dim=-1), F.log_softmax(s, dim=-1), h)
 
 
 def apply_softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -160,10 +182,10 @@ def distill_loss(
     num_items_in_batch: float | torch.Tensor | None = None,
     ce_weight: float = 0.0,
     vocab_size: int | None = None,
-    beta: float = 0.5,
-    alpha: float = 0.1,
-    mu: float = 0.5,
-    t: float = 0.5,
+    beta: float | None = None,
+    alpha: float | None = None,
+    mu: float | None = None,
+    t: float | None = None,
 ) -> torch.Tensor:
     """Reference for :func:`fastkd.distill_loss` (same arguments, no backend)."""
     if vocab_size is not None:

@@ -33,8 +33,8 @@ def auto_chunk_rows(n_rows: int, vocab: int, elems: int = _CHUNK_ELEMS) -> int:
 
 
 def _where_pos(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """value where x > 0 else 0 (keeps 0·(−inf) terms at 0 without hiding NaN inputs)."""
-    return torch.where(x > 0, value, torch.zeros((), dtype=value.dtype, device=value.device))
+    """value where x != 0 else 0, for x ≥ 0 or NaN: 0·(−inf) terms are 0, NaN inputs stay NaN."""
+    return torch.where(x == 0, torch.zeros((), dtype=value.dtype, device=value.device), value)
 
 
 def _log_mix(log_a: torch.Tensor, wa: float, log_b: torch.Tensor, wb: float) -> torch.Tensor:
@@ -55,16 +55,86 @@ def _akl_weights(p: torch.Tensor, q: torch.Tensor, mu: float) -> tuple[torch.Ten
     den = g_h + g_t
     safe = torch.where(den > 0, den, torch.ones_like(den))
     zero = torch.zeros_like(den)
-    return torch.where(den > 0, g_h / safe, zero), torch.where(den > 0, g_t / safe, zero)
+    # NaN inputs: den is NaN; keep it in the weights so that the loss is NaN too
+    return torch.where(den > 0, g_h / safe, zero + den * 0), torch.where(den > 0, g_t / safe, zero + den * 0)
 
 
-def _fkl(log_p, log_q, p):
+# Every divergence is a function (log_p, log_q, p, q, params) -> (per-row D, qg = q·∂D/∂q), in a dict keyed
+# by the table's names (tested to cover the table). taid is handled in divergence_terms (it needs logits).
+Terms = tuple[torch.Tensor, torch.Tensor]
+
+
+def _fkl(log_p, log_q, p, q=None, prm=None) -> Terms:
     return _where_pos(p, p * (log_p - log_q)).sum(-1), -p
 
 
-def _rkl(log_p, log_q, q):
+def _rkl(log_p, log_q, p, q, prm=None) -> Terms:
     qg = _where_pos(q, q * (log_q - log_p))
     return qg.sum(-1), qg
+
+
+def _mixed(wf: torch.Tensor, wr: torch.Tensor, log_p, log_q, p, q) -> Terms:
+    lf, qf = _fkl(log_p, log_q, p)
+    lr, qr = _rkl(log_p, log_q, p, q)
+    return wf * lf + wr * lr, wf.unsqueeze(-1) * qf + wr.unsqueeze(-1) * qr
+
+
+def _symkl(log_p, log_q, p, q, prm: DistillParams) -> Terms:
+    one = torch.ones(p.shape[:-1], dtype=p.dtype, device=p.device)
+    return _mixed(one * prm.beta, one * (1.0 - prm.beta), log_p, log_q, p, q)
+
+
+def _akl(log_p, log_q, p, q, prm: DistillParams) -> Terms:
+    return _mixed(*_akl_weights(p, q, prm.mu), log_p, log_q, p, q)
+
+
+def _jsd(log_p, log_q, p, q, prm: DistillParams) -> Terms:
+    b = prm.beta
+    log_m = _log_mix(log_p, b, log_q, 1 - b)
+    qg = (1 - b) * _where_pos(q, q * (log_q - log_m))
+    return b * _where_pos(p, p * (log_p - log_m)).sum(-1) + qg.sum(-1), qg
+
+
+def _skl(log_p, log_q, p, q, prm: DistillParams) -> Terms:
+    a = prm.alpha
+    log_m = _log_mix(log_p, a, log_q, 1 - a)
+    return _where_pos(p, p * (log_p - log_m)).sum(-1), -(1 - a) * _where_pos(p, (log_p + log_q - log_m).exp())
+
+
+def _srkl(log_p, log_q, p, q, prm: DistillParams) -> Terms:
+    a = prm.alpha
+    log_m = _log_mix(log_p, 1 - a, log_q, a)
+    kl = _where_pos(q, q * (log_q - log_m))
+    return kl.sum(-1), kl - a * _where_pos(q, (2 * log_q - log_m).exp())
+
+
+def _tvd(log_p, log_q, p, q, prm=None) -> Terms:
+    diff = q - p
+    return 0.5 * diff.abs().sum(-1), 0.5 * q * torch.sign(diff)
+
+
+def _ab(log_p, log_q, p, q, prm: DistillParams) -> Terms:
+    """D = −1/(αβ) Σ (p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β)); qg = (q^(α+β) − p^α q^β)/α.
+
+    Powers in the log domain (x^a = e^{a log x}), so −inf logits give 0 terms when α, β > 0.
+    """
+    a, b = prm.alpha, prm.beta
+    pq = (a * log_p + b * log_q).exp()
+    qq = ((a + b) * log_q).exp()
+    loss = -(pq - a / (a + b) * ((a + b) * log_p).exp() - b / (a + b) * qq).sum(-1) / (a * b)
+    return loss, (qq - pq) / a
+
+
+def _zero(log_p, log_q, p, q, prm=None) -> Terms:
+    """skl / srkl at α = 1 (table endpoint): D ≡ 0, but NaN inputs still give NaN."""
+    bad = (p.sum(-1) + q.sum(-1)) * 0.0  # NaN where an input row is NaN, else 0
+    return bad, torch.zeros_like(q)
+
+
+TERMS: dict[str, Callable[..., Terms]] = {
+    "fkl": _fkl, "rkl": _rkl, "jsd": _jsd, "symkl": _symkl, "skl": _skl, "srkl": _srkl, "tvd": _tvd,
+    "akl": _akl, "ab": _ab, "zero": _zero,
+}
 
 
 def divergence_terms(
@@ -73,49 +143,13 @@ def divergence_terms(
     """Per-row divergence D, the vector qg = q·∂D/∂q and q, for tempered logits s (student), t (teacher)."""
     log_q = torch.log_softmax(s, dim=-1)
     q = log_q.exp()
-    if name == "taid":
+    if name == "taid":  # target r from the logits u = (1−t)·s + t·z_t, then forward KL(r‖q)
         u = s if p.t == 0 else t if p.t == 1 else (1 - p.t) * s + p.t * t
         log_r = torch.log_softmax(u, dim=-1)
         loss, qg = _fkl(log_r, log_q, log_r.exp())
         return loss, qg, q
     log_p = torch.log_softmax(t, dim=-1)
-    pr = log_p.exp()
-    if name == "fkl":
-        loss, qg = _fkl(log_p, log_q, pr)
-    elif name == "rkl":
-        loss, qg = _rkl(log_p, log_q, q)
-    elif name in ("symkl", "akl"):
-        lf, qf = _fkl(log_p, log_q, pr)
-        lr, qr = _rkl(log_p, log_q, q)
-        if name == "symkl":
-            wf, wr = torch.full_like(lf, p.beta), torch.full_like(lr, 1.0 - p.beta)
-        else:
-            wf, wr = _akl_weights(pr, q, p.mu)
-        loss = wf * lf + wr * lr
-        qg = wf.unsqueeze(-1) * qf + wr.unsqueeze(-1) * qr
-    elif name == "jsd":
-        b = p.beta
-        log_m = _log_mix(log_p, b, log_q, 1 - b)
-        loss = b * _where_pos(pr, pr * (log_p - log_m)).sum(-1)
-        qg = (1 - b) * _where_pos(q, q * (log_q - log_m))
-        loss = loss + qg.sum(-1)
-    elif name == "skl":
-        a = p.alpha
-        log_m = _log_mix(log_p, a, log_q, 1 - a)
-        loss = _where_pos(pr, pr * (log_p - log_m)).sum(-1)
-        qg = -(1 - a) * _where_pos(pr, (log_p + log_q - log_m).exp())
-    elif name == "srkl":
-        a = p.alpha
-        log_m = _log_mix(log_p, 1 - a, log_q, a)
-        kl = _where_pos(q, q * (log_q - log_m))
-        loss = kl.sum(-1)
-        qg = kl - a * _where_pos(q, (2 * log_q - log_m).exp())
-    elif name == "tvd":
-        diff = q - pr
-        loss = 0.5 * diff.abs().sum(-1)
-        qg = 0.5 * q * torch.sign(diff)
-    else:  # validated by the ops layer
-        raise ValueError(f"unknown divergence {name!r}")
+    loss, qg = TERMS[name](log_p, log_q, log_p.exp(), q, p)
     return loss, qg, q
 
 
@@ -157,9 +191,10 @@ def chunk_loss_grad(
     if p.ce_weight:
         z = zs.to(cdt)
         log_sm = torch.log_softmax(z, dim=-1)
-        keep = weight != 0
-        safe = torch.where(keep, labels, torch.zeros_like(labels)).unsqueeze(-1)
-        loss = loss - p.ce_weight * log_sm.gather(-1, safe).squeeze(-1)
+        valid = (labels >= 0) & (labels < z.shape[-1])  # a bad label gives a NaN loss, never a bad read
+        safe = torch.where((weight != 0) & valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
+        ce = torch.where(valid, -log_sm.gather(-1, safe).squeeze(-1), math.nan)
+        loss = loss + p.ce_weight * ce
         if grad is not None:
             g_ce = log_sm.exp_()
             g_ce.scatter_add_(-1, safe, torch.full_like(safe, -1, dtype=cdt))

@@ -28,12 +28,13 @@ import torch
 
 from fastkd.core import checks as C
 from fastkd.core.autograd import scale_grad
+from fastkd.core.divergences import names
 from fastkd.core.lmhead import FusedHeadFunction, auto_chunk_rows, check_linear
 from fastkd.core.params import SparseParams
 from fastkd.core.registry import declare, requested_backend, select
 
 MODES = ("topk", "topk_tail", "sampled")
-SPARSE_DIVERGENCES = ("fkl", "rkl", "jsd")
+SPARSE_DIVERGENCES = names("sparse")  # from the divergence table
 VALUE_KINDS = ("logprobs", "logits", "probs", "counts")
 MODE_CODES = {"topk": 0, "topk_tail": 1, "sampled": 2}
 

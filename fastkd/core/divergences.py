@@ -1,0 +1,200 @@
+"""The divergence table: what each divergence *is*, written once; every layer derives from it.
+
+One :class:`Divergence` row per divergence holds its name, its integer code, its hyperparameters (each a
+:class:`Hyper` with default and valid range), its endpoint rules (hyperparameter values at which it *is*
+another divergence, computed as that one), a formula for humans, and the op families that support it:
+
+- ``logits``: :func:`fastkd.distill_loss` (torch, Triton, CUDA backends);
+- ``fused``: :func:`fastkd.fused_linear_distill_loss` (the same backends on LM-head chunks);
+- ``sparse``: :func:`fastkd.sparse_distill_loss` / its fused form (top-k / tail / sampled teachers);
+- ``vocab_parallel``: :mod:`fastkd.integrations.distributed` (vocabulary split across ranks).
+
+What derives from it: ``fastkd.DIVERGENCES`` (public names), the argument validation of every family
+(:func:`resolve_hyper`, used by :class:`fastkd.core.params.DivergenceParams`), the reference dispatch
+(``fastkd.distill.reference.per_token``), the torch backend's dispatch, the Triton constexpr codes
+(``fastkd.kernels.distill``: ``FKL = tl.constexpr(CODES["fkl"])``, ...), the kernels' hyperparameter
+arguments (in :data:`HYPER_NAMES` order) and the C++ ``enum Divergence`` / ``enum Hyper`` of
+``csrc/fastkd.h`` (tests/test_divergences.py parses the header and asserts equality with this table).
+
+Notation: p = teacher, q = student, both softmax of the tempered logits.
+
+Hyperparameters: each name has one *canonical* spec (:data:`HYPERS`) that the classic divergences share
+(``beta`` in [0, 1] default 0.5, ``alpha`` in [0, 1] default 0.1, ...). A row may carry its own spec
+under the same name: ``ab`` uses ``alpha``/``beta`` as exponents (any nonzero real, defaults
+α = 0.8, β = 0.3, the setting shown in the ABKD authors' README for their classification example,
+α + β = 1.1; at α = 1, β → 0 it tends to forward KL). A hyperparameter that the chosen divergence does
+not use is still checked against its canonical spec when given (a typo-level mistake such as
+``beta=1.5`` is an error whatever the divergence) and otherwise takes the canonical default.
+
+Adding a divergence = one row here + its math in the reference, the torch backend, the Triton kernel and
+the CUDA kernel (five files). Adding a hyperparameter = one :class:`Hyper` here, one field of
+:class:`fastkd.core.params.DistillParams` (the custom-op arguments and kernel arguments are built from the
+fields, in :data:`HYPER_NAMES` order) and its use in the kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from numbers import Number
+
+FAMILIES: tuple[str, ...] = ("logits", "fused", "sparse", "vocab_parallel")
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """One hyperparameter: its default and valid range ``lo ≤ x ≤ hi`` (ends open when ``open_*``).
+
+    ``nonzero`` excludes 0 from the range (ab's exponents).
+    """
+
+    name: str
+    default: float
+    lo: float = -math.inf
+    hi: float = math.inf
+    open_lo: bool = False
+    open_hi: bool = False
+    nonzero: bool = False
+    doc: str = ""
+
+    def describe(self) -> str:
+        """The valid range as words, e.g. ``in [0, 1]`` or ``a finite number != 0``."""
+        if self.lo == -math.inf and self.hi == math.inf:
+            return "a finite number" + (" != 0" if self.nonzero else "")
+        rng = f"{'(' if self.open_lo else '['}{self.lo:g}, {self.hi:g}{')' if self.open_hi else ']'}"
+        return "in " + rng + (" and != 0" if self.nonzero else "")
+
+    def contains(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if value < self.lo or (self.open_lo and value == self.lo):
+            return False
+        if value > self.hi or (self.open_hi and value == self.hi):
+            return False
+        return not (self.nonzero and value == 0.0)
+
+    def check(self, value: object, divergence: str | None = None) -> float:
+        """``value`` as a float, or TypeError / ValueError naming the hyperparameter (and the divergence)."""
+        if isinstance(value, bool) or not isinstance(value, Number) or hasattr(value, "dtype"):
+            raise TypeError(f"{self.name} must be a Python number, got {type(value).__name__}")
+        v = float(value)
+        if not self.contains(v):
+            where = f" for divergence={divergence!r}" if divergence else ""
+            raise ValueError(f"{self.name} must be {self.describe()}{where}, got {value!r}")
+        return v
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """At ``hyper == value`` the divergence is exactly ``becomes`` (computed as that one by every backend)."""
+
+    hyper: str
+    value: float
+    becomes: str
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """One divergence: everything about it that is not its math."""
+
+    name: str
+    code: int  # the Triton constexpr switch value and the C++ enum value
+    formula: str
+    hypers: tuple[Hyper, ...] = ()
+    endpoints: tuple[Endpoint, ...] = ()
+    families: frozenset[str] = frozenset({"logits", "fused"})
+    public: bool = True  # False: an internal target of endpoint rules only
+    # joint constraint on the resolved hyperparameters: returns an error message or None
+    joint: Callable[[Mapping[str, float]], str | None] | None = field(default=None, compare=False)
+
+    def hyper(self, name: str) -> Hyper | None:
+        for h in self.hypers:
+            if h.name == name:
+                return h
+        return None
+
+
+# Canonical specs, shared by the classic divergences (and the defaults of unused hyperparameters).
+BETA = Hyper("beta", 0.5, 0.0, 1.0, doc="jsd / symkl mixing weight")
+ALPHA = Hyper("alpha", 0.1, 0.0, 1.0, doc="skl / srkl skew")
+MU = Hyper("mu", 0.5, 0.0, 1.0, doc="akl head mass")
+T = Hyper("t", 0.5, 0.0, 1.0, doc="taid interpolation")
+HYPERS: dict[str, Hyper] = {h.name: h for h in (BETA, ALPHA, MU, T)}
+# The order in which kernels and the C++ ``enum Hyper`` receive hyperparameter values.
+HYPER_NAMES: tuple[str, ...] = tuple(HYPERS)
+
+_ALL = frozenset(FAMILIES)
+
+
+def _ab_joint(h: Mapping[str, float]) -> str | None:
+    if h["alpha"] + h["beta"] == 0.0:
+        return f"alpha + beta must be != 0 for divergence='ab', got alpha={h['alpha']!r}, beta={h['beta']!r}"
+    return None
+
+
+TABLE: tuple[Divergence, ...] = (
+    Divergence("fkl", 0, "Σ p (log p − log q)", families=_ALL),
+    Divergence("rkl", 1, "Σ q (log q − log p)", families=_ALL),
+    Divergence("jsd", 2, "β KL(p‖m) + (1−β) KL(q‖m), m = βp + (1−β)q", (BETA,),
+               (Endpoint("beta", 0.0, "fkl"), Endpoint("beta", 1.0, "rkl")), families=_ALL),
+    Divergence("symkl", 3, "β fkl + (1−β) rkl", (BETA,)),
+    Divergence("skl", 4, "KL(p ‖ αp + (1−α)q)", (ALPHA,),
+               (Endpoint("alpha", 0.0, "fkl"), Endpoint("alpha", 1.0, "zero"))),
+    Divergence("srkl", 5, "KL(q ‖ (1−α)p + αq)", (ALPHA,),
+               (Endpoint("alpha", 0.0, "rkl"), Endpoint("alpha", 1.0, "zero"))),
+    Divergence("tvd", 6, "½ Σ |p − q|"),
+    Divergence("akl", 7, "(g_H fkl + g_T rkl)/(g_H + g_T), head H = top tokens with mass ≤ μ", (MU,)),
+    Divergence("taid", 8, "KL(r ‖ q), r = softmax((1−t) stopgrad(z_s) + t z_t)", (T,)),
+    Divergence("ab", 9, "−1/(αβ) Σ (p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β))  (ABKD, Wang et al. 2025)",
+               (Hyper("alpha", 0.8, nonzero=True, doc="ab: exponent of the teacher"),
+                Hyper("beta", 0.3, nonzero=True, doc="ab: exponent of the student")),
+               joint=_ab_joint),
+    Divergence("zero", 10, "0 (skl / srkl at α = 1: KL(x‖x)); NaN inputs still give NaN", public=False),
+)
+
+BY_NAME: dict[str, Divergence] = {d.name: d for d in TABLE}
+CODES: dict[str, int] = {d.name: d.code for d in TABLE}
+DIVERGENCES: tuple[str, ...] = tuple(d.name for d in TABLE if d.public)
+
+
+def names(family: str) -> tuple[str, ...]:
+    """Public divergences supported by ``family`` (one of :data:`FAMILIES`)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    return tuple(d.name for d in TABLE if d.public and family in d.families)
+
+
+def check_divergence(divergence: object, family: str = "logits") -> Divergence:
+    """The row of a public divergence supported by ``family``, or ValueError naming ``divergence``."""
+    allowed = names(family)
+    if not isinstance(divergence, str) or divergence not in allowed:
+        raise ValueError(f"divergence must be one of {allowed}, got {divergence!r}")
+    return BY_NAME[divergence]
+
+
+def resolve_hyper(divergence: str, given: Mapping[str, object | None]) -> dict[str, float]:
+    """Validated values of the hyperparameters in ``given`` (None = default) for ``divergence``.
+
+    A hyperparameter the divergence uses is checked against the row's spec and defaults to the row's
+    default; any other is checked against its canonical spec (:data:`HYPERS`) and defaults to that.
+    Raises ValueError / TypeError naming the hyperparameter.
+    """
+    row = BY_NAME[divergence]
+    out: dict[str, float] = {}
+    for name, value in given.items():
+        spec = row.hyper(name) or HYPERS[name]
+        out[name] = spec.default if value is None else spec.check(value, divergence if row.hyper(name) else None)
+    if row.joint is not None and all(h.name in out for h in row.hypers):
+        msg = row.joint(out)
+        if msg:
+            raise ValueError(msg)
+    return out
+
+
+def effective(divergence: str, hyper: Mapping[str, float]) -> str:
+    """The divergence actually computed: the first endpoint rule that matches, else ``divergence``."""
+    for e in BY_NAME[divergence].endpoints:
+        if hyper.get(e.hyper) == e.value:
+            return e.becomes
+    return divergence
