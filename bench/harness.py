@@ -30,6 +30,8 @@ CSV and JSON files under ``bench/results/`` (git-ignored).
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import csv
 import datetime as _dt
 import functools
@@ -300,40 +302,91 @@ def _child_main() -> None:
 # glibc serves every allocation over 64 KiB with mmap so freed buffers leave the RSS and cannot hide a
 # provider's peak; read once at process start, so they are set in the environment of the fresh processes.
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
-_FORKSERVER: Any = None
 
 
-def _forkserver_context() -> Any:
-    """A multiprocessing "forkserver" context whose server has imported torch, fastkd and this module once.
+def _zygote_main() -> None:
+    """``python -m bench.harness --zygote``: import torch, fastkd and this module once, then for each
+    request on stdin (8-byte length + pickled (case, provider, mode, threads)) fork a fresh process that
+    measures it, and answer on stdout (8-byte length + JSON). The zygote itself only imports (no OpenMP
+    pool has been started in it), so forking it is safe; each child is a new address space (its own VmHWM)
+    without paying Python + torch start-up (1.5-5 s on a 2-core machine, most of a CPU bench's time)."""
+    import fastkd  # noqa: F401  (preloaded for every child)
 
-    Each measurement forks a fresh process from it: a new address space (its own VmHWM) without paying
-    Python + torch start-up per provider (1.5-5 s each on a 2-core machine, most of a CPU bench's time).
-    The server only imports (no OpenMP pool has been started in it), so forking it is safe.
-    """
-    global _FORKSERVER
-    if _FORKSERVER is None:
-        import multiprocessing as mp
-        import multiprocessing.forkserver as mp_forkserver
+    proto_in = sys.stdin.buffer
+    proto_out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything a child prints goes to stderr, never into the answers
+    while True:
+        head = proto_in.read(8)
+        if len(head) < 8:
+            return
+        payload = proto_in.read(int.from_bytes(head, "little"))
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the measuring child
+            os.close(r)
+            try:
+                result = _measure_in_child(*pickle.loads(payload))
+            except BaseException as exc:  # unpickling failed: reported, never fatal for the run
+                result = {"error": f"{type(exc).__name__}: {exc}"}
+            os.write(w, json.dumps(result).encode())
+            os._exit(0)
+        os.close(w)
+        chunks = []
+        while chunk := os.read(r, 65536):
+            chunks.append(chunk)
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+        data = b"".join(chunks) or json.dumps({"error": f"memory child died (wait status {status})"}).encode()
+        proto_out.write(len(data).to_bytes(8, "little") + data)
+        proto_out.flush()
 
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "fastkd", "bench.harness"])
-        saved = {k: os.environ.get(k) for k in _MALLOC_ENV}
-        os.environ.update({k: os.environ.get(k, v) for k, v in _MALLOC_ENV.items()})
+
+class _Zygote:
+    """The parent's handle on one ``--zygote`` process (started on first use, restarted after a timeout)."""
+
+    proc: subprocess.Popen | None = None
+
+    @classmethod
+    def measure(cls, payload: bytes, timeout_s: float) -> dict[str, Any]:
+        import select
+
+        if cls.proc is None or cls.proc.poll() is not None:
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+            for k, v in _MALLOC_ENV.items():
+                env.setdefault(k, v)
+            cls.proc = subprocess.Popen([sys.executable, "-m", "bench.harness", "--zygote"], cwd=str(ROOT),
+                                        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = cls.proc
         try:
-            mp_forkserver.ensure_running()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-        _FORKSERVER = ctx
-    return _FORKSERVER
+            proc.stdin.write(len(payload).to_bytes(8, "little") + payload)
+            proc.stdin.flush()
+            if not select.select([proc.stdout], [], [], timeout_s)[0]:
+                raise TimeoutError(f"memory child timed out after {timeout_s:.0f} s")
+            head = proc.stdout.read(8)
+            if len(head) < 8:
+                raise RuntimeError(f"memory zygote exited (code {proc.poll()})")
+            return json.loads(proc.stdout.read(int.from_bytes(head, "little")))
+        except BaseException:
+            cls.close()
+            raise
+
+    @classmethod
+    def close(cls) -> None:
+        proc, cls.proc = cls.proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            proc.stdin.close()  # a waiting zygote exits on end of input
+            proc.wait(2)
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, 9)  # the zygote and a child it may be waiting for (own session)
+            proc.wait()
 
 
-def _forked_child(conn: Any, case: Case, provider: Provider, mode: str, threads: int) -> None:
-    conn.send(_measure_in_child(case, provider, mode, threads))
-    conn.close()
+atexit.register(_Zygote.close)
 
 
 def cpu_peak_fresh_process(
@@ -341,35 +394,15 @@ def cpu_peak_fresh_process(
 ) -> tuple[float, str]:
     """Peak extra RSS (MiB) of one ``provider`` iteration, measured in a new process.
 
-    Forked from a pre-imported fork server (:func:`_forkserver_context`); where the "forkserver" start
-    method does not exist, or ``FASTKD_BENCH_MEMORY_CHILD=subprocess``, a new Python interpreter
-    (``python -m bench.harness --memory-child``). Either way the process starts with ``MALLOC_*`` set.
+    Forked from a pre-imported zygote process (:func:`_zygote_main`); with
+    ``FASTKD_BENCH_MEMORY_CHILD=subprocess`` (or where ``os.fork`` does not exist) a new Python interpreter
+    per measurement (``python -m bench.harness --memory-child``). Either way the process starts with
+    ``MALLOC_*`` set.
     """
-    import multiprocessing as mp
-
-    threads = torch.get_num_threads()
-    if (os.environ.get("FASTKD_BENCH_MEMORY_CHILD", "fork") != "subprocess"
-            and "forkserver" in mp.get_all_start_methods()):
-        ctx = _forkserver_context()
-        recv, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_forked_child, args=(send, case, provider, mode, threads), daemon=True)
-        proc.start()
-        send.close()
-        try:
-            if not recv.poll(timeout_s):
-                raise RuntimeError(f"memory child timed out after {timeout_s:.0f} s")
-            result = recv.recv()
-        except EOFError as exc:
-            proc.join(5)
-            raise RuntimeError(f"memory child died (exit code {proc.exitcode})") from exc
-        finally:
-            if proc.is_alive():
-                proc.join(5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+    payload = pickle.dumps((case, provider, mode, torch.get_num_threads()))
+    if os.environ.get("FASTKD_BENCH_MEMORY_CHILD", "fork") != "subprocess" and hasattr(os, "fork"):
+        result = _Zygote.measure(payload, timeout_s)
     else:
-        payload = pickle.dumps((case, provider, mode, threads))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         for k, v in _MALLOC_ENV.items():
@@ -662,6 +695,15 @@ def ratio(
     return None if a is None or not b else a / b
 
 
+def _raise_skip(inputs: dict[str, Any], mode: str, *, reason: str) -> Any:
+    raise Skip(reason)
+
+
+def skipped(name: str, reason: str) -> Provider:
+    """A provider row that is not run here, with the reason printed as its skip line."""
+    return Provider(name, functools.partial(_raise_skip, reason=reason))
+
+
 def _no_inputs(device: torch.device, seed: int) -> dict[str, Any]:
     return {}
 
@@ -834,8 +876,8 @@ def cli_main(module: Any, argv: list[str] | None = None) -> int:
     return main(argv, modules=[module], prog=f"bench_{module.FAMILY}.py")
 
 
-if __name__ == "__main__" and "--memory-child" in sys.argv:
+if __name__ == "__main__" and ("--memory-child" in sys.argv or "--zygote" in sys.argv):
     # Re-import under the package name so pickled Case/Step classes are the ones this code checks against.
-    from bench.harness import _child_main as _main
+    from bench.harness import _child_main, _zygote_main
 
-    _main()
+    _zygote_main() if "--zygote" in sys.argv else _child_main()
