@@ -18,8 +18,14 @@ Tensors of a shard (safetensors, compact dtypes):
 Crash safety: a shard is written to a temporary file, fsynced and renamed, then ``index.json`` is replaced
 atomically the same way. A writer that dies mid-way leaves every shard listed in the index readable; a
 writer opened with ``resume=True`` continues after the last complete shard (``writer.n_examples`` says how
-many examples to skip). Readers check every shard's size (and, with ``verify=True``, its SHA-256) against
-the index and raise :class:`CacheCorruptedError` naming the file.
+many examples to skip). One writer per directory: a writer holds an exclusive lock on ``.lock`` and a second
+one raises :class:`CacheLockedError`.
+
+Untrusted caches (:mod:`fastkd.cache_io`): the index is validated field by field, only plain file names inside
+the directory are opened (no symlinks), sizes are checked before reading, every shard's CRC-32 is checked
+when it is read (SHA-256 of every shard with ``verify=True``), each shard is bound to its position and the
+index settings by its own metadata, and its tensors are validated (monotonic offsets, shapes, ids < V).
+Every problem raises :class:`CacheCorruptedError` naming the cache file.
 
 Building from a teacher: :meth:`TeacherCacheWriter.add_from_hidden` takes the teacher's final hidden
 states and LM-head weight and computes top-k log-probs (or samples) chunk by chunk: peak memory
@@ -39,32 +45,18 @@ from typing import Any
 
 import torch
 
+from fastkd import cache_io as io
+from fastkd.cache_io import FORMAT, INDEX, VERSION, CacheCorruptedError, CacheLockedError, id_bits
 from fastkd.core.lmhead import iter_logits
 
-FORMAT = "fastkd-teacher-cache"
-VERSION = 1
-INDEX = "index.json"
-_VALUE_DTYPES = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "uint8": torch.uint8,
-    "int32": torch.int32,
-}
-
-
-class CacheCorruptedError(RuntimeError):
-    """A cache file is missing, truncated or does not match its index."""
+__all__ = ["FORMAT", "INDEX", "VERSION", "CacheCorruptedError", "CacheLockedError", "TeacherCache",
+           "TeacherCacheDataset", "TeacherCacheWriter", "id_bits"]
+_VALUE_DTYPES = io.VALUE_DTYPES
 
 
 # ---------------------------------------------------------------------------------------------------------
 # id encodings
 # ---------------------------------------------------------------------------------------------------------
-
-
-def id_bits(vocab_size: int) -> int:
-    """Bits needed to store id + 1 for ids in [0, vocab_size) (0 encodes padding)."""
-    return max(1, math.ceil(math.log2(vocab_size + 1)))
 
 
 def choose_id_format(vocab_size: int, id_format: str = "auto") -> str:
@@ -188,7 +180,7 @@ def sample_from_hidden(
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(io.tmp_name(path.name))  # private to this writer: two never share a temporary
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -198,19 +190,13 @@ def _fsync_write(path: Path, data: bytes) -> None:
 
 def _read_index(path: Path) -> dict[str, Any]:
     f = path / INDEX
-    if not f.exists():
+    if not os.path.lexists(f):
         raise FileNotFoundError(f"{path} is not a teacher cache: {INDEX} is missing")
     try:
-        index = json.loads(f.read_text())
+        index = json.loads(io.read_file(f, INDEX))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CacheCorruptedError(f"{f} is corrupted (not valid JSON: {exc})") from exc
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise CacheCorruptedError(f"{f} is not a {FORMAT} index")
-    if index.get("version") != VERSION:
-        raise CacheCorruptedError(
-            f"{f} has format version {index.get('version')}, this fastkd reads {VERSION}"
-        )
-    return index
+        raise CacheCorruptedError(f"{INDEX} is corrupted (not valid JSON: {exc})") from exc
+    return io.check_index(index)
 
 
 class TeacherCacheWriter:
@@ -269,7 +255,22 @@ class TeacherCacheWriter:
             "id_bits": id_bits(vocab_size),
             "store_tail": bool(store_tail and values == "logprobs"),
         }
-        if (self.path / INDEX).exists():
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = io.WriterLock(self.path)  # CacheLockedError if another writer has this directory
+        try:
+            index = self._open_index(settings, resume, meta)
+        except BaseException:
+            self._lock.release()
+            raise
+        self.index = index
+        self.shard_tokens = shard_tokens
+        self._buf: list[dict[str, torch.Tensor]] = []
+        self._buf_tokens = 0
+        self.closed = False
+
+    def _open_index(self, settings: dict[str, Any], resume: bool, meta: dict[str, Any] | None) -> dict[str, Any]:
+        """The existing index (resume) or a new one; called with the lock held."""
+        if os.path.lexists(self.path / INDEX):
             if not resume:
                 raise FileExistsError(
                     f"{self.path} already holds a teacher cache; pass resume=True to continue "
@@ -279,11 +280,11 @@ class TeacherCacheWriter:
             diff = {key: (index.get(key), val) for key, val in settings.items() if index.get(key) != val}
             if diff:
                 raise ValueError(f"cannot resume {self.path}: settings differ (stored, requested): {diff}")
-            for tmp in self.path.glob("*.tmp"):
+            for tmp in self.path.glob("*.tmp"):  # left by writers that died (we hold the lock)
                 tmp.unlink()
+            return index
         else:
-            self.path.mkdir(parents=True, exist_ok=True)
-            index = {
+            return {
                 "format": FORMAT,
                 "version": VERSION,
                 **settings,
@@ -293,11 +294,6 @@ class TeacherCacheWriter:
                 "n_tokens": 0,
                 "has_input_ids": None,
             }
-        self.index = index
-        self.shard_tokens = shard_tokens
-        self._buf: list[dict[str, torch.Tensor]] = []
-        self._buf_tokens = 0
-        self.closed = False
 
     # number of examples stored or buffered; a resumed writer starts at the stored count
     @property
@@ -418,7 +414,7 @@ class TeacherCacheWriter:
         for key in ("tail", "input_ids"):
             if key in self._buf[0]:
                 tensors[key] = torch.cat([e[key] for e in self._buf])
-        data = save(tensors, metadata={"format": FORMAT, "version": str(VERSION)})
+        data = save(tensors, metadata=io.shard_metadata(len(ix["shards"]), ix))
         name = f"shard-{len(ix['shards']):05d}.safetensors"
         _fsync_write(self.path / name, data)
         ix["shards"].append(
@@ -427,6 +423,7 @@ class TeacherCacheWriter:
                 "n_examples": len(self._buf),
                 "n_tokens": self._buf_tokens,
                 "bytes": len(data),
+                "crc32": io.crc32(data),
                 "sha256": hashlib.sha256(data).hexdigest(),
             }
         )
@@ -436,9 +433,13 @@ class TeacherCacheWriter:
         self._buf, self._buf_tokens = [], 0
 
     def close(self) -> None:
+        """Write what is buffered and release the directory's lock."""
         if not self.closed:
-            self.flush()
-            self.closed = True
+            try:
+                self.flush()
+            finally:
+                self.closed = True
+                self._lock.release()
 
     def __enter__(self) -> TeacherCacheWriter:
         return self
@@ -449,11 +450,23 @@ class TeacherCacheWriter:
             self.close()
         else:
             self._buf, self._buf_tokens, self.closed = [], 0, True
+            self._lock.release()
 
 
 # ---------------------------------------------------------------------------------------------------------
 # reader
 # ---------------------------------------------------------------------------------------------------------
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str] | None:
+    """The ``__metadata__`` of a safetensors blob (8-byte little-endian header length, then JSON)."""
+    n = int.from_bytes(data[:8], "little")
+    if not 0 < n <= len(data) - 8:
+        raise ValueError(f"header length {n} does not fit the file")
+    meta = json.loads(data[8:8 + n]).get("__metadata__")
+    if meta is not None and not isinstance(meta, dict):
+        raise ValueError("__metadata__ is not an object")
+    return meta
 
 
 class TeacherCache:
@@ -475,14 +488,7 @@ class TeacherCache:
             self._starts.append(self._starts[-1] + sh["n_examples"])
         self._open: dict[int, dict[str, torch.Tensor]] = {}
         for i, sh in enumerate(ix["shards"]):
-            f = self.path / sh["file"]
-            if not f.exists():
-                raise CacheCorruptedError(f"shard {f} listed in {INDEX} is missing")
-            size = f.stat().st_size
-            if size != sh["bytes"]:
-                raise CacheCorruptedError(
-                    f"shard {f} is truncated or altered: {size} bytes, the index says {sh['bytes']}"
-                )
+            io.stat_shard(self.path / sh["file"], sh["file"], sh["bytes"])
             if verify:
                 self._shard(i, verify=True)
 
@@ -515,28 +521,18 @@ class TeacherCache:
         from safetensors.torch import load
 
         sh = self.index["shards"][i]
-        f = self.path / sh["file"]
-        data = f.read_bytes()
-        if len(data) != sh["bytes"]:
-            raise CacheCorruptedError(
-                f"shard {f} is truncated or altered: {len(data)} bytes, the index says {sh['bytes']}"
-            )
+        name = sh["file"]
+        data = io.read_file(self.path / name, f"shard {name}", size=sh["bytes"])
+        if io.crc32(data) != sh["crc32"]:
+            raise CacheCorruptedError(f"shard {name} fails its CRC-32 check (the file was altered)")
         if verify and hashlib.sha256(data).hexdigest() != sh["sha256"]:
-            raise CacheCorruptedError(f"shard {f} fails its SHA-256 check (the file was altered)")
+            raise CacheCorruptedError(f"shard {name} fails its SHA-256 check (the file was altered)")
         try:
             tensors = load(data)
+            meta = _safetensors_metadata(data)
         except Exception as exc:
-            raise CacheCorruptedError(f"shard {f} is corrupted ({type(exc).__name__}: {exc})") from exc
-        off = tensors.get("offsets")
-        if (
-            off is None
-            or "ids" not in tensors
-            or "values" not in tensors
-            or off.numel() != sh["n_examples"] + 1
-            or int(off[-1]) != sh["n_tokens"]
-            or tensors["ids"].shape[0] != sh["n_tokens"]
-        ):
-            raise CacheCorruptedError(f"shard {f} does not match {INDEX} (examples/tokens/tensors differ)")
+            raise CacheCorruptedError(f"shard {name} is corrupted ({type(exc).__name__}: {exc})") from exc
+        io.check_shard(tensors, meta, i, sh, self.index, decode_ids)
         if len(self._open) >= 2:  # keep at most two decoded shards in memory
             self._open.pop(next(iter(self._open)))
         self._open[i] = tensors

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+import zlib
 
 import pytest
 import torch
 
 import fastkd
 from fastkd import cache as C
-from fastkd import cache_cli
-from fastkd.cache import CacheCorruptedError, TeacherCache, TeacherCacheWriter
+from fastkd import cache_cli, cache_io
+from fastkd.cache import CacheCorruptedError, CacheLockedError, TeacherCache, TeacherCacheWriter
 from fastkd.distill import reference as ref_dense
 
 
@@ -166,7 +170,7 @@ def test_crash_midway_and_resume(tmp_path, monkeypatch):
         real_write(path, data)
 
     monkeypatch.setattr(C, "_fsync_write", dying_write)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="disk full"), w:  # the failed writer releases its lock on exit
         for ids, vals, _ in exs[start:]:
             w.add(ids, vals)
     monkeypatch.setattr(C, "_fsync_write", real_write)
@@ -202,7 +206,14 @@ def test_corrupted_files(tmp_path):
     flipped = bytearray(data)
     flipped[-3] ^= 0xFF
     shards[1].write_bytes(bytes(flipped))
-    TeacherCache(tmp_path)  # same size: only the checksum notices
+    cache = TeacherCache(tmp_path)  # same size: only the checksum notices, on first use by default
+    with pytest.raises(CacheCorruptedError, match=f"{shards[1].name} fails its CRC-32 check"):
+        cache[len(cache) - 1]
+    with pytest.raises(CacheCorruptedError, match="CRC-32"):
+        TeacherCache(tmp_path, verify=True)
+    index = json.loads((tmp_path / "index.json").read_text())
+    index["shards"][1]["crc32"] = zlib.crc32(bytes(flipped))  # a consistent CRC: SHA-256 (verify) still sees it
+    (tmp_path / "index.json").write_text(json.dumps(index))
     with pytest.raises(CacheCorruptedError, match="SHA-256"):
         TeacherCache(tmp_path, verify=True)
     shards[1].write_bytes(b"\x00" * len(data))  # header length 0: safetensors refuses it
@@ -322,3 +333,195 @@ def test_cli_config_jsonl_resume(tiny_llama, tmp_path, capsys):
     assert "wrote 3 examples (6 in total" in capsys.readouterr().out
     assert len(TeacherCache(tmp_path / "c", verify=True)) == 6
     assert cache_cli.main([*base[:3], str(tmp_path / "missing.jsonl"), *base[4:]]) == 1
+
+
+# ------------------------------------------------------------------------------------------------------
+# untrusted caches (issue 13 item 7) and concurrent writers (item 8)
+# ------------------------------------------------------------------------------------------------------
+
+
+def _edit_index(path, fn):
+    index = json.loads((path / "index.json").read_text())
+    fn(index)
+    (path / "index.json").write_text(json.dumps(index))
+
+
+def _open_and_read_all(path, verify=False):
+    cache = TeacherCache(path, verify=verify)
+    for i in range(len(cache)):
+        cache[i]
+    return cache
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/dev/zero", "sub/shard.safetensors", "..", ""])
+def test_cache_refuses_file_names_outside_the_directory(tmp_path, name):
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    _small_cache(cache_dir)
+    (tmp_path / "outside.safetensors").write_bytes(b"x" * 12345)  # a file the index must not reveal or read
+    _edit_index(cache_dir, lambda ix: ix["shards"][0].update(file=name))
+    with pytest.raises(CacheCorruptedError, match="only plain file names") as err:
+        TeacherCache(cache_dir)
+    assert "12345" not in str(err.value) and str(tmp_path / "outside") not in str(err.value)
+
+
+def test_cache_refuses_symlinks(tmp_path):
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    shards = _small_cache(cache_dir)
+    outside = tmp_path / "elsewhere" / "secret.bin"
+    outside.parent.mkdir()
+    outside.write_bytes(shards[0].read_bytes())  # same bytes, so only the link itself is wrong
+    shards[0].unlink()
+    shards[0].symlink_to(outside)
+    with pytest.raises(CacheCorruptedError, match="not a regular file") as err:
+        TeacherCache(cache_dir)
+    assert "secret" not in str(err.value) and "elsewhere" not in str(err.value)
+    index = cache_dir / "index.json"
+    real = index.read_bytes()
+    index.unlink()
+    index.symlink_to("/dev/zero")  # was an unbounded read
+    with pytest.raises(CacheCorruptedError, match="index.json is a symbolic link"):
+        TeacherCache(cache_dir)
+    index.unlink()
+    index.write_bytes(real)
+
+
+def test_cache_oversized_index_is_refused_before_reading(tmp_path, monkeypatch):
+    _small_cache(tmp_path)
+    monkeypatch.setattr(cache_io, "MAX_INDEX_BYTES", 100)
+    monkeypatch.setattr(cache_io.read_file, "__defaults__", (None, 100))
+    with pytest.raises(CacheCorruptedError, match="more than the 100"):
+        TeacherCache(tmp_path)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda ix: ix.update(shards={"a": 1}), "shards must be a list"),
+    (lambda ix: ix["shards"][0].pop("bytes"), r"bytes must be an int"),
+    (lambda ix: ix["shards"][0].update(n_examples="2"), r"n_examples must be an int"),
+    (lambda ix: ix["shards"].__setitem__(0, 7), "shard entry 0 is not an object"),
+    (lambda ix: ix.update(n_examples=-1), "n_examples is -1 but the shards hold"),
+    (lambda ix: ix["shards"][0].update(n_examples=-2), "n_examples must be an int >= 0"),
+    (lambda ix: ix.pop("k"), "k must be a positive int"),
+    (lambda ix: ix.update(vocab_size=100), "id_bits must be 7"),
+    (lambda ix: ix.update(id_format="nope"), "id_format 'nope'"),
+    (lambda ix: ix.update(value_dtype="uint8"), "value_dtype 'uint8'"),
+    (lambda ix: ix["shards"][1].update(sha256="zz"), "sha256 must be"),
+    (lambda ix: ix["shards"].append(dict(ix["shards"][0])), "name the same file"),
+    (lambda ix: ix.update(version=1), "format version 1"),
+])
+def test_cache_malformed_index(tmp_path, edit, match):
+    _small_cache(tmp_path)
+    _edit_index(tmp_path, edit)
+    with pytest.raises(CacheCorruptedError, match=match):
+        _open_and_read_all(tmp_path)
+
+
+def test_cache_shards_are_bound_to_position_and_settings(tmp_path):
+    _small_cache(tmp_path)
+    index = json.loads((tmp_path / "index.json").read_text())
+
+    def swap(ix):
+        ix["shards"][0], ix["shards"][1] = ix["shards"][1], ix["shards"][0]
+        ix["shards"][0]["n_examples"], ix["shards"][1]["n_examples"] = (
+            ix["shards"][1]["n_examples"], ix["shards"][0]["n_examples"])
+
+    _edit_index(tmp_path, swap)
+    with pytest.raises(CacheCorruptedError, match="position"):
+        _open_and_read_all(tmp_path)
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    _edit_index(tmp_path, lambda ix: ix.update(id_format="uint16"))  # same int16 storage, other decoding
+    with pytest.raises(CacheCorruptedError, match="id_format"):
+        _open_and_read_all(tmp_path)
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    _edit_index(tmp_path, lambda ix: ix.update(vocab_size=300, id_bits=9))  # would return ids >= V
+    with pytest.raises(CacheCorruptedError, match="vocab_size"):
+        _open_and_read_all(tmp_path)
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    assert len(_open_and_read_all(tmp_path, verify=True)) == 4
+
+
+def _craft_shard(path, position, change):
+    """Rewrite shard ``position`` with tensors changed by ``change`` and an index that agrees (hashes, size)."""
+    import hashlib
+
+    from safetensors.torch import load, save
+
+    index = json.loads((path / "index.json").read_text())
+    entry = index["shards"][position]
+    f = path / entry["file"]
+    tensors = load(f.read_bytes())
+    change(tensors, index)
+    data = save(tensors, metadata=cache_io.shard_metadata(position, index))
+    f.write_bytes(data)
+    entry.update(bytes=len(data), crc32=zlib.crc32(data), sha256=hashlib.sha256(data).hexdigest())
+    (path / "index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda t, ix: t.__setitem__("offsets", t["offsets"].flip(0).contiguous()), "offsets must rise"),
+    (lambda t, ix: t.__setitem__("values", t["values"][:-1].contiguous()), "values must be"),
+    (lambda t, ix: t.__setitem__("ids", t["ids"].to(torch.int32)), "ids must be"),
+    (lambda t, ix: t.__setitem__("ids", torch.full_like(t["ids"], 600)), r"ids span \[600, 600\]"),
+    (lambda t, ix: t.__setitem__("extra", torch.zeros(3)), "tensors"),
+    (lambda t, ix: t.pop("values"), "tensors"),
+])
+def test_cache_crafted_shard_with_consistent_hashes(tmp_path, change, match):
+    _small_cache(tmp_path)
+    _craft_shard(tmp_path, 1, change)
+    with pytest.raises(CacheCorruptedError, match=match):
+        TeacherCache(tmp_path, verify=True)
+    with pytest.raises(CacheCorruptedError, match=match):
+        _open_and_read_all(tmp_path)
+
+
+def test_two_writers_in_one_process(tmp_path):
+    w1 = TeacherCacheWriter(tmp_path, vocab_size=500, k=6)
+    with pytest.raises(CacheLockedError, match="another TeacherCacheWriter"):
+        TeacherCacheWriter(tmp_path, vocab_size=500, k=6, resume=True)
+    w1.close()
+    with TeacherCacheWriter(tmp_path, vocab_size=500, k=6, resume=True):  # free again after close
+        pass
+    a, b = cache_io.tmp_name("index.json"), cache_io.tmp_name("index.json")
+    assert a != b and str(os.getpid()) in a and a.endswith(".tmp")
+
+
+_RACE = r"""
+import os, sys, time, torch
+from fastkd.cache import TeacherCacheWriter, CacheLockedError
+tag, path = int(sys.argv[1]), sys.argv[2]
+print("ready", flush=True)
+while not os.path.exists(path + ".start"):  # both processes imported: start together
+    time.sleep(0.01)
+try:
+    with TeacherCacheWriter(path, vocab_size=500, k=2, shard_tokens=3, resume=True) as w:
+        print("locked", flush=True)
+        for i in range(6):
+            w.add(torch.full((2, 2), tag), torch.full((2, 2), -1.0))
+            time.sleep(0.2)
+    print("wrote")
+except CacheLockedError as e:
+    print("refused:", e)
+"""
+
+
+def test_two_writer_processes_race(tmp_path):
+    """Two processes resume one cache at once: one writes, the other is refused; nothing is mixed."""
+    with TeacherCacheWriter(tmp_path, vocab_size=500, k=2, shard_tokens=3):
+        pass  # an empty cache both resume
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([sys.executable, "-c", _RACE, str(tag), str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for tag in (7, 9)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready", p.stderr.read()
+    open(str(tmp_path) + ".start", "w").close()
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    texts = [out for out, _ in outs]
+    assert sorted("wrote" in t for t in texts) == [False, True], texts
+    assert any("refused: " in t and "another TeacherCacheWriter" in t for t in texts)
+    winner = 7 if "wrote" in texts[0] else 9
+    cache = _open_and_read_all(tmp_path, verify=True)
+    assert len(cache) == 6
+    assert all(bool((cache[i]["teacher_ids"] == winner).all()) for i in range(len(cache)))
