@@ -17,11 +17,18 @@
 Run:  python examples/distill_tiny.py            (about 2–3 minutes on one CPU core)
       python examples/distill_tiny.py --quick    (smoke test, well under a minute)
       python examples/distill_tiny.py --hf-memory fused|logits   (one HF Trainer step's peak memory at V=32000)
+      python examples/distill_tiny.py --sparse-study [--json] [--temperature T] [--quick]
+          quality per byte of sparse teacher targets: students trained on CE only, dense fused KD, and each
+          sparse cache mode (topk, topk_tail, sampled) at K ∈ {4, 8, 16, 32} slots, over 3 seeds, with the
+          same teacher, windows and steps; a table of val ppl (mean ± std), cache bytes/token and the fraction
+          of dense KD's improvement over CE each recovers (about 10 minutes on an idle 2-core CPU; results
+          and the chosen default in docs/sparse.md). --json: one JSON object on stdout, the table on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import subprocess
 import sys
@@ -216,6 +223,188 @@ def hf_trainer_memory(kind: str, vocab: int = 32000, bsz: int = 8, seq: int = 25
 
 
 # ---------------------------------------------------------------------------------------------------------
+# --sparse-study: distillation quality per byte of stored teacher targets
+# ---------------------------------------------------------------------------------------------------------
+STUDY_MODES = ("topk", "topk_tail", "sampled")
+
+
+def _study_config(quick: bool) -> dict:
+    """Sizes of the study (full: about 10 minutes on an idle 2-core CPU; quick: a CI smoke run)."""
+    if quick:
+        return dict(ctx=32, bsz=8, t_dim=48, s_dim=24, t_steps=40, s_steps=12, n_bytes=60_000, n_val=32,
+                    ks=(4, 16), seeds=2)
+    return dict(ctx=64, bsz=32, t_dim=128, s_dim=48, t_steps=400, s_steps=300, n_bytes=400_000, n_val=256,
+                ks=(4, 8, 16, 32), seeds=3)
+
+
+def _counts(draws: torch.Tensor, v: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, S) draws → distinct ids (N, S) (−1 padding) and their counts (N, S) int32, as a sampled cache stores."""
+    one = torch.ones_like(draws, dtype=torch.int32)
+    c = torch.zeros(draws.shape[0], v, dtype=torch.int32).scatter_add_(1, draws, one)
+    top = c.topk(draws.shape[1], -1)
+    return torch.where(top.values > 0, top.indices, -1), top.values
+
+
+def _build_caches(tmp: Path, t_hidden: list[torch.Tensor], wt: torch.Tensor, ks: tuple[int, ...], seeds: int,
+                  temperature: float) -> tuple[dict[tuple, list[tuple]], dict[tuple, float]]:
+    """Write every TeacherCache of the study in one pass over the teacher's hidden states, read them back.
+
+    Per K: "topk" (top-K log-probs of softmax(z / T), no tail), "topk_tail" (the same + the exact log tail
+    mass), and per seed "sampled" (K draws from softmax(z / T) with replacement: distinct ids + uint8 counts).
+    One example per batch of windows (B·T tokens); no input_ids, so bytes/token counts the targets only.
+    The top-max(K) and max(K) draws are computed once per batch: the top-K are its first K columns (sorted),
+    the tail of K adds the dropped columns' mass to the stored tail, and K draws are the first K of them.
+    Returns targets[(mode, K, seed)] = per batch (ids (B, T, K), values (B, T, K), tail (B, T) | None)
+    (seed None for the deterministic top-k modes) and bytes_per_token[(mode, K)].
+    """
+    from fastkd.cache import TeacherCache, topk_from_hidden
+
+    kmax, v = max(ks), wt.shape[0]
+    keys = [(m, k, None) for m in ("topk", "topk_tail") for k in ks] + [("sampled", k, s) for s in range(seeds)
+                                                                          for k in ks]
+    gens = [torch.Generator().manual_seed(10_000 + s) for s in range(seeds)]
+    writers = {key: TeacherCache.create(tmp / "-".join(map(str, key)), vocab_size=v, k=key[1],
+                                        values="counts" if key[0] == "sampled" else "logprobs",
+                                        store_tail=key[0] == "topk_tail") for key in keys}
+    for hb in t_hidden:
+        h = hb.reshape(-1, hb.shape[-1])
+        ids, logp, tail = topk_from_hidden(h, wt, k=kmax, temperature=temperature)
+        probs = torch.softmax(h @ wt.t() / temperature, -1)
+        draws = [torch.multinomial(probs, kmax, replacement=True, generator=g) for g in gens]
+        for mode, k, seed in keys:
+            if mode == "sampled":
+                writers[(mode, k, seed)].add(*_counts(draws[seed][:, :k], v))
+            else:  # mass outside the top K = stored tail + the top-kmax entries beyond K
+                tail_k = torch.logsumexp(torch.cat([tail[:, None], logp[:, k:]], 1), 1)
+                writers[(mode, k, seed)].add(ids[:, :k], logp[:, :k], tail_k if mode == "topk_tail" else None)
+    targets, bpt = {}, {}
+    for key, w in writers.items():
+        w.close()
+        cache = TeacherCache(w.path)
+        bpt[key[:2]] = cache.bytes_per_token()
+        out = []
+        for i, hb in enumerate(t_hidden):
+            e, lead = cache[i], hb.shape[:2]
+            tail = e["teacher_tail"].view(lead) if key[0] == "topk_tail" else None
+            out.append((e["teacher_ids"].view(*lead, -1), e["teacher_values"].view(*lead, -1), tail))
+        targets[key] = out
+    return targets, bpt
+
+
+def sparse_study(quick: bool, temperature: float, as_json: bool) -> dict:
+    """Train students on CE, dense fused KD and every sparse mode × K over several seeds; see the module doc.
+
+    All students of one seed share the initial weights; every student sees the same windows in the same
+    order for the same steps; the loss is KD (fkl, temperature T, × T²) + CE (weight 1) for every KD student.
+    """
+    cfg = _study_config(quick)
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
+    ctx, bsz = cfg["ctx"], cfg["bsz"]
+    data = load_bytes(cfg["n_bytes"])
+    split = int(0.9 * data.numel())
+    gen = torch.Generator().manual_seed(1)
+    val = windows(data[split:], cfg["n_val"], ctx, gen)
+    teacher_batches = [windows(data[:split], bsz, ctx, gen) for _ in range(cfg["t_steps"])]
+    batches = [windows(data[:split], bsz, ctx, gen) for _ in range(cfg["s_steps"])]
+    teacher = TinyLM(256, cfg["t_dim"], 2, ctx)
+    train(teacher, teacher_batches, ce_loss, 3e-3)
+    teacher.eval().requires_grad_(False)
+    t_ppl = perplexity(teacher, val)
+    with torch.no_grad():  # the teacher's hidden states of every student window, computed once
+        t_hidden = [teacher.hidden(b[:, :-1]) for b in batches]
+    wt = teacher.lm_head.weight
+    t_teacher = time.perf_counter() - t_start
+
+    def student(seed: int) -> TinyLM:
+        torch.manual_seed(1000 + seed)
+        return TinyLM(256, cfg["s_dim"], 1, ctx)
+
+    def ce_only(m: TinyLM, item: tuple) -> torch.Tensor:
+        return ce_loss(m, item[0])
+
+    def dense(m: TinyLM, item: tuple) -> torch.Tensor:
+        b, ht = item
+        return fastkd.fused_linear_distill_loss(m.hidden(b[:, :-1]), m.lm_head.weight, ht, wt, divergence="fkl",
+                                                temperature=temperature, scale_by_t2=True, labels=b[:, 1:],
+                                                ce_weight=1.0)
+
+    def sparse(mode: str):
+        values = {"topk": "logprobs", "topk_tail": "logprobs", "sampled": "counts"}[mode]
+
+        def loss(m: TinyLM, item: tuple) -> torch.Tensor:
+            b, (ids, vals, tail) = item
+            h = m.hidden(b[:, :-1])
+            kd = fastkd.fused_linear_sparse_distill_loss(h, m.lm_head.weight, ids, vals, teacher_tail=tail,
+                                                         mode=mode, values=values, temperature=temperature,
+                                                         scale_by_t2=True)
+            return kd + F.cross_entropy(m.lm_head(h).reshape(-1, 256), b[:, 1:].reshape(-1))
+
+        return loss
+
+    ppl: dict[tuple[str, int], list[float]] = {}
+    t_train = 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        targets, bpt = _build_caches(Path(tmp), t_hidden, wt, cfg["ks"], cfg["seeds"], temperature)
+        t_cache = time.perf_counter() - t0
+    for seed in range(cfg["seeds"]):
+        runs = [(("ce", 0), ce_only, [(b,) for b in batches]),
+                (("dense", 0), dense, list(zip(batches, t_hidden, strict=True)))]
+        for mode in STUDY_MODES:
+            for k in cfg["ks"]:
+                tg = targets[(mode, k, seed if mode == "sampled" else None)]
+                runs.append(((mode, k), sparse(mode), list(zip(batches, tg, strict=True))))
+        for key, fn, items in runs:
+            m = student(seed)
+            sec = train(m, items, fn, 3e-3)
+            t_train += sec
+            ppl.setdefault(key, []).append(perplexity(m, val))
+            print(f"  seed {seed} {key[0]:<9} K={key[1]:<2} val ppl {ppl[key][-1]:.3f}  train {sec:.1f} s "
+                  f"(elapsed {time.perf_counter() - t_start:.0f} s)", file=sys.stderr, flush=True)
+
+    def mean_std(xs: list[float]) -> tuple[float, float]:
+        t = torch.tensor(xs, dtype=torch.float64)
+        return float(t.mean()), float(t.std()) if len(xs) > 1 else 0.0
+
+    ce, ce_sd = mean_std(ppl[("ce", 0)])
+    dn, dn_sd = mean_std(ppl[("dense", 0)])
+    gain = ce - dn
+    rows = []
+    for mode in STUDY_MODES:
+        for k in cfg["ks"]:
+            mu, sd = mean_std(ppl[(mode, k)])
+            rows.append({"mode": mode, "k": k, "bytes_per_token": round(bpt[(mode, k)], 2), "ppl": mu,
+                         "ppl_std": sd, "recovered": (ce - mu) / gain if gain > 0 else float("nan")})
+    result = {"ce": ce, "dense": dn, "sparse": rows, "ce_std": ce_sd, "dense_std": dn_sd, "teacher": t_ppl,
+              "temperature": temperature, "config": cfg, "wall_s": {
+                  "total": time.perf_counter() - t_start, "teacher": t_teacher, "caches": t_cache,
+                  "students": t_train}}
+    if as_json:
+        print(json.dumps(result))
+    print_study(result, sys.stderr if as_json else sys.stdout)
+    return result
+
+
+def print_study(r: dict, file=sys.stdout) -> None:
+    """The study's table (a Markdown pipe table, readable as is) from :func:`sparse_study`'s result."""
+    cfg, w = r["config"], r["wall_s"]
+    out = [f"sparse study: byte-level LM, teacher dim {cfg['t_dim']}×2 layers (val ppl {r['teacher']:.3f}), students "
+           f"dim {cfg['s_dim']}×1, context {cfg['ctx']}, batch {cfg['bsz']}, {cfg['s_steps']} steps, "
+           f"{cfg['seeds']} seeds; KD = fkl at T={r['temperature']:g} (× T²) + CE (weight 1)",
+           "val perplexity: mean ± std over seeds, lower is better; recovered = (ppl_CE − ppl) / (ppl_CE − "
+           "ppl_dense), mean ppl", "",
+           "| student | K | cache B/token | val ppl | recovered |", "|---|---:|---:|---:|---:|",
+           f"| CE only | | 0 | {r['ce']:.3f} ± {r['ce_std']:.3f} | 0% |",
+           f"| dense fused KD (teacher online) | | | {r['dense']:.3f} ± {r['dense_std']:.3f} | 100% |"]
+    out += [f"| sparse {x['mode']} | {x['k']} | {x['bytes_per_token']:.1f} | {x['ppl']:.3f} ± {x['ppl_std']:.3f} | "
+            f"{x['recovered']:.0%} |" for x in r["sparse"]]
+    out.append(f"\nwall {w['total']:.0f} s: teacher {w['teacher']:.0f} s, caches {w['caches']:.0f} s, "
+               f"student training {w['students']:.0f} s")
+    print("\n".join(out), file=file)
+
+
+# ---------------------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny smoke run")
@@ -224,6 +413,10 @@ def main() -> None:
                          "makes them far slower on a busy machine)")
     ap.add_argument("--hf-memory", choices=("fused", "logits"),
                     help="instead: peak memory of one HF Trainer step, DistillationTrainer vs logits KD")
+    ap.add_argument("--sparse-study", action="store_true",
+                    help="instead: CE vs dense KD vs sparse caches (topk / topk_tail / sampled, several K), seeds")
+    ap.add_argument("--json", action="store_true", help="--sparse-study: print one JSON object")
+    ap.add_argument("--temperature", type=float, default=2.0, help="--sparse-study: KD temperature")
     ap.add_argument("--measure", nargs=4, metavar=("KIND", "N", "H", "V"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.hf_memory:
@@ -233,6 +426,10 @@ def main() -> None:
     if a.measure:
         torch.set_num_threads(max(1, a.threads))
         _measure(a.measure[0], *map(int, a.measure[1:]))
+        return
+    if a.sparse_study:
+        torch.set_num_threads(max(1, a.threads))
+        sparse_study(a.quick, a.temperature, a.json)
         return
     torch.manual_seed(0)
     torch.set_num_threads(max(1, a.threads))
