@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -23,11 +24,22 @@ from typing import Any
 import torch
 
 
+def plain_text(rst: str) -> str:
+    """reST inline markup as plain text for ``--help``: ``:meth:`~a.B.c``` → ``B.c``, ````x```` → ``x``."""
+    def role(m: re.Match) -> str:
+        name = m.group(2).strip()
+        return name.rsplit(".", 1)[-1] if m.group(1) else name  # "~" shows the last component only
+
+    text = re.sub(r":[a-z]+:`(~?)([^`<]*?)(?:\s*<[^>]*>)?`", role, rst)
+    text = re.sub(r"``([^`]*)``", r"\1", text)
+    return re.sub(r"`([^`]*)`", r"\1", text)
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "cache-teacher",
         help="build a sparse teacher cache (top-k log-probs or samples) from a causal LM",
-        description=__doc__.split("\n\n")[1] if __doc__ else None,
+        description=plain_text(__doc__.split("\n\n")[1]) if __doc__ else None,
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="local Hugging Face model directory (no downloads)")

@@ -1,4 +1,4 @@
-"""``torch.nn`` modules over fastkd's loss functions (DESIGN.md API 5).
+"""``torch.nn`` modules over fastkd's loss functions (docs/DESIGN.md, public API 5).
 
 Each module stores the keyword options of one function at construction and takes only tensors in
 ``forward``; per-call keyword arguments (``labels``, ``mask``, ``num_items_in_batch``, ...) may be passed
@@ -29,6 +29,20 @@ def _fn(module: str, name: str) -> Any:
     return getattr(importlib.import_module(f"fastkd.{module}"), name)
 
 
+def _validate(options: dict[str, Any], family: str) -> None:
+    """Fail at construction, not on the first forward: the divergence must be one ``family`` supports
+    (``fastkd.DIVERGENCES``, the table in ``fastkd.core.divergences``) and the hyperparameters given
+    (beta, alpha, mu, t) must be in range for it. ValueError / TypeError naming the argument."""
+    from fastkd.core import divergences as D
+
+    if "divergence" not in options:
+        return
+    D.check_divergence(options["divergence"], family)
+    hyper = {k: options[k] for k in D.HYPERS if k in options}
+    if hyper:
+        D.resolve_hyper(options["divergence"], hyper)
+
+
 class _KwargsLoss(nn.Module):
     """Stores keyword options; ``extra_repr`` shows them (tensors as their shape)."""
 
@@ -54,6 +68,7 @@ class DistillLoss(_KwargsLoss):
     """
 
     def __init__(self, divergence: str = "fkl", **options: Any) -> None:
+        _validate({"divergence": divergence, **options}, "logits")
         super().__init__(divergence=divergence, **options)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, **kw: Any) -> torch.Tensor:
@@ -69,6 +84,7 @@ class FusedLinearDistillLoss(_KwargsLoss):
     """
 
     def __init__(self, divergence: str = "fkl", **options: Any) -> None:
+        _validate({"divergence": divergence, **options}, "fused")
         super().__init__(divergence=divergence, **options)
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
@@ -88,6 +104,7 @@ class SparseDistillLoss(_KwargsLoss):
     """
 
     def __init__(self, *, fused: bool = False, **options: Any) -> None:
+        _validate(options, "sparse")
         super().__init__(**options)
         self.fused = bool(fused)
 

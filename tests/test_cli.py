@@ -138,3 +138,16 @@ def test_bench_help_comes_from_bench_and_bench_never_imports_the_cli(capsys):
                           env=dict(os.environ, PYTHONPATH=root))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
+
+
+def test_cache_teacher_help_is_plain_text(capsys):
+    pytest.importorskip("fastkd.cache_cli")
+    from fastkd.cache_cli import plain_text
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["cache-teacher", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "add_from_hidden" in out and "--model" in out
+    assert ":meth:" not in out and "``" not in out and ":class:" not in out
+    assert plain_text(":meth:`~a.b.C.d`, :class:`x <a.X>`, ``y``") == "d, x, y"

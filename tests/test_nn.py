@@ -134,3 +134,20 @@ def test_modules_have_no_parameters_and_move():
               fnn.SinKDLoss(), fnn.ULDLoss()):
         assert list(m.parameters()) == []
         m.to(torch.float64)  # harmless
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: fastkd.nn.DistillLoss(divergence="kl"), "divergence"),
+    (lambda: fastkd.nn.DistillLoss("jsd", beta=1.5), "beta"),
+    (lambda: fastkd.nn.DistillLoss("skl", alpha=-0.1), "alpha"),
+    (lambda: fastkd.nn.FusedLinearDistillLoss(divergence="nope"), "divergence"),
+    (lambda: fastkd.nn.SparseDistillLoss(divergence="tvd"), "divergence"),
+])
+def test_bad_divergence_fails_at_construction(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_every_public_divergence_builds_a_module():
+    for name in fastkd.DIVERGENCES:
+        assert fastkd.nn.DistillLoss(name).options["divergence"] == name
