@@ -69,6 +69,7 @@ _MATMULS = ("mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "matmul")
 def op_flops(name: str, args: tuple, out: list[torch.Tensor]) -> float:
     """FLOPs of one aten op: 2·M·N·K for matmuls (+ M·N for addmm's add), else one per element."""
     ts = _tensors(args)
+    name = name.rstrip("_") if name.rstrip("_") in _MATMULS else name  # in-place addmm_ / baddbmm_
     if name in ("mm", "_scaled_mm") and len(ts) >= 2:
         (m, k), n = ts[0].shape, ts[1].shape[1]
         return 2.0 * m * n * k
@@ -166,8 +167,9 @@ class TorchCounter(TorchDispatchMode):
                                                                                       for t in outs)
         if name in ("zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "fill", "scalar_tensor"):
             nbytes = sum(tensor_bytes(t) for t in outs)
-        operands = ins[1:3] if name in ("addmm", "baddbmm") else ins[:2]  # the multiplied pair, not the addend
-        tc = name in _MATMULS and all(t.dtype in (torch.bfloat16, torch.float16) for t in operands)
+        # tensor cores when the multiplied pair (not addmm's addend) is bf16/fp16
+        operands = ins[1:3] if name.rstrip("_") in ("addmm", "baddbmm") else ins[:2]
+        tc = name.rstrip("_") in _MATMULS and all(t.dtype in (torch.bfloat16, torch.float16) for t in operands)
         self.ops.append(OpCost(f"aten.{name}", float(nbytes), op_flops(name, args, outs), tc))
         return out
 

@@ -1,7 +1,14 @@
-"""Test configuration: run Triton kernels in the CPU interpreter when no GPU is present.
+"""Test configuration: Triton kernels run in the CPU interpreter, whatever the host has.
 
-TRITON_INTERPRET must be set before any @triton.jit function is defined, so it is set here, before the
-test modules import fastkd's kernels. GPU-only tests use the `gpu` marker / `requires_cuda` skip.
+* ``TRITON_INTERPRET=1`` is set in :func:`pytest_configure`, before any test module imports fastkd's
+  kernels (it must be set before an ``@triton.jit`` function is defined), so the interpreter tests give the
+  same results on a laptop, in CI and on a GPU host. Exception — native Triton, for the ``gpu`` tests on
+  a CUDA host: ``pytest -m gpu`` (what ``make gpu-check`` runs), or ``FASTKD_TRITON_NATIVE=1``
+  (``FASTKD_TRITON_NATIVE=0`` forces the interpreter).
+* ``gpu``-marked tests are skipped without a real CUDA device, and in an interpreter session (their
+  Triton kernels must be compiled for the GPU: run ``pytest -m gpu``).
+* ``FASTKD_FAKE_CUDA=1`` patches ``torch.cuda.is_available`` to return True, to check that the interpreter
+  tests do not depend on the host (``FASTKD_FAKE_CUDA=1 pytest tests/test_triton_distill.py``).
 """
 
 from __future__ import annotations
@@ -10,8 +17,7 @@ import os
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+REAL_CUDA = torch.cuda.is_available()
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import pytest  # noqa: E402
@@ -23,7 +29,37 @@ settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+requires_cuda = pytest.mark.skipif(not REAL_CUDA, reason="needs a CUDA GPU")
+
+
+def _native_triton(config: pytest.Config) -> bool:
+    flag = os.environ.get("FASTKD_TRITON_NATIVE", "")
+    if flag in ("0", "1"):
+        return flag == "1"
+    expr = (config.getoption("markexpr", "") or "").replace(" ", "")
+    return REAL_CUDA and expr == "gpu"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if _native_triton(config):
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = "1"
+    if os.environ.get("FASTKD_FAKE_CUDA") == "1":
+        torch.cuda.is_available = lambda: True  # noqa: E731  (a host check; no CUDA call is made)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not REAL_CUDA:
+        reason = "needs a CUDA GPU"
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        reason = "gpu tests compile Triton for the device: run `pytest -m gpu` (make gpu-check)"
+    else:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

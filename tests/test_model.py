@@ -45,10 +45,12 @@ def test_matmul_flops_are_2mnk():
     with M.TorchCounter() as c:
         a @ b
         torch.addmm(acc, a, b)
+        acc.addmm_(a, b)
         torch.bmm(a[None].expand(2, 7, 5), b[None].expand(2, 5, 3))
-    assert [o.flops for o in c.ops] == [2 * 7 * 3 * 5, 2 * 7 * 3 * 5 + 7 * 3, 2 * 2 * 7 * 3 * 5]
+    mnk = 2 * 7 * 3 * 5
+    assert [o.flops for o in c.ops] == [mnk, mnk + 7 * 3, mnk + 7 * 3, 2 * mnk]
     # a stride-0 (broadcast) operand counts its stored elements once
-    assert c.ops[2].bytes == (7 * 5 + 5 * 3 + 2 * 7 * 3) * 4
+    assert c.ops[3].bytes == (7 * 5 + 5 * 3 + 2 * 7 * 3) * 4
 
 
 def test_masked_off_lanes_move_nothing():

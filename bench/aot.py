@@ -1,0 +1,288 @@
+"""sm_90 compile check of fastkd's Triton kernels without a GPU: ``python bench/aot.py [--all] [--json]``.
+
+The configurations are not listed here: they are captured from the wrappers. The public functions
+(``distill_loss``, ``sparse_distill_loss``, ``sinkhorn``, the gradient scaling) are called on small CPU
+tensors over a grid of user-visible choices (dtype × divergence × gradient / labels / temperature × sparse
+mode × K × Sinkhorn path and metric × vocabulary size); ``JITFunction.run`` is patched to record each launch
+(kernel, arguments, constexprs, num_warps) instead of running it. Each distinct launch is specialised as
+Triton's own launcher does (the kernel's binder: dtypes, integers equal to 1, 16-byte alignment) and compiled
+with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``; ``ptxas -v`` (Triton's own) on the
+PTX gives registers and spills, the compiled metadata the shared memory. The check fails (exit 1) on any
+compile error and on spills in a default configuration (every captured launch is one: the wrappers launch
+their defaults; timing-based autotune configurations, only used with ``FASTKD_AUTOTUNE=1``, are not
+checked). Without ``--all`` a representative subset (bf16, the default vocabulary block, every divergence and
+sparse mode, both Sinkhorn paths) keeps it short enough for ``make test``; ``make gpu-aot`` runs ``--all``.
+
+Must run with ``TRITON_INTERPRET`` unset (the kernels must be real ``JITFunction`` s): this module clears it
+before importing the kernels, then sets it so that fastkd's backend registry accepts the CPU tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SM = 90
+
+
+@dataclass
+class Launch:
+    """One captured launch: the JITFunction and the arguments it was called with."""
+
+    fn: Any
+    args: tuple
+    kwargs: dict
+    label: str
+
+
+@dataclass
+class Result:
+    kernel: str
+    label: str
+    constexprs: str
+    num_warps: int
+    regs: int | None = None
+    spill_bytes: int | None = None
+    shared: int | None = None
+    compile_s: float = 0.0
+    error: str | None = None
+    key: str = field(default="", repr=False)
+
+
+@contextlib.contextmanager
+def capturing(out: list[Launch], label: list[str]) -> Iterator[None]:
+    """Record every JITFunction launch (``label[0]`` names the call) and skip running it."""
+    from triton.runtime.jit import JITFunction
+
+    old = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        out.append(Launch(self, args, dict(kwargs), label[0]))
+        return None
+
+    JITFunction.run = run
+    try:
+        yield
+    finally:
+        JITFunction.run = old
+
+
+def _import_kernels() -> None:
+    """Import fastkd with TRITON_INTERPRET unset (real JITFunctions), then let the registry accept CPU tensors."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and "fastkd.kernels.distill" in sys.modules:
+        raise RuntimeError("bench/aot.py needs real JITFunctions: run it in a process without TRITON_INTERPRET=1")
+    os.environ.pop("TRITON_INTERPRET", None)
+    import fastkd.kernels.distill  # noqa: F401
+    import fastkd.kernels.sinkhorn  # noqa: F401
+    import fastkd.kernels.sparse  # noqa: F401
+
+    import fastkd  # noqa: F401
+
+    os.environ["TRITON_INTERPRET"] = "1"  # fastkd.core.registry: CPU tensors are acceptable (launches are faked)
+
+
+def calls(full: bool) -> Iterator[tuple[str, Callable[[], Any]]]:
+    """(label, call) pairs covering the user-visible choices that select kernel configurations."""
+    import torch
+
+    import fastkd
+    from fastkd.core.autograd import scale_grad_
+    from fastkd.sparse.op import MODES, SPARSE_DIVERGENCES
+
+    dtypes = (torch.bfloat16, torch.float32, torch.float16) if full else (torch.bfloat16,)
+    vocabs = (131072, 1000, 50257) if full else (131072,)
+    short = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}
+
+    def distill(dt, v, div, grad, labels, temp):
+        s = torch.zeros(2, v, dtype=dt).requires_grad_(grad)
+        t = torch.zeros(2, v, dtype=dt)
+        kw = {"labels": torch.zeros(2, dtype=torch.int64), "ce_weight": 0.5} if labels else {}
+        fastkd.distill_loss(s, t, div, temperature=temp, backend="triton", **kw)
+
+    for dt in dtypes:
+        for v in vocabs:
+            for div in fastkd.DIVERGENCES:
+                variants = [(True, False, 1.0)]
+                if full:
+                    variants += [(False, False, 1.0), (True, True, 1.0), (True, True, 2.0)]
+                elif div == "fkl":
+                    variants += [(True, True, 2.0)]
+                for grad, labels, temp in variants:
+                    yield (f"distill {div} {short[dt]} V={v} grad={grad} ce={labels} T={temp}",
+                           lambda dt=dt, v=v, div=div, grad=grad, labels=labels, temp=temp:
+                           distill(dt, v, div, grad, labels, temp))
+        g = torch.zeros(2, vocabs[0], dtype=dt)
+        yield f"scale_grad {short[dt]}", lambda g=g: scale_grad_(g, torch.full((2,), 2.0), True)
+
+    def sparse(dt, v, k, mode, div):
+        s = torch.zeros(2, v, dtype=dt).requires_grad_(True)
+        ids = torch.arange(k).repeat(2, 1)
+        if mode == "sampled":  # draws: values are counts
+            fastkd.sparse_distill_loss(s, ids, torch.ones(2, k), values="counts", mode=mode, divergence=div,
+                                       backend="triton")
+        else:
+            fastkd.sparse_distill_loss(s, ids, torch.full((2, k), -10.0), mode=mode, divergence=div,
+                                       backend="triton")
+
+    for dt in dtypes:
+        for k in (64, 8) if full else (64,):
+            for mode in MODES:
+                for div in SPARSE_DIVERGENCES if full or mode == "topk" else ("fkl",):
+                    yield (f"sparse {mode} {div} {short[dt]} K={k}",
+                           lambda dt=dt, k=k, mode=mode, div=div: sparse(dt, 128256, k, mode, div))
+
+    def sinkhorn(n, metric, with_cost):
+        x, y = torch.rand(2, n, 3), torch.rand(2, n + 3, 3)
+        if with_cost:
+            fastkd.sinkhorn(cost=torch.rand(2, n, n + 3), eps=0.1, max_iter=2, tol=0, backend="triton")
+        else:
+            fastkd.sinkhorn(x=x, y=y, metric=metric, eps=0.1, max_iter=2, tol=0, backend="triton")
+
+    metrics = ("sqeuclidean", "euclidean", "l1", "cosine") if full else ("sqeuclidean",)
+    for n in (40, 300):
+        for metric in metrics:
+            yield f"sinkhorn n={n} {metric}", lambda n=n, metric=metric: sinkhorn(n, metric, False)
+        yield f"sinkhorn n={n} cost", lambda n=n: sinkhorn(n, "sqeuclidean", True)
+
+
+def capture(full: bool) -> tuple[list[Launch], list[str]]:
+    """Every launch the wrappers make over :func:`calls`; and the calls that raised (not launches)."""
+    _import_kernels()
+    launches: list[Launch] = []
+    failures: list[str] = []
+    label = [""]
+    with capturing(launches, label):
+        for name, call in calls(full):
+            label[0] = name
+            try:
+                call()
+            except Exception as exc:  # a call may fail after its (skipped) launch reads garbage: fine if launched
+                if not any(lc.label == name for lc in launches):
+                    failures.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    return launches, failures
+
+
+_PTXAS_RE = {
+    "regs": re.compile(r"Used (\d+) registers"),
+    "spill_st": re.compile(r"(\d+) bytes spill stores"),
+    "spill_ld": re.compile(r"(\d+) bytes spill loads"),
+}
+
+
+def parse_ptxas(log: str) -> tuple[int | None, int]:
+    """(registers, spill bytes stored + loaded) from ``ptxas -v`` output (the largest over its functions)."""
+    regs = [int(m) for m in _PTXAS_RE["regs"].findall(log)]
+    spills = [int(a) + int(b) for a, b in zip(_PTXAS_RE["spill_st"].findall(log), _PTXAS_RE["spill_ld"].findall(log))]
+    return (max(regs) if regs else None), (max(spills) if spills else 0)
+
+
+def compile_launch(lc: Launch, seen: dict[str, Result]) -> Result | None:
+    """Compile one launch for sm_90 as the launcher would specialise it; None when already compiled."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", SM, 32)
+    backend = make_backend(target)
+    fn = lc.fn
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, opts = binder(*lc.args, **lc.kwargs)
+    options, sig, consts, attrs = fn._pack_args(backend, lc.kwargs, bound, spec, opts)
+    names = [p.name for p in fn.params]
+    cx = {names[k[0]]: v for k, v in consts.items() if sig.get(names[k[0]]) == "constexpr"}
+    key = f"{fn.__name__}|{sig}|{consts}|{attrs}|{options.num_warps}|{options.num_stages}"
+    if key in seen:
+        return None
+    res = Result(fn.__name__, lc.label, ", ".join(f"{k}={v}" for k, v in cx.items() if k.isupper()),
+                 options.num_warps, key=key)
+    seen[key] = res
+    t0 = time.perf_counter()
+    try:
+        ck = triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options=options.__dict__)
+        res.shared = int(ck.metadata.shared)
+        with tempfile.TemporaryDirectory() as tmp:
+            ptx = Path(tmp) / "k.ptx"
+            ptx.write_text(ck.asm["ptx"])
+            out = subprocess.run([get_ptxas(SM).path, "-v", f"--gpu-name=sm_{SM}a", str(ptx), "-o",
+                                  str(Path(tmp) / "k.o")], capture_output=True, text=True)
+            if out.returncode != 0:
+                raise RuntimeError(f"ptxas failed: {out.stderr.strip()[:300]}")
+            res.regs, res.spill_bytes = parse_ptxas(out.stdout + out.stderr)
+    except Exception as exc:
+        res.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''}"
+    res.compile_s = time.perf_counter() - t0
+    return res
+
+
+def check(launches: list[Launch], limit_s: float | None = None) -> list[Result]:
+    seen: dict[str, Result] = {}
+    results = []
+    start = time.perf_counter()
+    for lc in launches:
+        if limit_s is not None and time.perf_counter() - start > limit_s:
+            break
+        r = compile_launch(lc, seen)
+        if r is not None:
+            results.append(r)
+    return results
+
+
+def failures(results: list[Result]) -> list[str]:
+    """Compile errors and spills (every captured launch is a default configuration)."""
+    out = [f"{r.kernel} [{r.constexprs}] ({r.label}): {r.error}" for r in results if r.error]
+    out += [f"{r.kernel} [{r.constexprs}] ({r.label}): {r.spill_bytes} bytes of register spills"
+            for r in results if not r.error and r.spill_bytes]
+    return out
+
+
+def print_table(results: list[Result]) -> None:
+    print(f"{'kernel':<28} {'warps':>5} {'regs':>5} {'spill':>6} {'smem':>7} {'s':>5}  constexprs / first call")
+    for r in results:
+        status = "ERROR " + (r.error or "") if r.error else ""
+        print(f"{r.kernel:<28} {r.num_warps:>5} {r.regs if r.regs is not None else '-':>5} "
+              f"{r.spill_bytes if r.spill_bytes is not None else '-':>6} "
+              f"{r.shared if r.shared is not None else '-':>7} {r.compile_s:>5.1f}  [{r.constexprs}] ({r.label}) "
+              f"{status}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="sm_90 compile check of every Triton kernel configuration")
+    parser.add_argument("--all", action="store_true", help="every dtype, vocabulary size and variant (slow)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args(argv)
+    import warnings
+
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+    t0 = time.perf_counter()
+    launches, call_errors = capture(args.all)
+    results = check(launches)
+    bad = call_errors + failures(results)
+    if args.json:
+        print(json.dumps([{k: v for k, v in r.__dict__.items() if k != "key"} for r in results], indent=1))
+    else:
+        print_table(results)
+        print(f"{len(results)} distinct configurations from {len(launches)} launches compiled for sm_{SM} in "
+              f"{time.perf_counter() - t0:.0f} s")
+    for line in bad:
+        print(f"FAIL {line}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
