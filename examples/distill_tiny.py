@@ -246,7 +246,7 @@ def _counts(draws: torch.Tensor, v: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _build_caches(tmp: Path, t_hidden: list[torch.Tensor], wt: torch.Tensor, ks: tuple[int, ...], seeds: int,
-                  temperature: float) -> tuple[dict[tuple, list[tuple]], dict[tuple, float]]:
+                  temperature: float) -> tuple[dict[tuple, list[tuple]], dict[tuple, float], dict[int, float]]:
     """Write every TeacherCache of the study in one pass over the teacher's hidden states, read them back.
 
     Per K: "topk" (top-K log-probs of softmax(z / T), no tail), "topk_tail" (the same + the exact log tail
@@ -255,7 +255,8 @@ def _build_caches(tmp: Path, t_hidden: list[torch.Tensor], wt: torch.Tensor, ks:
     The top-max(K) and max(K) draws are computed once per batch: the top-K are its first K columns (sorted),
     the tail of K adds the dropped columns' mass to the stored tail, and K draws are the first K of them.
     Returns targets[(mode, K, seed)] = per batch (ids (B, T, K), values (B, T, K), tail (B, T) | None)
-    (seed None for the deterministic top-k modes) and bytes_per_token[(mode, K)].
+    (seed None for the deterministic top-k modes), bytes_per_token[(mode, K)] and the teacher's mean mass
+    outside its top K, tail_mass[K] (how much a renormalised top-K target inflates the K kept entries).
     """
     from fastkd.cache import TeacherCache, topk_from_hidden
 
@@ -266,6 +267,8 @@ def _build_caches(tmp: Path, t_hidden: list[torch.Tensor], wt: torch.Tensor, ks:
     writers = {key: TeacherCache.create(tmp / "-".join(map(str, key)), vocab_size=v, k=key[1],
                                         values="counts" if key[0] == "sampled" else "logprobs",
                                         store_tail=key[0] == "topk_tail") for key in keys}
+    tail_mass: dict[int, float] = {}
+    n_tokens = sum(hb.shape[0] * hb.shape[1] for hb in t_hidden)
     for hb in t_hidden:
         h = hb.reshape(-1, hb.shape[-1])
         ids, logp, tail = topk_from_hidden(h, wt, k=kmax, temperature=temperature)
@@ -276,6 +279,8 @@ def _build_caches(tmp: Path, t_hidden: list[torch.Tensor], wt: torch.Tensor, ks:
                 writers[(mode, k, seed)].add(*_counts(draws[seed][:, :k], v))
             else:  # mass outside the top K = stored tail + the top-kmax entries beyond K
                 tail_k = torch.logsumexp(torch.cat([tail[:, None], logp[:, k:]], 1), 1)
+                if mode == "topk_tail":
+                    tail_mass[k] = tail_mass.get(k, 0.0) + float(tail_k.exp().sum()) / n_tokens
                 writers[(mode, k, seed)].add(ids[:, :k], logp[:, :k], tail_k if mode == "topk_tail" else None)
     targets, bpt = {}, {}
     for key, w in writers.items():
@@ -288,7 +293,30 @@ def _build_caches(tmp: Path, t_hidden: list[torch.Tensor], wt: torch.Tensor, ks:
             tail = e["teacher_tail"].view(lead) if key[0] == "topk_tail" else None
             out.append((e["teacher_ids"].view(*lead, -1), e["teacher_values"].view(*lead, -1), tail))
         targets[key] = out
-    return targets, bpt
+    return targets, bpt, tail_mass
+
+
+def _grad_error(m: TinyLM, batches: list[torch.Tensor], t_hidden: list[torch.Tensor], wt: torch.Tensor,
+                targets: list[tuple], mode: str, temperature: float) -> float:
+    """Σ‖g_sparse − g_dense‖² / Σ‖g_dense‖² of the KD loss's gradient w.r.t. the student's parameters, per batch.
+
+    g_dense: the full forward-KL loss at T from the teacher's hidden states; g_sparse: the same loss from the
+    stored targets (both mean over the batch's tokens, × T², no CE). For top-k it is the squared bias of a
+    step, for sampled (unbiased) the variance of one batch's draws, both relative to the dense step.
+    """
+    params = [p for p in m.parameters() if p.requires_grad]
+    values = "counts" if mode == "sampled" else "logprobs"
+    kw = dict(temperature=temperature, scale_by_t2=True)
+    num = den = 0.0
+    for b, ht, (ids, vals, tail) in zip(batches, t_hidden, targets, strict=False):
+        h = m.hidden(b[:, :-1])
+        gd = torch.autograd.grad(fastkd.fused_linear_distill_loss(h, m.lm_head.weight, ht, wt, divergence="fkl",
+                                                                  **kw), params, retain_graph=True)
+        gs = torch.autograd.grad(fastkd.fused_linear_sparse_distill_loss(
+            h, m.lm_head.weight, ids, vals, teacher_tail=tail, mode=mode, values=values, **kw), params)
+        num += sum(float((x - y).square().sum()) for x, y in zip(gs, gd, strict=True))
+        den += sum(float(y.square().sum()) for y in gd)
+    return num / den
 
 
 def sparse_study(quick: bool, temperature: float, as_json: bool) -> dict:
@@ -346,7 +374,7 @@ def sparse_study(quick: bool, temperature: float, as_json: bool) -> dict:
     t_train = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        targets, bpt = _build_caches(Path(tmp), t_hidden, wt, cfg["ks"], cfg["seeds"], temperature)
+        targets, bpt, tail_mass = _build_caches(Path(tmp), t_hidden, wt, cfg["ks"], cfg["seeds"], temperature)
         t_cache = time.perf_counter() - t0
     for seed in range(cfg["seeds"]):
         runs = [(("ce", 0), ce_only, [(b,) for b in batches]),
@@ -360,6 +388,8 @@ def sparse_study(quick: bool, temperature: float, as_json: bool) -> dict:
             sec = train(m, items, fn, 3e-3)
             t_train += sec
             ppl.setdefault(key, []).append(perplexity(m, val))
+            if seed == 0 and key[0] == "ce":
+                s_ce = m
             print(f"  seed {seed} {key[0]:<9} K={key[1]:<2} val ppl {ppl[key][-1]:.3f}  train {sec:.1f} s "
                   f"(elapsed {time.perf_counter() - t_start:.0f} s)", file=sys.stderr, flush=True)
 
@@ -374,9 +404,13 @@ def sparse_study(quick: bool, temperature: float, as_json: bool) -> dict:
     for mode in STUDY_MODES:
         for k in cfg["ks"]:
             mu, sd = mean_std(ppl[(mode, k)])
+            err = _grad_error(s_ce, batches[:4], t_hidden[:4], wt, targets[(mode, k, 0 if mode == "sampled" else None)],
+                              mode, temperature)
             rows.append({"mode": mode, "k": k, "bytes_per_token": round(bpt[(mode, k)], 2), "ppl": mu,
-                         "ppl_std": sd, "recovered": (ce - mu) / gain if gain > 0 else float("nan")})
+                         "ppl_std": sd, "recovered": (ce - mu) / gain if gain > 0 else float("nan"),
+                         "grad_rel_err": err})
     result = {"ce": ce, "dense": dn, "sparse": rows, "ce_std": ce_sd, "dense_std": dn_sd, "teacher": t_ppl,
+              "teacher_tail_mass": {str(k): m for k, m in tail_mass.items()},
               "temperature": temperature, "config": cfg, "wall_s": {
                   "total": time.perf_counter() - t_start, "teacher": t_teacher, "caches": t_cache,
                   "students": t_train}}
@@ -393,12 +427,16 @@ def print_study(r: dict, file=sys.stdout) -> None:
            f"dim {cfg['s_dim']}×1, context {cfg['ctx']}, batch {cfg['bsz']}, {cfg['s_steps']} steps, "
            f"{cfg['seeds']} seeds; KD = fkl at T={r['temperature']:g} (× T²) + CE (weight 1)",
            "val perplexity: mean ± std over seeds, lower is better; recovered = (ppl_CE − ppl) / (ppl_CE − "
-           "ppl_dense), mean ppl", "",
-           "| student | K | cache B/token | val ppl | recovered |", "|---|---:|---:|---:|---:|",
-           f"| CE only | | 0 | {r['ce']:.3f} ± {r['ce_std']:.3f} | 0% |",
-           f"| dense fused KD (teacher online) | | | {r['dense']:.3f} ± {r['dense_std']:.3f} | 100% |"]
+           "ppl_dense), mean ppl; grad rel. err = ‖g_sparse − g_dense‖² / ‖g_dense‖² of the KD loss's "
+           "gradient w.r.t. the student's parameters on 4 training batches, at the seed-0 CE student (top-k: "
+           "squared bias; sampled: one batch's sampling variance)", "",
+           "| student | K | cache B/token | val ppl | recovered | grad rel. err |", "|---|---:|---:|---:|---:|---:|",
+           f"| CE only | | 0 | {r['ce']:.3f} ± {r['ce_std']:.3f} | 0% | |",
+           f"| dense fused KD (teacher online) | | | {r['dense']:.3f} ± {r['dense_std']:.3f} | 100% | 0 |"]
     out += [f"| sparse {x['mode']} | {x['k']} | {x['bytes_per_token']:.1f} | {x['ppl']:.3f} ± {x['ppl_std']:.3f} | "
-            f"{x['recovered']:.0%} |" for x in r["sparse"]]
+            f"{x['recovered']:.0%} | {x['grad_rel_err']:.3f} |" for x in r["sparse"]]
+    out.append("\nthe teacher's mean probability mass outside its top K at this T: " + ", ".join(
+        f"K={k} {m:.3f}" for k, m in r["teacher_tail_mass"].items()))
     out.append(f"\nwall {w['total']:.0f} s: teacher {w['teacher']:.0f} s, caches {w['caches']:.0f} s, "
                f"student training {w['students']:.0f} s")
     print("\n".join(out), file=file)
@@ -532,7 +570,7 @@ def main() -> None:
 
     print(f"\nbyte-level LM on stdlib sources: teacher dim {t_dim}×2 layers, students dim {s_dim}×1 layer, "
           f"context {ctx}, batch {bsz}, {s_steps} student steps\n")
-    print(f"{'model':<72} {'val ppl':>8} {'train s':>8}")
+    print(f"{'model (val ppl = held-out perplexity, lower is better)':<72} {'val ppl':>8} {'train s':>8}")
     for name, ppl, sec in rows:
         print(f"{name:<72} {ppl:>8.3f} {sec:>8.1f}")
 
