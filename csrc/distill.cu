@@ -1,7 +1,7 @@
 // Divergence losses on logits: one block per row, one kernel template parameterised by the divergence.
-// Divergence codes and hyperparameter slots come from the table fastkd/core/divergences.py (fastkd.h enums,
-// tested against it); endpoint rules (jsd at beta = 0 -> fkl, skl at alpha = 1 -> kZero, ...) are applied
-// by the Python launcher, so each case below only sees the open range of its hyperparameters.
+// Divergence codes (the Divergence enum below) and hyperparameter slots (fastkd.h Hyper enum) come from the
+// table fastkd/core/divergences.py (tested against it); its endpoint rules (jsd at beta = 0 -> fkl, skl at
+// alpha = 1 -> kZero, ...) are applied by the Python launcher, so each case sees only the open range.
 //
 // Per row i with weight w = weight[i] (w == 0: loss 0, gradient 0, logits never read), tempered logits
 // s = z_s / T (student), x = z_t / T (teacher; for taid x = (1−t)·s + t·z_t/T), all math in fp32:
@@ -18,6 +18,13 @@
 
 namespace fastkd {
 namespace {
+
+// Divergence codes: the table fastkd/core/divergences.py CODES (tests/test_divergences.py and
+// tests/test_cuda_build.py parse this enum and assert equality). kZero is the table's internal target of
+// endpoint rules (skl / srkl at alpha = 1).
+enum Divergence : int {
+  kFKL = 0, kRKL = 1, kJSD = 2, kSymKL = 3, kSKL = 4, kSRKL = 5, kTVD = 6, kAKL = 7, kTAID = 8, kAB = 9, kZero = 10
+};
 
 constexpr int kUnroll = 2;
 // akl bracket top: just above the bits of 1.0f, so no probability reaches it (kernels/distill.py P_BITS_HI).

@@ -13,11 +13,8 @@ namespace fastkd {
 // Element type of a floating-point tensor (matches fastkd/_cpp_lib.py DTYPE_CODES).
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// Divergence codes: the table fastkd/core/divergences.py CODES (tests/test_divergences.py parses this enum and
-// asserts equality). kZero is the table's internal target of endpoint rules (skl / srkl at alpha = 1).
-enum Divergence : int {
-  kFKL = 0, kRKL = 1, kJSD = 2, kSymKL = 3, kSKL = 4, kSRKL = 5, kTVD = 6, kAKL = 7, kTAID = 8, kAB = 9, kZero = 10
-};
+// Divergence codes: `enum Divergence` in csrc/distill.cu, its only user (launch_distill takes the code as an
+// int), so that a new divergence touches one C++ file.
 
 // Hyperparameter slots of DistillArgs::hyper, in fastkd/core/divergences.py HYPER_NAMES order (tested).
 enum Hyper : int { kBeta = 0, kAlpha = 1, kMu = 2, kT = 3, kNumHyper = 4 };

@@ -4,7 +4,8 @@ Notation (one row, after temperature): s = z_s / T (student), t = z_t / T (teach
 log p = t − lse_t. Every divergence D gives the vector qg = q·∂D/∂q; the gradient with respect to the raw
 student logits is then ``w · (kd_scale/T · (qg − q·Σqg) + ce_weight · (softmax(z_s) − onehot(label)))``
 (the softmax chain rule), exactly the mechanism of ``fastkd/distill/torch_impl.py``. Terms
-``x·(log x − log y)`` are 0 where x == 0, so ``-inf`` logits are legal.
+``x·(log x − log y)`` are 0 where x == 0, so ``-inf`` logits are legal; the guard is ``x != 0`` (not
+``x > 0``) so that a NaN probability (NaN or +inf logit on either side) makes the loss NaN.
 
 ``_distill_kernel`` — grid ``(N,)``: one program owns one row and loops over vocabulary blocks:
 
@@ -77,7 +78,7 @@ def _online(m, d, a, x, y):
     scale = tl.exp(m - ms)
     e = tl.exp(x - ms)
     d = d * scale + tl.sum(e, 0)
-    a = a * scale + tl.sum(tl.where(e > 0, e * (x - y), 0.0), 0)
+    a = a * scale + tl.sum(tl.where(e != 0, e * (x - y), 0.0), 0)
     return m_new, d, a
 
 
@@ -101,14 +102,14 @@ def _mix_terms(lp, lq, p, q, c1, c2, lw_a, lw_b, DIV: tl.constexpr):
     else:
         lm = _lae(lp + lw_a, lq + lw_b)
         if DIV == JSD:  # β KL(p‖m) + (1−β) KL(q‖m)
-            qg = (1.0 - c1) * tl.where(q > 0, q * (lq - lm), 0.0)
-            d_el = c1 * tl.where(p > 0, p * (lp - lm), 0.0) + qg
+            qg = (1.0 - c1) * tl.where(q != 0, q * (lq - lm), 0.0)
+            d_el = c1 * tl.where(p != 0, p * (lp - lm), 0.0) + qg
         elif DIV == SKL:  # KL(p ‖ αp + (1−α)q)
-            d_el = tl.where(p > 0, p * (lp - lm), 0.0)
-            qg = -(1.0 - c1) * tl.where(p > 0, tl.exp(lp + lq - lm), 0.0)
+            d_el = tl.where(p != 0, p * (lp - lm), 0.0)
+            qg = -(1.0 - c1) * tl.where(p != 0, tl.exp(lp + lq - lm), 0.0)
         else:  # srkl: KL(q ‖ (1−α)p + αq)
-            d_el = tl.where(q > 0, q * (lq - lm), 0.0)
-            qg = d_el - c1 * tl.where(q > 0, tl.exp(2.0 * lq - lm), 0.0)
+            d_el = tl.where(q != 0, q * (lq - lm), 0.0)
+            qg = d_el - c1 * tl.where(q != 0, tl.exp(2.0 * lq - lm), 0.0)
     return d_el, qg
 
 
@@ -324,10 +325,10 @@ def _distill_kernel(
                 if DIV == FKL:
                     qg = -tl.exp(t - lse_t)
                 elif DIV == RKL:
-                    qg = tl.where(q > 0, q * (lq - (t - lse_t)), 0.0)
+                    qg = tl.where(q != 0, q * (lq - (t - lse_t)), 0.0)
                 elif (DIV == SYMKL) | (DIV == AKL):
                     lp = t - lse_t
-                    qg = -w_f * tl.exp(lp) + w_r * tl.where(q > 0, q * (lq - lp), 0.0)
+                    qg = -w_f * tl.exp(lp) + w_r * tl.where(q != 0, q * (lq - lp), 0.0)
                 elif DIV == TAID:
                     u = tl.where(c1 == 0.0, s, tl.where(c1 == 1.0, t, (1.0 - c1) * s + c1 * t))
                     qg = -tl.exp(u - lse_u)

@@ -205,6 +205,27 @@ def test_nan_input_gives_nan():
     assert torch.isnan(loss[0]) and torch.isfinite(loss[1])
 
 
+@pytest.mark.parametrize("side", ["teacher", "student"])
+@pytest.mark.parametrize(("div", "kw"), [(d, {}) for d in DIVS] + [("skl", {"alpha": 1.0}), ("jsd", {"beta": 0.0})])
+def test_nan_or_inf_in_either_input_gives_nan(div, kw, side):
+    """Issue 13 item 2: NaN / +inf in the teacher (or student) gives a NaN loss for that row, as on torch / Triton."""
+    for bad in (math.nan, math.inf):
+        s, t = _logits((3, 300), torch.float32), _logits((3, 300), torch.float32)
+        (t if side == "teacher" else s)[1, 7] = bad
+        loss, _ = _run(s, t, div, reduction="none", **kw)
+        assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+
+
+def test_label_out_of_range_gives_nan_without_reading_outside_the_row():
+    """Issue 13 item 3: value checks are off for CUDA tensors; a bad label must not be dereferenced."""
+    from fastkd.core.params import DistillParams
+    from fastkd.distill import cuda_impl
+
+    s, t = _logits((3, 50), torch.float32), _logits((3, 50), torch.float32)
+    labels = torch.tensor([50, -1, 4], device="cuda")
+    loss = cuda_impl.distill_forward(s, t, labels, torch.ones(3, device="cuda"), None, DistillParams(ce_weight=1.0))
+    assert torch.isnan(loss[:2]).all() and torch.isfinite(loss[2])
+
 @pytest.mark.parametrize(("div", "kw"), [
     ("jsd", {"beta": 0.0}), ("jsd", {"beta": 1.0}), ("skl", {"alpha": 0.0}), ("skl", {"alpha": 1.0}),
     ("srkl", {"alpha": 0.0}), ("srkl", {"alpha": 1.0}), ("symkl", {"beta": 0.2}), ("taid", {"t": 0.0}),
@@ -281,7 +302,10 @@ def test_launch_error_raises_with_cuda_string():
     loss = torch.empty(2, device="cuda")
     with pytest.raises(RuntimeError, match="CUDA error"):  # unknown dtype code → cudaErrorInvalidValue
         lib.distill(s.data_ptr(), s.data_ptr(), 0, 0, w.data_ptr(), loss.data_ptr(), 2, 8, 8, 8, 0, 9, 0,
-                    1.0, 1.0, 0.5, 0.1, 0.5, 0.5, 0.0, torch.cuda.current_stream().cuda_stream)
+                    1.0, 1.0, [0.5, 0.1, 0.5, 0.5], 0.0, torch.cuda.current_stream().cuda_stream)
+    with pytest.raises(ValueError, match="hyper"):  # wrong number of hyperparameters (std::invalid_argument)
+        lib.distill(s.data_ptr(), s.data_ptr(), 0, 0, w.data_ptr(), loss.data_ptr(), 2, 8, 8, 8, 0, 0, 0,
+                    1.0, 1.0, [0.5], 0.0, torch.cuda.current_stream().cuda_stream)
 
 
 # ---------------------------------------------------------------------------------------------------------

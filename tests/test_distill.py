@@ -124,6 +124,53 @@ def test_nan_input_gives_nan():
     assert math.isfinite(out[0].item()) and math.isnan(out[1].item())
 
 
+@pytest.mark.parametrize("side", ["teacher", "student"])
+@pytest.mark.parametrize(("div", "kw"), [(d, {}) for d in DIVS] + [("skl", {"alpha": 1.0}), ("jsd", {"beta": 0.0})])
+def test_nan_or_inf_in_either_input_gives_nan(div, kw, side):
+    """Issue 13 item 2: a NaN / +inf teacher logit gave loss 0.0 here (the 0·log 0 guard ate the NaN)."""
+    for bad in (math.nan, math.inf):
+        s, t = _inputs((3, 40), torch.float32, seed=5)
+        (t if side == "teacher" else s)[1, 7] = bad
+        out = fastkd.distill_loss(s.requires_grad_(), t, div, reduction="none", backend="torch", **kw)
+        assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all()
+
+
+def test_taid_at_t0_does_not_read_the_teacher():
+    """taid at t = 0 is KL(sg(q)‖q) ≡ 0 whatever the teacher (reference, torch and Triton agree)."""
+    s, t = _inputs((2, 9), torch.float32)
+    t[0, 1] = math.nan
+    out = fastkd.distill_loss(s, t, "taid", t=0.0, reduction="none", backend="torch")
+    assert torch.equal(out, torch.zeros(2)) and torch.equal(out, R.distill_loss(s, t, "taid", t=0.0,
+                                                                                reduction="none"))
+
+
+def test_label_out_of_range_in_backend_gives_nan():
+    """The op rejects bad labels on CPU; the backend itself never indexes with one (loss NaN for that row)."""
+    from fastkd.core.params import DistillParams
+    from fastkd.distill import torch_impl
+
+    s, t = _inputs((3, 10), torch.float32)
+    loss = torch_impl.distill_forward(s, t, torch.tensor([10, -1, 4]), torch.ones(3), None,
+                                      DistillParams(ce_weight=1.0))
+    assert torch.isnan(loss[:2]).all() and torch.isfinite(loss[2])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_inplace_grad_on_overlapping_student_is_a_clear_error(backend):
+    """Issue 13 item 4: an expanded (stride-0) student gave a wrong loss (Triton) or an internal error (torch)."""
+    base = torch.randn(1, 10, requires_grad=True)
+    t = torch.randn(3, 10)
+    with pytest.raises(ValueError, match="inplace_grad.*student_logits"):
+        fastkd.distill_loss(base.expand(3, 10), t, inplace_grad=True, backend=backend)
+    leaf = torch.randn(12, requires_grad=True)
+    overlapping = leaf.as_strided((3, 10), (1, 1))
+    with pytest.raises(ValueError, match="inplace_grad.*student_logits"):
+        fastkd.distill_loss(overlapping, t, inplace_grad=True, backend=backend)
+    # a non-overlapping strided student is fine
+    s = torch.randn(3, 20)[:, ::2].clone().requires_grad_()
+    fastkd.distill_loss(s * 1.0, t, inplace_grad=True, backend="torch").backward()
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("use_items", [False, True])
 def test_reductions_masks_and_grad_output(reduction, use_items):

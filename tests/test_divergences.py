@@ -87,17 +87,15 @@ def test_triton_codes_and_arguments_are_the_table():
 
 def test_cpp_enums_are_the_table():
     header = (ROOT / "csrc" / "fastkd.h").read_text()
-    block = header.split("enum Divergence")[1].split("};")[0]
+    cu = (ROOT / "csrc" / "distill.cu").read_text()
+    block = cu.split("enum Divergence")[1].split("};")[0]
     enum = {k.lower(): int(v) for k, v in re.findall(r"k(\w+) = (\d+)", block)}
     assert enum == DV.CODES
+    for key in re.findall(r"k(\w+) = ", block):  # every code has a launch case
+        assert f"case k{key}: return launch_typed<T, k{key}>" in cu
     block = header.split("enum Hyper")[1].split("};")[0]
     hyper = {k.lower(): int(v) for k, v in re.findall(r"k(\w+) = (\d+)", block)}
     assert hyper == {**{n: i for i, n in enumerate(DV.HYPER_NAMES)}, "numhyper": len(DV.HYPER_NAMES)}
-    cu = (ROOT / "csrc" / "distill.cu").read_text()
-    for name in DV.CODES:  # every code has a launch case
-        key = next(k for k in re.findall(r"k(\w+) = ", header.split("enum Divergence")[1].split("};")[0])
-                   if k.lower() == name)
-        assert f"case k{key}: return launch_typed<T, k{key}>" in cu
 
 
 def test_reference_and_torch_dispatch_cover_the_table():
@@ -260,3 +258,16 @@ def test_ab_fused_linear_path(backend):
     torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-6)
     torch.testing.assert_close(hx.grad.double(), hr.grad, rtol=2e-4, atol=2e-6)
     torch.testing.assert_close(wx.grad.double(), wr.grad, rtol=2e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("div", ["fkl", "skl", "ab"])
+def test_fused_nan_teacher_gives_nan(backend, div):
+    """Issue 13 item 2 on the fused path: the per-chunk backends propagate a NaN teacher logit."""
+    h, w = torch.randn(4, 8), torch.randn(40, 8)
+    t = torch.randn(4, 40)
+    t[2, 3] = math.nan
+    with TD.override_config(block_v=32):
+        out = fastkd.fused_linear_distill_loss(h, w, teacher_logits=t, divergence=div, reduction="none",
+                                               backend=backend)
+    assert torch.isnan(out[2]) and torch.isfinite(out[[0, 1, 3]]).all()

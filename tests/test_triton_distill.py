@@ -194,6 +194,30 @@ def test_nan_input_gives_nan():
     assert torch.isnan(loss[0]) and torch.isfinite(loss[1])
 
 
+@pytest.mark.parametrize("side", ["teacher", "student"])
+@pytest.mark.parametrize(("div", "kw"), [(d, {}) for d in DIVS] + [("skl", {"alpha": 1.0}), ("jsd", {"beta": 0.0})])
+def test_nan_or_inf_in_either_input_gives_nan(div, kw, side):
+    """Issue 13 item 2: skl (NaN teacher) and srkl (NaN student) gave a finite loss (the x > 0 guard ate it)."""
+    for bad in (math.nan, math.inf):
+        s, t = _logits((3, 67), torch.float32), _logits((3, 67), torch.float32)
+        (t if side == "teacher" else s)[1, 7] = bad
+        loss, _ = _run(s, t, div, reduction="none", **kw)
+        assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+
+
+def test_label_out_of_range_is_never_read():
+    """Issue 13 item 3: the kernel loaded the label's logit unmasked. Row 0's label V would read row 1's first
+    logit and row 1's label −1 row 0's last one (finite garbage); the masked load gives NaN for those rows."""
+    s, t = _logits((3, 131), torch.float32), _logits((3, 131), torch.float32)
+    labels = torch.tensor([131, -1, 5])
+    for grad in (None, torch.empty_like(s)):
+        with TD.override_config(block_v=BLOCK):
+            loss = TD.distill_forward(s, t, labels, torch.ones(3), grad, DistillParams(ce_weight=0.5))
+        assert torch.isnan(loss[:2]).all() and torch.isfinite(loss[2])
+        ref = TD.distill_forward(s[2:], t[2:], labels[2:], torch.ones(1), None, DistillParams(ce_weight=0.5))
+        torch.testing.assert_close(loss[2:], ref)
+
+
 @pytest.mark.parametrize(("div", "kw"), [
     ("jsd", {"beta": 0.0}), ("jsd", {"beta": 1.0}), ("skl", {"alpha": 0.0}), ("skl", {"alpha": 1.0}),
     ("srkl", {"alpha": 0.0}), ("srkl", {"alpha": 1.0}), ("symkl", {"beta": 0.2}), ("taid", {"t": 0.0}),
