@@ -47,3 +47,36 @@ test: setup-test lint csrc-check
 
 clean:
 	rm -rf $(VENV) build *.egg-info bench/results
+
+# ---- GPU checks (bench/model.py, bench/aot.py, bench/gpu_suite.py; README "GPU check") ----------------------
+.PHONY: model gpu-aot gpu-check
+GPU_PY ?= python3
+OUT ?= bench/results/gpu-check
+GPU_SUITE_CAP ?= 180
+
+# cost model of the GPU suite's cases (model, not measured), on this CPU
+model: setup-bench
+	$(PY) bench/model.py --gpu h200
+
+# every Triton kernel configuration the wrappers launch, compiled for sm_90 without a GPU (make test: a subset)
+gpu-aot: setup-bench
+	env -u TRITON_INTERPRET TRITON_DEFAULT_FP_FUSION=1 $(PY) bench/aot.py --all
+
+# one command on a machine with a CUDA GPU and no network (<= 8 min on one H200): install this checkout into
+# $(GPU_PY)'s environment (no downloads) building csrc/ with all cores, the gpu tests with native Triton, then a
+# trimmed suite (no torch.compile, short budget, total cap) that appends each case to $(OUT) when it finishes
+gpu-check:
+	@$(GPU_PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null || { \
+	  echo "make gpu-check: no CUDA GPU visible to $(GPU_PY) (torch.cuda.is_available() is False or torch is missing)."; \
+	  echo "  It needs a CUDA machine; here use 'make test', 'make gpu-aot' and 'python bench/model.py'."; exit 2; }
+	@mkdir -p $(OUT)
+	set -o pipefail; MAX_JOBS=$$(nproc) timeout 150 $(GPU_PY) -m pip install -q --no-deps --no-build-isolation \
+	  --no-index -e . 2>&1 | tee $(OUT)/install.log || { echo "csrc/ build failed: installing without the CUDA extension"; \
+	  FASTKD_SKIP_CUDA_BUILD=1 $(GPU_PY) -m pip install -q --no-deps --no-build-isolation --no-index -e .; }
+	set -o pipefail; timeout 120 $(GPU_PY) -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
+	  $$(grep -l "mark.gpu" tests/test_*.py) 2>&1 | tee $(OUT)/pytest-gpu.log; echo $$? > $(OUT)/pytest.rc
+	set -o pipefail; PYTHONUNBUFFERED=1 timeout $$(( $(GPU_SUITE_CAP) + 30 )) $(GPU_PY) bench/gpu_suite.py --no-compile \
+	  --budget 0.5 --time-cap $(GPU_SUITE_CAP) --out $(OUT) --model bench/model_h200.json 2>&1 | tee $(OUT)/suite.log; \
+	  echo $$? > $(OUT)/suite.rc
+	@p=$$(cat $(OUT)/pytest.rc); s=$$(cat $(OUT)/suite.rc); \
+	  echo "make gpu-check: pytest -m gpu exit $$p, gpu_suite exit $$s; logs and results in $(OUT)"; test "$$p$$s" = 00

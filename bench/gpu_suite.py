@@ -11,7 +11,7 @@ backend's own reasons (``fastkd.core.registry.select``) where it cannot run.
 * ``fused-<div>`` for fkl / jsd: ``fastkd.fused_linear_distill_loss`` with N=8192, Hs=2048, Ht=4096,
   V=128256, bf16, vs Liger's chunked LigerFusedLinearJSD (jsd) and the four GEMMs alone ("matmuls").
   Derived: time / GEMMs, speed-up vs liger.
-* ``sparse-fkl-k64``: ``fastkd.fused_linear_sparse_distill_loss`` (top-K=64 teacher, fkl), N=8192,
+* ``sparse-fkl-topk``: ``fastkd.fused_linear_sparse_distill_loss`` (top-K=64 teacher, fkl), N=8192,
   H=2048, V=128256, bf16; fastkd-triton / -torch / -cuda vs "student-matmuls" (h Wᵀ, G W, Gᵀ h alone),
   "dense-fused" (the dense teacher through fused_linear_distill_loss) and "naive". Derived: time /
   student GEMMs (target ≤ 1.1), speed-up vs dense-fused and vs naive. Error: loss, grad_h rows and
@@ -34,7 +34,13 @@ Extending: append a :class:`SuiteCase` to :data:`SUITE` (or call :func:`add_case
 
 ``--dry-run``: every case at tiny sizes on the CPU (Triton in its interpreter, no memory measurement;
 torch.compile, Liger and the cuda backend skipped with reasons; POT and GeomLoss run on CPU tensors,
-Sinkhorn with 20 iterations) — a smoke test of the whole suite for CI (~7 s on a 2-core machine).
+Sinkhorn with 20 iterations) — a smoke test of the whole suite for CI (~7 s on a 2-core machine). Its
+timings mean nothing (the derived GB/s and ratios are left blank).
+
+Trimmed runs (``make gpu-check``): ``--no-compile`` skips torch.compile; ``--budget`` seconds of timing
+per measurement; ``--time-cap`` seconds in all (cases not started by then are listed as skipped); each
+case's rows are appended to the results files as soon as the case finishes; ``--model FILE`` (the JSON of
+``python bench/model.py --json``) prints each case's measured times next to the cost model's prediction.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +128,19 @@ def _no_compile(inputs: dict[str, Any], mode: str) -> Any:
     raise Skip("torch.compile is not run in --dry-run")
 
 
+def _compile_not_asked(inputs: dict[str, Any], mode: str) -> Any:
+    raise Skip("torch.compile not asked for (--compile): cold compiles take minutes")
+
+
+COMPILE = {"on": True}  # main() sets it from --compile (default on, off in make gpu-check)
+
+
+def _compile_setup(setup: Callable[..., Any], dry: bool) -> Callable[..., Any]:
+    if dry:
+        return _no_compile
+    return setup if COMPILE["on"] else _compile_not_asked
+
+
 def require_backend(op: str, backend: str, **probe: Any) -> None:
     """Raise :class:`Skip` (the backend's own reasons) unless fastkd's ``backend`` can run ``op`` on
     tensors like ``probe`` (same device and dtype; ``fastkd.core.registry.select`` checks them)."""
@@ -171,7 +191,7 @@ def setup_distill_fastkd(inputs: dict[str, Any], mode: str, *, divergence: str, 
 
 def distill_case(divergence: str, device: torch.device, dry: bool) -> Case:
     n, v = (16, 300) if dry else (8192, 128256)
-    comp = _no_compile if dry else functools.partial(BD.setup_compile, divergence=divergence)
+    comp = _compile_setup(functools.partial(BD.setup_compile, divergence=divergence), dry)
     providers = [
         Provider("naive", sliced(functools.partial(BD.setup_naive, divergence=divergence), (1,))),
         Provider("torch.compile", sliced(comp, (1,)), warmup_in_child=True),
@@ -232,7 +252,7 @@ def setup_fused_fastkd(inputs: dict[str, Any], mode: str, *, divergence: str, ba
 
 def fused_case(divergence: str, device: torch.device, dry: bool) -> Case:
     n, h, ht, v = (16, 32, 48, 300) if dry else (8192, 2048, 4096, 128256)
-    comp = _no_compile if dry else functools.partial(BF.setup_compile, divergence=divergence)
+    comp = _compile_setup(functools.partial(BF.setup_compile, divergence=divergence), dry)
     providers = [
         Provider("naive", sliced(functools.partial(BF.setup_naive, divergence=divergence), (1,))),
         Provider("torch.compile", sliced(comp, (1,)), warmup_in_child=True),
@@ -405,7 +425,7 @@ SUITE: list[SuiteCase] = [
       for d in ("fkl", "rkl", "jsd")),
     *(SuiteCase(f"fused-{d}", functools.partial(fused_case, d), gemm_provider="matmuls")
       for d in ("fkl", "jsd")),
-    SuiteCase("sparse-fkl-k64", sparse_case, gemm_provider="student-matmuls",
+    SuiteCase("sparse-fkl-topk", sparse_case, gemm_provider="student-matmuls",
               speedup_vs=(("dense", "dense-fused"), ("naive", "naive"))),
     SuiteCase("sinkhorn", sinkhorn_case, speedup_vs=(("pot", "pot-batch"), ("geomloss", "geomloss"))),
 ]
@@ -445,10 +465,12 @@ def speedup_columns(entries: dict[str, SuiteCase]) -> list[str]:
     return list(dict.fromkeys(f"speedup_vs_{label}" for e in entries.values() for label, _ in e.speedup_vs))
 
 
-def derive(entries: dict[str, SuiteCase], rows: list[dict[str, Any]], copy_bw: float | None) -> list[dict]:
+def derive(entries: dict[str, SuiteCase], rows: list[dict[str, Any]], copy_bw: float | None,
+           dry: bool = False) -> list[dict]:
     """Per measured row: GB/s vs the HBM floor, share of the copy bandwidth, time / the GEMM provider's
     time, and ``speedup_vs_<label>`` = the named baseline's median / this row's median (same suite case);
-    a metric that does not apply (or whose baseline did not run) is None."""
+    a metric that does not apply (or whose baseline did not run) is None — and every derived metric is None
+    in a dry run, whose CPU-interpreter timings mean nothing."""
     speedups = speedup_columns(entries)
     out = []
     for r in rows:
@@ -460,6 +482,9 @@ def derive(entries: dict[str, SuiteCase], rows: list[dict[str, Any]], copy_bw: f
              "peak_mem_mb": r["peak_mem_mb"], "max_abs_err": r["max_abs_err"], "gbps": None,
              "floor_ms": None, "pct_of_copy_bw": None, "time_vs_gemms": None,
              **dict.fromkeys(speedups), "device_name": r["device_name"], "run_id": r["run_id"]}
+        if dry:
+            out.append(d)
+            continue
         if entry.floor_bytes is not None:
             fb = entry.floor_bytes(sizes)
             d["gbps"] = fb / (r["median_ms"] * 1e-3) / 1e9
@@ -478,11 +503,15 @@ def derive(entries: dict[str, SuiteCase], rows: list[dict[str, Any]], copy_bw: f
 
 
 def print_summary(summary: list[dict[str, Any]], copy_bw: float | None, console: Any,
-                  speedups: list[str]) -> None:
+                  speedups: list[str], dry: bool = False) -> None:
     from rich.table import Table
 
     bw = "n/a (not CUDA)" if copy_bw is None else f"{copy_bw:.0f} GB/s"
-    table = Table(title=f"GPU suite: derived metrics (device copy bandwidth {bw}; vs X = X's time / this)")
+    title = f"GPU suite: derived metrics (device copy bandwidth {bw}; vs X = X's time / this)"
+    if dry:
+        title = ("GPU suite DRY RUN: tiny sizes in the CPU interpreter, the timings mean nothing "
+                 "(derived metrics left blank; only the errors are checked)")
+    table = Table(title=title)
     cols = ("case", "provider", "median ms", "GB/s", "% copy bw", "× GEMMs",
             *(f"vs {c.removeprefix('speedup_vs_')}" for c in speedups), "peak MiB", "max err")
     for c in cols:
@@ -499,6 +528,47 @@ def print_summary(summary: list[dict[str, Any]], copy_bw: float | None, console:
     console.print(table)
 
 
+MODEL_CASES = {"distill-fkl": "distill-fkl", "distill-jsd": "distill-jsd", "fused-fkl": "fused-fkl",
+               "sparse-fkl-topk": "sparse-topk"}  # suite case -> cost-model case (bench/model.py)
+MODEL_PROVIDERS = {"fastkd-triton": "fastkd-triton", "naive": "naive", "liger": "liger"}
+
+
+def model_rows(path: str | None) -> list[dict[str, Any]]:
+    """The cost model's rows (``python bench/model.py --json``), [] when there is no such file."""
+    if not path or not Path(path).exists():
+        return []
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def print_vs_model(name: str, rows: list[dict[str, Any]], model: list[dict[str, Any]], console: Any) -> None:
+    """Measured median next to the model's predicted_ms (scaled to the measured sizes: bytes and FLOPs are
+    linear in N·V) for the providers both have; measured / predicted calibrates the model."""
+    mcase = MODEL_CASES.get(name)
+    if not mcase or not model:
+        return
+    for r in rows:
+        if r["status"] != "ok" or r["provider"] not in MODEL_PROVIDERS:
+            continue
+        m = next((x for x in model if x["case"] == mcase and x["provider"] == MODEL_PROVIDERS[r["provider"]]
+                  and x.get("status") == "ok"), None)
+        if m is None:
+            continue
+        sizes = json.loads(r["sizes"])
+        msizes = m.get("sizes") or {}
+        scale = 1.0
+        if msizes.get("N") and msizes.get("V"):
+            scale = sizes["N"] * sizes["V"] / (msizes["N"] * msizes["V"])
+        pred = m["predicted_ms"] * scale
+        console.print(f"  {name:<16} {r['provider']:<14} measured {r['median_ms']:9.3f} ms   model "
+                      f"{pred:9.3f} ms ({m['gpu']}, model, not measured)   measured/model {r['median_ms'] / pred:5.2f}",
+                      highlight=False)
+
+
+def _now() -> float:
+    return time.perf_counter()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU (Triton interpreter)")
@@ -507,9 +577,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=None, help="seconds of timing per measurement")
     parser.add_argument("--out", default=str(RESULTS_DIR), help="directory for the CSV / JSON files")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
+    parser.add_argument("--time-cap", type=float, default=None, help="seconds in all: later cases are skipped")
+    parser.add_argument("--model", default=None, help="JSON of `python bench/model.py --json` to compare with")
     args = parser.parse_args(argv)
     from rich.console import Console
 
+    COMPILE["on"] = not args.no_compile
     console = Console(width=None if sys.stdout.isatty() else 160)
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -519,11 +593,20 @@ def main(argv: list[str] | None = None) -> int:
             console.print("[red]no CUDA device: the GPU suite needs one (use --dry-run for a CPU smoke test)")
             return 2
         device = torch.device("cuda")
+    t_start = _now()
     wanted = [w for w in args.cases.split(",") if w]
     entries = {e.name: e for e in SUITE if not wanted or any(w in e.name for w in wanted)}
+    model = model_rows(args.model)
+    out = Path(args.out)
+    tag = "gpu_suite_dry" if args.dry_run else "gpu_suite"
+    csv_path, json_path = out / f"{tag}.csv", out / f"{tag}.json"
     copy_bw = copy_bandwidth_gbps(device)
     rows: list[dict[str, Any]] = []
+    capped: list[str] = []
     for name, entry in entries.items():
+        if args.time_cap is not None and _now() - t_start > args.time_cap:
+            capped.append(name)
+            continue
         case = entry.build(device, args.dry_run)
         case_rows = run_cases(
             [case], device, providers=[p for p in args.providers.split(",") if p] or None,
@@ -534,14 +617,16 @@ def main(argv: list[str] | None = None) -> int:
         for r in case_rows:
             r["suite_case"] = name
         rows.extend(case_rows)
+        write_results(case_rows, csv_path, json_path)  # now: a later timeout loses nothing of this case
+        print_vs_model(name, case_rows, model, console)
+    if capped:
+        console.print(f"[yellow]time cap {args.time_cap:.0f} s reached: not run: {', '.join(capped)}")
     print_table(rows, console, title=f"fastkd GPU suite on {rows[0]['device_name'] if rows else device}")
-    summary = derive(entries, rows, copy_bw)
-    print_summary(summary, copy_bw, console, speedup_columns(entries))
-    out = Path(args.out)
-    tag = "gpu_suite_dry" if args.dry_run else "gpu_suite"
-    csv_path, json_path = write_results(rows, out / f"{tag}.csv", out / f"{tag}.json")
+    summary = derive(entries, rows, copy_bw, dry=args.dry_run)
+    print_summary(summary, copy_bw, console, speedup_columns(entries), dry=args.dry_run)
     with open(out / f"{tag}_summary.json", "w") as fh:
-        json.dump({"copy_bw_gbps": copy_bw, "rows": summary}, fh, indent=1, default=str)
+        json.dump({"copy_bw_gbps": copy_bw, "dry_run": args.dry_run, "not_run_time_cap": capped,
+                   "rows": summary}, fh, indent=1, default=str)
     if summary:
         with open(out / f"{tag}_summary.csv", "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(summary[0]))

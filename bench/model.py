@@ -327,6 +327,7 @@ CASES: dict[str, Callable[[], Case]] = {
     "distill-akl": functools.partial(distill_case, "akl"),
     "fused-fkl": functools.partial(fused_case, "fkl"),
     "sparse-topk_tail": functools.partial(sparse_case, "topk_tail"),
+    "sparse-topk": functools.partial(sparse_case, "topk"),  # what bench/gpu_suite.py measures
 }
 
 
@@ -349,7 +350,7 @@ def model_case(case: Case, gpu: GPU, rows: int = SAMPLE_ROWS, providers: list[st
         if providers and not any(p in name for p in providers):
             continue
         row: dict[str, Any] = {"case": case.name, "provider": name, "gpu": gpu.name, "status": "ok",
-                               "floor_bytes": case.floor_bytes, "gemm_ms": gemm_ms}
+                               "sizes": case.sizes, "floor_bytes": case.floor_bytes, "gemm_ms": gemm_ms}
         try:
             t0 = time.perf_counter()
             ops, peak = model.run(case.build, step)

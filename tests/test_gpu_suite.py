@@ -21,7 +21,7 @@ from bench import gpu_suite as GS  # noqa: E402
 EXPECTED = {
     **{f"distill-{d}": ("fastkd-triton",) for d in ("fkl", "rkl", "jsd")},
     **{f"fused-{d}": ("fastkd-triton",) for d in ("fkl", "jsd")},
-    "sparse-fkl-k64": ("fastkd-triton", "fastkd-torch"),
+    "sparse-fkl-topk": ("fastkd-triton", "fastkd-torch"),
     "sinkhorn": ("fastkd-triton", "fastkd-torch"),
 }
 TOL = {"sinkhorn": 1e-5}
@@ -58,11 +58,11 @@ def test_every_case_ran_its_fastkd_providers(dry_run):
 
 def test_baselines_ran_and_agree(dry_run):
     _, rows, _, _ = dry_run
-    for case in ("sparse-fkl-k64", "sinkhorn"):
+    for case in ("sparse-fkl-topk", "sinkhorn"):
         base = "naive" if case.startswith("sparse") else "pot-batch"
         r = _row(rows, case, base)
         assert r["status"] == "ok" and r["max_abs_err"] < TOL.get(case, 2e-3), r
-    for case, p in (("sparse-fkl-k64", "student-matmuls"), ("sparse-fkl-k64", "dense-fused"),
+    for case, p in (("sparse-fkl-topk", "student-matmuls"), ("sparse-fkl-topk", "dense-fused"),
                     ("sinkhorn", "geomloss")):
         r = _row(rows, case, p)
         assert r["status"] == "ok" and r["max_abs_err"] is None  # timed, not checked
@@ -82,14 +82,19 @@ def test_unavailable_providers_skipped_with_reasons(dry_run):
 
 
 def test_summary_has_derived_columns_for_new_rows(dry_run):
-    _, rows, summary, header = dry_run
+    _, rows, dry_summary, header = dry_run
     for col in ("time_vs_gemms", "speedup_vs_liger", "speedup_vs_dense", "speedup_vs_pot",
                 "speedup_vs_geomloss"):
         assert col in header
+    # a dry run's timings mean nothing: its summary leaves every derived metric blank ...
+    for d in dry_summary:
+        assert d["gbps"] is None and d["time_vs_gemms"] is None and d["speedup_vs_liger"] is None
+    # ... the same rows derived as a real run would be
+    summary = GS.derive({e.name: e for e in GS.SUITE}, rows, 1000.0)
     by = {(d["suite_case"], d["provider"]): d for d in summary}
     for p in ("fastkd-triton", "fastkd-torch"):
-        d = by[("sparse-fkl-k64", p)]
-        mm = _row(rows, "sparse-fkl-k64", "student-matmuls")["median_ms"]
+        d = by[("sparse-fkl-topk", p)]
+        mm = _row(rows, "sparse-fkl-topk", "student-matmuls")["median_ms"]
         assert d["time_vs_gemms"] == pytest.approx(d["median_ms"] / mm)
         assert d["speedup_vs_dense"] is not None and d["speedup_vs_pot"] is None
         s = by[("sinkhorn", p)]
@@ -138,3 +143,51 @@ def test_sinkhorn_reference_matches_fastkd_float64():
                           backend="torch").value
     assert ref.shape == (3,) and float(ref.min()) > 0
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_dry_run_says_timings_mean_nothing(tmp_path, capsys):
+    rc = GS.main(["--dry-run", "--cases", "distill-jsd", "--out", str(tmp_path)])
+    assert rc == 0
+    assert "timings mean nothing" in capsys.readouterr().out
+
+
+def test_time_cap_and_rows_appended_per_case(tmp_path, monkeypatch):
+    """Each case's rows are in the results file as soon as the case finishes; cases not started before the
+    time cap are listed, not run."""
+    written = []
+    real = GS.write_results
+
+    def spy(rows, csv_path, json_path):
+        written.append({r["suite_case"] for r in rows})
+        return real(rows, csv_path, json_path)
+
+    monkeypatch.setattr(GS, "write_results", spy)
+    clock = iter([0.0, 0.0])  # start, before case 1; 100 s later before case 2
+    monkeypatch.setattr(GS, "_now", lambda: next(clock, 100.0))
+    rc = GS.main(["--dry-run", "--cases", "distill-jsd,sinkhorn", "--time-cap", "50", "--out", str(tmp_path)])
+    assert rc == 0
+    assert written == [{"distill-jsd"}]
+    summary = json.loads((tmp_path / "gpu_suite_dry_summary.json").read_text())
+    assert summary["not_run_time_cap"] == ["sinkhorn"]
+    rows = json.loads((tmp_path / "gpu_suite_dry.json").read_text())
+    assert {r["suite_case"] for r in rows} == {"distill-jsd"}
+
+
+def test_compile_skipped_unless_asked(monkeypatch):
+    monkeypatch.setitem(GS.COMPILE, "on", False)
+    case = GS.distill_case("fkl", torch.device("cpu"), False)
+    comp = next(p for p in case.providers if p.name == "torch.compile")
+    with pytest.raises(GS.Skip, match="not asked"):
+        comp.setup({"student": None, "teacher": None}, "full")
+
+
+def test_measured_next_to_model(capsys):
+    from rich.console import Console
+
+    rows = [{"status": "ok", "provider": "fastkd-triton", "median_ms": 3.0, "sizes": json.dumps({"N": 8, "V": 100})}]
+    model = [{"case": "distill-fkl", "provider": "fastkd-triton", "status": "ok", "predicted_ms": 1.0,
+              "gpu": "H200", "sizes": {"N": 8, "V": 200}}]
+    GS.print_vs_model("distill-fkl", rows, model, Console(width=200))
+    out = capsys.readouterr().out
+    assert "measured     3.000 ms" in out and "model     0.500 ms" in out and "measured/model  6.00" in out
+    assert "model, not measured" in out
