@@ -7,6 +7,9 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# pip -q, minus the one warning per package that this machine's pip configuration (local index folders
+# that lack a package) prints; every other warning and error still shows.
+PIP_NOISE := is ignored: it is neither a file nor a directory
 PIP := $(PY) -m pip install -q --progress-bar off
 BENCH_STAMP := $(VENV)/.fastkd-bench
 TEST_STAMP := $(VENV)/.fastkd-test
@@ -18,14 +21,15 @@ $(PY):
 	else python3 -m venv $(VENV); fi
 
 $(BENCH_STAMP): pyproject.toml setup.py | $(PY)
-	@echo "make: installing the bench environment into $(VENV) (torch, triton, matplotlib, rich, POT, GeomLoss, Liger-Kernel)"
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
-	FASTKD_SKIP_CUDA_BUILD=1 $(PIP) -e ".[bench]"
+	@echo "make: [1/2] torch into $(VENV) (pinned to 2.13.0 only when no torch is installed)"
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0 2> >(grep -v "$(PIP_NOISE)" >&2)
+	@echo "make: [2/2] fastkd (editable) + the bench extra: triton, matplotlib, rich, POT, GeomLoss, Liger-Kernel"
+	@FASTKD_SKIP_CUDA_BUILD=1 $(PIP) -e ".[bench]" 2> >(grep -v "$(PIP_NOISE)" >&2)
 	@touch $(BENCH_STAMP)
 
 $(TEST_STAMP): $(BENCH_STAMP)
 	@echo "make: adding the test tools and the Hugging Face / TRL extras to $(VENV)"
-	FASTKD_SKIP_CUDA_BUILD=1 $(PIP) -e ".[bench,test,hf]"
+	@FASTKD_SKIP_CUDA_BUILD=1 $(PIP) -e ".[bench,test,hf]" 2> >(grep -v "$(PIP_NOISE)" >&2)
 	@touch $(TEST_STAMP)
 
 setup-bench: $(BENCH_STAMP)
