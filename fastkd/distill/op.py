@@ -23,7 +23,8 @@ from the dataclass, so a new hyperparameter needs no edit here.
 from __future__ import annotations
 
 import math
-from dataclasses import fields
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -33,7 +34,7 @@ from fastkd.core.divergences import DIVERGENCES
 from fastkd.core.params import DistillParams, make_params
 from fastkd.core.registry import declare, requested_backend, select
 
-__all__ = ["DIVERGENCES", "DistillFunction", "backend_fn", "distill_loss", "distill_rows", "make_params"]
+__all__ = ["DIVERGENCES", "DistillCall", "DistillFunction", "backend_fn", "distill_loss", "distill_rows", "make_params"]
 
 declare(
     "distill",
@@ -101,22 +102,38 @@ def _has_overlap(x: torch.Tensor) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class DistillCall:
+    """The non-tensor arguments of :class:`DistillFunction` (one object, so backward returns a short tuple).
+
+    vocab: columns used (the rest get a zero gradient); reduction: "mean" | "sum" | "none";
+    inplace_grad: write the gradient into the student's storage; fn: the backend (:func:`backend_fn`).
+    """
+
+    params: DistillParams
+    vocab: int
+    reduction: str
+    inplace_grad: bool
+    fn: Callable[..., torch.Tensor]
+
+
 class DistillFunction(torch.autograd.Function):
     """Autograd wrapper: loss and gradient in forward, gradient scaling in backward."""
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, weight, params, vocab, reduction, inplace_grad, fn):
+    def forward(ctx, student, teacher, labels, weight, call: DistillCall):
         n, v = student.shape
+        vocab, reduction = call.vocab, call.reduction
         grad = None
         if ctx.needs_input_grad[0]:
-            if inplace_grad:
+            if call.inplace_grad:
                 grad = student.detach()
             else:
                 grad = torch.empty_like(student, memory_format=torch.contiguous_format)
             if vocab < v:
                 grad[:, vocab:].zero_()
-        loss = fn(student[:, :vocab], teacher[:, :vocab], labels, weight,
-                  None if grad is None else grad[:, :vocab], params)
+        loss = call.fn(student[:, :vocab], teacher[:, :vocab], labels, weight,
+                       None if grad is None else grad[:, :vocab], call.params)
         out = C.reduce_tokens(loss, weight, reduction, (n,))
         ctx.per_row = reduction == "none"
         ctx.used = False
@@ -133,7 +150,7 @@ class DistillFunction(torch.autograd.Function):
             )
         (grad,) = ctx.saved_tensors
         grad, ctx.used = scale_grad(grad, grad_output, ctx.per_row)
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None
 
 
 def distill_loss(
@@ -216,6 +233,6 @@ def distill_loss(
     n = weight.numel()
     student2d = student_logits.reshape(n, student_logits.shape[-1])
     teacher2d = teacher_logits.reshape(n, teacher_logits.shape[-1])
-    loss = DistillFunction.apply(student2d, teacher2d, flat_labels if ce_weight else None, weight, params,
-                                 vocab, reduction, inplace_grad, backend_fn(requested_backend(backend)))
+    call = DistillCall(params, vocab, reduction, bool(inplace_grad), backend_fn(requested_backend(backend)))
+    loss = DistillFunction.apply(student2d, teacher2d, flat_labels if ce_weight else None, weight, call)
     return loss.view(lead) if reduction == "none" else loss

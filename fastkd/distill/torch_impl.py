@@ -5,6 +5,11 @@ log q = log_softmax(s), log p = log_softmax(t) and then, per divergence, the per
 vector ``qg_i = q_i · ∂D/∂q_i``; the gradient with respect to the tempered student logits is then always
 ``qg − q · Σ_j qg_j`` (the softmax chain rule). Only one chunk of (rows × vocab) temporaries is alive at
 a time; the gradient is written straight into the caller's buffer in its dtype.
+
+Dispatch: :data:`TERMS` maps every name of the divergence table (:mod:`fastkd.core.divergences`) but taid
+(which needs the logits) to ``(log_p, log_q, p, q, params) -> (D, qg)``; the divergence computed is
+``params.effective`` (the table's endpoint rules). 0·log 0 terms are guarded with ``x == 0`` (not
+``x <= 0``) so that NaN inputs give NaN; a cross-entropy label outside [0, V) gives a NaN loss.
 """
 
 from __future__ import annotations
