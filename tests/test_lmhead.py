@@ -195,3 +195,29 @@ def test_fused_loss_bf16_softcap_matches_float64():
     torch.testing.assert_close(out.double(), ref.detach(), rtol=2e-2, atol=2e-3)
     for a, b in zip(leaves, ref_leaves):
         torch.testing.assert_close(a.grad.double(), b.grad, rtol=5e-2, atol=5e-3)
+
+
+def test_fused_loss_chunked_by_env_budget_matches_reference(monkeypatch):
+    """FASTKD_CHUNK_MB drives the fused loss' automatic chunking (here 16 rows: 3 chunks, last one short);
+    the result equals the float64 reference."""
+    n, h, v = 41, 8, 1000
+    g = torch.Generator().manual_seed(6)
+    hs, ws = torch.randn(n, h, generator=g, dtype=torch.float64), torch.randn(v, h, generator=g, dtype=torch.float64)
+    ht, wt = torch.randn(n, h, generator=g, dtype=torch.float64), torch.randn(v, h, generator=g, dtype=torch.float64)
+    budget_mb = 16 * 2 * v * L.BYTES_PER_COL / 2**20  # 16 rows of student + teacher columns
+    monkeypatch.setenv(L.CHUNK_MB_ENV, str(budget_mb))
+    assert L.auto_chunk_rows(n, 2 * v, torch.device("cpu")) == 16
+    calls = []
+    real = L.run_chunks
+    monkeypatch.setattr(L, "run_chunks", lambda student, cl, aux, w, rows, ng: calls.append(rows) or
+                        real(student, cl, aux, w, rows, ng))
+    a = [hs.clone().requires_grad_(), ws.clone().requires_grad_()]
+    out = fastkd.fused_linear_distill_loss(a[0], a[1], ht, wt, divergence="jsd", temperature=1.3)
+    out.backward()
+    assert calls == [16]
+    b = [hs.clone().requires_grad_(), ws.clone().requires_grad_()]
+    ref = R.fused_linear_distill_loss(b[0], b[1], ht, wt, divergence="jsd", temperature=1.3)
+    ref.backward()
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-9, atol=1e-11)
