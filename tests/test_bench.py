@@ -137,3 +137,15 @@ def test_one_run_writes_one_png_with_every_family_and_prints_its_path(tmp_path, 
     assert len({r["run_id"] for r in rows}) == 1
     base = [r for r in rows if r["provider"] == r["baseline"]]
     assert base and all(P._relative([r], "median_ms") == [1.0] for r in base)
+    # the peers: a row when installed (Liger checked against float64), else a skip line naming the package
+    all_rows = json.loads((tmp_path / "results.json").read_text())
+    for provider, package in (("liger", "liger_kernel"), ("geomloss", "geomloss")):
+        row = next(r for r in all_rows if r["provider"] == provider)
+        try:
+            __import__(package)
+        except ImportError:
+            assert row["status"] == "skipped" and package.replace("_", "-") in row["reason"]
+        else:
+            assert row["status"] == "ok", row["reason"]
+            if provider == "liger":
+                assert row["max_abs_err"] < 1e-5
