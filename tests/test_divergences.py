@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fastkd
 from fastkd import reference as R
@@ -271,3 +273,25 @@ def test_fused_nan_teacher_gives_nan(backend, div):
         out = fastkd.fused_linear_distill_loss(h, w, teacher_logits=t, divergence=div, reduction="none",
                                                backend=backend)
     assert torch.isnan(out[2]) and torch.isfinite(out[[0, 1, 3]]).all()
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.integers(1, 4), v=st.integers(1, 90),
+       alpha=st.sampled_from([-1.5, -0.5, 0.25, 0.8, 1.0, 2.0]), beta=st.sampled_from([-0.7, 0.3, 0.5, 1.0, 1.8]),
+       temp=st.sampled_from([0.7, 1.0, 2.0]), seed=st.integers(0, 2**16))
+def test_ab_property_random_shapes_and_exponents(rows, v, alpha, beta, temp, seed):
+    """ab on random shapes and exponents of both signs: torch vs float64 reference, Triton vs torch."""
+    if alpha + beta == 0:
+        return
+    g = torch.Generator().manual_seed(seed)
+    s, t = torch.randn(rows, v, generator=g) * 1.5, torch.randn(rows, v, generator=g) * 1.5
+    kw = dict(alpha=alpha, beta=beta, temperature=temp, reduction="none")
+    out, grad = _loss_grad(s, t, "torch", **kw)
+    ref, rgrad = _ref_loss_grad(s, t, **kw)
+    scale = 1 + ref.abs().max().item()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5 * scale)
+    torch.testing.assert_close(grad.double(), rgrad, rtol=1e-3, atol=1e-5 * (1 + rgrad.abs().max().item()))
+    if TD._IMPORT_ERROR is None:
+        tout, tgrad = _loss_grad(s, t, "triton", **kw)
+        torch.testing.assert_close(tout, out, rtol=1e-4, atol=1e-5 * scale)
+        torch.testing.assert_close(tgrad, grad, rtol=1e-3, atol=1e-5 * (1 + grad.abs().max().item()))
