@@ -85,16 +85,21 @@ def op_flops(name: str, args: tuple, out: list[torch.Tensor]) -> float:
 
 @dataclass
 class OpCost:
+    """One op or kernel launch: HBM bytes, FLOPs (matmuls: tensor-core peak when bf16/fp16, else fp32 peak)
+    and ``alu_ops`` (Triton kernels: element operations, one lane-instruction each, transcendentals weighted
+    8: the SFU's 16 lanes per SM-clock vs 128 ALU lanes), all at their own roofline ceiling."""
+
     name: str
     bytes: float
     flops: float
     tensor_core: bool
     rule: str = ""
     launches: int = 1
+    alu_ops: float = 0.0
 
     def ms(self, gpu: GPU) -> float:
         peak = gpu.tensor_flops if self.tensor_core else gpu.fp32_flops
-        return 1e3 * max(self.bytes / gpu.hbm_bw, self.flops / peak)
+        return 1e3 * max(self.bytes / gpu.hbm_bw, self.flops / peak, self.alu_ops / (gpu.fp32_flops / 2))
 
 
 class TorchCounter(TorchDispatchMode):
@@ -192,6 +197,7 @@ class LaunchStats:
     unique_load_bytes: float = 0.0
     max_program_bytes: float = 0.0
     programs: int = 0
+    alu_ops: float = 0.0
     replayed: bool = False  # launched by a custom-op replay (costed by the op's hook, not on its own)
 
     def cost(self, gpu: GPU, extra: float = 1.0) -> OpCost:
@@ -214,7 +220,7 @@ class LaunchStats:
             rule = (f"re-reads from HBM: {resident:.0f} progs x {self.max_program_bytes / 1e3:.0f} KB = "
                     f"{in_flight / 1e6:.0f} MB > L2 {gpu.l2_bytes / 1e6:.0f} MB")
         return OpCost(f"triton.{self.kernel}", (loads + self.store_bytes) * scale, 0.0, False,
-                      f"{self.kernel}: {rule}")
+                      f"{self.kernel}: {rule}", alu_ops=self.alu_ops * scale)
 
 
 def _is_fake(t: torch.Tensor) -> bool:
@@ -241,6 +247,10 @@ def _cvt(I: Any, v: Any) -> Any:
     if isinstance(v, float):
         return I.tl.tensor(I.TensorHandle(np.array([v], dtype=np.float32), I.tl.float32), I.tl.float32)
     return I._implicit_cvt(v)
+
+
+_SFU = ("exp", "exp2", "log", "log2", "sqrt", "sin", "cos")  # numpy ufuncs of the interpreter's unary ops
+_SFU_WEIGHT = 8
 
 
 class TritonCounter:
@@ -288,12 +298,28 @@ class TritonCounter:
                         counter.max_rows = old_max
                 return counter._run(I, executor, args, kwargs)
 
+        ops_old = {name: getattr(builder, name) for name in ("binary_op", "unary_op", "ternary_op", "create_fma")}
+
+        def counted(name: str, fn: Callable) -> Callable:
+            def op(b, *args):
+                out = fn(b, *args)
+                if counter.launches:
+                    w = _SFU_WEIGHT if name == "unary_op" and getattr(args[-1], "__name__", "") in _SFU else 1
+                    counter.launches[-1].alu_ops += w * np.size(out.data)
+                return out
+
+            return op
+
         builder.create_masked_load, builder.create_masked_store = load, store
+        for name, fn in ops_old.items():
+            setattr(builder, name, counted(name, fn))
         I.GridExecutor.__call__ = call
         try:
             yield self
         finally:
             builder.create_masked_load, builder.create_masked_store = old_load, old_store
+            for name, fn in ops_old.items():
+                setattr(builder, name, fn)
             I.GridExecutor.__call__ = old_call
 
     def _record_load(self, addrs: np.ndarray, size: int) -> None:

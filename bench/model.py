@@ -22,11 +22,14 @@ a MODEL, NOT A MEASUREMENT: no GPU runs. How each number is obtained:
   schedule bounds the bytes in flight below the L2 size — resident programs (SMs × occupancy; occupancy
   from num_warps assuming 64 registers/thread) × the program's distinct bytes ≤ L2 — else every re-read
   is HBM traffic. Separate launches are counted independently (no L2 reuse across launches).
-  FLOPs of Triton kernels are not counted (0): they are memory-bound rows, except AKL's bisection
-  (latency-bound; this model under-predicts it).
-* **Roofline**: ``predicted_ms = Σ_op max(bytes / HBM bandwidth, flops / peak)`` with the published
-  H100 SXM / H200 figures (:data:`GPUS`): bf16/fp16 matmuls at the dense tensor-core peak, everything else at
-  the fp32 non-tensor peak. No launch latency, no overlap between ops.
+  Compute of Triton kernels (column ``alu_ops``): every element the interpreter's arithmetic, compare and
+  select ops produce, one lane-instruction each (exp / log / sqrt weighted 8: the SFU), so a kernel that
+  is instruction-bound (AKL's bisection, an O(V·K) membership test) shows it; latency and occupancy are not
+  modelled.
+* **Roofline**: ``predicted_ms = Σ_op max(bytes / HBM bandwidth, flops / peak, alu_ops / (fp32 peak / 2))``
+  with the published H100 SXM / H200 figures (:data:`GPUS`): bf16/fp16 matmuls at the dense tensor-core
+  peak, other FLOPs at the fp32 non-tensor peak, ALU ops at one per lane per clock. No launch latency, no
+  overlap between ops.
 * ``floor_bytes``: logits cases 3·N·V·2 (read student + teacher, write the gradient once, bf16); fused /
   sparse cases the unavoidable GEMM operands (hidden states and weights read, their gradients written).
   ``gemm_ms``: roofline time of the GEMMs the case cannot avoid (fused: h·Wᵀ, hₜ·Wₜᵀ, G·W, Gᵀ·h; sparse:
@@ -133,7 +136,7 @@ class Model:
         launches, torch_ops = self._cache[key]
         f = n / self.rows
         return ([st.cost(self.gpu, f) for st in launches]
-                + [OpCost(o.name, o.bytes * f, o.flops * f, o.tensor_core) for o in torch_ops])
+                + [OpCost(o.name, o.bytes * f, o.flops * f, o.tensor_core, alu_ops=o.alu_ops * f) for o in torch_ops])
 
     def _replay(self, func, sampler, args, kwargs) -> tuple[list[LaunchStats], list[OpCost]]:
         gen = torch.Generator().manual_seed(0)
@@ -334,6 +337,8 @@ CASES: dict[str, Callable[[], Case]] = {
 def _summarise(ops: list[OpCost], gpu: GPU) -> dict[str, Any]:
     rules = list(dict.fromkeys(o.rule for o in ops if o.rule))
     return {"hbm_bytes": sum(o.bytes for o in ops), "flops": sum(o.flops for o in ops),
+            "alu_ops": sum(o.alu_ops for o in ops), "mem_ms": 1e3 * sum(o.bytes for o in ops) / gpu.hbm_bw,
+            "alu_ms": 1e3 * sum(o.alu_ops for o in ops) / (gpu.fp32_flops / 2),
             "predicted_ms": sum(o.ms(gpu) for o in ops), "kernels": len(ops),
             "l2_rule": "; ".join(rules) if rules else "torch ops: inputs + outputs once each"}
 
@@ -350,6 +355,7 @@ def model_case(case: Case, gpu: GPU, rows: int = SAMPLE_ROWS, providers: list[st
         if providers and not any(p in name for p in providers):
             continue
         row: dict[str, Any] = {"case": case.name, "provider": name, "gpu": gpu.name, "status": "ok",
+                               "commit": _commit(),
                                "sizes": case.sizes, "floor_bytes": case.floor_bytes, "gemm_ms": gemm_ms}
         try:
             t0 = time.perf_counter()
@@ -371,10 +377,16 @@ def model_case(case: Case, gpu: GPU, rows: int = SAMPLE_ROWS, providers: list[st
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def _commit() -> str:
+    """HEAD's short hash, + "-dirty" when the kernels / package / bench have uncommitted changes."""
+    root = Path(__file__).resolve().parents[1]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parents[1], check=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=root, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels", "fastkd", "bench"],
+                               capture_output=True, text=True, cwd=root, check=True).stdout.strip()
+        return head + ("-dirty" if dirty else "")
     except Exception:
         return "unknown"
 
@@ -386,21 +398,23 @@ def markdown(rows: list[dict[str, Any]], gpu: GPU) -> str:
         return "" if x is None else format(x, fmt)
 
     day = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    lines = [f"### Cost model on {gpu.name} (model, not measured) — {day}, commit {_commit()}", "",
+    commit = rows[0].get("commit", _commit()) if rows else _commit()
+    lines = [f"### Cost model on {gpu.name} (model, not measured) — {day}, commit {commit}", "",
              f"`python bench/model.py --gpu {'h100' if 'H100' in gpu.name else 'h200'}`: HBM {gpu.hbm_bw / 1e12:.2f} "
              f"TB/s, bf16 tensor {gpu.tensor_flops / 1e12:.0f} TFLOP/s, fp32 {gpu.fp32_flops / 1e12:.0f} TFLOP/s, "
              f"L2 {gpu.l2_bytes / 1e6:.0f} MB, {gpu.sms} SMs (published figures). predicted_ms = Σ per kernel/op "
              "of max(bytes/BW, flops/peak); Triton bytes counted in the interpreter on sample rows and scaled.", "",
-             "| case | provider | HBM GB | floor GB | bytes/floor | GFLOP | predicted ms | gemm ms | time/gemm "
-             "| vs liger | peak extra MB | l2_rule |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| case | provider | HBM GB | floor GB | bytes/floor | GFLOP | G ALU ops | HBM ms | ALU ms | predicted ms "
+             "| gemm ms | time/gemm | vs liger | peak extra MB | l2_rule |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['case']} | {r['provider']} | | | | | | | | | | {r['status']} |")
+            lines.append(f"| {r['case']} | {r['provider']} |" + " |" * 12 + f" {r['status']} |")
             continue
         lines.append(
             f"| {r['case']} | {r['provider']} | {r['hbm_bytes'] / 1e9:.2f} | {r['floor_bytes'] / 1e9:.2f} | "
-            f"{r['bytes_vs_floor']:.2f} | {r['flops'] / 1e9:.0f} | {r['predicted_ms']:.3f} | {f(r['gemm_ms'], '.3f')} "
+            f"{r['bytes_vs_floor']:.2f} | {r['flops'] / 1e9:.0f} | {r['alu_ops'] / 1e9:.0f} | {r['mem_ms']:.3f} | "
+            f"{r['alu_ms']:.3f} | {r['predicted_ms']:.3f} | {f(r['gemm_ms'], '.3f')} "
             f"| {f(r['time_vs_gemm'], '.2f')} | {f(r['speedup_vs_liger'], '.2f')} | {r['peak_extra_mb']:.0f} | "
             f"{r['l2_rule']} |")
     return "\n".join(lines) + "\n"

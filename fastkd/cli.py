@@ -117,6 +117,10 @@ def cmd_bench(args: Any) -> int:
         return 2
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
+    if args.bench_args[:1] == ["--model"]:  # fastkd bench --model h100|h200 [...]: the GPU cost model
+        from bench.model import main as model_main
+
+        return model_main(["--gpu", *args.bench_args[1:2], *args.bench_args[2:]])
     from bench.harness import main as bench_main
 
     return bench_main(list(args.bench_args), prog="fastkd bench")

@@ -63,6 +63,7 @@ def test_masked_off_lanes_move_nothing():
     off, on = counter.launches
     assert (off.load_bytes, off.store_bytes) == (0, 0)
     assert (on.load_bytes, on.store_bytes) == (400, 400)
+    assert on.alu_ops > 0
     assert torch.equal(y, x)  # the instrumented interpreter still runs the kernel
 
 
@@ -115,7 +116,10 @@ def test_model_rows_small_case():
     fk, nv = by["fastkd-triton"], by["naive"]
     assert fk["floor_bytes"] == 3 * 64 * 1000 * 2
     assert 1.0 <= fk["bytes_vs_floor"] < nv["bytes_vs_floor"]
-    assert fk["predicted_ms"] == pytest.approx(fk["hbm_bytes"] / gpu.hbm_bw * 1e3, rel=0.05)
+    assert fk["mem_ms"] == pytest.approx(fk["hbm_bytes"] / gpu.hbm_bw * 1e3)
+    assert fk["alu_ops"] > 64 * 1000  # the kernel's element operations are counted
+    # one kernel dominates: the roofline of its bytes and its ALU operations
+    assert fk["predicted_ms"] == pytest.approx(max(fk["mem_ms"], fk["alu_ms"]), rel=0.05)
     assert nv["peak_extra_mb"] > 0
     md = M.markdown(rows, gpu)
     assert "model, not measured" in md and "fastkd-triton" in md
