@@ -191,3 +191,24 @@ def test_measured_next_to_model(capsys):
     out = capsys.readouterr().out
     assert "measured     3.000 ms" in out and "model     0.500 ms" in out and "measured/model  6.00" in out
     assert "model, not measured" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA host make gpu-check would really run")
+def test_make_gpu_check_stops_at_once_without_cuda(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    root = Path(__file__).resolve().parents[1]
+    dry = subprocess.run(["make", "-n", "gpu-check", f"OUT={tmp_path}"], cwd=root, capture_output=True, text=True,
+                         timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    for part in ("pip install", "--no-index", "pytest -q -m gpu", "bench/gpu_suite.py --no-compile", "--time-cap",
+                 f"--out {tmp_path}", "MAX_JOBS=$(nproc)"):
+        assert part in dry.stdout, part
+    run = subprocess.run(["make", "gpu-check", f"OUT={tmp_path}", f"GPU_PY={sys.executable}"], cwd=root,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "no CUDA GPU" in run.stdout + run.stderr
+    assert not any(tmp_path.iterdir())  # stopped before installing or writing anything
