@@ -1,0 +1,163 @@
+"""Every Triton kernel, compiled for the GPU (native Triton), against the float64 reference.
+
+Run by ``make gpu-check`` (``pytest -m gpu``: tests/conftest.py then leaves TRITON_INTERPRET unset on a CUDA
+host); skipped on CPU machines and in interpreter sessions. Shapes are odd (V not a multiple of 16, several
+vocabulary blocks), logits fresh random bf16/fp32 with a few -inf entries and masked (ignored) tokens; each
+config compiles once, so the whole file stays near a minute on one H200.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+import fastkd
+from fastkd import reference as R
+
+pytestmark = pytest.mark.gpu
+
+DEV = os.environ.get("FASTKD_GPU_TEST_DEVICE", "cuda")  # "cpu": dry-check these tests in the interpreter
+N, V = 37, 50257  # V = GPT-2's vocabulary: not a multiple of 16, 13 blocks of 4096
+FUSED = (300, 256, 384, 32003)  # N, H (student), Ht (teacher), V of the LM-head tests
+SINKHORN_N = (40, 300)  # the one-launch small kernel (n <= 64), the tiled half-step kernel
+GRAD_EPS = {torch.float32: 2e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}
+
+
+def _logits(n: int, v: int, dtype: torch.dtype, scale: float = 2.0, neg_inf: bool = True) -> torch.Tensor:
+    x = torch.randn(n, v, device=DEV) * scale
+    if neg_inf:
+        x[1, 7] = float("-inf")  # -inf logits are legal (masked vocabulary entries)
+        x[2, :: max(1, v // 50)] = float("-inf")
+    return x.to(dtype)
+
+
+def _check(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """|got − ref| ≤ tol · max|ref| + tiny, tol from the storage dtype's rounding (kernels compute in fp32)."""
+    scale = ref.abs().max().item()
+    tol = 8 * GRAD_EPS[dtype] * max(scale, 1e-30) + 1e-7
+    err = (got.double() - ref.double()).abs().max().item()
+    assert err <= tol, f"{what}: max |err| {err:.3e} > {tol:.3e} (max |ref| {scale:.3e})"
+
+
+def _mask(n: int) -> torch.Tensor:
+    m = torch.ones(n, dtype=torch.bool, device=DEV)
+    m[::5] = False  # masked tokens: no loss, zero gradient
+    return m
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("div", fastkd.DIVERGENCES)
+def test_distill_kernel_vs_float64(div, dtype):
+    if dtype == torch.float32 and div not in ("fkl", "jsd", "akl"):
+        pytest.skip("fp32: fkl / jsd / akl only (each dtype × divergence is one more compile)")
+    s = _logits(N, V, dtype).requires_grad_(True)
+    t = _logits(N, V, dtype, neg_inf=False)
+    mask = _mask(N)
+    loss = fastkd.distill_loss(s, t, div, mask=mask, backend="triton")
+    (g,) = torch.autograd.grad(loss, [s])
+    sd = s.detach().double().requires_grad_(True)
+    ref = R.distill_loss(sd, t.double(), div, mask=mask)
+    (rg,) = torch.autograd.grad(ref, [sd])
+    assert math.isclose(loss.item(), ref.item(), rel_tol=1e-4, abs_tol=1e-6), (loss.item(), ref.item())
+    _check(g, rg, dtype, f"{div} gradient")
+    assert torch.all(g[~mask] == 0)
+
+
+def test_distill_kernel_labels_temperature_fp16():
+    s = _logits(N, 4099, torch.float16).requires_grad_(True)
+    t = _logits(N, 4099, torch.float16, neg_inf=False)
+    labels = torch.randint(0, 4099, (N,), device=DEV)  # V = 4099: one full block and a 3-column tail
+    labels[3] = -100
+    kw = dict(temperature=2.0, scale_by_t2=True, labels=labels, ce_weight=0.3)
+    loss = fastkd.distill_loss(s, t, "fkl", backend="triton", **kw)
+    (g,) = torch.autograd.grad(loss, [s])
+    sd = s.detach().double().requires_grad_(True)
+    ref = R.distill_loss(sd, t.double(), "fkl", **kw)
+    (rg,) = torch.autograd.grad(ref, [sd])
+    assert math.isclose(loss.item(), ref.item(), rel_tol=1e-3), (loss.item(), ref.item())
+    _check(g, rg, torch.float16, "fkl+ce gradient")
+
+
+def test_scale_grad_kernel():
+    from fastkd.core.autograd import scale_grad_
+
+    g = _logits(N, V, torch.bfloat16, neg_inf=False)
+    go = torch.rand(N, device=DEV) + 0.5
+    go[4] = 1.0  # a factor of exactly 1 leaves the row untouched
+    want = (g.double() * go.double()[:, None])
+    scale_grad_(g, go, per_row=True)
+    _check(g, want, torch.bfloat16, "scaled gradient")
+
+
+@pytest.mark.parametrize("mode", ["topk", "topk_tail"])
+def test_sparse_kernels_vs_float64(mode):
+    from fastkd.sparse import reference as SR
+
+    k = 64
+    s = _logits(N, V, torch.bfloat16, neg_inf=False).requires_grad_(True)
+    t_lp = torch.log_softmax(torch.randn(N, V, device=DEV, dtype=torch.float64) * 2, -1)
+    lp, ids = t_lp.topk(k, -1)
+    ids[5, -3:] = -1  # padding slots
+    loss = fastkd.sparse_distill_loss(s, ids, lp.float(), mode=mode, backend="triton")
+    (g,) = torch.autograd.grad(loss, [s])
+    sd = s.detach().double().requires_grad_(True)
+    ref = SR.sparse_distill_loss(sd, ids, lp, mode=mode).mean()
+    (rg,) = torch.autograd.grad(ref, [sd])
+    assert math.isclose(loss.item(), ref.item(), rel_tol=1e-4, abs_tol=1e-6), (loss.item(), ref.item())
+    _check(g, rg, torch.bfloat16, f"sparse {mode} gradient")
+
+
+def test_fused_lm_head_triton_vs_float64():
+    n, h, ht, v = FUSED
+    hs = (torch.randn(n, h, device=DEV) / 4).bfloat16().requires_grad_(True)
+    w = (torch.randn(v, h, device=DEV) * 2 / h**0.5).bfloat16().requires_grad_(True)
+    hts = (torch.randn(n, ht, device=DEV) / 4).bfloat16()
+    wt = (torch.randn(v, ht, device=DEV) * 2 / ht**0.5).bfloat16()
+    loss = fastkd.fused_linear_distill_loss(hs, w, hts, wt, divergence="fkl", chunk_size=n // 3 + 1,
+                                            backend="triton")  # three chunks
+    gh, gw = torch.autograd.grad(loss, [hs, w])
+    hd, wd = hs.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    ref = R.distill_loss(hd @ wd.T, hts.double() @ wt.double().T, "fkl")
+    rgh, rgw = torch.autograd.grad(ref, [hd, wd])
+    assert math.isclose(loss.item(), ref.item(), rel_tol=2e-3), (loss.item(), ref.item())
+    # bf16 logits from bf16 GEMMs: a few bf16 roundings of each logit and gradient
+    for got, want, what in ((gh, rgh, "grad_hidden"), (gw, rgw, "grad_weight")):
+        err = (got.double() - want).abs().max().item()
+        assert err <= 0.05 * want.abs().max().item(), f"{what}: {err:.3e}"
+
+
+def test_fused_sparse_lm_head_triton_vs_float64():
+    from fastkd.sparse import reference as SR
+
+    (n, h, _, v), k = FUSED, 64
+    hs = (torch.randn(n, h, device=DEV) / 4).bfloat16().requires_grad_(True)
+    w = (torch.randn(v, h, device=DEV) * 2 / h**0.5).bfloat16().requires_grad_(True)
+    lp, ids = torch.log_softmax(torch.randn(n, v, device=DEV, dtype=torch.float64) * 2, -1).topk(k, -1)
+    loss = fastkd.fused_linear_sparse_distill_loss(hs, w, ids, lp.float(), mode="topk_tail", chunk_size=n // 3 + 1,
+                                                   backend="triton")
+    gh, gw = torch.autograd.grad(loss, [hs, w])
+    hd, wd = hs.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    ref = SR.sparse_distill_loss(hd @ wd.T, ids, lp, mode="topk_tail").mean()
+    rgh, rgw = torch.autograd.grad(ref, [hd, wd])
+    assert math.isclose(loss.item(), ref.item(), rel_tol=2e-3), (loss.item(), ref.item())
+    for got, want, what in ((gh, rgh, "grad_hidden"), (gw, rgw, "grad_weight")):
+        err = (got.double() - want).abs().max().item()
+        assert err <= 0.05 * want.abs().max().item(), f"{what}: {err:.3e}"
+
+
+@pytest.mark.parametrize(("n", "metric"), [(SINKHORN_N[0], "sqeuclidean"), (SINKHORN_N[1], "sqeuclidean"),
+                                           (SINKHORN_N[1], "cosine")])
+def test_sinkhorn_kernels_vs_float64(n, metric):
+    """n ≤ 64: the one-launch small kernel; n = 300: the tiled half-step kernel (points, cost on the fly)."""
+    from fastkd.ot import reference as OR
+
+    x = torch.rand(3, n, 3, device=DEV)
+    y = torch.rand(3, n + 5, 3, device=DEV) + 0.25
+    out = fastkd.sinkhorn(x=x, y=y, metric=metric, eps=0.1, max_iter=50, tol=0, backend="triton")
+    a = torch.full((3, n), 1.0 / n, dtype=torch.float64, device=DEV)
+    b = torch.full((3, n + 5), 1.0 / (n + 5), dtype=torch.float64, device=DEV)
+    ref = OR.sinkhorn(a, b, OR.pairwise_cost(x.double(), y.double(), metric), 0.1, 50)["value"]
+    torch.testing.assert_close(out.value.double(), ref, rtol=1e-4, atol=1e-6)
