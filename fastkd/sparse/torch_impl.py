@@ -79,7 +79,7 @@ def sparse_terms(
 
     The gradient of row i is ``a·exp(s_v − lse) + Σ_k c_k·[v = id_k]`` at its ids and ``b'·exp(s_v − lb)``
     elsewhere. Loss includes kd_scale; (a, b', c) include weight · kd_scale / T. Excluded rows get exactly 0
-    everywhere (lb = 0); a kept row with a NaN in s_ids gets NaN loss and NaN coefficients.
+    everywhere (lb = 0); a kept row with a NaN in s_ids, t_logp or t_tail gets NaN loss and coefficients.
     """
     zero = torch.zeros((), dtype=s_ids.dtype, device=s_ids.device)
     name = p.effective
@@ -137,8 +137,12 @@ def sparse_terms(
     a = torch.where(keep, a * scale, zero)
     b = a if b is None else torch.where(keep, b * scale, zero)
     lb = torch.where(keep, lse, zero) if lb is None else lb
-    # a NaN logit at an id, or an id outside the vocabulary (NaN from the stats pass), poisons the token
-    bad = (keep & s_ids.isnan().any(-1)).unsqueeze(-1)
+    # a NaN logit at an id, an id outside the vocabulary (NaN from the stats pass) or a NaN teacher value
+    # poisons the token even where a zero probability would multiply it away (0·log(0/NaN))
+    bad = s_ids.isnan().any(-1) | t_logp.isnan().any(-1)
+    if t_tail is not None:
+        bad = bad | t_tail.isnan()
+    bad = (keep & bad).unsqueeze(-1)
     nan = torch.full((), math.nan, dtype=s_ids.dtype, device=s_ids.device)
     loss, a, b = (torch.where(bad.squeeze(-1), nan, x) for x in (loss, a, b))
     return loss, torch.where(bad, nan, c), a, lb, b
