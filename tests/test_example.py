@@ -44,3 +44,4 @@ def test_sparse_study_quick_json():
         assert base <= r["bytes_per_token"] < base + 1, r
         assert math.isfinite(r["ppl"]) and r["ppl"] > 1 and r["ppl_std"] >= 0
         assert math.isclose(r["recovered"], (ce - r["ppl"]) / (ce - dense), rel_tol=1e-9), r
+        assert math.isfinite(r["recovered_paired"]) and r["recovered_paired_std"] >= 0 and r["grad_rel_err"] >= 0
