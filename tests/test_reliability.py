@@ -261,3 +261,20 @@ def test_sparse_empty_vocabulary_is_a_clear_error(backend, no_value_checks):
     with pytest.raises(ValueError, match="empty"):
         fastkd.fused_linear_sparse_distill_loss(torch.randn(2, 4), torch.zeros(0, 4), torch.full((2, 3), -1),
                                                 torch.zeros(2, 3), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_topk_tail_rkl_teacher_logprobs_near_minus_1e4(backend, dtype, small_blocks):
+    """Very small stored log-probs with the tail derived from them: finite and equal to float64 (issue 13)."""
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(4, 50, generator=g)
+    ids = torch.stack([torch.randperm(50, generator=g)[:5] for _ in range(4)])
+    z.scatter_(1, ids, z.gather(1, ids) + 20)  # the student agrees the ids hold the mass
+    vals = (-1e4 + torch.randn(4, 5, generator=g)).to(dtype)
+    loss, grad = _loss_grad(z, ids, vals, backend, mode="topk_tail", divergence="rkl")
+    want_loss, want = _ref_loss_grad(z, ids, vals.float(), mode="topk_tail", divergence="rkl")
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss.double(), want_loss, atol=1e-2, rtol=1e-5)
+    # the id-column gradient q_k·(r_k − Σ_e q_e r_e) with r ≈ 1e4 cancels: fp32 keeps ~1e4·6e-8 absolute
+    torch.testing.assert_close(grad.double(), want, atol=1e-2, rtol=1e-4)
