@@ -346,7 +346,10 @@ def sparse_distill_loss(
 
     Args:
         student_logits: (..., V) float32/bfloat16/float16 (float64 for checks); receives the gradient.
-        teacher_ids: (..., K) integer ids in [0, V), −1 = padding slot; no id twice within a token.
+        teacher_ids: (..., K) integer ids in [0, V), −1 = padding slot; no id twice within a token. Checked
+            where value checks run (CPU tensors, FASTKD_CHECK_INPUTS=1); elsewhere, without a host sync, every
+            backend gives NaN loss for a token holding an id outside [−1, V) (never reading outside the row)
+            and adds up the gradient of a repeated id's slots.
         teacher_values: (..., K) constants: "logprobs" (default), "probs", "logits" (raw teacher logits at
             the ids; topk only) or "counts" (sample counts; sampled, or topk).
         mode: "topk" (teacher renormalised over its K ids), "topk_tail" (K buckets + one tail bucket holding
@@ -363,6 +366,8 @@ def sparse_distill_loss(
         chunk_size: rows per chunk of the torch backend.
 
     Tokens whose K slots are all padding (or carry zero teacher mass) contribute 0 in topk/sampled mode.
+    A NaN in a kept token's teacher values / tail or in its student logits gives a NaN loss for that token
+    on every backend (an inf teacher value too: it makes the normalisation NaN).
 
     Returns:
         fp32 scalar, or fp32 (...,) for reduction="none" (float64 for float64 inputs).
