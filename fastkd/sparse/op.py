@@ -366,8 +366,9 @@ def sparse_distill_loss(
         chunk_size: rows per chunk of the torch backend.
 
     Tokens whose K slots are all padding (or carry zero teacher mass) contribute 0 in topk/sampled mode.
-    A NaN in a kept token's teacher values / tail or in its student logits gives a NaN loss for that token
-    on every backend (an inf teacher value too: it makes the normalisation NaN).
+    A NaN in a kept token's teacher values / tail or in its student logits (for top-k rkl/jsd: at its ids,
+    the only logits that loss reads) gives a NaN loss for that token on every backend (an inf teacher value
+    too: it makes the normalisation NaN).
 
     Returns:
         fp32 scalar, or fp32 (...,) for reduction="none" (float64 for float64 inputs).
