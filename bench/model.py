@@ -403,7 +403,9 @@ def markdown(rows: list[dict[str, Any]], gpu: GPU) -> str:
              f"`python bench/model.py --gpu {'h100' if 'H100' in gpu.name else 'h200'}`: HBM {gpu.hbm_bw / 1e12:.2f} "
              f"TB/s, bf16 tensor {gpu.tensor_flops / 1e12:.0f} TFLOP/s, fp32 {gpu.fp32_flops / 1e12:.0f} TFLOP/s, "
              f"L2 {gpu.l2_bytes / 1e6:.0f} MB, {gpu.sms} SMs (published figures). predicted_ms = Σ per kernel/op "
-             "of max(bytes/BW, flops/peak); Triton bytes counted in the interpreter on sample rows and scaled.", "",
+             "of max(bytes/BW, flops/peak, ALU ops/(fp32 peak/2)); Triton bytes and element operations counted in "
+             "the interpreter on sample rows and scaled; HBM ms / ALU ms are the two sums alone. A commit marked "
+             "-dirty includes uncommitted working-tree changes.", "",
              "| case | provider | HBM GB | floor GB | bytes/floor | GFLOP | G ALU ops | HBM ms | ALU ms | predicted ms "
              "| gemm ms | time/gemm | vs liger | peak extra MB | l2_rule |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
