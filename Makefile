@@ -56,7 +56,7 @@ clean:
 .PHONY: model gpu-aot gpu-check
 GPU_PY ?= python3
 OUT ?= bench/results/gpu-check
-GPU_SUITE_CAP ?= 180
+GPU_SUITE_CAP ?= 150
 
 # cost model of the GPU suite's cases (model, not measured), on this CPU
 model: setup-bench
@@ -74,10 +74,10 @@ gpu-check:
 	  echo "make gpu-check: no CUDA GPU visible to $(GPU_PY) (torch.cuda.is_available() is False or torch is missing)."; \
 	  echo "  It needs a CUDA machine; here use 'make test', 'make gpu-aot' and 'python bench/model.py'."; exit 2; }
 	@mkdir -p $(OUT)
-	set -o pipefail; MAX_JOBS=$$(nproc) timeout 150 $(GPU_PY) -m pip install -q --no-deps --no-build-isolation \
+	set -o pipefail; MAX_JOBS=$$(nproc) timeout 120 $(GPU_PY) -m pip install -q --no-deps --no-build-isolation \
 	  --no-index -e . 2>&1 | tee $(OUT)/install.log || { echo "csrc/ build failed: installing without the CUDA extension"; \
 	  FASTKD_SKIP_CUDA_BUILD=1 $(GPU_PY) -m pip install -q --no-deps --no-build-isolation --no-index -e .; }
-	set -o pipefail; timeout 120 $(GPU_PY) -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
+	set -o pipefail; timeout 150 $(GPU_PY) -m pytest -q -m gpu -p no:cacheprovider --durations=10 --continue-on-collection-errors \
 	  $$(grep -l "mark.gpu" tests/test_*.py) 2>&1 | tee $(OUT)/pytest-gpu.log; echo $$? > $(OUT)/pytest.rc
 	set -o pipefail; PYTHONUNBUFFERED=1 timeout $$(( $(GPU_SUITE_CAP) + 30 )) $(GPU_PY) bench/gpu_suite.py --no-compile \
 	  --budget 0.5 --time-cap $(GPU_SUITE_CAP) --out $(OUT) --model bench/model_h200.json 2>&1 | tee $(OUT)/suite.log; \
