@@ -278,3 +278,15 @@ def test_topk_tail_rkl_teacher_logprobs_near_minus_1e4(backend, dtype, small_blo
     torch.testing.assert_close(loss.double(), want_loss, atol=1e-2, rtol=1e-5)
     # the id-column gradient q_k·(r_k − Σ_e q_e r_e) with r ≈ 1e4 cancels: fp32 keeps ~1e4·6e-8 absolute
     torch.testing.assert_close(grad.double(), want, atol=1e-2, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["topk", "topk_tail"])
+def test_fused_sparse_nan_teacher_gives_nan(backend, mode, small_blocks):
+    g = torch.Generator().manual_seed(9)
+    h, w = torch.randn(3, 4, generator=g), torch.randn(20, 4, generator=g).requires_grad_()
+    ids = torch.stack([torch.randperm(20, generator=g)[:3] for _ in range(3)])
+    vals = torch.full((3, 3), math.log(0.2))
+    vals[2, 0] = math.nan
+    loss = fastkd.fused_linear_sparse_distill_loss(h, w, ids, vals, mode=mode, reduction="none", backend=backend)
+    assert torch.isnan(loss[2]) and torch.isfinite(loss[:2]).all()
