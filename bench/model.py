@@ -422,6 +422,16 @@ def markdown(rows: list[dict[str, Any]], gpu: GPU) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _kernels_compiled_natively() -> bool:
+    """True when fastkd's kernels were defined without TRITON_INTERPRET=1 (then they cannot be counted here)."""
+    mod = sys.modules.get("fastkd.kernels.distill")
+    if mod is None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return not isinstance(getattr(mod, "_distill_kernel", None), InterpretedFunction)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="GPU cost model measured on CPU (model, not measured)")
     parser.add_argument("--gpu", choices=sorted(GPUS), default="h200")
@@ -430,6 +440,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--providers", default="", help="comma list of substrings of provider names")
     parser.add_argument("--rows", type=int, default=SAMPLE_ROWS, help="sample rows per Triton kernel")
     args = parser.parse_args(argv)
+    if _kernels_compiled_natively():  # e.g. `fastkd bench --model`: fastkd was imported before this module
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        return subprocess.call([sys.executable, str(Path(__file__).resolve()),
+                                *(sys.argv[1:] if argv is None else argv)], env=env)
     import warnings
 
     warnings.filterwarnings("ignore", category=RuntimeWarning)  # the interpreter's log(0) / inf − inf in numpy

@@ -132,3 +132,12 @@ def test_model_fused_case_has_gemm_time():
     assert r["status"] == "ok", r
     assert r["gemm_ms"] > 0 and r["time_vs_gemm"] >= 1.0
     assert r["flops"] >= 2 * 256 * 1000 * (64 * 3 + 96)  # at least the four GEMMs
+
+
+def test_fastkd_bench_model_flag(capsys):
+    """``fastkd bench --model h100 ...`` runs bench/model.py (here with no case selected: the table header)."""
+    from fastkd import cli
+
+    assert cli.main(["bench", "--model", "h100", "--cases", "no-such-case"]) == 0
+    out = capsys.readouterr().out
+    assert "Cost model on H100 SXM (model, not measured)" in out
