@@ -230,7 +230,9 @@ def compile_launch(lc: Launch, seen: dict[str, Result]) -> Result | None:
     return res
 
 
-def check(launches: list[Launch], limit_s: float | None = None) -> list[Result]:
+def check(launches: list[Launch], limit_s: float | None = None,
+          on_result: Callable[[Result], None] | None = None) -> list[Result]:
+    """Compile every distinct launch (``on_result`` sees each result as it comes)."""
     seen: dict[str, Result] = {}
     results = []
     start = time.perf_counter()
@@ -240,6 +242,8 @@ def check(launches: list[Launch], limit_s: float | None = None) -> list[Result]:
         r = compile_launch(lc, seen)
         if r is not None:
             results.append(r)
+            if on_result is not None:
+                on_result(r)
     return results
 
 
@@ -251,14 +255,15 @@ def failures(results: list[Result]) -> list[str]:
     return out
 
 
-def print_table(results: list[Result]) -> None:
-    print(f"{'kernel':<28} {'warps':>5} {'regs':>5} {'spill':>6} {'smem':>7} {'s':>5}  constexprs / first call")
-    for r in results:
-        status = "ERROR " + (r.error or "") if r.error else ""
-        print(f"{r.kernel:<28} {r.num_warps:>5} {r.regs if r.regs is not None else '-':>5} "
-              f"{r.spill_bytes if r.spill_bytes is not None else '-':>6} "
-              f"{r.shared if r.shared is not None else '-':>7} {r.compile_s:>5.1f}  [{r.constexprs}] ({r.label}) "
-              f"{status}")
+HEADER = f"{'kernel':<28} {'warps':>5} {'regs':>5} {'spill':>6} {'smem':>7} {'s':>5}  constexprs / first call"
+
+
+def table_row(r: Result) -> str:
+    status = "ERROR " + (r.error or "") if r.error else ""
+    return (f"{r.kernel:<28} {r.num_warps:>5} {r.regs if r.regs is not None else '-':>5} "
+            f"{r.spill_bytes if r.spill_bytes is not None else '-':>6} "
+            f"{r.shared if r.shared is not None else '-':>7} {r.compile_s:>5.1f}  [{r.constexprs}] ({r.label}) "
+            f"{status}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,12 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
     t0 = time.perf_counter()
     launches, call_errors = capture(args.all)
-    results = check(launches)
+    if not args.json:
+        print(HEADER, flush=True)
+    results = check(launches, on_result=None if args.json else lambda r: print(table_row(r), flush=True))
     bad = call_errors + failures(results)
     if args.json:
         print(json.dumps([{k: v for k, v in r.__dict__.items() if k != "key"} for r in results], indent=1))
     else:
-        print_table(results)
         print(f"{len(results)} distinct configurations from {len(launches)} launches compiled for sm_{SM} in "
               f"{time.perf_counter() - t0:.0f} s")
     for line in bad:
