@@ -6,6 +6,16 @@ Two row-per-program kernels around the shared K-level math of ``fastkd.sparse.to
 and produces, for s = z / T: the online log-sum-exp over the whole vocabulary, (HAS_TAIL) the online
 log-sum-exp over the entries whose id is NOT among the row's K ids, and s gathered at the K ids.
 
+Tail membership in O(V + K·BLOCK_V) per row, not O(V·K): the wrapper passes the row's ids sorted ascending
+(a torch sort of the (N, K) ids, K ≤ a few hundred). For the tile [start, start + BLOCK_V) the ids inside it
+are the contiguous sorted slots [lo, hi) with lo = #{id < start}, hi = #{id < start + BLOCK_V} (two O(K)
+counts per tile), and only those are compared with the tile: Σ over tiles of (hi − lo) = K, so each id costs
+one BLOCK_V-wide compare in the whole row (the CUDA kernel marks a shared-memory bitmap instead; Triton has
+no scatter into registers). Padding (−1) and any negative id sort below every tile start and are never
+compared; an id ≥ V only matches a masked-off lane of the last tile (already −inf). The tail sum itself is
+taken over the unmarked entries, never as total − head mass (that difference cancels catastrophically when
+the head holds almost all the mass).
+
 ``_sparse_grad_kernel`` — grid (N,); program i writes row i of the gradient ``g_v = b'·exp(s_v − lb)``
 tile by tile (the off-id term; lb = lse_tail for topk_tail so that an underflowing tail stays finite), then,
 after a block barrier, overwrites the K id positions with ``a·exp(s_id − lse) + Σ_{j: id_j = id} c_j`` (one
@@ -37,6 +47,7 @@ def _online(m, d, x):
 def _sparse_stats_kernel(
     z_ptr,  # (N, V) student logits, any float dtype, row stride stride_z, unit column stride
     ids_ptr,  # (N, K) int64, −1 = padding slot, row stride stride_ids
+    sorted_ptr,  # (N, K) int64, contiguous: each row's ids sorted ascending (HAS_TAIL; else unused)
     lse_ptr,  # (N,) fp32 out: logsumexp_v s_v
     lse_tail_ptr,  # (N,) fp32 out: logsumexp_{v ∉ ids} s_v (HAS_TAIL)
     s_ids_ptr,  # (N, K) fp32 out, contiguous: s at the ids, −inf at padding
@@ -57,13 +68,20 @@ def _sparse_stats_kernel(
     d = tl.zeros((), tl.float32)
     mt = tl.full((), float("-inf"), tl.float32)
     dt = tl.zeros((), tl.float32)
+    srt_row = sorted_ptr + row * K
+    if HAS_TAIL:
+        srt = tl.load(srt_row + offs_k, mask=offs_k < K, other=0)
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         x = tl.load(z_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_t
         m, d = _online(m, d, x)
         if HAS_TAIL:
-            hit = tl.sum((offs[:, None] == ids[None, :]).to(tl.int32), 1) > 0
-            mt, dt = _online(mt, dt, tl.where(hit, float("-inf"), x))
+            lo = tl.sum(((srt < start) & (offs_k < K)).to(tl.int32), 0)  # slots past K are not ids: never
+            hi = tl.sum(((srt < start + BLOCK_V) & (offs_k < K)).to(tl.int32), 0)  # counted, never read
+            hit = tl.zeros((BLOCK_V,), tl.int32)
+            for j in range(lo, hi):  # only the ids inside this tile (sorted slots lo..hi-1)
+                hit = tl.where(offs == tl.load(srt_row + j), 1, hit)
+            mt, dt = _online(mt, dt, tl.where(hit != 0, float("-inf"), x))
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     tl.store(lse_ptr + row, m_safe + tl.log(d))
     if HAS_TAIL:

@@ -449,3 +449,60 @@ def test_bad_inputs():
         fastkd.fused_linear_sparse_distill_loss(
             torch.randn(3, 4), torch.randn(8, 4), ids.clamp_min(0) + 2, vals
         )
+
+
+def _stats_triton(z, ids, T=1.0):
+    """The Triton stats kernel alone: (lse, lse_tail, s_ids) of rows z (N, V) and ids (N, K)."""
+    n, v = z.shape
+    k = ids.shape[1]
+    lse, lse_tail = torch.empty(n), torch.empty(n)
+    s_ids = torch.empty(n, k)
+    bv = min(TS.CONFIG["block_v"], max(16, 1 << (v - 1).bit_length()))
+    TS.K_._sparse_stats_kernel[(n,)](z, ids, ids.sort(1).values, lse, lse_tail, s_ids, v, k, z.stride(0),
+                                     ids.stride(0), 1.0 / T, HAS_TAIL=True, BLOCK_V=bv,
+                                     BLOCK_K=max(2, 1 << (k - 1).bit_length()), num_warps=1)
+    return lse, lse_tail, s_ids
+
+
+@pytest.mark.parametrize("k", [1, 7, 64])
+@pytest.mark.parametrize("block_v", [16, 4096])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tail_membership_vs_float64(k, block_v, dtype):
+    """The sorted-id tile walk excludes exactly the row's ids from the tail: odd V (a partial last tile), ids
+    clustered in one tile and spread over many, −inf logits, padding −1 and repeated ids (excluded once), ids
+    outside [−1, V) (never a column; their s is NaN)."""
+    if TS._IMPORT_ERROR is not None:
+        pytest.skip(TS._IMPORT_ERROR)
+    n, v = 5, 301
+    g = torch.Generator().manual_seed(k * 7 + block_v)
+    z = (torch.randn(n, v, generator=g) * 3).to(dtype)
+    z[:, 17] = -math.inf
+    ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
+    ids[1] = torch.arange(k) + 40 if k < 64 else torch.arange(k) + 200  # clustered: one or a few tiles
+    if k >= 7:
+        ids[2, -3:] = -1  # padding
+        ids[3, 1] = ids[3, 0]  # a repeated id: one column
+        ids[4, 0], ids[4, 1] = v, -5  # out of range: no column
+    ids[0, 0] = 17  # an id at a −inf logit
+    old = dict(TS.CONFIG)
+    TS.CONFIG.update(block_v=block_v)
+    try:
+        lse, lse_tail, s_ids = _stats_triton(z, ids)
+    finally:
+        TS.CONFIG.update(old)
+    zd = z.double()
+    for i in range(n):
+        cols = {int(c) for c in ids[i] if 0 <= int(c) < v}
+        keep = torch.tensor([c not in cols for c in range(v)])
+        torch.testing.assert_close(lse[i].double(), torch.logsumexp(zd[i], 0), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(lse_tail[i].double(), torch.logsumexp(zd[i][keep], 0), rtol=1e-6, atol=1e-6)
+        for j, c in enumerate(ids[i].tolist()):
+            want = zd[i, c] if 0 <= c < v else (-math.inf if c == -1 else math.nan)
+            torch.testing.assert_close(s_ids[i, j].double(), torch.tensor(want, dtype=torch.float64),
+                                       equal_nan=True)
+
+
+@pytest.mark.parametrize("div", ["fkl", "rkl", "jsd"])
+def test_topk_tail_k64_triton_vs_float64(div, small_blocks):
+    """topk_tail at K = 64 on an odd vocabulary through the public function (loss and gradient, masked row)."""
+    _check_vs_ref("triton", "topk_tail", "logprobs", div, torch.float32, n=4, v=131, k=64, rtol=2e-5, atol=2e-6)

@@ -57,14 +57,16 @@ def sparse_forward(
     s_ids = torch.empty(n, k, dtype=torch.float32, device=dev)
     block_v = min(CONFIG["block_v"], triton.next_power_of_2(max(v, 16)))
     block_k = triton.next_power_of_2(max(k, 2))
-    if has_tail:  # the id-membership test is a (BLOCK_V, BLOCK_K) tile: keep it near 16K elements
-        block_v = max(16, min(block_v, 16384 // block_k))
+    # the tail's membership test compares each id with the one tile it falls in: the kernel walks the row's
+    # ids in ascending order (a (N, K) sort here, O(N·K log K)); unused without a tail
+    ids_sorted = ids.sort(dim=1).values if has_tail else ids
     inv_t = 1.0 / p.temperature
     if n == 0:
         return torch.zeros(0, dtype=torch.float32, device=dev)
     K_._sparse_stats_kernel[(n,)](
         student,
         ids,
+        ids_sorted,
         lse,
         lse_tail,
         s_ids,
@@ -99,7 +101,7 @@ def sparse_forward(
             ids.stride(0),
             inv_t,
             DENSE=dense,
-            BLOCK_V=min(CONFIG["block_v"], triton.next_power_of_2(max(v, 16))),  # no membership tile here
+            BLOCK_V=block_v,
             BLOCK_K=block_k,
             num_warps=CONFIG["num_warps"],
         )
