@@ -1,4 +1,5 @@
-"""``fastkd.cache``: an on-disk cache of sparse teacher outputs (top-k log-probs or sample counts per token).
+"""``fastkd.cache``: an on-disk cache of teacher outputs: sparse (top-k log-probs or sample counts per token)
+or dense (the teacher's final hidden states per token plus its LM head once: :mod:`fastkd.cache_hidden`).
 
 Layout of a cache directory::
 
@@ -14,6 +15,13 @@ Tensors of a shard (safetensors, compact dtypes):
     ``values``    (T, K) float16 / bfloat16 / float32 log-probs, or uint8 / int32 sample counts
     ``tail``      (T,) log of the teacher mass outside the K ids (top-k caches, ``store_tail``)
     ``input_ids`` (T,) int32 token ids of the example (optional)
+    ``lse``       (T, J) float32 log-normaliser at each of the index's ``temperatures`` (1.0 first), and
+    ``tails``     (T, J) log tail mass at each (only with ``temperatures``; :mod:`fastkd.cache_temper`)
+    ``hidden``    (T, H) bf16 / fp16 / fp32 teacher hidden states (``values="hidden"``, instead of ids/values;
+                  the head is ``lm_head.safetensors``, its size, CRC-32 and SHA-256 in the index)
+
+Format version 3 (hidden-state caches, temperatures); version-2 indexes are read as sparse caches without
+temperatures, and a resumed version-2 cache is rewritten as version 3.
 
 Crash safety: a shard is written to a temporary file, fsynced and renamed, then ``index.json`` is replaced
 atomically the same way. A writer that dies mid-way leaves every shard listed in the index readable; a
@@ -28,8 +36,10 @@ index settings by its own metadata, and its tensors are validated (monotonic off
 Every problem raises :class:`CacheCorruptedError` naming the cache file.
 
 Building from a teacher: :meth:`TeacherCacheWriter.add_from_hidden` takes the teacher's final hidden
-states and LM-head weight and computes top-k log-probs (or samples) chunk by chunk: peak memory
-O(chunk · V), never (N, V) logits.
+states and LM-head weight and computes top-k log-probs, the tail and log-normaliser at every stored
+temperature (or samples) in one LM-head pass per chunk (:mod:`fastkd.cache_extract`): peak memory
+O(chunk · V), never (N, V) logits. The top-k is torch's ``topk`` on every device (no Triton streaming
+top-k kernel yet).
 """
 
 from __future__ import annotations
@@ -46,411 +56,16 @@ from typing import Any
 import torch
 
 from fastkd import cache_io as io
+from fastkd.cache_extract import extract_topk, sample_from_hidden, topk_from_hidden
+from fastkd.cache_hidden import collate_hidden, read_head
+from fastkd.cache_ids import choose_id_format, decode_ids, encode_ids
 from fastkd.cache_io import FORMAT, INDEX, VERSION, CacheCorruptedError, CacheLockedError, id_bits
-from fastkd.core.lmhead import iter_logits
+from fastkd.cache_temper import at_temperature, cache_stats
+from fastkd.cache_writer import TeacherCacheWriter, _read_index
 
 __all__ = ["FORMAT", "INDEX", "VERSION", "CacheCorruptedError", "CacheLockedError", "TeacherCache",
-           "TeacherCacheDataset", "TeacherCacheWriter", "id_bits"]
-_VALUE_DTYPES = io.VALUE_DTYPES
-
-
-# ---------------------------------------------------------------------------------------------------------
-# id encodings
-# ---------------------------------------------------------------------------------------------------------
-
-
-def choose_id_format(vocab_size: int, id_format: str = "auto") -> str:
-    if id_format == "auto":
-        if vocab_size < 2**15:
-            return "int16"
-        if vocab_size < 2**16:
-            return "uint16"
-        return "packed" if id_bits(vocab_size) < 32 else "int32"
-    if id_format not in ("int16", "uint16", "packed", "int32"):
-        raise ValueError(
-            f"id_format must be 'auto', 'int16', 'uint16', 'packed' or 'int32', got {id_format!r}"
-        )
-    limit = {"int16": 2**15, "uint16": 2**16, "packed": 2**31, "int32": 2**31}[id_format]
-    if vocab_size >= limit:
-        raise ValueError(
-            f"id_format={id_format!r} holds vocabularies below {limit}, got vocab_size={vocab_size}"
-        )
-    return id_format
-
-
-def encode_ids(ids: torch.Tensor, fmt: str, bits: int) -> torch.Tensor:
-    """(T, K) int64 ids (−1 = padding) → the stored tensor."""
-    if fmt == "int32":
-        return ids.to(torch.int32)
-    if fmt == "int16":
-        return ids.to(torch.int16)
-    x = ids.to(torch.int64) + 1
-    if fmt == "uint16":
-        return torch.where(x >= 2**15, x - 2**16, x).to(torch.int16)
-    t, k = x.shape
-    shifts = torch.arange(bits, dtype=torch.int64)
-    flat = ((x.reshape(t, k, 1) >> shifts) & 1).reshape(t, k * bits)
-    nbytes = (k * bits + 7) // 8
-    flat = torch.nn.functional.pad(flat, (0, nbytes * 8 - k * bits)).reshape(t, nbytes, 8)
-    return (flat << torch.arange(8, dtype=torch.int64)).sum(-1).to(torch.uint8)
-
-
-def decode_ids(stored: torch.Tensor, fmt: str, bits: int, k: int) -> torch.Tensor:
-    """Inverse of :func:`encode_ids` → (T, K) int64 with −1 at padding slots."""
-    if fmt in ("int32", "int16"):
-        return stored.to(torch.int64)
-    if fmt == "uint16":
-        return (stored.to(torch.int64) & 0xFFFF) - 1
-    t = stored.shape[0]
-    b = ((stored.to(torch.int64).unsqueeze(-1) >> torch.arange(8, dtype=torch.int64)) & 1).reshape(t, -1)
-    b = b[:, : k * bits].reshape(t, k, bits)
-    return (b << torch.arange(bits, dtype=torch.int64)).sum(-1) - 1
-
-
-# ---------------------------------------------------------------------------------------------------------
-# teacher → sparse targets, chunk by chunk
-# ---------------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def topk_from_hidden(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    k: int,
-    temperature: float = 1.0,
-    chunk_size: int = 256,
-    softcap: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k of softmax((h W^T + b) / T) per token without (N, V) logits.
-
-    hidden (N, H), weight (V, H), bias (V,). Returns ids (N, k) int64, log-probs (N, k) fp32 and the log of
-    the mass outside the k ids (N,) fp32, computed exactly as logsumexp over the other entries − lse.
-    """
-    n = hidden.shape[0]
-    k = min(k, weight.shape[0])
-    ids = torch.empty(n, k, dtype=torch.int64, device=hidden.device)
-    logp = torch.empty(n, k, dtype=torch.float32, device=hidden.device)
-    tail = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    # the LM-head engine's chunk logits (fp32, softcap then temperature) in one reused workspace
-    for sl, z in iter_logits(hidden, weight, bias, chunk_size, softcap=softcap, temperature=temperature,
-                             dtype=torch.float32):
-        lse = torch.logsumexp(z, -1)
-        top = z.topk(k, -1)
-        ids[sl], logp[sl] = top.indices, top.values - lse.unsqueeze(-1)
-        tail[sl] = torch.logsumexp(z.scatter_(1, top.indices, -math.inf), -1) - lse
-    return ids, logp, tail
-
-
-@torch.no_grad()
-def sample_from_hidden(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    num_samples: int,
-    temperature: float = 1.0,
-    chunk_size: int = 256,
-    generator: torch.Generator | None = None,
-    softcap: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random-Sampling KD targets: ``num_samples`` draws per token from the teacher (with replacement).
-
-    Returns ids (N, num_samples) int64 (distinct ids first, −1 padding) and counts (N, num_samples) int32.
-    """
-    n, v = hidden.shape[0], weight.shape[0]
-    s = num_samples
-    ids = torch.full((n, s), -1, dtype=torch.int64, device=hidden.device)
-    counts = torch.zeros(n, s, dtype=torch.int32, device=hidden.device)
-    for sl, z in iter_logits(hidden, weight, bias, chunk_size, softcap=softcap, temperature=temperature,
-                             dtype=torch.float32):
-        probs = torch.softmax(z, -1)
-        draws = torch.multinomial(probs, s, replacement=True, generator=generator)
-        c = torch.zeros_like(probs).scatter_add_(1, draws, torch.ones_like(draws, dtype=probs.dtype))
-        top = c.topk(min(s, v), -1)
-        ids[sl, : top.indices.shape[1]] = torch.where(top.values > 0, top.indices, -1)
-        counts[sl, : top.indices.shape[1]] = top.values.to(torch.int32)
-    return ids, counts
-
-
-# ---------------------------------------------------------------------------------------------------------
-# writer
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(io.tmp_name(path.name))  # private to this writer: two never share a temporary
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _read_index(path: Path) -> dict[str, Any]:
-    f = path / INDEX
-    if not os.path.lexists(f):
-        raise FileNotFoundError(f"{path} is not a teacher cache: {INDEX} is missing")
-    try:
-        index = json.loads(io.read_file(f, INDEX))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CacheCorruptedError(f"{INDEX} is corrupted (not valid JSON: {exc})") from exc
-    return io.check_index(index)
-
-
-class TeacherCacheWriter:
-    """Appends examples to a cache directory; see the module docstring. Use as a context manager.
-
-    Args:
-        path: the cache directory (created).
-        vocab_size: the teacher's vocabulary size V (ids must lie in [0, V)).
-        k: slots per token (top-k size, or number of samples for count caches).
-        values: "logprobs" (top-k) or "counts" (sampled).
-        value_dtype: "float16" (default for log-probs), "bfloat16", "float32"; "uint8" (default for counts)
-            or "int32".
-        id_format: "auto" (int16 / uint16 / bit-packed by V), or one of "int16", "uint16", "packed", "int32".
-        store_tail: store the log tail mass per token (log-prob caches; default True).
-        shard_tokens: tokens per shard (a shard is written once it holds at least this many).
-        resume: continue an existing cache (its settings must match); else an existing index is an error.
-        meta: JSON-serialisable metadata kept in the index (teacher name, temperature, mode, ...).
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        *,
-        vocab_size: int,
-        k: int,
-        values: str = "logprobs",
-        value_dtype: str | None = None,
-        id_format: str = "auto",
-        store_tail: bool = True,
-        shard_tokens: int = 1 << 20,
-        resume: bool = False,
-        meta: dict[str, Any] | None = None,
-    ):
-        if values not in ("logprobs", "counts"):
-            raise ValueError(f"values must be 'logprobs' or 'counts', got {values!r}")
-        if not isinstance(vocab_size, int) or vocab_size <= 0:
-            raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
-        if not isinstance(k, int) or k <= 0:
-            raise ValueError(f"k must be a positive int, got {k!r}")
-        value_dtype = value_dtype or ("float16" if values == "logprobs" else "uint8")
-        allowed = ("float16", "bfloat16", "float32") if values == "logprobs" else ("uint8", "int32")
-        if value_dtype not in allowed:
-            raise ValueError(
-                f"value_dtype for values={values!r} must be one of {allowed}, got {value_dtype!r}"
-            )
-        if shard_tokens <= 0:
-            raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
-        self.path = Path(path)
-        fmt = choose_id_format(vocab_size, id_format)
-        settings = {
-            "vocab_size": vocab_size,
-            "k": k,
-            "values": values,
-            "value_dtype": value_dtype,
-            "id_format": fmt,
-            "id_bits": id_bits(vocab_size),
-            "store_tail": bool(store_tail and values == "logprobs"),
-        }
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._lock = io.WriterLock(self.path)  # CacheLockedError if another writer has this directory
-        try:
-            index = self._open_index(settings, resume, meta)
-        except BaseException:
-            self._lock.release()
-            raise
-        self.index = index
-        self.shard_tokens = shard_tokens
-        self._buf: list[dict[str, torch.Tensor]] = []
-        self._buf_tokens = 0
-        self.closed = False
-
-    def _open_index(self, settings: dict[str, Any], resume: bool, meta: dict[str, Any] | None) -> dict[str, Any]:
-        """The existing index (resume) or a new one; called with the lock held."""
-        if os.path.lexists(self.path / INDEX):
-            if not resume:
-                raise FileExistsError(
-                    f"{self.path} already holds a teacher cache; pass resume=True to continue "
-                    f"it or choose a new directory"
-                )
-            index = _read_index(self.path)
-            diff = {key: (index.get(key), val) for key, val in settings.items() if index.get(key) != val}
-            if diff:
-                raise ValueError(f"cannot resume {self.path}: settings differ (stored, requested): {diff}")
-            for tmp in self.path.glob("*.tmp"):  # left by writers that died (we hold the lock)
-                tmp.unlink()
-            return index
-        else:
-            return {
-                "format": FORMAT,
-                "version": VERSION,
-                **settings,
-                "meta": meta or {},
-                "shards": [],
-                "n_examples": 0,
-                "n_tokens": 0,
-                "has_input_ids": None,
-            }
-
-    # number of examples stored or buffered; a resumed writer starts at the stored count
-    @property
-    def n_examples(self) -> int:
-        return self.index["n_examples"] + len(self._buf)
-
-    def add(
-        self,
-        ids: torch.Tensor,
-        values: torch.Tensor,
-        tail: torch.Tensor | None = None,
-        input_ids: torch.Tensor | None = None,
-    ) -> int:
-        """Buffer one example: ids (T, k') int (−1 padding, k' ≤ k), values (T, k'), tail (T,) log mass.
-
-        Returns the example's index. Writes a shard when enough tokens are buffered.
-        """
-        if self.closed:
-            raise RuntimeError("this TeacherCacheWriter is closed")
-        ix = self.index
-        if ids.dim() != 2 or values.shape != ids.shape:
-            raise ValueError(
-                f"ids and values must both be (T, k), got {tuple(ids.shape)} and {tuple(values.shape)}"
-            )
-        t, k = ids.shape
-        if k > ix["k"]:
-            raise ValueError(f"ids has {k} slots per token but the cache stores k={ix['k']}")
-        ids = ids.detach().to("cpu", torch.int64)
-        if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= ix["vocab_size"]):
-            raise ValueError(
-                f"ids must be in [0, {ix['vocab_size']}) or -1, got [{int(ids.min())}, {int(ids.max())}]"
-            )
-        vals = values.detach().cpu()
-        if ix["values"] == "counts":
-            if vals.dtype.is_floating_point and not torch.equal(vals, vals.round()):
-                raise ValueError("counts must be whole numbers")
-            vals = vals.to(torch.int64)
-            hi = 255 if ix["value_dtype"] == "uint8" else 2**31 - 1
-            if vals.numel() and (int(vals.min()) < 0 or int(vals.max()) > hi):
-                raise ValueError(f"counts must be in [0, {hi}] for value_dtype={ix['value_dtype']!r}")
-        vals = torch.where(ids >= 0, vals, torch.zeros((), dtype=vals.dtype))
-        if k < ix["k"]:
-            ids = torch.nn.functional.pad(ids, (0, ix["k"] - k), value=-1)
-            vals = torch.nn.functional.pad(vals, (0, ix["k"] - k), value=0)
-        ex = {"ids": ids, "values": vals.to(_VALUE_DTYPES[ix["value_dtype"]])}
-        if ix["store_tail"]:
-            if tail is None:  # derive the tail from the values (less exact than a computed one)
-                lse = torch.logsumexp(torch.where(ids >= 0, vals.double(), -math.inf), -1).clamp_max(0.0)
-                tail = torch.log(-torch.expm1(lse)).float()
-            if tuple(tail.shape) != (t,):
-                raise ValueError(f"tail must have shape ({t},), got {tuple(tail.shape)}")
-            ex["tail"] = tail.detach().cpu().to(_VALUE_DTYPES[ix["value_dtype"]])
-        has = input_ids is not None
-        if ix["has_input_ids"] is None:
-            ix["has_input_ids"] = has
-        elif ix["has_input_ids"] != has:
-            raise ValueError("pass input_ids for every example or for none")
-        if has:
-            if tuple(input_ids.shape) != (t,):
-                raise ValueError(f"input_ids must have shape ({t},), got {tuple(input_ids.shape)}")
-            ex["input_ids"] = input_ids.detach().cpu().to(torch.int32)
-        self._buf.append(ex)
-        self._buf_tokens += t
-        if self._buf_tokens >= self.shard_tokens:
-            self.flush()
-        return self.n_examples - 1
-
-    def add_from_hidden(
-        self,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        *,
-        temperature: float = 1.0,
-        chunk_size: int = 256,
-        input_ids: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        softcap: float | None = None,
-    ) -> int:
-        """Compute the example's targets from teacher hidden states (T, H) and LM head (V, H), then add it."""
-        ix = self.index
-        if weight.shape[0] != ix["vocab_size"]:
-            raise ValueError(
-                f"weight has {weight.shape[0]} rows but the cache's vocab_size is {ix['vocab_size']}"
-            )
-        if ix["values"] == "counts":
-            ids, counts = sample_from_hidden(
-                hidden,
-                weight,
-                bias,
-                num_samples=ix["k"],
-                temperature=temperature,
-                chunk_size=chunk_size,
-                generator=generator,
-                softcap=softcap,
-            )
-            return self.add(ids, counts, input_ids=input_ids)
-        ids, logp, tail = topk_from_hidden(
-            hidden, weight, bias, k=ix["k"], temperature=temperature, chunk_size=chunk_size, softcap=softcap
-        )
-        return self.add(ids, logp, tail, input_ids=input_ids)
-
-    def flush(self) -> None:
-        """Write the buffered examples as one shard and commit it to the index."""
-        if not self._buf:
-            return
-        from safetensors.torch import save
-
-        ix = self.index
-        tensors = {
-            "offsets": torch.tensor(
-                [0, *torch.tensor([e["ids"].shape[0] for e in self._buf]).cumsum(0).tolist()],
-                dtype=torch.int64,
-            ),
-            "ids": encode_ids(torch.cat([e["ids"] for e in self._buf]), ix["id_format"], ix["id_bits"]),
-            "values": torch.cat([e["values"] for e in self._buf]),
-        }
-        for key in ("tail", "input_ids"):
-            if key in self._buf[0]:
-                tensors[key] = torch.cat([e[key] for e in self._buf])
-        data = save(tensors, metadata=io.shard_metadata(len(ix["shards"]), ix))
-        name = f"shard-{len(ix['shards']):05d}.safetensors"
-        _fsync_write(self.path / name, data)
-        ix["shards"].append(
-            {
-                "file": name,
-                "n_examples": len(self._buf),
-                "n_tokens": self._buf_tokens,
-                "bytes": len(data),
-                "crc32": io.crc32(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
-            }
-        )
-        ix["n_examples"] += len(self._buf)
-        ix["n_tokens"] += self._buf_tokens
-        _fsync_write(self.path / INDEX, json.dumps(ix, indent=1).encode())
-        self._buf, self._buf_tokens = [], 0
-
-    def close(self) -> None:
-        """Write what is buffered and release the directory's lock."""
-        if not self.closed:
-            try:
-                self.flush()
-            finally:
-                self.closed = True
-                self._lock.release()
-
-    def __enter__(self) -> TeacherCacheWriter:
-        return self
-
-    def __exit__(self, exc_type, *_: object) -> None:
-        # on an exception keep what is complete on disk and drop the partial buffer (resume redoes it)
-        if exc_type is None:
-            self.close()
-        else:
-            self._buf, self._buf_tokens, self.closed = [], 0, True
-            self._lock.release()
+           "TeacherCacheDataset", "TeacherCacheWriter", "choose_id_format", "decode_ids", "encode_ids",
+           "extract_topk", "id_bits", "sample_from_hidden", "topk_from_hidden"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -474,7 +89,9 @@ class TeacherCache:
 
     ``cache[i]`` → dict with ``teacher_ids`` (T, K) int64 (−1 padding), ``teacher_values`` (T, K) float32
     (log-probs, or counts), ``teacher_tail`` (T,) float32 log tail mass (if stored) and ``input_ids`` (T,)
-    int64 (if stored).
+    int64 (if stored). ``cache.get(i, temperature=τ)`` re-tempers (caches built with ``temperatures=``).
+    A hidden-state cache gives ``cache[i]["hidden"]`` (T, H) in the stored dtype (and ``input_ids``), and
+    ``cache.lm_head()`` → (weight (V, H), bias (V,) | None), verified against its SHA-256.
     """
 
     create = TeacherCacheWriter
@@ -487,10 +104,15 @@ class TeacherCache:
         for sh in ix["shards"]:
             self._starts.append(self._starts[-1] + sh["n_examples"])
         self._open: dict[int, dict[str, torch.Tensor]] = {}
+        self._head: tuple[torch.Tensor, torch.Tensor | None] | None = None
         for i, sh in enumerate(ix["shards"]):
             io.stat_shard(self.path / sh["file"], sh["file"], sh["bytes"])
             if verify:
                 self._shard(i, verify=True)
+        if ix["values"] == "hidden":
+            io.stat_shard(self.path / ix["lm_head"]["file"], ix["lm_head"]["file"], ix["lm_head"]["bytes"])
+            if verify:
+                self.lm_head()
 
     def __len__(self) -> int:
         return self.index["n_examples"]
@@ -500,8 +122,25 @@ class TeacherCache:
         return self.index["n_tokens"]
 
     @property
-    def k(self) -> int:
-        return self.index["k"]
+    def k(self) -> int | None:
+        return self.index.get("k")
+
+    @property
+    def temperatures(self) -> list[float]:
+        return list(self.index.get("temperatures", []))
+
+    def lm_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The teacher's LM head of a hidden-state cache: weight (V, H), bias (V,) | None (stored dtype)."""
+        if self.index["values"] != "hidden":
+            raise ValueError("lm_head() belongs to hidden-state caches (values='hidden')")
+        if self._head is None:
+            self._head = read_head(self.path, self.index)
+        return self._head
+
+    def stats(self, quantiles: tuple[float, ...] = (0.5, 0.9, 0.99, 1.0)) -> dict[str, Any]:
+        """Per temperature: tail-mass quantiles (= TV distance to the top-k renormalisation) and the
+        worst-case quantisation error of values / tail; see :func:`fastkd.cache_temper.cache_stats`."""
+        return cache_stats(self, quantiles)
 
     @property
     def vocab_size(self) -> int:
@@ -539,6 +178,18 @@ class TeacherCache:
         return tensors
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        return self._example(idx)[0]
+
+    def get(self, idx: int, temperature: float | None = None, approximate: bool = False) -> dict[str, torch.Tensor]:
+        """``cache[idx]``, with ``teacher_values`` / ``teacher_tail`` the exact log-probs / log tail mass at
+        ``temperature`` (a temperature the cache stores; ``approximate=True`` renormalises the top-k instead
+        for one it does not). See :mod:`fastkd.cache_temper`."""
+        ex, lse, tails = self._example(idx)
+        if temperature is None:
+            return ex
+        return at_temperature(ex, lse, tails, self.index, temperature, approximate)
+
+    def _example(self, idx: int) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
         n = len(self)
         if not isinstance(idx, int):
             raise TypeError(f"cache indices are ints, got {type(idx).__name__}")
@@ -551,15 +202,19 @@ class TeacherCache:
         j = idx - self._starts[s]
         a, b = int(t["offsets"][j]), int(t["offsets"][j + 1])
         ix = self.index
-        out = {
-            "teacher_ids": decode_ids(t["ids"][a:b], ix["id_format"], ix["id_bits"], ix["k"]),
-            "teacher_values": t["values"][a:b].float(),
-        }
+        if ix["values"] == "hidden":
+            out = {"hidden": t["hidden"][a:b]}
+        else:
+            out = {
+                "teacher_ids": decode_ids(t["ids"][a:b], ix["id_format"], ix["id_bits"], ix["k"]),
+                "teacher_values": t["values"][a:b].float(),
+            }
         if "tail" in t:
             out["teacher_tail"] = t["tail"][a:b].float()
         if "input_ids" in t:
             out["input_ids"] = t["input_ids"][a:b].long()
-        return out
+        lse = t["lse"][a:b] if "lse" in t else None
+        return out, lse, (t["tails"][a:b] if "tails" in t else None)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for i in range(len(self)):
@@ -572,19 +227,29 @@ class TeacherCache:
 class TeacherCacheDataset(torch.utils.data.Dataset):
     """``torch.utils.data.Dataset`` over a :class:`TeacherCache`; use :meth:`collate` as ``collate_fn``."""
 
-    def __init__(self, cache: TeacherCache | str | os.PathLike, pad_token_id: int = 0):
+    def __init__(self, cache: TeacherCache | str | os.PathLike, pad_token_id: int = 0,
+                 temperature: float | None = None, approximate: bool = False):
         self.cache = cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
         self.pad_token_id = pad_token_id
+        self.temperature, self.approximate = temperature, approximate
+        if temperature is not None:  # fail now, not in a DataLoader worker
+            if self.cache.values_kind != "logprobs":
+                raise ValueError(f"temperature= needs a log-prob cache, this one stores {self.cache.values_kind!r}")
+            if not approximate and temperature not in self.cache.temperatures:
+                at_temperature({"teacher_ids": torch.zeros(0, 1, dtype=torch.long)}, None, None, self.cache.index,
+                               temperature)  # raises the clear "not stored" error
 
     def __len__(self) -> int:
         return len(self.cache)
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
-        return self.cache[idx]
+        return self.cache.get(idx, self.temperature, self.approximate)
 
     def collate(self, batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Pad to the longest example: teacher_ids −1, values 0, tail −inf, input_ids pad_token_id;
-        adds ``mask`` (B, T) bool, True = a real token."""
+        adds ``mask`` (B, T) bool, True = a real token. Hidden-state caches: ``teacher_hidden`` (B, T, H)."""
+        if "hidden" in batch[0]:
+            return collate_hidden(batch, self.pad_token_id)
         b, t = len(batch), max(x["teacher_ids"].shape[0] for x in batch)
         k = batch[0]["teacher_ids"].shape[1]
         out = {

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 FORMAT = "fastkd-teacher-cache"
-VERSION = 2  # 2: per-shard crc32 and position/settings metadata in every shard
+VERSION = 3  # 2: per-shard crc32 and position/settings metadata; 3: hidden-state caches, temperatures
+READ_VERSIONS = (2, 3)  # a version-2 index reads as a version-3 sparse cache without temperatures
 INDEX = "index.json"
 LOCK = ".lock"
 MAX_INDEX_BYTES = 64 << 20
@@ -50,6 +51,19 @@ VALUE_DTYPES = {
 ID_FORMATS = ("int16", "uint16", "packed", "int32")
 _ID_LIMIT = {"int16": 2**15, "uint16": 2**16, "packed": 2**31, "int32": 2**31}
 SHARD_META = ("vocab_size", "k", "id_format", "values", "value_dtype")
+HIDDEN_SHARD_META = ("vocab_size", "values", "value_dtype", "hidden_size")
+
+
+def shard_meta_keys(index: dict[str, Any]) -> tuple[str, ...]:
+    """Index settings each shard repeats in its metadata (a hidden-state shard also binds the head's SHA-256,
+    a re-temperable one its temperatures)."""
+    if index["values"] == "hidden":
+        return HIDDEN_SHARD_META + ("lm_head",)
+    return SHARD_META + (("temperatures",) if index.get("temperatures") else ())
+
+
+def _meta_value(index: dict[str, Any], key: str) -> str:
+    return index["lm_head"]["sha256"] if key == "lm_head" else str(index[key])
 
 
 class CacheCorruptedError(RuntimeError):
@@ -82,28 +96,25 @@ def check_index(index: object) -> dict[str, Any]:
 
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise CacheCorruptedError(f"{INDEX} is not a {FORMAT} index")
-    if index.get("version") != VERSION:
+    if index.get("version") not in READ_VERSIONS:
         raise CacheCorruptedError(
-            f"{INDEX} has format version {index.get('version')!r}, this fastkd reads {VERSION} (rebuild the cache)"
+            f"{INDEX} has format version {index.get('version')!r}, this fastkd reads {READ_VERSIONS} "
+            f"(rebuild the cache)"
         )
-    v, k = index.get("vocab_size"), index.get("k")
+    if index["version"] == 2:
+        index.setdefault("temperatures", [])
+    v = index.get("vocab_size")
     if not _int(v) or not 0 < v < 2**31:
         raise bad(f"vocab_size must be an int in [1, 2^31), got {v!r}")
-    if not _int(k) or k <= 0:
-        raise bad(f"k must be a positive int, got {k!r}")
     values, vdt = index.get("values"), index.get("value_dtype")
-    allowed = {"logprobs": ("float16", "bfloat16", "float32"), "counts": ("uint8", "int32")}
-    if values not in allowed:
-        raise bad(f"values must be 'logprobs' or 'counts', got {values!r}")
-    if vdt not in allowed[values]:
-        raise bad(f"value_dtype {vdt!r} is not one of {allowed[values]} for values={values!r}")
-    fmt = index.get("id_format")
-    if fmt not in ID_FORMATS or v >= _ID_LIMIT[fmt]:
-        raise bad(f"id_format {fmt!r} cannot hold vocab_size={v}")
-    if index.get("id_bits") != id_bits(v):
-        raise bad(f"id_bits must be {id_bits(v)} for vocab_size={v}, got {index.get('id_bits')!r}")
-    if not isinstance(index.get("store_tail"), bool) or (index["store_tail"] and values != "logprobs"):
-        raise bad(f"store_tail must be a bool (False for counts), got {index.get('store_tail')!r}")
+    if values not in ALLOWED_VALUES:
+        raise bad(f"values must be one of {tuple(ALLOWED_VALUES)}, got {values!r}")
+    if vdt not in ALLOWED_VALUES[values]:
+        raise bad(f"value_dtype {vdt!r} is not one of {ALLOWED_VALUES[values]} for values={values!r}")
+    if values == "hidden":
+        _check_hidden_settings(index, bad)
+    else:
+        _check_sparse_settings(index, bad)
     if index.get("has_input_ids") not in (None, True, False):
         raise bad(f"has_input_ids must be a bool or null, got {index.get('has_input_ids')!r}")
     if not isinstance(index.get("meta", {}), dict):
@@ -131,6 +142,51 @@ def check_index(index: object) -> dict[str, Any]:
         if index.get(key) != total:
             raise bad(f"{key} is {index.get(key)!r} but the shards hold {total}")
     return index
+
+
+ALLOWED_VALUES = {"logprobs": ("float16", "bfloat16", "float32"), "counts": ("uint8", "int32"),
+                  "hidden": ("float16", "bfloat16", "float32")}
+
+
+def _check_sparse_settings(index: dict[str, Any], bad) -> None:
+    v, k, values = index["vocab_size"], index.get("k"), index["values"]
+    if not _int(k) or k <= 0:
+        raise bad(f"k must be a positive int, got {k!r}")
+    fmt = index.get("id_format")
+    if fmt not in ID_FORMATS or v >= _ID_LIMIT[fmt]:
+        raise bad(f"id_format {fmt!r} cannot hold vocab_size={v}")
+    if index.get("id_bits") != id_bits(v):
+        raise bad(f"id_bits must be {id_bits(v)} for vocab_size={v}, got {index.get('id_bits')!r}")
+    if not isinstance(index.get("store_tail"), bool) or (index["store_tail"] and values != "logprobs"):
+        raise bad(f"store_tail must be a bool (False for counts), got {index.get('store_tail')!r}")
+    temps = index.get("temperatures")
+    if not isinstance(temps, list) or any(not _pos_float(t) for t in temps) or len(set(temps)) != len(temps):
+        raise bad(f"temperatures must be a list of distinct positive numbers, got {temps!r}")
+    if temps and (values != "logprobs" or temps[0] != 1.0 or not index["store_tail"]):
+        raise bad("temperatures need a log-prob cache with a stored tail, and list 1.0 first")
+
+
+def _pos_float(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < float("inf")
+
+
+def _check_hidden_settings(index: dict[str, Any], bad) -> None:
+    h = index.get("hidden_size")
+    if not _int(h) or h <= 0:
+        raise bad(f"hidden_size must be a positive int, got {h!r}")
+    for key in ("softcap", "logit_scale"):
+        if index.get(key) is not None and not _pos_float(index[key]):
+            raise bad(f"{key} must be a positive number or null, got {index.get(key)!r}")
+    head = index.get("lm_head")
+    if not isinstance(head, dict) or not plain_name(head.get("file")):
+        raise bad("lm_head must be an object naming a plain file inside the cache directory")
+    for key in ("bytes", "crc32"):
+        if not _int(head.get(key)) or head[key] < 0:
+            raise bad(f"lm_head.{key} must be an int >= 0, got {head.get(key)!r}")
+    if not isinstance(head.get("sha256"), str) or not _HEX64.fullmatch(head["sha256"]):
+        raise bad("lm_head.sha256 must be 64 lowercase hex digits")
+    if head.get("dtype") not in ("float16", "bfloat16", "float32") or not isinstance(head.get("bias"), bool):
+        raise bad(f"lm_head.dtype must be a float dtype and lm_head.bias a bool, got {head!r}"[:200])
 
 
 def _open_regular(path: Path, name: str) -> int:
@@ -192,7 +248,7 @@ def crc32(data: bytes) -> int:
 def shard_metadata(position: int, index: dict[str, Any]) -> dict[str, str]:
     """safetensors metadata binding a shard to its position and the index settings."""
     meta = {"format": FORMAT, "version": str(VERSION), "shard": str(position)}
-    meta.update({key: str(index[key]) for key in SHARD_META})
+    meta.update({key: _meta_value(index, key) for key in shard_meta_keys(index)})
     return meta
 
 
@@ -218,13 +274,17 @@ def check_shard(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None, p
     if meta.get("shard") != str(position):
         raise bad(f"its metadata says position {meta.get('shard')!r}, the index lists it at {position} "
                   f"(shard entries swapped or copied)")
-    for key in SHARD_META:
-        if meta.get(key) != str(index[key]):
-            raise bad(f"it was written with {key}={meta.get(key)!r}, the index says {index[key]!r}")
-    fmt, k, t_n, e_n = index["id_format"], index["k"], entry["n_tokens"], entry["n_examples"]
-    expected = {"offsets", "ids", "values"}
-    if index["store_tail"]:
+    for key in shard_meta_keys(index):
+        if meta.get(key) != _meta_value(index, key):
+            raise bad(f"it was written with {key}={meta.get(key)!r}, the index says {_meta_value(index, key)!r}")
+    fmt, k, t_n, e_n = index.get("id_format"), index.get("k"), entry["n_tokens"], entry["n_examples"]
+    hidden = index["values"] == "hidden"
+    n_temps = len(index.get("temperatures", []))
+    expected = {"offsets", "hidden"} if hidden else {"offsets", "ids", "values"}
+    if index.get("store_tail"):
         expected.add("tail")
+    if n_temps:
+        expected |= {"lse", "tails"}
     if index["has_input_ids"]:
         expected.add("input_ids")
     if set(tensors) != expected:
@@ -234,6 +294,14 @@ def check_shard(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None, p
         raise bad(f"offsets must be ({e_n + 1},) int64, got {tuple(off.shape)} {off.dtype}")
     if int(off[0]) != 0 or int(off[-1]) != t_n or bool((off[1:] < off[:-1]).any()):
         raise bad(f"offsets must rise monotonically from 0 to n_tokens={t_n}")
+    if hidden:
+        shape, dt = (t_n, index["hidden_size"]), VALUE_DTYPES[index["value_dtype"]]
+        if tuple(tensors["hidden"].shape) != shape or tensors["hidden"].dtype != dt:
+            raise bad(f"hidden must be {shape} {dt}, got {tuple(tensors['hidden'].shape)} {tensors['hidden'].dtype}")
+        if "input_ids" in tensors and (tuple(tensors["input_ids"].shape) != (t_n,)
+                                       or tensors["input_ids"].dtype != torch.int32):
+            raise bad(f"input_ids must be ({t_n},) int32")
+        return
     width = (k * index["id_bits"] + 7) // 8 if fmt == "packed" else k
     id_dt = {"int16": torch.int16, "uint16": torch.int16, "packed": torch.uint8, "int32": torch.int32}[fmt]
     shapes = {
@@ -241,6 +309,8 @@ def check_shard(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None, p
         "values": ((t_n, k), VALUE_DTYPES[index["value_dtype"]]),
         "tail": ((t_n,), VALUE_DTYPES[index["value_dtype"]]),
         "input_ids": ((t_n,), torch.int32),
+        "lse": ((t_n, n_temps), torch.float32),
+        "tails": ((t_n, n_temps), VALUE_DTYPES[index["value_dtype"]]),
     }
     for key, (shape, dt) in shapes.items():
         if key in tensors and (tuple(tensors[key].shape) != shape or tensors[key].dtype != dt):

@@ -14,6 +14,7 @@ import torch
 
 import fastkd
 from fastkd import cache as C
+from fastkd import cache_writer as W
 from fastkd import cache_cli, cache_io
 from fastkd.cache import CacheCorruptedError, CacheLockedError, TeacherCache, TeacherCacheWriter
 from fastkd.distill import reference as ref_dense
@@ -162,18 +163,18 @@ def test_crash_midway_and_resume(tmp_path, monkeypatch):
     # a crash between writing a shard and committing the index leaves an orphan the index does not list
     w = TeacherCacheWriter(tmp_path, vocab_size=500, k=6, shard_tokens=12, resume=True)
     start = w.n_examples
-    real_write = C._fsync_write
+    real_write = W._fsync_write
 
     def dying_write(path, data):
         if path.name == C.INDEX:
             raise OSError("disk full")
         real_write(path, data)
 
-    monkeypatch.setattr(C, "_fsync_write", dying_write)
+    monkeypatch.setattr(W, "_fsync_write", dying_write)
     with pytest.raises(OSError, match="disk full"), w:  # the failed writer releases its lock on exit
         for ids, vals, _ in exs[start:]:
             w.add(ids, vals)
-    monkeypatch.setattr(C, "_fsync_write", real_write)
+    monkeypatch.setattr(W, "_fsync_write", real_write)
     assert len(TeacherCache(tmp_path)) == start  # still the committed prefix, still readable
     with pytest.raises(FileExistsError, match="resume=True"):
         TeacherCacheWriter(tmp_path, vocab_size=500, k=6)
