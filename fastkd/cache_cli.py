@@ -48,9 +48,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="cache directory")
     p.add_argument("--tokenizer", default=None, help="local tokenizer directory (default: --model)")
     sel = p.add_mutually_exclusive_group()
-    sel.add_argument("--k", type=int, default=None, help="top-k ids per token (default 32)")
-    sel.add_argument("--samples", type=int, default=None, help="draws per token (Random-Sampling KD)")
+    sel.add_argument("--k", type=int, default=None, help="top-k ids per token (a top-k cache instead of samples)")
+    sel.add_argument("--samples", type=int, default=None,
+                     help="draws per token (Random-Sampling KD; default 16 when --k is not given, docs/sparse.md)")
     p.add_argument("--temperature", type=float, default=1.0, help="teacher temperature of the stored targets")
+    p.add_argument("--values", default=None, choices=("logprobs", "counts", "hidden"),
+                   help="hidden: store the teacher's final hidden states + its LM head once (exact dense KD; "
+                        "H*2 bytes/token in bf16); default from --k / --samples")
+    p.add_argument("--temperatures", default=None,
+                   help="comma-separated temperatures whose log-normaliser and tail a top-k cache also stores "
+                        "(re-temperable: cache.get(i, temperature=...)); e.g. 1,2")
     p.add_argument("--max-length", type=int, default=1024, help="truncate examples to this many tokens")
     p.add_argument("--batch-size", type=int, default=4, help="examples per teacher forward")
     p.add_argument("--chunk-size", type=int, default=256, help="tokens per LM-head chunk")
@@ -133,27 +140,45 @@ def build_cache(
     seed: int = 0,
     progress: bool = True,
     meta: dict[str, Any] | None = None,
+    hidden: bool = False,
+    temperatures: tuple[float, ...] = (),
 ) -> dict[str, Any]:
-    """Run the teacher over ``examples`` and write the cache; returns a summary dict."""
+    """Run the teacher over ``examples`` and write the cache; returns a summary dict.
+
+    ``hidden=True``: a hidden-state cache (final hidden states + the LM head, ``softcap`` and ``logit_scale``
+    from the config); ``temperatures``: a re-temperable top-k cache."""
     from fastkd.cache import TeacherCache, TeacherCacheWriter
 
     head = model.get_output_embeddings()
     vocab = head.weight.shape[0]
     softcap = getattr(model.config, "final_logit_softcapping", None)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-    values = "counts" if samples else "logprobs"
-    slots = samples or k or 32
+    if hidden:
+        if k is not None or samples is not None or temperatures:
+            raise ValueError("--values hidden takes no --k / --samples / --temperatures (it is exact at any T)")
+        k, samples = 1, None  # unused by the hidden-state writer
+    if k is None and samples is None:  # default: 16 teacher draws per token (48 B/token), see docs/sparse.md
+        samples = 16
+    values = "hidden" if hidden else "counts" if samples else "logprobs"
+    slots = samples or k
+    extra: dict[str, Any] = {"temperatures": tuple(temperatures)}
+    if hidden:
+        bias = getattr(head, "bias", None)
+        extra = {"lm_head": head.weight.detach(), "lm_head_bias": None if bias is None else bias.detach(),
+                 "softcap": softcap, "logit_scale": getattr(model.config, "logit_scale", None)}
     writer = TeacherCacheWriter(
         out,
         vocab_size=vocab,
-        k=slots,
+        k=None if hidden else slots,
         values=values,
         value_dtype=value_dtype,
         id_format=id_format,
         store_tail=store_tail,
         shard_tokens=shard_tokens,
         resume=resume,
-        meta={**(meta or {}), "temperature": temperature, "mode": "sampled" if samples else "topk"},
+        meta={**(meta or {}), "temperature": temperature, "mode": values if hidden else "sampled" if samples
+              else "topk"},
+        **extra,
     )
     start = writer.n_examples
     device = head.weight.device
@@ -193,9 +218,9 @@ def build_cache(
         "new_examples": len(todo),
         "bytes_per_token": cache.bytes_per_token(),
         "seconds": time.perf_counter() - t0,
-        "k": slots,
+        "k": None if hidden else slots,
         "values": values,
-        "id_format": cache.index["id_format"],
+        "id_format": cache.index.get("id_format"),
         "vocab_size": vocab,
     }
 
@@ -208,6 +233,13 @@ def run(args: argparse.Namespace) -> int:
         examples = load_examples(args.data, args.tokenizer or args.model, args.max_length)
         if args.limit is not None:
             examples = examples[: args.limit]
+        temps = tuple(float(x) for x in args.temperatures.split(",")) if args.temperatures else ()
+        if args.values == "logprobs" and args.k is None:
+            args.k = 32
+        if args.values == "counts" and args.samples is None:
+            args.samples = 16
+        if args.values in ("logprobs", "counts") and (args.k is not None) == (args.values == "counts"):
+            raise ValueError(f"--values {args.values} contradicts --k / --samples")
         model = load_teacher(args, device)
         summary = build_cache(
             model,
@@ -226,6 +258,8 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress=not args.no_progress,
             meta={"teacher": args.model or args.config, "data": str(args.data)},
+            hidden=args.values == "hidden",
+            temperatures=temps,
         )
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"fastkd cache-teacher: error: {exc}", file=sys.stderr)
