@@ -17,6 +17,9 @@ _EXPORTS: dict[str, str] = {
     "fused_linear_distill_loss": "fastkd.distill.fused",
     "sparse_distill_loss": "fastkd.sparse.op",
     "fused_linear_sparse_distill_loss": "fastkd.sparse.op",
+    "student_topk": "fastkd.sparse.student_ids",
+    "student_topk_from_hidden": "fastkd.sparse.student_ids",
+    "union_ids": "fastkd.sparse.student_ids",
     "sinkhorn": "fastkd.ot.sinkhorn",
     "SinkhornResult": "fastkd.ot.sinkhorn",
     "sinkd_loss": "fastkd.ot.losses",
@@ -55,3 +58,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from fastkd.ot.losses import sinkd_loss, uld_loss
     from fastkd.ot.sinkhorn import SinkhornResult, sinkhorn
     from fastkd.sparse.op import fused_linear_sparse_distill_loss, sparse_distill_loss
+    from fastkd.sparse.student_ids import student_topk, student_topk_from_hidden, union_ids

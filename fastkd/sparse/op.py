@@ -33,7 +33,8 @@ from fastkd.core.lmhead import FusedHeadFunction, auto_chunk_rows, check_linear
 from fastkd.core.params import SparseParams
 from fastkd.core.registry import declare, requested_backend, select
 
-MODES = ("topk", "topk_tail", "sampled")
+MODES = ("topk", "topk_tail", "sampled")  # what the backends compute
+PUBLIC_MODES = (*MODES, "union")  # "union": merged teacher + student ids, then computed as topk_tail
 SPARSE_DIVERGENCES = names("sparse")  # from the divergence table
 VALUE_KINDS = ("logprobs", "logits", "probs", "counts")
 MODE_CODES = {"topk": 0, "topk_tail": 1, "sampled": 2}
@@ -77,6 +78,28 @@ def _backend_fn(backend: str) -> Callable[..., torch.Tensor]:
                            p.scale_by_t2, p.beta, p.chunk_size or 0, backend)
 
     return fn
+
+
+def _union(mode, values, teacher_ids, teacher_values, teacher_tail, student_ids, student_id_values):
+    """(backend mode, ids, values): ``mode="union"`` merges the two id sources (:func:`union_ids`) into one
+    ``topk_tail`` row; every other mode passes through and must not be given student ids."""
+    C.check_choice("mode", mode, PUBLIC_MODES)
+    if mode != "union":
+        if student_ids is not None or student_id_values is not None:
+            raise ValueError(f"student_ids / student_id_values are only used by mode='union', got mode={mode!r}")
+        return mode, teacher_ids, teacher_values
+    if student_ids is None or student_id_values is None:
+        raise ValueError("mode='union' needs student_ids and student_id_values (the teacher's values at the "
+                         "student's ids, e.g. from fastkd.student_topk + a served teacher)")
+    if values not in ("logprobs", "probs"):
+        raise ValueError(f"mode='union' needs the teacher's unnormalised values='logprobs' or 'probs', got {values!r}")
+    if teacher_tail is not None:
+        raise ValueError("teacher_tail is the mass outside the teacher's own ids, not outside the union; "
+                         "mode='union' computes its tail as 1 - (mass at the union's ids)")
+    from fastkd.sparse.student_ids import union_ids
+
+    ids, vals = union_ids(teacher_ids, teacher_values, student_ids, student_id_values)
+    return "topk_tail", ids, vals
 
 
 def _make_params(
@@ -341,6 +364,8 @@ def sparse_distill_loss(
     num_items_in_batch: int | float | torch.Tensor | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
+    student_ids: torch.Tensor | None = None,
+    student_id_values: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Distillation loss from a sparse teacher (K ids + values per token) against full student logits.
 
@@ -353,8 +378,9 @@ def sparse_distill_loss(
         teacher_values: (..., K) constants: "logprobs" (default), "probs", "logits" (raw teacher logits at
             the ids; topk only) or "counts" (sample counts; sampled, or topk).
         mode: "topk" (teacher renormalised over its K ids), "topk_tail" (K buckets + one tail bucket holding
-            1 − Σ on both sides; values must be unnormalised probs / log-probs) or "sampled" (Random-
-            Sampling KD: counts; an unbiased estimate of the full forward-KL gradient).
+            1 − Σ on both sides; values must be unnormalised probs / log-probs), "sampled" (Random-
+            Sampling KD: counts; an unbiased estimate of the full forward-KL gradient) or "union" (see
+            ``student_ids``).
         divergence: "fkl", "rkl" or "jsd" (with ``beta``; β=0 → fkl, β=1 → rkl). For topk, rkl/jsd compare
             with the student renormalised over the same K ids; fkl uses the full-vocabulary log q.
         temperature: student logits divided by T (and raw teacher logits for values="logits").
@@ -364,6 +390,11 @@ def sparse_distill_loss(
             one a :class:`fastkd.cache.TeacherCache` stores; default log(1 − Σ values).
         scale_by_t2, labels, ignore_index, mask, reduction, num_items_in_batch, backend: as ``distill_loss``.
         chunk_size: rows per chunk of the torch backend.
+        student_ids, student_id_values: (..., Ks) for mode="union" only: ids the student proposed (e.g.
+            :func:`fastkd.student_topk`; −1 = padding) and the *teacher's* values there (same ``values``
+            units). The row becomes the union of the teacher's and the student's ids, each id once (the
+            teacher's slot wins; :func:`fastkd.sparse.student_ids.union_ids`), computed as topk_tail: buckets
+            at the union's ids + a tail bucket of 1 − Σ. values must be "logprobs" or "probs".
 
     Tokens whose K slots are all padding (or carry zero teacher mass) contribute 0 in topk/sampled mode.
     A NaN in a kept token's teacher values / tail or in its student logits (for top-k rkl/jsd: at its ids,
@@ -374,6 +405,8 @@ def sparse_distill_loss(
         fp32 scalar, or fp32 (...,) for reduction="none" (float64 for float64 inputs).
     """
     C.check_float_tensor("student_logits", student_logits)
+    mode, teacher_ids, teacher_values = _union(mode, values, teacher_ids, teacher_values, teacher_tail, student_ids,
+                                               student_id_values)
     params = _make_params(
         mode, divergence, values, temperature, teacher_temperature, scale_by_t2, beta, chunk_size, None
     )
@@ -436,6 +469,8 @@ def fused_linear_sparse_distill_loss(
     reduction: str = "mean",
     num_items_in_batch: int | float | torch.Tensor | None = None,
     backend: str = "auto",
+    student_ids: torch.Tensor | None = None,
+    student_id_values: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`sparse_distill_loss` on ``student_hidden @ student_weight.T (+ bias)`` without (N, V) logits.
 
@@ -444,9 +479,12 @@ def fused_linear_sparse_distill_loss(
             All three get gradients.
         softcap: Gemma-style ``softcap·tanh(z/softcap)`` on the student logits before the temperature.
         chunk_size: tokens per chunk (default from N, V and free memory); peak extra memory O(chunk · V).
-        Other arguments: as :func:`sparse_distill_loss`.
+        Other arguments (``mode="union"`` with ``student_ids`` / ``student_id_values`` included): as
+        :func:`sparse_distill_loss`.
     """
     check_linear("student", student_hidden, student_weight, student_bias)
+    mode, teacher_ids, teacher_values = _union(mode, values, teacher_ids, teacher_values, teacher_tail, student_ids,
+                                               student_id_values)
     params = _make_params(
         mode, divergence, values, temperature, teacher_temperature, scale_by_t2, beta, chunk_size, softcap
     )
