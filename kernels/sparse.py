@@ -14,7 +14,9 @@ one BLOCK_V-wide compare in the whole row (the CUDA kernel marks a shared-memory
 no scatter into registers). Padding (−1) and any negative id sort below every tile start and are never
 compared; an id ≥ V only matches a masked-off lane of the last tile (already −inf). The tail sum itself is
 taken over the unmarked entries, never as total − head mass (that difference cancels catastrophically when
-the head holds almost all the mass).
+the head holds almost all the mass). With a tail, the tiles go through one online log-sum-exp only (the
+tail's): the full lse is then logaddexp(lse_tail, logsumexp of s at the row's distinct valid ids) — exact,
+a sum of positive terms — which halves the per-element exp work of this pass.
 
 ``_sparse_grad_kernel`` — grid (N,); program i writes row i of the gradient ``g_v = b'·exp(s_v − lb)``
 tile by tile (the off-id term; lb = lse_tail for topk_tail so that an underflowing tail stays finite), then,
@@ -64,9 +66,9 @@ def _sparse_stats_kernel(
     z_row = z_ptr + row * stride_z
     offs_k = tl.arange(0, BLOCK_K)
     ids = tl.load(ids_ptr + row * stride_ids + offs_k, mask=offs_k < K, other=-1)
-    m = tl.full((), float("-inf"), tl.float32)
+    m = tl.full((), float("-inf"), tl.float32)  # full-row statistics (without a tail)
     d = tl.zeros((), tl.float32)
-    mt = tl.full((), float("-inf"), tl.float32)
+    mt = tl.full((), float("-inf"), tl.float32)  # tail statistics (HAS_TAIL)
     dt = tl.zeros((), tl.float32)
     srt_row = sorted_ptr + row * K
     if HAS_TAIL:
@@ -74,21 +76,32 @@ def _sparse_stats_kernel(
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         x = tl.load(z_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_t
-        m, d = _online(m, d, x)
-        if HAS_TAIL:
+        if not HAS_TAIL:
+            m, d = _online(m, d, x)
+        else:
             lo = tl.sum(((srt < start) & (offs_k < K)).to(tl.int32), 0)  # slots past K are not ids: never
             hi = tl.sum(((srt < start + BLOCK_V) & (offs_k < K)).to(tl.int32), 0)  # counted, never read
-            hit = tl.zeros((BLOCK_V,), tl.int32)
-            for j in range(lo, hi):  # only the ids inside this tile (sorted slots lo..hi-1)
-                hit = tl.where(offs == tl.load(srt_row + j), 1, hit)
-            mt, dt = _online(mt, dt, tl.where(hit != 0, float("-inf"), x))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    tl.store(lse_ptr + row, m_safe + tl.log(d))
+            for j in range(lo, hi):  # only the ids inside this tile (sorted slots lo..hi-1) leave the tail
+                x = tl.where(offs == tl.load(srt_row + j), float("-inf"), x)
+            mt, dt = _online(mt, dt, x)
+    valid = (ids >= 0) & (ids < V)
+    s_ids = tl.load(z_row + tl.where(valid, ids, 0), mask=valid, other=float("-inf")).to(tl.float32) * inv_t
     if HAS_TAIL:
         mt_safe = tl.where(mt == float("-inf"), 0.0, mt)
         tl.store(lse_tail_ptr + row, mt_safe + tl.log(dt))
-    valid = (ids >= 0) & (ids < V)
-    s_ids = tl.load(z_row + tl.where(valid, ids, 0), mask=valid, other=float("-inf")).to(tl.float32) * inv_t
+        # the head: each distinct valid id once (a repeated id's later slots are dropped), O(K²) compares
+        earlier = (ids[None, :] == ids[:, None]) & (offs_k[None, :] < offs_k[:, None])
+        first = valid & (tl.sum(earlier.to(tl.int32), 1) == 0)
+        s_head = tl.where(first, s_ids, float("-inf"))
+        mh = tl.max(s_head, 0)
+        mh_safe = tl.where(mh == float("-inf"), 0.0, mh)
+        dh = tl.sum(tl.exp(s_head - mh_safe), 0)
+        m = tl.maximum(mt, mh)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        d = dt * tl.exp(mt - m_safe) + dh * tl.exp(mh - m_safe)
+    else:
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+    tl.store(lse_ptr + row, m_safe + tl.log(d))
     s_ids = tl.where(valid | (ids == -1), s_ids, float("nan"))  # an out-of-range id poisons its token
     tl.store(s_ids_ptr + row * K + offs_k, s_ids, mask=offs_k < K)
 

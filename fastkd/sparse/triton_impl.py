@@ -60,6 +60,9 @@ def sparse_forward(
     # the tail's membership test compares each id with the one tile it falls in: the kernel walks the row's
     # ids in ascending order (a (N, K) sort here, O(N·K log K)); unused without a tail
     ids_sorted = ids.sort(dim=1).values if has_tail else ids
+    # each id costs one BLOCK_V-wide compare: a smaller tile keeps that near one lane-op per logit at K = 64
+    stats_block = max(16, min(block_v, max(1024, 65536 // block_k))) if has_tail else block_v
+    stats_warps = max(1, min(CONFIG["num_warps"], stats_block // 256))  # >= 8 logits per thread
     inv_t = 1.0 / p.temperature
     if n == 0:
         return torch.zeros(0, dtype=torch.float32, device=dev)
@@ -76,9 +79,9 @@ def sparse_forward(
         ids.stride(0),
         inv_t,
         HAS_TAIL=has_tail,
-        BLOCK_V=block_v,
+        BLOCK_V=stats_block,
         BLOCK_K=block_k,
-        num_warps=CONFIG["num_warps"],
+        num_warps=stats_warps,
     )
     loss, c, a, lb, b = sparse_terms(s_ids, lse, lse_tail if has_tail else None, t_logp, t_tail, weight, p)
     if grad is not None:
