@@ -87,6 +87,7 @@ def _import_kernels() -> None:
         raise RuntimeError("bench/aot.py needs real JITFunctions: run it in a process without TRITON_INTERPRET=1")
     os.environ.pop("TRITON_INTERPRET", None)
     import fastkd.kernels.distill  # noqa: F401
+    import fastkd.kernels.distill_split  # noqa: F401
     import fastkd.kernels.sinkhorn  # noqa: F401
     import fastkd.kernels.sparse  # noqa: F401
 

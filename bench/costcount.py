@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -199,6 +199,8 @@ class LaunchStats:
     programs: int = 0
     alu_ops: float = 0.0
     replayed: bool = False  # launched by a custom-op replay (costed by the op's hook, not on its own)
+    # bytes re-read by a later program, by reuse distance (programs between the two reads): {distance: bytes}
+    cross_reread: dict[int, float] = field(default_factory=dict)
 
     def cost(self, gpu: GPU, extra: float = 1.0) -> OpCost:
         """HBM bytes of the whole launch (all its rows, × ``extra``) under the L2 rule of the module docstring."""
@@ -209,6 +211,13 @@ class LaunchStats:
         resident = min(progs_total, gpu.sms * occ)
         in_flight = resident * self.max_program_bytes
         reread = self.load_bytes - self.unique_load_bytes
+        # Cross-program re-reads (a later program reading what an earlier one read, Δ programs apart, programs
+        # starting in grid / ticket order): between the two reads the GPU runs at most resident + Δ programs,
+        # so the re-read hits L2 when (resident + Δ) × the program's distinct bytes <= L2 (Δ = 0: the rule below).
+        cross_hit = sum(b for dist, b in self.cross_reread.items()
+                        if (resident + dist) * self.max_program_bytes <= gpu.l2_bytes)
+        cross = (f"; cross-program re-reads {cross_hit / max(1.0, sum(self.cross_reread.values())):.0%} in L2 "
+                 f"(max distance {max(self.cross_reread)} progs)") if self.cross_reread else ""
         if reread <= 0:
             loads, rule = self.load_bytes, "no re-reads"
         elif in_flight <= gpu.l2_bytes:
@@ -219,8 +228,8 @@ class LaunchStats:
             loads = self.load_bytes
             rule = (f"re-reads from HBM: {resident:.0f} progs x {self.max_program_bytes / 1e3:.0f} KB = "
                     f"{in_flight / 1e6:.0f} MB > L2 {gpu.l2_bytes / 1e6:.0f} MB")
-        return OpCost(f"triton.{self.kernel}", (loads + self.store_bytes) * scale, 0.0, False,
-                      f"{self.kernel}: {rule}", alu_ops=self.alu_ops * scale)
+        return OpCost(f"triton.{self.kernel}", (loads - cross_hit + self.store_bytes) * scale, 0.0, False,
+                      f"{self.kernel}: {rule}{cross}", alu_ops=self.alu_ops * scale)
 
 
 def _is_fake(t: torch.Tensor) -> bool:
@@ -327,6 +336,29 @@ class TritonCounter:
         if self._loads is not None:
             self._loads.append((addrs, size))
 
+    @staticmethod
+    def _cross(seen: dict, size: int, u: np.ndarray, prog: int, st: LaunchStats) -> None:
+        """Record the distinct addresses ``u`` read by program ``prog``: those an earlier program read count as
+        cross-program re-reads at distance prog − (last reader); then ``prog`` becomes their last reader."""
+        addrs, last = seen.get(size, (np.empty(0, np.int64), np.empty(0, np.int64)))
+        u = u.astype(np.int64)
+        idx = np.searchsorted(addrs, u)
+        found = idx < addrs.size
+        found[found] = addrs[idx[found]] == u[found]
+        if found.any():
+            dist, cnt = np.unique(prog - last[idx[found]], return_counts=True)
+            for d, c in zip(dist.tolist(), cnt.tolist()):
+                st.cross_reread[d] = st.cross_reread.get(d, 0.0) + c * size
+        last = last.copy()
+        last[idx[found]] = prog
+        new = u[~found]
+        if new.size:
+            addrs = np.concatenate([addrs, new])
+            last = np.concatenate([last, np.full(new.size, prog, np.int64)])
+            order = np.argsort(addrs, kind="stable")
+            addrs, last = addrs[order], last[order]
+        seen[size] = (addrs, last)
+
     def _run(self, I: Any, ex: Any, args_dev: tuple, kwargs: dict) -> None:
         """GridExecutor.__call__ with per-program accounting and an optional row limit (same semantics)."""
         import inspect
@@ -347,14 +379,18 @@ class TritonCounter:
             st = LaunchStats(getattr(ex.fn, "__name__", "kernel"), num_warps, grid[0], rows)
             self.launches.append(st)
             I.interpreter_builder.set_grid_dim(*grid)
+            seen: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # element size -> (sorted addrs, last program)
             for x in range(rows):
                 for y in range(grid[1]):
                     for z in range(grid[2]):
                         I.interpreter_builder.set_grid_idx(x, y, z)
                         self._loads = []
                         ex.fn(**args)
-                        uniq = sum(np.unique(np.concatenate([a for a, s in self._loads if s == size])).size * size
-                                   for size in {s for _, s in self._loads})
+                        uniq = 0
+                        for size in {s for _, s in self._loads}:
+                            u = np.unique(np.concatenate([a for a, s in self._loads if s == size]))
+                            uniq += u.size * size
+                            self._cross(seen, size, u, st.programs, st)
                         st.unique_load_bytes += uniq
                         st.max_program_bytes = max(st.max_program_bytes, uniq)
                         st.programs += 1

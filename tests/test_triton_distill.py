@@ -318,6 +318,113 @@ def test_reasons():
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Schedules: split rows (fastkd.kernels.distill_split, the default) and the two-pass fallback
+# ---------------------------------------------------------------------------------------------------------
+
+SPLIT_DIVS = [d for d in DIVS if d != "akl"]
+
+
+def _strided_case(dtype, seed):
+    """Rows of V = 151 (= 4·32 + 23: a masked tail segment, V % 16 != 0) inside 160-wide tensors, −inf on both
+    sides in row 0, a masked row, labels (one in the tail segment) and a per-row grad_output != 1."""
+    g = torch.Generator().manual_seed(seed)
+    fs = (torch.randn(4, 160, generator=g) * 2).to(dtype)
+    ft = (torch.randn(4, 160, generator=g) * 2).to(dtype)
+    fs[0, 7] = ft[0, 7] = fs[0, 40] = ft[0, 40] = float("-inf")
+    kw = dict(mask=torch.tensor([True, True, False, True]), labels=torch.tensor([150, 0, 3, 77]),
+              ce_weight=0.4, temperature=1.6, reduction="none")
+    return fs, ft, kw, torch.tensor([0.5, -2.0, 1.0, 3.0])
+
+
+@pytest.mark.parametrize("sched", TD.SCHEDULES)
+@pytest.mark.parametrize("div", SPLIT_DIVS)
+def test_schedules_strided_odd_v_vs_float64(div, sched):
+    dtype = torch.bfloat16 if div in ("fkl", "jsd", "tvd") else torch.float16 if div == "ab" else torch.float32
+    fs, ft, kw, go = _strided_case(dtype, 7 + len(div))
+    v = 151
+    x = fs.clone().requires_grad_()
+    with TD.override_config(block_v=BLOCK, schedule=sched):
+        out = fastkd.distill_loss(x[:, :v], ft[:, :v], div, backend="triton", **kw)
+    out.backward(go)
+    rloss = R.distill_loss(fs[:, :v].double(), ft[:, :v].double(), div, **kw)
+    fin = lambda z: torch.where(torch.isneginf(z), -1e4, z.double())
+    xr = fin(fs).requires_grad_()
+    rl = R.distill_loss(xr[:, :v], fin(ft)[:, :v], div, **kw)
+    if rl.requires_grad:  # skl at α = 1 is D ≡ 0
+        rl.backward(go.double())
+    rgrad = torch.where(torch.isneginf(fs), 0.0, xr.grad if xr.grad is not None else torch.zeros_like(xr))
+    torch.testing.assert_close(out.double(), rloss, rtol=2e-5, atol=2e-5 * (1 + rloss.abs().max().item()))
+    eps = GRAD_EPS[dtype]
+    scale = rgrad.abs().max().item()
+    torch.testing.assert_close(x.grad.double(), rgrad, rtol=eps, atol=2 * eps * scale + 1e-7)
+    assert torch.equal(x.grad[:, v:], torch.zeros_like(x.grad[:, v:]))
+    assert torch.equal(x.grad[2], torch.zeros_like(x.grad[2]))  # masked row
+
+
+@pytest.mark.parametrize("div", ["fkl", "jsd", "taid"])
+def test_split_equals_two_pass_bitwise_close(div):
+    """The split schedule merges per-segment statistics: same math, so the two schedules agree to fp32
+    rounding (and the split one is deterministic: two runs are bitwise equal)."""
+    s, t = _logits((3, 200), torch.float32), _logits((3, 200), torch.float32)
+    runs = {}
+    for sched in ("split", "split", "two_pass"):
+        with TD.override_config(block_v=16, schedule=sched):
+            runs.setdefault(sched, []).append(_run(s, t, div, block=16))
+    (l1, g1), (l2, g2) = runs["split"]
+    assert torch.equal(l1, l2) and torch.equal(g1, g2)
+    lt, gt = runs["two_pass"][0]
+    torch.testing.assert_close(l1, lt, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g1, gt, rtol=1e-5, atol=1e-7)
+
+
+def test_schedule_selection():
+    assert TD.schedule(DistillParams("fkl"))[0] == "split"
+    assert TD.schedule(DistillParams("jsd"))[0] == "split"
+    sched, why = TD.schedule(DistillParams("akl"))
+    assert sched == "two_pass" and "akl" in why
+    with TD.override_config(schedule="two_pass"):
+        assert TD.schedule(DistillParams("fkl")) == ("two_pass", "forced by override_config(schedule='two_pass')")
+    with pytest.raises(ValueError, match="schedule"), TD.override_config(schedule="three_pass"):
+        pass
+
+
+def test_split_kernel_is_launched_with_lag(monkeypatch):
+    """The default launch goes to the split kernel with grid (N + LAG)·S (LAG 1 for fkl, 2 for jsd)."""
+    from fastkd.kernels import distill_split as KS
+
+    seen = []
+    real = KS._distill_split_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append((grid[0], kw["LAG"]))
+                return real[grid](*args, **kw)
+
+            return launch
+
+    monkeypatch.setattr(KS, "_distill_split_kernel", Spy())
+    s, t = _logits((3, 100), torch.float32), _logits((3, 100), torch.float32)
+    for div in ("fkl", "jsd"):
+        _run(s, t, div)
+    assert seen == [((3 + 1) * 4, 1), ((3 + 2) * 4, 2)]
+
+
+def test_cost_model_cross_program_rule():
+    """bench/costcount's L2 rule for re-reads by later programs: a hit when (resident + distance) × the
+    program's distinct bytes fits in L2, else HBM traffic."""
+    from bench.costcount import GPUS, LaunchStats
+
+    gpu = GPUS["h200"]
+    near = LaunchStats("k", 8, 1, 1, load_bytes=3 * 2**15, store_bytes=0, unique_load_bytes=3 * 2**15,
+                       max_program_bytes=2**15, programs=1, cross_reread={32: 2 * 2**15})
+    assert near.cost(gpu).bytes == 2**15  # (1 resident + 32) × 32 KB <= 50 MB: one HBM read
+    far = LaunchStats("k", 8, 1, 1, load_bytes=3 * 2**15, store_bytes=0, unique_load_bytes=3 * 2**15,
+                      max_program_bytes=2**15, programs=1, cross_reread={2000: 2 * 2**15})
+    assert far.cost(gpu).bytes == 3 * 2**15  # (1 + 2000) × 32 KB = 66 MB > L2: re-reads from HBM
+
+
+# ---------------------------------------------------------------------------------------------------------
 # GPU-only (larger shapes, default and autotuned configs)
 # ---------------------------------------------------------------------------------------------------------
 

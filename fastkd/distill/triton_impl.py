@@ -26,23 +26,29 @@ _IMPORT_ERROR = triton_import_error()
 if _IMPORT_ERROR is None:
     try:
         from fastkd.kernels import distill as K
+        from fastkd.kernels import distill_split as KS
     except Exception as exc:  # a broken Triton install or a kernel that does not compile under it
         _IMPORT_ERROR = f"fastkd.kernels.distill failed to import ({type(exc).__name__}: {exc})"
-        K = None
+        K = KS = None
 else:
-    K = None
+    K = KS = None
 
-_CONFIG: dict[str, int | None] = {"block_v": None, "num_warps": None}
+_CONFIG: dict[str, int | str | None] = {"block_v": None, "num_warps": None, "schedule": None}
+SCHEDULES = ("split", "two_pass")
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @contextlib.contextmanager
-def override_config(block_v: int | None = None, num_warps: int | None = None) -> Iterator[None]:
-    """Temporarily launch with ``BLOCK_V=block_v`` (a power of two) and ``num_warps`` (None = default)."""
+def override_config(block_v: int | None = None, num_warps: int | None = None,
+                    schedule: str | None = None) -> Iterator[None]:
+    """Temporarily launch with ``BLOCK_V=block_v`` (a power of two), ``num_warps`` and ``schedule`` ("split"
+    or "two_pass", forced when possible; None = the default of :func:`schedule`)."""
     if block_v is not None and (block_v < 16 or block_v & (block_v - 1)):
         raise ValueError(f"block_v must be a power of two >= 16, got {block_v}")
+    if schedule is not None and schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     old = dict(_CONFIG)
-    _CONFIG.update(block_v=block_v, num_warps=num_warps)
+    _CONFIG.update(block_v=block_v, num_warps=num_warps, schedule=schedule)
     try:
         yield
     finally:
@@ -83,13 +89,38 @@ def distill_forward(
     flags = dict(DIV=p.code, HAS_GRAD=grad is not None, HAS_LABELS=has_labels,
                  CE_RAW=has_labels and p.temperature != 1.0, NT=K.AKL_NT)
     aliased = grad is not None and grad.data_ptr() == student.data_ptr()
-    if _autotune() and _CONFIG["block_v"] is None and not aliased:
+    block_v = _CONFIG["block_v"] or min(K.DEFAULT_BLOCK_V, max(16, 1 << (v - 1).bit_length()))
+    num_warps = _CONFIG["num_warps"] or K.DEFAULT_NUM_WARPS
+    sched, _why = schedule(p, aliased)
+    if sched == "split":
+        s_count = -(-v // block_v)
+        lag = KS.lag(p.code)
+        ws = torch.empty(n, s_count, KS.NSLOT, dtype=torch.float32, device=student.device)
+        cnt = torch.zeros(1 + 2 * n, dtype=torch.int32, device=student.device)
+        KS._distill_split_kernel[((n + lag) * s_count,)](
+            *args[:6], ws, cnt, n, v, s_count, *args[7:], DIV=p.code, HAS_GRAD=flags["HAS_GRAD"],
+            HAS_LABELS=has_labels, CE_RAW=flags["CE_RAW"], BLOCK_V=block_v,
+            SP=max(2, 1 << (s_count - 1).bit_length()), LAG=lag, num_warps=num_warps)
+    elif _autotune() and _CONFIG["block_v"] is None and not aliased:
         K._distill_kernel_autotuned[(n,)](*args, **flags, BLOCK_A=K.AKL_BLOCK)
     else:
-        block_v = _CONFIG["block_v"] or min(K.DEFAULT_BLOCK_V, max(16, 1 << (v - 1).bit_length()))
         K._distill_kernel[(n,)](*args, **flags, BLOCK_V=block_v, BLOCK_A=min(block_v, K.AKL_BLOCK),
-                                num_warps=_CONFIG["num_warps"] or K.DEFAULT_NUM_WARPS)
+                                num_warps=num_warps)
     return loss
+
+
+def schedule(p: DistillParams, aliased: bool = False) -> tuple[str, str]:
+    """(schedule, reason) for divergence ``p``: "split" (:mod:`fastkd.kernels.distill_split`, each logit read
+    once from HBM, re-reads bounded to hit L2) unless the divergence or the configuration needs the two-pass
+    kernel (:mod:`fastkd.kernels.distill`); ``override_config(schedule=...)`` forces one where possible."""
+    forced = _CONFIG["schedule"]
+    if p.code not in KS.SPLIT_CODES:
+        return "two_pass", f"divergence {p.divergence!r} (akl head search: several passes over the teacher row)"
+    if forced == "two_pass":
+        return "two_pass", "forced by override_config(schedule='two_pass')"
+    if forced is None and _autotune() and _CONFIG["block_v"] is None and not aliased:
+        return "two_pass", "FASTKD_AUTOTUNE=1 (the split kernel's counters cannot be re-run by the autotuner)"
+    return "split", "each logit read once from HBM (re-reads within the L2 window)"
 
 
 def _reasons(student: torch.Tensor | None = None, teacher: torch.Tensor | None = None,

@@ -1,0 +1,299 @@
+"""Split-row Triton schedule of the divergence losses: each logit is read once from HBM (the re-reads hit L2).
+
+Same mathematics, notation and conventions as :mod:`fastkd.kernels.distill` (the two-pass kernel, kept as the
+fallback); this module changes only the schedule.
+
+Why a new schedule. The two-pass kernel gives a whole row to one program: it reads the row pair for the
+statistics and reads it again for the gradient. At V = 131072 bf16 a row pair is 512 KB and ~528 programs are
+resident on an H100/H200 (132 SMs × 4 programs of 8 warps), so ~270 MB are touched between the two reads of a
+logit, far more than the 50 MB L2: the second read comes from HBM (fkl at most 3/5 of the floor). A row cannot
+be kept on chip either (512 KB of bf16 row pair > 228 KB of shared memory per SM), and Triton exposes neither
+thread-block clusters nor distributed shared memory.
+
+The schedule. A row is cut into ``S = ceil(V / BLOCK_V)`` segments of one block each; a *unit* is (row r,
+segment j) and is processed in phases, each phase a different row so that no program waits on itself:
+
+* phase 0 (stats) of row r: online max / sum-exp (+ the fkl / rkl / taid sums, the raw-logit lse for the
+  cross-entropy, and the label's logit when it lies in this segment) of the segment, written to a small
+  fp32 workspace ``ws[r, j, :]``, then ``cnt[r, 0] += 1`` (release);
+* phase 1 (mid, only for jsd / skl / srkl / tvd / ab, ``LAG = 2``) of row r − 1: waits for ``cnt[r−1, 0] == S``
+  (acquire), merges the S partial statistics (fixed order: deterministic), and writes the segment's partial
+  D and Σqg, then ``cnt[r−1, 1] += 1``;
+* final phase of row r − LAG: waits for the last counter of that row, merges, writes the gradient of the
+  segment (and, segment 0 only, the row's loss).
+
+Units are handed out by an atomic ticket counter (not by program id), so a program only ever waits for units
+with *smaller* tickets, i.e. units already owned by programs that started before it and that publish their
+phase-0/1 results without waiting for anything later: the wait graph has no cycle and no co-residency
+assumption is needed (the decoupled look-back argument). In Triton's interpreter the programs run one after the
+other in ticket order, so every wait is already satisfied: the same code is tested on CPU. The grid is
+``(N + LAG) · S`` programs (the last LAG·S only finish the last rows).
+
+The L2 argument (the rule the cost model applies, ``bench/costcount.py``). A segment is read by ticket u
+(phase 0), re-read by ticket u + S (phase 1) and u + LAG·S (final). Between the first read and the last
+re-read the GPU runs at most (resident programs + LAG·S) programs, each touching its distinct bytes
+b = (LAG + 1) segment pairs + one gradient segment. With BLOCK_V = 4096 bf16: b = 40 KB (fkl: 2 × 16 KB read +
+8 KB written), resident = 528, LAG·S = 32 at V = 131072 → 560 × 40 KB = 22 MB (jsd: 560 × 56 KB = 31 MB),
+under the 50 MB L2, so the re-reads are L2 hits and HBM sees each logit read once and the gradient written
+once (+ ~0.8 KB of workspace per unit, 2–3 % of the traffic). The bound scales with BLOCK_V, not V: any
+vocabulary fits. AKL is not split (its head search makes up to ~8 passes over the teacher row): it keeps the
+two-pass kernel (``fastkd.distill.triton_impl.schedule`` says why).
+
+Loads: a full segment is loaded without a mask (vectorised when the column stride is 1 and the row stride a
+multiple of 16 bytes, which Triton specialises on), only the tail segment (j = S − 1 when V % BLOCK_V != 0) is
+masked. The gradient buffer may alias the student: a segment is written in the final phase, after its own
+phase 0 / 1 reads (ordered by the counters) and the label's logit was captured in phase 0.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from fastkd.kernels.distill import AB, FKL, JSD, RKL, SKL, SRKL, SYMKL, TAID, TVD, ZERO, _mix_terms, _online
+
+NSLOT = 16  # fp32 slots per unit in the workspace (12 statistics + 2 mid-pass partials, padded)
+NEG = tl.constexpr(float("-inf"))
+
+
+@triton.jit
+def _load_seg(base, col_stride, start, offs, V, FULL_OK, other):
+    """One segment of a row as fp32: unmasked when it is a full block (vector loads), masked for the tail."""
+    cols = start + offs
+    if FULL_OK:
+        x = tl.load(base + cols * col_stride).to(tl.float32)
+    else:
+        x = tl.load(base + cols * col_stride, mask=cols < V, other=other).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _merge(ws_row, k_m, k_d, k_a, segs, sm):
+    """Merge the per-segment (max, Σe^{x−max}, Σe^{x−max}(x−y)) of slots k_m, k_d, k_a → (lse, A/D)."""
+    m = tl.load(ws_row + segs * 16 + k_m, mask=sm, other=float("-inf"), cache_modifier=".cg")
+    d = tl.load(ws_row + segs * 16 + k_d, mask=sm, other=0.0, cache_modifier=".cg")
+    a = tl.load(ws_row + segs * 16 + k_a, mask=sm, other=0.0, cache_modifier=".cg")
+    mm = tl.max(m, 0)
+    ms = tl.where(mm == float("-inf"), 0.0, mm)
+    sc = tl.exp(m - ms)
+    dd = tl.sum(d * sc, 0)
+    aa = tl.sum(a * sc, 0)
+    return mm + tl.log(dd), aa / dd
+
+
+@triton.jit
+def _wait(cnt, target):
+    """Spin until ``*cnt >= target`` (acquire): the published workspace entries are then visible."""
+    c = tl.atomic_add(cnt, 0, sem="acquire")
+    while c < target:
+        c = tl.atomic_add(cnt, 0, sem="acquire")
+
+
+@triton.jit
+def _distill_split_kernel(
+    s_ptr, t_ptr, g_ptr, lab_ptr, w_ptr, loss_ptr,  # as _distill_kernel
+    ws_ptr,  # (N, S, NSLOT) fp32 workspace (no initialisation needed)
+    cnt_ptr,  # (1 + 2N,) int32, zeroed: [0] = ticket counter, [1 + 2r + phase] = units of row r done
+    N, V, S,
+    s_row, s_col, t_row, t_col, g_row, g_col,
+    inv_t, kd_scale, kd_coef, ce_w,
+    h_beta, h_alpha, h_mu, h_t,
+    DIV: tl.constexpr,
+    HAS_GRAD: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    CE_RAW: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    SP: tl.constexpr,  # next power of two >= S
+    LAG: tl.constexpr,  # 1: fkl, rkl, symkl, taid, zero; 2: jsd, skl, srkl, tvd, ab (one more pass)
+):
+    u = tl.atomic_add(cnt_ptr, 1).to(tl.int64)  # ticket: units are taken in this order (see docstring)
+    r = u // S
+    j = u % S
+    start = j * BLOCK_V
+    offs = tl.arange(0, BLOCK_V)
+    full = start + BLOCK_V <= V
+    segs = tl.arange(0, SP)
+    sm = segs < S
+    zero = tl.sum(tl.zeros([BLOCK_V], tl.float32), 0)
+    # per-divergence constants, as in _distill_kernel
+    c1 = h_beta * 0.0
+    c2 = c1
+    lw_a = c1
+    lw_b = c1
+    if (DIV == JSD) | (DIV == SYMKL):
+        c1 = h_beta
+        lw_a = tl.log(h_beta)
+        lw_b = tl.log(1.0 - h_beta)
+    elif DIV == SKL:
+        c1 = h_alpha
+        lw_a = tl.log(h_alpha)
+        lw_b = tl.log(1.0 - h_alpha)
+    elif DIV == SRKL:
+        c1 = h_alpha
+        lw_a = tl.log(1.0 - h_alpha)
+        lw_b = tl.log(h_alpha)
+    elif DIV == TAID:
+        c1 = h_t
+    elif DIV == AB:
+        c1 = h_alpha
+        c2 = h_beta
+
+    # ---- phase 0: statistics of segment j of row r ---------------------------------------------------------
+    if r < N:
+        w0 = tl.load(w_ptr + r)
+        if w0 != 0.0:
+            xs = _load_seg(s_ptr + r * s_row, s_col, start, offs, V, full, NEG)
+            xt = _load_seg(t_ptr + r * t_row, t_col, start, offs, V, full, NEG)
+            s = xs * inv_t
+            t = xt * inv_t
+            m_s, d_s, a_r = _online(zero + NEG, zero, zero, s, t)
+            m_t, d_t, a_f = _online(zero + NEG, zero, zero, t, s)
+            m_u = zero + NEG
+            d_u = zero
+            a_u = zero
+            if DIV == TAID:
+                uu = tl.where(c1 == 0.0, s, tl.where(c1 == 1.0, t, (1.0 - c1) * s + c1 * t))
+                m_u, d_u, a_u = _online(m_u, d_u, a_u, uu, s)
+            m_z = zero + NEG
+            d_z = zero
+            if CE_RAW:
+                m_z, d_z, a_z = _online(m_z, d_z, zero, xs, xs)
+            zl = zero
+            if HAS_LABELS:
+                label = tl.load(lab_ptr + r)
+                mine = (label >= start) & (label < start + BLOCK_V) & (label < V)
+                zl = tl.load(s_ptr + r * s_row + tl.where(mine, label, 0) * s_col, mask=mine, other=0.0)
+                zl = zl.to(tl.float32)
+            wp = ws_ptr + (r * S + j) * 16
+            tl.store(wp + 0, m_s)
+            tl.store(wp + 1, d_s)
+            tl.store(wp + 2, a_r)
+            tl.store(wp + 3, m_t)
+            tl.store(wp + 4, d_t)
+            tl.store(wp + 5, a_f)
+            tl.store(wp + 6, m_u)
+            tl.store(wp + 7, d_u)
+            tl.store(wp + 8, a_u)
+            tl.store(wp + 9, m_z)
+            tl.store(wp + 10, d_z)
+            tl.store(wp + 11, zl)
+        tl.atomic_add(cnt_ptr + 1 + 2 * r, 1, sem="release")
+
+    # ---- phase 1 (LAG == 2): partial D and Σqg of segment j of row r − 1 ----------------------------------
+    if LAG == 2:
+        r1 = r - 1
+        if (r1 >= 0) & (r1 < N):
+            w1 = tl.load(w_ptr + r1)
+            if w1 != 0.0:
+                _wait(cnt_ptr + 1 + 2 * r1, S)
+                ws_row = ws_ptr + r1 * S * 16
+                lse_s, _ra = _merge(ws_row, 0, 1, 2, segs, sm)
+                lse_t, _fa = _merge(ws_row, 3, 4, 5, segs, sm)
+                xs = _load_seg(s_ptr + r1 * s_row, s_col, start, offs, V, full, NEG)
+                xt = _load_seg(t_ptr + r1 * t_row, t_col, start, offs, V, full, NEG)
+                lq = xs * inv_t - lse_s
+                lp = xt * inv_t - lse_t
+                d_el, qg = _mix_terms(lp, lq, tl.exp(lp), tl.exp(lq), c1, c2, lw_a, lw_b, DIV)
+                cm = (start + offs) < V  # padding lanes add nothing (ab's NaN for opposite-sign exponents)
+                wp = ws_ptr + (r1 * S + j) * 16
+                tl.store(wp + 12, tl.sum(tl.where(cm, d_el, 0.0), 0))
+                tl.store(wp + 13, tl.sum(tl.where(cm, qg, 0.0), 0))
+            tl.atomic_add(cnt_ptr + 2 + 2 * r1, 1, sem="release")
+
+    # ---- final phase: loss (segment 0) and gradient of segment j of row r − LAG ---------------------------
+    r2 = r - LAG
+    if r2 >= 0:
+        w = tl.load(w_ptr + r2)
+        cols = start + offs
+        g_base = g_ptr + r2 * g_row
+        if w == 0.0:
+            if j == 0:
+                tl.store(loss_ptr + r2, 0.0)
+            if HAS_GRAD:
+                tl.store(g_base + cols * g_col, tl.zeros([BLOCK_V], tl.float32).to(g_ptr.dtype.element_ty),
+                         mask=cols < V)
+        else:
+            _wait(cnt_ptr + LAG + 2 * r2, S)
+            ws_row = ws_ptr + r2 * S * 16
+            lse_s, ra = _merge(ws_row, 0, 1, 2, segs, sm)
+            lse_t, fa = _merge(ws_row, 3, 4, 5, segs, sm)
+            fkl = fa - lse_t + lse_s
+            rkl = ra - lse_s + lse_t
+            lse_u = lse_s
+            w_f = zero
+            w_r = zero
+            if DIV == FKL:
+                dval = fkl
+                ssum = zero - 1.0
+            elif DIV == RKL:
+                dval = rkl
+                ssum = rkl
+            elif DIV == SYMKL:
+                w_f = zero + c1
+                w_r = zero + (1.0 - c1)
+                dval = w_f * fkl + w_r * rkl
+                ssum = -w_f + w_r * rkl
+            elif DIV == TAID:
+                lse_u, ua = _merge(ws_row, 6, 7, 8, segs, sm)
+                dval = ua - lse_u + lse_s
+                ssum = zero - 1.0
+            elif DIV == ZERO:
+                dval = tl.where((lse_s == lse_s) & (lse_t == lse_t), 0.0, float("nan"))
+                ssum = zero
+            else:  # LAG == 2
+                dval = tl.sum(tl.load(ws_row + segs * 16 + 12, mask=sm, other=0.0, cache_modifier=".cg"), 0)
+                ssum = tl.sum(tl.load(ws_row + segs * 16 + 13, mask=sm, other=0.0, cache_modifier=".cg"), 0)
+            label = 0
+            lse_z = lse_s
+            if HAS_LABELS:
+                label = tl.load(lab_ptr + r2)
+                if CE_RAW:
+                    lse_z, _za = _merge(ws_row, 9, 10, 2, segs, sm)
+            if j == 0:
+                loss = kd_scale * dval
+                if HAS_LABELS:
+                    ok = (label >= 0) & (label < V)  # a bad label was never read: NaN loss
+                    zl = tl.sum(tl.load(ws_row + segs * 16 + 11, mask=sm, other=0.0, cache_modifier=".cg"), 0)
+                    loss += ce_w * tl.where(ok, lse_z - zl, float("nan"))
+                tl.store(loss_ptr + r2, loss)
+            if HAS_GRAD:
+                xs = _load_seg(s_ptr + r2 * s_row, s_col, start, offs, V, full, NEG)
+                xt = _load_seg(t_ptr + r2 * t_row, t_col, start, offs, V, full, NEG)
+                s = xs * inv_t
+                t = xt * inv_t
+                lq = s - lse_s
+                q = tl.exp(lq)
+                if DIV == FKL:
+                    qg = -tl.exp(t - lse_t)
+                elif DIV == RKL:
+                    qg = tl.where(q != 0, q * (lq - (t - lse_t)), 0.0)
+                elif DIV == SYMKL:
+                    lp = t - lse_t
+                    qg = -w_f * tl.exp(lp) + w_r * tl.where(q != 0, q * (lq - lp), 0.0)
+                elif DIV == TAID:
+                    uu = tl.where(c1 == 0.0, s, tl.where(c1 == 1.0, t, (1.0 - c1) * s + c1 * t))
+                    qg = -tl.exp(uu - lse_u)
+                elif DIV == ZERO:
+                    qg = tl.zeros([BLOCK_V], tl.float32)
+                else:
+                    lp = t - lse_t
+                    d_el, qg = _mix_terms(lp, lq, tl.exp(lp), q, c1, c2, lw_a, lw_b, DIV)
+                g = kd_coef * (qg - q * ssum)
+                if HAS_LABELS:
+                    if CE_RAW:
+                        sm_z = tl.exp(xs - lse_z)
+                    else:
+                        sm_z = q
+                    g += ce_w * (sm_z - tl.where(cols == label, 1.0, 0.0))
+                g = (g * w).to(g_ptr.dtype.element_ty)
+                if full:
+                    tl.store(g_base + cols * g_col, g)
+                else:
+                    tl.store(g_base + cols * g_col, g, mask=cols < V)
+
+
+def lag(code: int) -> int:
+    """Phases after the statistics: 1 for fkl / rkl / symkl / taid / zero, 2 for the divergences needing Σqg."""
+    return 2 if code in (int(JSD), int(SKL), int(SRKL), int(TVD), int(AB)) else 1
+
+
+SPLIT_CODES = tuple(int(c) for c in (FKL, RKL, SYMKL, TAID, ZERO, JSD, SKL, SRKL, TVD, AB))
