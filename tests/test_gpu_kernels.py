@@ -184,3 +184,31 @@ def test_sinkhorn_kernels_vs_float64(n, metric):
     b = torch.full((3, n + 5), 1.0 / (n + 5), dtype=torch.float64, device=DEV)
     ref = OR.sinkhorn(a, b, OR.pairwise_cost(x.double(), y.double(), metric), 0.1, 50)["value"]
     torch.testing.assert_close(out.value.double(), ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("div", ["fkl", "rkl"])
+def test_sparse_union_student_ids_vs_float64(div):
+    """topk_tail membership (sorted-id tile walk) natively: mode="union" of a teacher top-32 and the student's
+    top-64 (ids shared by both sources, padding, ids clustered in one tile), -inf logits, masked tokens."""
+    from fastkd.sparse import reference as SR
+
+    s = _logits(N, V, torch.bfloat16).requires_grad_(True)
+    t_lp = torch.log_softmax(torch.randn(N, V, device=DEV, dtype=torch.float64) * 2, -1)
+    lp_t, ids_t = t_lp.topk(32, -1)
+    ids_t = torch.where(s.detach().gather(-1, ids_t) == float("-inf"), -1, ids_t)  # fkl would be infinite there
+    ids_s, _ = fastkd.student_topk(s.detach(), 64)
+    ids_s[3] = torch.arange(64, device=DEV) + 4100  # clustered: inside one 1024-wide tile
+    ids_s[4, :8] = ids_t[4, :8]  # chosen by both
+    ids_s[5, -3:] = -1
+    lp_s = t_lp.gather(-1, ids_s.clamp_min(0))
+    mask = _mask(N)
+    loss = fastkd.sparse_distill_loss(s, ids_t, lp_t.float(), mode="union", student_ids=ids_s,
+                                      student_id_values=lp_s.float(), divergence=div, mask=mask, reduction="none",
+                                      backend="triton")
+    (g,) = torch.autograd.grad(loss.sum(), [s])
+    ids, vals = fastkd.union_ids(ids_t, lp_t, ids_s, lp_s)
+    sd = s.detach().double().requires_grad_(True)
+    ref = SR.sparse_distill_loss(sd, ids, vals, mode="topk_tail", divergence=div) * mask
+    (rg,) = torch.autograd.grad(ref.sum(), [sd])
+    _check(loss.double(), ref.detach(), torch.float32, f"union {div} loss")
+    _check(g, rg, torch.bfloat16, f"union {div} gradient")
