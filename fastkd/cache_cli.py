@@ -153,7 +153,8 @@ def build_cache(
     vocab = head.weight.shape[0]
     softcap = getattr(model.config, "final_logit_softcapping", None)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-    if hidden:
+    store_hidden = hidden  # ``hidden`` is reused below for the teacher's hidden states
+    if store_hidden:
         if k is not None or samples is not None or temperatures:
             raise ValueError("--values hidden takes no --k / --samples / --temperatures (it is exact at any T)")
         k, samples = 1, None  # unused by the hidden-state writer
@@ -218,7 +219,7 @@ def build_cache(
         "new_examples": len(todo),
         "bytes_per_token": cache.bytes_per_token(),
         "seconds": time.perf_counter() - t0,
-        "k": None if hidden else slots,
+        "k": None if store_hidden else slots,
         "values": values,
         "id_format": cache.index.get("id_format"),
         "vocab_size": vocab,

@@ -49,7 +49,9 @@ def head_bytes(lm_head: torch.Tensor, bias: torch.Tensor | None) -> bytes:
     tensors = {"weight": lm_head.detach().to("cpu").contiguous()}
     if bias is not None:
         tensors["bias"] = bias.detach().to("cpu", lm_head.dtype).contiguous()
-    return save(tensors, metadata={"format": io.FORMAT, "kind": "lm_head"})
+    # one metadata key: safetensors writes its metadata map in hash order, and the SHA-256 of these bytes
+    # must identify the head (a resumed writer compares it), so the bytes must be deterministic
+    return save(tensors, metadata={"format": f"{io.FORMAT}-lm-head"})
 
 
 def head_entry(data: bytes, lm_head: torch.Tensor, bias: torch.Tensor | None) -> dict[str, Any]:

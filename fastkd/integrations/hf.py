@@ -25,7 +25,11 @@ Offline mode (no teacher forward): batches that carry the teacher's sparse targe
 entries 0..T−2 pair with the shifted labels). Pass ``teacher_cache=<TeacherCache or its directory>``
 and no ``train_dataset`` to train on the cache itself (labels = the cached input_ids). ``sparse`` holds
 options for the sparse loss (``mode``, ``values``, ...; default from the cache: "topk_tail" with a
-stored tail, "topk" without, "sampled" for count caches).
+stored tail, "topk" without, "sampled" for count caches). A cache built with ``temperatures=`` is read at the
+trainer's ``temperature`` (exact re-tempered log-probs and tail, :mod:`fastkd.cache_temper`). A hidden-state
+cache (``values="hidden"``) gives batches with ``teacher_hidden`` (B, T, H): the loss is the dense
+:func:`fastkd.fused_linear_distill_loss` against the cache's stored LM head (``cache.lm_head()``, × its
+``logit_scale``, its ``softcap``), i.e. online distillation up to the rounding of the stored hidden states.
 """
 
 from __future__ import annotations
@@ -135,20 +139,23 @@ class DistillationTrainer(Trainer):
         if teacher_model is None and teacher_cache is None:
             raise ValueError("DistillationTrainer needs teacher_model (online) or teacher_cache (offline)")
         sparse_defaults: dict[str, Any] = {}
+        hidden_cache = None
         if teacher_cache is not None:
             from fastkd.cache import TeacherCache, TeacherCacheDataset
 
             cache = teacher_cache if isinstance(teacher_cache, TeacherCache) else TeacherCache(teacher_cache)
-            if cache.values_kind == "counts":
+            if cache.values_kind == "hidden":
+                hidden_cache = cache
+            elif cache.values_kind == "counts":
                 sparse_defaults = {"values": "counts", "mode": "sampled"}
             else:
                 sparse_defaults = {"values": "logprobs",
                                    "mode": "topk_tail" if cache.index.get("store_tail") else "topk"}
             if kwargs.get("train_dataset") is None:
-                ds = TeacherCacheDataset(cache)
+                ds = TeacherCacheDataset(cache, temperature=temperature if cache.temperatures else None)
                 kwargs["train_dataset"] = ds
                 kwargs.setdefault("data_collator", _CacheCollator(ds))
-        if ce_weight and teacher_model is None:
+        if ce_weight and teacher_model is None and hidden_cache is None:
             raise ValueError("ce_weight is not supported in offline (teacher_cache) mode: the sparse loss "
                              "has no cross-entropy term")
         super().__init__(model, *args, **kwargs)
@@ -163,11 +170,12 @@ class DistillationTrainer(Trainer):
             divergence=divergence, temperature=temperature, scale_by_t2=scale_by_t2, beta=beta, alpha=alpha,
             mu=mu, t=t, ce_weight=ce_weight, chunk_size=chunk_size, **(loss_kwargs or {}))
         self._teacher_head_cache: tuple[tuple[Any, ...], torch.Tensor, torch.Tensor | None] | None = None
+        self._hidden_cache = hidden_cache
 
     def _set_signature_columns_if_needed(self) -> None:
         # keep the teacher's cached targets when Trainer drops the columns the model's forward does not take
         super()._set_signature_columns_if_needed()
-        for key in ("teacher_ids", "teacher_values", "teacher_tail", "mask"):
+        for key in ("teacher_ids", "teacher_values", "teacher_tail", "teacher_hidden", "hidden", "mask"):
             if key not in self._signature_columns:
                 self._signature_columns.append(key)
 
@@ -217,7 +225,9 @@ class DistillationTrainer(Trainer):
         if isinstance(n_items, torch.Tensor):
             n_items = n_items.to(h_s.device)
         common = dict(labels=labels, mask=mask, num_items_in_batch=n_items)
-        if inputs.get("teacher_ids") is not None:
+        if inputs.get("teacher_hidden") is not None:
+            loss = self._cached_hidden_loss(inputs, h_s, head, softcap, common)
+        elif inputs.get("teacher_ids") is not None:
             loss = self._offline_loss(inputs, h_s, head, softcap, common)
         elif self.teacher_model is None:
             raise ValueError("offline mode: the batch has no 'teacher_ids' (use "
@@ -245,6 +255,28 @@ class DistillationTrainer(Trainer):
         device = next(self.teacher_model.parameters()).device
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()
                 if k in _MODEL_KEYS}
+
+    def _cached_hidden_loss(self, inputs: dict[str, Any], h_s: torch.Tensor, head: nn.Module,
+                            softcap: float | None, common: dict[str, Any]) -> torch.Tensor:
+        """Dense loss against a hidden-state cache: its stored head recomputes the teacher logits chunk-wise."""
+        cache = self._hidden_cache
+        if cache is None:
+            raise ValueError("the batch carries teacher_hidden but the trainer has no hidden-state teacher_cache "
+                             "(pass teacher_cache=<its directory> for the stored LM head)")
+        t_softcap = cache.index["softcap"]
+        if (t_softcap is None) != (softcap is None) or (softcap is not None and float(softcap) != t_softcap):
+            raise ValueError(f"student and cached teacher use different final_logit_softcapping ({softcap} vs "
+                             f"{t_softcap}); the fused loss applies one softcap to both")
+        h_t = inputs["teacher_hidden"][:, : h_s.shape[1]].to(h_s.device, h_s.dtype)
+        if cache.index["logit_scale"] is not None:
+            h_t = h_t * cache.index["logit_scale"]
+        key = (h_s.device, h_s.dtype)
+        if getattr(self, "_cached_head", (None,))[0] != key:
+            w, b = cache.lm_head()
+            self._cached_head = (key, w.to(h_s.device, h_s.dtype), None if b is None else b.to(h_s.device, h_s.dtype))
+        return fused_linear_distill_loss(
+            h_s, head.weight, h_t, self._cached_head[1], student_bias=getattr(head, "bias", None),
+            teacher_bias=self._cached_head[2], softcap=softcap, **common, **self.distill_options)
 
     def _offline_loss(self, inputs: dict[str, Any], h_s: torch.Tensor, head: nn.Module, softcap: float | None,
                       common: dict[str, Any]) -> torch.Tensor:
