@@ -58,7 +58,8 @@ ZERO = tl.constexpr(CODES["zero"])  # skl / srkl at α = 1: D ≡ 0
 DEFAULT_BLOCK_V = 4096
 DEFAULT_NUM_WARPS = 8
 AKL_NT = 16  # thresholds tested per bisection pass
-AKL_BLOCK = 256  # vocabulary block of the bisection passes (an AKL_NT × AKL_BLOCK tile)
+AKL_BLOCK = 1024  # vocabulary block of the bisection passes (an AKL_NT × AKL_BLOCK tile: 4 contiguous teacher
+# elements per thread per iteration at 8 warps, one 8-byte vector load for bf16, instead of 1 scalar load)
 P_BITS_HI = tl.constexpr(0x3F800010)  # akl bracket top, just above the bits of 1.0 (csrc/distill.cu: same)
 
 

@@ -377,6 +377,29 @@ def test_split_equals_two_pass_bitwise_close(div):
     torch.testing.assert_close(g1, gt, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_akl_default_wide_head_search(dtype):
+    """akl (two-pass kernel) at its default blocks: the head search's AKL_NT × AKL_BLOCK tile spans several
+    1024-wide teacher blocks and a masked tail (V = 2500), masked rows, a per-row grad_output != 1. (fp16, not
+    bf16: the distinct teacher values k/16, |k| <= 1250, are exact in fp16 only; bf16 would tie them.)"""
+    from fastkd.kernels import distill as K
+
+    v = 2500
+    assert v > 2 * K.AKL_BLOCK
+    s, t = _logits((3, v), dtype), _teacher((3, v), dtype, "akl")
+    mask = torch.tensor([True, False, True])
+    go = torch.tensor([0.5, 2.0, -1.5])
+    x = s.clone().requires_grad_()
+    out = fastkd.distill_loss(x, t, "akl", backend="triton", mask=mask, reduction="none")
+    out.backward(go)
+    xr = s.double().requires_grad_()
+    rl = R.distill_loss(xr, t.double(), "akl", mask=mask, reduction="none")
+    rl.backward(go.double())
+    torch.testing.assert_close(out.double(), rl.detach(), rtol=2e-5, atol=2e-5)
+    eps = GRAD_EPS[dtype]
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=eps, atol=2 * eps * xr.grad.abs().max().item())
+
+
 def test_schedule_selection():
     assert TD.schedule(DistillParams("fkl"))[0] == "split"
     assert TD.schedule(DistillParams("jsd"))[0] == "split"
