@@ -207,3 +207,37 @@ def test_extraction_memory_bound_and_reference(tmp_path, values):
             assert (ex["teacher_values"].double() - at).abs().max() <= cache.stats()["temperatures"][tau][
                 "value_max_abs_error"] + 2e-5
             assert (ex["teacher_tail"].double() - tail).abs().max() < 2e-2
+
+
+def test_trainer_reads_cache_at_its_temperature(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from fastkd.integrations.hf import DistillationTrainer
+
+    g = torch.Generator().manual_seed(11)
+    v = 97
+    w = torch.randn(v, H, generator=g)
+    rows = [torch.randint(0, v, (6 + i,), generator=g) for i in range(3)]
+    with TeacherCacheWriter(tmp_path / "c", vocab_size=v, k=6, value_dtype="float32", temperatures=(2.0,)) as wr:
+        for ids in rows:
+            wr.add_from_hidden(torch.randn(ids.shape[0], H, generator=g), w, input_ids=ids)
+    torch.manual_seed(0)
+    student = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=v, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "o"), report_to=[], use_cpu=True,
+                                          save_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
+    tr = DistillationTrainer(model=student, teacher_cache=tmp_path / "c", temperature=2.0, divergence="fkl", args=args)
+    assert tr.train_dataset.temperature == 2.0 and tr.sparse_options["mode"] == "topk_tail"
+    inputs = tr.data_collator([tr.train_dataset[i] for i in range(3)])
+    loss = tr.compute_loss(student, inputs)
+    cache = TeacherCache(tmp_path / "c")
+    tot, cnt = 0.0, 0
+    for i, ids in enumerate(rows):
+        ex = cache.get(i, temperature=2.0)
+        ls = student(input_ids=ids[None]).logits[0, :-1].double()
+        per = sparse_distill_loss(ls, ex["teacher_ids"][:-1], ex["teacher_values"][:-1].double(), mode="topk_tail",
+                                  teacher_tail=ex["teacher_tail"][:-1].double(), temperature=2.0, reduction="sum")
+        tot, cnt = tot + per, cnt + ids.shape[0] - 1
+    torch.testing.assert_close(loss.double(), (tot / cnt).detach(), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="was not stored"):
+        DistillationTrainer(model=student, teacher_cache=tmp_path / "c", temperature=3.0, args=args)
