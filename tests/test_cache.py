@@ -14,8 +14,8 @@ import torch
 
 import fastkd
 from fastkd import cache as C
-from fastkd import cache_writer as W
 from fastkd import cache_cli, cache_io
+from fastkd import cache_writer as W
 from fastkd.cache import CacheCorruptedError, CacheLockedError, TeacherCache, TeacherCacheWriter
 from fastkd.distill import reference as ref_dense
 
