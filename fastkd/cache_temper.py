@@ -83,7 +83,8 @@ def cache_stats(cache: Any, quantiles: tuple[float, ...] = (0.5, 0.9, 0.99, 1.0)
     """Per stored temperature τ: quantiles over tokens of the tail mass (the exact total-variation distance
     between the teacher and its top-k renormalisation: TV = Σ_{i∉K} p_i = tail mass), and the worst-case
     error of the stored log-probs at τ (max over stored values of half an ulp, / τ, plus the fp32 lse's)
-    and of the stored log tail. A cache without temperatures reports τ = 1 from its ``tail``."""
+    and of the stored log tail. A cache without temperatures reports τ = 1 from its ``tail``. Reads every
+    shard and holds 4 bytes per token and temperature for the exact quantiles."""
     ix = cache.index
     if ix["values"] != "logprobs" or not ix["store_tail"]:
         raise ValueError("stats() needs a log-prob cache with a stored tail")
@@ -98,7 +99,7 @@ def cache_stats(cache: Any, quantiles: tuple[float, ...] = (0.5, 0.9, 0.99, 1.0)
             val_err = torch.maximum(val_err, half_ulp(t["values"]).max())
         tails = t["tails"] if "tails" in t else t["tail"].unsqueeze(-1)
         for j in range(len(temps)):
-            tail_cols[j].append(tails[:, j].double().exp())
+            tail_cols[j].append(tails[:, j].float().exp())  # fp32: 4 B/token/temperature held for the quantiles
             if tails.shape[0]:
                 fin = tails[:, j][tails[:, j].isfinite()]
                 if fin.numel():
@@ -108,7 +109,7 @@ def cache_stats(cache: Any, quantiles: tuple[float, ...] = (0.5, 0.9, 0.99, 1.0)
     out: dict[str, Any] = {"n_tokens": ix["n_tokens"], "k": ix["k"], "value_dtype": ix["value_dtype"],
                            "temperatures": {}}
     for j, tau in enumerate(temps):
-        mass = torch.cat(tail_cols[j]) if tail_cols[j] else torch.zeros(0, dtype=torch.float64)
+        mass = torch.cat(tail_cols[j]) if tail_cols[j] else torch.zeros(0)
         # z = v + lse_1 carries both errors; / τ then − lse_τ adds lse_τ's (no lse without temperatures)
         verr = float((val_err + lse_err) / tau + lse_err)
         out["temperatures"][float(tau)] = {
