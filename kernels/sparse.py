@@ -89,10 +89,11 @@ def _sparse_stats_kernel(
     if HAS_TAIL:
         mt_safe = tl.where(mt == float("-inf"), 0.0, mt)
         tl.store(lse_tail_ptr + row, mt_safe + tl.log(dt))
-        # the head: each distinct valid id once (a repeated id's later slots are dropped), O(K²) compares
-        earlier = (ids[None, :] == ids[:, None]) & (offs_k[None, :] < offs_k[:, None])
-        first = valid & (tl.sum(earlier.to(tl.int32), 1) == 0)
-        s_head = tl.where(first, s_ids, float("-inf"))
+        # the head: each distinct valid id once, in sorted order (a repeat equals its predecessor): O(K), no
+        # K×K compare (that would spill registers at K = 512)
+        prev = tl.load(srt_row + offs_k - 1, mask=(offs_k >= 1) & (offs_k < K), other=-1)
+        first = (offs_k < K) & (srt >= 0) & (srt < V) & ((srt != prev) | (offs_k == 0))
+        s_head = tl.load(z_row + tl.where(first, srt, 0), mask=first, other=float("-inf")).to(tl.float32) * inv_t
         mh = tl.max(s_head, 0)
         mh_safe = tl.where(mh == float("-inf"), 0.0, mh)
         dh = tl.sum(tl.exp(s_head - mh_safe), 0)

@@ -464,7 +464,7 @@ def _stats_triton(z, ids, T=1.0):
     return lse, lse_tail, s_ids
 
 
-@pytest.mark.parametrize("k", [1, 7, 64])
+@pytest.mark.parametrize("k", [1, 7, 64, 200])
 @pytest.mark.parametrize("block_v", [16, 4096])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tail_membership_vs_float64(k, block_v, dtype):
