@@ -235,12 +235,12 @@ def run(args: argparse.Namespace) -> int:
         if args.limit is not None:
             examples = examples[: args.limit]
         temps = tuple(float(x) for x in args.temperatures.split(",")) if args.temperatures else ()
+        if args.values == "logprobs" and args.samples is not None or args.values == "counts" and args.k is not None:
+            raise ValueError(f"--values {args.values} contradicts --k / --samples")
         if args.values == "logprobs" and args.k is None:
             args.k = 32
         if args.values == "counts" and args.samples is None:
             args.samples = 16
-        if args.values in ("logprobs", "counts") and (args.k is not None) == (args.values == "counts"):
-            raise ValueError(f"--values {args.values} contradicts --k / --samples")
         model = load_teacher(args, device)
         summary = build_cache(
             model,

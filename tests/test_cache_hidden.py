@@ -225,3 +225,8 @@ def test_cli_values_hidden(tmp_path):
                  "--out", str(tmp_path / "t"), "--k", "5", "--temperatures", "1,2", "--device", "cpu",
                  "--no-progress"]) == 0
     assert TeacherCache(tmp_path / "t").temperatures == [1.0, 2.0]
+    base = ["--config", str(tmp_path / "config.json"), "--data", str(tmp_path / "d.jsonl"), "--device", "cpu"]
+    assert main([*base, "--out", str(tmp_path / "e1"), "--values", "counts", "--k", "4"]) == 1
+    assert main([*base, "--out", str(tmp_path / "e2"), "--values", "hidden", "--k", "4"]) == 1
+    assert main([*base, "--out", str(tmp_path / "l"), "--values", "logprobs", "--no-progress"]) == 0
+    assert TeacherCache(tmp_path / "l").k == 32
