@@ -14,8 +14,8 @@ from fastkd.core import lmhead as L
 def test_auto_chunk_rows_budget_and_multiples(monkeypatch):
     monkeypatch.delenv(L.CHUNK_MB_ENV, raising=False)
     cpu = torch.device("cpu")
-    # default CPU budget 64 MiB at 8 bytes per column: V = Vt = 32000 -> 131 rows -> 128
-    assert L.auto_chunk_rows(4096, 64000, cpu) == 128
+    # default CPU budget 128 MiB at 8 bytes per column: V = Vt = 32000 -> 262 rows -> 256
+    assert L.auto_chunk_rows(4096, 64000, cpu) == 256
     assert L.auto_chunk_rows(4096, 1000, cpu) == 8192 // 128 * 128 or L.auto_chunk_rows(4096, 1000, cpu) == 4096
     for n, cols, mb in [(10_000, 5000, 100.0), (3000, 64000, 500.0), (513, 777, 3.0)]:
         rows = L.auto_chunk_rows(n, cols, cpu, budget_mb=mb)
@@ -27,6 +27,8 @@ def test_auto_chunk_rows_budget_and_multiples(monkeypatch):
     assert L.auto_chunk_rows(4096, 10**6, cpu, budget_mb=1.0) == 8
     monkeypatch.setenv(L.CHUNK_MB_ENV, "256")
     assert L.auto_chunk_rows(4096, 64000, cpu) == 512
+    monkeypatch.setenv(L.CHUNK_MB_ENV, "64")
+    assert L.auto_chunk_rows(4096, 64000, cpu) == 128
     assert L.auto_chunk_rows(4096, 64000, cpu, budget_mb=64.0) == 128  # the keyword wins over the variable
     for bad in ("abc", "0", "-3", "nan"):
         monkeypatch.setenv(L.CHUNK_MB_ENV, bad)

@@ -4,7 +4,7 @@ Users: ``fastkd.distill.fused`` (dense), ``fastkd.sparse.op`` (sparse), ``fastkd
 (vocabulary-parallel) and the teacher-cache extraction in ``fastkd.cache``. The engine owns, in one place:
 
 * **Chunk size** — :func:`auto_chunk_rows`: rows whose working set fits a stated memory budget
-  (``FASTKD_CHUNK_MB`` MiB; default 64 MiB on CPU, min(1 GiB, free/4) on a GPU), a multiple of 128 rows
+  (``FASTKD_CHUNK_MB`` MiB; default 128 MiB on CPU, min(1 GiB, free/4) on a GPU), a multiple of 128 rows
   when N allows (whole tensor-core / cache tiles), never fewer than 8.
 * **Softcap** — :func:`softcap_` applies ``cap·tanh(z/cap)`` in place and can store its derivative
   ``1 − tanh²(z/cap)`` for the backward; nothing else in fastkd caps logits.
@@ -48,7 +48,7 @@ from fastkd.core.autograd import scale_grad
 CHUNK_MB_ENV = "FASTKD_CHUNK_MB"
 ROW_MULTIPLE = 128  # chunk rows are a multiple of this when the budget and N allow
 _MIN_ROWS = 8
-_CPU_BUDGET_MB = 64.0
+_CPU_BUDGET_MB = 128.0  # 256-row chunks at V = Vt = 32000: the K = rows grad_weight GEMM stays efficient
 _GPU_BUDGET_MB = 1024.0
 # Bytes per logit column of one chunk row: the engine's fp32-sized logits buffer + about as much again of
 # loss-backend temporaries (the torch backend's chunk math; Triton/CUDA need none, the estimate stays safe).
@@ -84,7 +84,7 @@ def auto_chunk_rows(n: int, cols: int, device: torch.device, budget_mb: float | 
     rows = budget / (cols · 8 bytes) (the logits buffer plus as much again of loss temporaries), rounded
     down to a multiple of 128 when that leaves at least 128 rows (else to a multiple of 8, at least 8),
     and at most ``n``. The budget is ``budget_mb`` / ``FASTKD_CHUNK_MB`` / the device default
-    (:func:`chunk_budget_mb`). Example: CPU, V = Vt = 32000 → 64 MiB / 512 kB → 128 rows.
+    (:func:`chunk_budget_mb`). Example: CPU, V = Vt = 32000 → 128 MiB / 512 kB → 256 rows.
     """
     if n <= 0:
         return 1

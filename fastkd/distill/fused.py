@@ -156,11 +156,12 @@ def fused_linear_distill_loss(
     th = None if teacher_hidden is None else teacher_hidden.reshape(n, teacher_hidden.shape[-1])
     tl = None if teacher_logits is None else teacher_logits.reshape(n, vt)
     rows = chunk_size or auto_chunk_rows(n, student_weight.shape[0] + vt, device)
-    # The torch backend keeps ~4 fp32 (rows, V) temporaries per call: run it on half chunks so they fit in
-    # about two logits buffers (peak extra RSS at N=4096, V=32000 fell from 117-336 MiB with 128-row calls).
-    # Not quarter chunks: at V=32000 those are < 2^20 elements, below the torch backend's torch.compile
-    # threshold, and eager chunk math doubled the step's non-GEMM time. Triton / CUDA ignore chunk_size.
-    params = replace(params, chunk_size=max(8, rows // 2))
+    # The torch backend keeps ~4 fp32 (rows, V) temporaries per call: run it on quarter chunks so they fit in
+    # about one logits buffer (fresh-process peak extra RSS at N=4096, V=32000 was 117-336 MiB with backend
+    # calls as large as the engine's chunk). With the default CPU budget a quarter chunk is >= 2^21
+    # elements, above the torch backend's torch.compile threshold (eager chunk math is ~2x slower).
+    # Triton / CUDA ignore chunk_size (no temporaries).
+    params = replace(params, chunk_size=max(8, rows // 4))
     chunk_loss = DenseChunkLoss(params, vocab, backend_fn(requested_backend(backend)), rows)
     loss = FusedHeadFunction.apply(h, student_weight, student_bias, tok_weight, chunk_loss, rows, reduction,
                                    params.softcap, th, teacher_weight, teacher_bias, tl,
