@@ -10,8 +10,9 @@ read once per quantity, so peak memory is O(chunk · V) like the fused loss, nev
   (the exact log mass outside the k ids, never 1 − Σ, which cancels badly when the tail is small);
 - RS-KD samples: ``multinomial(softmax(z))`` then per-id counts.
 
-The top-k runs on torch's ``topk`` for every device (no Triton streaming top-k yet; see the module note in
-``fastkd/cache.py``).
+The top-k is torch's ``topk`` by default; ``topk_backend="triton"`` uses the streaming Triton top-k of
+``kernels/topk.py`` (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``; k ≤ 128). It is opt-in: it matches
+torch and the float64 reference under the interpreter and compiles for sm_90, but was not timed on a GPU.
 """
 
 from __future__ import annotations
@@ -34,14 +35,19 @@ def extract_topk(
     temperatures: tuple[float, ...] = (1.0,),
     chunk_size: int = 256,
     softcap: float | None = None,
+    topk_backend: str = "torch",
 ) -> dict[str, torch.Tensor]:
     """Top-k ids, their log-probs and the log-normaliser / log tail mass at every temperature in one pass.
 
     hidden (N, H), weight (V, H), bias (V,) | None; logits z = softcap(h W^T + b) / ``temperature``.
     ``temperatures`` (τ_0, τ_1, ...) re-temper z further (z / τ_j). Returns a dict of
     ``ids`` (N, k) int64, ``logp`` (N, k) fp32 = z_top − lse_{τ_0}, ``lse`` (N, J) fp32 = logsumexp(z / τ_j),
-    ``tails`` (N, J) fp32 = log Σ_{i ∉ top-k} softmax(z / τ_j)_i.
+    ``tails`` (N, J) fp32 = log Σ_{i ∉ top-k} softmax(z / τ_j)_i. ``topk_backend``: "torch" or "triton".
     """
+    if topk_backend not in ("torch", "triton"):
+        raise ValueError(f"topk_backend must be 'torch' or 'triton', got {topk_backend!r}")
+    if topk_backend == "triton":
+        from fastkd.kernels.topk import topk_rows
     n = hidden.shape[0]
     k = min(k, weight.shape[0])
     temps = tuple(float(t) for t in temperatures)
@@ -52,7 +58,11 @@ def extract_topk(
     tails = torch.empty(n, len(temps), dtype=torch.float32, device=dev)
     for sl, z in iter_logits(hidden, weight, bias, chunk_size, softcap=softcap, temperature=temperature,
                              dtype=torch.float32):
-        top = z.topk(k, -1)
+        if topk_backend == "triton":
+            values, indices = topk_rows(z, k)
+            top = torch.return_types.topk((values, indices))
+        else:
+            top = z.topk(k, -1)
         z.scatter_(1, top.indices, -math.inf)  # the workspace now holds the tail only (reused, no new (c, V))
         for j, tau in enumerate(temps):
             tail_lse = torch.logsumexp(z if tau == 1.0 else z / tau, -1)

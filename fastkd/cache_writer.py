@@ -299,12 +299,14 @@ class TeacherCacheWriter:
         input_ids: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         softcap: float | None = None,
+        topk_backend: str = "torch",
     ) -> int:
         """Compute the example's targets from teacher hidden states (T, H) and LM head (V, H), then add it.
 
         One LM-head pass per chunk (:func:`fastkd.cache_extract.extract_topk`): top-k, log-probs, and the
         log-normaliser / tail at every stored temperature (``temperature`` must then be 1.0); counts caches
         draw RS-KD samples; a hidden-state cache stores ``hidden`` as is (``weight`` must match its head).
+        ``topk_backend="triton"``: the streaming Triton top-k (:mod:`fastkd.cache_extract`; opt-in, untimed).
         """
         ix = self.index
         if weight.shape[0] != ix["vocab_size"]:
@@ -333,7 +335,7 @@ class TeacherCacheWriter:
             raise ValueError("a cache with temperatures= stores log-probs at temperature 1.0: pass temperature=1.0 "
                              "and read other temperatures with cache.get(i, temperature=...)")
         out = extract_topk(hidden, weight, bias, k=ix["k"], temperature=temperature, temperatures=tuple(temps),
-                           chunk_size=chunk_size, softcap=softcap)
+                           chunk_size=chunk_size, softcap=softcap, topk_backend=topk_backend)
         extra = {"lse": out["lse"], "tails": out["tails"]} if len(ix.get("temperatures", [])) else {}
         return self.add(out["ids"], out["logp"], out["tails"][:, 0], input_ids=input_ids, **extra)
 

@@ -241,3 +241,35 @@ def test_trainer_reads_cache_at_its_temperature(tmp_path):
     torch.testing.assert_close(loss.double(), (tot / cnt).detach(), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="was not stored"):
         DistillationTrainer(model=student, teacher_cache=tmp_path / "c", temperature=3.0, args=args)
+
+
+def test_triton_topk_matches_torch_and_float64(tmp_path):
+    """The opt-in streaming Triton top-k (interpreter on CPU): values == torch.topk, ids hold those values
+    (distinct), -inf logits and k = V handled; the extraction through it equals the float64 reference."""
+    pytest.importorskip("triton")
+    from fastkd.kernels.topk import topk_rows
+
+    from fastkd.cache_extract import extract_topk
+
+    g = torch.Generator().manual_seed(9)
+    for n, v, k, bv in ((3, 150, 6, 64), (2, 24, 24, 8), (2, 130, 5, 128)):
+        z = torch.randn(n, v, generator=g) * 3
+        z[0, ::4] = -math.inf
+        vals, ids = topk_rows(z, k, block_v=bv)
+        ref = z.topk(k, -1)
+        assert torch.equal(vals, ref.values)
+        assert torch.equal(z.gather(1, ids), vals) and all(len(set(r.tolist())) == k for r in ids)
+        if k < v:  # no ties among finite values: the same ids as torch
+            assert torch.equal(ids[1:], ref.indices[1:])
+    with pytest.raises(ValueError, match="k must be"):
+        topk_rows(torch.zeros(2, 10), 11)
+    w, b, hs = _teacher()
+    out = extract_topk(hs[1], w, b, k=K, temperatures=(1.0, 2.0), chunk_size=5, topk_backend="triton")
+    ref = extract_topk(hs[1], w, b, k=K, temperatures=(1.0, 2.0), chunk_size=5)
+    assert torch.equal(out["ids"], ref["ids"])
+    for key in ("logp", "lse", "tails"):
+        assert torch.equal(out[key], ref[key]), key
+    at, tail, _ = _exact(hs[1], w, b, 2.0, out["ids"])
+    torch.testing.assert_close(out["tails"][:, 1].double(), tail, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="topk_backend"):
+        extract_topk(hs[1], w, b, k=K, topk_backend="cuda")
