@@ -22,8 +22,9 @@ a sum of positive terms — which halves the per-element exp work of this pass.
 tile by tile (the off-id term; lb = lse_tail for topk_tail so that an underflowing tail stays finite), then,
 after a block barrier, overwrites the K id positions with ``a·exp(s_id − lse) + Σ_{j: id_j = id} c_j`` (one
 rounding to the output dtype; the gradient may alias the logits: each tile is read before it is written, and
-the id fix-up needs only the gathered s_ids). Slots holding the same id all store the same sum, so duplicated
-ids add up like ``scatter_add`` instead of racing.
+the id fix-up needs only the gathered s_ids). The fix-up walks the ids in sorted order: a repeated id is a run
+of equal neighbours whose Σ c a segmented prefix sum gives at the run's last slot, the only slot that stores
+it — duplicated ids add up like ``scatter_add``, in O(K) registers (a K×K compare spilled at K ≥ 256).
 
 Ids are untrusted on the device (value checks are off for GPU tensors by default): every access at an id is
 masked by ``0 <= id < V``, and an id outside [−1, V) yields s = NaN in the stats pass, which makes that
@@ -43,6 +44,12 @@ def _online(m, d, x):
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), 0)
     return m_new, d
+
+
+@triton.jit
+def _segmented_add(f1, v1, f2, v2):
+    """Combine of a segmented sum: (flag, value) pairs; a set flag starts a new segment (associative)."""
+    return f1 | f2, tl.where(f2 != 0, v2, v1 + v2)
 
 
 @triton.jit
@@ -111,7 +118,8 @@ def _sparse_stats_kernel(
 def _sparse_grad_kernel(
     z_ptr,  # (N, V) student logits, row stride stride_z
     g_ptr,  # (N, V) gradient out in its dtype, row stride stride_g (may alias z_ptr)
-    ids_ptr,  # (N, K) int64, row stride stride_ids
+    sorted_ptr,  # (N, K) int64, contiguous: each row's ids sorted ascending
+    perm_ptr,  # (N, K) int64, contiguous: the slot each sorted id came from (ids[perm[j]] = sorted[j])
     s_ids_ptr,  # (N, K) fp32, contiguous (from the stats kernel)
     c_ptr,  # (N, K) fp32, contiguous: coefficient added at each id
     lse_ptr,  # (N,) fp32: logsumexp of the row (the id columns' normaliser)
@@ -123,7 +131,6 @@ def _sparse_grad_kernel(
     K,
     stride_z,
     stride_g,
-    stride_ids,
     inv_t,
     DENSE: tl.constexpr,  # False when a = b = 0 (topk rkl/jsd): the row is 0 except at the ids
     BLOCK_V: tl.constexpr,
@@ -138,7 +145,6 @@ def _sparse_grad_kernel(
     a = tl.load(a_ptr + row)
     b = tl.load(b_ptr + row)
     offs_k = tl.arange(0, BLOCK_K)
-    ids = tl.load(ids_ptr + row * stride_ids + offs_k, mask=offs_k < K, other=-1)
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         if DENSE:
@@ -148,13 +154,21 @@ def _sparse_grad_kernel(
             g = tl.zeros((BLOCK_V,), tl.float32)
         tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=offs < V)
     tl.debug_barrier()  # the id fix-up below must land after the tile stores of this row
-    valid = (ids >= 0) & (ids < V) & (offs_k < K)
-    s_ids = tl.load(s_ids_ptr + row * K + offs_k, mask=valid, other=float("-inf"))
-    c = tl.load(c_ptr + row * K + offs_k, mask=valid, other=0.0)
-    # every slot of a duplicated id stores the same total, so the racing stores agree
-    same = (ids[:, None] == ids[None, :]) & valid[None, :]
-    c_sum = tl.sum(tl.where(same, c[None, :], 0.0), 1)
+    # the ids in ascending order: a repeated id is a run of equal neighbours; a segmented prefix sum gives each
+    # run's total Σ c at its last slot, which alone stores it (one store per column, no race; O(K), not K×K)
+    srt_row = sorted_ptr + row * K
+    in_k = offs_k < K
+    srt = tl.load(srt_row + offs_k, mask=in_k, other=-1)
+    perm = tl.load(perm_ptr + row * K + offs_k, mask=in_k, other=0)
+    prev = tl.load(srt_row + offs_k - 1, mask=in_k & (offs_k >= 1), other=-1)
+    nxt = tl.load(srt_row + offs_k + 1, mask=offs_k + 1 < K, other=-1)
+    valid = (srt >= 0) & (srt < V) & in_k
+    s_ids = tl.load(s_ids_ptr + row * K + perm, mask=valid, other=float("-inf"))
+    c = tl.load(c_ptr + row * K + perm, mask=valid, other=0.0)
+    run_start = ((srt != prev) | (offs_k == 0)).to(tl.int32)
+    _, c_sum = tl.associative_scan((run_start, c), 0, _segmented_add)
+    last = valid & ((srt != nxt) | (offs_k + 1 >= K))
     g_ids = tl.where(keep, tl.exp(s_ids - lse) * a + c_sum, 0.0)
     if not DENSE:
         g_ids = tl.where(keep, c_sum, 0.0)
-    tl.store(g_row + tl.where(valid, ids, 0), g_ids.to(g_ptr.dtype.element_ty), mask=valid)
+    tl.store(g_row + tl.where(last, srt, 0), g_ids.to(g_ptr.dtype.element_ty), mask=last)

@@ -57,9 +57,10 @@ def sparse_forward(
     s_ids = torch.empty(n, k, dtype=torch.float32, device=dev)
     block_v = min(CONFIG["block_v"], triton.next_power_of_2(max(v, 16)))
     block_k = triton.next_power_of_2(max(k, 2))
-    # the tail's membership test compares each id with the one tile it falls in: the kernel walks the row's
-    # ids in ascending order (a (N, K) sort here, O(N·K log K)); unused without a tail
-    ids_sorted = ids.sort(dim=1).values if has_tail else ids
+    # both kernels walk each row's ids in ascending order (a (N, K) sort here, O(N·K log K)): the tail's
+    # membership test compares each id with the one tile it falls in, and the gradient's id fix-up sums a
+    # repeated id's slots as a run of equal neighbours
+    ids_sorted, perm = ids.sort(dim=1)
     # each id costs one BLOCK_V-wide compare: a smaller tile keeps that near one lane-op per logit at K = 64
     stats_block = max(16, min(block_v, max(1024, 65536 // block_k))) if has_tail else block_v
     stats_warps = max(1, min(CONFIG["num_warps"], stats_block // 256))  # >= 8 logits per thread
@@ -89,7 +90,8 @@ def sparse_forward(
         K_._sparse_grad_kernel[(n,)](
             student,
             grad,
-            ids,
+            ids_sorted,
+            perm,
             s_ids,
             c.contiguous(),
             lse,
@@ -101,7 +103,6 @@ def sparse_forward(
             k,
             student.stride(0),
             grad.stride(0),
-            ids.stride(0),
             inv_t,
             DENSE=dense,
             BLOCK_V=block_v,
