@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from fastkd.kernels.distill import AB, FKL, JSD, RKL, SKL, SRKL, SYMKL, TAID, TVD, ZERO, _mix_terms, _online
+from fastkd.kernels.distill import AB, FKL, JSD, RKL, SKL, SRKL, SYMKL, TAID, TVD, ZERO, _lae, _mix_terms, _online
 
 NSLOT = 16  # fp32 slots per unit in the workspace (12 statistics + 2 mid-pass partials, padded)
 NEG = tl.constexpr(float("-inf"))
@@ -64,6 +64,14 @@ def _load_seg(base, col_stride, start, offs, V, FULL_OK, other):
     else:
         x = tl.load(base + cols * col_stride, mask=cols < V, other=other).to(tl.float32)
     return x
+
+
+@triton.jit
+def _lse_block(x):
+    """(max, Σe^{x−max}) of one block (the statistics without the divergence sum, when it is not needed)."""
+    m = tl.max(x, 0)
+    ms = tl.where(m == float("-inf"), 0.0, m)
+    return m, tl.sum(tl.exp(x - ms), 0)
 
 
 @triton.jit
@@ -104,6 +112,7 @@ def _distill_split_kernel(
     BLOCK_V: tl.constexpr,
     SP: tl.constexpr,  # next power of two >= S
     LAG: tl.constexpr,  # 1: fkl, rkl, symkl, taid, zero; 2: jsd, skl, srkl, tvd, ab (one more pass)
+    SCALED: tl.constexpr,  # temperature != 1 (else the logits are used as loaded)
 ):
     u = tl.atomic_add(cnt_ptr, 1).to(tl.int64)  # ticket: units are taken in this order (see docstring)
     r = u // S
@@ -143,10 +152,22 @@ def _distill_split_kernel(
         if w0 != 0.0:
             xs = _load_seg(s_ptr + r * s_row, s_col, start, offs, V, full, NEG)
             xt = _load_seg(t_ptr + r * t_row, t_col, start, offs, V, full, NEG)
-            s = xs * inv_t
-            t = xt * inv_t
-            m_s, d_s, a_r = _online(zero + NEG, zero, zero, s, t)
-            m_t, d_t, a_f = _online(zero + NEG, zero, zero, t, s)
+            s = xs
+            t = xt
+            if SCALED:
+                s = xs * inv_t
+                t = xt * inv_t
+            # only the sums the divergence uses: fkl Σe^t(t−s), rkl Σe^s(s−t), symkl both
+            a_r = zero
+            a_f = zero
+            if (DIV == RKL) | (DIV == SYMKL):
+                m_s, d_s, a_r = _online(zero + NEG, zero, zero, s, t)
+            else:
+                m_s, d_s = _lse_block(s)
+            if (DIV == FKL) | (DIV == SYMKL):
+                m_t, d_t, a_f = _online(zero + NEG, zero, zero, t, s)
+            else:
+                m_t, d_t = _lse_block(t)
             m_u = zero + NEG
             d_u = zero
             a_u = zero
@@ -156,7 +177,7 @@ def _distill_split_kernel(
             m_z = zero + NEG
             d_z = zero
             if CE_RAW:
-                m_z, d_z, a_z = _online(m_z, d_z, zero, xs, xs)
+                m_z, d_z = _lse_block(xs)
             zl = zero
             if HAS_LABELS:
                 label = tl.load(lab_ptr + r)
@@ -190,8 +211,12 @@ def _distill_split_kernel(
                 lse_t, _fa = _merge(ws_row, 3, 4, 5, segs, sm)
                 xs = _load_seg(s_ptr + r1 * s_row, s_col, start, offs, V, full, NEG)
                 xt = _load_seg(t_ptr + r1 * t_row, t_col, start, offs, V, full, NEG)
-                lq = xs * inv_t - lse_s
-                lp = xt * inv_t - lse_t
+                if SCALED:
+                    lq = xs * inv_t - lse_s
+                    lp = xt * inv_t - lse_t
+                else:
+                    lq = xs - lse_s
+                    lp = xt - lse_t
                 d_el, qg = _mix_terms(lp, lq, tl.exp(lp), tl.exp(lq), c1, c2, lw_a, lw_b, DIV)
                 cm = (start + offs) < V  # padding lanes add nothing (ab's NaN for opposite-sign exponents)
                 wp = ws_ptr + (r1 * S + j) * 16
@@ -258,17 +283,25 @@ def _distill_split_kernel(
             if HAS_GRAD:
                 xs = _load_seg(s_ptr + r2 * s_row, s_col, start, offs, V, full, NEG)
                 xt = _load_seg(t_ptr + r2 * t_row, t_col, start, offs, V, full, NEG)
-                s = xs * inv_t
-                t = xt * inv_t
+                s = xs
+                t = xt
+                if SCALED:
+                    s = xs * inv_t
+                    t = xt * inv_t
                 lq = s - lse_s
                 q = tl.exp(lq)
-                if DIV == FKL:
-                    qg = -tl.exp(t - lse_t)
+                cw = kd_coef * w
+                if DIV == FKL:  # qg − q·Σqg = q − p
+                    g = (q - tl.exp(t - lse_t)) * cw
                 elif DIV == RKL:
                     qg = tl.where(q != 0, q * (lq - (t - lse_t)), 0.0)
                 elif DIV == SYMKL:
                     lp = t - lse_t
                     qg = -w_f * tl.exp(lp) + w_r * tl.where(q != 0, q * (lq - lp), 0.0)
+                elif DIV == JSD:  # qg only (D came from the mid phase)
+                    lp = t - lse_t
+                    lm = _lae(lp + lw_a, lq + lw_b)
+                    qg = (1.0 - c1) * tl.where(q != 0, q * (lq - lm), 0.0)
                 elif DIV == TAID:
                     uu = tl.where(c1 == 0.0, s, tl.where(c1 == 1.0, t, (1.0 - c1) * s + c1 * t))
                     qg = -tl.exp(uu - lse_u)
@@ -277,14 +310,15 @@ def _distill_split_kernel(
                 else:
                     lp = t - lse_t
                     d_el, qg = _mix_terms(lp, lq, tl.exp(lp), q, c1, c2, lw_a, lw_b, DIV)
-                g = kd_coef * (qg - q * ssum)
+                if DIV != FKL:
+                    g = (qg - q * ssum) * cw
                 if HAS_LABELS:
                     if CE_RAW:
                         sm_z = tl.exp(xs - lse_z)
                     else:
                         sm_z = q
-                    g += ce_w * (sm_z - tl.where(cols == label, 1.0, 0.0))
-                g = (g * w).to(g_ptr.dtype.element_ty)
+                    g += (ce_w * w) * (sm_z - tl.where(cols == label, 1.0, 0.0))
+                g = g.to(g_ptr.dtype.element_ty)
                 if full:
                     tl.store(g_base + cols * g_col, g)
                 else:

@@ -1,4 +1,14 @@
-"""Autograd helpers shared by the fused-in-forward losses (gradient computed in forward, scaled in backward)."""
+"""Autograd helpers shared by the fused-in-forward losses (gradient computed in forward, scaled in backward).
+
+Why grad_output is applied here and not inside the loss kernels: the kernels write the gradient during the
+forward pass (that is what makes the logits path one read of each logit plus one write of the gradient), when
+grad_output is not known yet. Backward then costs nothing when grad_output == 1 (the usual
+``loss.backward()``): the device-side kernel reads one scalar per row and returns. With grad_output != 1 it
+reads and writes the gradient once more; the only alternative that avoids it without knowing grad_output in
+forward, deferring the gradient to backward (with the row statistics saved), re-reads the student and teacher
+instead — the same bytes for grad_output != 1 and two extra reads for grad_output == 1 — so it is not used.
+Consumers that know the factor earlier can fold it into the per-token weights (``weight``) instead.
+"""
 
 from __future__ import annotations
 

@@ -100,7 +100,8 @@ def distill_forward(
         KS._distill_split_kernel[((n + lag) * s_count,)](
             *args[:6], ws, cnt, n, v, s_count, *args[7:], DIV=p.code, HAS_GRAD=flags["HAS_GRAD"],
             HAS_LABELS=has_labels, CE_RAW=flags["CE_RAW"], BLOCK_V=block_v,
-            SP=max(2, 1 << (s_count - 1).bit_length()), LAG=lag, num_warps=num_warps)
+            SP=max(2, 1 << (s_count - 1).bit_length()), LAG=lag, SCALED=p.temperature != 1.0,
+            num_warps=num_warps)
     elif _autotune() and _CONFIG["block_v"] is None and not aliased:
         K._distill_kernel_autotuned[(n,)](*args, **flags, BLOCK_A=K.AKL_BLOCK)
     else:
