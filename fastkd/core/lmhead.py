@@ -199,8 +199,13 @@ class LMHeadChunker:
             self.grad_bias.addmv_(g_acc.t(), ones[: g.shape[0]])
 
     def finished_grads(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        gw = self.grad_weight.to(self.weight.dtype) if self.grad_weight is not None else None
-        gb = self.grad_bias.to(self.bias.dtype) if self.grad_bias is not None else None
+        # No .to() when the accumulator already has the parameter's dtype: an aliasing no-op .to() of a
+        # tensor created inside the Function trips torch.compile's higher-order-op capture.
+        gw, gb = self.grad_weight, self.grad_bias
+        if gw is not None and gw.dtype != self.weight.dtype:
+            gw = gw.to(self.weight.dtype)
+        if gb is not None and gb.dtype != self.bias.dtype:
+            gb = gb.to(self.bias.dtype)
         return self.grad_hidden, gw, gb
 
     def release(self) -> None:
