@@ -1,6 +1,6 @@
 """The whole GPU benchmark suite in one command: ``python bench/gpu_suite.py`` (on a CUDA device).
 
-Cases (DESIGN.md GPU targets), each fwd+bwd (mode "full") unless noted, loss = mean over tokens. Every
+Cases (docs/DESIGN.md GPU targets), each fwd+bwd (mode "full") unless noted, loss = mean over tokens. Every
 fastkd op also runs as ``fastkd-cuda`` (backend="cuda", the C++/CUDA extension), skipped with the
 backend's own reasons (``fastkd.core.registry.select``) where it cannot run.
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -189,10 +190,17 @@ def test_backend_modules_import_and_report(no_ext):
     s = torch.randn(4, 9, dtype=torch.float64)
     r = cuda_distill.distill_reasons(student=s, teacher=s, params=DistillParams(softcap=3.0))
     assert any("float64" in x for x in r) and any("softcap" in x for x in r) and any("cpu" in x for x in r)
-    wide = torch.empty(2, cuda_sparse.MAX_TAIL_VOCAB + 1, dtype=torch.float16)
-    r = cuda_sparse.sparse_reasons(student=wide, ids=torch.zeros(2, 3, dtype=torch.long),
-                                   params=SparseParams(mode="topk_tail"))
-    assert any("topk_tail" in x for x in r)
+    # the topk_tail vocabulary limit is the extension's own SPARSE_MAX_TAIL_VOCAB (no copy of the constant)
+    wide = torch.empty(2, 1001, dtype=torch.float16)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cuda_sparse, "cuda_ext_reasons", lambda *t: [])
+        mp.setattr(_cpp_lib, "lib", lambda: SimpleNamespace(SPARSE_MAX_TAIL_VOCAB=1000))
+        r = cuda_sparse.sparse_reasons(student=wide, ids=torch.zeros(2, 3, dtype=torch.long),
+                                       params=SparseParams(mode="topk_tail"))
+        assert r == ["mode='topk_tail' supports vocabularies up to 1000 on the cuda backend (shared-memory id "
+                     "bitmap), got 1001"]
+        assert cuda_sparse.sparse_reasons(student=wide[:, :1000], ids=torch.zeros(2, 3, dtype=torch.long),
+                                          params=SparseParams(mode="topk_tail")) == []
     cost = torch.rand(2, 30000, 3)
     r = cuda_sinkhorn.sinkhorn_reasons(a=torch.rand(2, 30000), cost=cost, params=SinkhornParams(unroll=True))
     assert any("unroll" in x for x in r) and any("shared memory" in x for x in r)

@@ -1,6 +1,6 @@
 """Argument checks and token weighting shared by every loss op.
 
-Conventions (DESIGN.md): ``labels == ignore_index`` or ``mask == False`` excludes a token; ``reduction``
+Conventions (docs/DESIGN.md): ``labels == ignore_index`` or ``mask == False`` excludes a token; ``reduction``
 "mean" = sum over kept tokens / number kept (0 when none is kept), "sum", or "none" (one value per token,
 0 for excluded); ``num_items_in_batch`` (HF gradient accumulation) = sum / that number.
 

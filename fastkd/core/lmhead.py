@@ -94,6 +94,16 @@ def auto_chunk_rows(n: int, cols: int, device: torch.device, budget_mb: float | 
     return max(1, min(n, rows))
 
 
+# Elements per fp32 (rows, V) temporary of a torch backend's chunk: 4M = 16 MiB (a handful are alive at once).
+BACKEND_CHUNK_ELEMS = 1 << 22
+
+
+def backend_chunk_rows(n_rows: int, vocab: int, elems: int = BACKEND_CHUNK_ELEMS) -> int:
+    """Rows per chunk inside a torch backend (distill, sparse): :func:`auto_chunk_rows`' rule (multiples of
+    128 rows) with a budget of ``elems`` fp32 elements per (rows, V) temporary."""
+    return auto_chunk_rows(n_rows, vocab, torch.device("cpu"), budget_mb=elems * BYTES_PER_COL / 2**20)
+
+
 def softcap_(z: torch.Tensor, cap: float | None, deriv: torch.Tensor | None = None) -> torch.Tensor:
     """``z ← cap·tanh(z/cap)`` in place (Gemma-style final-logit capping); returns ``z``.
 

@@ -180,7 +180,7 @@ def distill_loss(
     Args:
         student_logits: (..., V) float32/bfloat16/float16 (float64 for checks); receives the gradient.
         teacher_logits: (..., V') same dtype and device; a constant (must not require grad).
-        divergence: one of ``fastkd.DIVERGENCES`` (formulas in DESIGN.md / README), with p = teacher,
+        divergence: one of ``fastkd.DIVERGENCES`` (formulas in docs/DESIGN.md / README), with p = teacher,
             q = student after dividing both logits by ``temperature``.
         scale_by_t2: multiply the divergence term by T² (Hinton).
         labels, ignore_index, mask: exclude tokens (``labels == ignore_index`` or ``mask == False``).

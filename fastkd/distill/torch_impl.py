@@ -22,19 +22,9 @@ from functools import cache
 
 import torch
 
-from fastkd.core import lmhead
+from fastkd.core.lmhead import backend_chunk_rows
 from fastkd.core.params import DistillParams
 from fastkd.core.registry import register
-
-# Target elements per fp32 temporary in one chunk: 4M elements = 16 MiB (a handful are alive at once).
-_CHUNK_ELEMS = 1 << 22
-
-
-def auto_chunk_rows(n_rows: int, vocab: int, elems: int = _CHUNK_ELEMS) -> int:
-    """Rows per backend chunk: the LM-head engine's one rule (:func:`fastkd.core.lmhead.auto_chunk_rows`:
-    multiples of 128 rows) with a budget of ``elems`` fp32 elements per (rows, V) temporary."""
-    return lmhead.auto_chunk_rows(n_rows, vocab, torch.device("cpu"),
-                                  budget_mb=elems * lmhead.BYTES_PER_COL / 2**20)
 
 
 def _where_pos(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -263,7 +253,7 @@ def distill_forward(
     n, v = student.shape
     cdt = torch.float64 if student.dtype == torch.float64 else torch.float32
     loss = torch.empty(n, dtype=cdt, device=student.device)
-    rows = p.chunk_size or auto_chunk_rows(n, v)
+    rows = p.chunk_size or backend_chunk_rows(n, v)
     run = chunk_fn(min(rows, n) * v, student.device)
     for start in range(0, n, rows):
         sl = slice(start, min(n, start + rows))

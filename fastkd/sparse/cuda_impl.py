@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _MAX_ROWS = 2**31 - 1
-MAX_TAIL_VOCAB = 160 * 1024 * 8  # csrc/sparse.cu kMaxBitmapBytes · 8
 
 
 def _unit_cols(x: torch.Tensor) -> torch.Tensor:
@@ -93,10 +92,13 @@ def sparse_reasons(student: torch.Tensor | None = None, ids: torch.Tensor | None
             reasons.append(f"dtype {student.dtype} (the cuda backend supports float32, bfloat16, float16)")
         if student.dim() == 2 and student.shape[0] > _MAX_ROWS:
             reasons.append(f"{student.shape[0]} rows exceed the one-block-per-row grid limit {_MAX_ROWS}")
-        if (params is not None and params.mode == "topk_tail" and student.dim() == 2
-                and student.shape[1] > MAX_TAIL_VOCAB):
-            reasons.append(f"mode='topk_tail' supports vocabularies up to {MAX_TAIL_VOCAB} on the cuda "
-                           f"backend (shared-memory id bitmap), got {student.shape[1]}")
+        if not reasons and params is not None and params.mode == "topk_tail" and student.dim() == 2:
+            from fastkd import _cpp_lib
+
+            max_vocab = _cpp_lib.lib().SPARSE_MAX_TAIL_VOCAB  # the kernel's shared-memory id bitmap
+            if student.shape[1] > max_vocab:
+                reasons.append(f"mode='topk_tail' supports vocabularies up to {max_vocab} on the cuda "
+                               f"backend (shared-memory id bitmap), got {student.shape[1]}")
     return reasons
 
 

@@ -37,7 +37,6 @@ MODES = ("topk", "topk_tail", "sampled")  # what the backends compute
 PUBLIC_MODES = (*MODES, "union")  # "union": merged teacher + student ids, then computed as topk_tail
 SPARSE_DIVERGENCES = names("sparse")  # from the divergence table
 VALUE_KINDS = ("logprobs", "logits", "probs", "counts")
-MODE_CODES = {"topk": 0, "topk_tail": 1, "sampled": 2}
 
 declare(
     "sparse",

@@ -36,12 +36,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fastkd.core.lmhead import backend_chunk_rows
 from fastkd.core.registry import register
 
 if TYPE_CHECKING:
     from fastkd.core.params import SparseParams
 
-_CHUNK_ELEMS = 1 << 22  # elements per fp32 (rows, V) temporary
 
 
 def _pos(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -237,7 +237,7 @@ def sparse_forward(
     """
     n, v = student.shape
     loss = torch.empty(n, dtype=t_logp.dtype, device=student.device)
-    rows = p.chunk_size or max(1, min(n, _CHUNK_ELEMS // max(v, 1)))
+    rows = p.chunk_size or backend_chunk_rows(n, v)
     has_excluded = bool((weight == 0).any())  # one host sync per call (this is the fallback backend)
     for start in range(0, n, rows):
         sl = slice(start, min(n, start + rows))
