@@ -59,7 +59,8 @@ def grads_of(model):
 
 
 @pytest.mark.parametrize("divergence,kw", [("fkl", {}), ("jsd", dict(beta=0.3, temperature=2.0)),
-                                          ("rkl", dict(ce_weight=0.5)), ("tvd", dict(scale_by_t2=True))])
+                                          ("rkl", dict(ce_weight=0.5)), ("tvd", dict(scale_by_t2=True)),
+                                          ("ab", {})])  # ab: the trainer leaves alpha/beta to the table
 def test_loss_and_grads_match_unfused(divergence, kw):
     student, teacher = tiny(16, 1, 0), tiny(24, 2, 1)
     inputs = batch()

@@ -132,7 +132,8 @@ class DistillationTrainer(Trainer):
 
     def __init__(self, model: nn.Module | None = None, teacher_model: nn.Module | None = None, *args: Any,
                  divergence: str = "fkl", temperature: float = 1.0, scale_by_t2: bool = False,
-                 beta: float = 0.5, alpha: float = 0.1, mu: float = 0.5, t: float = 0.5,
+                 beta: float | None = None, alpha: float | None = None, mu: float | None = None,
+                 t: float | None = None,
                  ce_weight: float = 0.0, chunk_size: int | None = None,
                  loss_kwargs: dict[str, Any] | None = None, teacher_cache: Any = None,
                  sparse: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -288,6 +289,8 @@ class DistillationTrainer(Trainer):
         tail = inputs.get("teacher_tail")
         opts = {k: self.distill_options[k] for k in ("divergence", "temperature", "scale_by_t2", "beta",
                                                       "chunk_size")}
+        if opts["beta"] is None:  # None = the divergence's default (from the divergence table)
+            del opts["beta"]
         opts.update(self.sparse_options)
         if tail is not None and opts.get("mode") == "topk_tail":
             opts["teacher_tail"] = tail[:, :t].to(h_s.device)
