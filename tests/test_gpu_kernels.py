@@ -89,7 +89,8 @@ def test_distill_split_schedule_many_rows(div):
     from fastkd.distill import triton_impl as TD
 
     n, v = 2048, 50257
-    fs, ft = _logits(n, 50304, torch.bfloat16), _logits(n, 50304, torch.bfloat16, neg_inf=False)
+    fs, ft = _logits(n, 50304, torch.bfloat16, neg_inf=False), _logits(n, 50304, torch.bfloat16, neg_inf=False)
+    fs[1, ::97] = ft[1, ::97] = float("-inf")  # -inf on both sides: finite loss (student-only -inf gives fkl = inf)
     mask, go = _mask(n), torch.rand(n, device=DEV) + 0.5
     out = {}
     for sched in TD.SCHEDULES:
