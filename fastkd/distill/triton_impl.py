@@ -1,4 +1,10 @@
-"""``triton`` backend of the divergence losses on logits (kernels in ``fastkd.kernels.distill``).
+"""``triton`` backend of the divergence losses on logits (kernels in ``fastkd.kernels.distill_split`` and
+``fastkd.kernels.distill``).
+
+Schedule (:func:`schedule` returns it with the reason): the split-row kernel (each logit read once from HBM,
+its re-reads bounded to hit L2; see that module's docstring) for every divergence but akl; the two-pass
+kernel, one program per row, for akl (its head search re-reads the teacher row), under ``FASTKD_AUTOTUNE=1``
+and when forced by ``override_config(schedule="two_pass")``.
 
 Registers op ``"distill"`` on backend ``"triton"`` with the contract of :mod:`fastkd.distill.op`.
 Imports cleanly without Triton: the backend is then registered with the import error as its reason.
