@@ -11,7 +11,7 @@
 namespace fastkd {
 
 // Element type of a floating-point tensor (matches fastkd/_cpp_lib.py DTYPE_CODES).
-enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
 
 // Divergence codes: `enum Divergence` in csrc/distill.cu, its only user (launch_distill takes the code as an
 // int), so that a new divergence touches one C++ file.
@@ -83,7 +83,7 @@ struct SinkhornArgs {
   double err_eps;        // ε of the error half-step
 };
 
-// dtype: kFloat32 or 3 (float64).
+// dtype: kFloat32 or kFloat64.
 cudaError_t launch_sinkhorn(const SinkhornArgs& args, int dtype, cudaStream_t stream);
 int64_t sinkhorn_max_points(int dtype);  // largest n + m one block's shared memory holds
 

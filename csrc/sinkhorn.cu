@@ -143,14 +143,14 @@ cudaError_t launch_typed(const SinkhornArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
-int64_t sinkhorn_max_points(int dtype) { return kMaxSmem / (2 * (dtype == 3 ? 8 : 4)); }
+int64_t sinkhorn_max_points(int dtype) { return kMaxSmem / (2 * (dtype == kFloat64 ? 8 : 4)); }
 
 cudaError_t launch_sinkhorn(const SinkhornArgs& args, int dtype, cudaStream_t stream) {
   if (args.batch <= 0) return cudaSuccess;
   if (args.batch > 0x7fffffffLL || args.n <= 0 || args.m <= 0 || args.n_iters < 0) return cudaErrorInvalidValue;
   switch (dtype) {
     case kFloat32: return launch_typed<float>(args, stream);
-    case 3: return launch_typed<double>(args, stream);
+    case kFloat64: return launch_typed<double>(args, stream);
     default: return cudaErrorInvalidValue;
   }
 }

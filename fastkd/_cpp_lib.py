@@ -22,8 +22,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-# Element-type codes of csrc/fastkd.h (enum DType).
-DTYPE_CODES: dict[str, int] = {"float32": 0, "bfloat16": 1, "float16": 2}
+# Element-type codes of csrc/fastkd.h (enum DType), the one table every cuda backend uses.
+DTYPE_CODES: dict[str, int] = {"float32": 0, "bfloat16": 1, "float16": 2, "float64": 3}
+
+
+def dtype_code(dtype: Any) -> int:
+    """The csrc/ code of a ``torch.dtype`` (KeyError for a dtype the extension has no code for)."""
+    return DTYPE_CODES[str(dtype).removeprefix("torch.")]
+
 
 _LOCK = threading.Lock()
 _MODULE: ModuleType | None = None

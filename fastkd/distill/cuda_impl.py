@@ -16,7 +16,6 @@ from fastkd.core.params import DistillParams
 from fastkd.core.registry import cuda_ext_reasons, register
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _MAX_ROWS = 2**31 - 1  # grid.x limit: one block per row
 
 
@@ -62,7 +61,7 @@ def distill_forward(
                 s.data_ptr(), t.data_ptr(), 0 if out_grad is None else out_grad.data_ptr(),
                 0 if lab is None else lab.data_ptr(), w.data_ptr(), loss.data_ptr(),
                 n, v, s.stride(0), t.stride(0), 0 if out_grad is None else out_grad.stride(0),
-                _DTYPE_CODE[student.dtype], p.code, 1.0 / p.temperature, p.kd_scale,
+                _cpp_lib.dtype_code(student.dtype), p.code, 1.0 / p.temperature, p.kd_scale,
                 list(p.hyper_values()), p.ce_weight, stream,
             )
     if out_grad is not None and out_grad is not grad:
@@ -81,8 +80,6 @@ def distill_reasons(
             reasons.append(f"dtype {student.dtype} (the cuda backend supports float32, bfloat16, float16)")
         if student.dim() == 2 and student.shape[0] > _MAX_ROWS:
             reasons.append(f"{student.shape[0]} rows exceed the one-block-per-row grid limit {_MAX_ROWS}")
-    if params is not None and params.softcap is not None:
-        reasons.append("softcap is only supported by the fused linear path")
     return reasons
 
 

@@ -141,8 +141,6 @@ def _reasons(student: torch.Tensor | None = None, teacher: torch.Tensor | None =
                            f"(float32, bfloat16, float16; use backend='torch' for float64)")
     if student is not None and student.dim() == 2 and student.shape[1] >= 2**31:
         reasons.append(f"vocabulary of {student.shape[1]} columns exceeds the kernel's int32 column index")
-    if params is not None and params.softcap is not None:
-        reasons.append("softcap is not implemented by the Triton distill kernel")
     return reasons
 
 

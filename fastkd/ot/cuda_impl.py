@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from fastkd.ot.sinkhorn import SinkhornParams
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
-_DTYPE_CODE = {torch.float32: 0, torch.float64: 3}
 MAX_POINTS = {torch.float32: 200 * 1024 // 8, torch.float64: 200 * 1024 // 16}  # n + m per block (smem)
 MAX_COST_ELEMS = 1 << 26  # points are turned into a stored (B, n, m) cost up to this size
 
@@ -50,7 +49,7 @@ def sinkhorn_cuda(a, b, cost, x, y, params: SinkhornParams):
     g = torch.zeros_like(b)
     f_next = torch.empty_like(a)
     err = torch.empty(bsz, dtype=dt, device=dev)
-    code = _DTYPE_CODE[dt]
+    code = _cpp_lib.dtype_code(dt)
     it = 0
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream

@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from fastkd.core.params import SparseParams
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _MAX_ROWS = 2**31 - 1
 
 
@@ -57,7 +56,7 @@ def sparse_forward(
     lse_tail = torch.empty(n, dtype=torch.float32, device=dev) if tail else None
     s_ids = torch.empty((n, k), dtype=torch.float32, device=dev)
     inv_t = 1.0 / p.temperature
-    code = _DTYPE_CODE[student.dtype]
+    code = _cpp_lib.dtype_code(student.dtype)
     if n == 0:
         return torch.zeros(0, dtype=torch.float32, device=dev)
     with torch.cuda.device(dev):
