@@ -83,6 +83,38 @@ def _online(m, d, a, x, y):
     return m_new, d, a
 
 
+# The divergences whose gradient needs Σqg (a reduction over the row before the gradient): their D and qg
+# terms come from _mix_terms. Launchers (e.g. the split schedule's phase count) read this tuple.
+MIX_CODES = tuple(int(c) for c in (JSD, SKL, SRKL, TVD, AB))
+
+
+@triton.jit
+def _constants(h_beta, h_alpha, h_t, DIV: tl.constexpr):
+    """Per-divergence constants from the hyperparameters: (c1, c2, lw_a, lw_b), the log mixture weights."""
+    c1 = h_beta * 0.0
+    c2 = c1
+    lw_a = c1
+    lw_b = c1
+    if (DIV == JSD) | (DIV == SYMKL):
+        c1 = h_beta
+        lw_a = tl.log(h_beta)
+        lw_b = tl.log(1.0 - h_beta)
+    elif DIV == SKL:  # m = αp + (1−α)q
+        c1 = h_alpha
+        lw_a = tl.log(h_alpha)
+        lw_b = tl.log(1.0 - h_alpha)
+    elif DIV == SRKL:  # m = (1−α)p + αq
+        c1 = h_alpha
+        lw_a = tl.log(1.0 - h_alpha)
+        lw_b = tl.log(h_alpha)
+    elif DIV == TAID:
+        c1 = h_t
+    elif DIV == AB:
+        c1 = h_alpha
+        c2 = h_beta
+    return c1, c2, lw_a, lw_b
+
+
 @triton.jit
 def _mix_terms(lp, lq, p, q, c1, c2, lw_a, lw_b, DIV: tl.constexpr):
     """Elementwise (D term, qg) of the divergences that need a reduction pass (jsd, skl, srkl, tvd, ab).
@@ -145,28 +177,8 @@ def _distill_kernel(
     w = tl.load(w_ptr + row)
     NEG: tl.constexpr = float("-inf")
     # per-divergence constants from the hyperparameters: c1 (c2) and the log mixture weights lw_a, lw_b
-    c1 = h_beta * 0.0
-    c2 = c1
-    lw_a = c1
-    lw_b = c1
+    c1, c2, lw_a, lw_b = _constants(h_beta, h_alpha, h_t, DIV)
     mu = h_mu
-    if (DIV == JSD) | (DIV == SYMKL):
-        c1 = h_beta
-        lw_a = tl.log(h_beta)
-        lw_b = tl.log(1.0 - h_beta)
-    elif DIV == SKL:  # m = αp + (1−α)q
-        c1 = h_alpha
-        lw_a = tl.log(h_alpha)
-        lw_b = tl.log(1.0 - h_alpha)
-    elif DIV == SRKL:  # m = (1−α)p + αq
-        c1 = h_alpha
-        lw_a = tl.log(1.0 - h_alpha)
-        lw_b = tl.log(h_alpha)
-    elif DIV == TAID:
-        c1 = h_t
-    elif DIV == AB:
-        c1 = h_alpha
-        c2 = h_beta
 
     if w == 0.0:
         tl.store(loss_ptr + row, 0.0)

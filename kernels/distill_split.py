@@ -49,7 +49,22 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from fastkd.kernels.distill import AB, FKL, JSD, RKL, SKL, SRKL, SYMKL, TAID, TVD, ZERO, _lae, _mix_terms, _online
+from fastkd.kernels.distill import (
+    AKL,
+    FKL,
+    JSD,
+    MIX_CODES,
+    RKL,
+    SYMKL,
+    TAID,
+    ZERO,
+    _constants,
+    _lae,
+    _mix_terms,
+    _online,
+)
+
+from fastkd.core.divergences import CODES
 
 NSLOT = 16  # fp32 slots per unit in the workspace (12 statistics + 2 mid-pass partials, padded)
 NEG = tl.constexpr(float("-inf"))
@@ -123,28 +138,7 @@ def _distill_split_kernel(
     segs = tl.arange(0, SP)
     sm = segs < S
     zero = tl.sum(tl.zeros([BLOCK_V], tl.float32), 0)
-    # per-divergence constants, as in _distill_kernel
-    c1 = h_beta * 0.0
-    c2 = c1
-    lw_a = c1
-    lw_b = c1
-    if (DIV == JSD) | (DIV == SYMKL):
-        c1 = h_beta
-        lw_a = tl.log(h_beta)
-        lw_b = tl.log(1.0 - h_beta)
-    elif DIV == SKL:
-        c1 = h_alpha
-        lw_a = tl.log(h_alpha)
-        lw_b = tl.log(1.0 - h_alpha)
-    elif DIV == SRKL:
-        c1 = h_alpha
-        lw_a = tl.log(1.0 - h_alpha)
-        lw_b = tl.log(h_alpha)
-    elif DIV == TAID:
-        c1 = h_t
-    elif DIV == AB:
-        c1 = h_alpha
-        c2 = h_beta
+    c1, c2, lw_a, lw_b = _constants(h_beta, h_alpha, h_t, DIV)
 
     # ---- phase 0: statistics of segment j of row r ---------------------------------------------------------
     if r < N:
@@ -327,7 +321,8 @@ def _distill_split_kernel(
 
 def lag(code: int) -> int:
     """Phases after the statistics: 1 for fkl / rkl / symkl / taid / zero, 2 for the divergences needing Σqg."""
-    return 2 if code in (int(JSD), int(SKL), int(SRKL), int(TVD), int(AB)) else 1
+    return 2 if code in MIX_CODES else 1
 
 
-SPLIT_CODES = tuple(int(c) for c in (FKL, RKL, SYMKL, TAID, ZERO, JSD, SKL, SRKL, TVD, AB))
+# Every table code but akl (its head search needs whole-row passes: the two-pass kernel serves it).
+SPLIT_CODES = tuple(c for c in CODES.values() if c != int(AKL))
