@@ -16,6 +16,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench import harness as H  # noqa: E402
 
+pytestmark = pytest.mark.host_device  # real work on the default device (see tests/conftest.py)
+
 
 def test_fresh_process_memory_sees_a_known_allocation():
     case = H.calibration_case(256)

@@ -25,6 +25,7 @@ def test_python_m_fastkd_info_lists_every_op_and_backend():
         assert "Triton needs CUDA tensors" in proc.stdout  # the reason, not just "no"
 
 
+@pytest.mark.host_device
 def test_backend_status_reasons_on_cpu():
     st = info.backend_status("distill", info.default_device())
     assert st["torch"] == []
@@ -32,12 +33,14 @@ def test_backend_status_reasons_on_cpu():
     assert all(isinstance(r, list) for r in st.values())
 
 
+@pytest.mark.host_device
 def test_check_passes_and_prints_errors(capsys):
     assert cli.main(["check", "--ops", "distill,sinkhorn"]) == 0
     out = capsys.readouterr().out
     assert "pass" in out and "distill" in out and "FAIL" not in out
 
 
+@pytest.mark.host_device
 def test_check_fails_with_exit_1_on_a_wrong_backend(monkeypatch, capsys):
     def bad(backend, device, gen):
         return [info.CheckResult("distill", backend, "rigged", 0.5, 1e-4)]

@@ -16,6 +16,8 @@ import fastkd.distill.fused  # noqa: F401
 import fastkd.distill.op  # noqa: F401  (registers its ops, if any)
 import fastkd.sparse.op  # noqa: F401
 
+pytestmark = pytest.mark.host_device  # real work on the default device (see tests/conftest.py)
+
 
 def _fastkd_ops() -> list[str]:
     return sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastkd::"))

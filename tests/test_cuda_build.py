@@ -178,6 +178,7 @@ def test_distill_backend_cuda_raises_with_reasons(no_ext):
     assert "backend 'cuda'" in msg and "fastkd._C" in msg and "tensor on cpu" in msg
 
 
+@pytest.mark.host_device
 def test_backend_modules_import_and_report(no_ext):
     from fastkd.core.params import SparseParams
     from fastkd.core.registry import implementations

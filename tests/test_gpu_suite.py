@@ -16,6 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import gpu_suite as GS  # noqa: E402
 
+pytestmark = pytest.mark.host_device  # real work on the default device (see tests/conftest.py)
+
 # fastkd providers that must run in the dry run, per suite case, and their max |error| bound (bf16
 # gradients round at ~4e-3 relative; Sinkhorn values are fp32)
 EXPECTED = {

@@ -62,6 +62,7 @@ def test_points_metrics_and_tiled_path(metric, monkeypatch):
     torch.testing.assert_close(r2.f, ref["f"], rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.host_device
 def test_vs_pot():
     ot = pytest.importorskip("ot")
     a, b, x, y = _problem(2, 15, 12)
