@@ -10,6 +10,7 @@ from fastkd.distill.reference import (  # noqa: F401
     akl_weights,
     apply_softcap,
     distill_loss,
+    distill_stats,
     fused_linear_distill_loss,
     per_token,
 )

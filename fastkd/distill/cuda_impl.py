@@ -31,6 +31,7 @@ def distill_forward(
     weight: torch.Tensor,
     grad: torch.Tensor | None,
     p: DistillParams,
+    stats: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Backend entry point (op ``distill``).
 
@@ -71,10 +72,12 @@ def distill_forward(
 
 def distill_reasons(
     student: torch.Tensor | None = None, teacher: torch.Tensor | None = None,
-    params: DistillParams | None = None, **_: object,
+    params: DistillParams | None = None, stats: torch.Tensor | None = None, **_: object,
 ) -> list[str]:
     """Why the cuda backend cannot run these inputs ([] = it can)."""
     reasons = cuda_ext_reasons(student, teacher)
+    if stats is not None:
+        reasons.append("return_stats is not implemented in the CUDA kernel yet")
     if student is not None:
         if student.dtype not in SUPPORTED_DTYPES:
             reasons.append(f"dtype {student.dtype} (the cuda backend supports float32, bfloat16, float16)")

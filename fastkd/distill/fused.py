@@ -19,6 +19,9 @@ from fastkd.core import checks as C
 from fastkd.core.lmhead import FusedHeadFunction, LMHeadChunker, auto_chunk_rows, check_linear, softcap_
 from fastkd.core.params import DistillParams
 from fastkd.core.registry import requested_backend
+from fastkd.core.stats import new_buffer as new_stats_buffer
+from fastkd.core.stats import stats_dict
+from fastkd.distill import mixture as MX
 from fastkd.distill.op import backend_fn, make_params
 
 
@@ -29,11 +32,15 @@ class DenseChunkLoss:
     engine head (hidden states + LM head, its own reused workspace) or are copied from ``t_logits`` into a
     reused buffer when a softcap must be applied; then one ``distill`` backend runs on the chunk with the
     gradient written in place of the student's chunk logits. Vocabulary padding columns beyond ``vocab``
-    get a zero gradient.
+    get a zero gradient. ``stats``: an (N, 4) fp32 buffer (:mod:`fastkd.core.stats`) whose chunk rows the
+    backend fills in the same call, or None; set it to None once the forward pass is done so that the
+    ``reduction="none"`` backward re-run does not compute the statistics again.
     """
 
-    def __init__(self, params: DistillParams, vocab: int, fn: Callable[..., torch.Tensor], rows: int):
+    def __init__(self, params: DistillParams, vocab: int, fn: Callable[..., torch.Tensor], rows: int,
+                 stats: torch.Tensor | None = None):
         self.params, self.vocab, self.fn, self.rows = params, vocab, fn, rows
+        self.stats = stats
         self._teacher: LMHeadChunker | None = None
         self._tbuf: torch.Tensor | None = None
 
@@ -55,8 +62,9 @@ class DenseChunkLoss:
         zt = self.teacher_logits(sl, aux)
         labels, vocab = aux[4], self.vocab
         lab = None if labels is None else labels[sl]
+        extra = () if self.stats is None else (self.stats[sl],)
         loss = self.fn(z[:, :vocab], zt[:, :vocab], lab, w, None if grad is None else grad[:, :vocab],
-                       self.params)
+                       self.params, *extra)
         if grad is not None and vocab < grad.shape[1]:
             grad[:, vocab:].zero_()
         return loss
@@ -93,22 +101,33 @@ def fused_linear_distill_loss(
     mu: float | None = None,
     t: float | None = None,
     backend: str = "auto",
-) -> torch.Tensor:
+    return_stats: bool = False,
+    teacher_weights: torch.Tensor | list[float] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Distillation loss from hidden states and LM-head weights, never materialising (N, V) logits.
 
     Args:
         student_hidden: (..., H) float32/bfloat16/float16; gets a gradient.
         student_weight: (V, H) as ``nn.Linear.weight``; student_bias: (V,) or None. Both get gradients.
         teacher_hidden, teacher_weight, teacher_bias: the teacher's (..., Ht), (Vt, Ht), (Vt,) — constants;
-            or ``teacher_logits`` (..., Vt) instead.
+            or ``teacher_logits`` (..., Vt) instead. Several teachers: lists of M ``teacher_hidden`` /
+            ``teacher_weight`` (/ ``teacher_bias``) or stacked ``teacher_logits`` (M, ..., Vt), with
+            ``teacher_weights`` (M,) | (M, ...) as in :func:`fastkd.distill_loss` (each teacher softcapped, then
+            mixed; one reused (chunk, V) teacher workspace whatever M: :mod:`fastkd.distill.mixture`).
         chunk_size: tokens per chunk (default from N, V and free memory).
         softcap: Gemma-style ``softcap·tanh(z/softcap)`` on both sides' logits before the temperature.
+        return_stats: also return the per-token statistics of :func:`fastkd.distill_loss` (computed on the
+            capped logits, chunk by chunk, in the backend calls the loss makes anyway; one (N, 4) fp32 buffer).
         Other keywords: as :func:`fastkd.distill_loss`.
 
-    Returns: fp32 scalar, or (...,) for reduction="none".
+    Returns: fp32 scalar, or (...,) for reduction="none"; with ``return_stats`` a tuple ``(loss, stats)``.
     """
     check_linear("student", student_hidden, student_weight, student_bias)
     lead = tuple(student_hidden.shape[:-1])
+    mix = MX.split_teacher_heads(student_hidden, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
+                                 teacher_weights)
+    if mix is not None:  # several teachers: the checks below see the first, split_teacher_heads checked all
+        (teacher_hidden, teacher_weight, teacher_bias, teacher_logits), *mix = mix
     if teacher_logits is not None:
         if teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
             raise ValueError("pass either teacher_logits or teacher_hidden + teacher_weight, not both")
@@ -162,8 +181,14 @@ def fused_linear_distill_loss(
     # elements, above the torch backend's torch.compile threshold (eager chunk math is ~2x slower).
     # Triton / CUDA ignore chunk_size (no temporaries).
     params = replace(params, chunk_size=max(8, rows // 4))
-    chunk_loss = DenseChunkLoss(params, vocab, backend_fn(requested_backend(backend)), rows)
+    stats = new_stats_buffer(n, device) if return_stats else None
+    chunk_loss = DenseChunkLoss(params, vocab, backend_fn(requested_backend(backend)), rows, stats)
+    if mix is not None:
+        chunk_loss = MX.bind_chunk_loss(chunk_loss, chunk_loss.fn, mix, tok_weight, params, vocab,
+                                        student_weight.shape[0], vocab_size, rows)
     loss = FusedHeadFunction.apply(h, student_weight, student_bias, tok_weight, chunk_loss, rows, reduction,
                                    params.softcap, th, teacher_weight, teacher_bias, tl,
                                    flat_labels if ce_weight else None)
-    return loss.view(lead) if reduction == "none" else loss
+    chunk_loss.stats = None  # filled by the forward chunks; a reduction="none" backward re-run skips them
+    loss = loss.view(lead) if reduction == "none" else loss
+    return (loss, stats_dict(stats, tok_weight)) if return_stats else loss

@@ -8,11 +8,15 @@ that gradient by ``grad_output`` (in place: the gradient buffer is the only (N, 
 Backend contract (op ``"distill"``)::
 
     fn(student (N, V), teacher (N, V), labels (N,) int64 | None, weight (N,) fp32,
-       grad (N, V) | None, params: DistillParams) -> loss (N,) fp32
+       grad (N, V) | None, params: DistillParams, stats (N, 4) fp32 | None = None) -> loss (N,) fp32
 
 Rows of ``student``/``teacher`` may be strided (vocabulary padding is sliced off as a view); ``grad``,
 when given, must be written with ``weight[i] * ∂loss_i/∂student[i]`` in its own dtype and may alias
-``student``; rows with ``weight == 0`` get loss 0 and gradient 0 whatever their logits are.
+``student``; rows with ``weight == 0`` get loss 0 and gradient 0 whatever their logits are. ``stats``,
+when given, gets each row's [teacher_entropy, student_entropy, top1_agree, kl] at the temperature
+(:mod:`fastkd.core.stats`; excluded rows may hold anything, the op zeroes them), computed in the passes the
+backend already makes; the loss and gradient must be bitwise the same with and without it.
+``distill_loss(..., return_stats=True)`` returns ``(loss, stats_dict)``.
 
 Divergence names, hyperparameter defaults/ranges and endpoint rules come from the divergence table
 (:mod:`fastkd.core.divergences`); :func:`make_params` (:mod:`fastkd.core.params`) validates against it.
@@ -33,6 +37,9 @@ from fastkd.core.autograd import scale_grad
 from fastkd.core.divergences import DIVERGENCES
 from fastkd.core.params import DistillParams, make_params
 from fastkd.core.registry import declare, requested_backend, select
+from fastkd.core.stats import new_buffer as new_stats_buffer
+from fastkd.core.stats import stats_dict
+from fastkd.distill import mixture as MX
 
 __all__ = ["DIVERGENCES", "DistillCall", "DistillFunction", "backend_fn", "distill_loss", "distill_rows", "make_params"]
 
@@ -60,20 +67,24 @@ def _unpack(divergence: str, values: list[float]) -> DistillParams:
     return DistillParams(divergence=divergence, **kw)
 
 
-@torch.library.custom_op("fastkd::distill_rows", mutates_args=("grad",))
+@torch.library.custom_op("fastkd::distill_rows", mutates_args=("grad", "stats"))
 def distill_rows(
     student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, weight: torch.Tensor,
     grad: torch.Tensor | None, divergence: str, params: list[float], backend: str,
+    stats: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-token loss (N,) of one backend's ``distill`` on rows; writes the weighted gradient into ``grad``.
+    """Per-token loss (N,) of one backend's ``distill`` on rows; writes the weighted gradient into ``grad``
+    and, when given, the (N, 4) fp32 statistics into ``stats``.
 
     The one entry point to the backends for dense losses: eager autograd Functions call it directly and
     ``torch.compile`` sees it as an opaque op (fake implementation below). ``params``: the fields of
     :class:`DistillParams` but ``divergence`` / ``softcap``, in field order, None as NaN.
     """
     p = _unpack(divergence, params)
-    impl = select("distill", backend, student=student, teacher=teacher, params=p)
-    return impl.fn(student, teacher, labels, weight, grad, p)
+    impl = select("distill", backend, student=student, teacher=teacher, params=p, stats=stats)
+    if stats is None:
+        return impl.fn(student, teacher, labels, weight, grad, p)
+    return impl.fn(student, teacher, labels, weight, grad, p, stats)
 
 
 @distill_rows.register_fake
@@ -85,8 +96,8 @@ def _distill_rows_fake(student, teacher, labels, weight, grad, *args):
 def backend_fn(backend: str):
     """A ``distill`` backend callable (contract in the module docstring) that goes through the custom op."""
 
-    def fn(student, teacher, labels, weight, grad, p: DistillParams) -> torch.Tensor:
-        return distill_rows(student, teacher, labels, weight, grad, p.divergence, _pack(p), backend)
+    def fn(student, teacher, labels, weight, grad, p: DistillParams, stats=None) -> torch.Tensor:
+        return distill_rows(student, teacher, labels, weight, grad, p.divergence, _pack(p), backend, stats)
 
     return fn
 
@@ -107,7 +118,8 @@ class DistillCall:
     """The non-tensor arguments of :class:`DistillFunction` (one object, so backward returns a short tuple).
 
     vocab: columns used (the rest get a zero gradient); reduction: "mean" | "sum" | "none";
-    inplace_grad: write the gradient into the student's storage; fn: the backend (:func:`backend_fn`).
+    inplace_grad: write the gradient into the student's storage; fn: the backend (:func:`backend_fn`);
+    stats: also return the (N, 4) fp32 statistics buffer (:mod:`fastkd.core.stats`) as a second output.
     """
 
     params: DistillParams
@@ -115,6 +127,7 @@ class DistillCall:
     reduction: str
     inplace_grad: bool
     fn: Callable[..., torch.Tensor]
+    stats: bool = False
 
 
 class DistillFunction(torch.autograd.Function):
@@ -132,17 +145,22 @@ class DistillFunction(torch.autograd.Function):
                 grad = torch.empty_like(student, memory_format=torch.contiguous_format)
             if vocab < v:
                 grad[:, vocab:].zero_()
+        stats = new_stats_buffer(n, student.device) if call.stats else None
+        args = () if stats is None else (stats,)
         loss = call.fn(student[:, :vocab], teacher[:, :vocab], labels, weight,
-                       None if grad is None else grad[:, :vocab], call.params)
+                       None if grad is None else grad[:, :vocab], call.params, *args)
         out = C.reduce_tokens(loss, weight, reduction, (n,))
         ctx.per_row = reduction == "none"
         ctx.used = False
         if grad is not None:
             ctx.save_for_backward(grad)
-        return out
+        if stats is None:
+            return out
+        ctx.mark_non_differentiable(stats)
+        return out, stats
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, *_stats_grad):
         if ctx.used:
             raise RuntimeError(
                 "fastkd.distill_loss: backward ran twice through the same graph after the stored CUDA "
@@ -174,12 +192,15 @@ def distill_loss(
     chunk_size: int | None = None,
     inplace_grad: bool = False,
     backend: str = "auto",
-) -> torch.Tensor:
+    return_stats: bool = False,
+    teacher_weights: torch.Tensor | list[float] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Distillation divergence between student and teacher logits, fused loss + gradient.
 
     Args:
         student_logits: (..., V) float32/bfloat16/float16 (float64 for checks); receives the gradient.
-        teacher_logits: (..., V') same dtype and device; a constant (must not require grad).
+        teacher_logits: (..., V') same dtype and device; a constant (must not require grad). Or M stacked
+            teachers (M, ..., V') with ``teacher_weights``.
         divergence: one of ``fastkd.DIVERGENCES`` (formulas in docs/DESIGN.md / README), with p = teacher,
             q = student after dividing both logits by ``temperature``.
         scale_by_t2: multiply the divergence term by T² (Hinton).
@@ -197,14 +218,25 @@ def distill_loss(
             the logits are overwritten, autograd raises if something else still needs them). The student
             must not be an expanded / overlapping view (ValueError).
         backend: "auto", "torch", "triton" or "cuda" (``FASTKD_BACKEND`` when "auto").
+        return_stats: also return per-token statistics computed in the same kernel passes (the loss and
+            its gradient are bitwise unchanged): a dict ``fastkd.core.stats.STATS_KEYS`` → fp32 (N,)
+            (N = tokens, flattened), 0 where excluded, no grad, at ``temperature``: teacher_entropy,
+            student_entropy, top1_agree (argmax match, first index on ties) and kl = KL(p‖q) (no T², no
+            token weight, whatever ``divergence`` is).
+        teacher_weights: (M,) or (M, ...) per-token weights of M stacked teachers: the loss distils towards
+            p = Σ_m w_m softmax(teacher_m / T) (w ≥ 0, finite, Σ_m w_m = 1 per kept token, else ValueError;
+            formed chunk by chunk in the log domain, O(chunk · V) extra memory: :mod:`fastkd.distill.mixture`).
+            M = 1 is the single-teacher loss.
 
     Returns:
-        fp32 scalar, or fp32 (...,) for reduction="none" (float64 for float64 inputs).
+        fp32 scalar, or fp32 (...,) for reduction="none" (float64 for float64 inputs); with
+        ``return_stats`` a tuple ``(loss, stats)``.
     """
     C.check_float_tensor("student_logits", student_logits)
     C.check_float_tensor("teacher_logits", teacher_logits)
     C.check_constant("teacher_logits", teacher_logits)
     C.check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
+    teacher_logits, teachers, t_weights = MX.split_teacher_logits(student_logits, teacher_logits, teacher_weights)
     if student_logits.dtype != teacher_logits.dtype:
         raise TypeError(f"student_logits and teacher_logits must have one dtype, got {student_logits.dtype} "
                         f"and {teacher_logits.dtype}; cast the teacher with .to({student_logits.dtype})")
@@ -233,6 +265,14 @@ def distill_loss(
     n = weight.numel()
     student2d = student_logits.reshape(n, student_logits.shape[-1])
     teacher2d = teacher_logits.reshape(n, teacher_logits.shape[-1])
-    call = DistillCall(params, vocab, reduction, bool(inplace_grad), backend_fn(requested_backend(backend)))
+    fn = backend_fn(requested_backend(backend))
+    if teachers is not None:  # M stacked teachers: the backend runs on each chunk's mixture
+        fn, teacher2d = MX.bind_rows(fn, teachers, t_weights, weight, params, vocab)
+    call = DistillCall(params, vocab, reduction, bool(inplace_grad), fn,
+                       bool(return_stats))
     loss = DistillFunction.apply(student2d, teacher2d, flat_labels if ce_weight else None, weight, call)
+    if return_stats:
+        loss, buf = loss
+        loss = loss.view(lead) if reduction == "none" else loss
+        return loss, stats_dict(buf, weight)
     return loss.view(lead) if reduction == "none" else loss

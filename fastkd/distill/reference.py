@@ -218,6 +218,49 @@ def distill_loss(
     return total / keep.sum().clamp_min(1)
 
 
+def distill_stats(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    mask: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+    softcap: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """Reference for ``return_stats=True`` (:mod:`fastkd.core.stats`): ``{name: (N,)}`` in the input dtype
+    (call it in float64), N = tokens flattened, 0 where excluded (``labels == ignore_index`` / ``mask`` False).
+
+    With p = softmax(t), q = softmax(s), s, t = (capped) logits / T: teacher_entropy = −Σ p log p,
+    student_entropy = −Σ q log q, top1_agree = [argmax s == argmax t] (first index on ties), kl = Σ p (log p −
+    log q) (0·log 0 = 0; +inf where p > 0 = q).
+    """
+    if vocab_size is not None:
+        student_logits = student_logits[..., :vocab_size]
+        teacher_logits = teacher_logits[..., :vocab_size]
+    zs = apply_softcap(student_logits, softcap).detach()
+    zt = apply_softcap(teacher_logits, softcap).detach()
+    v = zs.shape[-1]
+    zs, zt = zs.reshape(-1, v), zt.reshape(-1, v)
+    log_q = F.log_softmax(zs / temperature, dim=-1)
+    log_p = F.log_softmax(zt / temperature, dim=-1)
+    p, q = log_p.exp(), log_q.exp()
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    out = {
+        "teacher_entropy": -torch.where(p > 0, p * log_p, zero).sum(-1),
+        "student_entropy": -torch.where(q > 0, q * log_q, zero).sum(-1),
+        "top1_agree": (zs.argmax(-1) == zt.argmax(-1)).to(p.dtype),
+        "kl": fkl(log_p, log_q),
+    }
+    keep = torch.ones(zs.shape[0], dtype=torch.bool, device=zs.device)
+    if labels is not None:
+        keep = keep & (labels.reshape(-1) != ignore_index)
+    if mask is not None:
+        keep = keep & mask.reshape(-1)
+    return {k: torch.where(keep, x, zero) for k, x in out.items()}
+
+
 def fused_linear_distill_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,

@@ -25,6 +25,7 @@ import torch
 from fastkd.core.lmhead import backend_chunk_rows
 from fastkd.core.params import DistillParams
 from fastkd.core.registry import register
+from fastkd.core.stats import row_stats
 
 
 def _where_pos(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -133,19 +134,20 @@ TERMS: dict[str, Callable[..., Terms]] = {
 
 
 def divergence_terms(
-    name: str, s: torch.Tensor, t: torch.Tensor, p: DistillParams
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row divergence D, the vector qg = q·∂D/∂q and q, for tempered logits s (student), t (teacher)."""
+    name: str, s: torch.Tensor, t: torch.Tensor, p: DistillParams, need_log_p: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(D, qg, q, log_p, log_q) for tempered logits s (student), t (teacher): the per-row divergence D, the
+    vector qg = q·∂D/∂q, q and the log-softmaxes (log_p is None for taid unless ``need_log_p``)."""
     log_q = torch.log_softmax(s, dim=-1)
     q = log_q.exp()
     if name == "taid":  # target r from the logits u = (1−t)·s + t·z_t, then forward KL(r‖q)
         u = s if p.t == 0 else t if p.t == 1 else (1 - p.t) * s + p.t * t
         log_r = torch.log_softmax(u, dim=-1)
         loss, qg = _fkl(log_r, log_q, log_r.exp())
-        return loss, qg, q
+        return loss, qg, q, torch.log_softmax(t, dim=-1) if need_log_p else None, log_q
     log_p = torch.log_softmax(t, dim=-1)
     loss, qg = TERMS[name](log_p, log_q, log_p.exp(), q, p)
-    return loss, qg, q
+    return loss, qg, q, log_p, log_q
 
 
 def chunk_loss_grad(
@@ -155,25 +157,34 @@ def chunk_loss_grad(
     weight: torch.Tensor,
     p: DistillParams,
     need_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Loss (rows,) and ``weight``-scaled gradient w.r.t. the raw student logits for one chunk.
+    need_stats: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Loss (rows,), ``weight``-scaled gradient w.r.t. the raw student logits and statistics for one chunk.
 
     zs, zt: (rows, V) raw logits of any float dtype; labels: (rows,) int64 or None; weight: (rows,) fp32,
-    0 = excluded token. Returns (loss, grad) in the compute dtype (fp32, or fp64 for fp64 inputs); loss
-    and grad are exactly 0 on excluded rows.
+    0 = excluded token. Returns (loss, grad, stats) in the compute dtype (fp32, or fp64 for fp64 inputs);
+    loss and grad are exactly 0 on excluded rows; stats: (rows, 4) (:func:`fastkd.core.stats.row_stats`,
+    from the chunk's log-softmaxes, computed before the gradient overwrites anything) or None. The loss and
+    gradient ops are the same with and without stats.
     """
     cdt = torch.float64 if zs.dtype == torch.float64 else torch.float32
     inv_t = 1.0 / p.temperature
     s = zs.to(cdt) * inv_t if inv_t != 1.0 else zs.to(cdt)
     t = zt.to(cdt) * inv_t if inv_t != 1.0 else zt.to(cdt)
     name = p.effective
+    stats = None
     if name == "fkl" and not need_grad:
         log_q = torch.log_softmax(s, dim=-1)
         log_p = torch.log_softmax(t, dim=-1)
-        loss = _fkl(log_p, log_q, log_p.exp())[0]
+        p_t = log_p.exp()
+        loss = _fkl(log_p, log_q, p_t)[0]
+        if need_stats:
+            stats = row_stats(zs, zt, log_p, log_q, p=p_t)
         grad = None
     else:
-        loss, qg, q = divergence_terms(name, s, t, p)
+        loss, qg, q, log_p, log_q = divergence_terms(name, s, t, p, need_log_p=need_stats)
+        if need_stats:
+            stats = row_stats(zs, zt, log_p, log_q, q=q)
         grad = None
         if need_grad:  # ∂D/∂s = qg − q·Σqg, then the chain rule through s = z / T
             if name in ("fkl", "taid"):  # qg = −target, Σqg = −1 exactly: q − target (one reduction fewer)
@@ -199,24 +210,26 @@ def chunk_loss_grad(
     if grad is not None:
         w = weight.to(cdt).unsqueeze(-1)
         grad = torch.where(keep.unsqueeze(-1), grad * w, torch.zeros((), dtype=cdt, device=grad.device))
-    return loss, grad
+    return loss, grad, stats
 
 
 # On CPU the eager chunk math is a dozen memory-bound passes; inductor fuses it into a few vectorised
 # loops (measured ~6x faster on a 512x32000 fp32 chunk). Compiling costs seconds per divergence and
 # dtype, so it is used only for large chunks: FASTKD_TORCH_COMPILE=auto (default) | 1 (always) | 0 (never).
 _COMPILE_MIN_ELEMS = 1 << 20
+ChunkOut = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]  # (loss, grad, stats)
+ChunkFn = Callable[..., ChunkOut]
 
 
 @cache
-def _compiled_chunk_fn() -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
+def _compiled_chunk_fn() -> ChunkFn:
     return torch.compile(chunk_loss_grad, dynamic=True)
 
 
 _COMPILE_FAILED: list[str] = []
 
 
-def chunk_fn(elems: int, device: torch.device) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
+def chunk_fn(elems: int, device: torch.device) -> ChunkFn:
     """The chunk implementation for a chunk of ``elems`` elements: compiled or eager (same function)."""
     mode = os.environ.get("FASTKD_TORCH_COMPILE", "auto")
     if _COMPILE_FAILED or mode == "0" or torch.compiler.is_compiling():
@@ -226,7 +239,7 @@ def chunk_fn(elems: int, device: torch.device) -> Callable[..., tuple[torch.Tens
     return chunk_loss_grad
 
 
-def _guarded_compiled(*args: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _guarded_compiled(*args: object) -> ChunkOut:
     try:
         return _compiled_chunk_fn()(*args)
     except Exception as exc:  # no C++ compiler, inductor bug: fall back to eager, say so once
@@ -243,12 +256,13 @@ def distill_forward(
     weight: torch.Tensor,
     grad: torch.Tensor | None,
     p: DistillParams,
+    stats: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Backend entry point (op ``distill``): see :mod:`fastkd.distill.op`.
 
     student, teacher: (N, V) (rows may be strided); labels (N,) int64 or None; weight (N,) fp32;
-    grad: (N, V) output buffer in the student's dtype (may alias ``student``) or None.
-    Returns the per-token loss (N,) in fp32 (fp64 for fp64 inputs).
+    grad: (N, V) output buffer in the student's dtype (may alias ``student``) or None; stats: (N, 4) fp32
+    output (:mod:`fastkd.core.stats`) or None. Returns the per-token loss (N,) in fp32 (fp64 for fp64 inputs).
     """
     n, v = student.shape
     cdt = torch.float64 if student.dtype == torch.float64 else torch.float32
@@ -258,8 +272,11 @@ def distill_forward(
     for start in range(0, n, rows):
         sl = slice(start, min(n, start + rows))
         lab = labels[sl] if labels is not None else None
-        chunk_loss, chunk_grad = run(student[sl], teacher[sl], lab, weight[sl], p, grad is not None)
+        chunk_loss, chunk_grad, chunk_stats = run(student[sl], teacher[sl], lab, weight[sl], p, grad is not None,
+                                                  stats is not None)
         loss[sl] = chunk_loss
+        if stats is not None:
+            stats[sl].copy_(chunk_stats)
         if grad is not None:
             grad[sl].copy_(chunk_grad)
     return loss

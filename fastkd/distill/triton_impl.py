@@ -72,6 +72,7 @@ def distill_forward(
     weight: torch.Tensor,
     grad: torch.Tensor | None,
     p: DistillParams,
+    stats: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Backend entry point (op ``distill``): see :mod:`fastkd.distill.op`.
 
@@ -131,10 +132,12 @@ def schedule(p: DistillParams, aliased: bool = False) -> tuple[str, str]:
 
 
 def _reasons(student: torch.Tensor | None = None, teacher: torch.Tensor | None = None,
-             params: DistillParams | None = None, **_: object) -> list[str]:
+             params: DistillParams | None = None, stats: torch.Tensor | None = None, **_: object) -> list[str]:
     if _IMPORT_ERROR is not None:
         return [_IMPORT_ERROR]
     reasons = triton_reasons(student, teacher)
+    if stats is not None:
+        reasons.append("return_stats is not implemented in the Triton kernels yet")
     for name, t in (("student", student), ("teacher", teacher)):
         if t is not None and t.dtype not in _SUPPORTED_DTYPES:
             reasons.append(f"{name} dtype {t.dtype} is not supported by the Triton kernels "

@@ -1,0 +1,173 @@
+"""``return_stats=True`` (issue 16) on distill_loss / fused_linear_distill_loss vs the float64 oracle.
+
+Every statistic of every backend (torch; Triton under the interpreter in both schedules) is compared with
+``fastkd.reference.distill_stats`` on fresh random logits with odd V, −inf logits, masked / ignored rows
+and low precision; the loss and the gradient must be bitwise the same with and without ``return_stats``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastkd
+from fastkd import reference as R
+from fastkd.core.stats import STATS_KEYS, stats_dict
+from fastkd.distill import triton_impl as TD
+
+BLOCK = 32
+NEG = -math.inf
+# (backend, schedule): the Triton kernels run in the interpreter (tests/conftest.py), both schedules
+BACKENDS = [("torch", None)]
+_TRITON = TD._IMPORT_ERROR is None and False  # Triton stats: next commit
+if _TRITON:
+    BACKENDS += [("triton", "split"), ("triton", "two_pass")]
+# Absolute tolerance of an entropy / kl for fp32 math on rows of ~100 columns, per input dtype (the inputs
+# are the exact low-precision values, so only fp32 accumulation error remains)
+ATOL = {torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}
+
+
+def _logits(n, v, dtype, seed, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, v, generator=g) * scale).to(dtype)
+
+
+def _with_neg_inf(zs, zt, teacher_only):
+    """−inf on both sides in some columns; with ``teacher_only`` also teacher-only −inf in others (p = 0 there:
+    fkl and kl stay finite; divergences with q·log(q/p) terms are infinite there by definition)."""
+    zs, zt = zs.clone(), zt.clone()
+    zs[0, 3:9] = NEG
+    zt[0, 3:9] = NEG
+    zs[3, 100:] = NEG
+    zt[3, 100:] = NEG
+    if teacher_only:
+        zt[1, ::5] = NEG
+        zt[2, 1:] = NEG  # one-hot teacher: entropy 0
+    return zs, zt
+
+
+def _same(a, b):
+    """Bitwise equality (NaN-safe)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def _run(zs, zt, div, backend, sched, return_stats, **kw):
+    x = zs.clone().requires_grad_()
+    with TD.override_config(block_v=BLOCK if backend == "triton" else None, schedule=sched):
+        out = fastkd.distill_loss(x, zt, div, backend=backend, return_stats=return_stats, **kw)
+    loss, stats = out if return_stats else (out, None)
+    loss.sum().backward()
+    return loss.detach(), x.grad, stats
+
+
+def _check(stats, ref, zs, zt, temperature, dtype=torch.float32):
+    assert set(stats) == set(STATS_KEYS)
+    for k in STATS_KEYS:
+        got = stats[k]
+        assert got.dtype == torch.float32 and got.shape == ref[k].shape and not got.requires_grad, k
+    exp = ref["top1_agree"].float()
+    assert torch.equal(stats["top1_agree"], exp), (stats["top1_agree"], exp)
+    for k in ("teacher_entropy", "student_entropy", "kl"):
+        e = ref[k]
+        torch.testing.assert_close(stats[k].double(), e, rtol=1e-5, atol=ATOL[dtype], msg=k)
+
+
+DIVS = ["fkl", "rkl", "jsd", "akl", "tvd", "taid"]
+
+
+@pytest.mark.parametrize("backend,sched", BACKENDS)
+@pytest.mark.parametrize("div", DIVS)
+def test_stats_match_oracle_and_leave_loss_bitwise(backend, sched, div):
+    n, v, temp = 6, 131, 1.7
+    zs, zt = _logits(n, v, torch.float32, 1), _logits(n, v, torch.float32, 2)
+    if div == "akl":  # distinct teacher values: the kernel's head boundary keeps ties together
+        zt = (torch.argsort(torch.rand(n, v, generator=torch.Generator().manual_seed(9)), -1).float() - v / 2) / 16
+    zs, zt = _with_neg_inf(zs, zt, teacher_only=div in ("fkl", "jsd", "tvd"))
+    labels = torch.randint(0, v, (n,))
+    labels[4] = -100
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[5] = False
+    kw = dict(temperature=temp, labels=labels, mask=mask, ce_weight=0.3)
+    loss0, grad0, _ = _run(zs, zt, div, backend, sched, False, **kw)
+    loss1, grad1, stats = _run(zs, zt, div, backend, sched, True, **kw)
+    assert _same(loss0, loss1) and _same(grad0, grad1)
+    ref = R.distill_stats(zs.double(), zt.double(), temperature=temp, labels=labels, mask=mask)
+    _check(stats, ref, zs, zt, temp)
+    assert (stats["teacher_entropy"][4:] == 0).all() and (stats["kl"][4:] == 0).all()
+
+
+@pytest.mark.parametrize("backend,sched", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stats_low_precision_reduction_none_vocab_size(backend, sched, dtype):
+    n, v, vocab = 5, 77, 70
+    zs, zt = _logits(n, v, dtype, 3, 3.0), _logits(n, v, dtype, 4, 3.0)
+    zt[1] = zs[1]  # identical distributions: kl = 0, top1 agrees
+    zs[3, 10] = zs[3, 20] = 40.0  # a tie in the student's argmax: the first index counts
+    zt[3, 10] = 40.0
+    loss0, grad0, _ = _run(zs, zt, "jsd", backend, sched, False, reduction="none", vocab_size=vocab)
+    loss1, grad1, stats = _run(zs, zt, "jsd", backend, sched, True, reduction="none", vocab_size=vocab)
+    assert loss1.shape == (n,)
+    assert _same(loss0, loss1) and _same(grad0, grad1)
+    ref = R.distill_stats(zs.double(), zt.double(), vocab_size=vocab)
+    _check(stats, ref, zs, zt, 1.0, dtype)
+    assert stats["top1_agree"][3] == 1.0 and stats["kl"][1].abs() < 1e-5
+
+
+@pytest.mark.parametrize("backend,sched", BACKENDS)
+def test_stats_no_grad_path_and_sum(backend, sched):
+    """Forward-only calls (no gradient buffer) take other kernel branches (torch: the fkl shortcut)."""
+    n, v = 4, 50
+    zs, zt = _logits(n, v, torch.float32, 5), _logits(n, v, torch.float32, 6)
+    with TD.override_config(block_v=BLOCK if backend == "triton" else None, schedule=sched):
+        loss, stats = fastkd.distill_loss(zs, zt, "fkl", reduction="sum", backend=backend, return_stats=True)
+        plain = fastkd.distill_loss(zs, zt, "fkl", reduction="sum", backend=backend)
+    assert _same(loss, plain)
+    ref = R.distill_stats(zs.double(), zt.double())
+    _check(stats, ref, zs, zt, 1.0)
+    # forward KL at T = 1 without weights is the fkl loss itself
+    torch.testing.assert_close(stats["kl"].sum(), loss, rtol=1e-5, atol=1e-5)
+
+
+def test_stats_dict_zeroes_excluded_rows_and_checks_shape():
+    buf = torch.full((3, 4), math.nan)
+    out = stats_dict(buf, torch.tensor([0.5, 0.0, 1.0]))
+    for k in STATS_KEYS:  # the excluded row is 0 even when the backend left garbage there
+        assert out[k][1] == 0 and torch.isnan(out[k][0]) and torch.isnan(out[k][2])
+    with pytest.raises(ValueError, match="stats buffer"):
+        stats_dict(torch.zeros(3, 5), torch.ones(3))
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if _TRITON else []))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_stats(backend, reduction):
+    n, h, v = 21, 16, 67
+    g = torch.Generator().manual_seed(7)
+    hs = torch.randn(n, h, generator=g)
+    ws = torch.randn(v, h, generator=g) * 0.5
+    ht = torch.randn(n, h, generator=g)
+    wt = torch.randn(v + 3, h, generator=g) * 0.5  # padded teacher vocabulary: vocab_size
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[::4] = -100
+    kw = dict(divergence="skl", temperature=2.0, softcap=5.0, labels=labels, ce_weight=0.5, chunk_size=8,
+              vocab_size=v, reduction=reduction, backend=backend)
+
+    def run(rs):
+        x = hs.clone().requires_grad_()
+        w = ws.clone().requires_grad_()
+        with TD.override_config(block_v=BLOCK if backend == "triton" else None):
+            out = fastkd.fused_linear_distill_loss(x, w, ht, wt, return_stats=rs, **kw)
+        loss, stats = out if rs else (out, None)
+        loss.sum().backward()
+        return loss.detach(), x.grad, w.grad, stats
+
+    l0, gx0, gw0, _ = run(False)
+    l1, gx1, gw1, stats = run(True)
+    assert _same(l0, l1) and _same(gx0, gx1) and _same(gw0, gw1)
+    zs = torch.nn.functional.linear(hs.double(), ws.double())
+    zt = torch.nn.functional.linear(ht.double(), wt.double())
+    ref = R.distill_stats(zs, zt, temperature=2.0, labels=labels, vocab_size=v, softcap=5.0)
+    _check(stats, ref, zs, zt, 2.0)
