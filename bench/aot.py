@@ -161,14 +161,18 @@ def calls(full: bool) -> Iterator[tuple[str, Callable[[], Any]]]:
         yield f"sinkhorn n={n} cost", lambda n=n: sinkhorn(n, "sqeuclidean", True)
 
 
-def capture(full: bool) -> tuple[list[Launch], list[str]]:
-    """Every launch the wrappers make over :func:`calls`; and the calls that raised (not launches)."""
+def capture(full: bool, only: str | None = None) -> tuple[list[Launch], list[str]]:
+    """Every launch the wrappers make over :func:`calls` (those whose label matches the regular expression
+    ``only``, searched, when given); and the calls that raised (not launches)."""
     _import_kernels()
     launches: list[Launch] = []
     failures: list[str] = []
     label = [""]
+    pattern = re.compile(only) if only else None
     with capturing(launches, label):
         for name, call in calls(full):
+            if pattern is not None and not pattern.search(name):
+                continue
             label[0] = name
             try:
                 call()
@@ -272,12 +276,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="sm_90 compile check of every Triton kernel configuration")
     parser.add_argument("--all", action="store_true", help="every dtype, vocabulary size and variant (slow)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--only", metavar="REGEX", default=None,
+                        help="compile only the calls whose label matches (re.search), e.g. 'distill akl .*V=1000'; "
+                             "labels: 'distill DIV DTYPE V=.. grad=.. ce=.. T=..', 'sparse MODE DIV DTYPE K=..', "
+                             "'scale_grad DTYPE', 'sinkhorn n=.. METRIC'")
     args = parser.parse_args(argv)
     import warnings
 
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
     t0 = time.perf_counter()
-    launches, call_errors = capture(args.all)
+    launches, call_errors = capture(args.all, args.only)
+    if args.only and not launches and not call_errors:
+        print(f"no call label matches --only {args.only!r}", file=sys.stderr)
+        return 1
     if not args.json:
         print(HEADER, flush=True)
     results = check(launches, on_result=None if args.json else lambda r: print(table_row(r), flush=True))
