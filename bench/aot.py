@@ -90,6 +90,7 @@ def _import_kernels() -> None:
     import fastkd.kernels.distill_split  # noqa: F401
     import fastkd.kernels.sinkhorn  # noqa: F401
     import fastkd.kernels.sparse  # noqa: F401
+    import fastkd.kernels.sparse_split  # noqa: F401
 
     import fastkd  # noqa: F401
 
@@ -129,7 +130,16 @@ def calls(full: bool) -> Iterator[tuple[str, Callable[[], Any]]]:
         g = torch.zeros(2, vocabs[0], dtype=dt)
         yield f"scale_grad {short[dt]}", lambda g=g: scale_grad_(g, torch.full((2,), 2.0), True)
 
-    def sparse(dt, v, k, mode, div):
+    def sparse(dt, v, k, mode, div, sched):
+        from fastkd.sparse import triton_impl as TS
+
+        old, TS.CONFIG["schedule"] = TS.CONFIG["schedule"], sched
+        try:
+            sparse_call(dt, v, k, mode, div)
+        finally:
+            TS.CONFIG["schedule"] = old
+
+    def sparse_call(dt, v, k, mode, div):
         s = torch.zeros(2, v, dtype=dt).requires_grad_(True)
         ids = torch.arange(k).repeat(2, 1)
         if mode == "sampled":  # draws: values are counts
@@ -144,8 +154,12 @@ def calls(full: bool) -> Iterator[tuple[str, Callable[[], Any]]]:
             for mode in MODES:
                 divs = SPARSE_DIVERGENCES if mode == "topk" or (full and mode == "topk_tail") else ("fkl",)
                 for div in divs:  # sampled estimates the forward KL only
-                    yield (f"sparse {mode} {div} {short[dt]} K={k}",
-                           lambda dt=dt, k=k, mode=mode, div=div: sparse(dt, 128256, k, mode, div))
+                    # the row-per-program fallback too (subset: both stats and both gradient variants)
+                    row = full or (mode, div) in (("topk_tail", "fkl"), ("topk", "rkl"))
+                    for sched in ("split", "row") if row else ("split",):
+                        yield (f"sparse {mode} {div} {short[dt]} K={k} {sched}",
+                               lambda dt=dt, k=k, mode=mode, div=div, sched=sched:
+                               sparse(dt, 128256, k, mode, div, sched))
 
     def sinkhorn(n, metric, with_cost):
         x, y = torch.rand(2, n, 3), torch.rand(2, n + 3, 3)
@@ -278,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--only", metavar="REGEX", default=None,
                         help="compile only the calls whose label matches (re.search), e.g. 'distill akl .*V=1000'; "
-                             "labels: 'distill DIV DTYPE V=.. grad=.. ce=.. T=..', 'sparse MODE DIV DTYPE K=..', "
-                             "'scale_grad DTYPE', 'sinkhorn n=.. METRIC'")
+                             "labels: 'distill DIV DTYPE V=.. grad=.. ce=.. T=..', "
+                             "'sparse MODE DIV DTYPE K=.. split|row', 'scale_grad DTYPE', 'sinkhorn n=.. METRIC'")
     args = parser.parse_args(argv)
     import warnings
 

@@ -10,6 +10,7 @@ then registered with the import error as its reason). Default launch: ``BLOCK_V=
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,11 +28,14 @@ if _IMPORT_ERROR is None:
         import triton
 
         from fastkd.kernels import sparse as K_
+        from fastkd.kernels import sparse_split as KS
     except Exception as exc:  # a broken Triton install or a kernel that does not compile under it
         _IMPORT_ERROR = f"fastkd.kernels.sparse failed to import ({type(exc).__name__}: {exc})"
-        K_ = None
+        K_ = KS = None
 
-CONFIG: dict[str, int] = {"block_v": 4096, "num_warps": 8}
+# "schedule": None = automatic (:func:`schedule`), "split" or "row" to force one
+CONFIG: dict[str, int | str | None] = {"block_v": 4096, "num_warps": 8, "schedule": None}
+SCHEDULES = ("split", "row")
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -50,6 +54,8 @@ def sparse_forward(
     if student.stride(1) != 1:
         student = student.contiguous()
     ids = ids.contiguous()
+    if schedule(p)[0] == "split":
+        return _split_forward(student, ids, t_logp, t_tail, weight, grad, p)
     dev = student.device
     lse = torch.empty(n, dtype=torch.float32, device=dev)
     has_tail = p.mode == "topk_tail"
@@ -109,6 +115,70 @@ def sparse_forward(
             BLOCK_K=block_k,
             num_warps=CONFIG["num_warps"],
         )
+    return loss
+
+
+def schedule(p: SparseParams, stats: torch.Tensor | None = None) -> tuple[str, str]:
+    """(schedule, reason): "split" (:mod:`fastkd.kernels.sparse_split`, one launch, each logit read once from
+    HBM: the gradient's re-read hits L2) unless ``CONFIG["schedule"] = "row"`` forces the row-per-program
+    kernels of :mod:`fastkd.kernels.sparse` or statistics are requested (the split kernel has none yet)."""
+    forced = CONFIG.get("schedule")
+    if forced is not None and forced not in SCHEDULES:
+        raise ValueError(f"CONFIG['schedule'] must be None or one of {SCHEDULES}, got {forced!r}")
+    if forced == "row":
+        return "row", "forced by CONFIG['schedule'] = 'row'"
+    if stats is not None:
+        return "row", "return_stats: the statistics are computed by the row-per-program kernels"
+    return "split", "each logit read once from HBM (the gradient's re-read within the L2 window)"
+
+
+def _split_forward(
+    student: torch.Tensor,
+    ids: torch.Tensor,
+    t_logp: torch.Tensor,
+    t_tail: torch.Tensor | None,
+    weight: torch.Tensor,
+    grad: torch.Tensor | None,
+    p: SparseParams,
+) -> torch.Tensor:
+    """The split-row schedule: one launch, grid ((N + 1) · S), S = ceil(V / BLOCK_V) (see the kernel module).
+
+    student (N, V) with unit column stride, ids (N, K) int64 contiguous; other arguments as
+    :func:`sparse_forward`. Workspace: (N, S, 2) + (N, 2) + (N, K) fp32 and (1 + 2N) int32 counters.
+    """
+    n, v = student.shape
+    k = ids.shape[1]
+    dev = student.device
+    loss = torch.empty(n, dtype=torch.float32, device=dev)
+    if n == 0:
+        return loss
+    has_tail = p.mode == "topk_tail"
+    block_v = min(int(CONFIG["block_v"]), triton.next_power_of_2(max(v, 16)))
+    block_k = triton.next_power_of_2(max(k, 2))
+    # phase-0 tiles: each tail id costs one SUB_V-wide compare (≈ one lane-op per logit at K = 64)
+    sub_v = max(16, min(block_v, max(1024, 65536 // block_k))) if has_tail else block_v
+    s_count = -(-v // block_v)
+    ids_sorted, perm = ids.sort(dim=1)
+    f32 = dict(dtype=torch.float32, device=dev)
+    ws = torch.empty(n, s_count, KS.NSLOT, **f32)
+    row = torch.empty(n, 2, **f32)
+    fix = torch.empty(n, k, **f32)
+    cnt = torch.zeros(1 + 2 * n, dtype=torch.int32, device=dev)
+    t_logp = t_logp.to(torch.float32).contiguous()
+    weight = weight.to(torch.float32).contiguous()
+    tt = t_tail.to(torch.float32).contiguous() if has_tail else weight  # dummy pointer without a tail
+    g = grad if grad is not None else student  # dummy pointer without a gradient
+    eff = "fkl" if p.mode == "sampled" else p.effective
+    beta = float(p.beta)
+    log_b, log_1b = (math.log(beta), math.log1p(-beta)) if 0.0 < beta < 1.0 else (0.0, 0.0)
+    KS._sparse_split_kernel[((n + 1) * s_count,)](
+        student, g, ids_sorted, perm, t_logp, tt, weight, loss, ws, row, fix, cnt,
+        n, v, k, s_count, student.stride(0), g.stride(0),
+        1.0 / p.temperature, p.kd_scale, p.kd_scale / p.temperature, beta, log_b, log_1b,
+        MODE=KS.MODE_CODES[p.mode], DIV=KS.DIV_CODES[eff], DENSE=not (p.mode == "topk" and eff != "fkl"),
+        HAS_GRAD=grad is not None, SCALED=p.temperature != 1.0, BLOCK_V=block_v, SUB_V=sub_v, BLOCK_K=block_k,
+        SP=triton.next_power_of_2(max(s_count, 2)), num_warps=int(CONFIG["num_warps"]),
+    )
     return loss
 
 

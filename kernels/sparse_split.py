@@ -1,0 +1,324 @@
+"""Split-row Triton schedule of the sparse (top-k / tail / sampled) losses: each student logit read once from HBM.
+
+Same contract and notation as :mod:`fastkd.kernels.sparse` (the row-per-program kernels, kept as the fallback)
+and :func:`fastkd.sparse.torch_impl.sparse_terms` (the K-level math); this module changes the schedule.
+
+Why. The row-per-program pair (stats kernel, then the torch K-level math, then the gradient kernel) reads each
+row twice; at V = 131072 bf16 a row is 256 KB and ~528-1024 rows are in flight, far more than the 50 MB L2,
+so the gradient pass re-reads the logits from HBM. Splitting rows across programs bounds the bytes between the
+two reads (the argument of :mod:`fastkd.kernels.distill_split`), but the gradient of row r needs the K-level
+coefficients (a, b', lb, c) of row r, i.e. every segment's statistics *and* the O(K) math before its first
+gradient element: with one launch that math must run inside the kernel. It runs once per row, in the program
+of segment 0 (``_row_terms``, the Triton transcription of ``sparse_terms``: same formulas, same NaN /
+exclusion rules, tested against the torch path and the float64 reference).
+
+Schedule. ``S = ceil(V / BLOCK_V)`` segments per row; a unit is (row r, segment j), taken in ticket order
+(an atomic counter, not the program id); the grid is ``(N + 1) · S`` programs. Unit (r, j) runs
+
+* phase 0 (statistics of row r, segment j): the online (max m, Σe^{s−m}) of s = z / T over the segment, in
+  SUB_V-wide tiles; with a tail (topk_tail) the row's ids inside each tile are set to −inf first (the sorted-id
+  walk of :mod:`fastkd.kernels.sparse`: the ids of tile [a, a + SUB_V) are the sorted slots [lo, hi), two
+  O(K) counts, each id compared with one tile), so the partial is the tail's. Writes ``ws[r, j] = (m, d)``,
+  then ``cnt[r, 0] += 1`` (release).
+* final phase of row r − 1, segment j:
+    - j = 0 (the row's *terms* unit): waits for ``cnt[r−1, 0] == S``, merges the S partials in a fixed order
+      (deterministic) into lse (or lse_tail, then lse = logaddexp(lse_tail, logsumexp of s at the distinct
+      valid ids), exactly as the stats kernel), gathers s at the K ids from the row (still intact: nobody
+      writes row r − 1 before this unit's release), runs ``_row_terms`` → loss (stored), the row scalars
+      (lb, b') and the value each sorted id slot receives (``fix``: a·e^{s_id − lse} + Σ c over the id's run,
+      written to the workspace), then ``cnt[r−1, 1] = 1`` (release);
+    - j > 0: waits for ``cnt[r−1, 1]`` and loads (lb, b') and ``fix``;
+    - every j: writes the segment's gradient b'·e^{s_v − lb} (0 for top-k rkl/jsd: the row lives on its ids
+      only), then, after a block barrier, overwrites the ids inside the segment with ``fix`` (a repeated id:
+      only the last slot of its run of equal sorted neighbours stores, the run's sum).
+  An excluded row (weight 0) skips its reads and waits: loss 0 and a zero gradient.
+
+A unit waits only for smaller tickets (phase-0 units of row r − 1, the terms unit of its own ticket row), and
+each of those publishes without waiting for anything later: no cycle, no co-residency assumption. The Triton
+interpreter runs the programs in ticket order, so every wait is already satisfied there and the same code is
+tested on CPU.
+
+L2 window (the rule ``bench/costcount.py`` applies to cross-program re-reads). A segment is read in phase 0 by
+ticket u and re-read by ticket u + S (its gradient; the terms unit's gather at the ids as well): at most
+resident + S programs run in between, each touching 2 segments + the ids (BLOCK_V = 4096 bf16: ~17 KB),
+i.e. (528 + 32) × 17 KB ≈ 10 MB at V = 131072, under the 50 MB L2: HBM sees each logit read once and the
+gradient written once (+ 8 B per unit of statistics and 8·K B per row of ``fix``).
+
+Aliasing. The gradient may be the logits buffer (the fused path): a segment is written only in its own final
+phase, after its phase-0 read (ordered by the counter) and after the terms unit's gather (ordered by its flag);
+its own tile is read before it is written.
+
+Untrusted ids (as :mod:`fastkd.kernels.sparse`): every access at an id is masked by 0 ≤ id < V; an id outside
+[−1, V) gets s = NaN, which makes its token's loss and gradient NaN; −1 is padding.
+
+Extending (e.g. the issue-16 statistics): per-segment partials go next to (m, d) in ``ws`` (widen NSLOT) in
+phase 0, and their merge and the per-row outputs belong to the terms unit (j = 0), which already holds the
+merged row statistics and the K-level inputs.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from fastkd.kernels.distill import _lae
+from fastkd.kernels.distill_split import _wait
+from fastkd.kernels.sparse import _online, _segmented_add
+
+NSLOT = 2  # fp32 slots per unit in the workspace: the segment's (max, Σe^{s−max})
+MODE_CODES = {"topk": 0, "topk_tail": 1, "sampled": 2}  # MODE (sampled: topk fkl's math on counts)
+DIV_CODES = {"fkl": 0, "rkl": 1, "jsd": 2}  # DIV: the effective divergence (jsd at β ∈ {0, 1} is fkl / rkl)
+TOPK = tl.constexpr(MODE_CODES["topk"])
+TOPK_TAIL = tl.constexpr(MODE_CODES["topk_tail"])
+SAMPLED = tl.constexpr(MODE_CODES["sampled"])
+FKL = tl.constexpr(DIV_CODES["fkl"])
+RKL = tl.constexpr(DIV_CODES["rkl"])
+JSD = tl.constexpr(DIV_CODES["jsd"])
+NEG = tl.constexpr(float("-inf"))
+
+
+@triton.jit
+def _pos(x, value):
+    """0 where x == 0 else value (the 0·log 0 terms); a NaN x or value stays NaN."""
+    return tl.where(x == 0, 0.0, value)
+
+
+@triton.jit
+def _any_nan(x, mask):
+    return tl.max(((x != x) & mask).to(tl.int32), 0) > 0
+
+
+@triton.jit
+def _row_terms(s, tlp, tt, lse, lse_t, in_k, keep, wgt, kd_scale, coef, beta, log_b, log_1b,
+               MODE: tl.constexpr, DIV: tl.constexpr):
+    """``sparse_terms`` for one row: (loss, c (BLOCK_K,), a, lb, b').
+
+    s: (BLOCK_K,) fp32 tempered student logits at the ids (−inf at padding and lanes ≥ K, NaN at an id
+    outside [−1, V)); tlp: (BLOCK_K,) teacher log-probabilities in the same slot order (−inf at padding);
+    tt: teacher log tail mass (TOPK_TAIL); lse / lse_t: the row's full / tail log-sum-exp; keep = weight != 0;
+    coef = kd_scale / T. Formulas: module docstring of fastkd.sparse.torch_impl.
+    """
+    lse_k = tl.where(keep, lse, 0.0)
+    lb = tl.where(keep, lse, 0.0)
+    if MODE == TOPK_TAIL:
+        log_q = s - lse_k
+        log_qt = tl.where(keep, lse_t - lse_k, 0.0)
+        q = tl.exp(log_q)
+        qt = tl.exp(log_qt)
+        pk = tl.exp(tlp)
+        pt = tl.exp(tt)
+        if DIV == FKL:
+            loss = tl.sum(_pos(pk, pk * (tlp - log_q)), 0) + _pos(pt, pt * (tt - log_qt))
+            c = -pk
+            ct = -pt
+        elif DIV == RKL:
+            c = _pos(q, q * (log_q - tlp))
+            ct = _pos(qt, qt * (log_qt - tt))
+            loss = tl.sum(c, 0) + ct
+        else:
+            log_m = _lae(tlp + log_b, log_q + log_1b)
+            log_mt = _lae(tt + log_b, log_qt + log_1b)
+            c = (1.0 - beta) * _pos(q, q * (log_q - log_m))
+            ct = (1.0 - beta) * _pos(qt, qt * (log_qt - log_mt))
+            loss = (beta * (tl.sum(_pos(pk, pk * (tlp - log_m)), 0) + _pos(pt, pt * (tt - log_mt)))
+                    + tl.sum(c, 0) + ct)
+        a = -(tl.sum(c, 0) + ct)
+        b = a * qt + ct  # b' = q_tail·(a + qg_tail / q_tail) without the division (q_tail may underflow)
+        lb = tl.where(keep & (lse_t > float("-inf")), lse_t, 0.0)
+    elif (DIV == FKL) | (MODE == SAMPLED):
+        pk = tl.exp(tlp)
+        loss = tl.sum(_pos(pk, pk * (tlp - (s - lse_k))), 0)
+        c = -pk
+        a = tl.sum(pk, 0)
+        b = a
+    else:  # topk rkl / jsd: the student renormalised over the K ids (an all −inf row: all −inf, not NaN)
+        mx = tl.max(s, 0)
+        mx_s = tl.where(mx == float("-inf"), 0.0, mx)
+        log_q = s - (mx_s + tl.log(tl.sum(tl.exp(s - mx_s), 0)))
+        log_q = tl.where(mx == float("-inf"), float("-inf"), log_q)
+        q = tl.exp(log_q)
+        if DIV == RKL:
+            qg = _pos(q, q * (log_q - tlp))
+            loss = tl.sum(qg, 0)
+        else:
+            pk = tl.exp(tlp)
+            log_m = _lae(tlp + log_b, log_q + log_1b)
+            qg = (1.0 - beta) * _pos(q, q * (log_q - log_m))
+            loss = beta * tl.sum(_pos(pk, pk * (tlp - log_m)), 0) + tl.sum(qg, 0)
+        c = qg - q * tl.sum(qg, 0)
+        a = tl.sum(tl.zeros_like(c), 0)
+        b = a
+    scale = wgt * coef
+    loss = tl.where(keep, loss * kd_scale, 0.0)
+    c = tl.where(keep, c * scale, 0.0)
+    a = tl.where(keep, a * scale, 0.0)
+    b = tl.where(keep, b * scale, 0.0)
+    # a NaN logit at an id, an id outside the vocabulary or a NaN teacher value poisons the token
+    bad = _any_nan(s, in_k) | _any_nan(tlp, in_k)
+    if MODE == TOPK_TAIL:
+        bad = bad | (tt != tt)
+    bad = keep & bad
+    loss = tl.where(bad, float("nan"), loss)
+    a = tl.where(bad, float("nan"), a)
+    b = tl.where(bad, float("nan"), b)
+    c = tl.where(bad, float("nan"), c)
+    return loss, c, a, lb, b
+
+
+@triton.jit
+def _sparse_split_kernel(
+    z_ptr,  # (N, V) student logits, any float dtype, row stride stride_z, unit column stride
+    g_ptr,  # (N, V) gradient out in its dtype, row stride stride_g (may alias z_ptr); unused without HAS_GRAD
+    sorted_ptr,  # (N, K) int64, contiguous: each row's ids sorted ascending (−1 = padding sorts first)
+    perm_ptr,  # (N, K) int64, contiguous: the slot each sorted id came from (ids[perm[j]] = sorted[j])
+    tlp_ptr,  # (N, K) fp32, contiguous: teacher log-probabilities per (unsorted) slot
+    tt_ptr,  # (N,) fp32: teacher log tail mass (TOPK_TAIL; else any fp32 pointer)
+    w_ptr,  # (N,) fp32 token weights; 0 = excluded row
+    loss_ptr,  # (N,) fp32 out: per-token loss (kd_scale included, weight not)
+    ws_ptr,  # (N, S, NSLOT) fp32 workspace: the segments' (max, Σe^{s−max}) (no initialisation needed)
+    row_ptr,  # (N, 2) fp32 workspace: the row's (lb, b')
+    fix_ptr,  # (N, K) fp32 workspace: value stored at each sorted slot's id (last slot of a run only)
+    cnt_ptr,  # (1 + 2N,) int32, zeroed: [0] ticket, [1 + 2r] phase-0 units of row r done, [2 + 2r] terms flag
+    N, V, K, S,
+    stride_z, stride_g,
+    inv_t, kd_scale, coef, beta, log_b, log_1b,
+    MODE: tl.constexpr,
+    DIV: tl.constexpr,
+    DENSE: tl.constexpr,  # False when a = b = 0 (topk rkl/jsd): the gradient row is 0 except at the ids
+    HAS_GRAD: tl.constexpr,
+    SCALED: tl.constexpr,  # temperature != 1 (else the logits are used as loaded)
+    BLOCK_V: tl.constexpr,  # segment width
+    SUB_V: tl.constexpr,  # tile width of phase 0 (BLOCK_V, or smaller with a tail: cheaper id compares)
+    BLOCK_K: tl.constexpr,  # next power of two >= K
+    SP: tl.constexpr,  # next power of two >= S
+):
+    u = tl.atomic_add(cnt_ptr, 1).to(tl.int64)  # ticket: units are taken in this order (see docstring)
+    r = u // S
+    j = u % S
+    start = j * BLOCK_V
+    full = start + BLOCK_V <= V
+    offs_k = tl.arange(0, BLOCK_K)
+    in_k = offs_k < K
+
+    # ---- phase 0: (max, Σe^{s−max}) of segment j of row r (the tail's with HAS_TAIL) -------------------------
+    if r < N:
+        if tl.load(w_ptr + r) != 0.0:
+            z_row = z_ptr + r * stride_z
+            srt_row = sorted_ptr + r * K
+            m = tl.full((), float("-inf"), tl.float32)
+            d = tl.zeros((), tl.float32)
+            if MODE == TOPK_TAIL:
+                srt = tl.load(srt_row + offs_k, mask=in_k, other=0)
+            for t0 in range(0, BLOCK_V, SUB_V):
+                offs = start + t0 + tl.arange(0, SUB_V)
+                if full:
+                    x = tl.load(z_row + offs).to(tl.float32)
+                else:
+                    x = tl.load(z_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+                if SCALED:
+                    x = x * inv_t
+                if MODE == TOPK_TAIL:
+                    lo = tl.sum(((srt < start + t0) & in_k).to(tl.int32), 0)
+                    hi = tl.sum(((srt < start + t0 + SUB_V) & in_k).to(tl.int32), 0)
+                    for jj in range(lo, hi):  # only the ids inside this tile leave the tail
+                        x = tl.where(offs == tl.load(srt_row + jj), float("-inf"), x)
+                m, d = _online(m, d, x)
+            wp = ws_ptr + (r * S + j) * 2
+            tl.store(wp, m)
+            tl.store(wp + 1, d)
+        tl.debug_barrier()  # every thread's stores before the release below
+        tl.atomic_add(cnt_ptr + 1 + 2 * r, 1, sem="release")
+
+    # ---- final phase: loss (segment 0) and gradient of segment j of row r − 1 -------------------------------
+    r2 = r - 1
+    if r2 >= 0:
+        keep = tl.load(w_ptr + r2) != 0.0
+        cols = start + tl.arange(0, BLOCK_V)
+        g_row = g_ptr + r2 * stride_g
+        if not keep:
+            if j == 0:
+                tl.store(loss_ptr + r2, 0.0)
+            if HAS_GRAD:
+                tl.store(g_row + cols, tl.zeros([BLOCK_V], tl.float32).to(g_ptr.dtype.element_ty), mask=cols < V)
+        else:
+            z_row = z_ptr + r2 * stride_z
+            srt_row = sorted_ptr + r2 * K
+            srt = tl.load(srt_row + offs_k, mask=in_k, other=-1)
+            if j == 0:  # the row's terms
+                _wait(cnt_ptr + 1 + 2 * r2, S)
+                segs = tl.arange(0, SP)
+                sm = segs < S
+                mseg = tl.load(ws_ptr + (r2 * S + segs) * 2, mask=sm, other=float("-inf"), cache_modifier=".cg")
+                dseg = tl.load(ws_ptr + (r2 * S + segs) * 2 + 1, mask=sm, other=0.0, cache_modifier=".cg")
+                mm = tl.max(mseg, 0)
+                mm_s = tl.where(mm == float("-inf"), 0.0, mm)
+                dd = tl.sum(dseg * tl.exp(mseg - mm_s), 0)
+                valid = in_k & (srt >= 0) & (srt < V)
+                s = tl.load(z_row + tl.where(valid, srt, 0), mask=valid, other=float("-inf")).to(tl.float32)
+                if SCALED:
+                    s = s * inv_t
+                s = tl.where(valid | (srt == -1), s, float("nan"))  # an out-of-range id poisons its token
+                prev = tl.load(srt_row + offs_k - 1, mask=in_k & (offs_k >= 1), other=-1)
+                run_start = (srt != prev) | (offs_k == 0)
+                lse_t = mm_s + tl.log(dd)
+                if MODE == TOPK_TAIL:
+                    # the head: each distinct valid id once (a repeat equals its sorted predecessor)
+                    s_head = tl.where(valid & run_start, s, float("-inf"))
+                    mh = tl.max(s_head, 0)
+                    mh_s = tl.where(mh == float("-inf"), 0.0, mh)
+                    dh = tl.sum(tl.exp(s_head - mh_s), 0)
+                    m2 = tl.maximum(mm, mh)
+                    m2_s = tl.where(m2 == float("-inf"), 0.0, m2)
+                    lse = m2_s + tl.log(dd * tl.exp(mm - m2_s) + dh * tl.exp(mh - m2_s))
+                else:
+                    lse = lse_t
+                perm = tl.load(perm_ptr + r2 * K + offs_k, mask=in_k, other=0)
+                tlp = tl.load(tlp_ptr + r2 * K + perm, mask=in_k, other=float("-inf"))
+                tt = 0.0
+                if MODE == TOPK_TAIL:
+                    tt = tl.load(tt_ptr + r2)
+                wgt = tl.load(w_ptr + r2)
+                loss, c, a, lb, b = _row_terms(s, tlp, tt, lse, lse_t, in_k, keep, wgt, kd_scale, coef, beta,
+                                               log_b, log_1b, MODE, DIV)
+                tl.store(loss_ptr + r2, loss)
+                # Σ c over each run of equal sorted ids (a repeated id adds up, like scatter_add), at every slot
+                _, c_sum = tl.associative_scan((run_start.to(tl.int32), c), 0, _segmented_add)
+                if DENSE:
+                    fix = tl.exp(s - lse) * a + c_sum
+                else:
+                    fix = c_sum
+                if HAS_GRAD:
+                    tl.store(row_ptr + r2 * 2, lb)
+                    tl.store(row_ptr + r2 * 2 + 1, b)
+                    tl.store(fix_ptr + r2 * K + offs_k, fix, mask=in_k)
+                    tl.debug_barrier()  # every thread's stores before the release below
+                    tl.atomic_add(cnt_ptr + 2 + 2 * r2, 1, sem="release")
+            else:
+                lb = tl.zeros((), tl.float32)
+                b = tl.zeros((), tl.float32)
+                fix = tl.zeros([BLOCK_K], tl.float32)
+                if HAS_GRAD:  # without a gradient only the terms unit has work
+                    _wait(cnt_ptr + 2 + 2 * r2, 1)
+                    lb = tl.load(row_ptr + r2 * 2, cache_modifier=".cg")
+                    b = tl.load(row_ptr + r2 * 2 + 1, cache_modifier=".cg")
+                    fix = tl.load(fix_ptr + r2 * K + offs_k, mask=in_k, other=0.0, cache_modifier=".cg")
+            if HAS_GRAD:
+                if DENSE:
+                    if full:
+                        x = tl.load(z_row + cols).to(tl.float32)
+                    else:
+                        x = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+                    if SCALED:
+                        x = x * inv_t
+                    g = tl.exp(x - lb) * b
+                else:
+                    g = tl.zeros([BLOCK_V], tl.float32)
+                g = g.to(g_ptr.dtype.element_ty)
+                if full:
+                    tl.store(g_row + cols, g)
+                else:
+                    tl.store(g_row + cols, g, mask=cols < V)
+                tl.debug_barrier()  # the id fix-up below must land after the segment's tile store
+                nxt = tl.load(srt_row + offs_k + 1, mask=offs_k + 1 < K, other=-1)
+                last = (in_k & (srt >= start) & (srt < start + BLOCK_V) & (srt < V)
+                        & ((srt != nxt) | (offs_k + 1 >= K)))
+                tl.store(g_row + tl.where(last, srt, 0), fix.to(g_ptr.dtype.element_ty), mask=last)
