@@ -15,4 +15,4 @@ from fastkd.distill.reference import (  # noqa: F401
     per_token,
 )
 from fastkd.ot import reference as ot  # noqa: F401  (ot.sinkhorn, ot.sinkd_loss, ot.uld_per_token)
-from fastkd.sparse.reference import sparse_distill_loss, teacher_log_values  # noqa: F401
+from fastkd.sparse.reference import sparse_distill_loss, sparse_stats, teacher_log_values  # noqa: F401

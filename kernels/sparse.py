@@ -17,6 +17,10 @@ taken over the unmarked entries, never as total − head mass (that difference c
 the head holds almost all the mass). With a tail, the tiles go through one online log-sum-exp only (the
 tail's): the full lse is then logaddexp(lse_tail, logsumexp of s at the row's distinct valid ids) — exact,
 a sum of positive terms — which halves the per-element exp work of this pass.
+With ``STATS`` (``return_stats=True``, issue 16) the same pass also yields the student's entropy over the whole
+row (per-tile (m, d, c = Σ e^{x−m}(x − m)), H = log d − c/d; with a tail: the tail's tiles, then the head merged
+in as for the lse) and its argmax (first index on ties): no extra read of the logits. ``STATS`` is a constexpr:
+with it off the kernel is the loss-only one, so the loss and gradient are bitwise the same either way.
 
 ``_sparse_grad_kernel`` — grid (N,); program i writes row i of the gradient ``g_v = b'·exp(s_v − lb)``
 tile by tile (the off-id term; lb = lse_tail for topk_tail so that an underflowing tail stays finite), then,
@@ -47,6 +51,23 @@ def _online(m, d, x):
 
 
 @triton.jit
+def _online_stats(m, d, c, bv, bi, x, start):
+    """:func:`_online` (the same m, d bit for bit) plus the entropy sum c = Σ e^{x−m}(x − m) and the running
+    argmax (value bv, index bi; a later tile wins only when strictly larger: the first index on ties)."""
+    m_new = tl.maximum(m, tl.max(x, 0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    e = tl.exp(x - m_safe)
+    # rescale the old c to the new max; a −inf x or an empty past (m = −inf, d = 0) adds 0, not 0·(−inf)
+    c = (c + tl.where(m == float("-inf"), 0.0, d * (m - m_safe))) * alpha
+    c = c + tl.sum(tl.where(x == float("-inf"), 0.0, e * (x - m_safe)), 0)
+    d = d * alpha + tl.sum(e, 0)
+    tv, ti = tl.max(x, 0, return_indices=True, return_indices_tie_break_left=True)
+    take = tv > bv
+    return m_new, d, c, tl.where(take, tv, bv), tl.where(take, start + ti, bi)
+
+
+@triton.jit
 def _segmented_add(f1, v1, f2, v2):
     """Combine of a segmented sum: (flag, value) pairs; a set flag starts a new segment (associative)."""
     return f1 | f2, tl.where(f2 != 0, v2, v1 + v2)
@@ -60,12 +81,15 @@ def _sparse_stats_kernel(
     lse_ptr,  # (N,) fp32 out: logsumexp_v s_v
     lse_tail_ptr,  # (N,) fp32 out: logsumexp_{v ∉ ids} s_v (HAS_TAIL)
     s_ids_ptr,  # (N, K) fp32 out, contiguous: s at the ids, −inf at padding
+    h_ptr,  # (N,) fp32 out (STATS): entropy of softmax(s) over the whole row
+    arg_ptr,  # (N,) int64 out (STATS): argmax_v s_v, first index on ties
     V,
     K,
     stride_z,
     stride_ids,
     inv_t,
     HAS_TAIL: tl.constexpr,
+    STATS: tl.constexpr,  # False: the kernel is the loss-only one, unchanged (loss bitwise the same either way)
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -77,6 +101,9 @@ def _sparse_stats_kernel(
     d = tl.zeros((), tl.float32)
     mt = tl.full((), float("-inf"), tl.float32)  # tail statistics (HAS_TAIL)
     dt = tl.zeros((), tl.float32)
+    c = tl.zeros((), tl.float32)  # STATS: Σ e^{x−m}(x − m) of the running (m, d) (the tail's with HAS_TAIL)
+    bv = tl.full((), float("-inf"), tl.float32)  # STATS: running max value / its index (the tail's)
+    bi = tl.zeros((), tl.int32)
     srt_row = sorted_ptr + row * K
     if HAS_TAIL:
         srt = tl.load(srt_row + offs_k, mask=offs_k < K, other=0)
@@ -84,13 +111,19 @@ def _sparse_stats_kernel(
         offs = start + tl.arange(0, BLOCK_V)
         x = tl.load(z_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_t
         if not HAS_TAIL:
-            m, d = _online(m, d, x)
+            if STATS:
+                m, d, c, bv, bi = _online_stats(m, d, c, bv, bi, x, start)
+            else:
+                m, d = _online(m, d, x)
         else:
             lo = tl.sum(((srt < start) & (offs_k < K)).to(tl.int32), 0)  # slots past K are not ids: never
             hi = tl.sum(((srt < start + BLOCK_V) & (offs_k < K)).to(tl.int32), 0)  # counted, never read
             for j in range(lo, hi):  # only the ids inside this tile (sorted slots lo..hi-1) leave the tail
                 x = tl.where(offs == tl.load(srt_row + j), float("-inf"), x)
-            mt, dt = _online(mt, dt, x)
+            if STATS:
+                mt, dt, c, bv, bi = _online_stats(mt, dt, c, bv, bi, x, start)
+            else:
+                mt, dt = _online(mt, dt, x)
     valid = (ids >= 0) & (ids < V)
     s_ids = tl.load(z_row + tl.where(valid, ids, 0), mask=valid, other=float("-inf")).to(tl.float32) * inv_t
     if HAS_TAIL:
@@ -107,9 +140,22 @@ def _sparse_stats_kernel(
         m = tl.maximum(mt, mh)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         d = dt * tl.exp(mt - m_safe) + dh * tl.exp(mh - m_safe)
+        if STATS:  # merge the head's (mh, dh, ch) and argmax into the tail's
+            ch = tl.sum(tl.where(s_head == float("-inf"), 0.0, tl.exp(s_head - mh_safe) * (s_head - mh_safe)), 0)
+            c = tl.where(mt == float("-inf"), 0.0, (c + dt * (mt - m_safe)) * tl.exp(mt - m_safe)) + tl.where(
+                mh == float("-inf"), 0.0, (ch + dh * (mh - m_safe)) * tl.exp(mh - m_safe))
+            # the head's argmax: its first sorted slot = the smallest id on ties; it wins a tie with the tail's
+            # only when its id is smaller (torch.argmax's first index)
+            hpos = tl.argmax(s_head, 0, tie_break_left=True)
+            hid = tl.sum(tl.where(offs_k == hpos, srt, 0), 0).to(tl.int32)
+            take = (mh > bv) | ((mh == bv) & (mh > float("-inf")) & (hid < bi))
+            bi = tl.where(take, hid, bi)
     else:
         m_safe = tl.where(m == float("-inf"), 0.0, m)
     tl.store(lse_ptr + row, m_safe + tl.log(d))
+    if STATS:
+        tl.store(h_ptr + row, tl.log(d) - c / d)
+        tl.store(arg_ptr + row, bi.to(tl.int64))
     s_ids = tl.where(valid | (ids == -1), s_ids, float("nan"))  # an out-of-range id poisons its token
     tl.store(s_ids_ptr + row * K + offs_k, s_ids, mask=offs_k < K)
 

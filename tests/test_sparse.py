@@ -458,8 +458,8 @@ def _stats_triton(z, ids, T=1.0):
     lse, lse_tail = torch.empty(n), torch.empty(n)
     s_ids = torch.empty(n, k)
     bv = min(TS.CONFIG["block_v"], max(16, 1 << (v - 1).bit_length()))
-    TS.K_._sparse_stats_kernel[(n,)](z, ids, ids.sort(1).values, lse, lse_tail, s_ids, v, k, z.stride(0),
-                                     ids.stride(0), 1.0 / T, HAS_TAIL=True, BLOCK_V=bv,
+    TS.K_._sparse_stats_kernel[(n,)](z, ids, ids.sort(1).values, lse, lse_tail, s_ids, lse, ids, v, k, z.stride(0),
+                                     ids.stride(0), 1.0 / T, HAS_TAIL=True, STATS=False, BLOCK_V=bv,
                                      BLOCK_K=max(2, 1 << (k - 1).bit_length()), num_warps=1)
     return lse, lse_tail, s_ids
 

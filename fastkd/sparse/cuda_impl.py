@@ -83,9 +83,11 @@ def sparse_forward(
 
 
 def sparse_reasons(student: torch.Tensor | None = None, ids: torch.Tensor | None = None,
-                   params: SparseParams | None = None, **_: object) -> list[str]:
+                   params: SparseParams | None = None, stats: torch.Tensor | None = None, **_: object) -> list[str]:
     """Why the cuda backend cannot run these inputs ([] = it can)."""
     reasons = cuda_ext_reasons(student, ids)
+    if stats is not None:
+        reasons.append("return_stats is not implemented by the cuda sparse kernels yet")
     if student is not None:
         if student.dtype not in SUPPORTED_DTYPES:
             reasons.append(f"dtype {student.dtype} (the cuda backend supports float32, bfloat16, float16)")

@@ -12,10 +12,14 @@ the per-token loss and the weighted gradient in forward; backward scales it by `
 Backend contract (op ``"sparse"``)::
 
     fn(student (N, V), ids (N, K) int64, t_logp (N, K), t_tail (N,) | None, weight (N,),
-       grad (N, V) | None, params: SparseParams) -> loss (N,)
+       grad (N, V) | None, params: SparseParams, stats (N, 4) fp32 | None = None) -> loss (N,)
 
 ``t_logp``/``t_tail`` are in the compute dtype (fp32; fp64 for fp64 logits). ``grad``, when given, is
-written with ``weight[i] · ∂loss_i/∂student[i]`` in its own dtype and may alias ``student``.
+written with ``weight[i] · ∂loss_i/∂student[i]`` in its own dtype and may alias ``student``. ``stats``, when
+given, gets each row's [teacher_entropy, student_entropy, top1_agree, kl] (:mod:`fastkd.core.stats`; the
+sparse definitions are :func:`fastkd.sparse.torch_impl.sparse_stats` and docs/sparse.md): the student's
+entropy and argmax come from the backend's vocabulary pass, the rest from the O(N·K) teacher side; the loss
+and gradient are bitwise the same with and without it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from fastkd.core.divergences import names
 from fastkd.core.lmhead import FusedHeadFunction, auto_chunk_rows, check_linear
 from fastkd.core.params import SparseParams
 from fastkd.core.registry import declare, requested_backend, select
+from fastkd.core.stats import new_buffer as new_stats_buffer
+from fastkd.core.stats import stats_dict
 
 MODES = ("topk", "topk_tail", "sampled")  # what the backends compute
 PUBLIC_MODES = (*MODES, "union")  # "union": merged teacher + student ids, then computed as topk_tail
@@ -45,13 +51,14 @@ declare(
 )
 
 
-@torch.library.custom_op("fastkd::sparse_rows", mutates_args=("grad",))
+@torch.library.custom_op("fastkd::sparse_rows", mutates_args=("grad", "stats"))
 def sparse_rows(
     student: torch.Tensor, ids: torch.Tensor, t_logp: torch.Tensor, t_tail: torch.Tensor | None,
     weight: torch.Tensor, grad: torch.Tensor | None, sparse_mode: str, divergence: str, temperature: float,
-    scale_by_t2: bool, beta: float, chunk_size: int, backend: str,
+    scale_by_t2: bool, beta: float, chunk_size: int, backend: str, stats: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-token loss (N,) of one backend's ``sparse`` on rows; writes the weighted gradient into ``grad``.
+    """Per-token loss (N,) of one backend's ``sparse`` on rows; writes the weighted gradient into ``grad`` and,
+    when given, the (N, 4) fp32 statistics into ``stats``.
 
     The one entry point to the sparse backends: eager autograd Functions call it and ``torch.compile``
     sees an opaque op (fake implementation below). ``chunk_size=0`` = automatic. (``sparse_mode``, not
@@ -59,8 +66,10 @@ def sparse_rows(
     """
     params = SparseParams(mode=sparse_mode, divergence=divergence, temperature=temperature, scale_by_t2=scale_by_t2,
                           beta=beta, chunk_size=chunk_size or None)
-    impl = select("sparse", backend, student=student, ids=ids, params=params)
-    return impl.fn(student, ids, t_logp, t_tail, weight, grad, params)
+    impl = select("sparse", backend, student=student, ids=ids, params=params, stats=stats)
+    if stats is None:
+        return impl.fn(student, ids, t_logp, t_tail, weight, grad, params)
+    return impl.fn(student, ids, t_logp, t_tail, weight, grad, params, stats)
 
 
 @sparse_rows.register_fake
@@ -72,9 +81,9 @@ def _sparse_rows_fake(student, ids, t_logp, t_tail, weight, grad, *args):
 def _backend_fn(backend: str) -> Callable[..., torch.Tensor]:
     """A ``sparse`` backend callable (contract in the module docstring) that goes through the custom op."""
 
-    def fn(student, ids, t_logp, t_tail, weight, grad, p: SparseParams) -> torch.Tensor:
+    def fn(student, ids, t_logp, t_tail, weight, grad, p: SparseParams, stats=None) -> torch.Tensor:
         return sparse_rows(student, ids, t_logp, t_tail, weight, grad, p.mode, p.divergence, p.temperature,
-                           p.scale_by_t2, p.beta, p.chunk_size or 0, backend)
+                           p.scale_by_t2, p.beta, p.chunk_size or 0, backend, stats)
 
     return fn
 
@@ -315,24 +324,30 @@ def _prepare(
 
 
 class SparseDistillFunction(torch.autograd.Function):
-    """Loss and gradient in forward, gradient scaling in backward (as :class:`DistillFunction`)."""
+    """Loss and gradient in forward, gradient scaling in backward (as :class:`DistillFunction`); with
+    ``want_stats`` forward returns ``(loss, stats (N, 4) fp32)``, the statistics non-differentiable."""
 
     @staticmethod
-    def forward(ctx, student, ids, t_logp, t_tail, weight, params, reduction, fn):
+    def forward(ctx, student, ids, t_logp, t_tail, weight, params, reduction, fn, want_stats=False):
         grad = (
             torch.empty_like(student, memory_format=torch.contiguous_format)
             if ctx.needs_input_grad[0]
             else None
         )
-        loss = fn(student, ids, t_logp, t_tail, weight, grad, params)
+        stats = new_stats_buffer(weight.numel(), student.device) if want_stats else None
+        loss = fn(student, ids, t_logp, t_tail, weight, grad, params, *(() if stats is None else (stats,)))
         ctx.per_row = reduction == "none"
         ctx.used = False
         if grad is not None:
             ctx.save_for_backward(grad)
-        return C.reduce_tokens(loss, weight, reduction, (weight.numel(),))
+        out = C.reduce_tokens(loss, weight, reduction, (weight.numel(),))
+        if stats is None:
+            return out
+        ctx.mark_non_differentiable(stats)
+        return out, stats
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, *_stats_grad):
         if ctx.used:
             raise RuntimeError(
                 "fastkd.sparse_distill_loss: backward ran twice through the same graph after the stored CUDA "
@@ -340,7 +355,7 @@ class SparseDistillFunction(torch.autograd.Function):
             )
         (grad,) = ctx.saved_tensors
         grad, ctx.used = scale_grad(grad, grad_output, ctx.per_row)
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 def sparse_distill_loss(
@@ -365,7 +380,8 @@ def sparse_distill_loss(
     backend: str = "auto",
     student_ids: torch.Tensor | None = None,
     student_id_values: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Distillation loss from a sparse teacher (K ids + values per token) against full student logits.
 
     Args:
@@ -394,6 +410,14 @@ def sparse_distill_loss(
             units). The row becomes the union of the teacher's and the student's ids, each id once (the
             teacher's slot wins; :func:`fastkd.sparse.student_ids.union_ids`), computed as topk_tail: buckets
             at the union's ids + a tail bucket of 1 − Σ. values must be "logprobs" or "probs".
+        return_stats: also return ``{name: fp32 (N,)}`` for :data:`fastkd.core.stats.STATS_KEYS` (N = tokens,
+            flattened; 0 where excluded; no grad), computed in the passes the loss makes (loss and gradient
+            bitwise unchanged), for the distributions this mode uses (docs/sparse.md, "Statistics"):
+            teacher_entropy of the teacher the loss distils towards (topk/sampled: p̃ over the K slots;
+            topk_tail/union: the K slots + the tail as one outcome), student_entropy of softmax(z/T) over
+            the full vocabulary, top1_agree (the student's argmax over V == the teacher's highest-valued
+            stored id, the smallest id on ties) and kl = this call's per-token loss with divergence="fkl"
+            (no T², no token weight), whatever ``divergence`` is trained.
 
     Tokens whose K slots are all padding (or carry zero teacher mass) contribute 0 in topk/sampled mode.
     A NaN in a kept token's teacher values / tail or in its student logits (for top-k rkl/jsd: at its ids,
@@ -401,7 +425,8 @@ def sparse_distill_loss(
     too: it makes the normalisation NaN).
 
     Returns:
-        fp32 scalar, or fp32 (...,) for reduction="none" (float64 for float64 inputs).
+        fp32 scalar, or fp32 (...,) for reduction="none" (float64 for float64 inputs); with ``return_stats``
+        a tuple ``(loss, stats)``.
     """
     C.check_float_tensor("student_logits", student_logits)
     mode, teacher_ids, teacher_values = _union(mode, values, teacher_ids, teacher_values, teacher_tail, student_ids,
@@ -431,18 +456,26 @@ def sparse_distill_loss(
     )
     student2d = student_logits.reshape(weight.numel(), vocab)
     fn = _backend_fn(requested_backend(backend))
-    loss = SparseDistillFunction.apply(student2d, ids2, t_logp, t_tail, weight, params, reduction, fn)
-    return loss.view(lead) if reduction == "none" else loss
+    out = SparseDistillFunction.apply(student2d, ids2, t_logp, t_tail, weight, params, reduction, fn,
+                                      bool(return_stats))
+    loss, buf = out if return_stats else (out, None)
+    loss = loss.view(lead) if reduction == "none" else loss
+    return (loss, stats_dict(buf, weight)) if return_stats else loss
 
 
-def _sparse_chunk_loss(params: SparseParams, fn: Callable[..., torch.Tensor]):
-    """Per-chunk loss for :class:`FusedHeadFunction` (aux: ids, t_logp, t_tail)."""
+class _SparseChunkLoss:
+    """Per-chunk loss for :class:`FusedHeadFunction` (aux: ids, t_logp, t_tail). ``stats``: the (N, 4) fp32
+    buffer whose chunk rows the backend fills, or None; the caller clears it after the forward pass so that a
+    ``reduction="none"`` backward re-run (token weights × grad_output) neither recomputes nor overwrites it."""
 
-    def chunk_loss(sl, z, grad, w, aux):
+    def __init__(self, params: SparseParams, fn: Callable[..., torch.Tensor], stats: torch.Tensor | None):
+        self.params, self.fn, self.stats = params, fn, stats
+
+    def __call__(self, sl, z, grad, w, aux):
         ids, t_logp, t_tail = aux
-        return fn(z, ids[sl], t_logp[sl], None if t_tail is None else t_tail[sl], w, grad, params)
-
-    return chunk_loss
+        extra = () if self.stats is None else (self.stats[sl],)
+        return self.fn(z, ids[sl], t_logp[sl], None if t_tail is None else t_tail[sl], w, grad, self.params,
+                       *extra)
 
 
 def fused_linear_sparse_distill_loss(
@@ -470,7 +503,8 @@ def fused_linear_sparse_distill_loss(
     backend: str = "auto",
     student_ids: torch.Tensor | None = None,
     student_id_values: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`sparse_distill_loss` on ``student_hidden @ student_weight.T (+ bias)`` without (N, V) logits.
 
     Args:
@@ -478,8 +512,9 @@ def fused_linear_sparse_distill_loss(
             All three get gradients.
         softcap: Gemma-style ``softcap·tanh(z/softcap)`` on the student logits before the temperature.
         chunk_size: tokens per chunk (default from N, V and free memory); peak extra memory O(chunk · V).
-        Other arguments (``mode="union"`` with ``student_ids`` / ``student_id_values`` included): as
-        :func:`sparse_distill_loss`.
+        Other arguments (``mode="union"`` with ``student_ids`` / ``student_id_values`` included, and
+        ``return_stats``: the statistics of the capped logits, filled chunk by chunk in the backend calls the
+        loss makes anyway): as :func:`sparse_distill_loss`.
     """
     check_linear("student", student_hidden, student_weight, student_bias)
     mode, teacher_ids, teacher_values = _union(mode, values, teacher_ids, teacher_values, teacher_tail, student_ids,
@@ -511,7 +546,10 @@ def fused_linear_sparse_distill_loss(
     n = tok_weight.numel()
     h = student_hidden.reshape(n, student_hidden.shape[-1])
     rows = chunk_size or auto_chunk_rows(n, vocab, device)
-    chunk_loss = _sparse_chunk_loss(replace(params, chunk_size=rows), _backend_fn(requested_backend(backend)))
+    stats = new_stats_buffer(n, device) if return_stats else None
+    chunk_loss = _SparseChunkLoss(replace(params, chunk_size=rows), _backend_fn(requested_backend(backend)), stats)
     loss = FusedHeadFunction.apply(h, student_weight, student_bias, tok_weight, chunk_loss, rows, reduction,
                                    params.softcap, ids2, t_logp, t_tail)
-    return loss.view(lead) if reduction == "none" else loss
+    chunk_loss.stats = None  # filled by the forward chunks; a reduction="none" backward re-run skips them
+    loss = loss.view(lead) if reduction == "none" else loss
+    return (loss, stats_dict(stats, tok_weight)) if return_stats else loss

@@ -105,3 +105,77 @@ def sparse_distill_loss(
     else:
         raise ValueError(f"unknown mode {mode!r}")
     return out * (temperature**2 if scale_by_t2 else 1.0)
+
+
+def sparse_stats(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_values: torch.Tensor,
+    *,
+    values: str = "logprobs",
+    mode: str = "topk",
+    temperature: float = 1.0,
+    teacher_temperature: float | None = None,
+    teacher_tail: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Reference for ``return_stats=True`` of the sparse losses: ``{name: (N,)}`` in the input dtype (call it in
+    float64), N = tokens flattened, 0 where excluded (``labels == ignore_index`` / ``mask`` False).
+
+    The events are those of the loss: topk/sampled the K slots with p̃ (as :func:`sparse_distill_loss`) and
+    the student's full-vocabulary q at the ids; topk_tail the K slots + one tail event (p_tail = 1 − Σ p_k or
+    exp(teacher_tail); q_tail = Σ_{v ∉ ids} q_v). teacher_entropy = −Σ_e p_e log p_e, student_entropy =
+    −Σ_v q_v log q_v over the whole vocabulary, kl = Σ_e p_e (log p_e − log q_e) (the mode's fkl loss without
+    T²), top1_agree = [argmax_v z_v == the valid slot id with the largest value] (first / smallest on ties; 0
+    when no slot holds teacher mass). Written independently of the backends' K-level code.
+    """
+    z = student_logits.detach()
+    v = z.shape[-1]
+    k = teacher_ids.shape[-1]
+    z = z.reshape(-1, v)
+    ids = teacher_ids.reshape(-1, k).long()
+    log_q = torch.log_softmax(z / temperature, dim=-1)
+    q = log_q.exp()
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
+    h_s = -torch.where(q > 0, q * log_q, zero).sum(-1)
+    valid = ids >= 0
+    safe = torch.where(valid, ids, torch.zeros_like(ids))
+    neg_inf = torch.full_like(q[:, :1].expand(ids.shape), -math.inf)
+    log_u = torch.where(valid, teacher_log_values(teacher_values.reshape(-1, k), values).to(q.dtype), neg_inf)
+    log_q_ev = torch.where(valid, log_q.gather(-1, safe), neg_inf)
+    if mode in ("topk", "sampled"):
+        f = 1.0 / temperature if values == "logits" else (teacher_temperature or temperature) / temperature
+        x = log_u * f
+        empty = (x == -math.inf).all(-1, keepdim=True)
+        log_p = torch.where(empty, neg_inf, torch.log_softmax(torch.where(empty, torch.zeros_like(x), x), dim=-1))
+    elif mode == "topk_tail":
+        if teacher_tail is None:
+            p_tail = (1 - log_u.exp().sum(-1)).clamp_min(0)
+            p_tail = torch.where(p_tail <= 4 * k * torch.finfo(teacher_values.dtype).eps, zero, p_tail)
+        else:
+            p_tail = teacher_tail.reshape(-1).to(q.dtype).clamp_max(0).exp()
+        in_k = torch.zeros_like(q, dtype=torch.bool).scatter_(-1, safe, valid)
+        q_tail = torch.where(in_k, zero, q).sum(-1)
+        log_p = torch.cat([log_u, p_tail.log().unsqueeze(-1)], dim=-1)
+        log_q_ev = torch.cat([log_q_ev, q_tail.log().unsqueeze(-1)], dim=-1)
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    p = log_p.exp()
+    has = valid & (log_u > -math.inf)
+    top = torch.where(has, log_u, neg_inf).amax(-1, keepdim=True)
+    none = torch.iinfo(torch.int64).max
+    top_id = torch.where(has & (log_u == top), ids, none).amin(-1)
+    out = {
+        "teacher_entropy": -torch.where(p > 0, p * log_p, zero).sum(-1),
+        "student_entropy": h_s,
+        "top1_agree": (z.argmax(-1) == top_id).to(q.dtype),
+        "kl": torch.where(p > 0, p * (log_p - log_q_ev), zero).sum(-1),
+    }
+    keep = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
+    if labels is not None:
+        keep = keep & (labels.reshape(-1) != ignore_index)
+    if mask is not None:
+        keep = keep & mask.reshape(-1).bool()
+    return {name: torch.where(keep, x, zero) for name, x in out.items()}

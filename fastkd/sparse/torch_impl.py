@@ -148,6 +148,71 @@ def sparse_terms(
     return loss, torch.where(bad, nan, c), a, lb, b
 
 
+def student_row_stats(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy (R,) of q = softmax(s) over the full row and argmax (R,) int64 of s (first index on ties).
+
+    s: (R, V) tempered student logits in the compute dtype. H = log d − c/d with m = max s, d = Σ e^{s−m},
+    c = Σ e^{s−m}(s − m) (a −inf logit adds 0, not 0·(−inf)); an all −inf row gives NaN (its loss is NaN too).
+    """
+    m = s.amax(-1, keepdim=True)
+    x = s - torch.where(m == -math.inf, torch.zeros_like(m), m)
+    e = x.exp()
+    d = e.sum(-1)
+    c = torch.where(e == 0, torch.zeros((), dtype=s.dtype, device=s.device), e * x).sum(-1)
+    return d.log() - c / d, s.argmax(-1)
+
+
+def sparse_stats(
+    stats: torch.Tensor,
+    h_s: torch.Tensor,
+    arg_s: torch.Tensor,
+    ids: torch.Tensor,
+    s_ids: torch.Tensor,
+    lse: torch.Tensor,
+    lse_tail: torch.Tensor | None,
+    t_logp: torch.Tensor,
+    t_tail: torch.Tensor | None,
+    weight: torch.Tensor,
+) -> None:
+    """Write the issue-16 statistics of a block of rows into ``stats`` (R, 4) fp32 (O(R·K), every backend).
+
+    h_s (R,): the student's full-vocabulary entropy and arg_s (R,) int: its argmax, both from the backend's
+    vocabulary pass; ids (R, K) int64; s_ids, lse, lse_tail, t_logp, t_tail as in :func:`sparse_terms`
+    (t_tail given ⇔ topk_tail). Columns (:data:`fastkd.core.stats.STATS_KEYS`), 0 where ``weight == 0``:
+
+    - teacher_entropy: −Σ_k p_k log p_k over the slots (− p_tail log p_tail for topk_tail: the tail is one
+      outcome), i.e. the entropy of the distribution the loss distils towards;
+    - student_entropy: h_s;
+    - top1_agree: 1.0 where arg_s equals the teacher's highest-valued id (the smallest id on ties; a token
+      whose slots hold no teacher mass has no such id and gets 0);
+    - kl: the forward-KL loss of this mode (the ``fkl`` branch of :func:`sparse_terms`, without T² or weight):
+      Σ_k p_k (log p_k − log q_k) with the full-vocabulary log q_k, + p_tail (log p_tail − log q_tail) for
+      topk_tail. A kept token with a NaN at an id, in t_logp or t_tail gets NaN, as its loss.
+    """
+    zero = torch.zeros((), dtype=s_ids.dtype, device=s_ids.device)
+    keep = weight != 0
+    lse_k = torch.where(keep, lse, zero).unsqueeze(-1)  # the same expressions as sparse_terms' fkl loss
+    pk = t_logp.exp()
+    kl = _pos(pk, pk * (t_logp - (s_ids - lse_k))).sum(-1)
+    h_t = -_pos(pk, pk * t_logp).sum(-1)
+    bad = s_ids.isnan().any(-1) | t_logp.isnan().any(-1)
+    if t_tail is not None:
+        log_qt = torch.where(keep, lse_tail - lse_k.squeeze(-1), zero)
+        pt = t_tail.exp()
+        kl = kl + _pos(pt, pt * (t_tail - log_qt))
+        h_t = h_t - _pos(pt, pt * t_tail)
+        bad = bad | t_tail.isnan()
+    kl = torch.where(bad, torch.full((), math.nan, dtype=kl.dtype, device=kl.device), kl)
+    # the teacher's top id: the largest t_logp among slots with mass, the smallest such id on ties
+    has = (ids >= 0) & (t_logp > -math.inf)
+    top = torch.where(has, t_logp, -math.inf).amax(-1, keepdim=True)
+    none = torch.iinfo(torch.int64).max
+    top_id = torch.where(has & (t_logp == top), ids, none).amin(-1)
+    agree = (top_id == arg_s.to(torch.int64)) & (top_id != none)
+    cols = torch.stack([h_t, h_s.to(h_t.dtype), agree.to(h_t.dtype), kl], dim=-1)
+    stats.copy_(torch.where(keep.unsqueeze(-1), cols, zero))
+
+
 def _chunk(
     z: torch.Tensor,
     ids: torch.Tensor,
@@ -157,8 +222,9 @@ def _chunk(
     grad: torch.Tensor | None,
     p: SparseParams,
     has_excluded: bool = True,
+    stats: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Loss of one row block; writes its gradient into ``grad`` (same rows) when given."""
+    """Loss of one row block; writes its gradient into ``grad`` and its statistics into ``stats`` (same rows)."""
     cdt = t_logp.dtype
     s = z.to(cdt)
     if p.temperature != 1.0:
@@ -170,6 +236,9 @@ def _chunk(
     # an id outside [−1, V) is never used as an index: its slot reads NaN (poisons the token, no device assert)
     pad = torch.where(ids == -1, neg_inf, torch.tensor(math.nan, dtype=cdt, device=s.device))
     s_ids = torch.where(valid, s.gather(1, safe), pad)
+    # the student's row statistics before any in-place softmax below may overwrite s (an extra pass over the
+    # chunk: this is the fallback backend; the kernels fold it into their statistics pass)
+    row = None if stats is None else student_row_stats(s)
     not_k = lse_tail = None
     if p.mode == "topk_tail":
         # padding and out-of-range slots mark a spare column V, dropped afterwards
@@ -180,6 +249,8 @@ def _chunk(
     if not dense or p.mode == "topk_tail":
         lse = torch.logsumexp(s, dim=-1)
         loss, c, a, lb, b = sparse_terms(s_ids, lse, lse_tail, t_logp, t_tail, weight, p)
+        if row is not None:
+            sparse_stats(stats, *row, ids, s_ids, lse, lse_tail, t_logp, t_tail, weight)
         if grad is None:
             return loss
         g = grad if grad.dtype == cdt and grad.stride(-1) == 1 else torch.empty_like(s)
@@ -210,6 +281,8 @@ def _chunk(
         torch.ops.aten._softmax.out(s, 1, False, out=g)
         lse = m - g.amax(-1).log()
         loss, c, a, _, _ = sparse_terms(s_ids, lse, lse_tail, t_logp, t_tail, weight, p)
+        if row is not None:
+            sparse_stats(stats, *row, ids, s_ids, lse, lse_tail, t_logp, t_tail, weight)
         g.mul_(a.unsqueeze(-1))
         if has_excluded:
             g.masked_fill_((weight == 0).unsqueeze(-1), 0)  # also clears inf·0 and 0/0 of excluded rows
@@ -228,12 +301,14 @@ def sparse_forward(
     weight: torch.Tensor,
     grad: torch.Tensor | None,
     p: SparseParams,
+    stats: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Backend entry point (op ``sparse``): see :mod:`fastkd.sparse.op`.
 
     student (N, V) raw logits (rows may be strided); ids (N, K) int64, −1 = padding; t_logp (N, K) and
     t_tail (N,) | None in the compute dtype (fp32, fp64 for fp64 logits); weight (N,); grad (N, V) in the
-    student's dtype or None. Returns the per-token loss (N,) in the compute dtype.
+    student's dtype or None; stats (N, 4) fp32 or None (:func:`sparse_stats`). Returns the per-token loss
+    (N,) in the compute dtype.
     """
     n, v = student.shape
     loss = torch.empty(n, dtype=t_logp.dtype, device=student.device)
@@ -250,6 +325,7 @@ def sparse_forward(
             None if grad is None else grad[sl],
             p,
             has_excluded,
+            None if stats is None else stats[sl],
         )
     return loss
 

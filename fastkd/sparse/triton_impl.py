@@ -1,9 +1,13 @@
-"""``triton`` backend of the sparse distillation losses (kernels in ``fastkd.kernels.sparse``).
+"""``triton`` backend of the sparse distillation losses (kernels in ``fastkd.kernels.sparse_split`` and
+``fastkd.kernels.sparse``).
 
-Registers op ``"sparse"`` on backend ``"triton"`` with the contract of :mod:`fastkd.sparse.op`: the stats
-kernel streams each row once (lse, tail lse, gather at the ids), the shared K-level math
+Registers op ``"sparse"`` on backend ``"triton"`` with the contract of :mod:`fastkd.sparse.op`. Two schedules
+(:func:`schedule` picks one and says why): "split", the default, one launch that cuts rows into segments
+and runs the K-level math in-kernel, so that each logit is read once from HBM (the gradient's re-read hits
+L2; see that module); "row", the fallback (forced by ``CONFIG["schedule"] = "row"``, used for statistics):
+the stats kernel streams each row once (lse, tail lse, gather at the ids), the shared K-level math
 (:func:`fastkd.sparse.torch_impl.sparse_terms`, O(N·K)) turns them into the loss and the gradient
-coefficients, and the gradient kernel writes each row once. Imports cleanly without Triton (the backend is
+coefficients, and the gradient kernel writes each row once (a second read of the row). Imports cleanly without Triton (the backend is
 then registered with the import error as its reason). Default launch: ``BLOCK_V=4096``, ``num_warps=8``;
 :data:`CONFIG` can be changed (tests use small blocks so that several vocabulary tiles are exercised).
 """
@@ -16,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fastkd.core.registry import register, triton_import_error, triton_reasons
-from fastkd.sparse.torch_impl import sparse_terms
+from fastkd.sparse.torch_impl import sparse_stats, sparse_terms
 
 if TYPE_CHECKING:
     from fastkd.core.params import SparseParams
@@ -47,14 +51,17 @@ def sparse_forward(
     weight: torch.Tensor,
     grad: torch.Tensor | None,
     p: SparseParams,
+    stats: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Backend entry point (op ``sparse``); shapes as in ``torch_sparse.sparse_forward``."""
+    """Backend entry point (op ``sparse``); shapes as in ``torch_sparse.sparse_forward``. With ``stats``
+    (N, 4) fp32 the stats kernel also writes the student's entropy and argmax (STATS constexpr: the loss-only
+    kernel is unchanged otherwise) and :func:`~fastkd.sparse.torch_impl.sparse_stats` fills the buffer."""
     n, v = student.shape
     k = ids.shape[1]
     if student.stride(1) != 1:
         student = student.contiguous()
     ids = ids.contiguous()
-    if schedule(p)[0] == "split":
+    if schedule(p, stats)[0] == "split":
         return _split_forward(student, ids, t_logp, t_tail, weight, grad, p)
     dev = student.device
     lse = torch.empty(n, dtype=torch.float32, device=dev)
@@ -73,6 +80,8 @@ def sparse_forward(
     inv_t = 1.0 / p.temperature
     if n == 0:
         return torch.zeros(0, dtype=torch.float32, device=dev)
+    h_s = torch.empty(n, dtype=torch.float32, device=dev) if stats is not None else lse
+    arg_s = torch.empty(n, dtype=torch.int64, device=dev) if stats is not None else ids
     K_._sparse_stats_kernel[(n,)](
         student,
         ids,
@@ -80,17 +89,22 @@ def sparse_forward(
         lse,
         lse_tail,
         s_ids,
+        h_s,
+        arg_s,
         v,
         k,
         student.stride(0),
         ids.stride(0),
         inv_t,
         HAS_TAIL=has_tail,
+        STATS=stats is not None,
         BLOCK_V=stats_block,
         BLOCK_K=block_k,
         num_warps=stats_warps,
     )
     loss, c, a, lb, b = sparse_terms(s_ids, lse, lse_tail if has_tail else None, t_logp, t_tail, weight, p)
+    if stats is not None:
+        sparse_stats(stats, h_s, arg_s, ids, s_ids, lse, lse_tail if has_tail else None, t_logp, t_tail, weight)
     if grad is not None:
         dense = not (p.mode == "topk" and p.effective != "fkl")
         K_._sparse_grad_kernel[(n,)](
