@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from fastkd import cache_io as io
-from fastkd.cache_extract import extract_topk, sample_from_hidden
+from fastkd.cache_extract import extract
 from fastkd.cache_hidden import check_head, head_bytes, head_entry
 from fastkd.cache_ids import choose_id_format, encode_ids
 from fastkd.cache_io import FORMAT, INDEX, VERSION, CacheCorruptedError, id_bits
@@ -299,14 +299,15 @@ class TeacherCacheWriter:
         input_ids: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         softcap: float | None = None,
-        topk_backend: str = "torch",
+        topk_backend: str = "auto",
     ) -> int:
         """Compute the example's targets from teacher hidden states (T, H) and LM head (V, H), then add it.
 
-        One LM-head pass per chunk (:func:`fastkd.cache_extract.extract_topk`): top-k, log-probs, and the
-        log-normaliser / tail at every stored temperature (``temperature`` must then be 1.0); counts caches
-        draw RS-KD samples; a hidden-state cache stores ``hidden`` as is (``weight`` must match its head).
-        ``topk_backend="triton"``: the streaming Triton top-k (:mod:`fastkd.cache_extract`; opt-in, untimed).
+        ONE LM-head pass (:func:`fastkd.cache_extract.extract`): a log-prob cache takes the top-k, its
+        log-probs and the log-normaliser / tail at every stored temperature (``temperature`` must then be
+        1.0); a counts cache takes ``k`` RS-KD samples (``generator``); a hidden-state cache stores
+        ``hidden`` as is (``weight`` must match its head). ``topk_backend``: "auto" (the streaming Triton
+        top-k on CUDA tensors, torch otherwise), "torch" or "triton".
         """
         ix = self.index
         if weight.shape[0] != ix["vocab_size"]:
@@ -318,24 +319,16 @@ class TeacherCacheWriter:
                 raise ValueError(f"weight has {weight.shape[1]} columns, the cache's hidden_size is "
                                  f"{ix['hidden_size']}")
             return self.add_hidden(hidden, input_ids=input_ids)
-        if ix["values"] == "counts":
-            ids, counts = sample_from_hidden(
-                hidden,
-                weight,
-                bias,
-                num_samples=ix["k"],
-                temperature=temperature,
-                chunk_size=chunk_size,
-                generator=generator,
-                softcap=softcap,
-            )
-            return self.add(ids, counts, input_ids=input_ids)
         temps = ix.get("temperatures") or [1.0]
         if len(temps) > 1 and temperature != 1.0:
             raise ValueError("a cache with temperatures= stores log-probs at temperature 1.0: pass temperature=1.0 "
                              "and read other temperatures with cache.get(i, temperature=...)")
-        out = extract_topk(hidden, weight, bias, k=ix["k"], temperature=temperature, temperatures=tuple(temps),
-                           chunk_size=chunk_size, softcap=softcap, topk_backend=topk_backend)
+        counts = ix["values"] == "counts"
+        out = extract(hidden, weight, bias, k=None if counts else ix["k"], temperatures=tuple(temps),
+                      num_samples=ix["k"] if counts else None, generator=generator, temperature=temperature,
+                      chunk_size=chunk_size, softcap=softcap, topk_backend=topk_backend)
+        if counts:
+            return self.add(out["sample_ids"], out["counts"], input_ids=input_ids)
         extra = {"lse": out["lse"], "tails": out["tails"]} if len(ix.get("temperatures", [])) else {}
         return self.add(out["ids"], out["logp"], out["tails"][:, 0], input_ids=input_ids, **extra)
 

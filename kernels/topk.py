@@ -1,13 +1,31 @@
-"""Triton streaming top-k over the rows of a (N, V) fp32 logits chunk (teacher-cache extraction).
+"""Triton streaming top-k + per-temperature log-normaliser / log tail mass over the rows of a (N, V) fp32 chunk.
 
-``_topk_kernel`` — grid (N,); program i streams row i in BLOCK_V tiles once and keeps the row's running top-K
-(values and ids, KP = next power of two ≥ K lanes, lanes ≥ K held at −inf) in registers. A tile whose maximum
-does not beat the running K-th value is skipped after one reduction (the common case once the running set has
-filled on a long row); otherwise the K best of (running ∪ tile) are selected by K rounds of "take the larger of
-the two maxima and knock it out" — O(K · (K + BLOCK_V)) for such a tile. The result is sorted descending like
-``torch.topk``; ties go to the lower lane of the tile / the earlier-kept entry (so ids may differ from torch's
-on exactly tied values, the values never do). NaN logits are not supported (the caller's logits are finite or
-−inf). Opt-in (``extract_topk(..., topk_backend="triton")``): not measured on a GPU yet.
+``_topk_kernel`` — grid (N,); program i reads row i of ``z`` once, in BLOCK_V tiles, and keeps in registers:
+
+- the row's running top-K (values and ids; KP = next power of two ≥ K lanes, lanes ≥ K held at −inf). A tile
+  whose maximum does not beat the running K-th value is skipped after one reduction (the common case once the
+  running set has filled on a long row); otherwise the K best of (running ∪ tile) are selected by K rounds of
+  "take the larger of the two maxima and knock it out" — O(K · (K + BLOCK_V)) for such a tile;
+- with J > 0 temperatures τ_j (``inv_tau`` (J,) fp32 = 1/τ_j, τ_j > 0): the tail's online log-sum-exp, one
+  running maximum m of the tail's z (max_i z_i/τ = m/τ for τ > 0) and J sums s_j = Σ_tail exp((z_i − m)/τ_j).
+  Every entry of the row either ends in the final top-K or leaves the running candidates exactly once —
+  an entry of a skipped tile, or one not kept (from the tile or the old running set) when a tile is merged —
+  and is added to the tail sums at that moment. So the tail is a sum of positive terms, never total − head
+  (which cancels when the tail is tiny: a 1e-30 tail mass stays exact in log space).
+
+Outputs per row: values (K,) descending and ids (K,) like ``torch.topk``; and for each τ_j
+``lse_j = log(Σ_head exp(z/τ_j) + Σ_tail exp(z/τ_j))`` (the log-normaliser) and
+``tail_j = log Σ_tail exp(z/τ_j) − lse_j`` (the log tail mass, −inf when the tail is empty or all −inf).
+
+Semantics (the same as the torch path of :func:`fastkd.cache_extract.extract_topk`): values equal
+``torch.topk``'s exactly; on exactly tied values the ids may differ from torch's (ties go to the lower column:
+the earlier-kept entry / the lower lane of the tile), which changes neither the values nor lse / tail. −inf
+logits are ordinary entries: a row with fewer than K finite entries returns −inf values for the rest (with ids
+of −inf columns, lowest first) and tail = −inf; a row with no finite entry has lse = −inf. NaN and +inf logits
+are not supported (the LM-head logits are finite, or −inf where a bias masks a column).
+
+Default on CUDA tensors in the teacher-cache extraction (``extract_topk(topk_backend="auto")``); tested
+against torch and float64 under the interpreter and compiled for sm_90 (bench/aot.py); not timed on a GPU.
 """
 
 from __future__ import annotations
@@ -16,16 +34,40 @@ import torch
 import triton
 import triton.language as tl
 
+MAX_K = 128  # the selection is unrolled K times per merged tile
+MAX_TEMPERATURES = 8  # J: one exp per entry per temperature
+
 
 @triton.jit
-def _topk_kernel(z_ptr, stride_z, V, vals_ptr, ids_ptr, K: tl.constexpr, KP: tl.constexpr,
-                 BLOCK_V: tl.constexpr):
+def _tail_add(m, s, jl, inv_tau_ptr, x, keep, J: tl.constexpr):
+    """Add exp(x_i / τ_j) of the ``keep`` entries of x to the tail sums s (JP,) kept relative to the running
+    maximum m (z units); returns the new (m, s). m = −inf means no finite tail entry yet (s is then 0)."""
+    xm = tl.where(keep, x, float("-inf"))
+    m_new = tl.maximum(m, tl.max(xm))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # guards −inf − (−inf)
+    for j in tl.static_range(J):
+        it = tl.load(inv_tau_ptr + j)
+        add = tl.sum(tl.exp((xm - shift) * it))
+        alpha = tl.where(m == float("-inf"), 0.0, tl.exp((m - shift) * it))
+        s = tl.where(jl == j, s * alpha + add, s)
+    return m_new, s
+
+
+@triton.jit
+def _topk_kernel(z_ptr, stride_z, V, vals_ptr, ids_ptr, inv_tau_ptr, lse_ptr, tails_ptr,
+                 K: tl.constexpr, KP: tl.constexpr, J: tl.constexpr, JP: tl.constexpr, BLOCK_V: tl.constexpr):
+    # z_ptr (N, V) fp32 row stride stride_z; vals_ptr (N, K) fp32; ids_ptr (N, K) int64;
+    # inv_tau_ptr (J,) fp32; lse_ptr / tails_ptr (N, J) fp32 (unused when J == 0)
     row = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, KP)
     cols = tl.arange(0, BLOCK_V)
+    jl = tl.arange(0, JP)
     neg_inf = float("-inf")
     run_v = tl.full([KP], neg_inf, tl.float32)
     run_i = tl.full([KP], -1, tl.int32)
+    # the tail's running maximum and per-temperature sums (see _tail_add)
+    m = tl.max(tl.full([KP], neg_inf, tl.float32))
+    s = tl.zeros([JP], tl.float32)
     # running entries taken so far (a −inf logit is a valid entry: a row may hold fewer than K finite ones)
     filled = tl.sum(tl.zeros([KP], tl.int32))
     for start in range(0, V, BLOCK_V):
@@ -33,6 +75,10 @@ def _topk_kernel(z_ptr, stride_z, V, vals_ptr, ids_ptr, K: tl.constexpr, KP: tl.
         inb = offs < V
         x = tl.load(z_ptr + row * stride_z + offs, mask=inb, other=neg_inf).to(tl.float32)
         kth = tl.min(tl.where(lanes < K, run_v, float("inf")))
+        # entries leaving the candidates in this tile: all of a skipped tile, the losers of a merged one
+        leave_x = inb
+        leave_r = lanes < 0
+        old_v = run_v
         if (tl.max(x) > kth) | (filled < K):
             new_v = tl.full([KP], neg_inf, tl.float32)
             new_i = tl.full([KP], -1, tl.int32)
@@ -58,24 +104,66 @@ def _topk_kernel(z_ptr, stride_z, V, vals_ptr, ids_ptr, K: tl.constexpr, KP: tl.
             run_v = new_v
             run_i = new_i
             filled = tl.minimum(filled + tl.sum(inb.to(tl.int32)), K)
+            leave_x = avail_x
+            leave_r = avail_r
+        if J > 0:
+            m, s = _tail_add(m, s, jl, inv_tau_ptr, x, leave_x, J)
+            m, s = _tail_add(m, s, jl, inv_tau_ptr, old_v, leave_r, J)
     tl.store(vals_ptr + row * K + lanes, run_v, mask=lanes < K)
     tl.store(ids_ptr + row * K + lanes, run_i.to(tl.int64), mask=lanes < K)
+    if J > 0:
+        head = tl.where(lanes < K, run_v, neg_inf)
+        hm = tl.max(head)
+        h_shift = tl.where(hm == neg_inf, 0.0, hm)
+        t_shift = tl.where(m == neg_inf, 0.0, m)
+        for j in tl.static_range(J):
+            it = tl.load(inv_tau_ptr + j)
+            head_lse = h_shift * it + tl.log(tl.sum(tl.exp((head - h_shift) * it)))
+            tail_lse = t_shift * it + tl.log(tl.sum(tl.where(jl == j, s, 0.0)))
+            hi = tl.maximum(head_lse, tail_lse)
+            lo = tl.minimum(head_lse, tail_lse)
+            # logaddexp; hi = −inf only when the row has no finite entry
+            lse = tl.where(hi == neg_inf, neg_inf, hi + tl.log(1.0 + tl.exp(lo - hi)))
+            tl.store(lse_ptr + row * J + j, lse)
+            tl.store(tails_ptr + row * J + j, tail_lse - lse)
+
+
+def _check(z: torch.Tensor, k: int) -> torch.Tensor:
+    if z.dim() != 2 or z.dtype != torch.float32:
+        raise ValueError(f"z must be a 2-D float32 tensor, got {tuple(z.shape)} {z.dtype}")
+    v = z.shape[1]
+    if not 1 <= k <= min(v, MAX_K):
+        raise ValueError(f"k must be in [1, min(V, {MAX_K})] = [1, {min(v, MAX_K)}], got {k}")
+    return z if z.stride(1) == 1 else z.contiguous()
 
 
 def topk_rows(z: torch.Tensor, k: int, block_v: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` of each row of ``z`` (N, V) fp32 (CUDA, or CPU under TRITON_INTERPRET=1) → (values (N, k) fp32
     descending, ids (N, k) int64). ``k`` ≤ 128 (the selection is unrolled k times)."""
-    if z.dim() != 2 or z.dtype != torch.float32:
-        raise ValueError(f"z must be a 2-D float32 tensor, got {tuple(z.shape)} {z.dtype}")
-    n, v = z.shape
-    if not 1 <= k <= min(v, 128):
-        raise ValueError(f"k must be in [1, min(V, 128)] = [1, {min(v, 128)}], got {k}")
-    if z.stride(1) != 1:
-        z = z.contiguous()
-    vals = torch.empty(n, k, dtype=torch.float32, device=z.device)
-    ids = torch.empty(n, k, dtype=torch.int64, device=z.device)
-    if n:
-        kp = triton.next_power_of_2(k)
-        bv = min(triton.next_power_of_2(v), block_v)
-        _topk_kernel[(n,)](z, z.stride(0), v, vals, ids, K=k, KP=kp, BLOCK_V=bv)
+    vals, ids, _, _ = topk_lse_rows(z, k, (), block_v=block_v)
     return vals, ids
+
+
+def topk_lse_rows(z: torch.Tensor, k: int, temperatures: tuple[float, ...] | list[float], block_v: int = 1024
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``k`` of each row of ``z`` (N, V) fp32 plus, at each temperature τ_j (J ≤ 8, τ_j > 0), the
+    log-normaliser lse (N, J) = logsumexp(z / τ_j) and the log tail mass tails (N, J) =
+    log Σ_{i ∉ top-k} softmax(z / τ_j)_i, in one read of z. Returns (values (N, k) fp32 descending,
+    ids (N, k) int64, lse (N, J) fp32, tails (N, J) fp32); see the module docstring for ties and −inf."""
+    z = _check(z, k)
+    temps = [float(t) for t in temperatures]
+    if len(temps) > MAX_TEMPERATURES or any(not 0.0 < t < float("inf") for t in temps):
+        raise ValueError(f"temperatures must be at most {MAX_TEMPERATURES} positive finite numbers, got {temps}")
+    n, v = z.shape
+    j = len(temps)
+    dev = z.device
+    vals = torch.empty(n, k, dtype=torch.float32, device=dev)
+    ids = torch.empty(n, k, dtype=torch.int64, device=dev)
+    lse = torch.empty(n, j, dtype=torch.float32, device=dev)
+    tails = torch.empty(n, j, dtype=torch.float32, device=dev)
+    inv_tau = torch.tensor([1.0 / t for t in temps] or [1.0], dtype=torch.float32, device=dev)
+    if n:
+        bv = min(triton.next_power_of_2(v), block_v)
+        _topk_kernel[(n,)](z, z.stride(0), v, vals, ids, inv_tau, lse, tails, K=k, KP=triton.next_power_of_2(k),
+                           J=j, JP=triton.next_power_of_2(max(j, 1)), BLOCK_V=bv)
+    return vals, ids, lse, tails
