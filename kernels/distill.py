@@ -83,6 +83,70 @@ def _online(m, d, a, x, y):
     return m_new, d, a
 
 
+# ---- per-token statistics (fastkd.core.stats; issue 16), shared by every distill kernel ---------------------------
+# Entropy partials of a block x (tempered logits, −inf allowed): m = max x, d = Σe^{x−m}, c = Σe^{x−m}(x−m), so
+# that H(softmax(x)) = log d − c/d; blocks merge by rescaling with e^{m_j − m*}: c_j + d_j (m_j − m*). The top-1
+# index is tracked on the *raw* logits (dividing by T can round distinct values into a tie) as (max, first index).
+INT_MAX = tl.constexpr(2147483647)
+
+
+@triton.jit
+def _ent_block(x, y):
+    """Entropy partials of one block: (m, d, c, a) with a = Σe^{x−m}(x − y) (y = the other side: Σp(t−s) for kl).
+
+    x, y: (BLOCK,) fp32, masked lanes −inf in both. Terms with e^{x−m} = 0 are skipped (0·(−inf) = 0)."""
+    m = tl.max(x, 0)
+    ms = tl.where(m == float("-inf"), 0.0, m)
+    e = tl.exp(x - ms)
+    keep = e != 0
+    return m, tl.sum(e, 0), tl.sum(tl.where(keep, e * (x - ms), 0.0), 0), tl.sum(tl.where(keep, e * (x - y), 0.0), 0)
+
+
+@triton.jit
+def _ent_online(m, d, c, x):
+    """The running c of :func:`_online`'s (m, d) after folding in block x: pass the *old* (m, d) of the same
+    ``_online`` call (its max / exp are then the same expressions, shared by the compiler); returns the new c."""
+    m_new = tl.maximum(m, tl.max(x, 0))
+    ms = tl.where(m_new == float("-inf"), 0.0, m_new)
+    scale = tl.exp(m - ms)
+    e = tl.exp(x - ms)
+    return scale * (c + tl.where(d != 0, d * (m - ms), 0.0)) + tl.sum(tl.where(e != 0, e * (x - ms), 0.0), 0)
+
+
+@triton.jit
+def _ent_merge(m, d, c, a):
+    """Merge per-segment partials given as (SP,) vectors (absent segments: m = −inf, d = c = a = 0) → (m, d, c, a)."""
+    mm = tl.max(m, 0)
+    ms = tl.where(mm == float("-inf"), 0.0, mm)
+    f = tl.exp(m - ms)
+    c = tl.sum(f * (c + tl.where(d != 0, d * (m - ms), 0.0)), 0)
+    return mm, tl.sum(f * d, 0), c, tl.sum(f * a, 0)
+
+
+@triton.jit
+def _argmax_block(x, cols):
+    """(max, first column index of the max) of a raw-logit block; masked lanes −inf and after the valid ones.
+    Also merges (SP,) vectors of per-segment (max, index) when ``cols`` holds the indices (segments in order)."""
+    m = tl.max(x, 0)
+    return m, tl.min(tl.where(x == m, cols, INT_MAX), 0).to(tl.int32)
+
+
+@triton.jit
+def _argmax_fold(m, i, bm, bi):
+    """Running (max, first index) of earlier columns ⊕ a later block's: ties keep the earlier index."""
+    return tl.maximum(m, bm), tl.where(bm > m, bi, i)
+
+
+@triton.jit
+def _store_stats(st_row_ptr, d_t, c_t, d_s, c_s, i_t, i_s, kl):
+    """Write one row's [teacher_entropy, student_entropy, top1_agree, kl] (STATS_KEYS order) from merged
+    partials: H = log d − c/d; top1_agree = (i_s == i_t)."""
+    tl.store(st_row_ptr + 0, tl.log(d_t) - c_t / d_t)
+    tl.store(st_row_ptr + 1, tl.log(d_s) - c_s / d_s)
+    tl.store(st_row_ptr + 2, tl.where(i_s == i_t, 1.0, 0.0))
+    tl.store(st_row_ptr + 3, kl)
+
+
 # The divergences whose gradient needs Σqg (a reduction over the row before the gradient): their D and qg
 # terms come from _mix_terms. Launchers (e.g. the split schedule's phase count) read this tuple.
 MIX_CODES = tuple(int(c) for c in (JSD, SKL, SRKL, TVD, AB))
@@ -161,6 +225,8 @@ def _distill_kernel(
     kd_coef,  # kd_scale / T (gradient factor of the divergence)
     ce_w,  # cross-entropy weight
     h_beta, h_alpha, h_mu, h_t,  # hyperparameters, fastkd.core.divergences.HYPER_NAMES order
+    st_ptr,  # (N, 4) fp32 statistics output, row stride st_row, unit column stride; unused without STATS
+    st_row,
     DIV: tl.constexpr,
     HAS_GRAD: tl.constexpr,
     HAS_LABELS: tl.constexpr,
@@ -168,6 +234,7 @@ def _distill_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_A: tl.constexpr,
     NT: tl.constexpr,
+    STATS: tl.constexpr,  # also write the row's statistics (fastkd.core.stats) from pass 1's quantities
 ):
     row = tl.program_id(0).to(tl.int64)
     s_base = s_ptr + row * s_row
@@ -202,6 +269,12 @@ def _distill_kernel(
         m_z = zero + NEG
         d_z = zero
         amax = zero.to(tl.int32)  # first index of the teacher's max (akl)
+        c_s = zero  # STATS: entropy sums Σe^{x−m}(x−m) of s and t, first argmax of the raw logits
+        c_t = zero
+        rm_s = zero + NEG
+        rm_t = zero + NEG
+        ri_s = zero.to(tl.int32)
+        ri_t = zero.to(tl.int32)
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             cm = cols < V
@@ -213,6 +286,13 @@ def _distill_kernel(
                 bm = tl.max(t, 0)
                 bi = tl.min(tl.where((t == bm) & cm, cols, V), 0)
                 amax = tl.where(bm > m_t, bi, amax)
+            if STATS:
+                c_s = _ent_online(m_s, d_s, c_s, s)
+                c_t = _ent_online(m_t, d_t, c_t, t)
+                bm_s, bi_s = _argmax_block(xs, cols)
+                rm_s, ri_s = _argmax_fold(rm_s, ri_s, bm_s, bi_s)
+                bm_t, bi_t = _argmax_block(xt, cols)
+                rm_t, ri_t = _argmax_fold(rm_t, ri_t, bm_t, bi_t)
             m_s, d_s, a_r = _online(m_s, d_s, a_r, s, t)
             m_t, d_t, a_f = _online(m_t, d_t, a_f, t, s)
             if DIV == TAID:
@@ -323,6 +403,8 @@ def _distill_kernel(
                 lse_z = lse_s
             loss += ce_w * (lse_z - zl)
         tl.store(loss_ptr + row, loss)
+        if STATS:
+            _store_stats(st_ptr + row * st_row, d_t, c_t, d_s, c_s, ri_t, ri_s, fkl)
 
         # ---- final pass: the gradient, written once ----------------------------------------------------
         if HAS_GRAD:

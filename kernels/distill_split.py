@@ -58,15 +58,22 @@ from fastkd.kernels.distill import (
     SYMKL,
     TAID,
     ZERO,
+    _argmax_block,
     _constants,
+    _ent_block,
+    _ent_merge,
     _lae,
     _mix_terms,
     _online,
+    _store_stats,
 )
 
 from fastkd.core.divergences import CODES
 
 NSLOT = 16  # fp32 slots per unit in the workspace (12 statistics + 2 mid-pass partials, padded)
+# With STATS (return_stats): + entropy sums c_s, c_t (14, 15), raw-logit maxima (16, 17) and their first
+# indices (18, 19, int32 bits); the workspace stride is a constexpr, so launches without stats are unchanged.
+NSLOT_STATS = 20
 NEG = tl.constexpr(float("-inf"))
 
 
@@ -90,11 +97,17 @@ def _lse_block(x):
 
 
 @triton.jit
-def _merge(ws_row, k_m, k_d, k_a, segs, sm):
+def _slots(ws_row, k, segs, sm, WS: tl.constexpr, other):
+    """Slot k of every segment of a row, (SP,) fp32 (``other`` for the padding segments)."""
+    return tl.load(ws_row + segs * WS + k, mask=sm, other=other, cache_modifier=".cg")
+
+
+@triton.jit
+def _merge(ws_row, k_m, k_d, k_a, segs, sm, WS: tl.constexpr):
     """Merge the per-segment (max, Σe^{x−max}, Σe^{x−max}(x−y)) of slots k_m, k_d, k_a → (lse, A/D)."""
-    m = tl.load(ws_row + segs * 16 + k_m, mask=sm, other=float("-inf"), cache_modifier=".cg")
-    d = tl.load(ws_row + segs * 16 + k_d, mask=sm, other=0.0, cache_modifier=".cg")
-    a = tl.load(ws_row + segs * 16 + k_a, mask=sm, other=0.0, cache_modifier=".cg")
+    m = _slots(ws_row, k_m, segs, sm, WS, float("-inf"))
+    d = _slots(ws_row, k_d, segs, sm, WS, 0.0)
+    a = _slots(ws_row, k_a, segs, sm, WS, 0.0)
     mm = tl.max(m, 0)
     ms = tl.where(mm == float("-inf"), 0.0, mm)
     sc = tl.exp(m - ms)
@@ -120,6 +133,7 @@ def _distill_split_kernel(
     s_row, s_col, t_row, t_col, g_row, g_col,
     inv_t, kd_scale, kd_coef, ce_w,
     h_beta, h_alpha, h_mu, h_t,
+    st_ptr, st_row,  # (N, 4) fp32 statistics output (unit column stride); unused without STATS
     DIV: tl.constexpr,
     HAS_GRAD: tl.constexpr,
     HAS_LABELS: tl.constexpr,
@@ -128,6 +142,8 @@ def _distill_split_kernel(
     SP: tl.constexpr,  # next power of two >= S
     LAG: tl.constexpr,  # 1: fkl, rkl, symkl, taid, zero; 2: jsd, skl, srkl, tvd, ab (one more pass)
     SCALED: tl.constexpr,  # temperature != 1 (else the logits are used as loaded)
+    STATS: tl.constexpr,  # also write the statistics (fastkd.core.stats): 6 more slots, merged by segment 0
+    WS: tl.constexpr,  # workspace slots per unit: NSLOT, or NSLOT_STATS with STATS
 ):
     u = tl.atomic_add(cnt_ptr, 1).to(tl.int64)  # ticket: units are taken in this order (see docstring)
     r = u // S
@@ -178,7 +194,21 @@ def _distill_split_kernel(
                 mine = (label >= start) & (label < start + BLOCK_V) & (label < V)
                 zl = tl.load(s_ptr + r * s_row + tl.where(mine, label, 0) * s_col, mask=mine, other=0.0)
                 zl = zl.to(tl.float32)
-            wp = ws_ptr + (r * S + j) * 16
+            wp = ws_ptr + (r * S + j) * WS
+            if STATS:
+                _m, _d, c_s, _a = _ent_block(s, t)
+                _m, _d, c_t, a_f2 = _ent_block(t, s)
+                if (DIV != FKL) & (DIV != SYMKL):
+                    a_f = a_f2  # kl needs Σe^{t−m}(t−s) whatever the divergence
+                cols0 = start + offs
+                rm_s, ri_s = _argmax_block(xs, cols0)
+                rm_t, ri_t = _argmax_block(xt, cols0)
+                tl.store(wp + 14, c_s)
+                tl.store(wp + 15, c_t)
+                tl.store(wp + 16, rm_s)
+                tl.store(wp + 17, rm_t)
+                tl.store(wp + 18, ri_s.to(tl.float32, bitcast=True))
+                tl.store(wp + 19, ri_t.to(tl.float32, bitcast=True))
             tl.store(wp + 0, m_s)
             tl.store(wp + 1, d_s)
             tl.store(wp + 2, a_r)
@@ -200,9 +230,9 @@ def _distill_split_kernel(
             w1 = tl.load(w_ptr + r1)
             if w1 != 0.0:
                 _wait(cnt_ptr + 1 + 2 * r1, S)
-                ws_row = ws_ptr + r1 * S * 16
-                lse_s, _ra = _merge(ws_row, 0, 1, 2, segs, sm)
-                lse_t, _fa = _merge(ws_row, 3, 4, 5, segs, sm)
+                ws_row = ws_ptr + r1 * S * WS
+                lse_s, _ra = _merge(ws_row, 0, 1, 2, segs, sm, WS)
+                lse_t, _fa = _merge(ws_row, 3, 4, 5, segs, sm, WS)
                 xs = _load_seg(s_ptr + r1 * s_row, s_col, start, offs, V, full, NEG)
                 xt = _load_seg(t_ptr + r1 * t_row, t_col, start, offs, V, full, NEG)
                 if SCALED:
@@ -213,7 +243,7 @@ def _distill_split_kernel(
                     lp = xt - lse_t
                 d_el, qg = _mix_terms(lp, lq, tl.exp(lp), tl.exp(lq), c1, c2, lw_a, lw_b, DIV)
                 cm = (start + offs) < V  # padding lanes add nothing (ab's NaN for opposite-sign exponents)
-                wp = ws_ptr + (r1 * S + j) * 16
+                wp = ws_ptr + (r1 * S + j) * WS
                 tl.store(wp + 12, tl.sum(tl.where(cm, d_el, 0.0), 0))
                 tl.store(wp + 13, tl.sum(tl.where(cm, qg, 0.0), 0))
             tl.atomic_add(cnt_ptr + 2 + 2 * r1, 1, sem="release")
@@ -232,9 +262,9 @@ def _distill_split_kernel(
                          mask=cols < V)
         else:
             _wait(cnt_ptr + LAG + 2 * r2, S)
-            ws_row = ws_ptr + r2 * S * 16
-            lse_s, ra = _merge(ws_row, 0, 1, 2, segs, sm)
-            lse_t, fa = _merge(ws_row, 3, 4, 5, segs, sm)
+            ws_row = ws_ptr + r2 * S * WS
+            lse_s, ra = _merge(ws_row, 0, 1, 2, segs, sm, WS)
+            lse_t, fa = _merge(ws_row, 3, 4, 5, segs, sm, WS)
             fkl = fa - lse_t + lse_s
             rkl = ra - lse_s + lse_t
             lse_u = lse_s
@@ -252,28 +282,41 @@ def _distill_split_kernel(
                 dval = w_f * fkl + w_r * rkl
                 ssum = -w_f + w_r * rkl
             elif DIV == TAID:
-                lse_u, ua = _merge(ws_row, 6, 7, 8, segs, sm)
+                lse_u, ua = _merge(ws_row, 6, 7, 8, segs, sm, WS)
                 dval = ua - lse_u + lse_s
                 ssum = zero - 1.0
             elif DIV == ZERO:
                 dval = tl.where((lse_s == lse_s) & (lse_t == lse_t), 0.0, float("nan"))
                 ssum = zero
             else:  # LAG == 2
-                dval = tl.sum(tl.load(ws_row + segs * 16 + 12, mask=sm, other=0.0, cache_modifier=".cg"), 0)
-                ssum = tl.sum(tl.load(ws_row + segs * 16 + 13, mask=sm, other=0.0, cache_modifier=".cg"), 0)
+                dval = tl.sum(_slots(ws_row, 12, segs, sm, WS, 0.0), 0)
+                ssum = tl.sum(_slots(ws_row, 13, segs, sm, WS, 0.0), 0)
             label = 0
             lse_z = lse_s
             if HAS_LABELS:
                 label = tl.load(lab_ptr + r2)
                 if CE_RAW:
-                    lse_z, _za = _merge(ws_row, 9, 10, 2, segs, sm)
+                    lse_z, _za = _merge(ws_row, 9, 10, 2, segs, sm, WS)
             if j == 0:
                 loss = kd_scale * dval
                 if HAS_LABELS:
                     ok = (label >= 0) & (label < V)  # a bad label was never read: NaN loss
-                    zl = tl.sum(tl.load(ws_row + segs * 16 + 11, mask=sm, other=0.0, cache_modifier=".cg"), 0)
+                    zl = tl.sum(_slots(ws_row, 11, segs, sm, WS, 0.0), 0)
                     loss += ce_w * tl.where(ok, lse_z - zl, float("nan"))
                 tl.store(loss_ptr + r2, loss)
+                if STATS:  # the row's statistics, by the program that writes its loss
+                    zv = tl.zeros([SP], tl.float32)
+                    _m, d_s, c_s, _a = _ent_merge(_slots(ws_row, 0, segs, sm, WS, float("-inf")),
+                                                  _slots(ws_row, 1, segs, sm, WS, 0.0),
+                                                  _slots(ws_row, 14, segs, sm, WS, 0.0), zv)
+                    _m, d_t, c_t, _a = _ent_merge(_slots(ws_row, 3, segs, sm, WS, float("-inf")),
+                                                  _slots(ws_row, 4, segs, sm, WS, 0.0),
+                                                  _slots(ws_row, 15, segs, sm, WS, 0.0), zv)
+                    bits_s = _slots(ws_row, 18, segs, sm, WS, 0.0).to(tl.int32, bitcast=True)
+                    bits_t = _slots(ws_row, 19, segs, sm, WS, 0.0).to(tl.int32, bitcast=True)
+                    _m, i_s = _argmax_block(_slots(ws_row, 16, segs, sm, WS, float("-inf")), bits_s)
+                    _m, i_t = _argmax_block(_slots(ws_row, 17, segs, sm, WS, float("-inf")), bits_t)
+                    _store_stats(st_ptr + r2 * st_row, d_t, c_t, d_s, c_s, i_t, i_s, fkl)
             if HAS_GRAD:
                 xs = _load_seg(s_ptr + r2 * s_row, s_col, start, offs, V, full, NEG)
                 xt = _load_seg(t_ptr + r2 * t_row, t_col, start, offs, V, full, NEG)

@@ -78,8 +78,10 @@ def distill_forward(
 
     student, teacher: (N, V) fp32/bf16/fp16, rows and columns may be strided; labels: (N,) int64 or None
     (only read when ``p.ce_weight`` > 0); weight: (N,) fp32; grad: (N, V) buffer (may alias ``student``)
-    written with ``weight[i] · ∂loss_i/∂student[i]``, or None. Returns the per-token loss (N,) fp32.
-    One kernel launch, grid (N,).
+    written with ``weight[i] · ∂loss_i/∂student[i]``, or None; stats: (N, 4) fp32 output
+    (:mod:`fastkd.core.stats`, written by the program that finishes each kept row, under the kernels'
+    ``STATS`` constexpr: without it the compiled code is unchanged), or None. Returns the per-token loss
+    (N,) fp32. One kernel launch.
     """
     n, v = student.shape
     loss = torch.empty(n, dtype=torch.float32, device=student.device)
@@ -90,11 +92,15 @@ def distill_forward(
     lab = labels.to(torch.int64).contiguous() if has_labels else weight  # dummy pointer when unused
     g = grad if grad is not None else student  # dummy pointer when HAS_GRAD is False
     inv_t = 1.0 / p.temperature
+    st = stats
+    if st is not None and st.stride(1) != 1:
+        st = torch.empty(n, 4, dtype=torch.float32, device=student.device)
     args = (student, teacher, g, lab, weight, loss, v,
             *student.stride(), *teacher.stride(), *g.stride(),
             inv_t, p.kd_scale, p.kd_scale * inv_t, p.ce_weight, *p.hyper_values())
+    st_args = (loss, 0) if st is None else (st, st.stride(0))  # loss: a dummy pointer without stats
     flags = dict(DIV=p.code, HAS_GRAD=grad is not None, HAS_LABELS=has_labels,
-                 CE_RAW=has_labels and p.temperature != 1.0, NT=K.AKL_NT)
+                 CE_RAW=has_labels and p.temperature != 1.0, NT=K.AKL_NT, STATS=st is not None)
     aliased = grad is not None and grad.data_ptr() == student.data_ptr()
     block_v = _CONFIG["block_v"] or min(K.DEFAULT_BLOCK_V, max(16, 1 << (v - 1).bit_length()))
     num_warps = _CONFIG["num_warps"] or K.DEFAULT_NUM_WARPS
@@ -102,18 +108,21 @@ def distill_forward(
     if sched == "split":
         s_count = -(-v // block_v)
         lag = KS.lag(p.code)
-        ws = torch.empty(n, s_count, KS.NSLOT, dtype=torch.float32, device=student.device)
+        nslot = KS.NSLOT if st is None else KS.NSLOT_STATS
+        ws = torch.empty(n, s_count, nslot, dtype=torch.float32, device=student.device)
         cnt = torch.zeros(1 + 2 * n, dtype=torch.int32, device=student.device)
         KS._distill_split_kernel[((n + lag) * s_count,)](
-            *args[:6], ws, cnt, n, v, s_count, *args[7:], DIV=p.code, HAS_GRAD=flags["HAS_GRAD"],
+            *args[:6], ws, cnt, n, v, s_count, *args[7:], *st_args, DIV=p.code, HAS_GRAD=flags["HAS_GRAD"],
             HAS_LABELS=has_labels, CE_RAW=flags["CE_RAW"], BLOCK_V=block_v,
             SP=max(2, 1 << (s_count - 1).bit_length()), LAG=lag, SCALED=p.temperature != 1.0,
-            num_warps=num_warps)
+            STATS=flags["STATS"], WS=nslot, num_warps=num_warps)
     elif _autotune() and _CONFIG["block_v"] is None and not aliased:
-        K._distill_kernel_autotuned[(n,)](*args, **flags, BLOCK_A=K.AKL_BLOCK)
+        K._distill_kernel_autotuned[(n,)](*args, *st_args, **flags, BLOCK_A=K.AKL_BLOCK)
     else:
-        K._distill_kernel[(n,)](*args, **flags, BLOCK_V=block_v, BLOCK_A=min(block_v, K.AKL_BLOCK),
+        K._distill_kernel[(n,)](*args, *st_args, **flags, BLOCK_V=block_v, BLOCK_A=min(block_v, K.AKL_BLOCK),
                                 num_warps=num_warps)
+    if st is not None and st is not stats:
+        stats.copy_(st)
     return loss
 
 
@@ -132,12 +141,10 @@ def schedule(p: DistillParams, aliased: bool = False) -> tuple[str, str]:
 
 
 def _reasons(student: torch.Tensor | None = None, teacher: torch.Tensor | None = None,
-             params: DistillParams | None = None, stats: torch.Tensor | None = None, **_: object) -> list[str]:
+             params: DistillParams | None = None, **_: object) -> list[str]:
     if _IMPORT_ERROR is not None:
         return [_IMPORT_ERROR]
     reasons = triton_reasons(student, teacher)
-    if stats is not None:
-        reasons.append("return_stats is not implemented in the Triton kernels yet")
     for name, t in (("student", student), ("teacher", teacher)):
         if t is not None and t.dtype not in _SUPPORTED_DTYPES:
             reasons.append(f"{name} dtype {t.dtype} is not supported by the Triton kernels "
