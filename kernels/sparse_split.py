@@ -51,9 +51,11 @@ its own tile is read before it is written.
 Untrusted ids (as :mod:`fastkd.kernels.sparse`): every access at an id is masked by 0 ≤ id < V; an id outside
 [−1, V) gets s = NaN, which makes its token's loss and gradient NaN; −1 is padding.
 
-Extending (e.g. the issue-16 statistics): per-segment partials go next to (m, d) in ``ws`` (widen NSLOT) in
-phase 0, and their merge and the per-row outputs belong to the terms unit (j = 0), which already holds the
-merged row statistics and the K-level inputs.
+Statistics (issue 16, ``STATS`` constexpr; off, the kernel is the loss-only one): phase 0 also keeps the
+segment's c = Σe^{s−m}(s − m) and first-index argmax (``sws``, NSTAT slots per unit, m and d bit for bit those of
+the loss-only kernel); the terms unit merges them (``_row_stats``: the head ids merged in for a tail, as for the
+lse) into the student's entropy and argmax and stores s at the ids and the lse's, from which
+``fastkd.sparse.torch_impl.sparse_stats`` computes the teacher side in O(N·K): no extra read of the logits.
 """
 
 from __future__ import annotations
@@ -62,9 +64,10 @@ import triton
 import triton.language as tl
 from fastkd.kernels.distill import _lae
 from fastkd.kernels.distill_split import _wait
-from fastkd.kernels.sparse import _online, _segmented_add
+from fastkd.kernels.sparse import _online, _online_stats, _segmented_add
 
 NSLOT = 2  # fp32 slots per unit in the workspace: the segment's (max, Σe^{s−max})
+NSTAT = 3  # fp32 slots per unit of the STATS workspace: (c = Σe^{s−max}(s − max), max again, argmax bits)
 MODE_CODES = {"topk": 0, "topk_tail": 1, "sampled": 2}  # MODE (sampled: topk fkl's math on counts)
 DIV_CODES = {"fkl": 0, "rkl": 1, "jsd": 2}  # DIV: the effective divergence (jsd at β ∈ {0, 1} is fkl / rkl)
 TOPK = tl.constexpr(MODE_CODES["topk"])
@@ -165,6 +168,42 @@ def _row_terms(s, tlp, tt, lse, lse_t, in_k, keep, wgt, kd_scale, coef, beta, lo
 
 
 @triton.jit
+def _row_stats(sws_ptr, h_ptr, arg_ptr, sid_ptr, lse_ptr, lst_ptr, r2, S, K, s, srt, perm, valid, run_start,
+               mseg, dseg, mm, mm_s, dd, lse, lse_t, segs, sm, offs_k, in_k, MODE: tl.constexpr):
+    """STATS outputs of row r2 (terms unit): merge the segments' (c, max, argmax) with their (m, d) into the
+    student's entropy H = log d − c/d and first-index argmax (with a tail the head ids are merged in as for the
+    lse: the segments' partials are the tail's); store s at the ids and the lse's for the O(K) teacher side."""
+    cseg = tl.load(sws_ptr + (r2 * S + segs) * 3, mask=sm, other=0.0, cache_modifier=".cg")
+    bvseg = tl.load(sws_ptr + (r2 * S + segs) * 3 + 1, mask=sm, other=float("-inf"), cache_modifier=".cg")
+    biseg = tl.load(sws_ptr + (r2 * S + segs) * 3 + 2, mask=sm, other=0.0, cache_modifier=".cg").to(
+        tl.int32, bitcast=True)
+    c = tl.sum(tl.where(mseg == float("-inf"), 0.0, (cseg + dseg * (mseg - mm_s)) * tl.exp(mseg - mm_s)), 0)
+    bv = tl.max(bvseg, 0)
+    bi = tl.sum(tl.where(segs == tl.argmax(bvseg, 0, tie_break_left=True), biseg, 0), 0)  # first segment
+    d = dd
+    if MODE == TOPK_TAIL:
+        s_head = tl.where(valid & run_start, s, float("-inf"))
+        mh = tl.max(s_head, 0)
+        mh_s = tl.where(mh == float("-inf"), 0.0, mh)
+        e_h = tl.exp(s_head - mh_s)
+        dh = tl.sum(e_h, 0)
+        ch = tl.sum(tl.where(s_head == float("-inf"), 0.0, e_h * (s_head - mh_s)), 0)
+        m2 = tl.maximum(mm, mh)
+        m2_s = tl.where(m2 == float("-inf"), 0.0, m2)
+        d = dd * tl.exp(mm - m2_s) + dh * tl.exp(mh - m2_s)
+        c = tl.where(mm == float("-inf"), 0.0, (c + dd * (mm - m2_s)) * tl.exp(mm - m2_s)) + tl.where(
+            mh == float("-inf"), 0.0, (ch + dh * (mh - m2_s)) * tl.exp(mh - m2_s))
+        hid = tl.sum(tl.where(offs_k == tl.argmax(s_head, 0, tie_break_left=True), srt, 0), 0).to(tl.int32)
+        take = (mh > bv) | ((mh == bv) & (mh > float("-inf")) & (hid < bi))  # first index on ties
+        bi = tl.where(take, hid, bi)
+        tl.store(lst_ptr + r2, lse_t)
+    tl.store(h_ptr + r2, tl.log(d) - c / d)
+    tl.store(arg_ptr + r2, bi.to(tl.int64))
+    tl.store(lse_ptr + r2, lse)
+    tl.store(sid_ptr + r2 * K + perm, s, mask=in_k)
+
+
+@triton.jit
 def _sparse_split_kernel(
     z_ptr,  # (N, V) student logits, any float dtype, row stride stride_z, unit column stride
     g_ptr,  # (N, V) gradient out in its dtype, row stride stride_g (may alias z_ptr); unused without HAS_GRAD
@@ -178,6 +217,12 @@ def _sparse_split_kernel(
     row_ptr,  # (N, 2) fp32 workspace: the row's (lb, b')
     fix_ptr,  # (N, K) fp32 workspace: value stored at each sorted slot's id (last slot of a run only)
     cnt_ptr,  # (1 + 2N,) int32, zeroed: [0] ticket, [1 + 2r] phase-0 units of row r done, [2 + 2r] terms flag
+    sws_ptr,  # (N, S, NSTAT) fp32 workspace (STATS): the segments' entropy sum c, max value and argmax (bits)
+    h_ptr,  # (N,) fp32 out (STATS): entropy of softmax(s) over the whole row
+    arg_ptr,  # (N,) int64 out (STATS): argmax_v s_v, first index on ties
+    sid_ptr,  # (N, K) fp32 out (STATS): s at each (unsorted) slot's id, as the row kernels' s_ids
+    lse_ptr,  # (N,) fp32 out (STATS): the row's lse
+    lst_ptr,  # (N,) fp32 out (STATS and TOPK_TAIL): the row's tail lse
     N, V, K, S,
     stride_z, stride_g,
     inv_t, kd_scale, coef, beta, log_b, log_1b,
@@ -190,6 +235,7 @@ def _sparse_split_kernel(
     SUB_V: tl.constexpr,  # tile width of phase 0 (BLOCK_V, or smaller with a tail: cheaper id compares)
     BLOCK_K: tl.constexpr,  # next power of two >= K
     SP: tl.constexpr,  # next power of two >= S
+    STATS: tl.constexpr = False,  # issue-16 statistics (off: the loss-only kernel, bitwise the same results)
 ):
     u = tl.atomic_add(cnt_ptr, 1).to(tl.int64)  # ticket: units are taken in this order (see docstring)
     r = u // S
@@ -206,6 +252,9 @@ def _sparse_split_kernel(
             srt_row = sorted_ptr + r * K
             m = tl.full((), float("-inf"), tl.float32)
             d = tl.zeros((), tl.float32)
+            c_e = tl.zeros((), tl.float32)  # STATS: Σe^{s−m}(s − m), running max value and its column
+            bv = tl.full((), float("-inf"), tl.float32)
+            bi = tl.zeros((), tl.int64)
             if MODE == TOPK_TAIL:
                 srt = tl.load(srt_row + offs_k, mask=in_k, other=0)
             for t0 in range(0, BLOCK_V, SUB_V):
@@ -221,10 +270,18 @@ def _sparse_split_kernel(
                     hi = tl.sum(((srt < start + t0 + SUB_V) & in_k).to(tl.int32), 0)
                     for jj in range(lo, hi):  # only the ids inside this tile leave the tail
                         x = tl.where(offs == tl.load(srt_row + jj), float("-inf"), x)
-                m, d = _online(m, d, x)
+                if STATS:
+                    m, d, c_e, bv, bi = _online_stats(m, d, c_e, bv, bi, x, start + t0)
+                else:
+                    m, d = _online(m, d, x)
             wp = ws_ptr + (r * S + j) * 2
             tl.store(wp, m)
             tl.store(wp + 1, d)
+            if STATS:
+                sp = sws_ptr + (r * S + j) * 3
+                tl.store(sp, c_e)
+                tl.store(sp + 1, bv)
+                tl.store(sp + 2, bi.to(tl.int32).to(tl.float32, bitcast=True))
         tl.debug_barrier()  # every thread's stores before the release below
         tl.atomic_add(cnt_ptr + 1 + 2 * r, 1, sem="release")
 
@@ -280,6 +337,9 @@ def _sparse_split_kernel(
                 loss, c, a, lb, b = _row_terms(s, tlp, tt, lse, lse_t, in_k, keep, wgt, kd_scale, coef, beta,
                                                log_b, log_1b, MODE, DIV)
                 tl.store(loss_ptr + r2, loss)
+                if STATS:
+                    _row_stats(sws_ptr, h_ptr, arg_ptr, sid_ptr, lse_ptr, lst_ptr, r2, S, K, s, srt, perm, valid,
+                               run_start, mseg, dseg, mm, mm_s, dd, lse, lse_t, segs, sm, offs_k, in_k, MODE)
                 # Σ c over each run of equal sorted ids (a repeated id adds up, like scatter_add), at every slot
                 _, c_sum = tl.associative_scan((run_start.to(tl.int32), c), 0, _segmented_add)
                 if DENSE:

@@ -196,12 +196,13 @@ def test_fused_linear_path(mode, div, sched, config):
 
 
 def test_schedule_choice(config):
-    """Split by default; the row kernels when forced or when statistics are requested; a bad name raises.
+    """Split by default, with or without statistics (both schedules compute them); the row kernels when forced;
+    a bad name raises.
     The launcher that actually ran is observed, not assumed."""
     p = SparseParams(mode="topk_tail", divergence="fkl", temperature=1.0, scale_by_t2=False, beta=0.5)
     config["schedule"] = None
     assert TS.schedule(p)[0] == "split"
-    assert TS.schedule(p, torch.empty(1, 4))[0] == "row"
+    assert TS.schedule(p, torch.empty(1, 4))[0] == "split"
     config["schedule"] = "row"
     assert TS.schedule(p) == ("row", "forced by CONFIG['schedule'] = 'row'")
     config["schedule"] = "both"

@@ -19,12 +19,30 @@ from tests.conftest import requires_cuda
 N, V, K, T = 7, 37, 5, 1.5  # odd V: with BLOCK_V = 16 the Triton kernels walk 3 tiles, the last one partial
 
 
+BACKENDS = ["torch", "triton-row", "triton-split"]  # the Triton backend's two schedules (kernels/sparse*.py)
+
+
 @pytest.fixture
 def small_blocks():
     old = dict(TS.CONFIG)
-    TS.CONFIG.update(block_v=16, num_warps=1, schedule="row")
+    TS.CONFIG.update(block_v=16, num_warps=1)
     yield
     TS.CONFIG.update(old)
+
+
+@pytest.fixture
+def default_blocks():
+    old = dict(TS.CONFIG)
+    yield
+    TS.CONFIG.update(old)
+
+
+def use(backend: str) -> str:
+    """The backend name for fastkd ("triton-row" / "triton-split" also pick the Triton schedule)."""
+    if backend.startswith("triton"):
+        TS.CONFIG["schedule"] = backend.split("-")[1]
+        return "triton"
+    return backend
 
 
 def make(mode, values="logprobs", seed=0, n=N, v=V, k=K):
@@ -84,14 +102,14 @@ def _run(backend, mode, values, div, dtype=torch.float32, **kw):
     zz = z.to(dtype).requires_grad_()
     tv = vals.to(dtype) if values not in ("counts",) and dtype != torch.float64 else vals
     loss, st = fastkd.sparse_distill_loss(zz, ids, tv, values=values, mode=mode, divergence=div, temperature=T,
-                                          mask=mask, backend=backend, return_stats=True, **kw)
+                                          mask=mask, backend=use(backend), return_stats=True, **kw)
     # the oracle gets the values in their dtype: topk_tail's "no tail below 4·K·eps" rule uses their eps
     exp = ref.sparse_stats(zz.detach().double(), ids, tv, values=values, mode=mode, temperature=T, mask=mask, **kw)
     return loss, st, exp, mask
 
 
 @pytest.mark.parametrize("mode,values,div", CASES)
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_stats_vs_float64(backend, mode, values, div, small_blocks):
     _, st, exp, keep = _run(backend, mode, values, div)
     check_stats(st, exp, keep)
@@ -105,13 +123,13 @@ def test_torch_float64_and_teacher_temperature():
     check_stats(st, exp, keep, rtol=1e-6, atol=1e-6)  # the buffer is fp32 whatever the compute dtype
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16(backend, small_blocks):
     _, st, exp, keep = _run(backend, "topk_tail", "logprobs", "rkl", dtype=torch.bfloat16)
     check_stats(st, exp, keep, rtol=2e-3, atol=2e-3)  # the oracle reads the same bf16 logits and values
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_union_mode(backend, small_blocks):
     z, ids, vals = make("topk", "logprobs")
     ids[5] = torch.arange(K)
@@ -127,23 +145,22 @@ def test_union_mode(backend, small_blocks):
     labels = torch.zeros(N, dtype=torch.long)
     labels[6] = -100
     _, st = fastkd.sparse_distill_loss(zz, ids, tv.float(), mode="union", student_ids=s_ids,
-                                       student_id_values=sv.float(), temperature=T, labels=labels, backend=backend,
-                                       return_stats=True)
+                                       student_id_values=sv.float(), temperature=T, labels=labels,
+                                       backend=use(backend), return_stats=True)
     u_ids, u_vals = union_ids(ids, tv.float(), s_ids, sv.float())
     exp = ref.sparse_stats(zz.detach().double(), u_ids, u_vals.double(), mode="topk_tail", temperature=T,
                            labels=labels)
     check_stats(st, exp, labels != -100)
 
 
-@pytest.mark.parametrize("mode,values,div", [("topk", "logprobs", "rkl"), ("topk_tail", "logprobs", "jsd"),
-                                             ("sampled", "counts", "fkl")])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("mode,values,div", [("topk", "logprobs", "rkl"), ("topk_tail", "logprobs", "jsd")])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_kl_is_the_fkl_loss_of_the_same_call(backend, mode, values, div, small_blocks):
     """kl == the per-token loss of the same call with divergence="fkl", reduction="none", no T², / weight."""
     z, ids, vals = make(mode, values)
     labels = torch.zeros(N, dtype=torch.long)
     labels[4] = -100
-    kw = dict(values=values, mode=mode, temperature=T, labels=labels, backend=backend)
+    kw = dict(values=values, mode=mode, temperature=T, labels=labels, backend=use(backend))
     _, st = fastkd.sparse_distill_loss(z.float(), ids, vals.float(), divergence=div, scale_by_t2=True,
                                        return_stats=True, **kw)
     fkl = fastkd.sparse_distill_loss(z.float(), ids, vals.float(), divergence="fkl", reduction="none", **kw)
@@ -151,10 +168,10 @@ def test_kl_is_the_fkl_loss_of_the_same_call(backend, mode, values, div, small_b
     torch.testing.assert_close(st["kl"][keep], fkl[keep], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("mode,values,div", [("topk", "logprobs", "fkl"), ("topk", "probs", "jsd"),
-                                             ("topk_tail", "logprobs", "rkl"), ("sampled", "counts", "fkl")])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("mode,values,div,reduction", [
+    ("topk", "logprobs", "fkl", "mean"), ("topk", "probs", "jsd", "none"), ("topk_tail", "logprobs", "rkl", "none"),
+    ("sampled", "counts", "fkl", "mean")])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_loss_and_grad_bitwise_unchanged(backend, mode, values, div, reduction, small_blocks):
     z, ids, vals = make(mode, values)
     mask = torch.ones(N, dtype=torch.bool)
@@ -164,7 +181,7 @@ def test_loss_and_grad_bitwise_unchanged(backend, mode, values, div, reduction, 
     for want in (False, True):
         zz = z.float().requires_grad_()
         res = fastkd.sparse_distill_loss(zz, ids, vals.float(), values=values, mode=mode, divergence=div,
-                                         temperature=T, mask=mask, reduction=reduction, backend=backend,
+                                         temperature=T, mask=mask, reduction=reduction, backend=use(backend),
                                          return_stats=want)
         loss = res[0] if want else res
         loss.sum().backward()
@@ -174,7 +191,7 @@ def test_loss_and_grad_bitwise_unchanged(backend, mode, values, div, reduction, 
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_path(backend, small_blocks):
     """Fused stats equal the oracle on the (capped) logits; a reduction="none" backward with zero
     grad_output rows (its re-run of the chunks) leaves them unchanged; loss and grads bitwise unchanged."""
@@ -190,7 +207,7 @@ def test_fused_path(backend, small_blocks):
     mask = torch.ones(N, dtype=torch.bool)
     mask[4] = False
     kw = dict(mode="topk_tail", divergence="rkl", temperature=T, mask=mask, softcap=cap, chunk_size=3,
-              backend=backend)
+              backend=use(backend))
     res = []
     for want in (False, True):
         hh, ww = h.float().requires_grad_(), w.float().requires_grad_()
@@ -209,16 +226,16 @@ def test_fused_path(backend, small_blocks):
     check_stats(st, exp, mask)  # a scalar reduction computes the stats in its (only) forward pass
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_duplicate_ids_without_value_checks(backend, small_blocks):
     """Duplicated ids only pass with value checks off: stats treat each slot as its own outcome, as the loss."""
     z, ids, vals = make("topk", "logprobs")
     ids[0, 2] = ids[0, 0]
     C.set_input_checks(False)
     try:
-        _, st = fastkd.sparse_distill_loss(z.float(), ids, vals.float(), temperature=T, backend=backend,
+        _, st = fastkd.sparse_distill_loss(z.float(), ids, vals.float(), temperature=T, backend=use(backend),
                                            return_stats=True)
-        fkl = fastkd.sparse_distill_loss(z.float(), ids, vals.float(), temperature=T, backend=backend,
+        fkl = fastkd.sparse_distill_loss(z.float(), ids, vals.float(), temperature=T, backend=use(backend),
                                          reduction="none")
     finally:
         C.set_input_checks(None)
@@ -233,9 +250,9 @@ def test_ties_first_index(small_blocks):
     z[:, [5, 20, 33]] = 2.0  # tied maxima in tiles 0, 1, 2
     ids = torch.tensor([[20, 33, 1], [5, 33, 2], [33, 20, -1]])
     vals = torch.log(torch.tensor([[0.5, 0.3, 0.1], [0.4, 0.4, 0.1], [0.5, 0.3, 0.0]]))
-    for backend in ("torch", "triton"):
+    for backend in BACKENDS:
         for mode in ("topk", "topk_tail"):
-            _, st = fastkd.sparse_distill_loss(z, ids, vals, mode=mode, backend=backend, return_stats=True)
+            _, st = fastkd.sparse_distill_loss(z, ids, vals, mode=mode, backend=use(backend), return_stats=True)
             # student argmax 5: row 0's top id 20 disagrees; row 1's tied teacher ids 5 / 33 give 5; row 2's 33
             assert st["top1_agree"].tolist() == [0.0, 1.0, 0.0], (backend, mode)
             exp = ref.sparse_stats(z.double(), ids, vals.double(), mode=mode)
@@ -244,21 +261,21 @@ def test_ties_first_index(small_blocks):
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", ["cuda", "triton-row", "triton-split"])
 @pytest.mark.parametrize("mode,values,div", CASES)
-def test_gpu_stats_vs_float64(backend, mode, values, div):
+def test_gpu_stats_vs_float64(backend, mode, values, div, default_blocks):
     z, ids, vals = make(mode, values, n=64, v=5003, k=16)
     mask = torch.rand(64, generator=torch.Generator().manual_seed(0)) > 0.2
     dev = "cuda"
     zz = z.float().to(dev).requires_grad_()
     kw = dict(values=values, mode=mode, temperature=T)
     loss, st = fastkd.sparse_distill_loss(zz, ids.to(dev), vals.float().to(dev), divergence=div, mask=mask.to(dev),
-                                          backend=backend, return_stats=True, **kw)
+                                          backend=use(backend), return_stats=True, **kw)
     exp = ref.sparse_stats(zz.detach().double().cpu(), ids, vals.float().double(), mask=mask, **kw)
     check_stats({k: x.cpu() for k, x in st.items()}, exp, mask, rtol=1e-4, atol=1e-4)
     zz2 = z.float().to(dev).requires_grad_()
     loss2 = fastkd.sparse_distill_loss(zz2, ids.to(dev), vals.float().to(dev), divergence=div, mask=mask.to(dev),
-                                       backend=backend, **kw)
+                                       backend=use(backend), **kw)
     loss.backward()
     loss2.backward()
     assert torch.equal(loss, loss2) and torch.equal(zz.grad, zz2.grad)

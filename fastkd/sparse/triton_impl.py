@@ -4,12 +4,13 @@
 Registers op ``"sparse"`` on backend ``"triton"`` with the contract of :mod:`fastkd.sparse.op`. Two schedules
 (:func:`schedule` picks one and says why): "split", the default, one launch that cuts rows into segments
 and runs the K-level math in-kernel, so that each logit is read once from HBM (the gradient's re-read hits
-L2; see that module); "row", the fallback (forced by ``CONFIG["schedule"] = "row"``, used for statistics):
+L2; see that module); "row", the fallback (forced by ``CONFIG["schedule"] = "row"``):
 the stats kernel streams each row once (lse, tail lse, gather at the ids), the shared K-level math
 (:func:`fastkd.sparse.torch_impl.sparse_terms`, O(N·K)) turns them into the loss and the gradient
-coefficients, and the gradient kernel writes each row once (a second read of the row). Imports cleanly without Triton (the backend is
-then registered with the import error as its reason). Default launch: ``BLOCK_V=4096``, ``num_warps=8``;
-:data:`CONFIG` can be changed (tests use small blocks so that several vocabulary tiles are exercised).
+coefficients, and the gradient kernel writes each row once (a second read of the row). Imports cleanly
+without Triton (the backend is then registered with the import error as its reason). Default launch:
+``BLOCK_V=4096``, ``num_warps=8``; :data:`CONFIG` can be changed (tests use small blocks so that several
+vocabulary tiles are exercised).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def sparse_forward(
         student = student.contiguous()
     ids = ids.contiguous()
     if schedule(p, stats)[0] == "split":
-        return _split_forward(student, ids, t_logp, t_tail, weight, grad, p)
+        return _split_forward(student, ids, t_logp, t_tail, weight, grad, p, stats)
     dev = student.device
     lse = torch.empty(n, dtype=torch.float32, device=dev)
     has_tail = p.mode == "topk_tail"
@@ -135,14 +136,13 @@ def sparse_forward(
 def schedule(p: SparseParams, stats: torch.Tensor | None = None) -> tuple[str, str]:
     """(schedule, reason): "split" (:mod:`fastkd.kernels.sparse_split`, one launch, each logit read once from
     HBM: the gradient's re-read hits L2) unless ``CONFIG["schedule"] = "row"`` forces the row-per-program
-    kernels of :mod:`fastkd.kernels.sparse` or statistics are requested (the split kernel has none yet)."""
+    kernels of :mod:`fastkd.kernels.sparse`. Both schedules compute the statistics (``stats``, kept in the
+    signature for callers) in their own pass, so the schedule never depends on ``return_stats``."""
     forced = CONFIG.get("schedule")
     if forced is not None and forced not in SCHEDULES:
         raise ValueError(f"CONFIG['schedule'] must be None or one of {SCHEDULES}, got {forced!r}")
     if forced == "row":
         return "row", "forced by CONFIG['schedule'] = 'row'"
-    if stats is not None:
-        return "row", "return_stats: the statistics are computed by the row-per-program kernels"
     return "split", "each logit read once from HBM (the gradient's re-read within the L2 window)"
 
 
@@ -154,8 +154,11 @@ def _split_forward(
     weight: torch.Tensor,
     grad: torch.Tensor | None,
     p: SparseParams,
+    stats: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The split-row schedule: one launch, grid ((N + 1) · S), S = ceil(V / BLOCK_V) (see the kernel module).
+    With ``stats`` the kernel's STATS outputs (student entropy / argmax, s at the ids, lse's; workspace
+    (N, S, 3) fp32) feed :func:`~fastkd.sparse.torch_impl.sparse_stats`.
 
     student (N, V) with unit column stride, ids (N, K) int64 contiguous; other arguments as
     :func:`sparse_forward`. Workspace: (N, S, 2) + (N, 2) + (N, K) fp32 and (1 + 2N) int32 counters.
@@ -182,17 +185,26 @@ def _split_forward(
     weight = weight.to(torch.float32).contiguous()
     tt = t_tail.to(torch.float32).contiguous() if has_tail else weight  # dummy pointer without a tail
     g = grad if grad is not None else student  # dummy pointer without a gradient
+    st = stats is not None  # STATS outputs, or dummy pointers (never touched) without statistics
+    sws = torch.empty(n, s_count, KS.NSTAT, **f32) if st else ws
+    h_s, lse, lse_t = (torch.empty(n, **f32) for _ in range(3)) if st else (loss, loss, loss)
+    arg_s = torch.empty(n, dtype=torch.int64, device=dev) if st else ids
+    s_ids = torch.empty(n, k, **f32) if st else fix
     eff = "fkl" if p.mode == "sampled" else p.effective
     beta = float(p.beta)
     log_b, log_1b = (math.log(beta), math.log1p(-beta)) if 0.0 < beta < 1.0 else (0.0, 0.0)
     KS._sparse_split_kernel[((n + 1) * s_count,)](
         student, g, ids_sorted, perm, t_logp, tt, weight, loss, ws, row, fix, cnt,
+        sws, h_s, arg_s, s_ids, lse, lse_t,
         n, v, k, s_count, student.stride(0), g.stride(0),
         1.0 / p.temperature, p.kd_scale, p.kd_scale / p.temperature, beta, log_b, log_1b,
         MODE=KS.MODE_CODES[p.mode], DIV=KS.DIV_CODES[eff], DENSE=not (p.mode == "topk" and eff != "fkl"),
         HAS_GRAD=grad is not None, SCALED=p.temperature != 1.0, BLOCK_V=block_v, SUB_V=sub_v, BLOCK_K=block_k,
-        SP=triton.next_power_of_2(max(s_count, 2)), num_warps=int(CONFIG["num_warps"]),
+        SP=triton.next_power_of_2(max(s_count, 2)), STATS=st, num_warps=int(CONFIG["num_warps"]),
     )
+    if st:
+        sparse_stats(stats, h_s, arg_s, ids, s_ids, lse, lse_t if has_tail else None, t_logp, tt if has_tail else None,
+                     weight)
     return loss
 
 
