@@ -243,3 +243,15 @@ def test_fused_memory_is_independent_of_m(dtype):
         assert max(big) < n * v * 2, "an (N, V) buffer was allocated"
         totals[m] = sum(big)
     assert totals[2] == totals[4], totals
+
+
+def test_stats_are_those_of_the_mixture():
+    s, t, w = _problem(m=2, lead=(9,), v=40, seed=10)
+    mask = torch.ones(9, dtype=torch.bool)
+    mask[4] = False
+    _, stats = fastkd.distill_loss(s, t, "jsd", teacher_weights=w, temperature=1.4, mask=mask, chunk_size=4,
+                                   backend="torch", return_stats=True)
+    ref = R.distill_stats(s.double(), _mix_logits(t, w, 1.4), temperature=1.4, mask=mask)
+    for k in ("teacher_entropy", "student_entropy", "kl"):
+        torch.testing.assert_close(stats[k].double(), ref[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert torch.equal(stats["top1_agree"].double(), ref["top1_agree"])

@@ -19,6 +19,7 @@ from fastkd.core import checks as C
 from fastkd.core.lmhead import FusedHeadFunction, LMHeadChunker, auto_chunk_rows, check_linear, softcap_
 from fastkd.core.params import DistillParams
 from fastkd.core.registry import requested_backend
+from fastkd.core.selection import with_token_selection
 from fastkd.core.stats import new_buffer as new_stats_buffer
 from fastkd.core.stats import stats_dict
 from fastkd.distill import mixture as MX
@@ -75,6 +76,7 @@ class DenseChunkLoss:
         self._teacher = self._tbuf = None
 
 
+@with_token_selection(teacher_entropy=MX.fused_teacher_entropy)
 def fused_linear_distill_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,

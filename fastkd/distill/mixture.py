@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from fastkd.core import checks as C
-from fastkd.core.lmhead import backend_chunk_rows, check_linear, softcap_
+from fastkd.core.lmhead import auto_chunk_rows, backend_chunk_rows, check_linear, softcap_
 from fastkd.core.params import DistillParams
 
 WEIGHT_TOL = 1e-5  # |Σ_m w_m − 1| allowed per token
@@ -230,22 +230,22 @@ def bind_rows(fn: Callable[..., torch.Tensor], teachers: torch.Tensor, w: torch.
     return MixtureRows(fn, t3, log_w, rows, params.temperature), placeholder
 
 
-class MixtureChunkLoss:
-    """The per-chunk loss of :func:`fastkd.fused_linear_distill_loss` with M teachers (``run_chunks`` contract).
+class MixtureHead:
+    """The teacher mixture's chunk logits from M teacher heads or stacked logits (module docstring).
 
     heads: M (hidden (N, Ht_m), weight (Vt_m, Ht_m), bias (Vt_m,) | None), or ``logits`` (M, N, Vt); log_w:
-    (M,) | (M, N). Each teacher's chunk logits go into one reused workspace, softcapped, then folded into the
-    mixture; the mixture logits are written back into the workspace and one ``distill`` backend runs on the
-    chunk as in :class:`fastkd.distill.fused.DenseChunkLoss` (same ``stats`` attribute).
+    (M,) | (M, N). :meth:`logits` computes each teacher's chunk logits into ONE reused workspace (flat,
+    rows · max Vt elements in the teacher dtype), softcaps them, folds them into the mixture and writes the
+    mixture logits ``(log p − max)·T`` (c, vocab) back into the workspace (valid until the next call).
     """
 
-    def __init__(self, params: DistillParams, vocab: int, fn: Callable[..., torch.Tensor], rows: int,
-                 heads: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None,
-                 logits: torch.Tensor | None, log_w: torch.Tensor, stats: torch.Tensor | None = None):
-        self.params, self.vocab, self.fn, self.rows = params, vocab, fn, rows
-        self.heads, self.t_logits, self.log_w, self.stats = heads, logits, log_w, stats
-        self._ws: torch.Tensor | None = None  # flat workspace, rows · max(Vt) elements in the teacher dtype
-        self._mix = LogMixture(rows, params.temperature)
+    def __init__(self, heads: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None,
+                 logits: torch.Tensor | None, log_w: torch.Tensor, softcap: float | None, temperature: float,
+                 vocab: int, rows: int):
+        self.heads, self.t_logits, self.log_w, self.softcap, self.vocab, self.rows = (
+            heads, logits, log_w, softcap, vocab, rows)
+        self._ws: torch.Tensor | None = None
+        self._mix = LogMixture(rows, temperature)
 
     def _workspace(self, c: int, v: int, like: torch.Tensor) -> torch.Tensor:
         cols = max(w.shape[0] for _, w, _ in self.heads) if self.heads else self.t_logits.shape[-1]
@@ -253,8 +253,8 @@ class MixtureChunkLoss:
             self._ws = torch.empty(max(c, self.rows) * cols, dtype=like.dtype, device=like.device)
         return self._ws[: c * v].view(c, v)
 
-    def teacher_logits(self, sl: slice) -> torch.Tensor:
-        c, vocab, cap = sl.stop - sl.start, self.vocab, self.params.softcap
+    def logits(self, sl: slice) -> torch.Tensor:
+        c, vocab = sl.stop - sl.start, self.vocab
         m_count = len(self.heads) if self.heads else self.t_logits.shape[0]
         z = None
         for m in range(m_count):
@@ -267,12 +267,26 @@ class MixtureChunkLoss:
                     torch.addmm(b, h[sl], w.t(), out=z)
             else:
                 z = self._workspace(c, self.t_logits.shape[-1], self.t_logits).copy_(self.t_logits[m, sl])
-            softcap_(z, cap)
+            softcap_(z, self.softcap)
             self._mix.add(z[:, :vocab], _log_w(self.log_w, m, sl), first=m == 0, scratch=True)
         return self._mix.logits(z.dtype, out=self._workspace(c, vocab, z))
 
+    def release(self) -> None:
+        self._ws = None
+        self._mix.release()
+
+
+class MixtureChunkLoss:
+    """The per-chunk loss of :func:`fastkd.fused_linear_distill_loss` with M teachers (``run_chunks`` contract):
+    the chunk's mixture logits from a :class:`MixtureHead`, then one ``distill`` backend on the chunk as in
+    :class:`fastkd.distill.fused.DenseChunkLoss` (same ``stats`` attribute)."""
+
+    def __init__(self, params: DistillParams, vocab: int, fn: Callable[..., torch.Tensor], head: MixtureHead,
+                 stats: torch.Tensor | None = None):
+        self.params, self.vocab, self.fn, self.head, self.stats = params, vocab, fn, head, stats
+
     def __call__(self, sl, z, grad, w, aux):
-        zt = self.teacher_logits(sl)
+        zt = self.head.logits(sl)
         labels, vocab = aux[4], self.vocab
         lab = None if labels is None else labels[sl]
         extra = () if self.stats is None else (self.stats[sl],)
@@ -282,8 +296,7 @@ class MixtureChunkLoss:
         return loss
 
     def release(self) -> None:
-        self._ws = None
-        self._mix.release()
+        self.head.release()
 
 
 def split_teacher_heads(student_hidden: torch.Tensor, teacher_hidden, teacher_weight, teacher_bias,
@@ -355,7 +368,53 @@ def bind_chunk_loss(single, fn: Callable[..., torch.Tensor], mix: tuple, token_w
                              f"{vocab}; pass vocab_size= to use the leading columns")
     if (len(heads) if heads else logits.shape[0]) == 1:
         return single
+    head = _mixture_head(heads, logits, w, n, params.softcap, params.temperature, vocab, rows)
+    return MixtureChunkLoss(params, vocab, fn, head, getattr(single, "stats", None))
+
+
+def _mixture_head(heads, logits, w: torch.Tensor, n: int, softcap: float | None, temperature: float, vocab: int,
+                  rows: int) -> MixtureHead:
     t3 = None if logits is None else logits.reshape(logits.shape[0], n, logits.shape[-1])
     flat = None if heads is None else [(h.reshape(n, h.shape[-1]), wt, b) for h, wt, b in heads]
     log_w = w.to(_compute_dtype((t3 if t3 is not None else flat[0][1]).dtype)).log()
-    return MixtureChunkLoss(params, vocab, fn, rows, flat, t3, log_w, getattr(single, "stats", None))
+    return MixtureHead(flat, t3, log_w, softcap, temperature, vocab, rows)
+
+
+def fused_teacher_entropy(a: dict) -> torch.Tensor:
+    """Teacher entropy (N,) fp32 at the loss's temperature for the arguments ``a`` of
+    :func:`fastkd.fused_linear_distill_loss` (one teacher or a mixture; softcap applied): the
+    ``select="teacher_entropy_top"`` pre-pass of :mod:`fastkd.core.selection`. Costs one pass of the teacher
+    head(s) over all tokens (the GEMMs, or a read of given logits), chunk by chunk, O(chunk · V) memory."""
+    sh, sw = a["student_hidden"], a["student_weight"]
+    lead = tuple(sh.shape[:-1])
+    n = math.prod(lead)
+    split = split_teacher_heads(sh, a["teacher_hidden"], a["teacher_weight"], a["teacher_bias"], a["teacher_logits"],
+                                a["teacher_weights"])
+    if split is not None:
+        _, heads, logits, w = split
+    elif a["teacher_logits"] is not None:
+        C.check_float_tensor("teacher_logits", a["teacher_logits"])
+        heads, logits, w = None, a["teacher_logits"].unsqueeze(0), torch.ones(1, dtype=torch.float64)
+    else:
+        if a["teacher_hidden"] is None or a["teacher_weight"] is None:
+            raise ValueError("pass teacher_hidden and teacher_weight (or teacher_logits)")
+        check_linear("teacher", a["teacher_hidden"], a["teacher_weight"], a["teacher_bias"])
+        heads, logits = [(a["teacher_hidden"], a["teacher_weight"], a["teacher_bias"])], None
+        w = torch.ones(1, dtype=torch.float64)
+    w = w.to(sh.device)
+    vt = heads[0][1].shape[0] if heads else logits.shape[-1]
+    vocab = C.resolve_vocab(sw.shape[0], vt, a["vocab_size"])
+    rows = a["chunk_size"] or auto_chunk_rows(n, 2 * vt, sh.device)
+    temperature = a["temperature"]
+    head = _mixture_head(heads, logits, w, n, a["softcap"], temperature, vocab, rows)
+    out = torch.empty(n, dtype=torch.float32, device=sh.device)
+    try:
+        for start in range(0, n, rows):
+            sl = slice(start, min(n, start + rows))
+            x = head.logits(sl).to(_compute_dtype(sh.dtype)).div_(temperature)
+            log_p = torch.log_softmax(x, -1)
+            p = log_p.exp()
+            out[sl] = -torch.where(p == 0, 0.0, p * log_p).sum(-1)
+    finally:
+        head.release()
+    return out

@@ -37,6 +37,7 @@ from fastkd.core.autograd import scale_grad
 from fastkd.core.divergences import DIVERGENCES
 from fastkd.core.params import DistillParams, make_params
 from fastkd.core.registry import declare, requested_backend, select
+from fastkd.core.selection import with_token_selection
 from fastkd.core.stats import new_buffer as new_stats_buffer
 from fastkd.core.stats import stats_dict
 from fastkd.distill import mixture as MX
@@ -171,6 +172,7 @@ class DistillFunction(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+@with_token_selection()
 def distill_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
