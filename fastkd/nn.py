@@ -4,6 +4,12 @@ Each module stores the keyword options of one function at construction and takes
 ``forward``; per-call keyword arguments (``labels``, ``mask``, ``num_items_in_batch``, ...) may be passed
 to ``forward`` and override the stored ones. The functional modules are imported inside ``forward``, so
 ``import fastkd.nn`` works even when an optional op family (e.g. the OT losses) failed to import.
+
+Statistics (issue 16; :mod:`fastkd.core.stats`): :class:`DistillLoss`, :class:`FusedLinearDistillLoss` and
+:class:`SparseDistillLoss` keep the last call's per-token stats dict (detached, fp32 (N,), 0 on excluded
+tokens) in ``module.last_stats``. With ``return_stats=True`` forward returns ``(loss, stats)`` as the function
+does; with ``track_stats=True`` (module option or per call) forward returns the loss alone and only fills
+``last_stats``. A call with neither sets ``last_stats`` to None.
 """
 
 from __future__ import annotations
@@ -49,9 +55,23 @@ class _KwargsLoss(nn.Module):
     def __init__(self, **options: Any) -> None:
         super().__init__()
         self.options = options
+        self.last_stats: dict[str, torch.Tensor] | None = None
 
     def _kw(self, call_kw: dict[str, Any]) -> dict[str, Any]:
         return {**self.options, **call_kw} if call_kw else self.options
+
+    def _call_tracking_stats(self, fn: Any, *args: Any, **call_kw: Any) -> Any:
+        """``fn(*args, **options)`` handling ``return_stats`` / ``track_stats`` and ``last_stats`` (module doc)."""
+        kw = dict(self._kw(call_kw))
+        track = bool(kw.pop("track_stats", False))
+        want = bool(kw.get("return_stats", False))
+        if not (want or track):
+            self.last_stats = None
+            return fn(*args, **kw)
+        kw["return_stats"] = True
+        loss, stats = fn(*args, **kw)
+        self.last_stats = {k: v.detach() for k, v in stats.items()}
+        return (loss, stats) if want else loss
 
     def extra_repr(self) -> str:
         def show(v: Any) -> str:
@@ -72,7 +92,7 @@ class DistillLoss(_KwargsLoss):
         super().__init__(divergence=divergence, **options)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, **kw: Any) -> torch.Tensor:
-        return _fn("distill.op", "distill_loss")(student_logits, teacher_logits, **self._kw(kw))
+        return self._call_tracking_stats(_fn("distill.op", "distill_loss"), student_logits, teacher_logits, **kw)
 
 
 class FusedLinearDistillLoss(_KwargsLoss):
@@ -91,7 +111,7 @@ class FusedLinearDistillLoss(_KwargsLoss):
                 teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
                 **kw: Any) -> torch.Tensor:
         fn = _fn("distill.fused", "fused_linear_distill_loss")
-        return fn(student_hidden, student_weight, teacher_hidden, teacher_weight, **self._kw(kw))
+        return self._call_tracking_stats(fn, student_hidden, student_weight, teacher_hidden, teacher_weight, **kw)
 
 
 class SparseDistillLoss(_KwargsLoss):
@@ -116,7 +136,7 @@ class SparseDistillLoss(_KwargsLoss):
             raise TypeError(f"SparseDistillLoss(fused={self.fused}).forward takes ({sig}), "
                             f"got {len(tensors)} positional tensors")
         name = "fused_linear_sparse_distill_loss" if self.fused else "sparse_distill_loss"
-        return _fn("sparse.op", name)(*tensors, **self._kw(kw))
+        return self._call_tracking_stats(_fn("sparse.op", name), *tensors, **kw)
 
     def extra_repr(self) -> str:
         rest = super().extra_repr()
