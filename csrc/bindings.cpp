@@ -65,9 +65,11 @@ void distill(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t grad
 
 void sparse_stats(std::uintptr_t student, std::uintptr_t ids, std::uintptr_t weight, std::uintptr_t lse,
                   std::uintptr_t lse_tail, std::uintptr_t s_ids, int64_t n_rows, int64_t vocab, int64_t k,
-                  int64_t stride_s, int64_t stride_ids, int dtype, float inv_t, std::uintptr_t stream) {
+                  int64_t stride_s, int64_t stride_ids, int dtype, float inv_t, std::uintptr_t stream,
+                  std::uintptr_t h_s, std::uintptr_t arg_s) {
   if (student == 0 || ids == 0 || weight == 0 || lse == 0 || s_ids == 0)
     throw std::invalid_argument("sparse_stats: null pointer");
+  if ((h_s == 0) != (arg_s == 0)) throw std::invalid_argument("sparse_stats: h_s and arg_s go together");
   if (lse_tail != 0 && vocab > fastkd::sparse_max_tail_vocab())
     throw std::invalid_argument("sparse_stats: vocabulary too large for the tail bitmap");
   fastkd::SparseStatsArgs a{};
@@ -83,6 +85,8 @@ void sparse_stats(std::uintptr_t student, std::uintptr_t ids, std::uintptr_t wei
   a.stride_s = stride_s;
   a.stride_ids = stride_ids;
   a.inv_t = inv_t;
+  a.h_s = ptr<float*>(h_s);
+  a.arg_s = ptr<int64_t*>(arg_s);
   py::gil_scoped_release nogil;
   check(fastkd::launch_sparse_stats(a, dtype, ptr<cudaStream_t>(stream)), "sparse_stats");
 }
@@ -166,7 +170,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("sparse_stats", &sparse_stats, "Sparse losses: lse, tail lse and s at the ids (csrc/sparse.cu)",
         py::arg("student"), py::arg("ids"), py::arg("weight"), py::arg("lse"), py::arg("lse_tail"),
         py::arg("s_ids"), py::arg("n_rows"), py::arg("vocab"), py::arg("k"), py::arg("stride_s"),
-        py::arg("stride_ids"), py::arg("dtype"), py::arg("inv_t"), py::arg("stream"));
+        py::arg("stride_ids"), py::arg("dtype"), py::arg("inv_t"), py::arg("stream"), py::arg("h_s") = 0,
+        py::arg("arg_s") = 0);
   m.def("sparse_grad", &sparse_grad, "Sparse losses: gradient from (a, b, c) coefficients (csrc/sparse.cu)",
         py::arg("student"), py::arg("grad"), py::arg("ids"), py::arg("weight"), py::arg("s_ids"), py::arg("lse"),
         py::arg("lse_base"), py::arg("a"), py::arg("b"), py::arg("c"), py::arg("n_rows"), py::arg("vocab"),

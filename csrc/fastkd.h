@@ -45,6 +45,8 @@ struct SparseStatsArgs {
   float* s_ids;          // (n_rows, k) out, contiguous: s at the ids, −inf at padding, NaN at bad ids
   int64_t n_rows, vocab, k, stride_s, stride_ids;
   float inv_t;
+  float* h_s = nullptr;      // (n_rows,) out or nullptr (no stats): entropy of softmax(s) over the row
+  int64_t* arg_s = nullptr;  // (n_rows,) out (with h_s): first argmax of s
 };
 
 struct SparseGradArgs {

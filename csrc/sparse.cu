@@ -9,6 +9,10 @@
 //   after a block barrier, the id columns are rewritten as exp(s_id − lse)·a + Σ_{k: id_k = id} c_k (the
 //   sum makes duplicated ids add up, as scatter_add does). Rows with weight 0 get zeros. Ids are untrusted:
 //   an id outside [0, V) is never dereferenced (the stats pass stores NaN for it, which poisons the row).
+// STATS (issue 16, a template flag: the kernels without it are unchanged): the stats pass also accumulates the
+//   student's entropy over the whole row, per thread (m, d = Σ e^{s−m}, c = Σ e^{s−m}(s − m)) merged across
+//   the block (H = log d − c/d), and its first-index argmax; the teacher side is O(K) in PyTorch
+//   (fastkd/sparse/torch_impl.py sparse_stats).
 #include "common.cuh"
 #include "fastkd.h"
 
@@ -18,7 +22,80 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBitmapBytes = 160 * 1024;
 
-template <typename T, int VEC, bool TAIL>
+// Running entropy state of softmax(s): max m, d = Σ e^{s−m}, c = Σ e^{s−m}(s − m); H = log d − c/d. A −inf
+// element adds nothing (never 0·(−inf)); a NaN element makes d and c NaN.
+struct EntAcc {
+  float m = -INFINITY;
+  float d = 0.f;
+  float c = 0.f;
+  __device__ __forceinline__ void add(float x) {
+    if (x > m) {
+      if (m == -INFINITY) {  // nothing finite yet: d, c are 0, or NaN after a NaN element (kept)
+        d = d * 0.f + 1.f;
+        c = c * 0.f;
+      } else {
+        const float f = expf(m - x);
+        c = (c + d * (m - x)) * f;
+        d = d * f + 1.f;
+      }
+      m = x;
+    } else if (x != -INFINITY) {
+      const float e = expf(x - m);
+      d += e;
+      c += e * (x - m);
+    }
+  }
+  __device__ __forceinline__ void merge(float om, float od, float oc) {
+    const float nm = fmaxf(m, om);
+    if (nm == -INFINITY) {
+      d += od;  // both empty (0), or NaN carried in d / c
+      c += oc;
+    } else {
+      const float ta = m == -INFINITY ? 0.f : (c + d * (m - nm)) * expf(m - nm);
+      const float tb = om == -INFINITY ? 0.f : (oc + od * (om - nm)) * expf(om - nm);
+      const float da = m == -INFINITY ? 0.f : d * expf(m - nm);
+      const float db = om == -INFINITY ? 0.f : od * expf(om - nm);
+      c = ta + tb;
+      d = da + db;
+    }
+    m = nm;
+  }
+};
+
+// Block-wide merge of EntAcc states in a lane-independent order; every thread receives the merged state.
+__device__ __forceinline__ void block_ent(EntAcc& e) {
+  __shared__ float sh[3][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float om = __shfl_xor_sync(0xffffffffu, e.m, o);
+    const float od = __shfl_xor_sync(0xffffffffu, e.d, o);
+    const float oc = __shfl_xor_sync(0xffffffffu, e.c, o);
+    EntAcc lo;
+    if ((lane & o) == 0) {
+      lo = e;
+      lo.merge(om, od, oc);
+    } else {
+      lo.m = om;
+      lo.d = od;
+      lo.c = oc;
+      lo.merge(e.m, e.d, e.c);
+    }
+    e = lo;
+  }
+  if (lane == 0) {
+    sh[0][warp] = e.m;
+    sh[1][warp] = e.d;
+    sh[2][warp] = e.c;
+  }
+  __syncthreads();
+  EntAcc acc;
+  for (int w = 0; w < nwarps; ++w) acc.merge(sh[0][w], sh[1][w], sh[2][w]);
+  e = acc;
+  __syncthreads();
+}
+
+template <typename T, int VEC, bool TAIL, bool STATS>
 __global__ void __launch_bounds__(kThreads) sparse_stats_kernel(SparseStatsArgs a) {
   extern __shared__ uint32_t bitmap[];
   const int64_t row = blockIdx.x;
@@ -50,16 +127,34 @@ __global__ void __launch_bounds__(kThreads) sparse_stats_kernel(SparseStatsArgs 
   }
   if (TAIL) __syncthreads();
   Lse st[2];
+  EntAcc ent;            // STATS: the row's entropy state
+  float bv = -INFINITY;  // STATS: first argmax (each thread visits its columns in increasing order)
+  int64_t bi = 0;
   // Single-row scan: reuse row_foreach2 with the same row on both sides (the second load hits L1).
   row_foreach2<T, VEC, 2>(z, z, V, [&](int64_t j, float zv, float) {
     const float s = zv * a.inv_t;
     st[0].add(s);
     if (TAIL && !((bitmap[j >> 5] >> (j & 31)) & 1u)) st[1].add(s);
+    if constexpr (STATS) {
+      ent.add(s);
+      if (s > bv) {
+        bv = s;
+        bi = j;
+      }
+    }
   });
   block_lse<2>(st);
+  if constexpr (STATS) {
+    block_ent(ent);
+    block_argmax(bv, bi);
+  }
   if (threadIdx.x == 0) {
     a.lse[row] = st[0].value();
     if (TAIL) a.lse_tail[row] = st[1].value();
+    if constexpr (STATS) {
+      a.h_s[row] = logf(ent.d) - ent.c / ent.d;
+      a.arg_s[row] = bi;
+    }
   }
 }
 
@@ -120,8 +215,12 @@ cudaError_t stats_typed(const SparseStatsArgs& a, cudaStream_t stream) {
     kernel<<<grid, kThreads, smem, stream>>>(a);
     return cudaGetLastError();
   };
-  if (tail) return vec ? go(sparse_stats_kernel<T, kVec, true>) : go(sparse_stats_kernel<T, 1, true>);
-  return vec ? go(sparse_stats_kernel<T, kVec, false>) : go(sparse_stats_kernel<T, 1, false>);
+  if (a.h_s != nullptr) {
+    if (tail) return vec ? go(sparse_stats_kernel<T, kVec, true, true>) : go(sparse_stats_kernel<T, 1, true, true>);
+    return vec ? go(sparse_stats_kernel<T, kVec, false, true>) : go(sparse_stats_kernel<T, 1, false, true>);
+  }
+  if (tail) return vec ? go(sparse_stats_kernel<T, kVec, true, false>) : go(sparse_stats_kernel<T, 1, true, false>);
+  return vec ? go(sparse_stats_kernel<T, kVec, false, false>) : go(sparse_stats_kernel<T, 1, false, false>);
 }
 
 template <typename T>

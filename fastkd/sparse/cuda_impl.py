@@ -4,7 +4,9 @@ Same contract as :mod:`fastkd.sparse.torch_impl` (see :mod:`fastkd.sparse.op`). 
 the vocabulary run in CUDA — statistics (lse, exact tail lse via an id bitmap, s at the ids) and the
 gradient ``q_v·(a + b·[v ∉ ids]) + Σ_k c_k·[v = id_k]`` — and the O(N·K) terms between them are
 :func:`fastkd.sparse.torch_impl.sparse_terms`, shared with the other backends. fp32 math; fp64 inputs
-are left to the torch backend. Imports cleanly without the extension.
+are left to the torch backend. With ``stats`` the statistics kernel (STATS template flag) also writes the
+student's entropy and first argmax from its one pass, and :func:`fastkd.sparse.torch_impl.sparse_stats` adds
+the O(N·K) teacher side. Imports cleanly without the extension.
 """
 
 from __future__ import annotations
@@ -34,15 +36,16 @@ def sparse_forward(
     weight: torch.Tensor,
     grad: torch.Tensor | None,
     p: SparseParams,
+    stats: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Backend entry point (op ``sparse``).
 
     student (N, V) fp32/bf16/fp16 CUDA raw logits; ids (N, K) int64 (−1 = padding); t_logp (N, K) fp32,
     t_tail (N,) fp32 or None; weight (N,) fp32; grad (N, V) in the student's dtype or None (may alias
-    student). Returns the per-token loss (N,) fp32.
+    student); stats (N, 4) fp32 or None. Returns the per-token loss (N,) fp32.
     """
     from fastkd import _cpp_lib
-    from fastkd.sparse.torch_impl import sparse_terms
+    from fastkd.sparse.torch_impl import sparse_stats, sparse_terms
 
     lib = _cpp_lib.lib()
     n, v = student.shape
@@ -62,10 +65,16 @@ def sparse_forward(
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
         tail_ptr = 0 if lse_tail is None else lse_tail.data_ptr()
+        h_s = torch.empty(n, dtype=torch.float32, device=dev) if stats is not None else None
+        arg_s = torch.empty(n, dtype=torch.int64, device=dev) if stats is not None else None
         lib.sparse_stats(z.data_ptr(), ids.data_ptr(), w.data_ptr(), lse.data_ptr(), tail_ptr,
-                         s_ids.data_ptr(), n, v, k, z.stride(0), ids.stride(0), code, inv_t, stream)
-        loss, c, a, lb, b = sparse_terms(s_ids, lse, lse_tail, t_logp.to(torch.float32),
-                                     None if t_tail is None else t_tail.to(torch.float32), w, p)
+                         s_ids.data_ptr(), n, v, k, z.stride(0), ids.stride(0), code, inv_t, stream,
+                         0 if h_s is None else h_s.data_ptr(), 0 if arg_s is None else arg_s.data_ptr())
+        tlp = t_logp.to(torch.float32)
+        tt = None if t_tail is None else t_tail.to(torch.float32)
+        loss, c, a, lb, b = sparse_terms(s_ids, lse, lse_tail, tlp, tt, w, p)
+        if stats is not None:
+            sparse_stats(stats, h_s, arg_s, ids, s_ids, lse, lse_tail, tlp, tt, w)
         if grad is not None:
             out = grad
             if grad.stride(-1) != 1 and v > 1:
@@ -83,11 +92,9 @@ def sparse_forward(
 
 
 def sparse_reasons(student: torch.Tensor | None = None, ids: torch.Tensor | None = None,
-                   params: SparseParams | None = None, stats: torch.Tensor | None = None, **_: object) -> list[str]:
+                   params: SparseParams | None = None, **_: object) -> list[str]:
     """Why the cuda backend cannot run these inputs ([] = it can)."""
     reasons = cuda_ext_reasons(student, ids)
-    if stats is not None:
-        reasons.append("return_stats is not implemented by the cuda sparse kernels yet")
     if student is not None:
         if student.dtype not in SUPPORTED_DTYPES:
             reasons.append(f"dtype {student.dtype} (the cuda backend supports float32, bfloat16, float16)")
