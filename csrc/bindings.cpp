@@ -37,7 +37,8 @@ void check(cudaError_t err, const char* what) {
 void distill(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t grad, std::uintptr_t labels,
              std::uintptr_t weight, std::uintptr_t loss, int64_t n_rows, int64_t vocab, int64_t stride_s,
              int64_t stride_t, int64_t stride_g, int dtype, int divergence, float inv_t, float kd_scale,
-             const std::vector<float>& hyper, float ce_weight, std::uintptr_t stream) {
+             const std::vector<float>& hyper, float ce_weight, std::uintptr_t stream, std::uintptr_t stats,
+             int64_t stride_st) {
   if (student == 0 || teacher == 0 || weight == 0 || loss == 0) throw std::invalid_argument("distill: null pointer");
   if (ce_weight != 0.f && labels == 0) throw std::invalid_argument("distill: ce_weight > 0 needs labels");
   if (n_rows < 0 || vocab < 0) throw std::invalid_argument("distill: negative size");
@@ -59,6 +60,8 @@ void distill(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t grad
   a.kd_scale = kd_scale;
   for (int k = 0; k < fastkd::kNumHyper; ++k) a.hyper[k] = hyper[k];
   a.ce_weight = ce_weight;
+  a.stats = ptr<float*>(stats);
+  a.stride_st = stride_st;
   py::gil_scoped_release nogil;
   check(fastkd::launch_distill(a, dtype, divergence, ptr<cudaStream_t>(stream)), "distill");
 }
@@ -166,7 +169,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("teacher"), py::arg("grad"), py::arg("labels"), py::arg("weight"), py::arg("loss"),
         py::arg("n_rows"), py::arg("vocab"), py::arg("stride_s"), py::arg("stride_t"), py::arg("stride_g"),
         py::arg("dtype"), py::arg("divergence"), py::arg("inv_t"), py::arg("kd_scale"), py::arg("hyper"),
-        py::arg("ce_weight"), py::arg("stream"));
+        py::arg("ce_weight"), py::arg("stream"), py::arg("stats") = 0, py::arg("stride_st") = 0);
   m.def("sparse_stats", &sparse_stats, "Sparse losses: lse, tail lse and s at the ids (csrc/sparse.cu)",
         py::arg("student"), py::arg("ids"), py::arg("weight"), py::arg("lse"), py::arg("lse_tail"),
         py::arg("s_ids"), py::arg("n_rows"), py::arg("vocab"), py::arg("k"), py::arg("stride_s"),

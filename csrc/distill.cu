@@ -13,6 +13,10 @@
 //   pass 2  D = Σ_j d_j and Σ_j qg_j with qg = q·∂D/∂q (fastkd/distill/torch_impl.py TERMS, term by term);
 //   pass 3  grad_j = w·[(qg_j − q_j·Σqg)·kd_scale/T + ce_weight·(softmax(z_s)_j − [j == label])].
 // loss[i] = kd_scale·D − ce_weight·log_softmax(z_s)[label]. Grid: (n_rows,), block: 128–512 threads.
+// With a stats buffer (STATS template flag: the kernels without it are unchanged), pass 1 also finds the first
+// argmax of the raw student and teacher logits (and the teacher's own lse for taid, whose x is the mix) and
+// pass 2 sums −p log p, −q log q and p (log p − log q); thread 0 writes [teacher_entropy, student_entropy,
+// top1_agree, kl] (fastkd/core/stats.py STATS_KEYS order).
 #include "common.cuh"
 #include "fastkd.h"
 
@@ -112,7 +116,7 @@ __device__ __forceinline__ Terms element_terms(const RowConsts& c, float zs, flo
 
 __device__ __forceinline__ uint32_t prob_key(float p) { return __float_as_uint(p); }
 
-template <typename T, int DIV, int VEC>
+template <typename T, int DIV, int VEC, bool STATS>
 __global__ void __launch_bounds__(512, 1) distill_kernel(DistillArgs a) {
   const int64_t row = blockIdx.x;
   const float w = a.weight[row];
@@ -144,6 +148,11 @@ __global__ void __launch_bounds__(512, 1) distill_kernel(DistillArgs a) {
   Lse st[3];
   float tmax = -INFINITY;
   int64_t targ = V;
+  // STATS: first argmax of the raw logits (dividing by T could round distinct values into a tie); taid's
+  // teacher lse (its x is the mixed logit)
+  float rmax_s = -INFINITY, rmax_t = -INFINITY;
+  int64_t rarg_s = V, rarg_t = V;
+  Lse st_t[1];
   row_foreach2<T, VEC, kUnroll>(zs_row, zt_row, V, [&](int64_t j, float zs, float zt) {
     const float s = temper(zs, c.inv_t);
     st[0].add(s);
@@ -153,11 +162,25 @@ __global__ void __launch_bounds__(512, 1) distill_kernel(DistillArgs a) {
     if constexpr (DIV == kAKL) {
       if (x > tmax) { tmax = x; targ = j; }
     }
+    if constexpr (STATS) {
+      if (zs > rmax_s) { rmax_s = zs; rarg_s = j; }
+      if (zt > rmax_t) { rmax_t = zt; rarg_t = j; }
+      if constexpr (DIV == kTAID) st_t[0].add(temper(zt, c.inv_t));
+    }
   });
   block_lse<3>(st);
   c.lse_s = st[0].value();
   c.lse_x = st[1].value();
   const float lse_z = ce_own_lse ? st[2].value() : c.lse_s;
+  float lse_t = c.lse_x;  // the teacher's own lse (STATS)
+  if constexpr (STATS) {
+    block_argmax(rmax_s, rarg_s);
+    block_argmax(rmax_t, rarg_t);
+    if constexpr (DIV == kTAID) {
+      block_lse<1>(st_t);
+      lse_t = st_t[0].value();
+    }
+  }
   if constexpr (DIV == kAKL) {
     block_argmax(tmax, targ);
     c.top = targ;
@@ -194,8 +217,17 @@ __global__ void __launch_bounds__(512, 1) distill_kernel(DistillArgs a) {
 
   // ---- pass 2: divergence sums
   float acc[6] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // d0, qg0, d1, qg1, err_head, err_total
+  float sacc[3] = {0.f, 0.f, 0.f};                 // STATS: −Σ p log p, −Σ q log q, Σ p (log p − log q)
   row_foreach2<T, VEC, kUnroll>(zs_row, zt_row, V, [&](int64_t j, float zs, float zt) {
     const Terms e = element_terms<DIV>(c, zs, zt);
+    if constexpr (STATS) {
+      const float lq = temper(zs, c.inv_t) - c.lse_s;
+      const float lp = temper(zt, c.inv_t) - lse_t;
+      const float p = DIV == kTAID ? expf(lp) : e.p;  // element_terms' p is the teacher's but for taid
+      sacc[0] -= pos(p, p * lp);
+      sacc[1] -= pos(e.q, e.q * lq);
+      sacc[2] += pos(p, p * (lp - lq));
+    }
     acc[0] += e.d0;
     acc[1] += e.qg0;
     if constexpr (DIV == kSymKL || DIV == kAKL) {
@@ -209,6 +241,7 @@ __global__ void __launch_bounds__(512, 1) distill_kernel(DistillArgs a) {
     }
   });
   block_sum<6>(acc);
+  if constexpr (STATS) block_sum<3>(sacc);
   float wf = 1.f, wr = 0.f;
   if constexpr (DIV == kSymKL) {
     wf = c.beta;
@@ -233,6 +266,13 @@ __global__ void __launch_bounds__(512, 1) distill_kernel(DistillArgs a) {
       loss -= a.ce_weight * (zl - lse_z);
     }
     a.loss[row] = loss;
+    if constexpr (STATS) {
+      float* out = a.stats + row * a.stride_st;
+      out[0] = sacc[0];
+      out[1] = sacc[1];
+      out[2] = rarg_s == rarg_t ? 1.f : 0.f;
+      out[3] = sacc[2];
+    }
   }
   if (!g_row) return;
 
@@ -261,10 +301,16 @@ cudaError_t launch_typed(const DistillArgs& a, cudaStream_t stream) {
   int threads = 128;
   while (threads < 512 && static_cast<int64_t>(threads) * kVec * 4 < a.vocab) threads *= 2;
   const dim3 grid(static_cast<unsigned>(a.n_rows));
-  if (vec) {
-    distill_kernel<T, DIV, kVec><<<grid, threads, 0, stream>>>(a);
+  if (a.stats != nullptr) {
+    if (vec) {
+      distill_kernel<T, DIV, kVec, true><<<grid, threads, 0, stream>>>(a);
+    } else {
+      distill_kernel<T, DIV, 1, true><<<grid, threads, 0, stream>>>(a);
+    }
+  } else if (vec) {
+    distill_kernel<T, DIV, kVec, false><<<grid, threads, 0, stream>>>(a);
   } else {
-    distill_kernel<T, DIV, 1><<<grid, threads, 0, stream>>>(a);
+    distill_kernel<T, DIV, 1, false><<<grid, threads, 0, stream>>>(a);
   }
   return cudaGetLastError();
 }

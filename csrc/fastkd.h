@@ -30,6 +30,8 @@ struct DistillArgs {
   int64_t n_rows, vocab, stride_s, stride_t, stride_g;
   float inv_t, kd_scale, ce_weight;
   float hyper[kNumHyper];  // beta, alpha, mu, t (enum Hyper)
+  float* stats;            // (n_rows, 4) fp32 out or nullptr, row stride stride_st (fastkd/core/stats.py)
+  int64_t stride_st;
 };
 
 cudaError_t launch_distill(const DistillArgs& args, int dtype, int divergence, cudaStream_t stream);

@@ -36,8 +36,9 @@ def distill_forward(
     """Backend entry point (op ``distill``).
 
     student, teacher: (N, V) fp32/bf16/fp16 CUDA, column stride 1 (else copied); labels (N,) int64 or
-    None; weight (N,) fp32; grad (N, V) in the student's dtype or None (may alias student).
-    Returns loss (N,) fp32.
+    None; weight (N,) fp32; grad (N, V) in the student's dtype or None (may alias student); stats (N, 4) fp32
+    output or None (the kernel's STATS instantiation: pass 1 adds the raw-logit argmaxes, pass 2 the entropy
+    and kl sums; :mod:`fastkd.core.stats`). Returns loss (N,) fp32.
     """
     from fastkd import _cpp_lib
 
@@ -55,6 +56,9 @@ def distill_forward(
     if grad is not None and grad.stride(-1) != 1 and v > 1:
         out_grad = torch.empty((n, v), dtype=grad.dtype, device=grad.device)
     loss = torch.empty(n, dtype=torch.float32, device=student.device)
+    st = stats
+    if st is not None and (st.stride(1) != 1 or st.dtype != torch.float32):
+        st = torch.empty((n, 4), dtype=torch.float32, device=student.device)
     if n and v:
         with torch.cuda.device(student.device):
             stream = torch.cuda.current_stream(student.device).cuda_stream
@@ -64,20 +68,21 @@ def distill_forward(
                 n, v, s.stride(0), t.stride(0), 0 if out_grad is None else out_grad.stride(0),
                 _cpp_lib.dtype_code(student.dtype), p.code, 1.0 / p.temperature, p.kd_scale,
                 list(p.hyper_values()), p.ce_weight, stream,
+                0 if st is None else st.data_ptr(), 0 if st is None else st.stride(0),
             )
     if out_grad is not None and out_grad is not grad:
         grad.copy_(out_grad)
+    if st is not None and st is not stats:
+        stats.copy_(st)
     return loss
 
 
 def distill_reasons(
     student: torch.Tensor | None = None, teacher: torch.Tensor | None = None,
-    params: DistillParams | None = None, stats: torch.Tensor | None = None, **_: object,
+    params: DistillParams | None = None, **_: object,
 ) -> list[str]:
     """Why the cuda backend cannot run these inputs ([] = it can)."""
     reasons = cuda_ext_reasons(student, teacher)
-    if stats is not None:
-        reasons.append("return_stats is not implemented in the CUDA kernel yet")
     if student is not None:
         if student.dtype not in SUPPORTED_DTYPES:
             reasons.append(f"dtype {student.dtype} (the cuda backend supports float32, bfloat16, float16)")
