@@ -30,6 +30,12 @@ trainer's ``temperature`` (exact re-tempered log-probs and tail, :mod:`fastkd.ca
 cache (``values="hidden"``) gives batches with ``teacher_hidden`` (B, T, H): the loss is the dense
 :func:`fastkd.fused_linear_distill_loss` against the cache's stored LM head (``cache.lm_head()``, × its
 ``logit_scale``, its ``softcap``), i.e. online distillation up to the rounding of the stored hidden states.
+
+Statistics (issue 16): with ``log_stats=True`` (default) every loss call also returns its per-token stats
+(:mod:`fastkd.core.stats`, computed in the loss's own kernel passes; the loss is bitwise unchanged) and the
+trainer logs their masked means through ``Trainer.log``: ``teacher_entropy``, ``student_entropy``,
+``top1_agree`` and ``kl`` (``eval_``-prefixed during evaluation), each the mean over the kept target tokens
+of every micro-batch since the previous log on this process (token-weighted, not averaged across ranks).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from fastkd.core.stats import STATS_KEYS
 from fastkd.distill.fused import fused_linear_distill_loss
 
 __all__ = ["DistillationTrainer", "lm_head_of", "body_of", "hidden_states"]
@@ -127,6 +134,8 @@ class DistillationTrainer(Trainer):
         loss_kwargs: further keywords for the loss function (e.g. ``backend``, ``vocab_size``).
         teacher_cache, sparse: offline mode, see the module docstring; ``sparse`` is a dict of
             :func:`fastkd.fused_linear_sparse_distill_loss` options.
+        log_stats: log the masked means of the loss's per-token statistics (module docstring); False for
+            a backend without statistics (``loss_kwargs={"backend": "cuda"}``).
         Everything else goes to ``transformers.Trainer``.
     """
 
@@ -136,7 +145,7 @@ class DistillationTrainer(Trainer):
                  t: float | None = None,
                  ce_weight: float = 0.0, chunk_size: int | None = None,
                  loss_kwargs: dict[str, Any] | None = None, teacher_cache: Any = None,
-                 sparse: dict[str, Any] | None = None, **kwargs: Any) -> None:
+                 sparse: dict[str, Any] | None = None, log_stats: bool = True, **kwargs: Any) -> None:
         if teacher_model is None and teacher_cache is None:
             raise ValueError("DistillationTrainer needs teacher_model (online) or teacher_cache (offline)")
         sparse_defaults: dict[str, Any] = {}
@@ -172,6 +181,10 @@ class DistillationTrainer(Trainer):
             mu=mu, t=t, ce_weight=ce_weight, chunk_size=chunk_size, **(loss_kwargs or {}))
         self._teacher_head_cache: tuple[tuple[Any, ...], torch.Tensor, torch.Tensor | None] | None = None
         self._hidden_cache = hidden_cache
+        self.log_stats = bool(log_stats)
+        # "train" / "eval" -> {stat name: sum over kept tokens, "_count": kept tokens}, device tensors (no sync
+        # per step); turned into means and cleared by log()
+        self._stats_sums: dict[str, dict[str, torch.Tensor]] = {}
 
     def _set_signature_columns_if_needed(self) -> None:
         # keep the teacher's cached targets when Trainer drops the columns the model's forward does not take
@@ -226,6 +239,8 @@ class DistillationTrainer(Trainer):
         if isinstance(n_items, torch.Tensor):
             n_items = n_items.to(h_s.device)
         common = dict(labels=labels, mask=mask, num_items_in_batch=n_items)
+        if self.log_stats:
+            common["return_stats"] = True
         if inputs.get("teacher_hidden") is not None:
             loss = self._cached_hidden_loss(inputs, h_s, head, softcap, common)
         elif inputs.get("teacher_ids") is not None:
@@ -249,8 +264,34 @@ class DistillationTrainer(Trainer):
             loss = fused_linear_distill_loss(
                 h_s, head.weight, h_t, w_t, student_bias=getattr(head, "bias", None), teacher_bias=b_t,
                 softcap=softcap, **common, **self.distill_options)
+        if self.log_stats:
+            loss, stats = loss
+            self._record_stats(stats, labels, mask)
         loss = self._scale_for_devices(loss, num_items_in_batch)
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _record_stats(self, stats: dict[str, torch.Tensor], labels: torch.Tensor | None,
+                      mask: torch.Tensor | None) -> None:
+        """Add one micro-batch's stats sums and kept-token count (the stats are 0 on excluded tokens)."""
+        keep = None if labels is None else labels != self.distill_options.get("ignore_index", -100)
+        if mask is not None:
+            keep = mask if keep is None else keep & mask
+        count = keep.sum() if keep is not None else torch.tensor(next(iter(stats.values())).numel())
+        acc = self._stats_sums.setdefault("train" if self.model.training else "eval", {})
+        for name in (*STATS_KEYS, "_count"):
+            value = (count if name == "_count" else stats[name].sum()).detach().to(torch.float64)
+            acc[name] = value if name not in acc else acc[name] + value.to(acc[name].device)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """``Trainer.log`` plus the masked means of the loss statistics since the previous log."""
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        acc = self._stats_sums.pop(mode, None)
+        if acc:
+            count = float(acc["_count"])
+            if count > 0:
+                prefix = "eval_" if mode == "eval" else ""
+                logs = {**logs, **{prefix + name: float(acc[name]) / count for name in STATS_KEYS}}
+        super().log(logs, *args, **kwargs)
 
     def _to_teacher(self, inputs: dict[str, Any]) -> dict[str, Any]:
         device = next(self.teacher_model.parameters()).device
