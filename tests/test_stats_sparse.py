@@ -259,6 +259,29 @@ def test_ties_first_index(small_blocks):
             check_stats(st, exp, torch.ones(3, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("schedule", ["split", "row"])
+def test_cost_model_no_extra_pass(schedule, default_blocks):
+    """bench/costcount.py (model, not measured): with stats the sparse kernels make the same launches and their
+    HBM bytes grow only by the per-row outputs and the split kernel's per-segment workspace, not by a pass over
+    the (N, V) logits."""
+    costcount = pytest.importorskip("bench.costcount")
+    n, v, k = 6, 1000, 4
+    TS.CONFIG.update(block_v=128, num_warps=4, schedule=schedule)
+    z, ids, vals = make("topk_tail", "logprobs", n=n, v=v, k=k)
+    out = {}
+    for want in (False, True):
+        counter = costcount.TritonCounter()
+        with counter.active():
+            fastkd.sparse_distill_loss(z.to(torch.bfloat16).requires_grad_(), ids, vals.float(), mode="topk_tail",
+                                       backend="triton", return_stats=want)
+        launches = [st for st in counter.launches if "sparse" in st.kernel]
+        out[want] = ([st.kernel for st in launches], sum(st.cost(costcount.GPUS["h200"]).bytes for st in launches))
+    assert out[True][0] == out[False][0]
+    segments = -(-v // 128)
+    extra = n * (2 * 3 * 4 * segments + 4 * k + 4 * 8)  # workspace written + read, s at the ids, 4 row scalars
+    assert out[False][1] <= out[True][1] <= out[False][1] + extra < out[False][1] + n * v * 2, out
+
+
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton-row", "triton-split"])
