@@ -109,11 +109,11 @@ def calls(full: bool) -> Iterator[tuple[str, Callable[[], Any]]]:
     vocabs = (131072, 1000, 50257) if full else (131072,)
     short = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}
 
-    def distill(dt, v, div, grad, labels, temp):
+    def distill(dt, v, div, grad, labels, temp, stats=False):
         s = torch.zeros(2, v, dtype=dt).requires_grad_(grad)
         t = torch.zeros(2, v, dtype=dt)
         kw = {"labels": torch.zeros(2, dtype=torch.int64), "ce_weight": 0.5} if labels else {}
-        fastkd.distill_loss(s, t, div, temperature=temp, backend="triton", **kw)
+        fastkd.distill_loss(s, t, div, temperature=temp, backend="triton", return_stats=stats, **kw)
 
     for dt in dtypes:
         for v in vocabs:
@@ -127,6 +127,10 @@ def calls(full: bool) -> Iterator[tuple[str, Callable[[], Any]]]:
                     yield (f"distill {div} {short[dt]} V={v} grad={grad} ce={labels} T={temp}",
                            lambda dt=dt, v=v, div=div, grad=grad, labels=labels, temp=temp:
                            distill(dt, v, div, grad, labels, temp))
+        for v in (131072, 50257):  # return_stats=True: the kernels' STATS variants (label suffix " stats")
+            for div, temp in (("fkl", 1.0), ("fkl", 2.0), ("jsd", 1.0), ("akl", 1.0)):
+                yield (f"distill {div} {short[dt]} V={v} grad=True ce=False T={temp} stats",
+                       lambda dt=dt, v=v, div=div, temp=temp: distill(dt, v, div, True, False, temp, True))
         g = torch.zeros(2, vocabs[0], dtype=dt)
         yield f"scale_grad {short[dt]}", lambda g=g: scale_grad_(g, torch.full((2,), 2.0), True)
 
