@@ -36,6 +36,7 @@ from fastkd.core.divergences import names
 from fastkd.core.lmhead import FusedHeadFunction, auto_chunk_rows, check_linear
 from fastkd.core.params import SparseParams
 from fastkd.core.registry import declare, requested_backend, select
+from fastkd.core.selection import with_token_selection
 from fastkd.core.stats import new_buffer as new_stats_buffer
 from fastkd.core.stats import stats_dict
 
@@ -358,6 +359,7 @@ class SparseDistillFunction(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None, None
 
 
+@with_token_selection()
 def sparse_distill_loss(
     student_logits: torch.Tensor,
     teacher_ids: torch.Tensor,
@@ -478,6 +480,7 @@ class _SparseChunkLoss:
                        *extra)
 
 
+@with_token_selection()
 def fused_linear_sparse_distill_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
