@@ -13,39 +13,46 @@ of segment 0 (``_row_terms``, the Triton transcription of ``sparse_terms``: same
 exclusion rules, tested against the torch path and the float64 reference).
 
 Schedule. ``S = ceil(V / BLOCK_V)`` segments per row; a unit is (row r, segment j), taken in ticket order
-(an atomic counter, not the program id); the grid is ``(N + 1) · S`` programs. Unit (r, j) runs
+(an atomic counter, not the program id); the grid is ``(N + lag) · S`` programs. Unit (r, j) runs
 
 * phase 0 (statistics of row r, segment j): the online (max m, Σe^{s−m}) of s = z / T over the segment, in
   SUB_V-wide tiles; with a tail (topk_tail) the row's ids inside each tile are set to −inf first (the sorted-id
   walk of :mod:`fastkd.kernels.sparse`: the ids of tile [a, a + SUB_V) are the sorted slots [lo, hi), two
   O(K) counts, each id compared with one tile), so the partial is the tail's. Writes ``ws[r, j] = (m, d)``,
   then ``cnt[r, 0] += 1`` (release).
-* final phase of row r − 1, segment j:
-    - j = 0 (the row's *terms* unit): waits for ``cnt[r−1, 0] == S``, merges the S partials in a fixed order
-      (deterministic) into lse (or lse_tail, then lse = logaddexp(lse_tail, logsumexp of s at the distinct
-      valid ids), exactly as the stats kernel), gathers s at the K ids from the row (still intact: nobody
-      writes row r − 1 before this unit's release), runs ``_row_terms`` → loss (stored), the row scalars
-      (lb, b') and the value each sorted id slot receives (``fix``: a·e^{s_id − lse} + Σ c over the id's run,
-      written to the workspace), then ``cnt[r−1, 1] = 1`` (release);
-    - j > 0: waits for ``cnt[r−1, 1]`` and loads (lb, b') and ``fix``;
-    - every j: writes the segment's gradient b'·e^{s_v − lb} (0 for top-k rkl/jsd: the row lives on its ids
-      only), then, after a block barrier, overwrites the ids inside the segment with ``fix`` (a repeated id:
-      only the last slot of its run of equal sorted neighbours stores, the run's sum).
-  An excluded row (weight 0) skips its reads and waits: loss 0 and a zero gradient.
+* terms of row r − 1, only for j = 0 (the row's *terms* unit): waits for ``cnt[r−1, 0] == S``, merges the S
+  partials in a fixed order (deterministic) into lse (or lse_tail, then lse = logaddexp(lse_tail, logsumexp
+  of s at the distinct valid ids), exactly as the stats kernel), gathers s at the K ids from the row (still
+  intact: nobody writes row r − 1 before this unit's release), runs ``_row_terms`` → loss (stored), the row
+  scalars (lb, b') and the value each sorted id slot receives (``fix``: a·e^{s_id − lse} + Σ c over the id's
+  run), written to the workspace, then ``cnt[r−1, 1] = 1`` (release).
+* gradient of row r − lag, segment j: waits for that row's terms flag, loads (lb, b'), writes the segment's
+  gradient b'·e^{s_v − lb} (0 for top-k rkl/jsd: the row lives on its ids only), then, after a block barrier,
+  overwrites the ids inside the segment with ``fix`` (a repeated id: only the last slot of its run of equal
+  sorted neighbours stores, the run's sum).
 
-A unit waits only for smaller tickets (phase-0 units of row r − 1, the terms unit of its own ticket row), and
-each of those publishes without waiting for anything later: no cycle, no co-residency assumption. The Triton
-interpreter runs the programs in ticket order, so every wait is already satisfied there and the same code is
-tested on CPU.
+An excluded row (weight 0) skips its reads and waits: loss 0 and a zero gradient.
+
+``lag`` (rows, a runtime argument ≥ 1). With lag = 1 the S − 1 gradient units of a row start right behind its
+terms unit and spin while it merges, gathers and runs the O(K) math. The launcher sets lag ≈ 512 / S rows
+(``CONFIG["lag_units"]``, at most N): about one wave of resident programs separates a row's terms unit from
+its gradient units, so the terms are normally published before they are needed (a latency argument, to be
+tuned on a GPU: not measured).
+
+A unit waits only for smaller tickets (phase-0 units of row r − 1 for the terms, the terms unit of row r − lag
+for a gradient), and each of those publishes without waiting for anything later: no cycle, no co-residency
+assumption. The Triton interpreter runs the programs in ticket order, so every wait is already satisfied there
+and the same code is tested on CPU.
 
 L2 window (the rule ``bench/costcount.py`` applies to cross-program re-reads). A segment is read in phase 0 by
-ticket u and re-read by ticket u + S (its gradient; the terms unit's gather at the ids as well): at most
-resident + S programs run in between, each touching 2 segments + the ids (BLOCK_V = 4096 bf16: ~17 KB),
-i.e. (528 + 32) × 17 KB ≈ 10 MB at V = 131072, under the 50 MB L2: HBM sees each logit read once and the
-gradient written once (+ 8 B per unit of statistics and 8·K B per row of ``fix``).
+ticket u, gathered at its ids by the terms unit (≤ S tickets later) and re-read by ticket u + lag·S (its
+gradient): at most resident + lag·S programs run in between, each touching 2 segments + the ids (BLOCK_V =
+4096 bf16: ~17-19 KB), i.e. (528 + 512) × 19 KB ≈ 20 MB (≈ 30 MB if 1056 programs are resident), under the
+50 MB L2: HBM sees each logit read once and the gradient written once (+ 8 B per unit of statistics and
+~20·K B per row of ids, teacher values and ``fix``). The bound depends on BLOCK_V and lag·S, not on V.
 
-Aliasing. The gradient may be the logits buffer (the fused path): a segment is written only in its own final
-phase, after its phase-0 read (ordered by the counter) and after the terms unit's gather (ordered by its flag);
+Aliasing. The gradient may be the logits buffer (the fused path): a segment is written only by its gradient
+unit, after its phase-0 read (ordered by the counter) and after the terms unit's gather (ordered by its flag);
 its own tile is read before it is written.
 
 Untrusted ids (as :mod:`fastkd.kernels.sparse`): every access at an id is masked by 0 ≤ id < V; an id outside
@@ -224,6 +231,7 @@ def _sparse_split_kernel(
     lse_ptr,  # (N,) fp32 out (STATS): the row's lse
     lst_ptr,  # (N,) fp32 out (STATS and TOPK_TAIL): the row's tail lse
     N, V, K, S,
+    lag,  # rows between a row's terms unit and its gradient units (>= 1; the grid is (N + lag)·S, see above)
     stride_z, stride_g,
     inv_t, kd_scale, coef, beta, log_b, log_1b,
     MODE: tl.constexpr,
@@ -285,84 +293,82 @@ def _sparse_split_kernel(
         tl.debug_barrier()  # every thread's stores before the release below
         tl.atomic_add(cnt_ptr + 1 + 2 * r, 1, sem="release")
 
-    # ---- final phase: loss (segment 0) and gradient of segment j of row r − 1 -------------------------------
-    r2 = r - 1
-    if r2 >= 0:
-        keep = tl.load(w_ptr + r2) != 0.0
-        cols = start + tl.arange(0, BLOCK_V)
-        g_row = g_ptr + r2 * stride_g
+    # ---- terms of row r − 1 (the unit of segment 0 only): loss, (lb, b') and the id values -------------------
+    r1 = r - 1
+    if (j == 0) & (r1 >= 0) & (r1 < N):
+        keep = tl.load(w_ptr + r1) != 0.0
         if not keep:
-            if j == 0:
-                tl.store(loss_ptr + r2, 0.0)
-            if HAS_GRAD:
-                tl.store(g_row + cols, tl.zeros([BLOCK_V], tl.float32).to(g_ptr.dtype.element_ty), mask=cols < V)
+            tl.store(loss_ptr + r1, 0.0)  # no flag: the gradient units of an excluded row do not wait
         else:
-            z_row = z_ptr + r2 * stride_z
-            srt_row = sorted_ptr + r2 * K
+            z_row = z_ptr + r1 * stride_z
+            srt_row = sorted_ptr + r1 * K
             srt = tl.load(srt_row + offs_k, mask=in_k, other=-1)
-            if j == 0:  # the row's terms
-                _wait(cnt_ptr + 1 + 2 * r2, S)
-                segs = tl.arange(0, SP)
-                sm = segs < S
-                mseg = tl.load(ws_ptr + (r2 * S + segs) * 2, mask=sm, other=float("-inf"), cache_modifier=".cg")
-                dseg = tl.load(ws_ptr + (r2 * S + segs) * 2 + 1, mask=sm, other=0.0, cache_modifier=".cg")
-                mm = tl.max(mseg, 0)
-                mm_s = tl.where(mm == float("-inf"), 0.0, mm)
-                dd = tl.sum(dseg * tl.exp(mseg - mm_s), 0)
-                valid = in_k & (srt >= 0) & (srt < V)
-                s = tl.load(z_row + tl.where(valid, srt, 0), mask=valid, other=float("-inf")).to(tl.float32)
-                if SCALED:
-                    s = s * inv_t
-                s = tl.where(valid | (srt == -1), s, float("nan"))  # an out-of-range id poisons its token
-                prev = tl.load(srt_row + offs_k - 1, mask=in_k & (offs_k >= 1), other=-1)
-                run_start = (srt != prev) | (offs_k == 0)
-                lse_t = mm_s + tl.log(dd)
-                if MODE == TOPK_TAIL:
-                    # the head: each distinct valid id once (a repeat equals its sorted predecessor)
-                    s_head = tl.where(valid & run_start, s, float("-inf"))
-                    mh = tl.max(s_head, 0)
-                    mh_s = tl.where(mh == float("-inf"), 0.0, mh)
-                    dh = tl.sum(tl.exp(s_head - mh_s), 0)
-                    m2 = tl.maximum(mm, mh)
-                    m2_s = tl.where(m2 == float("-inf"), 0.0, m2)
-                    lse = m2_s + tl.log(dd * tl.exp(mm - m2_s) + dh * tl.exp(mh - m2_s))
-                else:
-                    lse = lse_t
-                perm = tl.load(perm_ptr + r2 * K + offs_k, mask=in_k, other=0)
-                tlp = tl.load(tlp_ptr + r2 * K + perm, mask=in_k, other=float("-inf"))
-                tt = 0.0
-                if MODE == TOPK_TAIL:
-                    tt = tl.load(tt_ptr + r2)
-                wgt = tl.load(w_ptr + r2)
-                loss, c, a, lb, b = _row_terms(s, tlp, tt, lse, lse_t, in_k, keep, wgt, kd_scale, coef, beta,
-                                               log_b, log_1b, MODE, DIV)
-                tl.store(loss_ptr + r2, loss)
-                if STATS:
-                    _row_stats(sws_ptr, h_ptr, arg_ptr, sid_ptr, lse_ptr, lst_ptr, r2, S, K, s, srt, perm, valid,
-                               run_start, mseg, dseg, mm, mm_s, dd, lse, lse_t, segs, sm, offs_k, in_k, MODE)
+            _wait(cnt_ptr + 1 + 2 * r1, S)
+            segs = tl.arange(0, SP)
+            sm = segs < S
+            mseg = tl.load(ws_ptr + (r1 * S + segs) * 2, mask=sm, other=float("-inf"), cache_modifier=".cg")
+            dseg = tl.load(ws_ptr + (r1 * S + segs) * 2 + 1, mask=sm, other=0.0, cache_modifier=".cg")
+            mm = tl.max(mseg, 0)
+            mm_s = tl.where(mm == float("-inf"), 0.0, mm)
+            dd = tl.sum(dseg * tl.exp(mseg - mm_s), 0)
+            valid = in_k & (srt >= 0) & (srt < V)
+            s = tl.load(z_row + tl.where(valid, srt, 0), mask=valid, other=float("-inf")).to(tl.float32)
+            if SCALED:
+                s = s * inv_t
+            s = tl.where(valid | (srt == -1), s, float("nan"))  # an out-of-range id poisons its token
+            prev = tl.load(srt_row + offs_k - 1, mask=in_k & (offs_k >= 1), other=-1)
+            run_start = (srt != prev) | (offs_k == 0)
+            lse_t = mm_s + tl.log(dd)
+            if MODE == TOPK_TAIL:
+                # the head: each distinct valid id once (a repeat equals its sorted predecessor)
+                s_head = tl.where(valid & run_start, s, float("-inf"))
+                mh = tl.max(s_head, 0)
+                mh_s = tl.where(mh == float("-inf"), 0.0, mh)
+                dh = tl.sum(tl.exp(s_head - mh_s), 0)
+                m2 = tl.maximum(mm, mh)
+                m2_s = tl.where(m2 == float("-inf"), 0.0, m2)
+                lse = m2_s + tl.log(dd * tl.exp(mm - m2_s) + dh * tl.exp(mh - m2_s))
+            else:
+                lse = lse_t
+            perm = tl.load(perm_ptr + r1 * K + offs_k, mask=in_k, other=0)
+            tlp = tl.load(tlp_ptr + r1 * K + perm, mask=in_k, other=float("-inf"))
+            tt = 0.0
+            if MODE == TOPK_TAIL:
+                tt = tl.load(tt_ptr + r1)
+            wgt = tl.load(w_ptr + r1)
+            loss, c, a, lb, b = _row_terms(s, tlp, tt, lse, lse_t, in_k, keep, wgt, kd_scale, coef, beta,
+                                           log_b, log_1b, MODE, DIV)
+            tl.store(loss_ptr + r1, loss)
+            if STATS:
+                _row_stats(sws_ptr, h_ptr, arg_ptr, sid_ptr, lse_ptr, lst_ptr, r1, S, K, s, srt, perm, valid,
+                           run_start, mseg, dseg, mm, mm_s, dd, lse, lse_t, segs, sm, offs_k, in_k, MODE)
+            if HAS_GRAD:
                 # Σ c over each run of equal sorted ids (a repeated id adds up, like scatter_add), at every slot
                 _, c_sum = tl.associative_scan((run_start.to(tl.int32), c), 0, _segmented_add)
                 if DENSE:
                     fix = tl.exp(s - lse) * a + c_sum
                 else:
                     fix = c_sum
-                if HAS_GRAD:
-                    tl.store(row_ptr + r2 * 2, lb)
-                    tl.store(row_ptr + r2 * 2 + 1, b)
-                    tl.store(fix_ptr + r2 * K + offs_k, fix, mask=in_k)
-                    tl.debug_barrier()  # every thread's stores before the release below
-                    tl.atomic_add(cnt_ptr + 2 + 2 * r2, 1, sem="release")
+                tl.store(row_ptr + r1 * 2, lb)
+                tl.store(row_ptr + r1 * 2 + 1, b)
+                tl.store(fix_ptr + r1 * K + offs_k, fix, mask=in_k)
+                tl.debug_barrier()  # every thread's stores before the release below
+                tl.atomic_add(cnt_ptr + 2 + 2 * r1, 1, sem="release")
+
+    # ---- gradient of segment j of row r − lag -----------------------------------------------------------------
+    r2 = r - lag
+    if HAS_GRAD:  # noqa: SIM102 (a constexpr branch, then a runtime one)
+        if r2 >= 0:
+            cols = start + tl.arange(0, BLOCK_V)
+            g_row = g_ptr + r2 * stride_g
+            if tl.load(w_ptr + r2) == 0.0:
+                tl.store(g_row + cols, tl.zeros([BLOCK_V], tl.float32).to(g_ptr.dtype.element_ty), mask=cols < V)
             else:
-                lb = tl.zeros((), tl.float32)
-                b = tl.zeros((), tl.float32)
-                fix = tl.zeros([BLOCK_K], tl.float32)
-                if HAS_GRAD:  # without a gradient only the terms unit has work
-                    _wait(cnt_ptr + 2 + 2 * r2, 1)
-                    lb = tl.load(row_ptr + r2 * 2, cache_modifier=".cg")
-                    b = tl.load(row_ptr + r2 * 2 + 1, cache_modifier=".cg")
-                    fix = tl.load(fix_ptr + r2 * K + offs_k, mask=in_k, other=0.0, cache_modifier=".cg")
-            if HAS_GRAD:
+                _wait(cnt_ptr + 2 + 2 * r2, 1)  # the row's terms (their unit took ticket (lag − 1)·S + j earlier)
+                lb = tl.load(row_ptr + r2 * 2, cache_modifier=".cg")
+                b = tl.load(row_ptr + r2 * 2 + 1, cache_modifier=".cg")
                 if DENSE:
+                    z_row = z_ptr + r2 * stride_z
                     if full:
                         x = tl.load(z_row + cols).to(tl.float32)
                     else:
@@ -378,7 +384,10 @@ def _sparse_split_kernel(
                 else:
                     tl.store(g_row + cols, g, mask=cols < V)
                 tl.debug_barrier()  # the id fix-up below must land after the segment's tile store
+                srt_row = sorted_ptr + r2 * K
+                srt = tl.load(srt_row + offs_k, mask=in_k, other=-1)
                 nxt = tl.load(srt_row + offs_k + 1, mask=offs_k + 1 < K, other=-1)
                 last = (in_k & (srt >= start) & (srt < start + BLOCK_V) & (srt < V)
                         & ((srt != nxt) | (offs_k + 1 >= K)))
+                fix = tl.load(fix_ptr + r2 * K + offs_k, mask=last, other=0.0, cache_modifier=".cg")
                 tl.store(g_row + tl.where(last, srt, 0), fix.to(g_ptr.dtype.element_ty), mask=last)

@@ -38,8 +38,9 @@ if _IMPORT_ERROR is None:
         _IMPORT_ERROR = f"fastkd.kernels.sparse failed to import ({type(exc).__name__}: {exc})"
         K_ = KS = None
 
-# "schedule": None = automatic (:func:`schedule`), "split" or "row" to force one
-CONFIG: dict[str, int | str | None] = {"block_v": 4096, "num_warps": 8, "schedule": None}
+# "schedule": None = automatic (:func:`schedule`), "split" or "row" to force one; "lag_units": the split
+# kernel's distance in units (tickets) from a row's terms unit to its gradient units (kernels/sparse_split.py)
+CONFIG: dict[str, int | str | None] = {"block_v": 4096, "num_warps": 8, "schedule": None, "lag_units": 512}
 SCHEDULES = ("split", "row")
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -156,7 +157,7 @@ def _split_forward(
     p: SparseParams,
     stats: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The split-row schedule: one launch, grid ((N + 1) · S), S = ceil(V / BLOCK_V) (see the kernel module).
+    """The split-row schedule: one launch, grid ((N + lag) · S), S = ceil(V / BLOCK_V) (see the kernel module).
     With ``stats`` the kernel's STATS outputs (student entropy / argmax, s at the ids, lse's; workspace
     (N, S, 3) fp32) feed :func:`~fastkd.sparse.torch_impl.sparse_stats`.
 
@@ -193,10 +194,13 @@ def _split_forward(
     eff = "fkl" if p.mode == "sampled" else p.effective
     beta = float(p.beta)
     log_b, log_1b = (math.log(beta), math.log1p(-beta)) if 0.0 < beta < 1.0 else (0.0, 0.0)
-    KS._sparse_split_kernel[((n + 1) * s_count,)](
+    # rows from a row's terms to its gradient: ~lag_units tickets, so that the gradient units find the terms
+    # published instead of spinning on them (at most N: then every terms unit runs before any gradient unit)
+    lag = max(1, min(n, -(-int(CONFIG["lag_units"]) // s_count))) if grad is not None else 1
+    KS._sparse_split_kernel[((n + lag) * s_count,)](
         student, g, ids_sorted, perm, t_logp, tt, weight, loss, ws, row, fix, cnt,
         sws, h_s, arg_s, s_ids, lse, lse_t,
-        n, v, k, s_count, student.stride(0), g.stride(0),
+        n, v, k, s_count, lag, student.stride(0), g.stride(0),
         1.0 / p.temperature, p.kd_scale, p.kd_scale / p.temperature, beta, log_b, log_1b,
         MODE=KS.MODE_CODES[p.mode], DIV=KS.DIV_CODES[eff], DENSE=not (p.mode == "topk" and eff != "fkl"),
         HAS_GRAD=grad is not None, SCALED=p.temperature != 1.0, BLOCK_V=block_v, SUB_V=sub_v, BLOCK_K=block_k,
