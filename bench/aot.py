@@ -91,6 +91,7 @@ def _import_kernels() -> None:
     import fastkd.kernels.sinkhorn  # noqa: F401
     import fastkd.kernels.sparse  # noqa: F401
     import fastkd.kernels.sparse_split  # noqa: F401
+    import fastkd.kernels.topk  # noqa: F401
 
     import fastkd  # noqa: F401
 
@@ -177,6 +178,13 @@ def calls(full: bool) -> Iterator[tuple[str, Callable[[], Any]]]:
         for metric in metrics:
             yield f"sinkhorn n={n} {metric}", lambda n=n, metric=metric: sinkhorn(n, metric, False)
         yield f"sinkhorn n={n} cost", lambda n=n: sinkhorn(n, "sqeuclidean", True)
+
+    from fastkd.kernels.topk import topk_lse_rows  # teacher-cache extraction: streaming top-k + lse / tails
+
+    taus = (1.0, 2.0, 0.5, 4.0, 3.0, 1.5, 0.7, 8.0)
+    for k in (8, 32, 64, 128) if full else (8, 32):  # K=128 alone compiles for minutes (unrolled selection)
+        for j in (1, 8) if full and k == 128 else (1,):
+            yield f"topk K={k} J={j}", lambda k=k, j=j: topk_lse_rows(torch.zeros(2, 131072), k, taus[:j])
 
 
 def capture(full: bool, only: str | None = None) -> tuple[list[Launch], list[str]]:
@@ -297,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", metavar="REGEX", default=None,
                         help="compile only the calls whose label matches (re.search), e.g. 'distill akl .*V=1000'; "
                              "labels: 'distill DIV DTYPE V=.. grad=.. ce=.. T=..', "
-                             "'sparse MODE DIV DTYPE K=.. split|row', 'scale_grad DTYPE', 'sinkhorn n=.. METRIC'")
+                             "'sparse MODE DIV DTYPE K=.. split|row', 'scale_grad DTYPE', 'sinkhorn n=.. METRIC', "
+                             "'topk K=.. J=..'")
     args = parser.parse_args(argv)
     import warnings
 

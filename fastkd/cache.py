@@ -38,8 +38,9 @@ Every problem raises :class:`CacheCorruptedError` naming the cache file.
 Building from a teacher: :meth:`TeacherCacheWriter.add_from_hidden` takes the teacher's final hidden
 states and LM-head weight and computes top-k log-probs, the tail and log-normaliser at every stored
 temperature (or samples) in one LM-head pass per chunk (:mod:`fastkd.cache_extract`): peak memory
-O(chunk · V), never (N, V) logits. The top-k is torch's ``topk`` by default; ``topk_backend="triton"`` opts
-into the streaming Triton top-k of ``kernels/topk.py`` (tested under the interpreter, not yet timed on a GPU).
+O(chunk · V), never (N, V) logits. On CUDA tensors the top-k, lse and tails come from the streaming Triton
+kernel of ``kernels/topk.py`` in one read of each chunk (``topk_backend="auto"``; torch on CPU; tested under
+the interpreter, not yet timed on a GPU).
 """
 
 from __future__ import annotations

@@ -164,6 +164,8 @@ def topk_lse_rows(z: torch.Tensor, k: int, temperatures: tuple[float, ...] | lis
     inv_tau = torch.tensor([1.0 / t for t in temps] or [1.0], dtype=torch.float32, device=dev)
     if n:
         bv = min(triton.next_power_of_2(v), block_v)
+        # 8 warps: sm_90 ptxas at BLOCK_V=1024 gives 48 registers and no spills for K = 8, 32, 64, 128 (J = 1;
+        # K = 128 also J = 8), where 4 warps spilled at K = 32; and more loads in flight for the row it streams
         _topk_kernel[(n,)](z, z.stride(0), v, vals, ids, inv_tau, lse, tails, K=k, KP=triton.next_power_of_2(k),
-                           J=j, JP=triton.next_power_of_2(max(j, 1)), BLOCK_V=bv)
+                           J=j, JP=triton.next_power_of_2(max(j, 1)), BLOCK_V=bv, num_warps=8)
     return vals, ids, lse, tails
