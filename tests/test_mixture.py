@@ -255,3 +255,35 @@ def test_stats_are_those_of_the_mixture():
     for k in ("teacher_entropy", "student_entropy", "kl"):
         torch.testing.assert_close(stats[k].double(), ref[k], rtol=1e-5, atol=1e-6, msg=k)
     assert torch.equal(stats["top1_agree"].double(), ref["top1_agree"])
+
+
+def test_fused_bf16_and_stats_of_the_mixture():
+    """bf16 fused mixture (fp32 scratch path) equals the unfused mixture on the same bf16 logits up to the
+    chunked GEMM's rounding; its stats are the mixture's."""
+    hs, ws, _, ths, tws, _ = _heads(2, dtype=torch.bfloat16, seed=11)
+    w = torch.tensor([0.35, 0.65])
+    out, stats = fastkd.fused_linear_distill_loss(hs, ws, ths, tws, teacher_weights=w, divergence="jsd",
+                                                  temperature=1.3, chunk_size=8, return_stats=True)
+    zs = hs @ ws.T
+    zt = torch.stack([h @ wt.T for h, wt in zip(ths, tws)])
+    ref = fastkd.distill_loss(zs, zt, "jsd", teacher_weights=w, temperature=1.3)
+    torch.testing.assert_close(out, ref, rtol=2e-3, atol=1e-4)
+    rstats = R.distill_stats(zs.double(), _mix_logits(zt, w, 1.3), temperature=1.3)
+    for k in ("teacher_entropy", "kl"):
+        torch.testing.assert_close(stats[k].double(), rstats[k], rtol=2e-2, atol=2e-3, msg=k)
+
+
+def test_bad_weights_without_value_checks_poison_the_loss():
+    """Where value checks are off (a GPU without FASTKD_CHECK_INPUTS), a bad token's weights give NaN, not an
+    exception (no host sync) and never a silently wrong finite loss."""
+    from fastkd.core import checks as C
+
+    s, t, w = _problem(m=2, lead=(4,), v=11, seed=12)
+    bad = w.clone()
+    bad[:, 1] = torch.tensor([0.9, 0.9])
+    C.set_input_checks(False)
+    try:
+        out = fastkd.distill_loss(s, t, teacher_weights=bad, reduction="none", backend="torch")
+    finally:
+        C.set_input_checks(None)
+    assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2, 3]]).all()
