@@ -259,6 +259,20 @@ def test_ties_first_index(small_blocks):
             check_stats(st, exp, torch.ones(3, dtype=torch.bool))
 
 
+def test_torch_compile_sees_the_mutated_stats():
+    """fastkd::sparse_rows mutates its optional stats output: torch.compile (aot_eager: functionalization, no
+    inductor build) gives the same loss and statistics as eager."""
+    z, ids, vals = make("topk_tail", "logprobs")
+
+    def f(x):
+        return fastkd.sparse_distill_loss(x, ids, vals.float(), mode="topk_tail", temperature=T, backend="torch",
+                                          return_stats=True)
+
+    loss, st = f(z.float())
+    loss_c, st_c = torch.compile(f, backend="aot_eager")(z.float())
+    assert torch.equal(loss, loss_c) and all(torch.equal(st[k], st_c[k]) for k in STATS_KEYS)
+
+
 @pytest.mark.parametrize("schedule", ["split", "row"])
 def test_cost_model_no_extra_pass(schedule, default_blocks):
     """bench/costcount.py (model, not measured): with stats the sparse kernels make the same launches and their
