@@ -287,3 +287,23 @@ def test_bad_weights_without_value_checks_poison_the_loss():
     finally:
         C.set_input_checks(None)
     assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2, 3]]).all()
+
+
+def test_fused_every_divergence():
+    hs, ws, bs, ths, tws, tbs = _heads(3, n=13, v=29, seed=13)
+    g = torch.Generator().manual_seed(14)
+    w = torch.rand(3, 13, generator=g, dtype=torch.float64)
+    w = w / w.sum(0)
+    zt = _mix_logits(torch.stack([_linear(h, wt, b) for h, wt, b in zip(ths, tws, tbs)]), w, 1.4, 2.0)
+    for div in DIVS:
+        kw = dict(temperature=1.4, **EXTRA)
+        leaves = [x.clone().requires_grad_() for x in (hs, ws)]
+        out = fastkd.fused_linear_distill_loss(*leaves, ths, tws, teacher_bias=tbs, teacher_weights=w, softcap=2.0,
+                                               divergence=div, chunk_size=4, **kw)
+        grads = torch.autograd.grad(out, leaves)
+        refl = [x.clone().requires_grad_() for x in (hs, ws)]
+        ref = R.distill_loss(R.apply_softcap(refl[0] @ refl[1].T, 2.0), zt, div, **kw)
+        rgrads = torch.autograd.grad(ref, refl) if ref.requires_grad else [torch.zeros_like(x) for x in refl]
+        torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-11, msg=div)
+        for a, b in zip(grads, rgrads):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=div)
