@@ -203,3 +203,29 @@ def test_one_engine_pass_for_samples_and_topk(monkeypatch, tmp_path, backend):
         assert (cnt.passes, cnt.gemms) == (1, math.ceil(n / chunk)), values
     ex = TeacherCache(tmp_path / "counts")[0]
     assert torch.equal(ex["teacher_ids"], ref_ids) and torch.equal(ex["teacher_values"].to(torch.int32), ref_counts)
+
+
+@pytest.mark.gpu
+def test_gpu_extraction_auto_is_triton_and_matches_float64(caplog):
+    """On a CUDA host (``pytest -m gpu``): auto picks the compiled Triton kernel; ids / lse / tails equal the
+    torch path and float64 at a GPT-2-sized odd vocabulary, k = 64 and 128, three temperatures."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, h, v = 300, 64, 50257
+    w = torch.randn(v, h, device="cuda", generator=g) * 0.3
+    b = torch.randn(v, device="cuda", generator=g)
+    b[::97] = -math.inf
+    x = torch.randn(n, h, device="cuda", generator=g)
+    temps = (1.0, 2.0, 0.5)
+    zd = x.double() @ w.double().T + b.double()
+    for k in (64, MAX_K):
+        with caplog.at_level(logging.DEBUG, logger="fastkd"):
+            out = X.extract_topk(x, w, b, k=k, temperatures=temps, chunk_size=128)
+        assert "'extract_topk': using triton" in caplog.text
+        ref = X.extract_topk(x, w, b, k=k, temperatures=temps, chunk_size=128, topk_backend="torch")
+        top = zd.topk(k, -1)
+        # the top-k of the fp32 logits: the fp64 values up to fp32 rounding (near-ties may swap places)
+        torch.testing.assert_close(zd.gather(1, out["ids"]), top.values, rtol=0, atol=1e-4)
+        lse, tail = _ref(zd, out["ids"], temps)
+        for key, exact in (("lse", lse), ("tails", tail), ("logp", top.values - lse[:, :1])):
+            torch.testing.assert_close(out[key].double(), exact, rtol=0, atol=2e-4, msg=key)
+            torch.testing.assert_close(out[key], ref[key], rtol=0, atol=2e-4, msg=key)
