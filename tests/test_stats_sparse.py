@@ -123,9 +123,10 @@ def test_torch_float64_and_teacher_temperature():
     check_stats(st, exp, keep, rtol=1e-6, atol=1e-6)  # the buffer is fp32 whatever the compute dtype
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16(backend, small_blocks):
-    _, st, exp, keep = _run(backend, "topk_tail", "logprobs", "rkl", dtype=torch.bfloat16)
+def test_half_precision(backend, dtype, small_blocks):
+    _, st, exp, keep = _run(backend, "topk_tail", "logprobs", "rkl", dtype=dtype)
     check_stats(st, exp, keep, rtol=2e-3, atol=2e-3)  # the oracle reads the same bf16 logits and values
 
 
