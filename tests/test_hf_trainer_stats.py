@@ -57,3 +57,29 @@ def test_training_and_eval_logs_carry_the_stats():
     tr.evaluate()
     last = tr.state.log_history[-1]
     assert "eval_loss" in last and all(f"eval_{k}" in last for k in STATS_KEYS) and "kl" not in last
+
+
+def test_selection_logs_means_over_the_selected_tokens():
+    """loss_kwargs select='teacher_entropy_top' (the fused pre-pass path: stats exist only on the selected
+    tokens): the logged means are over the selected tokens, equal to the float64 reference."""
+    import math
+
+    student, teacher = tiny(16, 1, 0), tiny(24, 2, 1)
+    inputs = batch()
+    tr = DistillationTrainer(model=student, teacher_model=teacher, args=args(), divergence="fkl",
+                             loss_kwargs={"select": "teacher_entropy_top", "fraction": 0.5})
+    tr.compute_loss(student, inputs)
+    tr.log({"loss": 0.0})
+    logged = tr.state.log_history[-1]
+    ls = student(input_ids=inputs["input_ids"]).logits[:, :-1].double().detach()
+    with torch.no_grad():
+        lt = teacher(input_ids=inputs["input_ids"]).logits[:, :-1].double()
+    labels = inputs["labels"][:, 1:]
+    st = {k: v.reshape(-1) for k, v in R.distill_stats(ls, lt, labels=labels).items()}
+    keep = (labels != -100).reshape(-1)
+    k = math.ceil(0.5 * int(keep.sum()))
+    ent = torch.where(keep, st["teacher_entropy"], -math.inf)
+    sel = torch.zeros_like(keep)
+    sel[torch.argsort(ent, descending=True, stable=True)[:k]] = True
+    for name in STATS_KEYS:
+        assert logged[name] == pytest.approx((st[name][sel].sum() / k).item(), rel=1e-4, abs=1e-6), name

@@ -93,7 +93,8 @@ def test_fraction_one_is_the_plain_loss_and_stats_are_returned():
     (gp,) = torch.autograd.grad(plain, y)
     torch.testing.assert_close(out, plain, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(g, gp, rtol=1e-6, atol=1e-9)
-    assert set(stats) == set(pstats) and all(torch.equal(stats[k], pstats[k]) for k in stats)
+    assert set(stats) == set(pstats) | {"selected"} and all(torch.equal(stats[k], pstats[k]) for k in pstats)
+    assert torch.equal(stats["selected"], (labels != -100).float())  # fraction 1: every kept token
 
 
 def test_top_fraction_counts_and_ties():

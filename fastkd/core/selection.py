@@ -29,6 +29,10 @@ How it runs (costs stated per call):
   teacher's entropy is computed first, chunk by chunk (one extra teacher GEMM over all tokens — or one extra
   read of given teacher logits — and O(chunk · V) memory), the selection is folded into the mask, and the
   loss runs once as usual. Its statistics (``return_stats``) are then 0 on the unselected tokens.
+
+With ``return_stats=True`` the stats dict also holds ``"selected"``: r (N,) fp32, the weights applied (0/1
+for ``select``), so that consumers can average the stats over the selected tokens (what
+``DistillationTrainer`` logs when a selection is active).
 """
 
 from __future__ import annotations
@@ -157,7 +161,8 @@ def with_token_selection(teacher_entropy: Callable[[dict[str, Any]], torch.Tenso
             if select is not None and teacher_entropy is not None:
                 sel = top_fraction(teacher_entropy(dict(a)), keep, fraction)
                 a["mask"] = (sel != 0).view(lead)  # ⊆ the kept tokens: the loss's own reduction does the rest
-                return fn(*bound.args, **bound.kwargs)
+                out = fn(*bound.args, **bound.kwargs)
+                return (out[0], {**out[1], "selected": sel}) if a["return_stats"] else out
             want_stats, reduction, num_items = a["return_stats"], a["reduction"], a["num_items_in_batch"]
             a.update(reduction="none", num_items_in_batch=None, return_stats=True)
             loss_rows, stats = fn(*bound.args, **bound.kwargs)
@@ -166,7 +171,7 @@ def with_token_selection(teacher_entropy: Callable[[dict[str, Any]], torch.Tenso
             else:
                 r = callable_weights(token_weight, stats, keep, lead)
             out = reduce_selected(loss_rows, r, base, reduction, num_items, lead)
-            return (out, stats) if want_stats else out
+            return (out, {**stats, "selected": r.to(torch.float32)}) if want_stats else out
 
         extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
                  for name in ("token_weight", "select", "fraction")]

@@ -35,7 +35,9 @@ Statistics (issue 16): with ``log_stats=True`` (default) every loss call also re
 (:mod:`fastkd.core.stats`, computed in the loss's own kernel passes; the loss is bitwise unchanged) and the
 trainer logs their masked means through ``Trainer.log``: ``teacher_entropy``, ``student_entropy``,
 ``top1_agree`` and ``kl`` (``eval_``-prefixed during evaluation), each the mean over the kept target tokens
-of every micro-batch since the previous log on this process (token-weighted, not averaged across ranks).
+of every micro-batch since the previous log on this process (token-weighted, not averaged across ranks); with
+a token selection in ``loss_kwargs`` (``select=`` / ``token_weight=``, :mod:`fastkd.core.selection`) the mean
+over the selected tokens.
 """
 
 from __future__ import annotations
@@ -272,10 +274,14 @@ class DistillationTrainer(Trainer):
 
     def _record_stats(self, stats: dict[str, torch.Tensor], labels: torch.Tensor | None,
                       mask: torch.Tensor | None) -> None:
-        """Add one micro-batch's stats sums and kept-token count (the stats are 0 on excluded tokens)."""
+        """Add one micro-batch's stats sums and kept-token count (the stats are 0 on excluded tokens); with a
+        token selection (``loss_kwargs`` select= / token_weight=) the count is that of the selected tokens."""
         keep = None if labels is None else labels != self.distill_options.get("ignore_index", -100)
         if mask is not None:
             keep = mask if keep is None else keep & mask
+        if "selected" in stats:  # a selected fused loss has stats only there: average over the selected tokens
+            keep = stats["selected"] != 0
+            stats = {k: torch.where(keep, v, 0.0) for k, v in stats.items()}
         count = keep.sum() if keep is not None else torch.tensor(next(iter(stats.values())).numel())
         acc = self._stats_sums.setdefault("train" if self.model.training else "eval", {})
         for name in (*STATS_KEYS, "_count"):
