@@ -117,16 +117,17 @@ def _fused_problem(n=29, h=10, v=53, seed=4):
 @pytest.mark.parametrize(("how", "reduction", "opts"), [
     ({"select": "teacher_entropy_top", "fraction": 0.4}, "mean", {"softcap": 3.0, "temperature": 1.5}),
     ({"select": "teacher_entropy_top", "fraction": 0.25}, "none", {"mixture": True}),
+    ({"select": "teacher_entropy_top", "fraction": 0.6}, "sum", {"logits": True, "softcap": 2.5}),
     ({"token_weight": lambda st: st["student_entropy"]}, "mean", {"temperature": 2.0}),
     ({"token_weight": lambda st: st["kl"]}, "sum", {"softcap": 2.0}),
 ])
 def test_fused_matches_manual(how, reduction, opts):
     opts = dict(opts)
-    mixture = opts.pop("mixture", False)
+    mixture, logits = opts.pop("mixture", False), opts.pop("logits", False)
     hs, ws, th, tw = _fused_problem()
     labels = torch.randint(0, 53, (29,), generator=torch.Generator().manual_seed(5))
     labels[::4] = -100
-    teach = dict(teacher_hidden=th, teacher_weight=tw)
+    teach = dict(teacher_logits=th @ tw.T) if logits else dict(teacher_hidden=th, teacher_weight=tw)
     zt = th @ tw.T
     if mixture:
         th2, tw2 = th.flip(0) * 0.5, tw * 1.3
