@@ -2,8 +2,9 @@
 
 Every mode / divergence / value kind the Triton backend serves, on both schedules ("split" and the row-per-program
 fallback "row"), with odd vocabularies (a partial last segment), several segments per row, −inf logits, masked
-rows, padding, duplicated and out-of-range ids, bf16, temperature, a grad_output != 1, the forward-only launch,
-phase-0 sub-tiles (SUB_V < BLOCK_V) and the fused LM-head path (the gradient written into the logits buffer).
+rows, padding, duplicated and out-of-range ids, bf16 / fp16, temperature, a grad_output != 1, the forward-only launch,
+phase-0 sub-tiles (SUB_V < BLOCK_V), lags of 1, 2, 3 and N rows between a row's terms and its gradient, the
+fused LM-head path (the gradient written into the logits buffer) and the cost model's L2 verdict.
 """
 
 from __future__ import annotations
@@ -120,13 +121,14 @@ def test_lag(mode, div, lag_units, config):
 
 @pytest.mark.parametrize("mode,kind,div", [("topk_tail", "logprobs", "fkl"), ("topk", "logprobs", "jsd"),
                                            ("topk", "logprobs", "rkl"), ("sampled", "counts", "fkl")])
-def test_bf16_within_pytorch_error(mode, kind, div, config):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_within_pytorch_error(mode, kind, div, dtype, config):
     z, ids, vals = make(8, 50, 6, kind, mode, seed=3)
-    zb = z.bfloat16()
+    zb = z.to(dtype)
     kw = dict(values=kind, mode=mode, divergence=div)
-    loss, grad = run(zb.double(), ids, vals.float(), dtype=torch.bfloat16, **kw)
+    loss, grad = run(zb.double(), ids, vals.float(), dtype=dtype, **kw)
     want_loss, want = reference(zb, ids, vals, **kw)
-    x = zb.clone().requires_grad_()  # PyTorch's own bf16: log-softmax in bf16, gradient rounded to bf16
+    x = zb.clone().requires_grad_()  # PyTorch's own half: log-softmax in bf16 / fp16, gradient rounded
     own = R.sparse_distill_loss(x, ids, vals, **kw)
     own.sum().backward()
     loss_tol = 2 * (own.detach().double() - want_loss).abs().max() + 1e-3 * want_loss.abs().max()
