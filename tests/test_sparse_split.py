@@ -264,3 +264,49 @@ def test_cost_model_reads_each_logit_once(config):
     floor = 2 * n * v * 2  # bf16 logits read once + gradient written once
     assert floor <= hbm["split"] <= 1.1 * floor, hbm
     assert hbm["row"] >= 1.4 * floor, hbm
+
+
+def _many_rows(n, v, k, mode, div, dev):
+    """Split (lag 1 and the default lag) vs the row kernels vs the float64 loss on n rows of bf16 logits."""
+    g = torch.Generator(device=dev).manual_seed(12)
+    z = (torch.randn(n, v, generator=g, device=dev) * 2).bfloat16()
+    z[1, :: max(1, v // 40)] = -math.inf  # masked vocabulary entries (kept off the ids below)
+    t_lp = torch.log_softmax(torch.randn(n, v, generator=g, device=dev, dtype=torch.float64) * 2, -1)
+    t_lp[1, :: max(1, v // 40)] = -math.inf
+    lp, ids = t_lp.topk(k, -1)
+    ids[3, -5:] = -1  # padding
+    mask = torch.ones(n, dtype=torch.bool, device=dev)
+    mask[::7] = False
+    go = torch.rand(n, device=dev, dtype=torch.float64) + 0.5
+    kw = dict(mode=mode, divergence=div, mask=mask)
+    out = {}
+    for name, sched, lag_units in (("split1", "split", 1), ("split", "split", TS.CONFIG["lag_units"]),
+                                   ("row", "row", 1)):
+        old = dict(TS.CONFIG)
+        TS.CONFIG.update(schedule=sched, lag_units=lag_units)
+        try:
+            out[name] = run(z.double(), ids, lp.float(), dtype=torch.bfloat16, go=go, **kw)
+        finally:
+            TS.CONFIG.update(old)
+    want_loss, want = reference(z, ids, lp, go=go, **kw)
+    for name, (loss, grad) in out.items():
+        torch.testing.assert_close(loss, want_loss, rtol=1e-4, atol=1e-5, msg=name)
+        err = (grad - want).abs().max().item()
+        assert err <= 8 * 2**-8 * want.abs().max().item() + 1e-7, (name, err)  # bf16 rounding of the gradient
+        assert torch.all(grad[~mask] == 0)
+    assert torch.equal(out["split"][1], out["split1"][1])  # the lag changes the schedule, not one bit
+
+
+@pytest.mark.parametrize("mode,div", [("topk_tail", "fkl"), ("topk", "rkl")])
+def test_many_rows_helper(mode, div, config):
+    """The GPU test's body, on CPU at a small size (so that it is known to work before a GPU runs it)."""
+    config.update(block_v=64)
+    _many_rows(15, 301, 16, mode, div, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode,div", [("topk_tail", "fkl"), ("topk", "rkl")])
+def test_gpu_many_rows(mode, div):
+    """Native Triton on a GPU (``pytest -m gpu``): 4096 rows of V = 50257 bf16, K = 64 (~53k ticketed units,
+    real cross-program waits and spinning), lag 1 and the default lag, vs the row kernels and float64."""
+    _many_rows(4096, 50257, 64, mode, div, "cuda")
