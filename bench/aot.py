@@ -87,6 +87,7 @@ def _import_kernels() -> None:
         raise RuntimeError("bench/aot.py needs real JITFunctions: run it in a process without TRITON_INTERPRET=1")
     os.environ.pop("TRITON_INTERPRET", None)
     import fastkd.kernels.distill  # noqa: F401
+    import fastkd.kernels.distill_akl  # noqa: F401
     import fastkd.kernels.distill_split  # noqa: F401
     import fastkd.kernels.sinkhorn  # noqa: F401
     import fastkd.kernels.sparse  # noqa: F401
@@ -182,8 +183,8 @@ def calls(full: bool) -> Iterator[tuple[str, Callable[[], Any]]]:
     from fastkd.kernels.topk import topk_lse_rows  # teacher-cache extraction: streaming top-k + lse / tails
 
     taus = (1.0, 2.0, 0.5, 4.0, 3.0, 1.5, 0.7, 8.0)
-    for k in (8, 32, 64, 128) if full else (8, 32):  # K=128 alone compiles for minutes (unrolled selection)
-        for j in (1, 8) if full and k == 128 else (1,):
+    for k in (8, 32, 64, 128) if full else (8, 128):
+        for j in (1, 8) if full or k == 128 else (1,):
             yield f"topk K={k} J={j}", lambda k=k, j=j: topk_lse_rows(torch.zeros(2, 131072), k, taus[:j])
 
 

@@ -367,5 +367,12 @@ def lag(code: int) -> int:
     return 2 if code in MIX_CODES else 1
 
 
+def num_warps(code: int) -> int:
+    """Default warps: 16 for the LAG-2 divergences (their mid and final phases keep more values live per
+    element: at 8 warps, 16 elements per thread, sm_90 spilled 16–32 B with jsd / skl bf16 V=50257 and srkl fp32
+    with labels; at 16 warps 47–104 registers, no spills, ``bench/aot.py --all``), 8 for the others."""
+    return 16 if code in MIX_CODES else 8
+
+
 # Every table code but akl (its head search needs whole-row passes: the two-pass kernel serves it).
 SPLIT_CODES = tuple(c for c in CODES.values() if c != int(AKL))

@@ -239,8 +239,15 @@ def _akl_threshold_formula(s, t, mu):
     return (gh * ref_distill.fkl(lp, lq) + gt * ref_distill.rkl(lp, lq)) / (gh + gt)
 
 
-def test_akl_ties_move_together():
-    # p ∝ (4, 3, 3, 1, 1, ...): the tied 3s straddle mu in the reference's stable sort, not in the kernel
+@pytest.fixture
+def two_pass(monkeypatch):
+    """akl on the two-pass kernel (through any override_config: every V exceeds the split kernel's limit)."""
+    monkeypatch.setattr(TD.KA, "AKL_MAX_V", 0)
+
+
+def test_akl_ties_move_together(two_pass):
+    # p ∝ (4, 3, 3, 1, 1, ...): the tied 3s straddle mu in the reference's stable sort, not in the two-pass
+    # kernel (the default split akl kernel splits them like the reference: tests/test_distill_akl.py)
     t = torch.zeros(2, 50)
     t[:, 0], t[:, 1], t[:, 2] = math.log(40.0), math.log(30.0), math.log(30.0)
     p = torch.softmax(t[0].double(), -1)
@@ -378,8 +385,8 @@ def test_split_equals_two_pass_bitwise_close(div):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-def test_akl_default_wide_head_search(dtype):
-    """akl (two-pass kernel) at its default blocks: the head search's AKL_NT × AKL_BLOCK tile spans several
+def test_akl_default_wide_head_search(dtype, two_pass):
+    """akl (two-pass kernel, forced) at its default blocks: the head search's AKL_NT × AKL_BLOCK tile spans several
     1024-wide teacher blocks and a masked tail (V = 2500), masked rows, a per-row grad_output != 1. (fp16, not
     bf16: the distinct teacher values k/16, |k| <= 1250, are exact in fp16 only; bf16 would tie them.)"""
     from fastkd.kernels import distill as K
@@ -404,7 +411,7 @@ def test_schedule_selection():
     assert TD.schedule(DistillParams("fkl"))[0] == "split"
     assert TD.schedule(DistillParams("jsd"))[0] == "split"
     sched, why = TD.schedule(DistillParams("akl"))
-    assert sched == "two_pass" and "akl" in why
+    assert sched == "akl_split" and "akl" in why  # tests/test_distill_akl.py tests that kernel
     with TD.override_config(schedule="two_pass"):
         assert TD.schedule(DistillParams("fkl")) == ("two_pass", "forced by override_config(schedule='two_pass')")
     with pytest.raises(ValueError, match="schedule"), TD.override_config(schedule="three_pass"):

@@ -32,12 +32,13 @@ _IMPORT_ERROR = triton_import_error()
 if _IMPORT_ERROR is None:
     try:
         from fastkd.kernels import distill as K
+        from fastkd.kernels import distill_akl as KA
         from fastkd.kernels import distill_split as KS
     except Exception as exc:  # a broken Triton install or a kernel that does not compile under it
         _IMPORT_ERROR = f"fastkd.kernels.distill failed to import ({type(exc).__name__}: {exc})"
-        K = KS = None
+        K = KS = KA = None
 else:
-    K = KS = None
+    K = KS = KA = None
 
 _CONFIG: dict[str, int | str | None] = {"block_v": None, "num_warps": None, "schedule": None}
 SCHEDULES = ("split", "two_pass")
@@ -104,8 +105,13 @@ def distill_forward(
     aliased = grad is not None and grad.data_ptr() == student.data_ptr()
     block_v = _CONFIG["block_v"] or min(K.DEFAULT_BLOCK_V, max(16, 1 << (v - 1).bit_length()))
     num_warps = _CONFIG["num_warps"] or K.DEFAULT_NUM_WARPS
-    sched, _why = schedule(p, aliased)
-    if sched == "split":
+    sched, _why = schedule(p, aliased, v)
+    if sched == "akl_split" and st is not None:  # the akl split kernel has no STATS yet: its loss bits differ
+        sched = "two_pass"
+    if sched == "akl_split":
+        KA.launch(args, n, v, has_grad=grad is not None, has_labels=has_labels, ce_raw=flags["CE_RAW"],
+                  scaled=p.temperature != 1.0, block_v=_CONFIG["block_v"], num_warps=_CONFIG["num_warps"])
+    elif sched == "split":
         s_count = -(-v // block_v)
         lag = KS.lag(p.code)
         nslot = KS.NSLOT if st is None else KS.NSLOT_STATS
@@ -115,7 +121,7 @@ def distill_forward(
             *args[:6], ws, cnt, n, v, s_count, *args[7:], *st_args, DIV=p.code, HAS_GRAD=flags["HAS_GRAD"],
             HAS_LABELS=has_labels, CE_RAW=flags["CE_RAW"], BLOCK_V=block_v,
             SP=max(2, 1 << (s_count - 1).bit_length()), LAG=lag, SCALED=p.temperature != 1.0,
-            STATS=flags["STATS"], WS=nslot, num_warps=num_warps)
+            STATS=flags["STATS"], WS=nslot, num_warps=_CONFIG["num_warps"] or KS.num_warps(p.code))
     elif _autotune() and _CONFIG["block_v"] is None and not aliased:
         K._distill_kernel_autotuned[(n,)](*args, *st_args, **flags, BLOCK_A=K.AKL_BLOCK)
     else:
@@ -126,17 +132,21 @@ def distill_forward(
     return loss
 
 
-def schedule(p: DistillParams, aliased: bool = False) -> tuple[str, str]:
-    """(schedule, reason) for divergence ``p``: "split" (:mod:`fastkd.kernels.distill_split`, each logit read
-    once from HBM, re-reads bounded to hit L2) unless the divergence or the configuration needs the two-pass
-    kernel (:mod:`fastkd.kernels.distill`); ``override_config(schedule=...)`` forces one where possible."""
+def schedule(p: DistillParams, aliased: bool = False, v: int | None = None) -> tuple[str, str]:
+    """(schedule, reason) for divergence ``p`` (vocabulary ``v`` when known): "split"
+    (:mod:`fastkd.kernels.distill_split`, each logit read once from HBM, re-reads bounded to hit L2), for akl
+    "akl_split" (:mod:`fastkd.kernels.distill_akl`, the same schedule with the head search in rounds), unless
+    the configuration needs the two-pass kernel (:mod:`fastkd.kernels.distill`); ``override_config(schedule=
+    ...)`` forces one where possible."""
     forced = _CONFIG["schedule"]
-    if p.code not in KS.SPLIT_CODES:
-        return "two_pass", f"divergence {p.divergence!r} (akl head search: several passes over the teacher row)"
     if forced == "two_pass":
         return "two_pass", "forced by override_config(schedule='two_pass')"
     if forced is None and _autotune() and _CONFIG["block_v"] is None and not aliased:
         return "two_pass", "FASTKD_AUTOTUNE=1 (the split kernel's counters cannot be re-run by the autotuner)"
+    if p.code not in KS.SPLIT_CODES:
+        if v is not None and v > KA.AKL_MAX_V:
+            return "two_pass", f"akl with V={v} > {KA.AKL_MAX_V} (the split akl search packs counts in 21 bits)"
+        return "akl_split", "akl: each logit read once from HBM, head search in rounds over L2-resident segments"
     return "split", "each logit read once from HBM (re-reads within the L2 window)"
 
 

@@ -1,0 +1,110 @@
+"""Split-row AKL kernel (fastkd.kernels.distill_akl) vs the float64 reference, in Triton's CPU interpreter.
+
+The head set must be the reference's (stable descending sort, cumulative mass <= mu, first argmax forced):
+ties split at the boundary by index, -inf logits, flat and peaked teachers, mu at 0 and near 1, odd V, bf16,
+masked rows, the cross-entropy term, and the whole-row fallback when the rounds do not resolve a row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastkd
+from fastkd import reference as R
+from fastkd.core.params import DistillParams
+from fastkd.distill import triton_impl as TD
+
+pytestmark = pytest.mark.skipif(TD._IMPORT_ERROR is not None, reason=f"no triton: {TD._IMPORT_ERROR}")
+
+GRAD_EPS = {torch.float32: 2e-6, torch.bfloat16: 2**-8}
+
+
+def _ref(s, t, **kw):
+    """float64 reference (loss, grad); −inf replaced by −1e4 for the gradient (see test_triton_distill._ref)."""
+    out = R.distill_loss(s.double(), t.double(), "akl", reduction="none", **kw)
+    fin = lambda z: torch.where(torch.isneginf(z), -1e4, z.double())
+    x = fin(s).requires_grad_()
+    grad = torch.autograd.grad(R.distill_loss(x, fin(t), "akl", reduction="none", **kw).sum(), x)[0]
+    return out, torch.where(torch.isneginf(s), 0.0, grad)
+
+
+def _check(s, t, block=None, **kw):
+    x = s.clone().requires_grad_()
+    with TD.override_config(block_v=block):
+        assert TD.schedule(DistillParams("akl"), v=s.shape[-1])[0] == "akl_split"
+        loss = fastkd.distill_loss(x, t, "akl", backend="triton", reduction="none", **kw)
+    loss.sum().backward()
+    rloss, rgrad = _ref(s, t, **kw)
+    torch.testing.assert_close(loss.double(), rloss, rtol=2e-5, atol=2e-5 * (1 + rloss.abs().max().item()))
+    eps = GRAD_EPS[s.dtype]
+    torch.testing.assert_close(x.grad.double(), rgrad, rtol=eps, atol=2 * eps * rgrad.abs().max().item() + 1e-7)
+    return loss
+
+
+def _split_tie_rows(v):
+    """Rows whose head boundary falls inside a tied group (the reference takes the lowest indices first)."""
+    t = torch.randn(2, v).clamp(max=2.0)
+    t[:, :3] = math.log(40.0)  # a tied top group (first argmax forced)
+    t[:, 5::16] = 2.5  # a tied group spread over several segments, next below the top group
+    p = torch.softmax(t[0].double(), -1)
+    mu = float(p[:3].sum() + 4.5 * p[5])  # the boundary falls in the 5th of the tied 2.5s
+    return t, mu
+
+
+def test_mixed_rows_fp32():
+    """Random, peaked, flat, -inf and quantized (tied) teachers in one batch, V odd, several segments."""
+    torch.manual_seed(0)
+    v = 251
+    s = torch.randn(7, v) * 2
+    t = torch.randn(7, v) * 2
+    t[1] *= 15  # peaked
+    t[2] = 0.7  # flat: one tied group of V
+    t[3, torch.rand(v) < 0.3] = float("-inf")  # -inf on both sides (p = q = 0 there)
+    s[3, t[3].isneginf()] = float("-inf")
+    t[4] = torch.round(t[4] * 2) / 2  # many ties
+    t[5, 17] = t[5].max() + 3  # a lone maximum
+    mask = torch.tensor([True, True, True, True, True, True, False])  # a masked row
+    loss = _check(s, t, block=64, mask=mask)  # 4 segments, the last one masked
+    assert loss[6] == 0
+
+
+def test_bf16_mu_endpoints_temperature_and_ce():
+    torch.manual_seed(1)
+    v = 257
+    s = (torch.randn(2, v) * 2).to(torch.bfloat16)
+    t = (torch.randn(2, v) * 2).to(torch.bfloat16)
+    for mu in (0.0, 0.999):
+        _check(s, t, block=128, mu=mu)
+    labels = torch.tensor([3, 256])
+    _check(s, t, block=128, mu=0.3, temperature=2.0, labels=labels, ce_weight=0.5)
+
+
+def test_tied_group_split_like_the_reference():
+    """The boundary inside a tied group: the first indices are in the head (the two-pass kernel keeps a tied
+    group together instead, see test_triton_distill.test_akl_ties_move_together)."""
+    torch.manual_seed(2)
+    t, mu = _split_tie_rows(203)
+    s = torch.randn(2, 203) * 2
+    _check(s, t, block=64, mu=mu)
+
+
+def test_whole_row_fallback(monkeypatch):
+    """With one round the rows are left unresolved: the err phase finishes the search over the whole row."""
+    from fastkd.kernels import distill_akl as KA
+
+    monkeypatch.setattr(KA, "AKL_ROUNDS", 1)
+    torch.manual_seed(3)
+    t, mu = _split_tie_rows(131)
+    s = torch.randn(2, 131) * 2
+    _check(s, t, block=32, mu=mu)
+
+
+def test_schedule():
+    assert TD.schedule(DistillParams("akl"))[0] == "akl_split"
+    sched, why = TD.schedule(DistillParams("akl"), v=(1 << 20) + 1)
+    assert sched == "two_pass" and "V=" in why
+    with TD.override_config(schedule="two_pass"):
+        assert TD.schedule(DistillParams("akl"))[0] == "two_pass"
