@@ -2,15 +2,18 @@
 
 ``_topk_kernel`` — grid (N,); program i reads row i of ``z`` once, in BLOCK_V tiles, and keeps in registers:
 
-- the row's running top-K (values and ids; KP = next power of two ≥ K lanes, lanes ≥ K held at −inf). A tile
-  whose maximum does not beat the running K-th value is skipped after one reduction (the common case once the
-  running set has filled on a long row); otherwise the K best of (running ∪ tile) are selected by K rounds of
-  "take the larger of the two maxima and knock it out" — O(K · (K + BLOCK_V)) for such a tile;
+- the row's running top-K, unsorted (values and ids in KP = next power of two ≥ K lanes; an empty slot holds
+  id −1). A tile whose maximum does not beat the running K-th value is skipped after one reduction (the
+  common case once the set has filled on a long row). Otherwise its entries that beat the K-th value enter one
+  at a time, largest first, each replacing the current K-th value (a dynamic loop: ~3 tile reductions per
+  entry that enters; about K + K·ln(V/BLOCK_V) entries per row on random-order logits: ~750 at K = 128,
+  V = 128k, where the first version of this kernel ran K selection rounds over nearly every tile, ~20× more
+  reductions; a count, not a timing). After the last tile the K slots are sorted once (K small rounds);
 - with J > 0 temperatures τ_j (``inv_tau`` (J,) fp32 = 1/τ_j, τ_j > 0): the tail's online log-sum-exp, one
   running maximum m of the tail's z (max_i z_i/τ = m/τ for τ > 0) and J sums s_j = Σ_tail exp((z_i − m)/τ_j).
-  Every entry of the row either ends in the final top-K or leaves the running candidates exactly once —
-  an entry of a skipped tile, or one not kept (from the tile or the old running set) when a tile is merged —
-  and is added to the tail sums at that moment. So the tail is a sum of positive terms, never total − head
+  Every entry of the row either ends in the final top-K or leaves the candidates exactly once — an entry of a
+  skipped tile, an entry of a merged tile that did not enter, or a K-th value evicted by a larger entry — and
+  is added to the tail sums at that moment. So the tail is a sum of positive terms, never total − head
   (which cancels when the tail is tiny: a 1e-30 tail mass stays exact in log space).
 
 Outputs per row: values (K,) descending and ids (K,) like ``torch.topk``; and for each τ_j
@@ -18,11 +21,11 @@ Outputs per row: values (K,) descending and ids (K,) like ``torch.topk``; and fo
 ``tail_j = log Σ_tail exp(z/τ_j) − lse_j`` (the log tail mass, −inf when the tail is empty or all −inf).
 
 Semantics (the same as the torch path of :func:`fastkd.cache_extract.extract_topk`): values equal
-``torch.topk``'s exactly; on exactly tied values the ids may differ from torch's (ties go to the lower column:
-the earlier-kept entry / the lower lane of the tile), which changes neither the values nor lse / tail. −inf
+``torch.topk``'s exactly; on exactly tied values the ids may differ from torch's (an entry equal to the K-th
+value does not enter: the earlier column is kept), which changes neither the values nor lse / tail. −inf
 logits are ordinary entries: a row with fewer than K finite entries returns −inf values for the rest (with ids
-of −inf columns, lowest first) and tail = −inf; a row with no finite entry has lse = −inf. NaN and +inf logits
-are not supported (the LM-head logits are finite, or −inf where a bias masks a column).
+of some of its −inf columns, each id once) and tail = −inf; a row with no finite entry has lse = −inf. NaN and
++inf logits are not supported (the LM-head logits are finite, or −inf where a bias masks a column).
 
 Default on CUDA tensors in the teacher-cache extraction (``extract_topk(topk_backend="auto")``); tested
 against torch and float64 under the interpreter and compiled for sm_90 (bench/aot.py); not timed on a GPU.
@@ -34,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_K = 128  # the selection is unrolled K times per merged tile
+MAX_K = 128  # the final sort is unrolled K times; the set lives in registers
 MAX_TEMPERATURES = 8  # J: one exp per entry per temperature
 
 
@@ -54,61 +57,75 @@ def _tail_add(m, s, jl, inv_tau_ptr, x, keep, J: tl.constexpr):
 
 
 @triton.jit
+def _tail_add1(m, s, jl, inv_tau_ptr, v, J: tl.constexpr):
+    """:func:`_tail_add` for one value v (−inf adds nothing)."""
+    m_new = tl.maximum(m, v)
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    for j in tl.static_range(J):
+        it = tl.load(inv_tau_ptr + j)
+        alpha = tl.where(m == float("-inf"), 0.0, tl.exp((m - shift) * it))
+        s = tl.where(jl == j, s * alpha + tl.exp((v - shift) * it), s)
+    return m_new, s
+
+
+@triton.jit
 def _topk_kernel(z_ptr, stride_z, V, vals_ptr, ids_ptr, inv_tau_ptr, lse_ptr, tails_ptr,
                  K: tl.constexpr, KP: tl.constexpr, J: tl.constexpr, JP: tl.constexpr, BLOCK_V: tl.constexpr):
     # z_ptr (N, V) fp32 row stride stride_z; vals_ptr (N, K) fp32; ids_ptr (N, K) int64;
     # inv_tau_ptr (J,) fp32; lse_ptr / tails_ptr (N, J) fp32 (unused when J == 0)
     row = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, KP)
+    kmask = lanes < K
     cols = tl.arange(0, BLOCK_V)
     jl = tl.arange(0, JP)
     neg_inf = float("-inf")
+    # the running top-K, unsorted; an empty slot has id −1 and value −inf
     run_v = tl.full([KP], neg_inf, tl.float32)
     run_i = tl.full([KP], -1, tl.int32)
     # the tail's running maximum and per-temperature sums (see _tail_add)
     m = tl.max(tl.full([KP], neg_inf, tl.float32))
     s = tl.zeros([JP], tl.float32)
-    # running entries taken so far (a −inf logit is a valid entry: a row may hold fewer than K finite ones)
-    filled = tl.sum(tl.zeros([KP], tl.int32))
+    n_empty = tl.sum(kmask.to(tl.int32))
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         inb = offs < V
         x = tl.load(z_ptr + row * stride_z + offs, mask=inb, other=neg_inf).to(tl.float32)
-        kth = tl.min(tl.where(lanes < K, run_v, float("inf")))
-        # entries leaving the candidates in this tile: all of a skipped tile, the losers of a merged one
-        leave_x = inb
-        leave_r = lanes < 0
-        old_v = run_v
-        if (tl.max(x) > kth) | (filled < K):
-            new_v = tl.full([KP], neg_inf, tl.float32)
-            new_i = tl.full([KP], -1, tl.int32)
-            avail_x = inb
-            avail_r = (lanes < K) & (run_i >= 0)
-            for r in tl.static_range(K):
-                mx = tl.max(tl.where(avail_x, x, neg_inf))
-                mr = tl.max(tl.where(avail_r, run_v, neg_inf))
-                any_x = tl.max(avail_x.to(tl.int32)) > 0
-                any_r = tl.max(avail_r.to(tl.int32)) > 0
-                # the running entry wins ties (it came from an earlier column)
-                take_r = any_r & ((mr >= mx) | (~any_x))
-                ir = tl.min(tl.where(avail_r & (run_v == mr), lanes, KP))
-                ix = tl.min(tl.where(avail_x & (x == mx), cols, BLOCK_V))
-                id_r = tl.sum(tl.where(lanes == ir, run_i, 0))
-                val = tl.where(take_r, mr, mx)
-                idx = tl.where(take_r, id_r, start + ix)
-                ok = any_r | any_x
-                new_v = tl.where((lanes == r) & ok, val, new_v)
-                new_i = tl.where((lanes == r) & ok, idx, new_i)
-                avail_r = avail_r & ~((lanes == ir) & take_r)
-                avail_x = avail_x & ~((cols == ix) & ~take_r & any_x)
-            run_v = new_v
-            run_i = new_i
-            filled = tl.minimum(filled + tl.sum(inb.to(tl.int32)), K)
-            leave_x = avail_x
-            leave_r = avail_r
-        if J > 0:
-            m, s = _tail_add(m, s, jl, inv_tau_ptr, x, leave_x, J)
-            m, s = _tail_add(m, s, jl, inv_tau_ptr, old_v, leave_r, J)
+        kth = tl.min(tl.where(kmask, run_v, float("inf")))  # −inf while a slot is empty
+        avail = inb  # tile entries not (yet) taken into the running set
+        if (tl.max(x) > kth) | (n_empty > 0):
+            # insert the tile's entries that beat the K-th value one at a time, largest first (the lowest
+            # column on ties; an entry equal to the K-th value stays out: the earlier one is kept); the
+            # evicted K-th value leaves to the tail. Empty slots take any entry, −inf included.
+            mx = tl.max(tl.where(avail, x, neg_inf))
+            go = (tl.max(avail.to(tl.int32)) > 0) & ((n_empty > 0) | (mx > kth))
+            while go:
+                ix = tl.min(tl.where(avail & (x == mx), cols, BLOCK_V))
+                first_empty = tl.min(tl.where(kmask & (run_i < 0), lanes, KP))
+                kth_lane = tl.min(tl.where(kmask & (run_v == kth), lanes, KP))
+                victim = tl.where(n_empty > 0, first_empty, kth_lane)
+                if J > 0:
+                    m, s = _tail_add1(m, s, jl, inv_tau_ptr, tl.where(n_empty > 0, neg_inf, kth), J)
+                run_v = tl.where(lanes == victim, mx, run_v)
+                run_i = tl.where(lanes == victim, (start + ix).to(tl.int32), run_i)
+                avail = avail & (cols != ix)
+                n_empty = tl.sum((kmask & (run_i < 0)).to(tl.int32))
+                kth = tl.min(tl.where(kmask, run_v, float("inf")))
+                mx = tl.max(tl.where(avail, x, neg_inf))
+                go = (tl.max(avail.to(tl.int32)) > 0) & ((n_empty > 0) | (mx > kth))
+        if J > 0:  # what is left of the tile is ≤ the K-th value: tail
+            m, s = _tail_add(m, s, jl, inv_tau_ptr, x, avail, J)
+    # sort the running set descending (K rounds once per row; ties: the lower lane first)
+    out_v = tl.full([KP], neg_inf, tl.float32)
+    out_i = tl.full([KP], -1, tl.int32)
+    left = kmask & (run_i >= 0)
+    for r in tl.static_range(K):
+        mr = tl.max(tl.where(left, run_v, neg_inf))
+        ir = tl.min(tl.where(left & (run_v == mr), lanes, KP))
+        out_v = tl.where(lanes == r, mr, out_v)
+        out_i = tl.where(lanes == r, tl.sum(tl.where(lanes == ir, run_i, 0)), out_i)
+        left = left & (lanes != ir)
+    run_v = out_v
+    run_i = out_i
     tl.store(vals_ptr + row * K + lanes, run_v, mask=lanes < K)
     tl.store(ids_ptr + row * K + lanes, run_i.to(tl.int64), mask=lanes < K)
     if J > 0:
@@ -139,7 +156,7 @@ def _check(z: torch.Tensor, k: int) -> torch.Tensor:
 
 def topk_rows(z: torch.Tensor, k: int, block_v: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` of each row of ``z`` (N, V) fp32 (CUDA, or CPU under TRITON_INTERPRET=1) → (values (N, k) fp32
-    descending, ids (N, k) int64). ``k`` ≤ 128 (the selection is unrolled k times)."""
+    descending, ids (N, k) int64). ``k`` ≤ 128 (the final sort is unrolled k times)."""
     vals, ids, _, _ = topk_lse_rows(z, k, (), block_v=block_v)
     return vals, ids
 
@@ -164,8 +181,9 @@ def topk_lse_rows(z: torch.Tensor, k: int, temperatures: tuple[float, ...] | lis
     inv_tau = torch.tensor([1.0 / t for t in temps] or [1.0], dtype=torch.float32, device=dev)
     if n:
         bv = min(triton.next_power_of_2(v), block_v)
-        # 8 warps: sm_90 ptxas at BLOCK_V=1024 gives 48 registers and no spills for K = 8, 32, 64, 128 (J = 1;
-        # K = 128 also J = 8), where 4 warps spilled at K = 32; and more loads in flight for the row it streams
+        # 8 warps: one program streams one row and a chunk has only ~c programs (c = 256 rows by default), so
+        # more loads in flight per program; sm_90 ptxas at BLOCK_V=1024: 40-64 registers, no spills for
+        # K = 8, 32, 64, 128 (J = 1) and K = 128, J = 8 (bench/aot.py)
         _topk_kernel[(n,)](z, z.stride(0), v, vals, ids, inv_tau, lse, tails, K=k, KP=triton.next_power_of_2(k),
                            J=j, JP=triton.next_power_of_2(max(j, 1)), BLOCK_V=bv, num_warps=8)
     return vals, ids, lse, tails
