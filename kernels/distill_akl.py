@@ -48,6 +48,11 @@ comes LAG · S = 1024 tickets after its first read, so at most (528 resident + 1
 are touched in between: every re-read is an L2 hit and HBM sees the logits read once and the gradient written
 once, plus the workspace (~2 % of the traffic). Rounds of a resolved row read nothing.
 
+``STATS`` (return_stats, issue 16): phase 0 also writes the segment's entropy sums and the student's raw max and
+first index (``NSLOT_STATS``; the shared helpers of :mod:`fastkd.kernels.distill`), and segment 0 of round 1,
+which merges the row anyway, writes ``[teacher_entropy, student_entropy, top1_agree, kl]``; no other phase
+changes, so loss and gradient are bitwise those of the launch without stats.
+
 Work per logit: phase 0 ≈ 2 exps, each executed round one exp and NT compare-select-add (≈ 3 NT + 20 ops), the
 err phase 2 exps, the final phase 2 exps. A random N(0, 2²) bf16 row of V = 131072 resolves in ~5 rounds (the
 boundary tie group of ~100 equal bf16 logits is split by index in the last ones).
@@ -57,7 +62,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from fastkd.kernels.distill import _online
+from fastkd.kernels.distill import _argmax_block, _ent_block, _ent_merge, _online, _store_stats
 
 from fastkd.core.divergences import HYPER_NAMES
 
@@ -67,7 +72,9 @@ AKL_ROUNDS = 6  # search rounds done as phases (unresolved rows finish in the er
 AKL_NT = 16  # thresholds per round
 AKL_NV = 14  # of which uniform in the logit value while the bracket spans more than NT + 1 keys
 AKL_MAX_V = 1 << 20  # count field of the packed sums: 21 bits
-NSLOT = tl.constexpr(16)  # fp32 slots per unit in ws
+NSLOT = tl.constexpr(16)  # fp32 slots per unit in ws (14 used)
+NSLOT_STATS = tl.constexpr(20)  # with STATS: + entropy sums c_s, c_t (14, 15), the student's raw max and its first
+# index (16, 17); the stride is the constexpr WS, so launches without stats are unchanged
 RSLOT = tl.constexpr(12)  # fp32 slots per row in rs
 NEG = tl.constexpr(float("-inf"))
 ONE = tl.constexpr(1 << 42)  # one element in the packed (count, mass) sum
@@ -205,11 +212,12 @@ def _load(base, col_stride, cols, cm, FULL):
 @triton.jit
 def _akl_split_kernel(
     s_ptr, t_ptr, g_ptr, lab_ptr, w_ptr, loss_ptr,  # as _distill_kernel
-    ws_ptr,  # (N, S, NSLOT) fp32 workspace (no initialisation needed)
+    ws_ptr,  # (N, S, WS) fp32 workspace (no initialisation needed)
     rs_ptr,  # (N, RSLOT) fp32 row summaries (no initialisation needed)
     acc_ptr,  # (N, ROUNDS·NT + 8) int64, zeroed: packed (count, mass) sums of each round's thresholds, then
     # two slots for the bracket (lo, hi, C(lo), C(hi)) before round k (slot k % 2, written by its segment 0)
     cnt_ptr,  # (1 + N·(ROUNDS + 2),) int32, zeroed: [0] ticket, [1 + r·(ROUNDS + 2) + phase] units done
+    st_ptr, st_row,  # (N, 4) fp32 statistics output (unit column stride); unused without STATS
     N, V, S,
     IB,  # index bits of the codes: V <= 2^IB
     s_row, s_col, t_row, t_col, g_row, g_col,
@@ -224,6 +232,8 @@ def _akl_split_kernel(
     NV: tl.constexpr,
     SCALED: tl.constexpr,
     SH: tl.constexpr,  # key shift: 16 for bf16, 13 for fp16, 0 for fp32 (see _key)
+    STATS: tl.constexpr,  # also write the row statistics (fastkd.core.stats), by segment 0 of round 1
+    WS: tl.constexpr,  # workspace slots per unit: NSLOT, or NSLOT_STATS with STATS
 ):
     NPH: tl.constexpr = ROUNDS + 2
     ACC_ROW: tl.constexpr = ROUNDS * NT + 8
@@ -256,7 +266,15 @@ def _akl_split_kernel(
             kmin = tl.min(tl.where(cm, key, 0x7FFFFFFF), 0)
             kmax = tl.max(tl.where(cm, key, -0x7FFFFFFF - 1), 0)
             imax = tl.min(tl.where(cm & (key == kmax), cols, V), 0).to(tl.int32)
-            wp = ws_ptr + (r * S + j) * NSLOT
+            wp = ws_ptr + (r * S + j) * WS
+            if STATS:
+                _m, _d, c_s, _a = _ent_block(s, t)
+                _m, _d, c_t, _a = _ent_block(t, s)
+                rm_s, ri_s = _argmax_block(xs, cols)
+                tl.store(wp + 14, c_s)
+                tl.store(wp + 15, c_t)
+                tl.store(wp + 16, rm_s)
+                tl.store(wp + 17, ri_s.to(tl.float32, bitcast=True))
             if CE_RAW:
                 m_z, d_z, _az = _online(zero + NEG, zero, zero, xs, xs)
                 tl.store(wp + 9, m_z)
@@ -285,7 +303,7 @@ def _akl_split_kernel(
                 _wait(cnt_ptr + 1 + x * NPH + k - 1, S)
                 rp = rs_ptr + x * RSLOT
                 if k == 1:  # merge the segment statistics; segment 0 publishes the row summary
-                    wr = ws_ptr + x * S * NSLOT + segs * NSLOT
+                    wr = ws_ptr + x * S * WS + segs * WS
                     m = tl.load(wr + 3, mask=sm, other=float("-inf"), cache_modifier=".cg")
                     d = tl.load(wr + 4, mask=sm, other=0.0, cache_modifier=".cg")
                     mm = tl.max(m, 0)
@@ -332,6 +350,20 @@ def _akl_split_kernel(
                         tl.store(rp + 6, amax.to(tl.float32, bitcast=True))
                         tl.store(rp + 7, lse_z)
                         tl.store(rp + 8, zl)
+                        if STATS:
+                            zv = tl.zeros([SP], tl.float32)
+                            cs = tl.load(wr + 14, mask=sm, other=0.0, cache_modifier=".cg")
+                            ct = tl.load(wr + 15, mask=sm, other=0.0, cache_modifier=".cg")
+                            _m, d_s, c_s, _a = _ent_merge(tl.load(wr + 0, mask=sm, other=float("-inf"),
+                                                                  cache_modifier=".cg"),
+                                                          tl.load(wr + 1, mask=sm, other=0.0, cache_modifier=".cg"),
+                                                          cs, zv)
+                            _m, d_t, c_t, _a = _ent_merge(m, d, ct, zv)
+                            bits_s = tl.load(wr + 17, mask=sm, other=0.0, cache_modifier=".cg").to(tl.int32,
+                                                                                                  bitcast=True)
+                            _m, i_s = _argmax_block(tl.load(wr + 16, mask=sm, other=float("-inf"),
+                                                            cache_modifier=".cg"), bits_s)
+                            _store_stats(st_ptr + x * st_row, d_t, c_t, d_s, c_s, amax, i_s, fkl)
                 else:
                     lse_t = tl.load(rp + 1, cache_modifier=".cg")
                     kmin = tl.load(rp + 4, cache_modifier=".cg").to(tl.int32, bitcast=True)
@@ -388,7 +420,7 @@ def _akl_split_kernel(
                 lp = xt - lse_t
             err = tl.where(cm, tl.abs(tl.exp(lp) - tl.exp(lq)), 0.0)
             head = (_codes(xt, cols, kmin, IB, SH) >= hi) | (cols == amax)
-            wp = ws_ptr + (x * S + j) * NSLOT
+            wp = ws_ptr + (x * S + j) * WS
             tl.store(wp + 12, tl.sum(tl.where(head, err, 0.0), 0))
             tl.store(wp + 13, tl.sum(err, 0))
         tl.atomic_add(cnt_ptr + 1 + x * NPH + ROUNDS + 1, 1, sem="release")
@@ -410,7 +442,7 @@ def _akl_split_kernel(
             lse_t = tl.load(rp + 1, cache_modifier=".cg")
             fkl = tl.load(rp + 2, cache_modifier=".cg")
             rkl = tl.load(rp + 3, cache_modifier=".cg")
-            wr = ws_ptr + x * S * NSLOT + segs * NSLOT
+            wr = ws_ptr + x * S * WS + segs * WS
             g_h = tl.sum(tl.load(wr + 12, mask=sm, other=0.0, cache_modifier=".cg"), 0)
             g_all = tl.sum(tl.load(wr + 13, mask=sm, other=0.0, cache_modifier=".cg"), 0)
             g_t = g_all - g_h
@@ -454,10 +486,11 @@ def _akl_split_kernel(
 
 
 def launch(args: tuple, n: int, v: int, *, has_grad: bool, has_labels: bool, ce_raw: bool, scaled: bool,
-           block_v: int | None = None, num_warps: int | None = None) -> None:
+           block_v: int | None = None, num_warps: int | None = None, stats=None) -> None:
     """Launch :func:`_akl_split_kernel` with the two-pass kernel's argument tuple ``args`` (student, teacher,
     grad, labels, weight, loss, V, six strides, inv_t, kd_scale, kd_coef, ce_w, β, α, mu, t): allocates the
-    workspaces (ws, rs uninitialised; acc, cnt zeroed) and uses grid (N + ROUNDS + 2) · S."""
+    workspaces (ws, rs uninitialised; acc, cnt zeroed) and uses grid (N + ROUNDS + 2) · S. ``stats``: an (N, 4)
+    fp32 tensor with unit column stride to write the row statistics into, or None."""
     import torch
 
     if v > AKL_MAX_V:
@@ -466,14 +499,16 @@ def launch(args: tuple, n: int, v: int, *, has_grad: bool, has_labels: bool, ce_
     bv = block_v or min(AKL_BLOCK_V, max(16, 1 << (v - 1).bit_length()))
     s_count = -(-v // bv)
     dev = student.device
-    ws = torch.empty(n, s_count, NSLOT.value, dtype=torch.float32, device=dev)
+    nslot = (NSLOT if stats is None else NSLOT_STATS).value
+    ws = torch.empty(n, s_count, nslot, dtype=torch.float32, device=dev)
     rs = torch.empty(n, RSLOT.value, dtype=torch.float32, device=dev)
     acc = torch.zeros(n, AKL_ROUNDS * AKL_NT + 8, dtype=torch.int64, device=dev)
     cnt = torch.zeros(1 + n * (AKL_ROUNDS + 2), dtype=torch.int32, device=dev)
     mu = args[17 + HYPER_NAMES.index("mu")]
     _akl_split_kernel[((n + AKL_ROUNDS + 2) * s_count,)](
-        *args[:6], ws, rs, acc, cnt, n, v, s_count, max(1, (v - 1).bit_length()), *args[7:17], mu,
+        *args[:6], ws, rs, acc, cnt, *((args[5], 0) if stats is None else (stats, stats.stride(0))),
+        n, v, s_count, max(1, (v - 1).bit_length()), *args[7:17], mu,
         HAS_GRAD=has_grad, HAS_LABELS=has_labels, CE_RAW=ce_raw, BLOCK_V=bv,
         SP=max(2, 1 << (s_count - 1).bit_length()), ROUNDS=AKL_ROUNDS, NT=AKL_NT, NV=AKL_NV, SCALED=scaled,
-        SH={torch.bfloat16: 16, torch.float16: 13}.get(args[1].dtype, 0),
+        SH={torch.bfloat16: 16, torch.float16: 13}.get(args[1].dtype, 0), STATS=stats is not None, WS=nslot,
         num_warps=num_warps or AKL_NUM_WARPS)

@@ -108,3 +108,29 @@ def test_schedule():
     assert sched == "two_pass" and "V=" in why
     with TD.override_config(schedule="two_pass"):
         assert TD.schedule(DistillParams("akl"))[0] == "two_pass"
+
+
+def test_stats_and_bitwise_loss():
+    """return_stats on the split akl kernel: statistics vs the float64 oracle (0 on the masked row), loss and
+    gradient bitwise equal with and without stats (the STATS constexpr adds stores only)."""
+    from fastkd.core.stats import STATS_KEYS
+
+    torch.manual_seed(4)
+    s, t = torch.randn(3, 150) * 2, torch.randn(3, 150) * 2
+    s[0, 3:9] = t[0, 3:9] = float("-inf")
+    mask = torch.tensor([True, True, False])
+    runs = []
+    for stats_on in (False, True):
+        x = s.clone().requires_grad_()
+        with TD.override_config(block_v=64):
+            out = fastkd.distill_loss(x, t, "akl", backend="triton", reduction="none", mask=mask, temperature=1.5,
+                                      return_stats=stats_on)
+        loss, st = out if stats_on else (out, None)
+        loss.sum().backward()
+        runs.append((loss.detach(), x.grad, st))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    ref = R.distill_stats(s.double(), t.double(), temperature=1.5, mask=mask)
+    st = runs[1][2]
+    assert torch.equal(st["top1_agree"], ref["top1_agree"].float())
+    for k in STATS_KEYS:
+        torch.testing.assert_close(st[k].double(), ref[k].double(), rtol=1e-5, atol=1e-5, msg=k)

@@ -106,11 +106,9 @@ def distill_forward(
     block_v = _CONFIG["block_v"] or min(K.DEFAULT_BLOCK_V, max(16, 1 << (v - 1).bit_length()))
     num_warps = _CONFIG["num_warps"] or K.DEFAULT_NUM_WARPS
     sched, _why = schedule(p, aliased, v)
-    if sched == "akl_split" and st is not None:  # the akl split kernel has no STATS yet: its loss bits differ
-        sched = "two_pass"
     if sched == "akl_split":
         KA.launch(args, n, v, has_grad=grad is not None, has_labels=has_labels, ce_raw=flags["CE_RAW"],
-                  scaled=p.temperature != 1.0, block_v=_CONFIG["block_v"], num_warps=_CONFIG["num_warps"])
+                  scaled=p.temperature != 1.0, block_v=_CONFIG["block_v"], num_warps=_CONFIG["num_warps"], stats=st)
     elif sched == "split":
         s_count = -(-v // block_v)
         lag = KS.lag(p.code)
