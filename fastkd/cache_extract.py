@@ -146,6 +146,8 @@ def extract(
         backend = choose_topk_backend(topk_backend, dev, k, len(temps))
         if backend == "triton":
             from fastkd.kernels.topk import topk_lse_rows
+
+            inv_tau = torch.tensor([1.0 / t for t in temps], dtype=torch.float32, device=dev)  # once, not per chunk
         out["ids"] = torch.empty(n, k, dtype=torch.int64, device=dev)
         out["logp"] = torch.empty(n, k, dtype=torch.float32, device=dev)
         out["lse"] = torch.empty(n, len(temps), dtype=torch.float32, device=dev)
@@ -168,7 +170,7 @@ def extract(
             del probs, c
         if k is not None:
             if backend == "triton":
-                values, indices, lse, tails = topk_lse_rows(z, k, temps)
+                values, indices, lse, tails = topk_lse_rows(z, k, temps, inv_tau=inv_tau)
             else:
                 values, indices, lse, tails = _torch_topk_lse(z, k, temps)
             out["ids"][sl] = indices

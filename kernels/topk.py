@@ -161,12 +161,14 @@ def topk_rows(z: torch.Tensor, k: int, block_v: int = 1024) -> tuple[torch.Tenso
     return vals, ids
 
 
-def topk_lse_rows(z: torch.Tensor, k: int, temperatures: tuple[float, ...] | list[float], block_v: int = 1024
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def topk_lse_rows(z: torch.Tensor, k: int, temperatures: tuple[float, ...] | list[float], block_v: int = 1024,
+                  inv_tau: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``k`` of each row of ``z`` (N, V) fp32 plus, at each temperature τ_j (J ≤ 8, τ_j > 0), the
     log-normaliser lse (N, J) = logsumexp(z / τ_j) and the log tail mass tails (N, J) =
     log Σ_{i ∉ top-k} softmax(z / τ_j)_i, in one read of z. Returns (values (N, k) fp32 descending,
-    ids (N, k) int64, lse (N, J) fp32, tails (N, J) fp32); see the module docstring for ties and −inf."""
+    ids (N, k) int64, lse (N, J) fp32, tails (N, J) fp32); see the module docstring for ties and −inf.
+    ``inv_tau``: (J,) fp32 on z's device = 1/τ_j, built once by a caller that launches per chunk (made here
+    it is a host → device copy at every call)."""
     z = _check(z, k)
     temps = [float(t) for t in temperatures]
     if len(temps) > MAX_TEMPERATURES or any(not 0.0 < t < float("inf") for t in temps):
@@ -178,7 +180,8 @@ def topk_lse_rows(z: torch.Tensor, k: int, temperatures: tuple[float, ...] | lis
     ids = torch.empty(n, k, dtype=torch.int64, device=dev)
     lse = torch.empty(n, j, dtype=torch.float32, device=dev)
     tails = torch.empty(n, j, dtype=torch.float32, device=dev)
-    inv_tau = torch.tensor([1.0 / t for t in temps] or [1.0], dtype=torch.float32, device=dev)
+    if inv_tau is None:
+        inv_tau = torch.tensor([1.0 / t for t in temps] or [1.0], dtype=torch.float32, device=dev)
     if n:
         bv = min(triton.next_power_of_2(v), block_v)
         # 8 warps: one program streams one row and a chunk has only ~c programs (c = 256 rows by default), so
