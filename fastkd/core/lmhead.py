@@ -16,7 +16,8 @@ Users: ``fastkd.distill.fused`` (dense), ``fastkd.sparse.op`` (sparse), ``fastkd
   workspace*; :meth:`LMHeadChunker.backward` multiplies in the cap derivative in place and accumulates
 
       grad_hidden[c] = g @ W            (torch.mm(..., out=grad_hidden[c]))
-      grad_weight   += g.T @ h_c        (addmm_ into an fp32 accumulator for bf16/fp16 weights)
+      grad_weight   += g.T @ h_c        (addmm_ into an fp32 accumulator for bf16/fp16 weights; the first
+                                         chunk writes it with mm: the accumulator is never zero-filled)
       grad_bias     += g.T @ 1          (addmv_)
 
   For bf16/fp16 weights on CUDA the accumulation is ``torch.addmm(acc, g.T, h_c, out_dtype=fp32, out=acc)``;
@@ -118,10 +119,14 @@ def softcap_(z: torch.Tensor, cap: float | None, deriv: torch.Tensor | None = No
     return z.mul_(cap)
 
 
-def _addmm_fp32_inplace(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
-    """``acc += a @ b`` for bf16/fp16 a, b into fp32 ``acc`` without a temporary; False if unsupported."""
+def _addmm_fp32_inplace(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = True) -> bool:
+    """``acc += a @ b`` (``acc = a @ b`` when not ``accumulate``) for bf16/fp16 a, b into fp32 ``acc`` without a
+    temporary; False if unsupported."""
     try:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        if accumulate:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        else:
+            torch.mm(a, b, out_dtype=torch.float32, out=acc)
     except (RuntimeError, TypeError, NotImplementedError):  # CPU, or PyTorch without addmm(out_dtype=)
         return False
     return True
@@ -148,6 +153,7 @@ class LMHeadChunker:
         self._h32: torch.Tensor | None = None  # fp32 staging of the chunk's hidden states (rows, H)
         self._ones: torch.Tensor | None = None
         self._native_fp32_acc = True  # addmm(out_dtype=) worked (or is still to be tried)
+        self._gw_started = False  # a chunk has written grad_weight (the first one writes, the others add)
 
     def _buf(self, name: str, c: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
         buf = getattr(self, name)
@@ -173,7 +179,10 @@ class LMHeadChunker:
         h, w = self.hidden, self.weight
         self.grad_hidden = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_hidden else None
         wdt = torch.float32 if self._acc32 else w.dtype
-        self.grad_weight = torch.zeros(w.shape, dtype=wdt, device=w.device) if need_weight else None
+        # Not zeroed: the first chunk's GEMM writes it (``mm`` into the accumulator instead of zeros + addmm,
+        # which would cost one more write and read of the whole (V, H) accumulator); see _gw_started.
+        self.grad_weight = torch.empty(w.shape, dtype=wdt, device=w.device) if need_weight else None
+        self._gw_started = False
         self.grad_bias = (torch.zeros(w.shape[0], dtype=wdt, device=w.device)
                           if need_bias and self.bias is not None else None)
 
@@ -189,9 +198,11 @@ class LMHeadChunker:
         if self.grad_weight is None and self.grad_bias is None:
             return
         g_acc, h_acc = g, h
+        started = self._gw_started
+        self._gw_started = True
         if self._acc32:  # fp32 accumulation: partial sums are never rounded to bf16/fp16
             if self.grad_weight is not None and self._native_fp32_acc and g.is_cuda:
-                self._native_fp32_acc = _addmm_fp32_inplace(self.grad_weight, g.t(), h)
+                self._native_fp32_acc = _addmm_fp32_inplace(self.grad_weight, g.t(), h, accumulate=started)
                 if self._native_fp32_acc:
                     if self.grad_bias is not None:
                         self.grad_bias.add_(g.sum(0, dtype=torch.float32))
@@ -200,7 +211,10 @@ class LMHeadChunker:
             if self.grad_weight is not None:
                 h_acc = self._buf("_h32", h.shape[0], h.shape[1], torch.float32).copy_(h)
         if self.grad_weight is not None:
-            self.grad_weight.addmm_(g_acc.t(), h_acc)
+            if started:
+                self.grad_weight.addmm_(g_acc.t(), h_acc)
+            else:
+                torch.mm(g_acc.t(), h_acc, out=self.grad_weight)
         if self.grad_bias is not None:
             ones = self._ones
             if ones is None or ones.shape[0] < g.shape[0] or ones.dtype != g_acc.dtype:
@@ -212,6 +226,9 @@ class LMHeadChunker:
         # No .to() when the accumulator already has the parameter's dtype: an aliasing no-op .to() of a
         # tensor created inside the Function trips torch.compile's higher-order-op capture.
         gw, gb = self.grad_weight, self.grad_bias
+        if gw is not None and not self._gw_started:  # no chunk ran (N = 0): the accumulator was never written
+            gw.zero_()
+            self._gw_started = True
         if gw is not None and gw.dtype != self.weight.dtype:
             gw = gw.to(self.weight.dtype)
         if gb is not None and gb.dtype != self.bias.dtype:
