@@ -81,3 +81,13 @@ def test_sm90_compile_subset(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "_distill_kernel" in out.stdout and "_sparse_stats_kernel" in out.stdout
     assert "_sinkhorn_half_step_kernel" in out.stdout
+
+
+def test_only_filter_compiles_the_matching_calls(tmp_path):
+    """--only REGEX compiles only the calls whose label matches; a pattern matching nothing fails (exit 1)."""
+    out = _run("from bench import aot; raise SystemExit(aot.main(['--only', '^scale_grad bf16$']))", tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("_")]
+    assert len(rows) == 1 and rows[0].startswith("_scale_grad_kernel") and "(scale_grad bf16)" in rows[0]
+    none = _run("from bench import aot; raise SystemExit(aot.main(['--only', 'no such label']))", tmp_path)
+    assert none.returncode == 1 and "no call label matches" in none.stderr
