@@ -180,6 +180,34 @@ def _constants(h_beta, h_alpha, h_t, DIV: tl.constexpr):
 
 
 @triton.jit
+def _row_value(fkl, rkl, taid, lse_s, lse_t, c1, zero, DIV: tl.constexpr):
+    """(D, S = Σqg, w_f, w_r) of the divergences whose value follows from the row statistics alone (fkl, rkl,
+    symkl, taid, zero; zeros for the others): fkl / rkl / taid are the row's merged sums, w_f / w_r the fkl /
+    rkl weights of symkl's qg = −w_f·p + w_r·q(log q − log p). Shared by the two-pass and split kernels."""
+    dval = zero
+    ssum = zero
+    w_f = zero
+    w_r = zero
+    if DIV == FKL:
+        dval = fkl
+        ssum = zero - 1.0
+    elif DIV == RKL:
+        dval = rkl
+        ssum = rkl
+    elif DIV == SYMKL:
+        w_f = zero + c1
+        w_r = zero + (1.0 - c1)
+        dval = w_f * fkl + w_r * rkl
+        ssum = -w_f + w_r * rkl
+    elif DIV == TAID:
+        dval = taid
+        ssum = zero - 1.0
+    elif DIV == ZERO:
+        dval = tl.where((lse_s == lse_s) & (lse_t == lse_t), 0.0, float("nan"))
+    return dval, ssum, w_f, w_r
+
+
+@triton.jit
 def _mix_terms(lp, lq, p, q, c1, c2, lw_a, lw_b, DIV: tl.constexpr):
     """Elementwise (D term, qg) of the divergences that need a reduction pass (jsd, skl, srkl, tvd, ab).
 
@@ -307,26 +335,11 @@ def _distill_kernel(
         lse_u = m_u + tl.log(d_u)
 
         # ---- divergence value D and S = Σqg ------------------------------------------------------------
-        w_f = zero
-        w_r = zero
-        if DIV == FKL:
-            dval = fkl
-            ssum = zero - 1.0
-        elif DIV == RKL:
-            dval = rkl
-            ssum = rkl
-        elif DIV == SYMKL:
-            w_f = zero + c1
-            w_r = zero + (1.0 - c1)
-            dval = w_f * fkl + w_r * rkl
-            ssum = -w_f + w_r * rkl
-        elif DIV == TAID:
-            dval = a_u / d_u - lse_u + lse_s
-            ssum = zero - 1.0
-        elif DIV == ZERO:
-            dval = tl.where((lse_s == lse_s) & (lse_t == lse_t), 0.0, float("nan"))
-            ssum = zero
-        elif DIV == AKL:
+        taid = zero
+        if DIV == TAID:
+            taid = a_u / d_u - lse_u + lse_s
+        dval, ssum, w_f, w_r = _row_value(fkl, rkl, taid, lse_s, lse_t, c1, zero, DIV)
+        if DIV == AKL:
             # bisection for the head threshold on the bits of p (see the module docstring)
             offs_a = tl.arange(0, BLOCK_A)
             kk = tl.arange(0, NT) + 1
@@ -375,7 +388,7 @@ def _distill_kernel(
             w_r = tl.where(den > 0, g_t / safe, 0.0)
             dval = w_f * fkl + w_r * rkl
             ssum = -w_f + w_r * rkl
-        else:  # jsd, skl, srkl, tvd, ab: one reduction pass
+        elif (DIV == JSD) | (DIV == SKL) | (DIV == SRKL) | (DIV == TVD) | (DIV == AB):  # MIX_CODES: one pass
             dval = zero
             ssum = zero
             for start in range(0, V, BLOCK_V):

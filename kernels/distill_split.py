@@ -35,9 +35,12 @@ re-read the GPU runs at most (resident programs + LAG·S) programs, each touchin
 b = (LAG + 1) segment pairs + one gradient segment. With BLOCK_V = 4096 bf16: b = 40 KB (fkl: 2 × 16 KB read +
 8 KB written), resident = 528, LAG·S = 32 at V = 131072 → 560 × 40 KB = 22 MB (jsd: 560 × 56 KB = 31 MB),
 under the 50 MB L2, so the re-reads are L2 hits and HBM sees each logit read once and the gradient written
-once (+ ~0.8 KB of workspace per unit, 2–3 % of the traffic). The bound scales with BLOCK_V, not V: any
-vocabulary fits. AKL is not split (its head search makes up to ~8 passes over the teacher row): it keeps the
-two-pass kernel (``fastkd.distill.triton_impl.schedule`` says why).
+once (+ ~0.8 KB of workspace per unit, 2–3 % of the traffic). With ``STATS`` (return_stats) phase 0 writes 6
+more slots (``NSLOT_STATS`` = 20: 24 B per unit) and the segment-0 program of the final phase reads them for
+every segment (6·S·4 B per row, 24 B per unit): ~+48 B per unit at S = 32, +0.1 % of the 40 KB, no extra
+pass over the logits and the same L2 window. The bound scales with BLOCK_V, not V: any
+vocabulary fits. AKL has its own split kernel (:mod:`fastkd.kernels.distill_akl`: the same schedule with the head
+search as extra phases); ``fastkd.distill.triton_impl.schedule`` says which kernel runs and why.
 
 Loads: a full segment is loaded without a mask (vectorised when the column stride is 1 and the row stride a
 multiple of 16 bytes, which Triton specialises on), only the tail segment (j = S − 1 when V % BLOCK_V != 0) is
@@ -65,6 +68,7 @@ from fastkd.kernels.distill import (
     _lae,
     _mix_terms,
     _online,
+    _row_value,
     _store_stats,
 )
 
@@ -268,27 +272,12 @@ def _distill_split_kernel(
             fkl = fa - lse_t + lse_s
             rkl = ra - lse_s + lse_t
             lse_u = lse_s
-            w_f = zero
-            w_r = zero
-            if DIV == FKL:
-                dval = fkl
-                ssum = zero - 1.0
-            elif DIV == RKL:
-                dval = rkl
-                ssum = rkl
-            elif DIV == SYMKL:
-                w_f = zero + c1
-                w_r = zero + (1.0 - c1)
-                dval = w_f * fkl + w_r * rkl
-                ssum = -w_f + w_r * rkl
-            elif DIV == TAID:
+            taid = zero
+            if DIV == TAID:
                 lse_u, ua = _merge(ws_row, 6, 7, 8, segs, sm, WS)
-                dval = ua - lse_u + lse_s
-                ssum = zero - 1.0
-            elif DIV == ZERO:
-                dval = tl.where((lse_s == lse_s) & (lse_t == lse_t), 0.0, float("nan"))
-                ssum = zero
-            else:  # LAG == 2
+                taid = ua - lse_u + lse_s
+            dval, ssum, w_f, w_r = _row_value(fkl, rkl, taid, lse_s, lse_t, c1, zero, DIV)
+            if LAG == 2:
                 dval = tl.sum(_slots(ws_row, 12, segs, sm, WS, 0.0), 0)
                 ssum = tl.sum(_slots(ws_row, 13, segs, sm, WS, 0.0), 0)
             label = 0

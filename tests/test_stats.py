@@ -126,6 +126,20 @@ def test_stats_low_precision_reduction_none_vocab_size(backend, sched, dtype):
     assert stats["top1_agree"][3] == 1.0 and stats["kl"][1].abs() < 1e-5
 
 
+@pytest.mark.skipif(not _TRITON, reason="no triton")
+def test_akl_default_schedule_writes_stats():
+    """akl on the default Triton schedule: a kernel without a STATS flag must never leave the buffer unwritten
+    (the launcher then runs the two-pass kernel for stats, see fastkd/distill/triton_impl.py)."""
+    n, v = 3, 75
+    zs = _logits(n, v, torch.float32, 11)
+    zt = (torch.argsort(torch.rand(n, v, generator=torch.Generator().manual_seed(12)), -1).float() - v / 2) / 16
+    with TD.override_config(block_v=BLOCK):
+        loss, stats = fastkd.distill_loss(zs, zt, "akl", reduction="none", backend="triton", return_stats=True)
+        plain = fastkd.distill_loss(zs, zt, "akl", reduction="none", backend="triton")
+    torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-6)
+    _check(stats, R.distill_stats(zs.double(), zt.double()), zs, zt, 1.0)
+
+
 @pytest.mark.parametrize("backend,sched", BACKENDS)
 def test_stats_no_grad_path_and_sum(backend, sched):
     """Forward-only calls (no gradient buffer) take other kernel branches (torch: the fkl shortcut)."""
