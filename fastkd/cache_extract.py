@@ -25,8 +25,8 @@ Top-k backends (``topk_backend``):
 
 Both give torch.topk's values exactly; on exactly tied logits the ids may differ (either tied id is a correct
 top-k). −inf logits are ordinary entries: with fewer than k finite logits the last values are −inf and the
-tail is −inf (log 0). The Triton kernel scales by 1/τ where torch divides by τ: lse / tail agree to fp32
-rounding, not bitwise, except at τ = 1. Not yet timed on a GPU.
+tail is −inf (log 0). The two paths sum in different orders (and the kernel multiplies by 1/τ throughout):
+lse / tail agree to fp32 rounding, not bitwise. Not yet timed on a GPU.
 """
 
 from __future__ import annotations
