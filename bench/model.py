@@ -80,6 +80,13 @@ def _same_storage(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a is not None and b is not None and a.untyped_storage()._cdata == b.untyped_storage()._cdata
 
 
+def _rest(args: tuple, n: int, rows: int) -> tuple:
+    """The trailing custom-op args with any per-row tensor output (the (N, 4) return_stats buffer) replaced by
+    a (rows, ...) CPU stand-in of the same dtype."""
+    return tuple(torch.zeros(rows, *a.shape[1:], dtype=a.dtype) if isinstance(a, torch.Tensor) and a.dim()
+                 and a.shape[0] == n else a for a in args)
+
+
 def _distill_sample(args: tuple, rows: int, gen: torch.Generator) -> tuple:
     """CPU stand-ins for ``fastkd::distill_rows`` args: logits ~ N(0, 2²), labels in range, weights 1."""
     s, t, labels, w, g = args[:5]
@@ -88,7 +95,7 @@ def _distill_sample(args: tuple, rows: int, gen: torch.Generator) -> tuple:
     tc = (torch.randn(rows, t.shape[1], generator=gen) * 2).to(t.dtype)
     lab = None if labels is None else torch.randint(0, v, (rows,), generator=gen)
     gc = None if g is None else (sc if _same_storage(g, s) else torch.empty(rows, g.shape[1], dtype=g.dtype))
-    return (sc, tc, lab, torch.ones(rows, dtype=w.dtype), gc, *args[5:])
+    return (sc, tc, lab, torch.ones(rows, dtype=w.dtype), gc, *_rest(args[5:], s.shape[0], rows))
 
 
 def _sparse_sample(args: tuple, rows: int, gen: torch.Generator) -> tuple:
@@ -100,7 +107,8 @@ def _sparse_sample(args: tuple, rows: int, gen: torch.Generator) -> tuple:
     top, idc = t_lp.topk(k, dim=-1)
     tail_c = None if tail is None else torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6)).to(tail.dtype)
     gc = None if g is None else (sc if _same_storage(g, s) else torch.empty(rows, g.shape[1], dtype=g.dtype))
-    return (sc, idc.to(ids.dtype), top.to(lp.dtype), tail_c, torch.ones(rows, dtype=w.dtype), gc, *args[6:])
+    return (sc, idc.to(ids.dtype), top.to(lp.dtype), tail_c, torch.ones(rows, dtype=w.dtype), gc,
+            *_rest(args[6:], s.shape[0], rows))
 
 
 SAMPLERS: dict[str, Callable[[tuple, int, torch.Generator], tuple]] = {
@@ -142,6 +150,8 @@ class Model:
         gen = torch.Generator().manual_seed(0)
         with _disable_current_modes():
             sample = sampler(args, self.rows, gen)
+            names = list(kwargs)
+            kwargs = dict(zip(names, _rest(tuple(kwargs.values()), args[0].shape[0], self.rows), strict=True))
             counter = self._triton
             first = len(counter.launches)
             with TorchCounter() as inner:
@@ -246,10 +256,14 @@ def distill_case(div: str, n: int = 8192, v: int = 131072) -> Case:
     def build() -> dict[str, Any]:
         return {"s": _rand(n, v, grad=True), "t": _rand(n, v)}
 
-    def fastkd_(x: dict[str, Any]) -> None:
+    def fastkd_(x: dict[str, Any], stats: bool = False) -> None:
         import fastkd
 
-        _grad_step(lambda: fastkd.distill_loss(x["s"], x["t"], div, backend="triton"), [x["s"]])
+        def loss() -> torch.Tensor:
+            out = fastkd.distill_loss(x["s"], x["t"], div, backend="triton", return_stats=stats)
+            return out[0] if stats else out
+
+        _grad_step(loss, [x["s"]])
 
     def naive(x: dict[str, Any]) -> None:
         _grad_step(lambda: BD.naive_loss(x["s"], x["t"], div), [x["s"]])
@@ -260,7 +274,8 @@ def distill_case(div: str, n: int = 8192, v: int = 131072) -> Case:
         mod = LigerKLDIVLoss(reduction="batchmean") if div == "fkl" else LigerJSD(beta=0.5)
         _grad_step(lambda: BD._liger_loss(mod, x["s"], x["t"], div), [x["s"]])
 
-    providers = {"fastkd-triton": fastkd_, "naive": naive}
+    providers = {"fastkd-triton": fastkd_, "fastkd-triton+stats": functools.partial(fastkd_, stats=True),
+                 "naive": naive}
     if div in ("fkl", "jsd"):
         providers["liger"] = liger
     return Case(f"distill-{div}", {"N": n, "V": v, "dtype": "bf16"}, build, providers, 3.0 * n * v * 2)
@@ -270,13 +285,23 @@ def fused_case(div: str = "fkl", n: int = 8192, hs: int = 2048, ht: int = 4096, 
     from bench import bench_fused_linear as BF
 
     def build() -> dict[str, Any]:
-        return {"h": _rand(n, hs, grad=True), "W": _rand(v, hs, grad=True), "ht": _rand(n, ht), "Wt": _rand(v, ht)}
+        return {"h": _rand(n, hs, grad=True), "W": _rand(v, hs, grad=True), "ht": _rand(n, ht), "Wt": _rand(v, ht),
+                "ht2": _rand(n, ht), "Wt2": _rand(v, ht)}
 
-    def fastkd_(x: dict[str, Any]) -> None:
+    def fastkd_(x: dict[str, Any], stats: bool = False, teachers: int = 1) -> None:
         import fastkd
 
-        _grad_step(lambda: fastkd.fused_linear_distill_loss(x["h"], x["W"], x["ht"], x["Wt"], divergence=div,
-                                                            backend="triton"), [x["h"], x["W"]])
+        kw: dict[str, Any] = {"teacher_hidden": x["ht"], "teacher_weight": x["Wt"]}
+        if teachers == 2:  # a two-teacher mixture (issue 16): extra memory must not grow with the teachers
+            kw = {"teacher_hidden": [x["ht"], x["ht2"]], "teacher_weight": [x["Wt"], x["Wt2"]],
+                  "teacher_weights": torch.tensor([0.5, 0.5], device=x["h"].device)}
+
+        def loss() -> torch.Tensor:
+            out = fastkd.fused_linear_distill_loss(x["h"], x["W"], **kw, divergence=div, backend="triton",
+                                                   return_stats=stats)
+            return out[0] if stats else out
+
+        _grad_step(loss, [x["h"], x["W"]])
 
     def naive(x: dict[str, Any]) -> None:
         _grad_step(lambda: BF.naive_loss(x["h"], x["W"], x["ht"], x["Wt"], div), [x["h"], x["W"]])
@@ -294,7 +319,9 @@ def fused_case(div: str = "fkl", n: int = 8192, hs: int = 2048, ht: int = 4096, 
 
     floor = 2.0 * (n * hs + v * hs + n * ht + v * ht + n * hs + v * hs)
     return Case(f"fused-{div}", {"N": n, "Hs": hs, "Ht": ht, "V": v, "dtype": "bf16"}, build,
-                {"fastkd-triton": fastkd_, "naive": naive, "liger": liger}, floor, gemms)
+                {"fastkd-triton": fastkd_, "fastkd-triton+stats": functools.partial(fastkd_, stats=True),
+                 "fastkd-triton-2teachers": functools.partial(fastkd_, teachers=2), "naive": naive,
+                 "liger": liger}, floor, gemms)
 
 
 def sparse_case(mode: str = "topk_tail", n: int = 8192, hs: int = 2048, v: int = 128256, k: int = 64) -> Case:
@@ -305,11 +332,15 @@ def sparse_case(mode: str = "topk_tail", n: int = 8192, hs: int = 2048, v: int =
                 "ids": torch.empty(n, k, device="meta", dtype=torch.int64),
                 "lp": torch.empty(n, k, device="meta", dtype=torch.float32)}
 
-    def fastkd_(x: dict[str, Any]) -> None:
+    def fastkd_(x: dict[str, Any], stats: bool = False) -> None:
         import fastkd
 
-        _grad_step(lambda: fastkd.fused_linear_sparse_distill_loss(x["h"], x["W"], x["ids"], x["lp"], mode=mode,
-                                                                   backend="triton"), [x["h"], x["W"]])
+        def loss() -> torch.Tensor:
+            out = fastkd.fused_linear_sparse_distill_loss(x["h"], x["W"], x["ids"], x["lp"], mode=mode,
+                                                          backend="triton", return_stats=stats)
+            return out[0] if stats else out
+
+        _grad_step(loss, [x["h"], x["W"]])
 
     def naive(x: dict[str, Any]) -> None:
         _grad_step(lambda: BS.naive_loss(x["h"], x["W"], x["ids"], x["lp"]), [x["h"], x["W"]])
@@ -321,7 +352,8 @@ def sparse_case(mode: str = "topk_tail", n: int = 8192, hs: int = 2048, v: int =
 
     floor = 2.0 * (n * hs + v * hs + n * hs + v * hs) + n * k * 12
     return Case(f"sparse-{mode}", {"N": n, "H": hs, "V": v, "K": k, "dtype": "bf16"}, build,
-                {"fastkd-triton": fastkd_, "naive": naive}, floor, gemms)
+                {"fastkd-triton": fastkd_, "fastkd-triton+stats": functools.partial(fastkd_, stats=True),
+                 "naive": naive}, floor, gemms)
 
 
 CASES: dict[str, Callable[[], Case]] = {
