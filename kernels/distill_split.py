@@ -204,9 +204,9 @@ def _distill_split_kernel(
                 _m, _d, c_t, a_f2 = _ent_block(t, s)
                 if (DIV != FKL) & (DIV != SYMKL):
                     a_f = a_f2  # kl needs Σe^{t−m}(t−s) whatever the divergence
-                cols0 = start + offs
-                rm_s, ri_s = _argmax_block(xs, cols0)
-                rm_t, ri_t = _argmax_block(xt, cols0)
+                j0 = start.to(tl.int32)  # column indices in int32 (V < 2^31): half the registers of int64
+                rm_s, ri_s = _argmax_block(xs, offs + j0)
+                rm_t, ri_t = _argmax_block(xt, offs + j0)
                 tl.store(wp + 14, c_s)
                 tl.store(wp + 15, c_t)
                 tl.store(wp + 16, rm_s)
