@@ -174,14 +174,23 @@ def _distill_split_kernel(
             # only the sums the divergence uses: fkl Σe^t(t−s), rkl Σe^s(s−t), symkl both
             a_r = zero
             a_f = zero
-            if (DIV == RKL) | (DIV == SYMKL):
-                m_s, d_s, a_r = _online(zero + NEG, zero, zero, s, t)
+            if STATS:
+                # the entropy partials reuse the loss's exponentials (one exp per logit and side, as without
+                # STATS); (m, d) and the a sums are the same expressions as _lse_block / _online from an empty
+                # state (0·0 + Σ = Σ), so the loss and gradient stay bitwise those of the STATS-off kernel
+                m_s, d_s, c_s, a_s = _ent_block(s, t)
+                m_t, d_t, c_t, a_f = _ent_block(t, s)  # kl needs Σe^{t−m}(t−s) whatever the divergence
+                if (DIV == RKL) | (DIV == SYMKL):
+                    a_r = a_s
             else:
-                m_s, d_s = _lse_block(s)
-            if (DIV == FKL) | (DIV == SYMKL):
-                m_t, d_t, a_f = _online(zero + NEG, zero, zero, t, s)
-            else:
-                m_t, d_t = _lse_block(t)
+                if (DIV == RKL) | (DIV == SYMKL):
+                    m_s, d_s, a_r = _online(zero + NEG, zero, zero, s, t)
+                else:
+                    m_s, d_s = _lse_block(s)
+                if (DIV == FKL) | (DIV == SYMKL):
+                    m_t, d_t, a_f = _online(zero + NEG, zero, zero, t, s)
+                else:
+                    m_t, d_t = _lse_block(t)
             m_u = zero + NEG
             d_u = zero
             a_u = zero
@@ -200,10 +209,6 @@ def _distill_split_kernel(
                 zl = zl.to(tl.float32)
             wp = ws_ptr + (r * S + j) * WS
             if STATS:
-                _m, _d, c_s, _a = _ent_block(s, t)
-                _m, _d, c_t, a_f2 = _ent_block(t, s)
-                if (DIV != FKL) & (DIV != SYMKL):
-                    a_f = a_f2  # kl needs Σe^{t−m}(t−s) whatever the divergence
                 j0 = start.to(tl.int32)  # column indices in int32 (V < 2^31): half the registers of int64
                 rm_s, ri_s = _argmax_block(xs, offs + j0)
                 rm_t, ri_t = _argmax_block(xt, offs + j0)
