@@ -464,13 +464,20 @@ def _scale_grad_kernel(
     BLOCK: tl.constexpr,
 ):
     """grid (N,): program i multiplies row i by grad_output[i·go_stride]; a factor of exactly 1.0 returns
-    without touching the row (the usual case: backward then costs one scalar load per row, no host sync)."""
+    without touching the row (the usual case: backward then costs one scalar load per row, no host sync).
+    Full blocks are loaded and stored without a mask (vector accesses), only the tail block is masked."""
     row = tl.program_id(0).to(tl.int64)
     f = tl.load(go_ptr + row * go_stride).to(tl.float32)
     if f != 1.0:
         base = g_ptr + row * g_row
-        for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
+        offs = tl.arange(0, BLOCK)
+        v_full = V - V % BLOCK
+        for start in range(0, v_full, BLOCK):
+            cols = start + offs
+            x = tl.load(base + cols * g_col).to(tl.float32)
+            tl.store(base + cols * g_col, (x * f).to(g_ptr.dtype.element_ty))
+        if v_full < V:
+            cols = v_full + offs
             cm = cols < V
             x = tl.load(base + cols * g_col, mask=cm, other=0.0).to(tl.float32)
             tl.store(base + cols * g_col, (x * f).to(g_ptr.dtype.element_ty), mask=cm)

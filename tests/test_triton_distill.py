@@ -315,6 +315,17 @@ def test_scale_grad(dtype):
             scale_grad_(g, torch.ones(3), per_row=True)
 
 
+@pytest.mark.parametrize("v", [4096, 2 * 4096 + 37], ids=["full_blocks", "full_blocks_and_tail"])
+def test_scale_grad_full_blocks_and_tail(v):
+    """V > the 4096 block: unmasked full blocks, then one masked tail block (nothing past V is touched)."""
+    buf = _logits((3, v + 5), torch.bfloat16)
+    g, orig = buf[:, :v], buf.clone()
+    f = torch.tensor([0.5, 1.0, -3.0])
+    scale_grad_(g, f, per_row=True)
+    torch.testing.assert_close(g, (orig[:, :v].float() * f[:, None]).to(torch.bfloat16))
+    assert torch.equal(buf[:, v:], orig[:, v:])
+
+
 def test_reasons():
     s = torch.randn(2, 8, dtype=torch.float64)
     with pytest.raises(BackendUnavailableError, match="float64"):
