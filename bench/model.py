@@ -286,15 +286,16 @@ def fused_case(div: str = "fkl", n: int = 8192, hs: int = 2048, ht: int = 4096, 
 
     def build() -> dict[str, Any]:
         return {"h": _rand(n, hs, grad=True), "W": _rand(v, hs, grad=True), "ht": _rand(n, ht), "Wt": _rand(v, ht),
-                "ht2": _rand(n, ht), "Wt2": _rand(v, ht)}
+                "ht2": _rand(n, ht), "Wt2": _rand(v, ht), "ht3": _rand(n, ht), "Wt3": _rand(v, ht)}
 
     def fastkd_(x: dict[str, Any], stats: bool = False, teachers: int = 1) -> None:
         import fastkd
 
         kw: dict[str, Any] = {"teacher_hidden": x["ht"], "teacher_weight": x["Wt"]}
-        if teachers == 2:  # a two-teacher mixture (issue 16): extra memory must not grow with the teachers
-            kw = {"teacher_hidden": [x["ht"], x["ht2"]], "teacher_weight": [x["Wt"], x["Wt2"]],
-                  "teacher_weights": torch.tensor([0.5, 0.5], device=x["h"].device)}
+        if teachers > 1:  # a mixture of M teachers (issue 16): extra memory must not grow with M
+            sfx = ["", "2", "3"][:teachers]
+            kw = {"teacher_hidden": [x["ht" + k] for k in sfx], "teacher_weight": [x["Wt" + k] for k in sfx],
+                  "teacher_weights": torch.full((teachers,), 1.0 / teachers, device=x["h"].device)}
 
         def loss() -> torch.Tensor:
             out = fastkd.fused_linear_distill_loss(x["h"], x["W"], **kw, divergence=div, backend="triton",
@@ -320,7 +321,8 @@ def fused_case(div: str = "fkl", n: int = 8192, hs: int = 2048, ht: int = 4096, 
     floor = 2.0 * (n * hs + v * hs + n * ht + v * ht + n * hs + v * hs)
     return Case(f"fused-{div}", {"N": n, "Hs": hs, "Ht": ht, "V": v, "dtype": "bf16"}, build,
                 {"fastkd-triton": fastkd_, "fastkd-triton+stats": functools.partial(fastkd_, stats=True),
-                 "fastkd-triton-2teachers": functools.partial(fastkd_, teachers=2), "naive": naive,
+                 "fastkd-triton-2teachers": functools.partial(fastkd_, teachers=2),
+                 "fastkd-triton-3teachers": functools.partial(fastkd_, teachers=3), "naive": naive,
                  "liger": liger}, floor, gemms)
 
 
