@@ -361,12 +361,17 @@ def lag(code: int) -> int:
     return 2 if code in MIX_CODES else 1
 
 
-def num_warps(code: int) -> int:
-    """Default warps: 16 for the LAG-2 divergences (their mid and final phases keep more values live per
-    element: at 8 warps, 16 elements per thread, sm_90 spilled 16–32 B with jsd / skl bf16 V=50257 and srkl fp32
-    with labels; at 16 warps 47–104 registers, no spills, ``bench/aot.py --all``), 8 for the others."""
-    return 16 if code in MIX_CODES else 8
+def launch_config(code: int) -> tuple[int, int]:
+    """Default (BLOCK_V, num_warps) by divergence: the mid and final phases of the LAG-2 divergences keep more
+    values live per element, and at (4096, 8) — 16 elements per thread — sm_90 spilled 16–32 B (jsd / skl bf16
+    V=50257, srkl fp32 with labels). (4096, 16) removes every spill but skl's without labels (24 B at 64
+    registers), so skl uses (2048, 8): all 126 LAG-2 configurations of ``bench/aot.py --all`` compile at
+    (2048, 8) with 32–80 registers, no spills (``bench/aot.py --all`` checks the defaults). 16 warps keep jsd's
+    cost-model bytes at 1.00× the floor (2048-wide segments double the workspace merges: 1.01×)."""
+    if code == CODES["skl"]:
+        return 2048, 8
+    return (4096, 16) if code in MIX_CODES else (4096, 8)
 
 
-# Every table code but akl (its head search needs whole-row passes: the two-pass kernel serves it).
+# Every table code but akl (its head search has its own split kernel: fastkd.kernels.distill_akl).
 SPLIT_CODES = tuple(c for c in CODES.values() if c != int(AKL))

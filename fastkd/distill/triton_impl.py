@@ -110,6 +110,8 @@ def distill_forward(
         KA.launch(args, n, v, has_grad=grad is not None, has_labels=has_labels, ce_raw=flags["CE_RAW"],
                   scaled=p.temperature != 1.0, block_v=_CONFIG["block_v"], num_warps=_CONFIG["num_warps"], stats=st)
     elif sched == "split":
+        bv, nw = KS.launch_config(p.code)
+        block_v = _CONFIG["block_v"] or min(bv, max(16, 1 << (v - 1).bit_length()))
         s_count = -(-v // block_v)
         lag = KS.lag(p.code)
         nslot = KS.NSLOT if st is None else KS.NSLOT_STATS
@@ -119,7 +121,7 @@ def distill_forward(
             *args[:6], ws, cnt, n, v, s_count, *args[7:], *st_args, DIV=p.code, HAS_GRAD=flags["HAS_GRAD"],
             HAS_LABELS=has_labels, CE_RAW=flags["CE_RAW"], BLOCK_V=block_v,
             SP=max(2, 1 << (s_count - 1).bit_length()), LAG=lag, SCALED=p.temperature != 1.0,
-            STATS=flags["STATS"], WS=nslot, num_warps=_CONFIG["num_warps"] or KS.num_warps(p.code))
+            STATS=flags["STATS"], WS=nslot, num_warps=_CONFIG["num_warps"] or nw)
     elif _autotune() and _CONFIG["block_v"] is None and not aliased:
         K._distill_kernel_autotuned[(n,)](*args, *st_args, **flags, BLOCK_A=K.AKL_BLOCK)
     else:
