@@ -65,6 +65,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from fastkd.kernels.distill import _argmax_block, _ent_block, _ent_merge, _online, _store_stats
+from fastkd.kernels.distill_split import _wait
 
 from fastkd.core.divergences import HYPER_NAMES
 
@@ -192,14 +193,6 @@ def _step(acc_row, i, kmin, mu_fix, IB, SH: tl.constexpr, NT: tl.constexpr, NV: 
         packed = tl.load(acc_row + i * NT + tl.arange(0, NT), cache_modifier=".cg")
         lo, hi, n_lo, n_hi = _narrow(lo, hi, n_lo, n_hi, th, packed, mu_fix)
     return lo, hi, n_lo, n_hi
-
-
-@triton.jit
-def _wait(cnt, target):
-    """Spin until ``*cnt >= target`` (acquire)."""
-    c = tl.atomic_add(cnt, 0, sem="acquire")
-    while c < target:
-        c = tl.atomic_add(cnt, 0, sem="acquire")
 
 
 @triton.jit
