@@ -147,6 +147,25 @@ def _store_stats(st_row_ptr, d_t, c_t, d_s, c_s, i_t, i_s, kl):
     tl.store(st_row_ptr + 3, kl)
 
 
+@triton.jit
+def _ce_store(g, xs, q, lse_z, label, ce_cw, g_base, cols, g_col, V, full, HAS_LABELS: tl.constexpr,
+              CE_RAW: tl.constexpr):
+    """Store one block of the gradient (split-row kernels): add the cross-entropy term ce_cw·(softmax(z) −
+    onehot(label)) — softmax of the raw logits xs (log-normaliser lse_z) when CE_RAW, else the tempered q — cast
+    to the output dtype, unmasked for a full block, masked (cols < V) for the tail block."""
+    if HAS_LABELS:
+        if CE_RAW:
+            sm_z = tl.exp(xs - lse_z)
+        else:
+            sm_z = q
+        g += ce_cw * (sm_z - tl.where(cols == label, 1.0, 0.0))
+    g = g.to(g_base.dtype.element_ty)
+    if full:
+        tl.store(g_base + cols * g_col, g)
+    else:
+        tl.store(g_base + cols * g_col, g, mask=cols < V)
+
+
 # The divergences whose gradient needs Σqg (a reduction over the row before the gradient): their D and qg
 # terms come from _mix_terms. Launchers (e.g. the split schedule's phase count) read this tuple.
 MIX_CODES = tuple(int(c) for c in (JSD, SKL, SRKL, TVD, AB))

@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from fastkd.kernels.distill import _argmax_block, _ent_block, _ent_merge, _online, _store_stats
+from fastkd.kernels.distill import _argmax_block, _ce_store, _ent_block, _ent_merge, _online, _store_stats
 from fastkd.kernels.distill_split import _wait
 
 from fastkd.core.divergences import HYPER_NAMES
@@ -467,17 +467,10 @@ def _akl_split_kernel(
                 q = tl.exp(lq)
                 qg = -w_f * tl.exp(lp) + w_r * tl.where(q != 0, q * (lq - lp), 0.0)
                 g = (qg - q * (w_r * rkl - w_f)) * (kd_coef * w)
-                if HAS_LABELS:
-                    if CE_RAW:
-                        sm_z = tl.exp(xs - tl.load(rp + 7, cache_modifier=".cg"))
-                    else:
-                        sm_z = q
-                    g += (ce_w * w) * (sm_z - tl.where(cols == label, 1.0, 0.0))
-                g = g.to(g_ptr.dtype.element_ty)
-                if full:
-                    tl.store(g_base + cols * g_col, g)
-                else:
-                    tl.store(g_base + cols * g_col, g, mask=cm)
+                lse_z = lse_s  # only read when CE_RAW
+                if CE_RAW:
+                    lse_z = tl.load(rp + 7, cache_modifier=".cg")
+                _ce_store(g, xs, q, lse_z, label, ce_w * w, g_base, cols, g_col, V, full, HAS_LABELS, CE_RAW)
 
 
 def launch(args: tuple, n: int, v: int, *, has_grad: bool, has_labels: bool, ce_raw: bool, scaled: bool,

@@ -62,6 +62,7 @@ from fastkd.kernels.distill import (
     TAID,
     ZERO,
     _argmax_block,
+    _ce_store,
     _constants,
     _ent_block,
     _ent_merge,
@@ -343,17 +344,7 @@ def _distill_split_kernel(
                     d_el, qg = _mix_terms(lp, lq, tl.exp(lp), q, c1, c2, lw_a, lw_b, DIV)
                 if DIV != FKL:
                     g = (qg - q * ssum) * cw
-                if HAS_LABELS:
-                    if CE_RAW:
-                        sm_z = tl.exp(xs - lse_z)
-                    else:
-                        sm_z = q
-                    g += (ce_w * w) * (sm_z - tl.where(cols == label, 1.0, 0.0))
-                g = g.to(g_ptr.dtype.element_ty)
-                if full:
-                    tl.store(g_base + cols * g_col, g)
-                else:
-                    tl.store(g_base + cols * g_col, g, mask=cols < V)
+                _ce_store(g, xs, q, lse_z, label, ce_w * w, g_base, cols, g_col, V, full, HAS_LABELS, CE_RAW)
 
 
 def lag(code: int) -> int:
