@@ -93,8 +93,9 @@ def callable_weights(token_weight: Callable[[dict[str, torch.Tensor]], Any], sta
     if not isinstance(r, torch.Tensor):
         raise TypeError(f"token_weight must return a tensor of per-token weights, got {type(r).__name__}")
     n = keep.numel()
-    if tuple(r.shape) not in ((n,), tuple(lead)):
-        raise ValueError(f"token_weight must return shape ({n},) or {tuple(lead)}, got {tuple(r.shape)}")
+    shapes = list(dict.fromkeys(((n,), tuple(lead))))  # (N,) and the batch shape, once each when they coincide
+    if tuple(r.shape) not in shapes:
+        raise ValueError(f"token_weight must return shape {' or '.join(map(str, shapes))}, got {tuple(r.shape)}")
     if r.is_complex():
         raise TypeError(f"token_weight must return real weights, got {r.dtype}")
     if r.device != keep.device:
