@@ -86,6 +86,7 @@ def _import_kernels() -> None:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and "fastkd.kernels.distill" in sys.modules:
         raise RuntimeError("bench/aot.py needs real JITFunctions: run it in a process without TRITON_INTERPRET=1")
     os.environ.pop("TRITON_INTERPRET", None)
+    import fastkd  # noqa: F401
     import fastkd.kernels.distill  # noqa: F401
     import fastkd.kernels.distill_akl  # noqa: F401
     import fastkd.kernels.distill_split  # noqa: F401
@@ -93,8 +94,6 @@ def _import_kernels() -> None:
     import fastkd.kernels.sparse  # noqa: F401
     import fastkd.kernels.sparse_split  # noqa: F401
     import fastkd.kernels.topk  # noqa: F401
-
-    import fastkd  # noqa: F401
 
     os.environ["TRITON_INTERPRET"] = "1"  # fastkd.core.registry: CPU tensors are acceptable (launches are faked)
 

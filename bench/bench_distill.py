@@ -26,7 +26,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import Case, Provider, Skip, autograd_step, skipped  # noqa: E402
+from fastkd.bench.harness import Case, Provider, Skip, autograd_step, skipped  # noqa: E402
 
 FAMILY = "distill"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -186,7 +186,7 @@ def cases(device: torch.device, preset: str = "default") -> list[Case]:
 
 
 if __name__ == "__main__":
-    from bench import bench_distill as _self
-    from bench.harness import cli_main
+    from fastkd.bench import bench_distill as _self
+    from fastkd.bench.harness import cli_main
 
     raise SystemExit(cli_main(_self))

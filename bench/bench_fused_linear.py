@@ -32,7 +32,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import Case, Provider, Skip, autograd_step, ratio, skipped  # noqa: E402
+from fastkd.bench.harness import Case, Provider, Skip, autograd_step, ratio, skipped  # noqa: E402
 
 FAMILY = "fused_linear"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -247,7 +247,7 @@ def summarize(rows: list[dict[str, Any]], console: Any) -> None:
 
 
 if __name__ == "__main__":
-    from bench import bench_fused_linear as _self
-    from bench.harness import cli_main
+    from fastkd.bench import bench_fused_linear as _self
+    from fastkd.bench.harness import cli_main
 
     raise SystemExit(cli_main(_self))

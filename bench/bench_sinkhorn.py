@@ -124,7 +124,7 @@ def reference(inputs: dict) -> tuple[torch.Tensor]:
 
 
 def setup_fastkd(backend: str, inputs: dict, mode: str):
-    from bench.harness import Skip
+    from fastkd.bench.harness import Skip
 
     if backend == "triton" and inputs["cost"].device.type != "cuda":
         raise Skip("Triton needs CUDA tensors")
@@ -133,7 +133,7 @@ def setup_fastkd(backend: str, inputs: dict, mode: str):
 
 
 def setup_pot(inputs: dict, mode: str):
-    from bench.harness import Skip
+    from fastkd.bench.harness import Skip
 
     try:
         import ot.batch
@@ -148,7 +148,7 @@ def setup_geomloss(inputs: dict, mode: str):
     point clouds: its cost ‖x−y‖²/2 and ε = blur² make the same problem as C = ‖x−y‖², ε, but it runs its
     own ε-scaling schedule and returns the regularized dual value, so the row is timed for reference and
     its value is not compared (``checked=False``)."""
-    from bench.harness import Skip
+    from fastkd.bench.harness import Skip
 
     try:
         from geomloss import SamplesLoss
@@ -162,7 +162,7 @@ def setup_geomloss(inputs: dict, mode: str):
 def cases(device: torch.device, preset: str = "default") -> list:
     """quick: B=2, n=32; default on CPU: B=8, n=m=128 (sized for `make bench`'s 4 minutes); design: the
     docs/DESIGN.md CPU target B=16, n=m=256; GPU: B=64, n=1024. Always eps=0.05 and 200 iterations."""
-    from bench.harness import Case, Provider
+    from fastkd.bench.harness import Case, Provider
 
     bsz, n = ((2, 32) if preset == "quick" else (64, 1024) if device.type == "cuda"
               else (16, 256) if preset == "design" else (8, 128))

@@ -29,7 +29,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import Case, Provider, Skip, autograd_step, ratio  # noqa: E402
+from fastkd.bench.harness import Case, Provider, Skip, autograd_step, ratio  # noqa: E402
 
 FAMILY = "sparse"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -216,7 +216,7 @@ def summarize(rows: list[dict[str, Any]], console: Any) -> None:
 
 
 if __name__ == "__main__":
-    from bench import bench_sparse as _self
-    from bench.harness import cli_main
+    from fastkd.bench import bench_sparse as _self
+    from fastkd.bench.harness import cli_main
 
     raise SystemExit(cli_main(_self))

@@ -46,7 +46,7 @@ def _rss_kb(field: str) -> int:
 
 
 def _fused_step(which: str):
-    from bench import bench_fused_linear as B
+    from fastkd.bench import bench_fused_linear as B
 
     inputs = B.make_inputs(torch.device("cpu"), 0, **FUSED)
     wrt = [inputs["h"], inputs["W"]]
@@ -105,7 +105,7 @@ def _median_pairs(a, b, pairs: int) -> tuple[float, float]:
 
 
 def fused_time(pairs: int) -> dict:
-    from bench import bench_fused_linear as B
+    from fastkd.bench import bench_fused_linear as B
 
     step = _fused_step("fastkd")
     inputs = B.make_inputs(torch.device("cpu"), 0, **FUSED)
@@ -121,7 +121,7 @@ def fused_time(pairs: int) -> dict:
 
 def logits_vs_compile(pairs: int) -> dict:
     import fastkd
-    from bench import bench_distill as B
+    from fastkd.bench import bench_distill as B
 
     inputs = B.make_inputs(torch.device("cpu"), 0, **LOGITS)
     s, t = inputs["student"], inputs["teacher"]

@@ -63,10 +63,10 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from bench import bench_distill as BD  # noqa: E402
-from bench import bench_fused_linear as BF  # noqa: E402
-from bench import bench_sparse as BS  # noqa: E402
-from bench.harness import (  # noqa: E402
+from fastkd.bench import bench_distill as BD  # noqa: E402
+from fastkd.bench import bench_fused_linear as BF  # noqa: E402
+from fastkd.bench import bench_sparse as BS  # noqa: E402
+from fastkd.bench.harness import (  # noqa: E402
     RESULTS_DIR,
     Case,
     Provider,

@@ -53,8 +53,14 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = ROOT / "bench" / "results"
+import fastkd
+
+# this module is fastkd.bench.harness: bench/ of a source tree, or fastkd/bench/ of an installed wheel
+PACKAGE_PARENT = Path(fastkd.__file__).resolve().parents[1]  # the sys.path entry that holds this fastkd
+BENCH_DIR = Path(__file__).resolve().parent
+SOURCE_ROOT: Path | None = PACKAGE_PARENT if (PACKAGE_PARENT / "bench" / "harness.py").is_file() else None
+# a clone writes into its git-ignored bench/results/; an installed wheel into ./fastkd-bench-results/
+RESULTS_DIR = SOURCE_ROOT / "bench" / "results" if SOURCE_ROOT else Path.cwd() / "fastkd-bench-results"
 MODES = ("fwd", "bwd", "full")
 PRESETS = ("quick", "default", "design")
 
@@ -352,11 +358,11 @@ class _Zygote:
 
         if cls.proc is None or cls.proc.poll() is not None:
             env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+            env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_PARENT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
             for k, v in _MALLOC_ENV.items():
                 env.setdefault(k, v)
-            cls.proc = subprocess.Popen([sys.executable, "-m", "bench.harness", "--zygote"], cwd=str(ROOT),
-                                        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            cls.proc = subprocess.Popen([sys.executable, "-m", "fastkd.bench.harness", "--zygote"],
+                                        cwd=str(PACKAGE_PARENT), env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=subprocess.DEVNULL, start_new_session=True)
         proc = cls.proc
         try:
@@ -404,11 +410,11 @@ def cpu_peak_fresh_process(
         result = _Zygote.measure(payload, timeout_s)
     else:
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_PARENT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         for k, v in _MALLOC_ENV.items():
             env.setdefault(k, v)
-        proc = subprocess.run([sys.executable, "-m", "bench.harness", "--memory-child"], input=payload,
-                              capture_output=True, timeout=timeout_s, env=env, cwd=str(ROOT))
+        proc = subprocess.run([sys.executable, "-m", "fastkd.bench.harness", "--memory-child"], input=payload,
+                              capture_output=True, timeout=timeout_s, env=env, cwd=str(PACKAGE_PARENT))
         text = proc.stdout.decode(errors="replace")
         if "@@RESULT@@" not in text:
             tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
@@ -464,7 +470,9 @@ def device_name(device: torch.device) -> str:
 @functools.cache
 def _git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
+        if SOURCE_ROOT is None:
+            return ""
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=SOURCE_ROOT, capture_output=True,
                              text=True, timeout=10)
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -731,8 +739,8 @@ def calibration_case(mb: float) -> Case:
 
 
 def discover_families() -> dict[str, str]:
-    """family name → module name for every ``bench/bench_<family>.py`` in the source tree."""
-    return {p.stem[len("bench_"):]: f"bench.{p.stem}" for p in sorted((ROOT / "bench").glob("bench_*.py"))}
+    """family name → module name for every ``bench_<family>.py`` beside this module."""
+    return {p.stem[len("bench_"):]: f"fastkd.bench.{p.stem}" for p in sorted(BENCH_DIR.glob("bench_*.py"))}
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -849,7 +857,7 @@ def run_bench(args: Any, modules: list[Any] | None = None, console: Any = None) 
     console.print(f"rows appended to {csv_path} and {json_path}")
     if not args.no_plot:
         try:
-            from bench.plot import plot
+            from fastkd.bench.plot import plot
 
             png = plot(json_path, args.plot or out / f"bench-{run_id}.png", run_id=run_id)
             console.print(f"plot of this run (time and memory relative to each case's baseline): {png}",
@@ -878,6 +886,6 @@ def cli_main(module: Any, argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__" and ("--memory-child" in sys.argv or "--zygote" in sys.argv):
     # Re-import under the package name so pickled Case/Step classes are the ones this code checks against.
-    from bench.harness import _child_main, _zygote_main
+    from fastkd.bench.harness import _child_main, _zygote_main
 
     _zygote_main() if "--zygote" in sys.argv else _child_main()

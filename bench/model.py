@@ -59,7 +59,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 from torch.utils._python_dispatch import _disable_current_modes  # noqa: E402
 
-from bench.costcount import (  # noqa: E402,F401  (re-exported: the model's public pieces)
+from fastkd.bench.costcount import (  # noqa: E402,F401  (re-exported: the model's public pieces)
     ASSUMED_REGS,
     GPU,
     GPUS,
@@ -251,7 +251,7 @@ class Case:
 
 
 def distill_case(div: str, n: int = 8192, v: int = 131072) -> Case:
-    from bench import bench_distill as BD
+    from fastkd.bench import bench_distill as BD
 
     def build() -> dict[str, Any]:
         return {"s": _rand(n, v, grad=True), "t": _rand(n, v)}
@@ -282,7 +282,7 @@ def distill_case(div: str, n: int = 8192, v: int = 131072) -> Case:
 
 
 def fused_case(div: str = "fkl", n: int = 8192, hs: int = 2048, ht: int = 4096, v: int = 128256) -> Case:
-    from bench import bench_fused_linear as BF
+    from fastkd.bench import bench_fused_linear as BF
 
     def build() -> dict[str, Any]:
         return {"h": _rand(n, hs, grad=True), "W": _rand(v, hs, grad=True), "ht": _rand(n, ht), "Wt": _rand(v, ht),
@@ -327,7 +327,7 @@ def fused_case(div: str = "fkl", n: int = 8192, hs: int = 2048, ht: int = 4096, 
 
 
 def sparse_case(mode: str = "topk_tail", n: int = 8192, hs: int = 2048, v: int = 128256, k: int = 64) -> Case:
-    from bench import bench_sparse as BS
+    from fastkd.bench import bench_sparse as BS
 
     def build() -> dict[str, Any]:
         return {"h": _rand(n, hs, grad=True), "W": _rand(v, hs, grad=True),

@@ -6,9 +6,37 @@ Public functions are imported lazily so `import fastkd` stays cheap and never to
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# Top-level folders of the source tree that are fastkd's subpackages: a wheel installs kernels/ as
+# fastkd/kernels/ and bench/ as fastkd/bench/. Neither folder has an __init__.py, so from a clone's root
+# (current directory on sys.path) it is at most a namespace portion, which never shadows an installed
+# regular package of the same name (Hugging Face's `kernels`, which transformers imports). When this
+# package runs from a source tree (a clone or an editable install) they are registered here.
+_SOURCE_SUBPACKAGES = {"kernels": "distill.py", "bench": "harness.py"}
+
+
+def _register_source_subpackages() -> None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    for name, marker in _SOURCE_SUBPACKAGES.items():
+        full = f"{__name__}.{name}"
+        folder = os.path.join(root, name)
+        if full in sys.modules or os.path.isdir(os.path.join(here, name)):
+            continue  # installed from a wheel, or already registered
+        if not os.path.isfile(os.path.join(folder, marker)):
+            continue
+        spec = importlib.util.spec_from_loader(full, None, is_package=True)
+        spec.submodule_search_locations = [folder]
+        sys.modules[full] = importlib.util.module_from_spec(spec)
+
+
+_register_source_subpackages()
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
@@ -27,7 +55,7 @@ _EXPORTS: dict[str, str] = {
     "TAIDSchedule": "fastkd.distill.taid",
     "BackendUnavailableError": "fastkd.core.registry",
 }
-_SUBMODULES = {"nn", "reference", "core", "distill", "sparse", "ot", "cache", "integrations", "kernels", "cli"}
+_SUBMODULES = {"nn", "reference", "core", "distill", "sparse", "ot", "cache", "integrations", "kernels", "bench", "cli"}
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

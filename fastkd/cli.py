@@ -1,8 +1,8 @@
 """The ``fastkd`` command (also ``python -m fastkd``): ``info``, ``bench``, ``check``, ``cache-teacher``.
 
-``bench`` runs the suites of the source tree's ``bench/`` directory (``bench/bench_<family>.py`` on the
-shared ``bench/harness.py``); run it from a clone of the repository. Imports point one way: this module
-finds and imports ``bench.harness`` when ``bench`` runs, and bench never imports ``fastkd.cli``.
+``bench`` runs :mod:`fastkd.bench` (the source tree's top-level ``bench/``, installed as ``fastkd/bench/``:
+``bench_<family>.py`` on the shared ``harness.py``), from a clone or from a wheel. Imports point one way:
+this module imports ``fastkd.bench.harness`` when ``bench`` runs, and bench never imports ``fastkd.cli``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 
@@ -94,34 +93,13 @@ def cmd_check(args: Any) -> int:
     return 1 if failed or not results else 0
 
 
-def find_bench_root() -> Path | None:
-    """The source tree holding ``bench/harness.py``: next to the fastkd package, else the current dir."""
-    import fastkd
-
-    for root in (Path(fastkd.__file__).resolve().parents[1], Path.cwd()):
-        if (root / "bench" / "harness.py").is_file():
-            return root
-    return None
-
-
 def cmd_bench(args: Any) -> int:
-    """Forward every argument after ``bench`` to ``bench.harness.main`` (bench owns its options)."""
-    root = find_bench_root()
-    if root is None:
-        import fastkd
-
-        print("fastkd bench: the benchmark suites (bench/harness.py, bench/bench_*.py) live in the source "
-              f"repository, and this fastkd (installed at {Path(fastkd.__file__).parent}) has none. "
-              "Clone the repository, `pip install -e .` it, and run `fastkd bench` from its root.",
-              file=sys.stderr)
-        return 2
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
+    """Forward every argument after ``bench`` to ``fastkd.bench.harness.main`` (bench owns its options)."""
     if args.bench_args[:1] == ["--model"]:  # fastkd bench --model h100|h200 [...]: the GPU cost model
-        from bench.model import main as model_main
+        from fastkd.bench.model import main as model_main
 
         return model_main(["--gpu", *args.bench_args[1:2], *args.bench_args[2:]])
-    from bench.harness import main as bench_main
+    from fastkd.bench.harness import main as bench_main
 
     return bench_main(list(args.bench_args), prog="fastkd bench")
 

@@ -64,10 +64,10 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from fastkd.kernels.distill import _argmax_block, _ce_store, _ent_block, _ent_merge, _online, _store_stats
-from fastkd.kernels.distill_split import _wait
 
 from fastkd.core.divergences import HYPER_NAMES
+from fastkd.kernels.distill import _argmax_block, _ce_store, _ent_block, _ent_merge, _online, _store_stats
+from fastkd.kernels.distill_split import _wait
 
 AKL_BLOCK_V = 1024  # segment size (see the L2 argument in the docstring)
 AKL_NUM_WARPS = 8

@@ -52,6 +52,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from fastkd.core.divergences import CODES
 from fastkd.kernels.distill import (
     AKL,
     FKL,
@@ -72,8 +74,6 @@ from fastkd.kernels.distill import (
     _row_value,
     _store_stats,
 )
-
-from fastkd.core.divergences import CODES
 
 NSLOT = 16  # fp32 slots per unit in the workspace (12 statistics + 2 mid-pass partials, padded)
 # With STATS (return_stats): + entropy sums c_s, c_t (14, 15), raw-logit maxima (16, 17) and their first

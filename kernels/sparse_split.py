@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
 from fastkd.kernels.distill import _lae
 from fastkd.kernels.distill_split import _wait
 from fastkd.kernels.sparse import _online, _online_stats, _segmented_add

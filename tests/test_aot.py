@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from bench import aot  # noqa: E402
+from fastkd.bench import aot  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def test_broken_kernel_fails_and_good_kernel_compiles(tmp_path):
     '''))
     out = _run('''
         import torch
-        from bench import aot
+        from fastkd.bench import aot
         import tinyk
         x = torch.zeros(64)
         launches = []
@@ -77,7 +77,7 @@ def test_broken_kernel_fails_and_good_kernel_compiles(tmp_path):
 @pytest.mark.slow
 def test_sm90_compile_subset(tmp_path):
     """Every kernel configuration of the representative subset compiles for sm_90 without spills."""
-    out = _run("from bench import aot; raise SystemExit(aot.main([]))", tmp_path)
+    out = _run("from fastkd.bench import aot; raise SystemExit(aot.main([]))", tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for kernel in ("_distill_split_kernel", "_akl_split_kernel", "_sparse_split_kernel", "_sparse_stats_kernel",
                    "_topk_kernel"):
@@ -87,9 +87,9 @@ def test_sm90_compile_subset(tmp_path):
 
 def test_only_filter_compiles_the_matching_calls(tmp_path):
     """--only REGEX compiles only the calls whose label matches; a pattern matching nothing fails (exit 1)."""
-    out = _run("from bench import aot; raise SystemExit(aot.main(['--only', '^scale_grad bf16$']))", tmp_path)
+    out = _run("from fastkd.bench import aot; raise SystemExit(aot.main(['--only', '^scale_grad bf16$']))", tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = [ln for ln in out.stdout.splitlines() if ln.startswith("_")]
     assert len(rows) == 1 and rows[0].startswith("_scale_grad_kernel") and "(scale_grad bf16)" in rows[0]
-    none = _run("from bench import aot; raise SystemExit(aot.main(['--only', 'no such label']))", tmp_path)
+    none = _run("from fastkd.bench import aot; raise SystemExit(aot.main(['--only', 'no such label']))", tmp_path)
     assert none.returncode == 1 and "no call label matches" in none.stderr

@@ -14,7 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import harness as H  # noqa: E402
+from fastkd.bench import harness as H  # noqa: E402
 
 pytestmark = pytest.mark.host_device  # real work on the default device (see tests/conftest.py)
 
@@ -78,7 +78,7 @@ def test_run_cases_reports_skips_errors_and_ratios(tmp_path):
     lines = csv_path.read_text().splitlines()
     assert lines[0].split(",") == H.COLUMNS and len(lines) == 1 + 2 * len(rows)
     assert len(json.loads(json_path.read_text())) == 2 * len(rows)
-    png = __import__("bench.plot", fromlist=["plot"]).plot(json_path, tmp_path / "p.png")
+    png = __import__("fastkd.bench.plot", fromlist=["plot"]).plot(json_path, tmp_path / "p.png")
     assert png.stat().st_size > 1000
 
 
@@ -109,7 +109,7 @@ def test_fastkd_bench_quick_end_to_end(tmp_path, capsys):
 
 
 def test_distill_quick_case_errors_small_and_same_inputs():
-    from bench import bench_distill
+    from fastkd.bench import bench_distill
 
     torch.set_num_threads(1)
     cases = bench_distill.cases(torch.device("cpu"), "quick")
@@ -125,7 +125,7 @@ def test_distill_quick_case_errors_small_and_same_inputs():
 
 
 def test_one_run_writes_one_png_with_every_family_and_prints_its_path(tmp_path, capsys):
-    from bench import plot as P
+    from fastkd.bench import plot as P
 
     rc = H.main(["--quick", "--families", "fused_linear,sinkhorn", "--threads", "1", "--no-memory",
                  "--budget", "0.01", "--out", str(tmp_path)])

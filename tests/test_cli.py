@@ -134,8 +134,9 @@ def test_bench_help_comes_from_bench_and_bench_never_imports_the_cli(capsys):
     out = capsys.readouterr().out
     assert "--families" in out and "--no-plot" in out and "docs/DESIGN.md" in out
     # a fresh interpreter: importing every bench module must not import fastkd.cli (no import circle)
-    code = ("import sys, bench.harness, bench.plot, bench.bench_distill, bench.bench_fused_linear, "
-            "bench.bench_sparse, bench.bench_sinkhorn; print('fastkd.cli' in sys.modules)")
+    code = ("import sys, fastkd.bench.harness, fastkd.bench.plot, fastkd.bench.bench_distill, "
+            "fastkd.bench.bench_fused_linear, fastkd.bench.bench_sparse, fastkd.bench.bench_sinkhorn; "
+            "print('fastkd.cli' in sys.modules)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120,
                           env=dict(os.environ, PYTHONPATH=root))

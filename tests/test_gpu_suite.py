@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import gpu_suite as GS  # noqa: E402
+from fastkd.bench import gpu_suite as GS  # noqa: E402
 
 pytestmark = pytest.mark.host_device  # real work on the default device (see tests/conftest.py)
 
@@ -125,7 +125,7 @@ def test_derive_speedups_and_missing_baseline():
 def test_sparse_reference_matches_full_float64():
     """The chunked device reference (loss, grad_h rows, grad_W rows) equals bench_sparse's full one,
     over several chunks (N=150 > chunk=64) so the grad_W accumulation and row slicing are exercised."""
-    from bench import bench_sparse as BS
+    from fastkd.bench import bench_sparse as BS
 
     inputs = BS.make_inputs(torch.device("cpu"), 3, n=150, h=24, v=200, k=8, dtype="fp32")
     loss, gh, gw = GS.sparse_reference(inputs, chunk=64)

@@ -14,7 +14,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from bench import model as M  # noqa: E402
+from fastkd.bench import model as M  # noqa: E402
 
 
 @triton.jit

@@ -249,7 +249,7 @@ def test_cost_model_reads_each_logit_once(config):
     """bench/costcount.py's L2 rule on the split kernel (model, not measured): the gradient's re-read of a
     segment (S programs later) is an L2 hit, so HBM sees the logits read once and the gradient written once
     (+ the ids, the teacher's K values and the workspace); the row schedule pays the second read."""
-    costcount = pytest.importorskip("bench.costcount")
+    costcount = pytest.importorskip("fastkd.bench.costcount")
     n, v, k = 4, 1000, 4
     config.update(block_v=128, num_warps=4)
     z, ids, vals = make(n, v, k, "logprobs", "topk_tail", seed=5)

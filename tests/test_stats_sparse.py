@@ -278,7 +278,7 @@ def test_cost_model_no_extra_pass(schedule, default_blocks):
     """bench/costcount.py (model, not measured): with stats the sparse kernels make the same launches and their
     HBM bytes grow only by the per-row outputs and the split kernel's per-segment workspace, not by a pass over
     the (N, V) logits."""
-    costcount = pytest.importorskip("bench.costcount")
+    costcount = pytest.importorskip("fastkd.bench.costcount")
     n, v, k = 6, 1000, 4
     TS.CONFIG.update(block_v=128, num_warps=4, schedule=schedule)
     z, ids, vals = make("topk_tail", "logprobs", n=n, v=v, k=k)

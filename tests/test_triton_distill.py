@@ -454,7 +454,7 @@ def test_split_kernel_is_launched_with_lag(monkeypatch):
 def test_cost_model_cross_program_rule():
     """bench/costcount's L2 rule for re-reads by later programs: a hit when (resident + distance) × the
     program's distinct bytes fits in L2, else HBM traffic."""
-    from bench.costcount import GPUS, LaunchStats
+    from fastkd.bench.costcount import GPUS, LaunchStats
 
     gpu = GPUS["h200"]
     near = LaunchStats("k", 8, 1, 1, load_bytes=3 * 2**15, store_bytes=0, unique_load_bytes=3 * 2**15,
@@ -507,7 +507,7 @@ def test_gpu_suite_dry_run(tmp_path):
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench import gpu_suite
+    from fastkd.bench import gpu_suite
 
     rc = gpu_suite.main(["--dry-run", "--cases", "distill-jsd", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "gpu_suite_dry.json").read_text())

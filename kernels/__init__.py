@@ -1,1 +1,0 @@
-"""Triton kernels, shipped as fastkd.kernels (one op family per file)."""
