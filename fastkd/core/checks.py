@@ -49,16 +49,22 @@ def check_choice(name: str, value: object, choices: tuple[str, ...] | list[str])
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
-def check_positive(name: str, value: float) -> None:
-    if isinstance(value, torch.Tensor) or not isinstance(value, Number):
+def _check_number(name: str, value: object) -> None:
+    """A real Python number, not a tensor and not a bool (``True`` is an int to Python, never a count here)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, not a bool (got {value!r})")
+    if isinstance(value, torch.Tensor) or not isinstance(value, Number) or isinstance(value, complex):
         raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+
+
+def check_positive(name: str, value: float) -> None:
+    _check_number(name, value)
     if not (value > 0) or math.isinf(value):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def check_range(name: str, value: float, lo: float, hi: float) -> None:
-    if isinstance(value, torch.Tensor) or not isinstance(value, Number):
-        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+    _check_number(name, value)
     if not (lo <= value <= hi):
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}")
 

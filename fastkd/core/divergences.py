@@ -138,19 +138,26 @@ TABLE: tuple[Divergence, ...] = (
     Divergence("rkl", 1, "Σ q (log q − log p)", families=_ALL),
     Divergence("jsd", 2, "β KL(p‖m) + (1−β) KL(q‖m), m = βp + (1−β)q", (BETA,),
                (Endpoint("beta", 0.0, "fkl"), Endpoint("beta", 1.0, "rkl")), families=_ALL),
-    Divergence("symkl", 3, "β fkl + (1−β) rkl", (BETA,)),
+    Divergence("symkl", 3, "β fkl + (1−β) rkl", (BETA,),
+               (Endpoint("beta", 0.0, "rkl"), Endpoint("beta", 1.0, "fkl"))),
     Divergence("skl", 4, "KL(p ‖ αp + (1−α)q)", (ALPHA,),
                (Endpoint("alpha", 0.0, "fkl"), Endpoint("alpha", 1.0, "zero"))),
     Divergence("srkl", 5, "KL(q ‖ (1−α)p + αq)", (ALPHA,),
                (Endpoint("alpha", 0.0, "rkl"), Endpoint("alpha", 1.0, "zero"))),
     Divergence("tvd", 6, "½ Σ |p − q|"),
-    Divergence("akl", 7, "(g_H fkl + g_T rkl)/(g_H + g_T), head H = top tokens with mass ≤ μ", (MU,)),
-    Divergence("taid", 8, "KL(r ‖ q), r = softmax((1−t) stopgrad(z_s) + t z_t)", (T,)),
+    # akl at μ = 1: every token is in the head (the cumulative mass of a distribution never exceeds 1), which a
+    # rounded running sum of p could otherwise contradict for the last tokens
+    Divergence("akl", 7, "(g_H fkl + g_T rkl)/(g_H + g_T), head H = top tokens with mass ≤ μ", (MU,),
+               (Endpoint("mu", 1.0, "fkl"),)),
+    # taid at t = 0: r = stopgrad(q), KL(q‖q) ≡ 0 with a zero gradient; at t = 1: r = p, forward KL
+    Divergence("taid", 8, "KL(r ‖ q), r = softmax((1−t) stopgrad(z_s) + t z_t)", (T,),
+               (Endpoint("t", 0.0, "zero"), Endpoint("t", 1.0, "fkl"))),
     Divergence("ab", 9, "−1/(αβ) Σ (p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β))  (ABKD, Wang et al. 2025)",
                (Hyper("alpha", 0.8, nonzero=True, doc="ab: exponent of the teacher"),
                 Hyper("beta", 0.3, nonzero=True, doc="ab: exponent of the student")),
                joint=_ab_joint),
-    Divergence("zero", 10, "0 (skl / srkl at α = 1: KL(x‖x)); NaN inputs still give NaN", public=False),
+    Divergence("zero", 10, "0 (skl / srkl at α = 1, taid at t = 0: KL(x‖x)); NaN inputs still give NaN",
+               public=False),
 )
 
 BY_NAME: dict[str, Divergence] = {d.name: d for d in TABLE}

@@ -91,6 +91,8 @@ def akl_weights(log_p: torch.Tensor, log_q: torch.Tensor, mu: float) -> tuple[to
     p_sorted, idx = torch.sort(p, dim=-1, descending=True, stable=True)
     err = (p_sorted - q.gather(-1, idx)).abs()
     head = torch.cumsum(p_sorted, dim=-1) <= mu
+    if mu >= 1:  # every token: a rounded running sum of p may pass 1 on the last tokens
+        head = torch.ones_like(head)
     head[..., 0] = True
     g_h = torch.where(head, err, torch.zeros_like(err)).sum(-1)
     g_t = torch.where(head, torch.zeros_like(err), err).sum(-1)

@@ -33,7 +33,7 @@ import torch
 from fastkd.core import checks as C
 from fastkd.core.autograd import scale_grad
 from fastkd.core.divergences import names
-from fastkd.core.lmhead import FusedHeadFunction, auto_chunk_rows, check_linear
+from fastkd.core.lmhead import FusedHeadFunction, HeadOptions, amp_dtype, auto_chunk_rows, check_linear
 from fastkd.core.params import SparseParams
 from fastkd.core.registry import declare, requested_backend, select
 from fastkd.core.selection import with_token_selection
@@ -276,6 +276,9 @@ def teacher_log_probs(
     return torch.where(empty | ~valid, neg_inf, out), None
 
 
+_TAIL_TOL = 1e-3  # the tolerance of a log-prob above 0 in _check_teacher: rounding noise, never real mass
+
+
 def _prepare(
     lead,
     vocab,
@@ -320,6 +323,11 @@ def _prepare(
         ids2, vals.reshape(n, k), values, p, teacher_temperature, cdt, C.value_checks_enabled(ids)
     )
     if tail is not None:
+        # a log mass above 0 is a mass above 1: only rounding noise (up to _TAIL_TOL, docs/DESIGN.md) is clamped
+        if C.value_checks_enabled(tail) and bool((tail > _TAIL_TOL).any()):
+            worst = float(tail.max())
+            raise ValueError(f"teacher_tail is a log mass and must be <= 0 (a mass <= 1); got a value of {worst!r} "
+                             f"(beyond the rounding tolerance {_TAIL_TOL})")
         t_tail = tail.reshape(n).to(cdt).clamp_max(0.0)
     return weight, ids2, t_logp, t_tail
 
@@ -515,11 +523,14 @@ def fused_linear_sparse_distill_loss(
             All three get gradients.
         softcap: Gemma-style ``softcap·tanh(z/softcap)`` on the student logits before the temperature.
         chunk_size: tokens per chunk (default from N, V and free memory); peak extra memory O(chunk · V).
+        Under ``torch.autocast`` the head computes in the autocast dtype (fp32 weights with bf16 / fp32 hidden
+        states are accepted); weight / bias gradients accumulate in fp32 into the parameters' dtype.
         Other arguments (``mode="union"`` with ``student_ids`` / ``student_id_values`` included, and
         ``return_stats``: the statistics of the capped logits, filled chunk by chunk in the backend calls the
         loss makes anyway): as :func:`sparse_distill_loss`.
     """
-    check_linear("student", student_hidden, student_weight, student_bias)
+    cdt = amp_dtype(student_hidden, student_weight)
+    check_linear("student", student_hidden, student_weight, student_bias, amp=cdt is not None)
     mode, teacher_ids, teacher_values = _union(mode, values, teacher_ids, teacher_values, teacher_tail, student_ids,
                                                student_id_values)
     params = _make_params(
@@ -551,8 +562,9 @@ def fused_linear_sparse_distill_loss(
     rows = chunk_size or auto_chunk_rows(n, vocab, device)
     stats = new_stats_buffer(n, device) if return_stats else None
     chunk_loss = _SparseChunkLoss(replace(params, chunk_size=rows), _backend_fn(requested_backend(backend)), stats)
+    head = params.softcap if cdt is None else HeadOptions(softcap=params.softcap, dtype=cdt)
     loss = FusedHeadFunction.apply(h, student_weight, student_bias, tok_weight, chunk_loss, rows, reduction,
-                                   params.softcap, ids2, t_logp, t_tail)
+                                   head, ids2, t_logp, t_tail)
     chunk_loss.stats = None  # filled by the forward chunks; a reduction="none" backward re-run skips them
     loss = loss.view(lead) if reduction == "none" else loss
     return (loss, stats_dict(stats, tok_weight)) if return_stats else loss
