@@ -128,3 +128,62 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="student_weight must be"):
         w3 = torch.randn(2, 61, 12, dtype=torch.float64)
         fastkd.fused_linear_distill_loss(**{**prob, "student_weight": w3})
+
+
+def _side_logits64(h, w, b, scale, cap):
+    z = torch.nn.functional.linear(h.double(), w.double(), None if b is None else b.double()) * scale
+    return z if cap is None else cap * torch.tanh(z / cap)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("scale,cap", [((0.7, 1.3), (None, 3.0)), ((1.0, 0.5), (2.5, None)), (1.6, (4.0, 2.0)),
+                                       ((0.25, 1.0), 3.5)])
+@pytest.mark.parametrize("teacher_logits", [False, True])
+def test_per_side_scale_and_softcap_vs_float64(reduction, scale, cap, teacher_logits):
+    """logits = cap·tanh(scale·(h W.T + b)/cap) / T per side (TRL's order) against a float64 formula."""
+    prob = _problem()
+    s_scale, t_scale = scale if isinstance(scale, tuple) else (scale, scale)
+    s_cap, t_cap = cap if isinstance(cap, tuple) else (cap, cap)
+    prob["teacher_bias"] = torch.randn(61, dtype=torch.float64)
+    zt = _side_logits64(prob["teacher_hidden"], prob["teacher_weight"], prob["teacher_bias"], t_scale, t_cap)
+    if teacher_logits:  # raw teacher logits: the scale and cap are applied by the loss
+        prob["teacher_logits"] = torch.nn.functional.linear(prob.pop("teacher_hidden"), prob.pop("teacher_weight"),
+                                                            prob.pop("teacher_bias"))
+    labels = torch.randint(0, 61, (29,))
+    labels[::4] = -100
+    go = torch.randn(29) if reduction == "none" else torch.tensor(1.7)
+    kw = dict(labels=labels, reduction=reduction, divergence="jsd", beta=0.3, temperature=1.7)
+    out, g = _grads(fastkd.fused_linear_distill_loss, prob, go, chunk_size=8, softcap=cap, logit_scale=scale, **kw)
+
+    def ref_fn(student_hidden, student_weight, student_bias, **_):
+        zs = _side_logits64(student_hidden, student_weight, student_bias, s_scale, s_cap)
+        return R.distill_loss(zs, zt, **kw)
+
+    ref, gr = _grads(ref_fn, prob, go)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    for k in g:
+        torch.testing.assert_close(g[k], gr[k], rtol=1e-9, atol=1e-11, msg=k)
+
+
+def test_default_scale_and_equal_softcaps_are_bitwise_today():
+    prob = {k: v.float() for k, v in _problem().items() if v is not None}
+    go = torch.tensor(1.3)
+    base, gb = _grads(fastkd.fused_linear_distill_loss, {**prob, "student_bias": None}, go, chunk_size=8,
+                      softcap=2.5)
+    same, gs = _grads(fastkd.fused_linear_distill_loss, {**prob, "student_bias": None}, go, chunk_size=8,
+                      softcap=(2.5, 2.5), logit_scale=(1.0, 1.0))
+    assert torch.equal(base, same) and all(torch.equal(gb[k], gs[k]) for k in gb)
+
+
+def test_scale_and_softcap_pairs_reject_bad_values():
+    prob = _problem()
+    for bad in ((1.0,), (1.0, 2.0, 3.0)):
+        with pytest.raises(ValueError, match="logit_scale"):
+            fastkd.fused_linear_distill_loss(**prob, logit_scale=bad)
+    for bad in (0.0, float("nan"), (1.0, 0.0)):
+        with pytest.raises(ValueError, match="logit_scale"):
+            fastkd.fused_linear_distill_loss(**prob, logit_scale=bad)
+    with pytest.raises(ValueError, match="softcap"):
+        fastkd.fused_linear_distill_loss(**prob, softcap=(-1.0, 2.0))
+    with pytest.raises(ValueError, match="softcap"):
+        fastkd.fused_linear_distill_loss(**prob, softcap=(1.0, -2.0))

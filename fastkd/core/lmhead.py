@@ -8,6 +8,11 @@ Users: ``fastkd.distill.fused`` (dense), ``fastkd.sparse.op`` (sparse), ``fastkd
   when N allows (whole tensor-core / cache tiles), never fewer than 8.
 * **Softcap** — :func:`softcap_` applies ``cap·tanh(z/cap)`` in place and can store its derivative
   ``1 − tanh²(z/cap)`` for the backward; nothing else in fastkd caps logits.
+* **Head options** — :class:`HeadOptions` (a head's ``softcap``, its ``logit_scale`` s and its compute dtype
+  under autocast) may stand wherever a bare softcap is accepted: logits = cap·tanh(s·(h W.T + b)/cap), the
+  scale first (TRL's order). With a compute dtype (AMP) the head runs its GEMMs in that dtype on a copy of
+  the weight made once per call, and the weight / bias gradients accumulate in fp32 into gradients of the
+  parameter's own dtype (no rounding to the compute dtype). Defaults leave every path bitwise unchanged.
 * **Chunk logits** — :meth:`LMHeadChunker.logits` writes ``h_c @ W.T (+ b)`` (then the cap) into one
   ``(rows, V)`` workspace allocated on the first chunk of a call and reused by every later chunk
   (``torch.mm(..., out=)`` / ``torch.addmm(b, ..., out=)``). A teacher head given as hidden states goes
@@ -40,6 +45,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -56,6 +62,32 @@ _GPU_BUDGET_MB = 1024.0
 BYTES_PER_COL = 8
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class HeadOptions:
+    """What one LM head does to its logits: ``cap·tanh(scale·(h W.T + b)/cap)`` (scale, then softcap).
+
+    ``dtype``: the compute dtype (autocast's, :func:`amp_dtype`), or None for the weight's own dtype.
+    """
+
+    softcap: float | None = None
+    scale: float = 1.0
+    dtype: torch.dtype | None = None
+
+
+def head_options(head: float | HeadOptions | None) -> HeadOptions:
+    """A bare softcap (float | None) or :class:`HeadOptions` as :class:`HeadOptions`."""
+    return head if isinstance(head, HeadOptions) else HeadOptions(softcap=head)
+
+
+def amp_dtype(*tensors: torch.Tensor | None) -> torch.dtype | None:
+    """The autocast dtype for the tensors' device when autocast is on there (None otherwise, or for float64)."""
+    first = next(t for t in tensors if t is not None)
+    device = first.device.type
+    if not torch.is_autocast_enabled(device) or any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return None
+    return torch.get_autocast_dtype(device)
 
 
 def chunk_budget_mb(device: torch.device, budget_mb: float | None = None) -> float:
@@ -142,11 +174,18 @@ class LMHeadChunker:
     """
 
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 softcap: float | None = None, rows: int | None = None):
-        self.hidden, self.weight, self.bias, self.softcap = hidden, weight, bias, softcap
+                 softcap: float | HeadOptions | None = None, rows: int | None = None):
+        opts = head_options(softcap)
+        self.hidden, self.weight, self.bias, self.softcap = hidden, weight, bias, opts.softcap
+        self.scale = opts.scale
         self.rows = rows
         self.grad_hidden = self.grad_weight = self.grad_bias = None
-        self._acc32 = weight.dtype in _LOW_PRECISION
+        cdt = weight.dtype if opts.dtype is None else opts.dtype
+        # The GEMM operands: the parameters themselves, or (AMP) one compute-dtype copy per call.
+        self._w = weight if weight.dtype == cdt else weight.detach().to(cdt)
+        self._b = bias if bias is None or bias.dtype == cdt else bias.detach().to(cdt)
+        self._cdt = cdt
+        self._acc32 = cdt in _LOW_PRECISION
         self._z: torch.Tensor | None = None  # (rows, V) logits / gradient workspace
         self._dcap: torch.Tensor | None = None  # (rows, V) softcap derivative (only when gradients are needed)
         self._g32: torch.Tensor | None = None  # fp32 staging of a low-precision chunk gradient (rows, V)
@@ -162,15 +201,21 @@ class LMHeadChunker:
             setattr(self, name, buf)
         return buf[:c]
 
-    def logits(self, sl: slice) -> torch.Tensor:
-        """The chunk's (capped) logits (c, V) in the weight dtype, in the reused workspace."""
+    def _hidden(self, sl: slice) -> torch.Tensor:
         h = self.hidden[sl]
+        return h if h.dtype == self._cdt else h.to(self._cdt)
+
+    def logits(self, sl: slice) -> torch.Tensor:
+        """The chunk's (scaled, capped) logits (c, V) in the compute dtype, in the reused workspace."""
+        h = self._hidden(sl)
         c, v = h.shape[0], self.weight.shape[0]
-        z = self._buf("_z", c, v, self.weight.dtype)
-        if self.bias is None:
-            torch.mm(h, self.weight.t(), out=z)
+        z = self._buf("_z", c, v, self._cdt)
+        if self._b is None:
+            torch.mm(h, self._w.t(), out=z)
         else:
-            torch.addmm(self.bias, h, self.weight.t(), out=z)
+            torch.addmm(self._b, h, self._w.t(), out=z)
+        if self.scale != 1.0:
+            z.mul_(self.scale)
         need_deriv = self.softcap is not None and (self.grad_hidden is not None or self.grad_weight is not None
                                                    or self.grad_bias is not None)
         return softcap_(z, self.softcap, self._buf("_dcap", c, v, z.dtype) if need_deriv else None)
@@ -192,9 +237,14 @@ class LMHeadChunker:
         g = grad_logits
         if self.softcap is not None:  # d/dz cap·tanh(z/cap) = 1 − tanh², stored by logits()
             g.mul_(self._dcap[: g.shape[0]])
-        h = self.hidden[sl]
+        if self.scale != 1.0:
+            g.mul_(self.scale)
+        h = self._hidden(sl)
         if self.grad_hidden is not None:
-            torch.mm(g, self.weight, out=self.grad_hidden[sl])
+            if self.grad_hidden.dtype == self._cdt:
+                torch.mm(g, self._w, out=self.grad_hidden[sl])
+            else:  # AMP with hidden states in another dtype than the compute dtype
+                self.grad_hidden[sl].copy_(torch.mm(g, self._w))
         if self.grad_weight is None and self.grad_bias is None:
             return
         g_acc, h_acc = g, h
@@ -280,16 +330,19 @@ def run_chunks(student: LMHeadChunker, chunk_loss: ChunkLoss, aux: tuple, weight
     loss = torch.empty(n, dtype=torch.float64 if student.hidden.dtype == torch.float64 else torch.float32,
                        device=weight.device)
     student.rows = rows
+    # Autocast off: the heads cast to their compute dtype themselves (HeadOptions.dtype), and their GEMMs write
+    # into preallocated workspaces, which autocast refuses.
     try:
-        for start in range(0, n, rows):
-            sl = slice(start, min(n, start + rows))
-            z = student.logits(sl)
-            loss[sl] = chunk_loss(sl, z, z if need_grad else None, weight[sl], aux)
-            if need_grad:
-                student.backward(sl, z)
-        finish = getattr(chunk_loss, "finish", None)
-        if need_grad and finish is not None:
-            finish(student)
+        with torch.autocast(weight.device.type, enabled=False):
+            for start in range(0, n, rows):
+                sl = slice(start, min(n, start + rows))
+                z = student.logits(sl)
+                loss[sl] = chunk_loss(sl, z, z if need_grad else None, weight[sl], aux)
+                if need_grad:
+                    student.backward(sl, z)
+            finish = getattr(chunk_loss, "finish", None)
+            if need_grad and finish is not None:
+                finish(student)
     finally:
         student.release()
         release = getattr(chunk_loss, "release", None)
@@ -345,7 +398,9 @@ class FusedHeadFunction(torch.autograd.Function):
         return (*(None if s is None else s[0] for s in scaled), *nones)
 
 
-def check_linear(prefix: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+def check_linear(prefix: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 amp: bool = False) -> None:
+    """Shapes, devices and (unless ``amp``: autocast casts them to one compute dtype) equal dtypes of a head."""
     C.check_float_tensor(f"{prefix}_hidden", hidden)
     C.check_float_tensor(f"{prefix}_weight", weight, min_dim=2)
     if weight.dim() != 2:
@@ -353,12 +408,12 @@ def check_linear(prefix: str, hidden: torch.Tensor, weight: torch.Tensor, bias: 
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"{prefix}_hidden has hidden size {hidden.shape[-1]} but {prefix}_weight expects "
                          f"{weight.shape[1]} (weight shape {tuple(weight.shape)})")
-    if weight.dtype != hidden.dtype:
+    if weight.dtype != hidden.dtype and not amp:
         raise TypeError(f"{prefix}_weight dtype {weight.dtype} differs from {prefix}_hidden dtype {hidden.dtype}")
     if bias is not None:
         C.check_float_tensor(f"{prefix}_bias", bias)
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"{prefix}_bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype:
+        if bias.dtype != hidden.dtype and not amp:
             raise TypeError(f"{prefix}_bias dtype {bias.dtype} differs from {prefix}_hidden dtype {hidden.dtype}")
     C.check_same_device(**{f"{prefix}_hidden": hidden, f"{prefix}_weight": weight, f"{prefix}_bias": bias})

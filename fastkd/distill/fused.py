@@ -10,13 +10,22 @@ place of the chunk's student logits. Peak extra memory is O(chunk · V), indepen
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 
 from fastkd.core import checks as C
-from fastkd.core.lmhead import FusedHeadFunction, LMHeadChunker, auto_chunk_rows, check_linear, softcap_
+from fastkd.core.lmhead import (
+    FusedHeadFunction,
+    HeadOptions,
+    LMHeadChunker,
+    amp_dtype,
+    auto_chunk_rows,
+    check_linear,
+    softcap_,
+)
 from fastkd.core.params import DistillParams
 from fastkd.core.registry import requested_backend
 from fastkd.core.selection import with_token_selection
@@ -30,8 +39,9 @@ class DenseChunkLoss:
     """The per-chunk loss of :func:`fused_linear_distill_loss` for :func:`~fastkd.core.lmhead.run_chunks`.
 
     aux = (t_hidden, t_weight, t_bias, t_logits, labels). The teacher's chunk logits come from a second
-    engine head (hidden states + LM head, its own reused workspace) or are copied from ``t_logits`` into a
-    reused buffer when a softcap must be applied; then one ``distill`` backend runs on the chunk with the
+    engine head (hidden states + LM head, its own reused workspace, ``teacher`` its :class:`HeadOptions`) or
+    are copied from ``t_logits`` into a reused buffer when a scale, a softcap or a dtype cast (AMP) must be
+    applied; then one ``distill`` backend runs on the chunk with the
     gradient written in place of the student's chunk logits. Vocabulary padding columns beyond ``vocab``
     get a zero gradient. ``stats``: an (N, 4) fp32 buffer (:mod:`fastkd.core.stats`) whose chunk rows the
     backend fills in the same call, or None; set it to None once the forward pass is done so that the
@@ -39,25 +49,28 @@ class DenseChunkLoss:
     """
 
     def __init__(self, params: DistillParams, vocab: int, fn: Callable[..., torch.Tensor], rows: int,
-                 stats: torch.Tensor | None = None):
+                 stats: torch.Tensor | None = None, teacher: HeadOptions | None = None):
         self.params, self.vocab, self.fn, self.rows = params, vocab, fn, rows
         self.stats = stats
+        self.head = HeadOptions(softcap=params.softcap) if teacher is None else teacher
         self._teacher: LMHeadChunker | None = None
         self._tbuf: torch.Tensor | None = None
 
     def teacher_logits(self, sl: slice, aux: tuple) -> torch.Tensor:
         t_hidden, t_weight, t_bias, t_logits, _ = aux
-        cap = self.params.softcap
+        head = self.head
         if t_logits is None:
             if self._teacher is None:
-                self._teacher = LMHeadChunker(t_hidden, t_weight, t_bias, cap, self.rows)
+                self._teacher = LMHeadChunker(t_hidden, t_weight, t_bias, head, self.rows)
             return self._teacher.logits(sl)
-        if cap is None:
+        dtype = t_logits.dtype if head.dtype is None else head.dtype
+        if head.softcap is None and head.scale == 1.0 and dtype == t_logits.dtype:
             return t_logits[sl]
         c = sl.stop - sl.start
         if self._tbuf is None or self._tbuf.shape[0] < c:
-            self._tbuf = t_logits.new_empty(max(c, self.rows), t_logits.shape[1])
-        return softcap_(self._tbuf[:c].copy_(t_logits[sl]), cap)
+            self._tbuf = t_logits.new_empty(max(c, self.rows), t_logits.shape[1], dtype=dtype)
+        z = self._tbuf[:c].copy_(t_logits[sl])
+        return softcap_(z.mul_(head.scale) if head.scale != 1.0 else z, head.softcap)
 
     def __call__(self, sl, z, grad, w, aux):
         zt = self.teacher_logits(sl, aux)
@@ -76,7 +89,59 @@ class DenseChunkLoss:
         self._teacher = self._tbuf = None
 
 
-@with_token_selection(teacher_entropy=MX.fused_teacher_entropy)
+def _pair(name: str, value, default):
+    """``value`` for both sides, or a (student, teacher) pair."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be one value for both sides or a (student, teacher) pair, got {value!r}")
+        return tuple(default if v is None and default is not None else v for v in value)
+    return value, value
+
+
+def _check_scale(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value == 0:
+        raise ValueError(f"{name} must be a finite non-zero number, got {value!r}")
+    return float(value)
+
+
+def _teacher_constants(student_hidden, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
+                       scale: float, cdt: torch.dtype | None):
+    """Teacher tensors with the teacher's logit scale folded in and cast to the AMP compute dtype, for the paths
+    that do not run on the engine's heads (several teachers, the token-selection pre-pass); also the student
+    hidden states as those paths' dtype checks should see them. Constants: one copy per call, no gradient."""
+    if scale == 1.0 and cdt is None:
+        return student_hidden, teacher_hidden, teacher_weight, teacher_bias, teacher_logits
+
+    def conv(x, scaled):
+        if x is None:
+            return None
+        x = x.detach() if cdt is None else x.detach().to(cdt)
+        return x * scale if scaled and scale != 1.0 else x
+
+    def each(x, scaled):
+        return [conv(t, scaled) for t in x] if isinstance(x, (list, tuple)) else conv(x, scaled)
+
+    sh = student_hidden if cdt is None else student_hidden.detach().to(cdt)
+    return (sh, each(teacher_hidden, False), each(teacher_weight, True), each(teacher_bias, True),
+            conv(teacher_logits, True))
+
+
+def _selection_teacher_entropy(a: dict) -> torch.Tensor:
+    """The ``select="teacher_entropy_top"`` pre-pass (:func:`fastkd.distill.mixture.fused_teacher_entropy`) with
+    the teacher's own softcap and logit scale, under AMP in the compute dtype."""
+    _, t_cap = _pair("softcap", a["softcap"], None)
+    _, t_scale = _pair("logit_scale", a["logit_scale"], 1.0)
+    cdt = amp_dtype(a["student_hidden"], a["student_weight"])
+    sh, th, tw, tb, tl = _teacher_constants(a["student_hidden"], a["teacher_hidden"], a["teacher_weight"],
+                                            a["teacher_bias"], a["teacher_logits"], _check_scale(
+                                                "teacher logit_scale", t_scale), cdt)
+    a = dict(a, softcap=t_cap, student_hidden=sh, teacher_hidden=th, teacher_weight=tw, teacher_bias=tb,
+             teacher_logits=tl)
+    with torch.autocast(sh.device.type, enabled=False):
+        return MX.fused_teacher_entropy(a)
+
+
+@with_token_selection(teacher_entropy=_selection_teacher_entropy)
 def fused_linear_distill_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -88,7 +153,8 @@ def fused_linear_distill_loss(
     teacher_bias: torch.Tensor | None = None,
     divergence: str = "fkl",
     chunk_size: int | None = None,
-    softcap: float | None = None,
+    softcap: float | tuple[float | None, float | None] | None = None,
+    logit_scale: float | tuple[float, float] = 1.0,
     temperature: float = 1.0,
     scale_by_t2: bool = False,
     labels: torch.Tensor | None = None,
@@ -117,16 +183,37 @@ def fused_linear_distill_loss(
             ``teacher_weights`` (M,) | (M, ...) as in :func:`fastkd.distill_loss` (each teacher softcapped, then
             mixed; one reused (chunk, V) teacher workspace whatever M: :mod:`fastkd.distill.mixture`).
         chunk_size: tokens per chunk (default from N, V and free memory).
-        softcap: Gemma-style ``softcap·tanh(z/softcap)`` on both sides' logits before the temperature.
+        softcap: Gemma-style ``softcap·tanh(z/softcap)`` on both sides' logits before the temperature; a
+            ``(student, teacher)`` pair caps each side with its own value (None: that side uncapped).
+        logit_scale: multiplier of the logits (Cohere-style ``logit_scale``), one value or a ``(student,
+            teacher)`` pair. Each side's logits are ``cap·tanh(scale·(h W.T + b)/cap) / T``: scale, then softcap,
+            then temperature (TRL's order).
+        AMP: under ``torch.autocast`` (any device) the heads compute in the autocast dtype whatever the dtypes
+            of the hidden states / weights (e.g. fp32 weights with bf16 or fp32 hidden states); the weight and
+            bias gradients accumulate in fp32 and are returned in the parameters' dtype, the hidden-state
+            gradients in the hidden states' dtype.
         return_stats: also return the per-token statistics of :func:`fastkd.distill_loss` (computed on the
             capped logits, chunk by chunk, in the backend calls the loss makes anyway; one (N, 4) fp32 buffer).
         Other keywords: as :func:`fastkd.distill_loss`.
 
     Returns: fp32 scalar, or (...,) for reduction="none"; with ``return_stats`` a tuple ``(loss, stats)``.
     """
-    check_linear("student", student_hidden, student_weight, student_bias)
+    cdt = amp_dtype(student_hidden, student_weight)
+    amp = cdt is not None
+    check_linear("student", student_hidden, student_weight, student_bias, amp=amp)
+    s_cap, t_cap = _pair("softcap", softcap, None)
+    s_scale, t_scale = (_check_scale(f"{side} logit_scale", x)
+                        for side, x in zip(("student", "teacher"), _pair("logit_scale", logit_scale, 1.0)))
+    if s_cap is not None:
+        C.check_positive("student softcap", s_cap)
     lead = tuple(student_hidden.shape[:-1])
-    mix = MX.split_teacher_heads(student_hidden, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
+    several = (isinstance(teacher_hidden, (list, tuple)) or isinstance(teacher_weight, (list, tuple))
+               or (teacher_logits is not None and teacher_logits.dim() == student_hidden.dim() + 1))
+    check_hidden = student_hidden
+    if several:  # the mixture's teacher heads are not engine heads: scale and AMP cast folded into constants
+        check_hidden, teacher_hidden, teacher_weight, teacher_bias, teacher_logits = _teacher_constants(
+            student_hidden, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, t_scale, cdt)
+    mix = MX.split_teacher_heads(check_hidden, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
                                  teacher_weights)
     if mix is not None:  # several teachers: the checks below see the first, split_teacher_heads checked all
         (teacher_hidden, teacher_weight, teacher_bias, teacher_logits), *mix = mix
@@ -138,7 +225,7 @@ def fused_linear_distill_loss(
         if tuple(teacher_logits.shape[:-1]) != lead:
             raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} must match student_hidden "
                              f"{tuple(student_hidden.shape)} in every dimension but the last")
-        if teacher_logits.dtype != student_hidden.dtype:
+        if teacher_logits.dtype != student_hidden.dtype and not amp:
             raise TypeError(f"teacher_logits dtype {teacher_logits.dtype} differs from student_hidden dtype "
                             f"{student_hidden.dtype}")
         C.check_same_device(student_hidden=student_hidden, teacher_logits=teacher_logits)
@@ -146,21 +233,21 @@ def fused_linear_distill_loss(
     else:
         if teacher_hidden is None or teacher_weight is None:
             raise ValueError("pass teacher_hidden and teacher_weight (or teacher_logits)")
-        check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
+        check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias, amp=amp)
         for name, tensor in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
                              ("teacher_bias", teacher_bias)):
             C.check_constant(name, tensor)
         if tuple(teacher_hidden.shape[:-1]) != lead:
             raise ValueError(f"teacher_hidden shape {tuple(teacher_hidden.shape)} must match student_hidden "
                              f"{tuple(student_hidden.shape)} in every dimension but the last")
-        if teacher_hidden.dtype != student_hidden.dtype:
+        if teacher_hidden.dtype != student_hidden.dtype and not amp:
             raise TypeError(f"teacher_hidden dtype {teacher_hidden.dtype} differs from student_hidden dtype "
                             f"{student_hidden.dtype}; cast it with .to({student_hidden.dtype})")
         C.check_same_device(student_hidden=student_hidden, teacher_hidden=teacher_hidden)
         vt = teacher_weight.shape[0]
     vocab = C.resolve_vocab(student_weight.shape[0], vt, vocab_size)
     params = make_params(divergence, temperature=temperature, scale_by_t2=scale_by_t2, beta=beta, alpha=alpha,
-                         mu=mu, t=t, ce_weight=ce_weight, chunk_size=None, softcap=softcap, family="fused")
+                         mu=mu, t=t, ce_weight=ce_weight, chunk_size=None, softcap=t_cap, family="fused")
     if ce_weight and labels is None:
         raise ValueError("ce_weight > 0 needs labels (the cross-entropy targets)")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
@@ -184,12 +271,16 @@ def fused_linear_distill_loss(
     # Triton / CUDA ignore chunk_size (no temporaries).
     params = replace(params, chunk_size=max(8, rows // 4))
     stats = new_stats_buffer(n, device) if return_stats else None
-    chunk_loss = DenseChunkLoss(params, vocab, backend_fn(requested_backend(backend)), rows, stats)
+    # params.softcap is the teacher's cap (the mixture reads it); the student's head has its own options.
+    t_head = HeadOptions(softcap=params.softcap, scale=1.0 if several else t_scale, dtype=cdt)
+    s_head = HeadOptions(softcap=None if s_cap is None else float(s_cap), scale=s_scale, dtype=cdt)
+    head_arg = s_head if s_head != HeadOptions(softcap=s_head.softcap) else s_head.softcap
+    chunk_loss = DenseChunkLoss(params, vocab, backend_fn(requested_backend(backend)), rows, stats, t_head)
     if mix is not None:
         chunk_loss = MX.bind_chunk_loss(chunk_loss, chunk_loss.fn, mix, tok_weight, params, vocab,
                                         student_weight.shape[0], vocab_size, rows)
     loss = FusedHeadFunction.apply(h, student_weight, student_bias, tok_weight, chunk_loss, rows, reduction,
-                                   params.softcap, th, teacher_weight, teacher_bias, tl,
+                                   head_arg, th, teacher_weight, teacher_bias, tl,
                                    flat_labels if ce_weight else None)
     chunk_loss.stats = None  # filled by the forward chunks; a reduction="none" backward re-run skips them
     loss = loss.view(lead) if reduction == "none" else loss

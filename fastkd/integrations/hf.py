@@ -244,9 +244,11 @@ class DistillationTrainer(Trainer):
         if self.log_stats:
             common["return_stats"] = True
         if inputs.get("teacher_hidden") is not None:
-            loss = self._cached_hidden_loss(inputs, h_s, head, softcap, common)
+            with self._loss_autocast():
+                loss = self._cached_hidden_loss(inputs, h_s, head, softcap, common)
         elif inputs.get("teacher_ids") is not None:
-            loss = self._offline_loss(inputs, h_s, head, softcap, common)
+            with self._loss_autocast():
+                loss = self._offline_loss(inputs, h_s, head, softcap, common)
         elif self.teacher_model is None:
             raise ValueError("offline mode: the batch has no 'teacher_ids' (use "
                              "fastkd.cache.TeacherCacheDataset and its collate, or pass teacher_model)")
@@ -263,14 +265,24 @@ class DistillationTrainer(Trainer):
                                  f"{t_softcap}); the fused loss applies one softcap to both")
             h_t = h_t.to(h_s.device, h_s.dtype)
             w_t, b_t = self._teacher_head(h_s.device, h_s.dtype)
-            loss = fused_linear_distill_loss(
-                h_s, head.weight, h_t, w_t, student_bias=getattr(head, "bias", None), teacher_bias=b_t,
-                softcap=softcap, **common, **self.distill_options)
+            with self._loss_autocast():
+                loss = fused_linear_distill_loss(
+                    h_s, head.weight, h_t, w_t, student_bias=getattr(head, "bias", None), teacher_bias=b_t,
+                    softcap=softcap, **common, **self.distill_options)
         if self.log_stats:
             loss, stats = loss
             self._record_stats(stats, labels, mask)
         loss = self._scale_for_devices(loss, num_items_in_batch)
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _loss_autocast(self) -> contextlib.AbstractContextManager:
+        """The run's autocast (``bf16=True`` / ``fp16=True``) for the loss as well: Accelerate wraps only the
+        models' forwards, so without it the fused loss would run in the hidden states' dtype (AMP contract of
+        :func:`fastkd.fused_linear_distill_loss`: bf16/fp16 GEMMs, fp32 weight-gradient accumulation)."""
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is None or getattr(accelerator, "mixed_precision", "no") not in ("bf16", "fp16"):
+            return contextlib.nullcontext()
+        return accelerator.autocast()
 
     def _record_stats(self, stats: dict[str, torch.Tensor], labels: torch.Tensor | None,
                       mask: torch.Tensor | None) -> None:

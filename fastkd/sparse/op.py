@@ -515,6 +515,10 @@ def fused_linear_sparse_distill_loss(
     student_ids: torch.Tensor | None = None,
     student_id_values: torch.Tensor | None = None,
     return_stats: bool = False,
+    semantics: str = "fastkd",
+    log_prob_min_clamp: float | None = None,
+    tail_mass_eps: float = 1e-6,
+    return_mass: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`sparse_distill_loss` on ``student_hidden @ student_weight.T (+ bias)`` without (N, V) logits.
 
@@ -528,7 +532,19 @@ def fused_linear_sparse_distill_loss(
         Other arguments (``mode="union"`` with ``student_ids`` / ``student_id_values`` included, and
         ``return_stats``: the statistics of the capped logits, filled chunk by chunk in the backend calls the
         loss makes anyway): as :func:`sparse_distill_loss`.
+        semantics: "fastkd" (the modes above) or a framework's top-k loss on the teacher's top-k log-probs
+            (values="logprobs", mode="topk"): "verl_topk" (verl ``compute_forward_kl_topk``, with
+            ``log_prob_min_clamp``), "verl_topk_tail" (verl's tail-aware variant, with ``tail_mass_eps``) or
+            "trl_tail" (TRL's top-k + tail bucket, β from ``divergence`` / ``beta``); formulas in
+            :mod:`fastkd.onpolicy.frameworks`. ``return_mass``: also return ``{"student_mass", "teacher_mass"}``
+            (...,) — Σ of each side's probabilities at the teacher's ids (framework semantics only).
     """
+    if semantics != "fastkd" or log_prob_min_clamp is not None or return_mass:
+        from fastkd.onpolicy.frameworks import fused_linear_framework_loss
+
+        kw = {k: v for k, v in locals().items() if k not in ("student_hidden", "student_weight", "teacher_ids",
+                                                                "teacher_values")}
+        return fused_linear_framework_loss(student_hidden, student_weight, teacher_ids, teacher_values, **kw)
     cdt = amp_dtype(student_hidden, student_weight)
     check_linear("student", student_hidden, student_weight, student_bias, amp=cdt is not None)
     mode, teacher_ids, teacher_values = _union(mode, values, teacher_ids, teacher_values, teacher_tail, student_ids,

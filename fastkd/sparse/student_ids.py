@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from fastkd.core import checks as C
-from fastkd.core.lmhead import auto_chunk_rows, check_linear, iter_logits
+from fastkd.core.lmhead import amp_dtype, auto_chunk_rows, check_linear, iter_logits
 
 
 def _check_k(k: object, vocab: int) -> int:
@@ -93,11 +93,13 @@ def student_topk_from_hidden(
         student_hidden: (..., H); student_weight: (V, H) as ``nn.Linear.weight``; student_bias: (V,) or None.
         softcap: Gemma-style cap applied before the temperature, as in the fused losses.
         chunk_size: tokens per chunk (default: the LM-head engine's memory budget); extra memory O(chunk · V).
+            Under ``torch.autocast`` the logits are computed in the autocast dtype (like ``nn.Linear``).
 
     Returns:
         ids (..., k) int64 and log-probs (..., k) fp32 (fp64 for fp64 heads), as :func:`student_topk`.
     """
-    check_linear("student", student_hidden, student_weight, student_bias)
+    amp = amp_dtype(student_hidden, student_weight)
+    check_linear("student", student_hidden, student_weight, student_bias, amp=amp is not None)
     C.check_positive("temperature", temperature)
     if softcap is not None:
         C.check_positive("softcap", softcap)
@@ -112,9 +114,11 @@ def student_topk_from_hidden(
     ids = torch.empty(n, k, dtype=torch.int64, device=h.device)
     logp = torch.empty(n, k, dtype=cdt, device=h.device)
     rows = chunk_size or auto_chunk_rows(max(n, 1), vocab, h.device)
-    for sl, z in iter_logits(h, student_weight.detach(), None if student_bias is None else student_bias.detach(),
-                             rows, softcap=softcap, temperature=temperature):
-        ids[sl], logp[sl] = _topk_logprobs(z, k)
+    with torch.autocast(h.device.type, enabled=False):  # iter_logits writes into a preallocated workspace
+        for sl, z in iter_logits(h, student_weight.detach(),
+                                 None if student_bias is None else student_bias.detach(), rows, softcap=softcap,
+                                 temperature=temperature, dtype=amp):
+            ids[sl], logp[sl] = _topk_logprobs(z, k)
     return ids.view(*lead, k), logp.view(*lead, k)
 
 
