@@ -146,7 +146,7 @@ def test_vocab_parallel_backend_is_the_registry_choice(monkeypatch):
     float64, with the registry's reasons; the jsd side pass (srkl, α = 1 − β) is Triton-capable too."""
     from fastkd.core.params import make_params
     from fastkd.core.registry import select, status
-    from fastkd.integrations.distributed import _aug_dtype, _VPChunk
+    from fastkd.distill.vocab_parallel import _aug_dtype, _VPChunk
 
     base_is_cuda = torch._C.TensorBase.is_cuda
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: t.device.type == "meta"
