@@ -48,6 +48,8 @@ _EXPORTS: dict[str, str] = {
     "student_topk": "fastkd.sparse.student_ids",
     "student_topk_from_hidden": "fastkd.sparse.student_ids",
     "union_ids": "fastkd.sparse.student_ids",
+    "logprobs_from_hidden": "fastkd.onpolicy.op",
+    "on_policy_distill_loss": "fastkd.onpolicy.estimators",
     "sinkhorn": "fastkd.ot.sinkhorn",
     "SinkhornResult": "fastkd.ot.sinkhorn",
     "sinkd_loss": "fastkd.ot.losses",
@@ -55,7 +57,8 @@ _EXPORTS: dict[str, str] = {
     "TAIDSchedule": "fastkd.distill.taid",
     "BackendUnavailableError": "fastkd.core.registry",
 }
-_SUBMODULES = {"nn", "reference", "core", "distill", "sparse", "ot", "cache", "integrations", "kernels", "bench", "cli"}
+_SUBMODULES = {"nn", "reference", "core", "distill", "sparse", "ot", "cache", "integrations", "onpolicy", "kernels",
+               "bench", "cli"}
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
@@ -83,6 +86,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from fastkd.distill.fused import fused_linear_distill_loss
     from fastkd.distill.op import distill_loss
     from fastkd.distill.taid import TAIDSchedule
+    from fastkd.onpolicy.estimators import on_policy_distill_loss
+    from fastkd.onpolicy.op import logprobs_from_hidden
     from fastkd.ot.losses import sinkd_loss, uld_loss
     from fastkd.ot.sinkhorn import SinkhornResult, sinkhorn
     from fastkd.sparse.op import fused_linear_sparse_distill_loss, sparse_distill_loss

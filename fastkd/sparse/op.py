@@ -543,7 +543,7 @@ def fused_linear_sparse_distill_loss(
         from fastkd.onpolicy.frameworks import fused_linear_framework_loss
 
         kw = {k: v for k, v in locals().items() if k not in ("student_hidden", "student_weight", "teacher_ids",
-                                                                "teacher_values")}
+                                                                "teacher_values", "fused_linear_framework_loss")}
         return fused_linear_framework_loss(student_hidden, student_weight, teacher_ids, teacher_values, **kw)
     cdt = amp_dtype(student_hidden, student_weight)
     check_linear("student", student_hidden, student_weight, student_bias, amp=cdt is not None)
