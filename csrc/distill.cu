@@ -60,6 +60,14 @@ __device__ __forceinline__ float mixed_logit(const RowConsts& c, float s, float 
 // v where x != 0 else 0, for a probability x ≥ 0 or NaN: 0·(−inf) terms are 0 and NaN inputs stay NaN.
 __device__ __forceinline__ float pos(float x, float v) { return x != 0.f ? v : 0.f; }
 
+// (e^other − e^base)/c where other = base + c·diff, without cancellation as c·diff → 0: e^base·expm1(c·diff)/c for
+// |c·diff| < 1/2, else the direct difference (terms a factor ≥ e^{1/2} apart; 0 for −inf logits, diff ±inf or NaN).
+__device__ __forceinline__ float pow_diff(float base, float other, float diff, float c) {
+  const float u = c * diff;
+  const float eb = expf(base);
+  return fabsf(u) < 0.5f ? eb * expm1f(u) / c : (expf(other) - eb) / c;
+}
+
 // Per-element terms. d0/qg0 are the divergence (or the fkl part), d1/qg1 the rkl part (symkl, akl),
 // err = |p − q| (akl). Returns q.
 struct Terms { float q, d0, qg0, d1, qg1, err, p; };
@@ -104,12 +112,13 @@ __device__ __forceinline__ Terms element_terms(const RowConsts& c, float zs, flo
     const float sg = diff > 0.f ? 1.f : (diff < 0.f ? -1.f : (diff == 0.f ? 0.f : diff));
     e.qg0 = 0.5f * e.q * sg;
   } else if constexpr (DIV == kAB) {
-    // −1/(αβ)·(p^α q^β − α/(α+β)·p^(α+β) − β/(α+β)·q^(α+β)); qg = (q^(α+β) − p^α q^β)/α, powers in log domain
+    // −1/(αβ)·(p^α q^β − α/(α+β)·p^(α+β) − β/(α+β)·q^(α+β)); qg = (q^(α+β) − p^α q^β)/α, powers in log domain,
+    // as −1/(α+β)·((p^α q^β − p^(α+β))/β + (p^α q^β − q^(α+β))/α): no cancellation as α or β → 0
     const float sab = c.alpha + c.beta;
-    const float pq = expf(c.alpha * lp + c.beta * lq);
-    const float qq = expf(sab * lq);
-    e.d0 = -(pq - c.alpha / sab * expf(sab * lp) - c.beta / sab * qq) / (c.alpha * c.beta);
-    e.qg0 = (qq - pq) / c.alpha;
+    const float lpq = c.alpha * lp + c.beta * lq;
+    const float t_q = pow_diff(sab * lq, lpq, lp - lq, c.alpha);  // (p^α q^β − q^(α+β)) / α
+    e.d0 = -(pow_diff(sab * lp, lpq, lq - lp, c.beta) + t_q) / sab;
+    e.qg0 = -t_q;
   }
   return e;
 }

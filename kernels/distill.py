@@ -227,6 +227,20 @@ def _row_value(fkl, rkl, taid, lse_s, lse_t, c1, zero, DIV: tl.constexpr):
 
 
 @triton.jit
+def _pow_diff(base, other, diff, c):
+    """(e^other − e^base) / c where other = base + c·diff, without cancellation as c·diff → 0: for |c·diff| < 1/2,
+    e^base · expm1(c·diff) / c with Kahan's expm1 (w = e^u: (w − 1)·u / log w, u when w == 1); else the direct
+    difference (its terms then differ by a factor ≥ e^{1/2}; 0 for −inf logits, where diff is ±inf or NaN)."""
+    u = c * diff
+    small = tl.abs(u) < 0.5  # False for NaN and ±inf
+    us = tl.where(small, u, 0.0)
+    w = tl.exp(us)
+    em = tl.where(w == 1.0, us, (w - 1.0) * us / tl.log(w))
+    eb = tl.exp(base)
+    return tl.where(small, eb * em / c, (tl.exp(other) - eb) / c)
+
+
+@triton.jit
 def _mix_terms(lp, lq, p, q, c1, c2, lw_a, lw_b, DIV: tl.constexpr):
     """Elementwise (D term, qg) of the divergences that need a reduction pass (jsd, skl, srkl, tvd, ab).
 
@@ -238,11 +252,12 @@ def _mix_terms(lp, lq, p, q, c1, c2, lw_a, lw_b, DIV: tl.constexpr):
         d_el = 0.5 * tl.abs(diff)
         qg = 0.5 * q * tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
     elif DIV == AB:  # −1/(αβ) Σ (p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β)); qg = (q^(α+β) − p^α q^β)/α
+        # as −1/(α+β) Σ ((p^α q^β − p^(α+β))/β + (p^α q^β − q^(α+β))/α): no cancellation as α or β → 0
         s_ab = c1 + c2
-        pq = tl.exp(c1 * lp + c2 * lq)
-        qq = tl.exp(s_ab * lq)
-        d_el = -(pq - c1 / s_ab * tl.exp(s_ab * lp) - c2 / s_ab * qq) / (c1 * c2)
-        qg = (qq - pq) / c1
+        lpq = c1 * lp + c2 * lq
+        t_q = _pow_diff(s_ab * lq, lpq, lp - lq, c1)  # (p^α q^β − q^(α+β)) / α
+        d_el = -(_pow_diff(s_ab * lp, lpq, lq - lp, c2) + t_q) / s_ab
+        qg = -t_q
     else:
         lm = _lae(lp + lw_a, lq + lw_b)
         if DIV == JSD:  # β KL(p‖m) + (1−β) KL(q‖m)

@@ -109,16 +109,32 @@ def _tvd(log_p, log_q, p, q, prm=None) -> Terms:
     return 0.5 * diff.abs().sum(-1), 0.5 * q * torch.sign(diff)
 
 
+def _pow_diff(base: torch.Tensor, other: torch.Tensor, diff: torch.Tensor, c: float) -> torch.Tensor:
+    """(e^other − e^base) / c where other = base + c·diff, without cancellation as c·diff → 0.
+
+    |c·diff| < 1/2: e^base · expm1(c·diff) / c (→ e^base · diff as c → 0); else the direct difference, whose two
+    terms then differ by a factor ≥ e^{1/2} (and which gives 0 for −inf logits, where diff is ±inf or NaN).
+    """
+    u = c * diff
+    small = u.abs() < 0.5  # False for NaN (−inf − (−inf)) and ±inf
+    near = base.exp() * torch.expm1(torch.where(small, u, torch.zeros((), dtype=u.dtype, device=u.device))) / c
+    return torch.where(small, near, (other.exp() - base.exp()) / c)
+
+
 def _ab(log_p, log_q, p, q, prm: DistillParams) -> Terms:
     """D = −1/(αβ) Σ (p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β)); qg = (q^(α+β) − p^α q^β)/α.
 
-    Powers in the log domain (x^a = e^{a log x}), so −inf logits give 0 terms when α, β > 0.
+    Evaluated as D = −1/(α+β) Σ (p^(α+β)·E_β(log q − log p) + q^(α+β)·E_α(log p − log q)), E_c(x) =
+    (e^{c·x} − 1)/c (:func:`_pow_diff`), qg = −q^(α+β)·E_α(log p − log q): the same function without the
+    cancellation of the 1/(αβ) form as α → 0 or β → 0 (each term tends to a KL-like one). Powers in the log domain
+    (x^a = e^{a log x}), so −inf logits give 0 terms when α, β > 0.
     """
     a, b = prm.alpha, prm.beta
-    pq = (a * log_p + b * log_q).exp()
-    qq = ((a + b) * log_q).exp()
-    loss = -(pq - a / (a + b) * ((a + b) * log_p).exp() - b / (a + b) * qq).sum(-1) / (a * b)
-    return loss, (qq - pq) / a
+    s = a + b
+    lpq = a * log_p + b * log_q
+    t_p = _pow_diff(s * log_p, lpq, log_q - log_p, b)  # (p^α q^β − p^(α+β)) / β
+    t_q = _pow_diff(s * log_q, lpq, log_p - log_q, a)  # (p^α q^β − q^(α+β)) / α
+    return -(t_p + t_q).sum(-1) / s, -t_q
 
 
 def _zero(log_p, log_q, p, q, prm=None) -> Terms:
