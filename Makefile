@@ -14,7 +14,7 @@ PIP := $(PY) -m pip install -q --progress-bar off
 BENCH_STAMP := $(VENV)/.fastkd-bench
 TEST_STAMP := $(VENV)/.fastkd-test
 
-.PHONY: setup setup-bench setup-test bench test lint csrc-check clean
+.PHONY: setup setup-bench setup-test bench test test-triton-min lint csrc-check clean
 
 $(PY):
 	@if python3 -c "import torch" 2>/dev/null; then python3 -m venv --system-site-packages $(VENV); \
@@ -47,7 +47,30 @@ csrc-check: setup-test
 	else echo "nvcc not found: skipping the csrc/ compile check"; fi
 
 test: setup-test lint csrc-check
-	$(PY) -m pytest -q
+	@start=$$(date +%s); $(PY) -m pytest -q; rc=$$?; \
+	  echo "make test: pytest wall time $$(( $$(date +%s) - start )) s"; exit $$rc
+	@$(MAKE) --no-print-directory test-triton-min
+
+# The oldest supported Triton (pyproject's triton floor, the GPU image's version) with the numpy its interpreter
+# needs: installed into a side folder that shadows the venv's triton and numpy (PYTHONPATH), then the Triton
+# interpreter tests and the sm_90 compile subset run against it.
+TRITON_MIN := 3.6.0
+TRITON_MIN_NUMPY := numpy<2.4
+TRITON_MIN_DIR := $(VENV)/triton-min
+TRITON_MIN_TESTS := tests/test_triton_distill.py tests/test_sparse_split.py tests/test_distill_akl.py \
+  tests/test_sinkhorn.py tests/test_aot.py
+$(TRITON_MIN_DIR)/.stamp: | $(TEST_STAMP)
+	@echo "make: triton==$(TRITON_MIN) and '$(TRITON_MIN_NUMPY)' into $(TRITON_MIN_DIR) (the Triton floor)"
+	@$(PIP) --no-deps --target $(TRITON_MIN_DIR) "triton==$(TRITON_MIN)" "$(TRITON_MIN_NUMPY)" \
+	  2> >(grep -v "$(PIP_NOISE)" >&2)
+	@touch $@
+
+test-triton-min: $(TRITON_MIN_DIR)/.stamp
+	@start=$$(date +%s); PYTHONPATH=$(TRITON_MIN_DIR) $(PY) -c \
+	  "import triton, numpy; assert triton.__version__ == '$(TRITON_MIN)', triton.__file__; \
+	  print('make test-triton-min: triton', triton.__version__, 'numpy', numpy.__version__)" && \
+	  PYTHONPATH=$(TRITON_MIN_DIR) $(PY) -m pytest -q -p no:cacheprovider $(TRITON_MIN_TESTS); rc=$$?; \
+	  echo "make test-triton-min: wall time $$(( $$(date +%s) - start )) s"; exit $$rc
 
 clean:
 	rm -rf $(VENV) build *.egg-info bench/results
@@ -67,20 +90,8 @@ gpu-aot: setup-bench
 	env -u TRITON_INTERPRET TRITON_DEFAULT_FP_FUSION=1 $(PY) bench/aot.py --all
 
 # one command on a machine with a CUDA GPU and no network (<= 8 min on one H200): install this checkout into
-# $(GPU_PY)'s environment (no downloads) building csrc/ with all cores, the gpu tests with native Triton, then a
-# trimmed suite (no torch.compile, short budget, total cap) that appends each case to $(OUT) when it finishes
+# $(GPU_PY)'s environment (no downloads) building csrc/ with all cores, `fastkd info`, the gpu tests with native
+# Triton, then a trimmed suite (no torch.compile, short budget, total cap) that appends each case to $(OUT) when it
+# finishes, beside the cost model's prediction (bench/gpu_check.py; `--dry-run` runs the same steps on a CPU)
 gpu-check:
-	@$(GPU_PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null || { \
-	  echo "make gpu-check: no CUDA GPU visible to $(GPU_PY) (torch.cuda.is_available() is False or torch is missing)."; \
-	  echo "  It needs a CUDA machine; here use 'make test', 'make gpu-aot' and 'python bench/model.py'."; exit 2; }
-	@mkdir -p $(OUT)
-	set -o pipefail; MAX_JOBS=$$(nproc) timeout 120 $(GPU_PY) -m pip install -q --no-deps --no-build-isolation \
-	  --no-index -e . 2>&1 | tee $(OUT)/install.log || { echo "csrc/ build failed: installing without the CUDA extension"; \
-	  FASTKD_SKIP_CUDA_BUILD=1 $(GPU_PY) -m pip install -q --no-deps --no-build-isolation --no-index -e .; }
-	set -o pipefail; timeout 150 $(GPU_PY) -m pytest -q -m gpu -p no:cacheprovider --durations=10 --continue-on-collection-errors \
-	  $$(grep -l "mark.gpu" tests/test_*.py) 2>&1 | tee $(OUT)/pytest-gpu.log; echo $$? > $(OUT)/pytest.rc
-	set -o pipefail; PYTHONUNBUFFERED=1 timeout $$(( $(GPU_SUITE_CAP) + 30 )) $(GPU_PY) bench/gpu_suite.py --no-compile \
-	  --budget 0.5 --time-cap $(GPU_SUITE_CAP) --out $(OUT) --model bench/model_h200.json 2>&1 | tee $(OUT)/suite.log; \
-	  echo $$? > $(OUT)/suite.rc
-	@p=$$(cat $(OUT)/pytest.rc); s=$$(cat $(OUT)/suite.rc); \
-	  echo "make gpu-check: pytest -m gpu exit $$p, gpu_suite exit $$s; logs and results in $(OUT)"; test "$$p$$s" = 00
+	$(GPU_PY) bench/gpu_check.py --out $(OUT) --suite-cap $(GPU_SUITE_CAP)

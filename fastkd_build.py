@@ -223,17 +223,47 @@ def ext_suffix() -> str:
     return sysconfig.get_config_var("EXT_SUFFIX") or ".so"
 
 
+def missing_build_tools() -> list[str]:
+    """What the extension build needs and this environment lacks (nvcc, pybind11, ninja), as install hints."""
+    missing = []
+    if find_nvcc() is None:
+        missing.append("nvcc (set CUDA_HOME or put nvcc on PATH)")
+    try:
+        import pybind11  # noqa: F401
+    except ImportError:
+        missing.append("pybind11 (pip install pybind11)")
+    if find_ninja() is None:
+        missing.append("ninja (pip install ninja)")
+    return missing
+
+
 def cuda_extension_setup() -> tuple[list, dict]:
-    """(ext_modules, cmdclass) for setup.py; ([], {}) when the CUDA build is skipped or impossible."""
+    """(ext_modules, cmdclass) for setup.py; ([], {}) when the CUDA build is skipped or impossible.
+
+    A missing build tool skips the extension with one line naming it (pip installs with
+    ``--no-build-isolation`` do not provide the build-system requirements); a compile error warns and installs
+    without the extension. Neither breaks ``pip install``, editable installs included.
+    """
     if os.environ.get("FASTKD_SKIP_CUDA_BUILD", "0") not in ("", "0"):
         return [], {}
     if find_nvcc() is None:
+        return [], {}
+    missing = missing_build_tools()
+    if missing:
+        print(f"WARNING: fastkd: {EXT_NAME} not built: missing {', '.join(missing)}", file=sys.stderr)
         return [], {}
     from setuptools import Extension
     from setuptools.command.build_ext import build_ext
 
     class NinjaBuildExt(build_ext):
         """Builds fastkd._C with ninja; a compile failure warns and installs without the extension."""
+
+        def build_extensions(self):  # noqa: D102
+            self._not_built: set[str] = set()
+            super().build_extensions()
+            # an extension that failed is dropped, so that no later step (the editable install's copy into the
+            # source tree, the wheel's file list) looks for its output
+            self.extensions = [e for e in self.extensions if e.name not in self._not_built]
 
         def build_extension(self, ext):  # noqa: D102
             if ext.name != EXT_NAME:
@@ -243,6 +273,7 @@ def cuda_extension_setup() -> tuple[list, dict]:
             try:
                 build(out, tmp, verbose=bool(self.verbose and self.verbose > 1))
             except Exception as exc:  # never break `pip install` because of the optional extension
+                self._not_built.add(ext.name)
                 warnings.warn(f"fastkd: building the CUDA extension failed; installing without it "
                               f"(the 'cuda' backend will report why). {exc}", stacklevel=1)
                 print(f"WARNING: fastkd: {EXT_NAME} not built: {exc}", file=sys.stderr)

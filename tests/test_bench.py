@@ -5,16 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from fastkd.bench import harness as H
 
-from fastkd.bench import harness as H  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.host_device  # real work on the default device (see tests/conftest.py)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -178,14 +179,27 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+TRITON_MIN = (3, 6)  # the oldest Triton the kernels are compiled and tested with (pyproject's floor)
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as "3.6.0", "3.10.0+git1a2b" or "3.6.0rc1"."""
+    found = re.match(r"(\d+)\.(\d+)", text)
+    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
+
+
 @cache
 def triton_import_error() -> str | None:
-    """None when ``triton`` imports, else the reason it does not."""
+    """None when a supported ``triton`` imports, else the reason it does not."""
     try:
-        import triton  # noqa: F401
+        import triton
         import triton.language  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install
         return f"triton is not importable ({type(exc).__name__}: {exc})"
+    version = getattr(triton, "__version__", "0")
+    if _version_tuple(version) < TRITON_MIN:
+        floor = ".".join(map(str, TRITON_MIN))
+        return f"triton {version} is older than the supported {floor} (pip install 'triton>={floor}')"
     return None
 
 
