@@ -45,3 +45,18 @@ def test_sparse_study_quick_json():
         assert math.isfinite(r["ppl"]) and r["ppl"] > 1 and r["ppl_std"] >= 0
         assert math.isclose(r["recovered"], (ce - r["ppl"]) / (ce - dense), rel_tol=1e-9), r
         assert math.isfinite(r["recovered_paired"]) and r["recovered_paired_std"] >= 0 and r["grad_rel_err"] >= 0
+
+
+def test_on_policy_quick():
+    """examples/on_policy.py --quick: every method's row, finite numbers for each seed."""
+    import json
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(root / "examples" / "on_policy.py"), "--quick", "--json"], cwd=root,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for row in ("| warm-up (before) |", "| off-policy KD |", "| on-policy RKL |", "| on-policy top-k |"):
+        assert row in out.stdout, out.stdout[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])["results"]
+    assert all(len(v["ppl"]) == 2 and len(v["rkl"]) == 2 for v in res.values())
