@@ -68,7 +68,7 @@ COLUMNS = [
     "run_id", "date", "family", "op", "case", "sizes", "provider", "mode", "status", "reason",
     "median_ms", "p20_ms", "p80_ms", "reps", "peak_mem_mb", "mem_method", "max_abs_err",
     "time_vs_baseline", "mem_vs_baseline", "baseline", "device", "device_name", "threads",
-    "torch", "triton", "fastkd", "python", "git_commit",
+    "torch", "triton", "fastkd", "python", "git_commit", "load_avg",
 ]
 
 
@@ -486,8 +486,26 @@ def environment(device: torch.device) -> dict[str, Any]:
     return {
         "device": device.type, "device_name": device_name(device), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "triton": _version("triton"), "fastkd": fastkd.__version__,
-        "python": platform.python_version(), "git_commit": _git_commit(),
+        "python": platform.python_version(), "git_commit": _git_commit(), "load_avg": _load_avg(),
     }
+
+
+def _load_avg() -> float | None:
+    """The 1-minute load average of this machine (None where the OS has none)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def load_caveat(load: float | None = None, cores: int | None = None) -> str | None:
+    """One line when the machine is busier than its cores (timings inflated, ratios noisier), else None."""
+    load = _load_avg() if load is None else load
+    cores = cores or os.cpu_count() or 1
+    if load is None or load <= cores:
+        return None
+    return (f"machine busy: load average {load:.1f} on {cores} cores; times are inflated and ratios noisier "
+            "(providers are interleaved, so ratios are less affected): rerun on an idle machine to quote them")
 
 
 def write_results(rows: list[dict[str, Any]], csv_path: Path | str | None = None,
@@ -618,19 +636,23 @@ def run_cases(
                 bar.advance(case_task)
             case_rows = []
             for provider, mode in todo:
-                bar.update(case_task, description=f"  {case.label}: {provider.name} {mode}")
-                t0 = time.perf_counter()
-                row = {"run_id": run_id, "date": date, "family": case.family, "op": case.op,
-                       "case": case.label, "sizes": json.dumps(case.sizes), "provider": provider.name,
-                       "mode": mode, "status": "ok", "reason": ref_error, "baseline": case.baseline or "",
-                       **env}
-                row.update(_measure(case, provider, mode, inputs, ref, device, memory=memory,
-                                    budget_s=budget_s, warmup=warmup, min_reps=min_reps, max_reps=max_reps))
-                case_rows.append(row)
+                case_rows.append({"run_id": run_id, "date": date, "family": case.family, "op": case.op,
+                                  "case": case.label, "sizes": json.dumps(case.sizes), "provider": provider.name,
+                                  "mode": mode, "status": "ok", "reason": ref_error,
+                                  "baseline": case.baseline or "", **env})
+            bar.update(case_task, description=f"  {case.label}: {len(todo)} providers, interleaved")
+            t0 = time.perf_counter()
+            measured = _measure_case(case, todo, inputs, ref, device, memory=memory, budget_s=budget_s,
+                                     warmup=warmup, min_reps=min_reps, max_reps=max_reps)
+            for row, result in zip(case_rows, measured):
+                row.update(result)
                 bar.advance(case_task)
                 if lines:
-                    console.print(f"[{family}]   {provider.name} {mode}: {row['status']} "
-                                  f"({time.perf_counter() - t0:.1f} s)", highlight=False, markup=False)
+                    console.print(f"[{family}]   {row['provider']} {row['mode']}: {row['status']}",
+                                  highlight=False, markup=False)
+            if lines:
+                console.print(f"[{family}]   {len(todo)} measurements in {time.perf_counter() - t0:.1f} s",
+                              highlight=False, markup=False)
             _add_ratios(case_rows)
             rows.extend(case_rows)
             bar.advance(fam_task)
@@ -644,36 +666,94 @@ def run_cases(
     return rows
 
 
-def _measure(case: Case, provider: Provider, mode: str, inputs: dict[str, Any], ref: Any,
-             device: torch.device, *, memory: bool, budget_s: float, warmup: int, min_reps: int,
-             max_reps: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"median_ms": None, "p20_ms": None, "p80_ms": None, "reps": 0,
-                           "peak_mem_mb": None, "mem_method": "", "max_abs_err": None}
-    try:
-        step = _as_step(provider.setup(inputs, mode))
-        first = _call(step)  # first call: the error check (and a warmup)
-        if provider.checked and ref is not None:
-            out["max_abs_err"] = max_abs_error(first, ref, mode)
-        del first
-        times = time_step(step, device, warmup=max(warmup - 1, 0), budget_s=budget_s, min_reps=min_reps,
-                          max_reps=max_reps)
-        med, p20, p80 = quantiles(times)
-        out.update(median_ms=med, p20_ms=p20, p80_ms=p80, reps=len(times))
-        if memory:
+def _empty_result() -> dict[str, Any]:
+    return {"median_ms": None, "p20_ms": None, "p80_ms": None, "reps": 0, "peak_mem_mb": None, "mem_method": "",
+            "max_abs_err": None, "status": "ok"}
+
+
+def _failed(out: dict[str, Any], exc: Exception) -> None:
+    if isinstance(exc, Skip):
+        out.update(status="skipped", reason=str(exc))
+    else:
+        out.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:300])
+
+
+def interleaved_times(steps: Sequence[Step], device: torch.device, *, warmup: int = 1, budget_s: float = 1.0,
+                      min_reps: int = 3, max_reps: int = 100) -> list[list[float] | Exception]:
+    """Per-iteration times in ms of several steps, measured in rounds: each round times one iteration of
+    every step still running, in an order rotated by one each round, so that a slow phase of a busy
+    machine falls on every provider alike and the ratios between them survive it. A step stops once it
+    has ``min_reps`` iterations and ``budget_s`` of timed work, or ``max_reps``; an exception ends that
+    step only (its entry is the exception)."""
+    out: list[list[float] | Exception] = [[] for _ in steps]
+    spent = [0.0] * len(steps)
+    for i, step in enumerate(steps):
+        try:
+            for _ in range(max(warmup, 0)):
+                _call(step)
+        except Exception as exc:
+            out[i] = exc
+    _sync(device)
+    live = [i for i in range(len(steps)) if not isinstance(out[i], Exception)]
+    rnd = 0
+    while live:
+        order = live[rnd % len(live):] + live[:rnd % len(live)]
+        for i in order:
+            try:
+                t = time_step(steps[i], device, warmup=0, budget_s=0.0, min_reps=1, max_reps=1)[0]
+            except Exception as exc:
+                out[i] = exc
+                continue
+            out[i].append(t)  # type: ignore[union-attr]
+            spent[i] += t / 1e3
+        live = [i for i in live if not isinstance(out[i], Exception) and len(out[i]) < max_reps
+                and (len(out[i]) < min_reps or spent[i] < budget_s)]
+        rnd += 1
+    return out
+
+
+def _measure_case(case: Case, todo: Sequence[tuple[Provider, str]], inputs: dict[str, Any], ref: Any,
+                  device: torch.device, *, memory: bool, budget_s: float, warmup: int, min_reps: int,
+                  max_reps: int) -> list[dict[str, Any]]:
+    """Every (provider, mode) of one case: set up and error-checked one after the other, timed interleaved
+    (:func:`interleaved_times`), then peak memory one at a time (a fresh process each on CPU)."""
+    results = [_empty_result() for _ in todo]
+    steps: list[Step | None] = []
+    for (provider, mode), out in zip(todo, results):
+        try:
+            step = _as_step(provider.setup(inputs, mode))
+            first = _call(step)  # first call: the error check (and a warmup)
+            if provider.checked and ref is not None:
+                out["max_abs_err"] = max_abs_error(first, ref, mode)
+            del first
+            steps.append(step)
+        except Exception as exc:
+            _failed(out, exc)
+            steps.append(None)
+    ready = [i for i, st in enumerate(steps) if st is not None]
+    times = interleaved_times([steps[i] for i in ready], device, warmup=max(warmup - 1, 0), budget_s=budget_s,
+                              min_reps=min_reps, max_reps=max_reps)
+    for i, t in zip(ready, times):
+        if isinstance(t, Exception):
+            _failed(results[i], t)
+            steps[i] = None
+            continue
+        med, p20, p80 = quantiles(t)
+        results[i].update(median_ms=med, p20_ms=p20, p80_ms=p80, reps=len(t))
+    if memory:
+        for i, ((provider, mode), out) in enumerate(zip(todo, results)):
+            if steps[i] is None:
+                continue
             try:
                 if device.type == "cuda":
-                    out["peak_mem_mb"], out["mem_method"] = cuda_peak_mb(step, device)
+                    out["peak_mem_mb"], out["mem_method"] = cuda_peak_mb(steps[i], device)
                 else:
-                    del step
+                    steps[i] = None
                     gc.collect()
                     out["peak_mem_mb"], out["mem_method"] = cpu_peak_fresh_process(case, provider, mode)
             except Exception as exc:
                 out["reason"] = f"memory not measured: {type(exc).__name__}: {exc}"[:300]
-    except Skip as exc:
-        out.update(status="skipped", reason=str(exc))
-    except Exception as exc:
-        out.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:300])
-    return out
+    return results
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -832,6 +912,12 @@ def run_bench(args: Any, modules: list[Any] | None = None, console: Any = None) 
     budget = args.budget if args.budget is not None else (0.05 if args.quick else 0.5)
     run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     t_run = time.perf_counter()
+    load = _load_avg()
+    console.print(f"load average {'n/a' if load is None else f'{load:.2f}'} on {os.cpu_count()} cores",
+                  highlight=False)
+    caveat = load_caveat(load)
+    if caveat:
+        console.print(f"[yellow]{caveat}")
     all_rows: list[dict[str, Any]] = []
     for mod in modules:
         if not callable(getattr(mod, "cases", None)):
@@ -866,6 +952,9 @@ def run_bench(args: Any, modules: list[Any] | None = None, console: Any = None) 
             console.print(f"[yellow]no plot: matplotlib is not installed ({exc}); `make bench` installs it")
         except Exception as exc:
             console.print(f"[yellow]no plot: {type(exc).__name__}: {exc}")
+    caveat = load_caveat()
+    if caveat:
+        console.print(f"[yellow]at the end: {caveat}")
     console.print(f"bench finished in {time.perf_counter() - t_run:.0f} s", highlight=False)
     bad = [r for r in all_rows if r["status"] == "error"]
     return 1 if bad and len(bad) == len(all_rows) else 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,17 @@ def _relative(rows: list[dict[str, Any]], key: str) -> list[float]:
         v = r.get(key)
         out.append(v / base[key] if base is not None and v is not None and v > 0 else math.nan)
     return out
+
+
+LEGEND = (("tab:gray", "the case's baseline"), ("tab:green", "better than the baseline"),
+          ("tab:red", "worse than the baseline"))
+
+
+def short_title(family: str, op: str, case: str, mode: str, width: int = 70) -> str:
+    """"family · op · case [mode]", the case label cut to ``width`` characters."""
+    head = f"{family} · {op}" if family and family != op else op
+    label = case if len(case) <= width else case[: width - 1] + "…"
+    return f"{head} · {label} [{mode}]"
 
 
 def _panel(ax: Any, names: list[str], rel: list[float], absolute: list[float | None], unit: str,
@@ -82,11 +94,21 @@ def plot(json_path: Path | str, out: Path | str | None = None, run_id: str | Non
                f"median time / {base} (lower is better)")
         _panel(ax_m, names, _relative(g, "peak_mem_mb"), [r.get("peak_mem_mb") for r in g], "MiB",
                f"peak extra memory / {base} (lower is better)")
-        ax_t.set_title(f"{family}: {op} {case} [{mode}]", fontsize=8, loc="left")
+        ax_t.set_title(short_title(family, op, case, mode), fontsize=8, loc="left")
     first = rows[0]
+    load = first.get("load_avg")
+    busy = ""
+    if load not in (None, ""):
+        busy = f", load {float(load):.1f}"
+        if float(load) > (os.cpu_count() or 1):
+            busy += ": busy machine, ratios noisier"
     fig.suptitle(f"fastkd bench {first['run_id']} on {first.get('device_name', '')} "
-                 f"(torch {first.get('torch', '')}, fastkd {first.get('fastkd', '')})", fontsize=9)
-    fig.tight_layout()
+                 f"(torch {first.get('torch', '')}, fastkd {first.get('fastkd', '')}{busy})", fontsize=9)
+    from matplotlib.patches import Patch
+
+    fig.legend(handles=[Patch(color=c, label=t) for c, t in LEGEND], loc="lower center", fontsize=7, ncol=3,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.3 / fig.get_figheight(), 1, 1))  # 0.3 inch at the bottom for the legend
     out = Path(out) if out else Path(json_path).with_name(f"bench-{first['run_id']}.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)

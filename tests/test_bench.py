@@ -149,3 +149,38 @@ def test_one_run_writes_one_png_with_every_family_and_prints_its_path(tmp_path, 
             assert row["status"] == "ok", row["reason"]
             if provider == "liger":
                 assert row["max_abs_err"] < 1e-5
+
+
+def test_interleaved_times_rotate_the_order_and_stop_each_step_on_its_budget():
+    calls: list[str] = []
+
+    def step(name: str, fail_at: int | None = None) -> H.Step:
+        def run() -> None:
+            calls.append(name)
+            if fail_at is not None and calls.count(name) == fail_at:
+                raise RuntimeError(f"{name} broke")
+
+        return H.Step(run)
+
+    steps = [step("a"), step("b"), step("c", fail_at=3)]
+    out = H.interleaved_times(steps, torch.device("cpu"), warmup=0, budget_s=1e9, min_reps=2, max_reps=4)
+    assert [len(t) for t in out[:2]] == [4, 4] and isinstance(out[2], RuntimeError)
+    # round r starts at live step r mod (live steps): a b c | b c a | c(fails) a b | b a
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "b", "a"]
+    assert all(t >= 0 for t in out[0])
+
+
+def test_load_caveat_only_when_busier_than_the_cores():
+    assert H.load_caveat(1.5, 2) is None
+    line = H.load_caveat(5.25, 2)
+    assert line and "5.2" in line and "2 cores" in line
+    assert "load_avg" in H.COLUMNS
+
+
+def test_plot_titles_are_short_and_the_legend_names_the_colours():
+    from fastkd.bench import plot as P
+
+    title = P.short_title("distill", "distill_loss", "fkl N=512 V=32000 fp32 " + "x" * 200, "full")
+    assert title.startswith("distill · distill_loss · fkl N=512") and title.endswith("… [full]")
+    assert len(title) < 110
+    assert {c for c, _ in P.LEGEND} == {"tab:gray", "tab:green", "tab:red"}
