@@ -1,4 +1,4 @@
-"""The CPU targets of issue 12 / docs/DESIGN.md in one command: ``python bench/cpu_targets.py [--json F]``.
+"""The CPU targets of docs/DESIGN.md in one command: ``python bench/cpu_targets.py [--json F]``.
 
 Three measurements, each a ratio taken within one run (absolute CPU times mean nothing across machines):
 

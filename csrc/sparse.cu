@@ -9,7 +9,7 @@
 //   after a block barrier, the id columns are rewritten as exp(s_id − lse)·a + Σ_{k: id_k = id} c_k (the
 //   sum makes duplicated ids add up, as scatter_add does). Rows with weight 0 get zeros. Ids are untrusted:
 //   an id outside [0, V) is never dereferenced (the stats pass stores NaN for it, which poisons the row).
-// STATS (issue 16, a template flag: the kernels without it are unchanged): the stats pass also accumulates the
+// STATS (a template flag: the kernels without it are unchanged): the stats pass also accumulates the
 //   student's entropy over the whole row, per thread (m, d = Σ e^{s−m}, c = Σ e^{s−m}(s − m)) merged across
 //   the block (H = log d − c/d), and its first-index argmax; the teacher side is O(K) in PyTorch
 //   (fastkd/sparse/torch_impl.py sparse_stats).

@@ -17,7 +17,7 @@ taken over the unmarked entries, never as total − head mass (that difference c
 the head holds almost all the mass). With a tail, the tiles go through one online log-sum-exp only (the
 tail's): the full lse is then logaddexp(lse_tail, logsumexp of s at the row's distinct valid ids) — exact,
 a sum of positive terms — which halves the per-element exp work of this pass.
-With ``STATS`` (``return_stats=True``, issue 16) the same pass also yields the student's entropy over the whole
+With ``STATS`` (``return_stats=True``) the same pass also yields the student's entropy over the whole
 row (per-tile (m, d, c = Σ e^{x−m}(x − m)), H = log d − c/d; with a tail: the tail's tiles, then the head merged
 in as for the lse) and its argmax (first index on ties): no extra read of the logits. ``STATS`` is a constexpr:
 with it off the kernel is the loss-only one, so the loss and gradient are bitwise the same either way.

@@ -58,7 +58,7 @@ its own tile is read before it is written.
 Untrusted ids (as :mod:`fastkd.kernels.sparse`): every access at an id is masked by 0 ≤ id < V; an id outside
 [−1, V) gets s = NaN, which makes its token's loss and gradient NaN; −1 is padding.
 
-Statistics (issue 16, ``STATS`` constexpr; off, the kernel is the loss-only one): phase 0 also keeps the
+Statistics (``STATS`` constexpr; off, the kernel is the loss-only one): phase 0 also keeps the
 segment's c = Σe^{s−m}(s − m) and first-index argmax (``sws``, NSTAT slots per unit, m and d bit for bit those of
 the loss-only kernel); the terms unit merges them (``_row_stats``: the head ids merged in for a tail, as for the
 lse) into the student's entropy and argmax and stores s at the ids and the lse's, from which
@@ -244,7 +244,7 @@ def _sparse_split_kernel(
     SUB_V: tl.constexpr,  # tile width of phase 0 (BLOCK_V, or smaller with a tail: cheaper id compares)
     BLOCK_K: tl.constexpr,  # next power of two >= K
     SP: tl.constexpr,  # next power of two >= S
-    STATS: tl.constexpr = False,  # issue-16 statistics (off: the loss-only kernel, bitwise the same results)
+    STATS: tl.constexpr = False,  # per-token statistics (off: the loss-only kernel, bitwise the same results)
 ):
     u = tl.atomic_add(cnt_ptr, 1).to(tl.int64)  # ticket: units are taken in this order (see docstring)
     r = u // S

@@ -1,4 +1,4 @@
-"""Frozen parameter records that travel from the ops layer to a backend (STYLE.md item 4).
+"""Frozen parameter records that travel from the ops layer to a backend.
 
 Hyperparameters come from the divergence table (:mod:`fastkd.core.divergences`): a field left ``None``
 takes the chosen divergence's default, a given one is validated against the divergence's range (a clear

@@ -1,4 +1,4 @@
-"""Token selection from the per-token statistics (issue 16 item 2): SE-KD-style selective distillation.
+"""Token selection from the per-token statistics : SE-KD-style selective distillation.
 
 :func:`with_token_selection` adds three keywords to a loss function (``distill_loss``,
 ``fused_linear_distill_loss``, the sparse losses):

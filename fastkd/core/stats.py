@@ -1,4 +1,4 @@
-"""Per-token distillation statistics (issue 16): the names, the backend buffer and the public dict.
+"""Per-token distillation statistics: the names, the backend buffer and the public dict.
 
 ``return_stats=True`` on a loss returns ``(loss, stats)``; ``stats`` maps each name of :data:`STATS_KEYS` to
 an fp32 (N,) tensor (N = tokens, flattened), exactly 0 where the token is excluded (mask / ignore_index /

@@ -1,4 +1,4 @@
-"""Multi-teacher mixtures for ``distill_loss`` and ``fused_linear_distill_loss`` (issue 16).
+"""Multi-teacher mixtures for ``distill_loss`` and ``fused_linear_distill_loss``.
 
 With M teachers and weights w (M,) or (M, N) (w ≥ 0, finite, Σ_m w_m = 1 per token), the loss distils
 towards the mixture, at the loss's temperature T::

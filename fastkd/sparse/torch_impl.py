@@ -1,6 +1,6 @@
 """``torch`` backend of the sparse (top-k / tail / sampled) distillation losses, plus the shared K-level math.
 
-Every mode and divergence shares one mechanism (STYLE.md item 2). Per token (row) the backend needs only
+Every mode and divergence shares one mechanism. Per token (row) the backend needs only
 three vocabulary-wide statistics of the tempered student logits s = z / T:
 
     lse      = logsumexp_v s_v                     (the full-vocabulary normaliser)
@@ -174,7 +174,7 @@ def sparse_stats(
     t_tail: torch.Tensor | None,
     weight: torch.Tensor,
 ) -> None:
-    """Write the issue-16 statistics of a block of rows into ``stats`` (R, 4) fp32 (O(R·K), every backend).
+    """Write the per-token statistics of a block of rows into ``stats`` (R, 4) fp32 (O(R·K), every backend).
 
     h_s (R,): the student's full-vocabulary entropy and arg_s (R,) int: its argmax, both from the backend's
     vocabulary pass; ids (R, K) int64; s_ids, lse, lse_tail, t_logp, t_tail as in :func:`sparse_terms`
