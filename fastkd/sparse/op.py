@@ -497,6 +497,7 @@ def fused_linear_sparse_distill_loss(
     *,
     student_bias: torch.Tensor | None = None,
     softcap: float | None = None,
+    logit_scale: float = 1.0,
     chunk_size: int | None = None,
     values: str = "logprobs",
     mode: str = "topk",
@@ -526,6 +527,8 @@ def fused_linear_sparse_distill_loss(
         student_hidden: (..., H); student_weight: (V, H) as ``nn.Linear.weight``; student_bias: (V,) or None.
             All three get gradients.
         softcap: Gemma-style ``softcap·tanh(z/softcap)`` on the student logits before the temperature.
+        logit_scale: multiplier of the student logits before the softcap (Cohere-style; TRL's order: scale,
+            softcap, temperature).
         chunk_size: tokens per chunk (default from N, V and free memory); peak extra memory O(chunk · V).
         Under ``torch.autocast`` the head computes in the autocast dtype (fp32 weights with bf16 / fp32 hidden
         states are accepted); weight / bias gradients accumulate in fp32 into the parameters' dtype.
@@ -578,7 +581,11 @@ def fused_linear_sparse_distill_loss(
     rows = chunk_size or auto_chunk_rows(n, vocab, device)
     stats = new_stats_buffer(n, device) if return_stats else None
     chunk_loss = _SparseChunkLoss(replace(params, chunk_size=rows), _backend_fn(requested_backend(backend)), stats)
-    head = params.softcap if cdt is None else HeadOptions(softcap=params.softcap, dtype=cdt)
+    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)) or not math.isfinite(logit_scale) \
+            or logit_scale == 0:
+        raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale!r}")
+    head = (params.softcap if cdt is None and logit_scale == 1.0
+            else HeadOptions(softcap=params.softcap, scale=float(logit_scale), dtype=cdt))
     loss = FusedHeadFunction.apply(h, student_weight, student_bias, tok_weight, chunk_loss, rows, reduction,
                                    head, ids2, t_logp, t_tail)
     chunk_loss.stats = None  # filled by the forward chunks; a reduction="none" backward re-run skips them
