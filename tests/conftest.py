@@ -53,7 +53,22 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.cuda.is_available = lambda: True  # noqa: E731  (a host check; no CUDA call is made)
 
 
+# The fast tier for local work is `pytest -m "not slow"`: these modules (Triton-interpreter sweeps over both
+# schedules, subprocess builds and runs, 2-rank process groups, end-to-end trainers and examples) are marked slow
+# as a whole here; single slow tests elsewhere carry @pytest.mark.slow. `make test` and CI run everything.
+SLOW_MODULES = frozenset({
+    "test_aot", "test_cache_extract", "test_determinism", "test_distill_akl", "test_distributed",
+    "test_distributed_engines", "test_endpoints", "test_example", "test_gpu_check", "test_mixture", "test_offsets",
+    "test_onpolicy_distributed", "test_packaging", "test_properties", "test_sparse_split", "test_stats",
+    "test_stats_sparse", "test_token_select", "test_triton_distill", "test_trl_trainer_e2e",
+})
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    slow = pytest.mark.slow
+    for item in items:
+        if item.path.stem in SLOW_MODULES:
+            item.add_marker(slow)
     if os.environ.get("FASTKD_FAKE_CUDA") == "1":
         # host_device tests run real work on the host's default device (torch.compile / inductor, fastkd
         # check and bench, the CUDA RNG): with a faked is_available torch itself would try CUDA. On a real GPU
