@@ -1,0 +1,200 @@
+"""Sharding engines (FSDP2, FSDP1, DTensor TP) with 2 gloo processes on CPU vs one process.
+
+A tiny Llama (hidden 64, vocabulary 2048, 2 layers) student and teacher; fkl at T = 2 with ce_weight 0.1;
+unequal valid tokens per rank; ``num_items_in_batch`` = the global count, so that (HF's convention)
+each rank's loss × world size, averaged over ranks by the engine, equals the single process's loss on the
+whole batch. Each case compares the loss and every student gradient with the single process (fp32
+tolerance). Each test spawns its 2 processes once and runs all of its cases inside them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo needed")
+WORLD = 2
+B, T = 2, 10  # per rank
+KW = dict(divergence="fkl", temperature=2.0, ce_weight=0.1, chunk_size=8)
+TOL = dict(rtol=2e-4, atol=2e-6)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(fn, *args) -> None:
+    mp.spawn(fn, args=(_free_port(), *args), nprocs=WORLD, join=True)
+
+
+def _init(rank: int, port: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=90))  # a stuck peer fails the test, never hangs CI
+
+
+def tiny_llama(seed: int) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=2048, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).float()
+
+
+def batch() -> dict[str, torch.Tensor]:
+    """The global batch (WORLD·B, T); rank 0's rows have fewer valid labels than rank 1's."""
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 2048, (WORLD * B, T), generator=g)
+    labels = ids.clone()
+    labels[0, :6] = -100
+    labels[1, 3:] = -100
+    labels[3, :2] = -100
+    return {"input_ids": ids, "labels": labels}
+
+
+def rows(data: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    return {k: v[rank * B:(rank + 1) * B] for k, v in data.items()}
+
+
+def n_items(data: dict[str, torch.Tensor]) -> int:
+    return int((data["labels"][:, 1:] != -100).sum())
+
+
+def reference() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Single-process loss on the whole batch and the student's gradients."""
+    import fastkd
+    from fastkd.integrations.hf import hidden_states
+
+    student, teacher, data = tiny_llama(0), tiny_llama(1).requires_grad_(False), batch()
+    h = hidden_states(student, data)[:, :-1]
+    with torch.no_grad():
+        ht = hidden_states(teacher, data)[:, :-1]
+    loss = fastkd.fused_linear_distill_loss(h, student.lm_head.weight, ht, teacher.lm_head.weight,
+                                            labels=data["labels"][:, 1:], num_items_in_batch=n_items(data), **KW)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters()}
+
+
+def check(name: str, loss: torch.Tensor, grads: dict[str, torch.Tensor], ref) -> None:
+    total = loss.detach().clone() / WORLD
+    dist.all_reduce(total)
+    torch.testing.assert_close(total, ref[0], **TOL, msg=f"{name}: loss")
+    assert set(grads) == set(ref[1]), (name, set(ref[1]) ^ set(grads))
+    for k, g in grads.items():
+        torch.testing.assert_close(g, ref[1][k], **TOL, msg=f"{name}: grad {k}")
+
+
+def run_cases(rank: int, port: int, cases) -> None:
+    """Run each case in order (a failure names its case)."""
+    _init(rank, port)
+    try:
+        ref = reference()
+        for case in cases:
+            try:
+                case(rank, ref)
+            except Exception as e:
+                raise RuntimeError(f"rank {rank}, case {case.__name__}: {e}\n{traceback.format_exc()}") from e
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def fused_loss(student, teacher, data, rank, *, through=None, teacher_weight=None):
+    import fastkd
+    from fastkd.integrations.hf import hidden_states
+
+    teacher.requires_grad_(False)
+    mine = rows(data, rank)
+    h = hidden_states(student, mine)[:, :-1]
+    with torch.no_grad():
+        ht = hidden_states(teacher, mine)[:, :-1]
+    wt = teacher.lm_head.weight if teacher_weight is None else teacher_weight
+    kw = dict(labels=mine["labels"][:, 1:], num_items_in_batch=n_items(data), **KW)
+    if through is not None:
+        loss = fastkd.nn.FusedLinearDistillLoss(**KW).through(through, h, ht, wt, labels=kw["labels"],
+                                                              num_items_in_batch=kw["num_items_in_batch"])
+    else:
+        loss = fastkd.fused_linear_distill_loss(h, student.lm_head.weight, ht, wt, **kw)
+    return loss * WORLD  # the engine averages gradients over ranks (HF's convention)
+
+
+# ---- FSDP2 --------------------------------------------------------------------------------------------------
+def _fsdp2(model, mesh, head_unit: bool, reshard_root: bool):
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    if head_unit:
+        fully_shard(model.lm_head, mesh=mesh)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_root)
+    return model
+
+
+def _fsdp2_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+
+
+def _fsdp2_cases():
+    from torch.distributed.device_mesh import init_device_mesh
+
+    def mesh():
+        return init_device_mesh("cpu", (WORLD,))
+
+    def fsdp2_default(rank, ref):  # layers + root: the root is not resharded, the head is a plain Parameter
+        s = _fsdp2(tiny_llama(0), mesh(), head_unit=False, reshard_root=False)
+        loss = fused_loss(s, tiny_llama(1), batch(), rank)
+        loss.backward()
+        check("fsdp2 default", loss, _fsdp2_grads(s), ref)
+
+    def fsdp2_dtensor_head(rank, ref):  # head its own unit + root resharded: the loss sees DTensor shards
+        s = _fsdp2(tiny_llama(0), mesh(), head_unit=True, reshard_root=True)
+        assert type(s.lm_head.weight).__name__ == "DTensor"
+        loss = fused_loss(s, tiny_llama(1), batch(), rank)
+        loss.backward()
+        check("fsdp2 DTensor head", loss, _fsdp2_grads(s), ref)
+
+    def fsdp2_module_form(rank, ref):  # the loss as the head unit's forward: FSDP gathers / reshards it
+        for head_unit in (True, False):
+            s = _fsdp2(tiny_llama(0), mesh(), head_unit=head_unit, reshard_root=True)
+            loss = fused_loss(s, tiny_llama(1), batch(), rank, through=s.lm_head if head_unit else s)
+            loss.backward()
+            check(f"fsdp2 module form (head unit {head_unit})", loss, _fsdp2_grads(s), ref)
+
+    def fsdp2_teacher(rank, ref):  # sharded teacher: gathered for its forward + the loss, then reshard()
+        from fastkd.core.sharding import is_dtensor
+
+        s = _fsdp2(tiny_llama(0), mesh(), head_unit=False, reshard_root=False)
+        t = _fsdp2(tiny_llama(1), mesh(), head_unit=False, reshard_root=True)
+        t.requires_grad_(False)
+        full = sum(p.numel() for p in tiny_llama(1).parameters()) * 4
+        local = sum(p.to_local().numel() for p in t.parameters()) * 4
+        loss = fused_loss(s, t, batch(), rank)
+        t.reshard()
+        assert all(is_dtensor(p) for p in t.parameters())
+        assert local <= full / WORLD + 4096, (local, full)
+        loss.backward()
+        check("fsdp2 teacher", loss, _fsdp2_grads(s), ref)
+
+    return [fsdp2_default, fsdp2_dtensor_head, fsdp2_module_form, fsdp2_teacher]
+
+
+def _fsdp2_worker(rank: int, port: int) -> None:
+    run_cases(rank, port, _fsdp2_cases())
+
+
+def test_fsdp2_matches_single_process():
+    _spawn(_fsdp2_worker)
