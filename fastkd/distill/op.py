@@ -196,6 +196,7 @@ def distill_loss(
     backend: str = "auto",
     return_stats: bool = False,
     teacher_weights: torch.Tensor | list[float] | None = None,
+    inputs: str = "logits",
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Distillation divergence between student and teacher logits, fused loss + gradient.
 
@@ -229,11 +230,24 @@ def distill_loss(
             p = Σ_m w_m softmax(teacher_m / T) (w ≥ 0, finite, Σ_m w_m = 1 per kept token, else ValueError;
             formed chunk by chunk in the log domain, O(chunk · V) extra memory: :mod:`fastkd.distill.mixture`).
             M = 1 is the single-teacher loss.
+        inputs: "logits" (default) or "logprobs": both inputs are normalised log-probabilities and the gradient
+            is Liger's / ``F.kl_div(log_target=True)``'s, w.r.t. the log-prob entries themselves (fkl, rkl, jsd;
+            temperature 1; :mod:`fastkd.distill.logprobs`). Same values; reduction="none" stays per token.
 
     Returns:
         fp32 scalar, or fp32 (...,) for reduction="none" (float64 for float64 inputs); with
         ``return_stats`` a tuple ``(loss, stats)``.
     """
+    if inputs != "logits":
+        C.check_choice("inputs", inputs, ("logits", "logprobs"))
+        from fastkd.distill.logprobs import logprob_distill_loss
+
+        kw = dict(temperature=temperature, scale_by_t2=scale_by_t2, labels=labels, ignore_index=ignore_index,
+                  mask=mask, reduction=reduction, num_items_in_batch=num_items_in_batch, ce_weight=ce_weight,
+                  vocab_size=vocab_size, beta=beta, alpha=alpha, mu=mu, t=t, chunk_size=chunk_size,
+                  inplace_grad=inplace_grad, backend=backend, return_stats=return_stats,
+                  teacher_weights=teacher_weights)
+        return logprob_distill_loss(distill_loss, student_logits, teacher_logits, divergence, kw)
     C.check_float_tensor("student_logits", student_logits)
     C.check_float_tensor("teacher_logits", teacher_logits)
     C.check_constant("teacher_logits", teacher_logits)
