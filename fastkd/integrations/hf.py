@@ -26,12 +26,12 @@ entries 0..T−2 pair with the shifted labels). Pass ``teacher_cache=<TeacherCac
 and no ``train_dataset`` to train on the cache itself (labels = the cached input_ids). ``sparse`` holds
 options for the sparse loss (``mode``, ``values``, ...; default from the cache: "topk_tail" with a
 stored tail, "topk" without, "sampled" for count caches). A cache built with ``temperatures=`` is read at the
-trainer's ``temperature`` (exact re-tempered log-probs and tail, :mod:`fastkd.cache_temper`). A hidden-state
+trainer's ``temperature`` (exact re-tempered log-probs and tail, :mod:`fastkd.cache.temper`). A hidden-state
 cache (``values="hidden"``) gives batches with ``teacher_hidden`` (B, T, H): the loss is the dense
 :func:`fastkd.fused_linear_distill_loss` against the cache's stored LM head (``cache.lm_head()``, × its
 ``logit_scale``, its ``softcap``), i.e. online distillation up to the rounding of the stored hidden states.
 
-Statistics (issue 16): with ``log_stats=True`` (default) every loss call also returns its per-token stats
+Statistics: with ``log_stats=True`` (default) every loss call also returns its per-token stats
 (:mod:`fastkd.core.stats`, computed in the loss's own kernel passes; the loss is bitwise unchanged) and the
 trainer logs their masked means through ``Trainer.log``: ``teacher_entropy``, ``student_entropy``,
 ``top1_agree`` and ``kl`` (``eval_``-prefixed during evaluation), each the mean over the kept target tokens
@@ -51,6 +51,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from fastkd.core.sharding import engine_of, is_dtensor, keep_in_graph
 from fastkd.core.stats import STATS_KEYS
 from fastkd.distill.fused import fused_linear_distill_loss
 
@@ -107,9 +108,13 @@ def hidden_states(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     kw = {k: v for k, v in inputs.items() if k in _MODEL_KEYS and v is not None}
     if "logits_to_keep" in inspect.signature(inner.forward).parameters:
         device = next(iter(kw.values())).device
+        head = inner.get_output_embeddings()
+        # a tensor-parallel head (DTensor weight) cannot view an empty logits slice: keep one position
+        keep = 1 if is_dtensor(getattr(head, "weight", None)) else torch.empty(0, dtype=torch.long, device=device)
         with _capture(body) as box:
-            model(**kw, logits_to_keep=torch.empty(0, dtype=torch.long, device=device), use_cache=False)
-        return box["h"]
+            out = model(**kw, logits_to_keep=keep, use_cache=False)
+        # FSDP hooks its root's backward on the model's output: keep that output in the loss's graph
+        return keep_in_graph(box["h"], out) if engine_of(model) in ("fsdp1", "fsdp2") else box["h"]
     out = body(**kw, use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
@@ -122,6 +127,34 @@ def _config_value(model: nn.Module, *names: str) -> float | None:
         if value is not None:
             return float(value)
     return None
+
+
+def _check_vocabularies(model: nn.Module | None, teacher_model: nn.Module | None, cache: Any,
+                        vocab_size: int | None) -> None:
+    """At construction: both models have an LM head, and the teacher's (or the cache's) vocabulary matches the
+    student's — or only pads it when ``loss_kwargs["vocab_size"]`` says so. TypeError / ValueError naming the
+    argument, instead of a failure inside the first training step."""
+    if model is None:  # model_init: checked by the loss itself
+        return
+    try:
+        v_s = int(lm_head_of(model).weight.shape[0])
+    except TypeError as exc:
+        raise TypeError(f"model: {exc}") from None
+    if teacher_model is not None:
+        try:
+            v_t = int(lm_head_of(teacher_model).weight.shape[0])
+        except TypeError as exc:
+            raise TypeError(f"teacher_model: {exc}") from None
+        if v_t != v_s and vocab_size is None:
+            raise ValueError(f"teacher_model's vocabulary ({v_t}) differs from the model's ({v_s}); if they differ "
+                             f"only by padding columns, pass loss_kwargs={{'vocab_size': <real vocabulary size>}}")
+    if cache is not None:
+        v_c = cache.index.get("vocab_size")
+        hidden = cache.values_kind == "hidden"
+        if v_c is not None and (v_c > v_s or (hidden and v_c != v_s and vocab_size is None)):
+            raise ValueError(f"teacher_cache holds a teacher vocabulary of {v_c} ids but the model's LM head has "
+                             f"{v_s} rows" + ("; pass loss_kwargs={'vocab_size': ...} if they differ only by "
+                                              "padding columns" if hidden and v_c < v_s else ""))
 
 
 class DistillationTrainer(Trainer):
@@ -167,6 +200,8 @@ class DistillationTrainer(Trainer):
                 ds = TeacherCacheDataset(cache, temperature=temperature if cache.temperatures else None)
                 kwargs["train_dataset"] = ds
                 kwargs.setdefault("data_collator", _CacheCollator(ds))
+        _check_vocabularies(model, teacher_model, cache if teacher_cache is not None else None,
+                            (loss_kwargs or {}).get("vocab_size"))
         if ce_weight and teacher_model is None and hidden_cache is None:
             raise ValueError("ce_weight is not supported in offline (teacher_cache) mode: the sparse loss "
                              "has no cross-entropy term")
