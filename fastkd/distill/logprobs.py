@@ -73,7 +73,8 @@ def logprob_distill_loss(loss_fn: Callable[..., Any], student: torch.Tensor, tea
     lead = tuple(student.shape[:-1])
     cdt = torch.float64 if student.dtype == torch.float64 else torch.float32
     weight, _ = C.token_weights(lead, student.device, labels=kw.get("labels"),
-                                ignore_index=kw.get("ignore_index", -100), mask=kw.get("mask"), reduction=kw.get("reduction", "mean"),
+                                ignore_index=kw.get("ignore_index", -100), mask=kw.get("mask"),
+                                reduction=kw.get("reduction", "mean"),
                                 num_items_in_batch=kw.get("num_items_in_batch"), dtype=cdt)
     rows_kw = {k: kw[k] for k in ("labels", "ignore_index", "mask", "backend") if k in kw}
     with torch.no_grad():
