@@ -14,6 +14,9 @@ Providers:
   liger          Liger-Kernel's ``LigerFusedLinearJSDLoss`` (chunked, β = 0 → fkl, 0.5 → jsd, 1 → rkl), the
                  peer users pick for this job: on CPU with ``compiled=False``; skipped with the reason when
                  liger-kernel is not installed.
+  trl            TRL's own ``_chunked_divergence_loss`` (``trl.DistillationTrainer``'s loss; its Triton kernels on
+                 CUDA, its torch tile path elsewhere; β = 0 → fkl, 0.5 → jsd, 1 → rkl, mean over tokens):
+                 skipped with the reason when trl (≥ 1.x) is not installed.
 
 docs/DESIGN.md CPU target (``--design`` on CPU): N=4096, H=512, V=32000, fp32, fkl — peak extra memory
 ≤ 1/10 of naive and time ≤ 1.25× the four matmuls; :func:`summarize` prints both ratios.
@@ -179,6 +182,26 @@ def setup_liger(inputs: dict[str, Any], mode: str, *, divergence: str) -> Any:
                          mode)
 
 
+def _trl_loss(fn, inputs, mask, beta):
+    h, ht = inputs["h"], inputs["ht"]
+    return fn(h.unsqueeze(0), ht.unsqueeze(0), inputs["W"], inputs["Wt"], mask, beta)[0]
+
+
+def setup_trl(inputs: dict[str, Any], mode: str, *, divergence: str) -> Any:
+    """``trl.trainer.distillation_trainer._chunked_divergence_loss`` itself on (1, N, H) hidden states with every
+    token in ``completion_mask``: the loss TRL's ``DistillationTrainer`` trains with (generalized JSD, β as for
+    Liger)."""
+    if divergence not in LIGER_BETA:
+        raise Skip(f"TRL's chunked divergence (generalized JSD) has no {divergence!r}")
+    try:
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+    except ImportError as exc:
+        raise Skip(f"trl (>= 1.x, DistillationTrainer) is not installed ({exc})") from exc
+    mask = torch.ones(1, inputs["h"].shape[0], dtype=torch.long, device=inputs["h"].device)
+    return autograd_step(functools.partial(_trl_loss, _chunked_divergence_loss, inputs, mask, LIGER_BETA[divergence]),
+                         [inputs["h"], inputs["W"]], mode)
+
+
 def providers(divergence: str, device: torch.device, *, compile_: bool | str) -> list[Provider]:
     """``compile_``: True runs the torch.compile row; a string is the reason it is not run (a skip line)."""
     ps = [Provider("naive", functools.partial(setup_naive, divergence=divergence)),
@@ -195,6 +218,8 @@ def providers(divergence: str, device: torch.device, *, compile_: bool | str) ->
                            warmup_in_child=True))  # CPU: inductor compiles the chunk kernel once
     ps.append(Provider("liger", functools.partial(setup_liger, divergence=divergence),
                        warmup_in_child=device.type == "cuda"))  # CUDA: keep torch.compile out of the peak
+    ps.append(Provider("trl", functools.partial(setup_trl, divergence=divergence),
+                       warmup_in_child=device.type == "cuda"))  # CUDA: Triton autotuning stays out of the peak
     return ps
 
 
