@@ -29,6 +29,7 @@ from fastkd.core.lmhead import (
 from fastkd.core.params import DistillParams
 from fastkd.core.registry import requested_backend
 from fastkd.core.selection import with_token_selection
+from fastkd.core.sharding import sharded_entry
 from fastkd.core.stats import new_buffer as new_stats_buffer
 from fastkd.core.stats import stats_dict
 from fastkd.distill import mixture as MX
@@ -141,6 +142,7 @@ def _selection_teacher_entropy(a: dict) -> torch.Tensor:
         return MX.fused_teacher_entropy(a)
 
 
+@sharded_entry("fused", vocab_parallel="fastkd.distill.vocab_parallel:vocab_parallel_fused_linear_distill_loss")
 @with_token_selection(teacher_entropy=_selection_teacher_entropy)
 def fused_linear_distill_loss(
     student_hidden: torch.Tensor,

@@ -38,6 +38,7 @@ from fastkd.core.divergences import DIVERGENCES
 from fastkd.core.params import DistillParams, make_params
 from fastkd.core.registry import declare, requested_backend, select
 from fastkd.core.selection import with_token_selection
+from fastkd.core.sharding import sharded_entry
 from fastkd.core.stats import new_buffer as new_stats_buffer
 from fastkd.core.stats import stats_dict
 from fastkd.distill import mixture as MX
@@ -172,6 +173,7 @@ class DistillFunction(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+@sharded_entry("logits", vocab_parallel="fastkd.distill.vocab_parallel:vocab_parallel_distill_loss")
 @with_token_selection()
 def distill_loss(
     student_logits: torch.Tensor,

@@ -37,6 +37,7 @@ from fastkd.core.lmhead import FusedHeadFunction, HeadOptions, amp_dtype, auto_c
 from fastkd.core.params import SparseParams
 from fastkd.core.registry import declare, requested_backend, select
 from fastkd.core.selection import with_token_selection
+from fastkd.core.sharding import sharded_entry
 from fastkd.core.stats import new_buffer as new_stats_buffer
 from fastkd.core.stats import stats_dict
 
@@ -367,6 +368,7 @@ class SparseDistillFunction(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None, None
 
 
+@sharded_entry("logits")
 @with_token_selection()
 def sparse_distill_loss(
     student_logits: torch.Tensor,
@@ -488,6 +490,7 @@ class _SparseChunkLoss:
                        *extra)
 
 
+@sharded_entry("fused")
 @with_token_selection()
 def fused_linear_sparse_distill_loss(
     student_hidden: torch.Tensor,
