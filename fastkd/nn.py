@@ -113,6 +113,21 @@ class FusedLinearDistillLoss(_KwargsLoss):
         fn = _fn("distill.fused", "fused_linear_distill_loss")
         return self._call_tracking_stats(fn, student_hidden, student_weight, teacher_hidden, teacher_weight, **kw)
 
+    def through(self, unit: nn.Module, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor | None = None,
+                teacher_weight: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
+        """The loss computed as ``unit``'s forward (the module form for sharded heads): ``unit`` is the FSDP2 /
+        FSDP1 unit or ZeRO-3 module that owns the student's LM head — the head itself, or the model
+        (``get_output_embeddings()``). The engine's hooks gather the head's weight (and bias) for the call
+        and reshard after, in forward and backward (:func:`fastkd.core.sharding.call_as_forward`)."""
+        from fastkd.core.sharding import call_as_forward, head_in
+
+        def loss(h: torch.Tensor, th: torch.Tensor | None, tw: torch.Tensor | None, **k: Any) -> torch.Tensor:
+            head = head_in(unit)
+            return self(h, head.weight, th, tw, **{"student_bias": getattr(head, "bias", None), **k})
+
+        return call_as_forward(unit, loss, student_hidden, teacher_hidden, teacher_weight, **kw)
+
+
 
 class SparseDistillLoss(_KwargsLoss):
     """:func:`fastkd.sparse_distill_loss` (or its fused-linear form) as a module.
