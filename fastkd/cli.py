@@ -105,17 +105,17 @@ def cmd_bench(args: Any) -> int:
 
 
 def _cache_teacher_missing(args: Any) -> int:
-    print("fastkd cache-teacher: fastkd.cache_cli is not available in this build "
+    print("fastkd cache-teacher: fastkd.cache.cli is not available in this build "
           f"({args._cache_error}); the teacher-cache builder is not installed.", file=sys.stderr)
     return 2
 
 
 def _add_cache_teacher(subparsers: Any) -> None:
     try:
-        from fastkd import cache_cli
+        from fastkd.cache import cli as cache_cli
     except ImportError as exc:
         p = subparsers.add_parser("cache-teacher", help="build a sparse teacher cache (unavailable)",
-                                  description="unavailable: fastkd.cache_cli is missing")
+                                  description="unavailable: fastkd.cache.cli is missing")
         p.set_defaults(_run=_cache_teacher_missing, _cache_error=f"{type(exc).__name__}: {exc}")
         return
     parser = cache_cli.add_parser(subparsers)

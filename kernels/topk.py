@@ -20,7 +20,7 @@ Outputs per row: values (K,) descending and ids (K,) like ``torch.topk``; and fo
 ``lse_j = log(Σ_head exp(z/τ_j) + Σ_tail exp(z/τ_j))`` (the log-normaliser) and
 ``tail_j = log Σ_tail exp(z/τ_j) − lse_j`` (the log tail mass, −inf when the tail is empty or all −inf).
 
-Semantics (the same as the torch path of :func:`fastkd.cache_extract.extract_topk`): values equal
+Semantics (the same as the torch path of :func:`fastkd.cache.extract.extract_topk`): values equal
 ``torch.topk``'s exactly; on exactly tied values the ids may differ from torch's (an entry equal to the K-th
 value does not enter: the earlier column is kept), which changes neither the values nor lse / tail. −inf
 logits are ordinary entries: a row with fewer than K finite entries returns −inf values for the rest (with ids

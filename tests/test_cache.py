@@ -14,9 +14,10 @@ import torch
 
 import fastkd
 from fastkd import cache as C
-from fastkd import cache_cli, cache_io
-from fastkd import cache_writer as W
 from fastkd.cache import CacheCorruptedError, CacheLockedError, TeacherCache, TeacherCacheWriter
+from fastkd.cache import cli as cache_cli
+from fastkd.cache import format as cache_format
+from fastkd.cache import io as cache_io
 from fastkd.distill import reference as ref_dense
 
 
@@ -163,18 +164,18 @@ def test_crash_midway_and_resume(tmp_path, monkeypatch):
     # a crash between writing a shard and committing the index leaves an orphan the index does not list
     w = TeacherCacheWriter(tmp_path, vocab_size=500, k=6, shard_tokens=12, resume=True)
     start = w.n_examples
-    real_write = W._fsync_write
+    real_write = cache_io.fsync_write
 
     def dying_write(path, data):
         if path.name == C.INDEX:
             raise OSError("disk full")
         real_write(path, data)
 
-    monkeypatch.setattr(W, "_fsync_write", dying_write)
+    monkeypatch.setattr(cache_io, "fsync_write", dying_write)
     with pytest.raises(OSError, match="disk full"), w:  # the failed writer releases its lock on exit
         for ids, vals, _ in exs[start:]:
             w.add(ids, vals)
-    monkeypatch.setattr(W, "_fsync_write", real_write)
+    monkeypatch.setattr(cache_io, "fsync_write", real_write)
     assert len(TeacherCache(tmp_path)) == start  # still the committed prefix, still readable
     with pytest.raises(FileExistsError, match="resume=True"):
         TeacherCacheWriter(tmp_path, vocab_size=500, k=6)
@@ -236,7 +237,7 @@ def test_corrupted_files(tmp_path):
 
 def test_writer_bad_inputs(tmp_path):
     w = TeacherCacheWriter(tmp_path, vocab_size=50, k=4)
-    ids, vals = torch.randint(0, 50, (3, 4)), torch.randn(3, 4)
+    ids, vals = torch.randperm(50)[:12].view(3, 4), -2 - torch.rand(3, 4)  # distinct ids, valid log-probs
     with pytest.raises(ValueError, match=r"ids must be in \[0, 50\)"):
         w.add(ids + 50, vals)
     with pytest.raises(ValueError, match="k=4"):
@@ -398,12 +399,14 @@ def test_cache_oversized_index_is_refused_before_reading(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("edit,match", [
     (lambda ix: ix.update(shards={"a": 1}), "shards must be a list"),
-    (lambda ix: ix["shards"][0].pop("bytes"), r"bytes must be an int"),
+    (lambda ix: ix["shards"][0].pop("bytes"), r"shard entry 0: missing required key 'bytes'"),
+    (lambda ix: ix["shards"][0].update(bytes=None), r"bytes must be an int"),
     (lambda ix: ix["shards"][0].update(n_examples="2"), r"n_examples must be an int"),
     (lambda ix: ix["shards"].__setitem__(0, 7), "shard entry 0 is not an object"),
     (lambda ix: ix.update(n_examples=-1), "n_examples is -1 but the shards hold"),
     (lambda ix: ix["shards"][0].update(n_examples=-2), "n_examples must be an int >= 0"),
-    (lambda ix: ix.pop("k"), "k must be a positive int"),
+    (lambda ix: ix.pop("k"), "missing required key 'k'"),
+    (lambda ix: ix.update(k=0), "k must be a positive int"),
     (lambda ix: ix.update(vocab_size=100), "id_bits must be 7"),
     (lambda ix: ix.update(id_format="nope"), "id_format 'nope'"),
     (lambda ix: ix.update(value_dtype="uint8"), "value_dtype 'uint8'"),
@@ -453,7 +456,7 @@ def _craft_shard(path, position, change):
     f = path / entry["file"]
     tensors = load(f.read_bytes())
     change(tensors, index)
-    data = save(tensors, metadata=cache_io.shard_metadata(position, index))
+    data = save(tensors, metadata=cache_format.shard_metadata(position, index))
     f.write_bytes(data)
     entry.update(bytes=len(data), crc32=zlib.crc32(data), sha256=hashlib.sha256(data).hexdigest())
     (path / "index.json").write_text(json.dumps(index))
@@ -498,7 +501,7 @@ try:
     with TeacherCacheWriter(path, vocab_size=500, k=2, shard_tokens=3, resume=True) as w:
         print("locked", flush=True)
         for i in range(6):
-            w.add(torch.full((2, 2), tag), torch.full((2, 2), -1.0))
+            w.add(torch.tensor([[tag, tag + 100]] * 2), torch.full((2, 2), -1.0))
             time.sleep(0.2)
     print("wrote")
 except CacheLockedError as e:
@@ -525,4 +528,5 @@ def test_two_writer_processes_race(tmp_path):
     winner = 7 if "wrote" in texts[0] else 9
     cache = _open_and_read_all(tmp_path, verify=True)
     assert len(cache) == 6
-    assert all(bool((cache[i]["teacher_ids"] == winner).all()) for i in range(len(cache)))
+    mine = torch.tensor([[winner, winner + 100]] * 2)
+    assert all(torch.equal(cache[i]["teacher_ids"], mine) for i in range(len(cache)))

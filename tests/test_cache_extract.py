@@ -1,4 +1,4 @@
-"""Teacher extraction (fastkd.cache_extract): the Triton streaming top-k + lse / tail kernel (interpreter) and the
+"""Teacher extraction (fastkd.cache.extract): the Triton streaming top-k + lse / tail kernel (interpreter) and the
 torch path against float64, the auto backend choice, and one LM-head pass for every requested quantity."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from fastkd import cache_extract as X
 from fastkd.cache import TeacherCache, TeacherCacheWriter
+from fastkd.cache import extract as X
 from fastkd.core import lmhead
 from fastkd.core.registry import BackendUnavailableError
 

@@ -93,7 +93,7 @@ def test_dataset_collate_and_settings(tmp_path):
     assert (ix["values"], ix["value_dtype"], ix["hidden_size"], ix["softcap"], ix["logit_scale"]) == (
         "hidden", "bfloat16", HT, 30.0, 0.5)
     assert torch.equal(cache.lm_head()[1], bias)
-    from fastkd.cache_hidden import head_bytes  # deterministic bytes: the SHA-256 identifies the head on resume
+    from fastkd.cache.hidden import head_bytes  # deterministic bytes: the SHA-256 identifies the head on resume
 
     assert len({head_bytes(teacher.lm_head.weight, bias) for _ in range(8)}) == 1
     ds = TeacherCacheDataset(cache)
@@ -210,7 +210,7 @@ def test_trainer_on_hidden_cache(tmp_path):
 
 
 def test_cli_values_hidden(tmp_path):
-    from fastkd.cache_cli import main
+    from fastkd.cache.cli import main
 
     cfg = _teacher().config.to_dict()
     (tmp_path / "config.json").write_text(json.dumps(cfg))

@@ -88,10 +88,10 @@ def test_cache_teacher_is_registered(capsys):
     parser = cli.build_parser()
     assert "cache-teacher" in parser._subparsers._group_actions[0].choices
     try:
-        import fastkd.cache_cli  # noqa: F401
+        import fastkd.cache.cli  # noqa: F401
     except ImportError:
         assert cli.main(["cache-teacher", "--out", "x"]) == 2
-        assert "fastkd.cache_cli is not available" in capsys.readouterr().err
+        assert "fastkd.cache.cli is not available" in capsys.readouterr().err
 
 
 def test_auto_dispatch_says_why_it_skipped_a_backend(caplog):
@@ -145,8 +145,8 @@ def test_bench_help_comes_from_bench_and_bench_never_imports_the_cli(capsys):
 
 
 def test_cache_teacher_help_is_plain_text(capsys):
-    pytest.importorskip("fastkd.cache_cli")
-    from fastkd.cache_cli import plain_text
+    pytest.importorskip("fastkd.cache.cli")
+    from fastkd.cache.cli import plain_text
 
     with pytest.raises(SystemExit) as exc:
         cli.main(["cache-teacher", "--help"])

@@ -1,47 +1,5 @@
-"""``fastkd.cache``: an on-disk cache of teacher outputs: sparse (top-k log-probs or sample counts per token)
-or dense (the teacher's final hidden states per token plus its LM head once: :mod:`fastkd.cache_hidden`).
-
-Layout of a cache directory::
-
-    index.json                 format, settings, and the list of complete shards (the source of truth)
-    shard-00000.safetensors    one shard: several examples, tensors below, T = tokens in the shard
-    ...
-
-Tensors of a shard (safetensors, compact dtypes):
-    ``offsets``   (E + 1,) int64   token offset of each example inside the shard
-    ``ids``       (T, K) int16 (V < 2^15), (T, K) int16 holding id+1 as uint16 bits (V < 2^16), or
-                  (T, ceil(K·b/8)) uint8 with id+1 bit-packed in b = ceil(log2(V+1)) bits (larger V; 17 bits
-                  for V = 128256); 0 / −1 = padding slot. ``id_format`` "int32" stores plain int32.
-    ``values``    (T, K) float16 / bfloat16 / float32 log-probs, or uint8 / int32 sample counts
-    ``tail``      (T,) log of the teacher mass outside the K ids (top-k caches, ``store_tail``)
-    ``input_ids`` (T,) int32 token ids of the example (optional)
-    ``lse``       (T, J) float32 log-normaliser at each of the index's ``temperatures`` (1.0 first), and
-    ``tails``     (T, J) log tail mass at each (only with ``temperatures``; :mod:`fastkd.cache_temper`)
-    ``hidden``    (T, H) bf16 / fp16 / fp32 teacher hidden states (``values="hidden"``, instead of ids/values;
-                  the head is ``lm_head.safetensors``, its size, CRC-32 and SHA-256 in the index)
-
-Format version 3 (hidden-state caches, temperatures); version-2 indexes are read as sparse caches without
-temperatures, and a resumed version-2 cache is rewritten as version 3.
-
-Crash safety: a shard is written to a temporary file, fsynced and renamed, then ``index.json`` is replaced
-atomically the same way. A writer that dies mid-way leaves every shard listed in the index readable; a
-writer opened with ``resume=True`` continues after the last complete shard (``writer.n_examples`` says how
-many examples to skip). One writer per directory: a writer holds an exclusive lock on ``.lock`` and a second
-one raises :class:`CacheLockedError`.
-
-Untrusted caches (:mod:`fastkd.cache_io`): the index is validated field by field, only plain file names inside
-the directory are opened (no symlinks), sizes are checked before reading, every shard's CRC-32 is checked
-when it is read (SHA-256 of every shard with ``verify=True``), each shard is bound to its position and the
-index settings by its own metadata, and its tensors are validated (monotonic offsets, shapes, ids < V).
-Every problem raises :class:`CacheCorruptedError` naming the cache file.
-
-Building from a teacher: :meth:`TeacherCacheWriter.add_from_hidden` takes the teacher's final hidden
-states and LM-head weight and computes top-k log-probs, the tail and log-normaliser at every stored
-temperature (or samples) in one LM-head pass per chunk (:mod:`fastkd.cache_extract`): peak memory
-O(chunk · V), never (N, V) logits. On CUDA tensors the top-k, lse and tails come from the streaming Triton
-kernel of ``kernels/topk.py`` in one read of each chunk (``topk_backend="auto"``; torch on CPU; tested under
-the interpreter, not yet timed on a GPU).
-"""
+"""The teacher-cache reader (:class:`TeacherCache`) and its ``torch.utils.data.Dataset``
+(:class:`TeacherCacheDataset`); the format is described in :mod:`fastkd.cache`."""
 
 from __future__ import annotations
 
@@ -56,22 +14,14 @@ from typing import Any
 
 import torch
 
-from fastkd import cache_io as io
-from fastkd.cache_extract import extract_topk, sample_from_hidden, topk_from_hidden
-from fastkd.cache_hidden import collate_hidden, read_head
-from fastkd.cache_ids import choose_id_format, decode_ids, encode_ids
-from fastkd.cache_io import FORMAT, INDEX, VERSION, CacheCorruptedError, CacheLockedError, id_bits
-from fastkd.cache_temper import at_temperature, cache_stats
-from fastkd.cache_writer import TeacherCacheWriter, _read_index
+from fastkd.cache import io
+from fastkd.cache.format import CacheCorruptedError, check_shard
+from fastkd.cache.hidden import collate_hidden, read_head
+from fastkd.cache.ids import decode_ids
+from fastkd.cache.temper import at_temperature, cache_stats
+from fastkd.cache.writer import TeacherCacheWriter
 
-__all__ = ["FORMAT", "INDEX", "VERSION", "CacheCorruptedError", "CacheLockedError", "TeacherCache",
-           "TeacherCacheDataset", "TeacherCacheWriter", "choose_id_format", "decode_ids", "encode_ids",
-           "extract_topk", "id_bits", "sample_from_hidden", "topk_from_hidden"]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# reader
-# ---------------------------------------------------------------------------------------------------------
+__all__ = ["TeacherCache", "TeacherCacheDataset"]
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str] | None:
@@ -99,7 +49,7 @@ class TeacherCache:
 
     def __init__(self, path: str | os.PathLike, *, verify: bool = False):
         self.path = Path(path)
-        self.index = _read_index(self.path)
+        self.index = io.read_index(self.path)
         ix = self.index
         self._starts = [0]
         for sh in ix["shards"]:
@@ -140,7 +90,7 @@ class TeacherCache:
 
     def stats(self, quantiles: tuple[float, ...] = (0.5, 0.9, 0.99, 1.0)) -> dict[str, Any]:
         """Per temperature: tail-mass quantiles (= TV distance to the top-k renormalisation) and the
-        worst-case quantisation error of values / tail; see :func:`fastkd.cache_temper.cache_stats`."""
+        worst-case quantisation error of values / tail; see :func:`fastkd.cache.temper.cache_stats`."""
         return cache_stats(self, quantiles)
 
     @property
@@ -172,7 +122,7 @@ class TeacherCache:
             meta = _safetensors_metadata(data)
         except Exception as exc:
             raise CacheCorruptedError(f"shard {name} is corrupted ({type(exc).__name__}: {exc})") from exc
-        io.check_shard(tensors, meta, i, sh, self.index, decode_ids)
+        check_shard(tensors, meta, i, sh, self.index)
         if len(self._open) >= 2:  # keep at most two decoded shards in memory
             self._open.pop(next(iter(self._open)))
         self._open[i] = tensors
@@ -184,7 +134,7 @@ class TeacherCache:
     def get(self, idx: int, temperature: float | None = None, approximate: bool = False) -> dict[str, torch.Tensor]:
         """``cache[idx]``, with ``teacher_values`` / ``teacher_tail`` the exact log-probs / log tail mass at
         ``temperature`` (a temperature the cache stores; ``approximate=True`` renormalises the top-k instead
-        for one it does not). See :mod:`fastkd.cache_temper`."""
+        for one it does not). See :mod:`fastkd.cache.temper`."""
         ex, lse, tails = self._example(idx)
         if temperature is None:
             return ex

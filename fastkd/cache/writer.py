@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from pathlib import Path
@@ -11,25 +10,14 @@ from typing import Any
 
 import torch
 
-from fastkd import cache_io as io
-from fastkd.cache_extract import extract
-from fastkd.cache_hidden import check_head, head_bytes, head_entry
-from fastkd.cache_ids import choose_id_format, encode_ids
-from fastkd.cache_io import FORMAT, INDEX, VERSION, CacheCorruptedError, id_bits
+from fastkd.cache import io
+from fastkd.cache import validate as V
+from fastkd.cache.extract import extract
+from fastkd.cache.format import ALLOWED_VALUES, FORMAT, INDEX, VALUE_DTYPES, VERSION, shard_metadata
+from fastkd.cache.hidden import check_head, head_bytes, head_entry
+from fastkd.cache.ids import choose_id_format, encode_ids, id_bits
 
 __all__ = ["TeacherCacheWriter"]
-_VALUE_DTYPES = io.VALUE_DTYPES
-
-
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(io.tmp_name(path.name))  # private to this writer: two never share a temporary
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _temperature_list(temperatures: Any, values: str, store_tail: bool) -> list[float]:
@@ -45,17 +33,6 @@ def _temperature_list(temperatures: Any, values: str, store_tail: bool) -> list[
         if not any(math.isclose(t, u, rel_tol=1e-9) for u in out):
             out.append(t)
     return out
-
-
-def _read_index(path: Path) -> dict[str, Any]:
-    f = path / INDEX
-    if not os.path.lexists(f):
-        raise FileNotFoundError(f"{path} is not a teacher cache: {INDEX} is missing")
-    try:
-        index = json.loads(io.read_file(f, INDEX))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CacheCorruptedError(f"{INDEX} is corrupted (not valid JSON: {exc})") from exc
-    return io.check_index(index)
 
 
 class TeacherCacheWriter:
@@ -75,8 +52,13 @@ class TeacherCacheWriter:
         meta: JSON-serialisable metadata kept in the index (teacher name, temperature, mode, ...).
         temperatures: (log-prob caches with a tail) also store the log-normaliser and the log tail mass at
             each of these temperatures (1.0 is always stored, first), so ``cache.get(i, temperature=τ)``
-            gives exact log-probs / tail at τ (:mod:`fastkd.cache_temper`); ``add_from_hidden`` computes them.
-        values="hidden" (:mod:`fastkd.cache_hidden`): store the teacher's final hidden states per token
+            gives exact log-probs / tail at τ (:mod:`fastkd.cache.temper`); ``add_from_hidden`` computes them.
+        validate: check every added example's values against what the losses accept (no id twice in a
+            token, log-probs in [-inf, 0] with a top-k mass of at most 1, log tail masses in [-inf, 0],
+            finite lse / hidden states) and raise ``ValueError`` naming the argument
+            (:mod:`fastkd.cache.validate`); ``False`` skips these data checks for speed, for targets
+            known to be valid. Shapes, dtypes and the id range are checked either way.
+        values="hidden" (:mod:`fastkd.cache.hidden`): store the teacher's final hidden states per token
             (``add_hidden``) and the LM head once: ``lm_head`` (V, H), ``lm_head_bias`` (V,) | None,
             ``hidden_size`` H (checked), ``softcap`` / ``logit_scale`` of the teacher's head; ``value_dtype``
             "bfloat16" (default), "float16" or "float32"; ``k``, ``id_format``, ``store_tail`` do not apply.
@@ -101,9 +83,12 @@ class TeacherCacheWriter:
         lm_head_bias: torch.Tensor | None = None,
         softcap: float | None = None,
         logit_scale: float | None = None,
+        validate: bool = True,
     ):
-        if values not in io.ALLOWED_VALUES:
-            raise ValueError(f"values must be one of {tuple(io.ALLOWED_VALUES)}, got {values!r}")
+        if values not in ALLOWED_VALUES:
+            raise ValueError(f"values must be one of {tuple(ALLOWED_VALUES)}, got {values!r}")
+        if not isinstance(validate, bool):
+            raise ValueError(f"validate must be a bool, got {validate!r}")
         if shard_tokens <= 0:
             raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
         head_blob = None
@@ -119,7 +104,7 @@ class TeacherCacheWriter:
         if values != "hidden" and (not isinstance(k, int) or k <= 0):
             raise ValueError(f"k must be a positive int, got {k!r}")
         value_dtype = value_dtype or {"logprobs": "float16", "counts": "uint8", "hidden": "bfloat16"}[values]
-        allowed = io.ALLOWED_VALUES[values]
+        allowed = ALLOWED_VALUES[values]
         if value_dtype not in allowed:
             raise ValueError(
                 f"value_dtype for values={values!r} must be one of {allowed}, got {value_dtype!r}"
@@ -147,12 +132,13 @@ class TeacherCacheWriter:
         try:
             index = self._open_index(settings, resume, meta)
             if head_blob is not None and not index["shards"]:  # (re)write the head before any shard exists
-                _fsync_write(self.path / index["lm_head"]["file"], head_blob)
+                io.fsync_write(self.path / index["lm_head"]["file"], head_blob)
         except BaseException:
             self._lock.release()
             raise
         self.index = index
         self.shard_tokens = shard_tokens
+        self.validate = validate
         self._buf: list[dict[str, torch.Tensor]] = []
         self._buf_tokens = 0
         self.closed = False
@@ -165,15 +151,15 @@ class TeacherCacheWriter:
                     f"{self.path} already holds a teacher cache; pass resume=True to continue "
                     f"it or choose a new directory"
                 )
-            index = _read_index(self.path)
+            index = io.read_index(self.path)
             index["version"] = VERSION
             diff = {key: (index.get(key), val) for key, val in settings.items() if index.get(key) != val}
             if diff:
                 raise ValueError(f"cannot resume {self.path}: settings differ (stored, requested): {diff}")
-            for tmp in self.path.glob("*.tmp"):  # left by writers that died (we hold the lock)
-                tmp.unlink()
+            io.remove_temporaries(self.path)  # left by writers that died (we hold the lock)
             return index
         else:
+            io.remove_temporaries(self.path)  # a writer that died before its first index
             return {
                 "format": FORMAT,
                 "version": VERSION,
@@ -204,13 +190,16 @@ class TeacherCacheWriter:
 
         With ``temperatures``, ``values`` are log-probs at τ = 1 and ``lse`` (T, J) / ``tails`` (T, J) are
         the log-normaliser and log tail mass at each stored temperature (``add_from_hidden`` computes them).
-        Returns the example's index. Writes a shard when enough tokens are buffered.
+        Returns the example's index. Writes a shard when enough tokens are buffered. Raises ``ValueError``
+        naming the argument for anything the reader or the losses would refuse (``validate``).
         """
         if self.closed:
             raise RuntimeError("this TeacherCacheWriter is closed")
         ix = self.index
         if ix["values"] == "hidden":
             raise ValueError("this is a hidden-state cache: use add_hidden(hidden, input_ids)")
+        V.check_integer("ids", ids)
+        (V.check_floating if ix["values"] == "logprobs" else V.check_real)("values", values)
         if ids.dim() != 2 or values.shape != ids.shape:
             raise ValueError(
                 f"ids and values must both be (T, k), got {tuple(ids.shape)} and {tuple(values.shape)}"
@@ -218,11 +207,22 @@ class TeacherCacheWriter:
         t, k = ids.shape
         if k > ix["k"]:
             raise ValueError(f"ids has {k} slots per token but the cache stores k={ix['k']}")
+        if ix["store_tail"] and tail is not None:
+            V.check_floating("tail", tail)
+            if tuple(tail.shape) != (t,):
+                raise ValueError(f"tail must have shape ({t},), got {tuple(tail.shape)}")
+        n_temps = len(ix.get("temperatures", []))
+        if n_temps:
+            for name, x in (("lse", lse), ("tails", tails)):
+                if x is None or tuple(x.shape) != (t, n_temps):
+                    raise ValueError(f"{name} must be ({t}, {n_temps}) for temperatures {ix['temperatures']}, got "
+                                     f"{None if x is None else tuple(x.shape)}")
+                V.check_floating(name, x)
+        elif lse is not None or tails is not None:
+            raise ValueError("lse / tails are stored only by caches created with temperatures=")
+        # the values (a pass over the data on the CPU)
         ids = ids.detach().to("cpu", torch.int64)
-        if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= ix["vocab_size"]):
-            raise ValueError(
-                f"ids must be in [0, {ix['vocab_size']}) or -1, got [{int(ids.min())}, {int(ids.max())}]"
-            )
+        V.check_ids(ids, ix["vocab_size"], self.validate)
         vals = values.detach().cpu()
         if ix["values"] == "counts":
             if vals.dtype.is_floating_point and not torch.equal(vals, vals.round()):
@@ -231,28 +231,26 @@ class TeacherCacheWriter:
             hi = 255 if ix["value_dtype"] == "uint8" else 2**31 - 1
             if vals.numel() and (int(vals.min()) < 0 or int(vals.max()) > hi):
                 raise ValueError(f"counts must be in [0, {hi}] for value_dtype={ix['value_dtype']!r}")
+        elif self.validate:
+            V.check_logprobs(vals, ids >= 0)
         vals = torch.where(ids >= 0, vals, torch.zeros((), dtype=vals.dtype))
         if k < ix["k"]:
             ids = torch.nn.functional.pad(ids, (0, ix["k"] - k), value=-1)
             vals = torch.nn.functional.pad(vals, (0, ix["k"] - k), value=0)
-        ex = {"ids": ids, "values": vals.to(_VALUE_DTYPES[ix["value_dtype"]])}
+        ex = {"ids": ids, "values": vals.to(VALUE_DTYPES[ix["value_dtype"]])}
         if ix["store_tail"]:
             if tail is None:  # derive the tail from the values (less exact than a computed one)
                 head = torch.logsumexp(torch.where(ids >= 0, vals.double(), -math.inf), -1).clamp_max(0.0)
                 tail = torch.log(-torch.expm1(head)).float()
-            if tuple(tail.shape) != (t,):
-                raise ValueError(f"tail must have shape ({t},), got {tuple(tail.shape)}")
-            ex["tail"] = tail.detach().cpu().to(_VALUE_DTYPES[ix["value_dtype"]])
-        n_temps = len(ix.get("temperatures", []))
+            elif self.validate:
+                V.check_log_mass("tail", tail.detach().cpu())
+            ex["tail"] = tail.detach().cpu().to(VALUE_DTYPES[ix["value_dtype"]])
         if n_temps:
-            for name, x in (("lse", lse), ("tails", tails)):
-                if x is None or tuple(x.shape) != (t, n_temps):
-                    raise ValueError(f"{name} must be ({t}, {n_temps}) for temperatures {ix['temperatures']}, got "
-                                     f"{None if x is None else tuple(x.shape)}")
             ex["lse"] = lse.detach().cpu().float()
-            ex["tails"] = tails.detach().cpu().to(_VALUE_DTYPES[ix["value_dtype"]])
-        elif lse is not None or tails is not None:
-            raise ValueError("lse / tails are stored only by caches created with temperatures=")
+            ex["tails"] = tails.detach().cpu().to(VALUE_DTYPES[ix["value_dtype"]])
+            if self.validate:
+                V.check_finite("lse", ex["lse"])
+                V.check_log_mass("tails", tails.detach().cpu())
         return self._append(ex, t, input_ids)
 
     def add_hidden(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None) -> int:
@@ -268,20 +266,25 @@ class TeacherCacheWriter:
                              f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__}")
         if not hidden.dtype.is_floating_point:
             raise ValueError(f"hidden must be a floating-point tensor, got {hidden.dtype}")
-        h = hidden.detach().to("cpu", _VALUE_DTYPES[ix["value_dtype"]]).contiguous()
+        h = hidden.detach().to("cpu", VALUE_DTYPES[ix["value_dtype"]]).contiguous()
+        if self.validate:
+            V.check_finite("hidden", h)
         return self._append({"hidden": h}, h.shape[0], input_ids)
 
     def _append(self, ex: dict[str, torch.Tensor], t: int, input_ids: torch.Tensor | None) -> int:
         ix = self.index
         has = input_ids is not None
-        if ix["has_input_ids"] is None:
-            ix["has_input_ids"] = has
-        elif ix["has_input_ids"] != has:
+        if ix["has_input_ids"] is not None and ix["has_input_ids"] != has:
             raise ValueError("pass input_ids for every example or for none")
         if has:
+            V.check_integer("input_ids", input_ids)
             if tuple(input_ids.shape) != (t,):
                 raise ValueError(f"input_ids must have shape ({t},), got {tuple(input_ids.shape)}")
-            ex["input_ids"] = input_ids.detach().cpu().to(torch.int32)
+            inp = input_ids.detach().cpu()
+            if inp.numel() and (int(inp.min()) < -(2**31) or int(inp.max()) >= 2**31):
+                raise ValueError(f"input_ids are stored as int32, got values in [{int(inp.min())}, {int(inp.max())}]")
+            ex["input_ids"] = inp.to(torch.int32)
+        ix["has_input_ids"] = has
         self._buf.append(ex)
         self._buf_tokens += t
         if self._buf_tokens >= self.shard_tokens:
@@ -303,7 +306,7 @@ class TeacherCacheWriter:
     ) -> int:
         """Compute the example's targets from teacher hidden states (T, H) and LM head (V, H), then add it.
 
-        ONE LM-head pass (:func:`fastkd.cache_extract.extract`): a log-prob cache takes the top-k, its
+        ONE LM-head pass (:func:`fastkd.cache.extract.extract`): a log-prob cache takes the top-k, its
         log-probs and the log-normaliser / tail at every stored temperature (``temperature`` must then be
         1.0); a counts cache takes ``k`` RS-KD samples (``generator``); a hidden-state cache stores
         ``hidden`` as is (``weight`` must match its head). ``topk_backend``: "auto" (the streaming Triton
@@ -351,9 +354,9 @@ class TeacherCacheWriter:
         for key in ("values", "hidden", "tail", "lse", "tails", "input_ids"):
             if key in self._buf[0]:
                 tensors[key] = torch.cat([e[key] for e in self._buf])
-        data = save(tensors, metadata=io.shard_metadata(len(ix["shards"]), ix))
+        data = save(tensors, metadata=shard_metadata(len(ix["shards"]), ix))
         name = f"shard-{len(ix['shards']):05d}.safetensors"
-        _fsync_write(self.path / name, data)
+        io.fsync_write(self.path / name, data)
         ix["shards"].append(
             {
                 "file": name,
@@ -366,7 +369,7 @@ class TeacherCacheWriter:
         )
         ix["n_examples"] += len(self._buf)
         ix["n_tokens"] += self._buf_tokens
-        _fsync_write(self.path / INDEX, json.dumps(ix, indent=1).encode())
+        io.write_index(self.path, ix)
         self._buf, self._buf_tokens = [], 0
 
     def close(self) -> None:

@@ -1,14 +1,21 @@
-"""Id encodings of the teacher cache: int16 / uint16 / bit-packed / int32 (see :mod:`fastkd.cache`)."""
+"""Id encodings of the teacher cache: int16 / uint16 / bit-packed / int32 (see :mod:`fastkd.cache`).
+
+The bottom floor of the package: it imports nothing from it.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from fastkd.cache_io import id_bits
+__all__ = ["ID_FORMATS", "ID_LIMIT", "choose_id_format", "decode_ids", "encode_ids", "id_bits"]
 
-__all__ = ["choose_id_format", "decode_ids", "encode_ids"]
+ID_FORMATS = ("int16", "uint16", "packed", "int32")
+ID_LIMIT = {"int16": 2**15, "uint16": 2**16, "packed": 2**31, "int32": 2**31}  # vocabularies below this fit
 
 
+def id_bits(vocab_size: int) -> int:
+    """Bits needed to store id + 1 for ids in [0, vocab_size) (0 encodes padding)."""
+    return max(1, (vocab_size).bit_length())
 
 
 def choose_id_format(vocab_size: int, id_format: str = "auto") -> str:
@@ -18,11 +25,11 @@ def choose_id_format(vocab_size: int, id_format: str = "auto") -> str:
         if vocab_size < 2**16:
             return "uint16"
         return "packed" if id_bits(vocab_size) < 32 else "int32"
-    if id_format not in ("int16", "uint16", "packed", "int32"):
+    if id_format not in ID_FORMATS:
         raise ValueError(
             f"id_format must be 'auto', 'int16', 'uint16', 'packed' or 'int32', got {id_format!r}"
         )
-    limit = {"int16": 2**15, "uint16": 2**16, "packed": 2**31, "int32": 2**31}[id_format]
+    limit = ID_LIMIT[id_format]
     if vocab_size >= limit:
         raise ValueError(
             f"id_format={id_format!r} holds vocabularies below {limit}, got vocab_size={vocab_size}"

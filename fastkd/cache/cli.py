@@ -276,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point: ``python -m fastkd.cache_cli ...`` (same arguments as the subcommand)."""
+    """Standalone entry point: ``python -m fastkd.cache.cli ...`` (same arguments as the subcommand)."""
     parser = argparse.ArgumentParser(prog="fastkd")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)

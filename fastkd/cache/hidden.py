@@ -13,14 +13,13 @@ against V · 2 bytes for bf16 logits (V = 128256: 250.5 KiB), a 31× saving, and
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fastkd import cache_io as io
-from fastkd.cache_io import CacheCorruptedError
+from fastkd.cache import io
+from fastkd.cache.format import FORMAT, VALUE_DTYPES, CacheCorruptedError
 
 LM_HEAD = "lm_head.safetensors"
 
@@ -51,21 +50,13 @@ def head_bytes(lm_head: torch.Tensor, bias: torch.Tensor | None) -> bytes:
         tensors["bias"] = bias.detach().to("cpu", lm_head.dtype).contiguous()
     # one metadata key: safetensors writes its metadata map in hash order, and the SHA-256 of these bytes
     # must identify the head (a resumed writer compares it), so the bytes must be deterministic
-    return save(tensors, metadata={"format": f"{io.FORMAT}-lm-head"})
+    return save(tensors, metadata={"format": f"{FORMAT}-lm-head"})
 
 
 def head_entry(data: bytes, lm_head: torch.Tensor, bias: torch.Tensor | None) -> dict[str, Any]:
     return {"file": LM_HEAD, "bytes": len(data), "crc32": io.crc32(data),
             "sha256": hashlib.sha256(data).hexdigest(), "dtype": str(lm_head.dtype).removeprefix("torch."),
             "bias": bias is not None}
-
-
-def write_head(path: Path, lm_head: torch.Tensor, bias: torch.Tensor | None,
-               fsync_write: Callable[[Path, bytes], None]) -> dict[str, Any]:
-    """Write ``lm_head.safetensors`` (fsync + rename) and return its index entry."""
-    data = head_bytes(lm_head, bias)
-    fsync_write(path / LM_HEAD, data)
-    return head_entry(data, lm_head, bias)
 
 
 def read_head(path: Path, index: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -82,7 +73,7 @@ def read_head(path: Path, index: dict[str, Any]) -> tuple[torch.Tensor, torch.Te
     except Exception as exc:
         raise CacheCorruptedError(f"{name} is corrupted ({type(exc).__name__}: {exc})") from exc
     v, h = index["vocab_size"], index["hidden_size"]
-    dt = io.VALUE_DTYPES[entry["dtype"]]
+    dt = VALUE_DTYPES[entry["dtype"]]
     w, b = t.get("weight"), t.get("bias")
     if w is None or tuple(w.shape) != (v, h) or w.dtype != dt or set(t) - {"weight", "bias"}:
         raise CacheCorruptedError(f"{name} must hold weight ({v}, {h}) {dt}" + (" and bias" if entry["bias"] else ""))
