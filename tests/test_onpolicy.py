@@ -304,13 +304,16 @@ def test_framework_semantics(sem, kw, ref):
     n, h, v, k = 21, 6, 43, 6
     hid, w, b, g = _head(n, h, v, 17)
     t_lp, ids = torch.log_softmax(torch.randn(n, v, generator=g, dtype=F64) * 2.5, -1).topk(k, -1)
-    t_lp[3] = t_lp[3] - 1.0  # a token whose stored top-k mass is lower than the student's (verl clamps at 0)
     temp = 0.8
+    u = R.student_logits(hid, w, b, temp)
+    # token 3: the teacher's top-k mass is e^-2 of the student's there, so the truncated sum is < 0 (verl clamps)
+    t_lp[3] = torch.log_softmax(u[3].detach(), -1)[ids[3]] - 2.0
     loss, mass = fastkd.fused_linear_sparse_distill_loss(hid, w, ids, t_lp, student_bias=b, temperature=temp,
                                                          semantics=sem, return_mass=True, reduction="none",
                                                          chunk_size=5, **kw)
-    u = R.student_logits(hid, w, b, temp)
     want, sm, tm = ref(u, t_lp, ids)
+    if sem == "verl_topk":
+        assert want[3] == 0  # the clamp is active on this token
     torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(mass["student_mass"], sm.detach())
     torch.testing.assert_close(mass["teacher_mass"], tm)
