@@ -147,7 +147,8 @@ def build_cache(
 
     ``hidden=True``: a hidden-state cache (final hidden states + the LM head, ``softcap`` and ``logit_scale``
     from the config); ``temperatures``: a re-temperable top-k cache."""
-    from fastkd.cache import TeacherCache, TeacherCacheWriter
+    from fastkd.cache.reader import TeacherCache
+    from fastkd.cache.writer import TeacherCacheWriter
 
     head = model.get_output_embeddings()
     vocab = head.weight.shape[0]
