@@ -192,9 +192,183 @@ def _fsdp2_cases():
     return [fsdp2_default, fsdp2_dtensor_head, fsdp2_module_form, fsdp2_teacher]
 
 
-def _fsdp2_worker(rank: int, port: int) -> None:
-    run_cases(rank, port, _fsdp2_cases())
+# ---- DTensor tensor parallelism ------------------------------------------------------------------------
+def _tp_cases():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    import fastkd
+    from fastkd.integrations.distributed import vocab_parallel_distill_loss
+    from fastkd.integrations.hf import hidden_states
+
+    def tp_fused(rank, ref):  # ColwiseParallel head: hidden_states() works, the loss runs vocab-parallel
+        mesh = init_device_mesh("cpu", (WORLD,))
+        s, t, data = tiny_llama(0), tiny_llama(1).requires_grad_(False), batch()  # TP: every rank the same batch
+        parallelize_module(s, mesh, {"lm_head": ColwiseParallel()})
+        h = hidden_states(s, data)[:, :-1]
+        with torch.no_grad():
+            ht = hidden_states(t, data)[:, :-1]
+        loss = fastkd.fused_linear_distill_loss(h, s.lm_head.weight, ht, t.lm_head.weight,
+                                                labels=data["labels"][:, 1:], num_items_in_batch=n_items(data),
+                                                **KW)
+        loss.backward()
+        assert s.lm_head.weight.grad.to_local().shape == (2048 // WORLD, 64)  # the shard's own gradient
+        torch.testing.assert_close(loss.detach(), ref[0], **TOL)
+        grads = {n: (p.grad.full_tensor() if type(p.grad).__name__ == "DTensor" else p.grad)
+                 for n, p in s.named_parameters()}
+        for k, g in grads.items():
+            torch.testing.assert_close(g, ref[1][k], **TOL, msg=f"tp fused: grad {k}")
+
+    def tp_logits(rank, ref):  # DTensor logits: distill_loss, sparse_distill_loss, vocab-parallel losses
+        mesh = init_device_mesh("cpu", (WORLD,))
+        g = torch.Generator().manual_seed(3)
+        n, v = 11, 2 * 37
+        s_full = torch.randn(n, v, generator=g) * 3
+        t_full = torch.randn(n, v, generator=g) * 3
+        labels = torch.randint(0, v, (n,), generator=g)
+        labels[[2, 5]] = -100
+        kw = dict(temperature=2.0, ce_weight=0.1, labels=labels, num_items_in_batch=7)
+        ids = torch.topk(t_full, 5, -1).indices
+        vals = torch.log_softmax(t_full, -1).gather(-1, ids)
+        calls = [("fkl", lambda x, y: fastkd.distill_loss(x, y, "fkl", **kw)),
+                 ("tvd (gathered)", lambda x, y: fastkd.distill_loss(x, y, "tvd", labels=labels)),
+                 ("vp", lambda x, y: vocab_parallel_distill_loss(x, y, "jsd", **kw)),
+                 ("sparse (gathered)", lambda x, y: fastkd.sparse_distill_loss(x, ids, vals, labels=labels))]
+        for name, call in calls:
+            one = s_full.clone().requires_grad_()
+            if name == "vp":
+                expect = fastkd.distill_loss(one, t_full, "jsd", **kw)
+            else:
+                expect = call(one, t_full)
+            expect.backward()
+            sd = distribute_tensor(s_full, mesh, [Shard(1)]).detach().requires_grad_()
+            td = distribute_tensor(t_full, mesh, [Shard(1)])
+            out = call(sd, td)
+            out.backward()
+            torch.testing.assert_close(out, expect, **TOL, msg=name)
+            torch.testing.assert_close(sd.grad.full_tensor(), one.grad, **TOL, msg=f"{name}: grad")
+        rep = distribute_tensor(s_full, mesh, [Replicate()])
+        torch.testing.assert_close(fastkd.distill_loss(rep, t_full, "fkl"), fastkd.distill_loss(s_full, t_full, "fkl"))
+
+    def bad_combinations(rank, ref):
+        mesh = init_device_mesh("cpu", (WORLD,))
+        g = torch.Generator().manual_seed(4)
+        h, w, wt = torch.randn(6, 8, generator=g), torch.randn(64, 8, generator=g), torch.randn(64, 8, generator=g)
+        ht = torch.randn(6, 8, generator=g)
+
+        def raises(match, **kwargs):
+            args = dict(student_hidden=h, student_weight=w, teacher_hidden=ht, teacher_weight=wt)
+            args.update(kwargs)
+            with pytest.raises(ValueError, match=match):
+                fastkd.fused_linear_distill_loss(**args)
+
+        raises("row-parallel", student_weight=distribute_tensor(w, mesh, [Shard(1)]).requires_grad_())
+        raises("flat shard.*summon_full_params", student_weight=torch.empty(0))
+        raises("flat shard", student_weight=torch.randn(64 * 8))
+        flat = torch.empty(0)
+        flat.ds_status, flat.ds_shape = type("S", (), {"name": "NOT_AVAILABLE"})(), (64, 8)
+        raises("ZeRO-3.*GatheredParameters", student_weight=flat)
+        raises("flat shard", student_weight=distribute_tensor(w, mesh, [Shard(0)]), teacher_weight=torch.empty(0))
+        sub = dist.new_group([0, 1])  # another process group, hence another mesh object
+        from torch.distributed.device_mesh import DeviceMesh
+
+        other = DeviceMesh.from_group(sub, "cpu", mesh_dim_names=("other",))
+        raises("another mesh|on mesh", student_weight=distribute_tensor(w, mesh, [Shard(0)]),
+               teacher_weight=distribute_tensor(wt, other, [Shard(0)]))
+        with pytest.raises(ValueError, match="data-parallel"):  # per-rank hidden states: not a TP head
+            from fastkd.integrations.distributed import vocab_parallel_fused_linear_distill_loss as vpf
+
+            vpf(h + rank, distribute_tensor(w, mesh, [Shard(0)]), ht, wt[:32])
+
+    return [tp_fused, tp_logits, bad_combinations]
 
 
-def test_fsdp2_matches_single_process():
-    _spawn(_fsdp2_worker)
+# ---- FSDP1 --------------------------------------------------------------------------------------------------
+def _fsdp1(model, use_orig_params: bool):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    return FSDP(model, auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}), use_orig_params=use_orig_params,
+                device_id=torch.device("cpu"))
+
+
+def _fsdp1_grads(model) -> dict[str, torch.Tensor]:
+    """Full gradients from each unit's flat-parameter shard (all_gather, unflatten by the recorded shapes)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    out = {}
+    for unit in FSDP.fsdp_modules(model):
+        fp = unit._flat_param if hasattr(unit, "_flat_param") else None
+        if fp is None:
+            continue
+        parts = [torch.empty_like(fp.grad) for _ in range(WORLD)]
+        dist.all_gather(parts, fp.grad.contiguous())
+        full = torch.cat(parts)
+        prefix = [n for n, m in model.named_modules() if m is unit][0]
+        offset = 0
+        for fqn, shape, numel in zip(fp._fqns, fp._shapes, fp._numels, strict=True):
+            name = ".".join(x for x in (prefix, fqn) if x).replace("_fsdp_wrapped_module.", "")
+            out[name] = full[offset:offset + numel].view(shape)
+            offset += numel
+    return out
+
+
+def _fsdp1_cases():
+    def fsdp1_flat_head_rejected(rank, ref):
+        s = _fsdp1(tiny_llama(0), use_orig_params=True)
+        with pytest.raises(ValueError, match="flat shard"):
+            fused_loss(s, tiny_llama(1), batch(), rank)
+
+    def fsdp1_module_form(rank, ref):  # loss as the root unit's forward; hidden_states keeps the root output
+        for orig in (True, False):
+            s = _fsdp1(tiny_llama(0), use_orig_params=orig)
+            loss = fused_loss(s, tiny_llama(1), batch(), rank, through=s)
+            loss.backward()
+            check(f"fsdp1 module form (use_orig_params={orig})", loss, _fsdp1_grads(s), ref)
+
+    return [fsdp1_flat_head_rejected, fsdp1_module_form]
+
+
+def _all_cases():
+    return [*_fsdp2_cases(), *_tp_cases(), *_fsdp1_cases()]
+
+
+CASE_NAMES = ["fsdp2_default", "fsdp2_dtensor_head", "fsdp2_module_form", "fsdp2_teacher", "tp_fused", "tp_logits",
+              "bad_combinations", "fsdp1_flat_head_rejected", "fsdp1_module_form"]
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    _init(rank, port)
+    try:
+        ref = reference()
+        for case in _all_cases():
+            try:
+                case(rank, ref)
+                result = "ok"
+            except Exception:
+                result = traceback.format_exc()
+            with open(os.path.join(out_dir, f"{case.__name__}.{rank}"), "w") as f:
+                f.write(result)
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def engine_results(tmp_path_factory):
+    """Every case in one 2-process spawn (process start and imports are most of the time)."""
+    out = tmp_path_factory.mktemp("engines")
+    _spawn(_worker, str(out))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_engine_matches_single_process(engine_results, case):
+    for rank in range(WORLD):
+        path = engine_results / f"{case}.{rank}"
+        assert path.exists(), f"{case} did not run on rank {rank}"
+        result = path.read_text()
+        assert result == "ok", f"rank {rank}:\n{result}"

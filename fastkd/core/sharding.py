@@ -310,7 +310,8 @@ def _is_default(value: Any, default: Any) -> bool:
         return False
 
 
-def sharded_entry(kind: str, vocab_parallel: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def sharded_entry(kind: str, vocab_parallel: str | None = None,
+                  shard_only: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator for a public loss: resolve its DTensor / sharded inputs before the engine runs.
 
     ``kind``: "fused" (the arguments of :func:`resolve_heads`) or "logits" (``student_logits``,
@@ -318,7 +319,8 @@ def sharded_entry(kind: str, vocab_parallel: str | None = None) -> Callable[[Cal
     vocabulary-parallel loss a TP shard goes to (imported on the first such call) when the divergence is in
     that module's ``VP_DIVERGENCES`` and every other option the call sets is a parameter of that function;
     otherwise the TP head (or logits) is gathered, each rank keeping its slice of the gradient. Calls without
-    DTensors or flat shards pass through unchanged.
+    DTensors or flat shards pass through unchanged. ``shard_only``: the decorated function *is* the
+    vocabulary-parallel loss: DTensors must give a vocabulary shard (group and offset from the DTensor).
     """
     names = _FUSED_NAMES if kind == "fused" else _LOGITS_NAMES
 
@@ -342,7 +344,7 @@ def sharded_entry(kind: str, vocab_parallel: str | None = None) -> Callable[[Cal
                 if not (set_options <= set(inspect.signature(vp).parameters)
                         and divergence in vp_module.VP_DIVERGENCES):
                     vp = None
-            routable = vp is not None
+            routable = vp is not None or shard_only
             if kind == "fused":
                 heads = resolve_heads(*(a.get(k) for k in names[:3]), **{k: a.get(k) for k in names[3:]},
                                       vocab_parallel=routable)
@@ -355,6 +357,13 @@ def sharded_entry(kind: str, vocab_parallel: str | None = None) -> Callable[[Cal
                     t = t.detach().full_tensor() if is_dtensor(t) else t
                 tensors = {"student_logits": s, "teacher_logits": t}
             a.update({k: v for k, v in tensors.items() if k in a or v is not None})
+            if shard_only:
+                if shard is None:
+                    raise ValueError(f"{fn.__name__} needs a vocabulary-sharded (tensor-parallel) head or logits; "
+                                     "these DTensors are data-parallel shards: call the dense loss instead")
+                if set_options & {"group", "vocab_start"}:
+                    raise ValueError("group and vocab_start come from the DTensor inputs; do not pass them")
+                return fn(**a, **outer, group=shard.group, vocab_start=shard.vocab_start)
             if shard is None:
                 return fn(**a, **outer)
             keep = {k: v for k, v in a.items()
@@ -371,10 +380,14 @@ def _needs_resolving(kind: str, args: tuple, kwargs: dict) -> bool:
     for x in values:
         if is_dtensor(x):
             return True
-    if kind == "fused":  # a flat shard anywhere a head goes: let resolve_heads raise its message
+    if kind == "fused":  # a flat shard where a head goes: let resolve_heads raise its message
         for x in values:
             if isinstance(x, torch.Tensor) and (getattr(x, "ds_status", None) is not None
                                                 or (x.dim() == 1 and x.numel() == 0)):
+                return True
+        for i, name in ((1, "student_weight"), (3, "teacher_weight")):
+            x = kwargs.get(name, args[i] if len(args) > i else None)
+            if isinstance(x, torch.Tensor) and x.dim() == 1:
                 return True
     return False
 

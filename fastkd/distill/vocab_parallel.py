@@ -30,7 +30,9 @@ what needs a cross-shard reduction *between* passes, which a single-row backend 
 * the cross-entropy term, whose label lives on one shard: CE = lse(z) − z[label] with
   ∂/∂z = softmax(z) − onehot(label).
 
-Every rank returns the same loss value; gradients are local (each rank's slice of the full gradient).
+DTensor inputs (a ColwiseParallel head's ``Shard(0)`` weight, ``Shard(-1)`` logits) give ``group`` and
+``vocab_start`` themselves (:mod:`fastkd.core.sharding`). Every rank returns the same loss value;
+gradients are local (each rank's slice of the full gradient).
 Collectives per row chunk: one all_gather of (2 or 3, rows) lse values and one all_reduce of the (≤ 3,
 rows) partial sums; every rank must use the same chunk rows (the automatic choice is agreed with an
 all_reduce(MIN)).
@@ -59,6 +61,7 @@ from fastkd.core.lmhead import (
 )
 from fastkd.core.params import DistillParams
 from fastkd.core.registry import requested_backend
+from fastkd.core.sharding import sharded_entry
 from fastkd.distill.fused import DenseChunkLoss
 from fastkd.distill.op import backend_fn, make_params
 
@@ -276,6 +279,7 @@ class _VPDistillFunction(torch.autograd.Function):
         return grad, *([None] * 6)
 
 
+@sharded_entry("logits", shard_only=True)
 def vocab_parallel_distill_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -336,6 +340,7 @@ def vocab_parallel_distill_loss(
     return out.view(lead) if reduction == "none" else out
 
 
+@sharded_entry("fused", shard_only=True)
 def vocab_parallel_fused_linear_distill_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
