@@ -188,3 +188,28 @@ def test_hf_distillation_trainer_bf16():
     assert abs(loss.item() - ref.item()) <= 2e-2 * abs(ref.item()) + 1e-3
     out = tr.train()
     assert torch.isfinite(torch.tensor(out.training_loss))
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_compute_dtype_of_every_fused_head(monkeypatch, amp):
+    """Without autocast a bf16 head computes in bf16 (no fp32 copy); under autocast an fp32 head computes in bf16."""
+    from fastkd.core import lmhead
+
+    seen = []
+    init = lmhead.LMHeadChunker.__init__
+
+    def spy(self, *a, **k):
+        init(self, *a, **k)
+        seen.append(self._cdt)
+
+    monkeypatch.setattr(lmhead.LMHeadChunker, "__init__", spy)
+    prob = _heads()
+    wdt = torch.float32 if amp else BF16
+    h, w = prob["student_hidden"].requires_grad_(), prob["student_weight"].to(wdt).requires_grad_()
+    th, tw = prob["teacher_hidden"], prob["teacher_weight"].to(wdt)
+    ids = torch.randn(37, 67).topk(4, dim=-1).indices  # distinct ids per token
+    vals = torch.log_softmax(torch.randn(37, 4), -1)
+    with torch.autocast("cpu", dtype=BF16, enabled=amp):
+        fastkd.fused_linear_distill_loss(h, w, th, tw, chunk_size=8).backward()
+        fastkd.fused_linear_sparse_distill_loss(h, w, ids, vals, chunk_size=8).backward()
+    assert seen and all(d == BF16 for d in seen), seen

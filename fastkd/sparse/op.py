@@ -551,8 +551,8 @@ def fused_linear_sparse_distill_loss(
         kw = {k: v for k, v in locals().items() if k not in ("student_hidden", "student_weight", "teacher_ids",
                                                                 "teacher_values", "fused_linear_framework_loss")}
         return fused_linear_framework_loss(student_hidden, student_weight, teacher_ids, teacher_values, **kw)
-    cdt = amp_dtype(student_hidden, student_weight)
-    check_linear("student", student_hidden, student_weight, student_bias, amp=cdt is not None)
+    amp = amp_dtype(student_hidden, student_weight)
+    check_linear("student", student_hidden, student_weight, student_bias, amp=amp is not None)
     mode, teacher_ids, teacher_values = _union(mode, values, teacher_ids, teacher_values, teacher_tail, student_ids,
                                                student_id_values)
     params = _make_params(
@@ -587,8 +587,8 @@ def fused_linear_sparse_distill_loss(
     if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)) or not math.isfinite(logit_scale) \
             or logit_scale == 0:
         raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale!r}")
-    head = (params.softcap if cdt is None and logit_scale == 1.0
-            else HeadOptions(softcap=params.softcap, scale=float(logit_scale), dtype=cdt))
+    head = (params.softcap if amp is None and logit_scale == 1.0
+            else HeadOptions(softcap=params.softcap, scale=float(logit_scale), dtype=amp))
     loss = FusedHeadFunction.apply(h, student_weight, student_bias, tok_weight, chunk_loss, rows, reduction,
                                    head, ids2, t_logp, t_tail)
     chunk_loss.stats = None  # filled by the forward chunks; a reduction="none" backward re-run skips them
