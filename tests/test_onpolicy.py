@@ -350,3 +350,30 @@ def test_framework_semantics_padding_and_errors():
     for sem in ("verl_topk", "verl_topk_tail", "trl_tail"):
         out = fastkd.fused_linear_sparse_distill_loss(nan_h, w, ids, t_lp, semantics=sem, reduction="none")
         assert out[1].isnan() and out[0].isfinite()
+
+
+def test_losses_bf16():
+    """bf16 heads: the on-policy loss and a framework semantics vs float64 of the same rounded inputs."""
+    hid, w, b, g = _head(19, 16, 41, 9, dtype=torch.bfloat16, bias=False)
+    x = torch.randint(0, 41, (19,), generator=g)
+    t = -torch.rand(19, generator=g, dtype=torch.float32) * 4
+    loss = on_policy_distill_loss(hid, w, x, t, estimator="k3", chunk_size=8)
+    assert loss.dtype == torch.float32
+    lq, _, _ = R.logprobs(hid, w, x)
+    r = lq - t.double()
+    want = (torch.expm1(-r) + r).mean()
+    torch.testing.assert_close(loss.double(), want, rtol=3e-2, atol=3e-2)
+    gh, gw = torch.autograd.grad(loss, (hid, w))
+    rh, rw = torch.autograd.grad(want, (hid, w))
+    assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
+    # PyTorch's own bf16 error on the same loss (bf16 logits, fp32 log-softmax) sets the bar (house style)
+    pl = torch.log_softmax((hid @ w.t()).float(), -1).gather(1, x[:, None])[:, 0] - t
+    ph, pw = torch.autograd.grad((torch.expm1(-pl) + pl).mean(), (hid, w))
+    for got, ref, low in ((gh, rh, ph), (gw, rw, pw)):
+        err = (got.double() - ref.double()).norm() / ref.double().norm()
+        torch_err = (low.double() - ref.double()).norm() / ref.double().norm()
+        assert err <= 2 * torch_err + 1e-2, (err, torch_err)
+    t_lp, ids = torch.log_softmax(torch.randn(19, 41, generator=g, dtype=F64), -1).topk(4, -1)
+    sl = fastkd.fused_linear_sparse_distill_loss(hid, w, ids, t_lp.float(), semantics="verl_topk_tail")
+    ref, _, _ = _verl_topk_tail(R.student_logits(hid, w), t_lp.float().double(), ids, 1e-6)
+    torch.testing.assert_close(sl.double(), ref.mean(), rtol=3e-2, atol=3e-2)
