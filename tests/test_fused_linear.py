@@ -187,3 +187,29 @@ def test_scale_and_softcap_pairs_reject_bad_values():
         fastkd.fused_linear_distill_loss(**prob, softcap=(-1.0, 2.0))
     with pytest.raises(ValueError, match="softcap"):
         fastkd.fused_linear_distill_loss(**prob, softcap=(1.0, -2.0))
+
+
+def test_per_side_scale_and_softcap_with_two_teachers_vs_float64():
+    """Several teachers: each teacher softcap(scale·(h W.T)) then mixed, the student with its own options."""
+    prob = _problem()
+    g = torch.Generator().manual_seed(5)
+    th2, tw2 = torch.randn(29, 7, generator=g, dtype=torch.float64), torch.randn(61, 7, generator=g,
+                                                                                  dtype=torch.float64) * 0.5
+    th1, tw1 = prob.pop("teacher_hidden"), prob.pop("teacher_weight")
+    w = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    kw = dict(divergence="fkl", temperature=1.3)
+    out, gr = _grads(fastkd.fused_linear_distill_loss, {**prob, "teacher_hidden": [th1, th2],
+                                                          "teacher_weight": [tw1, tw2]}, torch.tensor(1.0),
+                     chunk_size=8, teacher_weights=w, softcap=(None, 2.0), logit_scale=(1.1, 0.8), **kw)
+
+    def ref_fn(student_hidden, student_weight, student_bias, **_):
+        zs = _side_logits64(student_hidden, student_weight, student_bias, 1.1, None)
+        zt = torch.stack([_side_logits64(th1, tw1, None, 0.8, 2.0), _side_logits64(th2, tw2, None, 0.8, 2.0)])
+        p = (w[:, None, None] * torch.softmax(zt / 1.3, -1)).sum(0)
+        log_q = torch.log_softmax(zs / 1.3, -1)
+        return (p * (p.log() - log_q)).sum(-1).mean()
+
+    ref, grr = _grads(ref_fn, prob, torch.tensor(1.0))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    for k in gr:
+        torch.testing.assert_close(gr[k], grr[k], rtol=1e-9, atol=1e-11, msg=k)
