@@ -78,12 +78,6 @@ def test_bad_values_exit_nonzero_with_a_message(capsys):
             cli.main(["check", "--device", "cuda"])
 
 
-def test_bench_without_source_tree_says_so(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "find_bench_root", lambda: None)
-    assert cli.main(["bench", "--quick"]) == 2
-    assert "source" in capsys.readouterr().err
-
-
 def test_cache_teacher_is_registered(capsys):
     parser = cli.build_parser()
     assert "cache-teacher" in parser._subparsers._group_actions[0].choices
