@@ -331,12 +331,60 @@ def _fsdp1_cases():
     return [fsdp1_flat_head_rejected, fsdp1_module_form]
 
 
+# ---- DistillationTrainer.compute_loss under the engines --------------------------------------------------------
+def _trainer(student, teacher):
+    """A DistillationTrainer without Trainer.__init__ (accelerate on CPU falls back to DDP / refuses FSDP1 and
+    DeepSpeed): the attributes compute_loss reads, as Trainer would set them for 2 processes."""
+    from types import SimpleNamespace
+
+    from fastkd.integrations.hf import DistillationTrainer
+
+    tr = object.__new__(DistillationTrainer)
+    tr.model, tr.teacher_model, tr.log_stats = student, teacher, False
+    tr.distill_options = dict(KW, scale_by_t2=False, beta=None, alpha=None, mu=None, t=None)
+    tr._teacher_head_cache, tr._hidden_cache, tr.is_deepspeed_enabled = None, None, False
+    tr.args = SimpleNamespace(average_tokens_across_devices=True, n_gpu=1)
+    tr.accelerator = SimpleNamespace(num_processes=WORLD, mixed_precision="no", parallelism_config=None)
+    return tr
+
+
+def _trainer_cases():
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from fastkd.core.sharding import is_dtensor
+
+    def run(name, student, teacher, grads, rank, ref):
+        data = batch()
+        teacher.requires_grad_(False)
+        tr = _trainer(student, teacher)
+        with torch.no_grad():  # evaluation: Trainer.prediction_step calls compute_loss under no_grad
+            eval_loss = tr.compute_loss(student, rows(data, rank), num_items_in_batch=n_items(data))
+        loss = tr.compute_loss(student, rows(data, rank), num_items_in_batch=n_items(data))
+        torch.testing.assert_close(eval_loss, loss.detach(), **TOL, msg=f"{name}: eval loss")
+        loss.backward()
+        check(name, loss, grads(student), ref)
+
+    def trainer_fsdp2(rank, ref):  # student head its own resharded unit; teacher sharded, resharded after use
+        mesh = init_device_mesh("cpu", (WORLD,))
+        teacher = _fsdp2(tiny_llama(1), mesh, head_unit=False, reshard_root=False)
+        run("trainer fsdp2", _fsdp2(tiny_llama(0), mesh, head_unit=True, reshard_root=True), teacher,
+            _fsdp2_grads, rank, ref)
+        assert all(is_dtensor(p) for p in teacher.parameters())  # gathered_head resharded the teacher root
+
+    def trainer_fsdp1(rank, ref):  # flat shards: the student loss as the root unit's forward, teacher summoned
+        for orig in (True, False):
+            run(f"trainer fsdp1 (use_orig_params={orig})", _fsdp1(tiny_llama(0), orig),
+                _fsdp1(tiny_llama(1), orig), _fsdp1_grads, rank, ref)
+
+    return [trainer_fsdp2, trainer_fsdp1]
+
+
 def _all_cases():
-    return [*_fsdp2_cases(), *_tp_cases(), *_fsdp1_cases()]
+    return [*_fsdp2_cases(), *_tp_cases(), *_fsdp1_cases(), *_trainer_cases()]
 
 
 CASE_NAMES = ["fsdp2_default", "fsdp2_dtensor_head", "fsdp2_module_form", "fsdp2_teacher", "tp_fused", "tp_logits",
-              "bad_combinations", "fsdp1_flat_head_rejected", "fsdp1_module_form"]
+              "bad_combinations", "fsdp1_flat_head_rejected", "fsdp1_module_form", "trainer_fsdp2", "trainer_fsdp1"]
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:

@@ -56,7 +56,7 @@ except ImportError:  # a torch without distributed: nothing here can be a DTenso
     DTensor = None  # type: ignore[assignment,misc]
 
 __all__ = ["VocabShard", "Heads", "resolve_heads", "resolve_logits", "sharded_entry", "call_as_forward", "head_in",
-           "engine_of", "keep_in_graph", "is_dtensor"]
+           "engine_of", "keep_in_graph", "is_dtensor", "call_with_head", "gathered_head"]
 
 _FLAT_FIX = ("compute the loss inside the module's forward so the engine gathers the head itself "
              "(fastkd.nn.FusedLinearDistillLoss(...).through(unit, ...) or fastkd.core.sharding.call_as_forward), "
@@ -484,3 +484,58 @@ def head_in(unit: torch.nn.Module) -> torch.nn.Module:
     if head is None or not hasattr(head, "weight"):
         raise TypeError(f"{type(inner).__name__} is neither an LM head nor a model with output embeddings")
     return head
+
+
+def _head_unit(model: torch.nn.Module, head: torch.nn.Module) -> torch.nn.Module:
+    """The innermost FSDP1 wrapper whose subtree holds ``head`` (the unit that owns its flat parameter)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    unit = model
+    for m in model.modules():
+        if isinstance(m, FullyShardedDataParallel) and any(x is head for x in m.modules()):
+            unit = m
+    return unit
+
+
+def call_with_head(model: torch.nn.Module, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(weight, bias, *args, **kwargs)`` with ``model``'s LM head usable: as the forward of the FSDP1 unit
+    or the ZeRO-3 head that owns it (:func:`call_as_forward`, so the engine gathers it for forward and
+    backward), or directly (plain models, DDP, FSDP2: a DTensor head is gathered by the loss itself)."""
+    head = head_in(model)
+    engine = engine_of(model)
+    if engine not in ("fsdp1", "zero3"):
+        return fn(head.weight, getattr(head, "bias", None), *args, **kwargs)
+    unit = _head_unit(model, head) if engine == "fsdp1" else head
+
+    def forward(*a: Any, **k: Any) -> Any:
+        return fn(head.weight, getattr(head, "bias", None), *a, **k)
+
+    return call_as_forward(unit, forward, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def gathered_head(model: torch.nn.Module) -> Iterator[None]:
+    """A frozen (teacher) model's LM head gathered for the body of the ``with`` (no gradients): FSDP1
+    ``summon_full_params`` of the head's unit, ZeRO-3 ``GatheredParameters`` of the head; FSDP2 and plain
+    models need nothing (a DTensor head is gathered by the loss). On exit an FSDP2 model is resharded
+    (``reshard()``: the root unit stays gathered after its forward otherwise)."""
+    engine = engine_of(model)
+    head = head_in(model)
+    if engine == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        ctx = FullyShardedDataParallel.summon_full_params(_head_unit(model, head), recurse=False, writeback=False)
+    elif engine == "zero3":
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters(list(head.parameters()), modifier_rank=None)
+    else:
+        ctx = contextlib.nullcontext()
+    with ctx:
+        yield
+    if engine == "fsdp2":
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from fastkd.core.sharding import engine_of, is_dtensor, keep_in_graph
+from fastkd.core.sharding import call_with_head, engine_of, gathered_head, is_dtensor, keep_in_graph
 from fastkd.core.stats import STATS_KEYS
 from fastkd.distill.fused import fused_linear_distill_loss
 
@@ -299,11 +299,14 @@ class DistillationTrainer(Trainer):
                 raise ValueError(f"student and teacher use different final_logit_softcapping ({softcap} vs "
                                  f"{t_softcap}); the fused loss applies one softcap to both")
             h_t = h_t.to(h_s.device, h_s.dtype)
-            w_t, b_t = self._teacher_head(h_s.device, h_s.dtype)
-            with self._loss_autocast():
-                loss = fused_linear_distill_loss(
-                    h_s, head.weight, h_t, w_t, student_bias=getattr(head, "bias", None), teacher_bias=b_t,
-                    softcap=softcap, **common, **self.distill_options)
+            # sharded heads (FSDP1 / ZeRO-3): the teacher's gathered around the loss, the student's loss run as
+            # its unit's forward so the engine gathers it for forward and backward (fastkd.core.sharding)
+            with gathered_head(self.teacher_model), self._loss_autocast():
+                w_t, b_t = self._teacher_head(h_s.device, h_s.dtype)
+                loss = call_with_head(
+                    model, lambda w, b, h, ht: fused_linear_distill_loss(
+                        h, w, ht, w_t, student_bias=b, teacher_bias=b_t, softcap=softcap, **common,
+                        **self.distill_options), h_s, h_t)
         if self.log_stats:
             loss, stats = loss
             self._record_stats(stats, labels, mask)
