@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import re
@@ -61,6 +62,9 @@ class Result:
     compile_s: float = 0.0
     error: str | None = None
     key: str = field(default="", repr=False)
+    stack: int | None = None  # bytes of stack frame per thread (local memory: spills and local arrays)
+    sass: dict | None = field(default=None, repr=False)  # sass_counts() of the cubin (with sass=True)
+    sass_key: str = ""  # costcount.sass_key of the launch: how the cost model finds this compile
 
 
 @contextlib.contextmanager
@@ -81,8 +85,9 @@ def capturing(out: list[Launch], label: list[str]) -> Iterator[None]:
         JITFunction.run = old
 
 
-def _import_kernels() -> None:
-    """Import fastkd with TRITON_INTERPRET unset (real JITFunctions), then let the registry accept CPU tensors."""
+def _import_kernels(extra: tuple[str, ...] = ()) -> None:
+    """Import fastkd (and the modules ``extra``) with TRITON_INTERPRET unset (real JITFunctions), then let the
+    registry accept CPU tensors."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and "fastkd.kernels.distill" in sys.modules:
         raise RuntimeError("bench/aot.py needs real JITFunctions: run it in a process without TRITON_INTERPRET=1")
     os.environ.pop("TRITON_INTERPRET", None)
@@ -95,7 +100,14 @@ def _import_kernels() -> None:
     import fastkd.kernels.sparse_split  # noqa: F401
     import fastkd.kernels.topk  # noqa: F401
 
+    for mod in LIGER_MODULES + extra:  # the published baselines' kernels (bench/model.py --calibrate)
+        with contextlib.suppress(ImportError):
+            importlib.import_module(mod)
     os.environ["TRITON_INTERPRET"] = "1"  # fastkd.core.registry: CPU tensors are acceptable (launches are faked)
+
+
+LIGER_MODULES = ("liger_kernel.ops.kl_div", "liger_kernel.ops.tvd", "liger_kernel.ops.cross_entropy",
+                 "liger_kernel.ops.jsd", "liger_kernel.ops.backends._triton.jsd")
 
 
 def calls(full: bool) -> Iterator[tuple[str, Callable[[], Any]]]:
@@ -210,6 +222,7 @@ def capture(full: bool, only: str | None = None) -> tuple[list[Launch], list[str
 
 _PTXAS_RE = {
     "regs": re.compile(r"Used (\d+) registers"),
+    "stack": re.compile(r"(\d+) bytes stack frame"),
     "spill_st": re.compile(r"(\d+) bytes spill stores"),
     "spill_ld": re.compile(r"(\d+) bytes spill loads"),
 }
@@ -222,8 +235,143 @@ def parse_ptxas(log: str) -> tuple[int | None, int]:
     return (max(regs) if regs else None), (max(spills) if spills else 0)
 
 
-def compile_launch(lc: Launch, seen: dict[str, Result]) -> Result | None:
-    """Compile one launch for sm_90 as the launcher would specialise it; None when already compiled."""
+def parse_stack(log: str) -> int:
+    """Bytes of stack frame per thread from ``ptxas -v`` output (the largest over its functions)."""
+    return max([int(m) for m in _PTXAS_RE["stack"].findall(log)] or [0])
+
+
+# SASS opcodes by the sm_90 pipe that executes them (lanes per SM-clock: fma 128, alu 64, xu 16; every
+# instruction also takes one issue slot of its SM sub-partition: 4 warp-instructions per SM-clock)
+FMA_OPS = frozenset({"FFMA", "FADD", "FMUL", "FFMA32I", "FADD32I", "FMUL32I", "HFMA2", "HADD2", "HMUL2",
+                     "FSWZADD"})
+ALU_OPS = frozenset({"IADD3", "IADD", "IADD32I", "IMAD", "IMUL", "IMUL32I", "IMAD32I", "LOP3", "LOP", "LOP32I",
+                     "SHF", "SHL", "SHR", "ISETP", "FSETP", "HSETP2", "FSEL", "SEL", "LEA", "IMNMX", "FMNMX",
+                     "VIMNMX", "VIADD", "VIADDMNMX", "PRMT", "ISCADD", "IABS", "PLOP3", "P2R", "R2P", "FCHK",
+                     "I2FP", "F2FP", "FSET", "ISET", "CSET", "CSETP", "HMNMX2", "BMSK", "SGXT", "IDP"})
+XU_OPS = frozenset({"MUFU", "F2F", "F2I", "I2F", "FRND", "POPC", "FLO", "BREV"})
+_SASS_INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)\s*([^;]*);")
+_TARGET = re.compile(r"0x([0-9a-f]+)")
+
+
+def _width(mods: str) -> int:
+    """Bytes per lane of a memory instruction from its modifiers (.128, .64, .U16, ...; default 32-bit)."""
+    for tag, w in ((".128", 16), (".64", 8), (".U16", 2), (".S16", 2), (".U8", 1), (".S8", 1)):
+        if tag in mods:
+            return w
+    return 4
+
+
+def _blank() -> dict[str, int]:
+    return dict.fromkeys(("fma", "alu", "xu", "issue", "ldg", "ldl", "stl"), 0)
+
+
+def _add(c: dict[str, int], op: str, mods: str) -> None:
+    c["issue"] += 1
+    pipe = "fma" if op in FMA_OPS else "alu" if op in ALU_OPS else "xu" if op in XU_OPS else None
+    if pipe:
+        c[pipe] += 1
+    if op in ("LDG", "LDL", "STL"):
+        c[op.lower()] += 32 * _width(mods)
+
+
+def _longest_path(body: list[tuple[int, str, str, str, bool]], lo: int, hi: int) -> dict[str, int]:
+    """Counts along the longest (most instructions issued) path through one loop body: basic blocks split
+    at branch targets and after branches, forward edges only (the back edge closes the iteration), so a
+    runtime branch (a kernel argument's case split, a full block vs the masked tail) counts its heavier side
+    once, not both."""
+    targets = {int(t[1], 16) for _, op, _, args, _ in body if op in ("BRA", "JMP")
+               for t in [_TARGET.search(args)] if t}
+    blocks: list[list] = [[]]
+    for ins in body:
+        if blocks[-1] and ins[0] in targets:
+            blocks.append([])
+        blocks[-1].append(ins)
+        if ins[1] in ("BRA", "JMP", "EXIT", "RET"):
+            blocks.append([])
+    blocks = [b for b in blocks if b]
+    start = {b[0][0]: i for i, b in enumerate(blocks)}
+    best: list[tuple[int, dict] | None] = [None] * len(blocks)
+    best[0] = (0, _blank())
+    top = (0, _blank())
+    for i, blk in enumerate(blocks):
+        if best[i] is None:
+            continue
+        c = dict(best[i][1])
+        for _, op, mods, _, _ in blk:
+            if op != "NOP":
+                _add(c, op, mods)
+        here = (c["issue"], c)
+        if here[0] > top[0]:
+            top = here
+        addr, op, _, args, cond = blk[-1]
+        nxt = []
+        if not (op in ("BRA", "JMP", "EXIT", "RET") and not cond) and i + 1 < len(blocks):
+            nxt.append(i + 1)
+        t = _TARGET.search(args) if op in ("BRA", "JMP") else None
+        if t and lo <= int(t[1], 16) <= hi and int(t[1], 16) > addr and int(t[1], 16) in start:
+            nxt.append(start[int(t[1], 16)])
+        for j in nxt:
+            if best[j] is None or best[j][0] < here[0]:
+                best[j] = here
+    return top[1]
+
+
+def sass_counts(sass: str) -> dict[str, dict[str, int]]:
+    """Warp-instruction counts of one kernel's SASS (``cuobjdump -sass``): ``loop`` = the longest path through
+    one iteration of each loop (outermost ranges closed by a backward branch; a nested loop counts once
+    with its parent), summed over the loops; ``once`` = every instruction outside loops. Per part:
+    instructions per pipe (``fma``, ``alu``, ``xu``; ``issue`` = all but NOP) and bytes per warp moved by
+    global loads (``ldg``: 32 lanes × width) and by local memory (``ldl`` / ``stl``: spills, local arrays)."""
+    insns = [(int(m[1], 16), m[3], m[4], m[5], bool(m[2]) and "PT" not in m[2]) for m in _SASS_INSN.finditer(sass)]
+    ranges: list[list[int]] = []
+    for addr, op, _, args, _ in insns:
+        t = _TARGET.search(args) if op in ("BRA", "JMP") else None
+        if t and int(t[1], 16) < addr:
+            ranges.append([int(t[1], 16), addr])
+    ranges.sort()
+    merged: list[list[int]] = []
+    for lo, hi in ranges:
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    loop, once = _blank(), _blank()
+    for lo, hi in merged:
+        path = _longest_path([i for i in insns if lo <= i[0] <= hi], lo, hi)
+        for k in loop:
+            loop[k] += path[k]
+    for addr, op, mods, _, _ in insns:
+        if op != "NOP" and not any(lo <= addr <= hi for lo, hi in merged):
+            _add(once, op, mods)
+    return {"loop": loop, "once": once, "loops": len(merged)}
+
+
+def _sass_text(cubin: bytes) -> str:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    cuobjdump = Path(get_ptxas(SM).path).with_name("cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        f = Path(tmp) / "k.cubin"
+        f.write_bytes(cubin)
+        return subprocess.run([str(cuobjdump), "-sass", str(f)], capture_output=True, text=True, check=True).stdout
+
+
+def _launch_sass_key(lc: Launch) -> str:
+    import inspect
+
+    from fastkd.bench.costcount import sass_key
+
+    fn = lc.fn
+    kw = {k: v for k, v in lc.kwargs.items() if k not in ("num_warps", "num_stages", "num_ctas", "maxnreg")}
+    bound = inspect.signature(fn.fn).bind_partial(*lc.args, **kw)
+    bound.apply_defaults()
+    cx = {p.name: bound.arguments.get(p.name) for p in fn.params if p.is_constexpr}
+    return sass_key(fn.__name__, int(lc.kwargs.get("num_warps") or 4), cx)
+
+
+def compile_launch(lc: Launch, seen: dict[str, Result], sass: bool = False) -> Result | None:
+    """Compile one launch for sm_90 as the launcher would specialise it; None when already compiled.
+    ``sass``: also count the cubin's SASS instructions per pipe (:func:`sass_counts`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
@@ -256,6 +404,10 @@ def compile_launch(lc: Launch, seen: dict[str, Result]) -> Result | None:
             if out.returncode != 0:
                 raise RuntimeError(f"ptxas failed: {out.stderr.strip()[:300]}")
             res.regs, res.spill_bytes = parse_ptxas(out.stdout + out.stderr)
+            res.stack = parse_stack(out.stdout + out.stderr)
+        if sass:
+            res.sass = sass_counts(_sass_text(ck.asm["cubin"]))
+            res.sass_key = _launch_sass_key(lc)
     except Exception as exc:
         res.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''}"
     res.compile_s = time.perf_counter() - t0
@@ -287,6 +439,53 @@ def failures(results: list[Result]) -> list[str]:
     return out
 
 
+def spec_launches(specs: dict[str, dict]) -> list[Launch]:
+    """Launches re-created from the cost model's specs (bench/costcount.launch_spec): the kernel's
+    JITFunction, small CPU tensors of each pointer argument's dtype (16-byte aligned), the scalars and
+    constexprs as recorded."""
+    import torch
+    from triton.runtime.jit import JITFunction
+
+    _import_kernels(tuple(sorted({sp["module"] for sp in specs.values()})))
+    out = []
+    for key, sp in specs.items():
+        fn = getattr(importlib.import_module(sp["module"]), sp["name"])
+        while not isinstance(fn, JITFunction) and hasattr(fn, "fn"):  # autotuner / heuristics wrappers
+            fn = fn.fn
+        kwargs = {k: torch.empty(64, dtype=getattr(torch, v)) if kind == "tensor" else v
+                  for k, (kind, v) in sp["args"].items()}
+        out.append(Launch(fn, (), {**kwargs, "num_warps": sp["num_warps"]}, key))
+    return out
+
+
+def record(r: Result) -> dict:
+    """The compile record the cost model reads (bench/data/sass_sm90.json)."""
+    return {"kernel": r.kernel, "num_warps": r.num_warps, "constexprs": r.constexprs, "regs": r.regs,
+            "spill_bytes": r.spill_bytes, "stack": r.stack, "shared": r.shared, "sass": r.sass, "error": r.error}
+
+
+def compile_specs(path: Path, out: Path) -> int:
+    """``--sass-specs FILE``: compile the cost model's missing launches for sm_90 with SASS counts and merge
+    their records into ``out``; exit 1 on a compile error or a record whose key differs from the spec's."""
+    specs = json.loads(path.read_text())
+    records = json.loads(out.read_text()) if out.exists() else {}
+    bad = []
+    for lc in spec_launches(specs):
+        r = compile_launch(lc, {}, sass=True)
+        print(table_row(r), flush=True)
+        if r.error:
+            bad.append(f"{lc.label}: {r.error}")
+            continue
+        if r.sass_key != lc.label:
+            bad.append(f"key mismatch: model {lc.label!r} vs compile {r.sass_key!r}")
+        records[lc.label] = record(r)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(sorted(records.items())), indent=1) + "\n")
+    for line in bad:
+        print(f"FAIL {line}", file=sys.stderr)
+    return 1 if bad else 0
+
+
 HEADER = f"{'kernel':<28} {'warps':>5} {'regs':>5} {'spill':>6} {'smem':>7} {'s':>5}  constexprs / first call"
 
 
@@ -307,10 +506,17 @@ def main(argv: list[str] | None = None) -> int:
                              "labels: 'distill DIV DTYPE V=.. grad=.. ce=.. T=..', "
                              "'sparse MODE DIV DTYPE K=.. split|row', 'scale_grad DTYPE', 'sinkhorn n=.. METRIC', "
                              "'topk K=.. J=..'")
+    parser.add_argument("--sass-specs", metavar="FILE", default=None,
+                        help="compile the launches of FILE (the cost model's missing compile records, JSON) with "
+                             "SASS instruction counts and merge them into --sass-out")
+    parser.add_argument("--sass-out", metavar="FILE", default=str(Path(__file__).resolve().parent / "data"
+                                                                   / "sass_sm90.json"))
     args = parser.parse_args(argv)
     import warnings
 
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+    if args.sass_specs:
+        return compile_specs(Path(args.sass_specs), Path(args.sass_out))
     t0 = time.perf_counter()
     launches, call_errors = capture(args.all, args.only)
     if args.only and not launches and not call_errors:

@@ -6,9 +6,12 @@ bench/model.py's docstring (everything here is a model, not a measurement).
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 @dataclass(frozen=True)
 class GPU:
-    """Published datasheet figures (leads, not measurements)."""
+    """Published datasheet figures (leads, not measurements): NVIDIA's H100 / H200 / A100 datasheets and
+    the CUDA C Programming Guide's arithmetic-throughput table (lanes per SM per clock, by pipe)."""
 
     name: str
     hbm_bw: float  # bytes/s
@@ -27,13 +31,28 @@ class GPU:
     l2_bytes: float
     sms: int
     mem_bytes: float
+    clock_hz: float = 1.98e9  # boost clock
+    fma_lanes: int = 128  # fp32 add/mul/fma per SM-clock (A100: 64)
+    alu_lanes: int = 64  # integer add/logic/shift/compare/select/min-max per SM-clock
+    xu_lanes: int = 16  # MUFU (ex2, lg2, rcp, rsqrt, sin/cos) and type conversions per SM-clock
+    issue_lanes: int = 128  # 4 sub-partitions × one warp-instruction per clock
+    l1_bytes: float = 256 * 1024  # L1 + shared memory per SM
+    regs_per_sm: int = 65536
+    max_threads_per_sm: int = 2048
 
 
 GPUS = {
     "h100": GPU("H100 SXM", 3.35e12, 989e12, 67e12, 50e6, 132, 80e9),
     "h200": GPU("H200", 4.8e12, 989e12, 67e12, 50e6, 132, 141e9),
+    "h100-pcie": GPU("H100 PCIe", 2.0e12, 756e12, 51e12, 50e6, 114, 80e9, clock_hz=1.755e9),
+    "a100": GPU("A100 SXM4 80GB", 2.039e12, 312e12, 19.5e12, 40e6, 108, 80e9, clock_hz=1.41e9, fma_lanes=64,
+                l1_bytes=192 * 1024),
 }
-ASSUMED_REGS = 64  # registers per thread for the occupancy estimate of the L2 rule
+# The two calibrated efficiencies (bench/model.py --calibrate fits them on bench/data/published.csv; see the
+# model's docstring): achieved / datasheet HBM bandwidth, achieved / dense tensor-core peak of a large GEMM.
+HBM_EFFICIENCY = 0.90
+GEMM_EFFICIENCY = 0.80
+ASSUMED_REGS = 64  # registers per thread for the occupancy estimate when a launch has no sm_90 compile record
 SAMPLE_ROWS = 2
 
 
@@ -86,8 +105,9 @@ def op_flops(name: str, args: tuple, out: list[torch.Tensor]) -> float:
 @dataclass
 class OpCost:
     """One op or kernel launch: HBM bytes, FLOPs (matmuls: tensor-core peak when bf16/fp16, else fp32 peak)
-    and ``alu_ops`` (Triton kernels: element operations, one lane-instruction each, transcendentals weighted
-    8: the SFU's 16 lanes per SM-clock vs 128 ALU lanes), all at their own roofline ceiling."""
+    and its compute: ``pipe_ms`` (Triton kernels with an sm_90 compile record: SASS warp-instructions per pipe
+    at the pipe's lanes per SM-clock) or, without one, ``alu_ops`` (the interpreter's element operations, one
+    lane-instruction each, transcendentals weighted 8), each at its own ceiling (:meth:`ms`)."""
 
     name: str
     bytes: float
@@ -96,10 +116,41 @@ class OpCost:
     rule: str = ""
     launches: int = 1
     alu_ops: float = 0.0
+    pipe_ms: float | None = None
+    spill_bytes: float = 0.0  # local-memory (spill) traffic counted in ``bytes`` (it misses L1 and L2)
+    sass_instr: float = 0.0  # lane-instructions issued (SASS), for instructions per element
 
     def ms(self, gpu: GPU) -> float:
-        peak = gpu.tensor_flops if self.tensor_core else gpu.fp32_flops
-        return 1e3 * max(self.bytes / gpu.hbm_bw, self.flops / peak, self.alu_ops / (gpu.fp32_flops / 2))
+        """max(bytes / (HBM_EFFICIENCY · bandwidth), FLOPs / (GEMM_EFFICIENCY · tensor peak, or fp32 peak),
+        compute): a roofline with the two calibrated efficiencies."""
+        peak = gpu.tensor_flops * GEMM_EFFICIENCY if self.tensor_core else gpu.fp32_flops
+        compute = self.pipe_ms / 1e3 if self.pipe_ms is not None else self.alu_ops / (gpu.fp32_flops / 2)
+        return 1e3 * max(self.bytes / (gpu.hbm_bw * HBM_EFFICIENCY), self.flops / peak, compute)
+
+
+SOFTMAX_SMEM_BYTES = 48 * 1024  # PyTorch keeps a softmax row in shared memory below sharedMemPerBlock
+SOFTMAX_BLOCKS_PER_SM = 2  # its row kernels: one block of up to 1024 threads per row, 2048 threads per SM
+
+
+def softmax_extra_bytes(name: str, ins: list[torch.Tensor], gpu: GPU) -> tuple[float, str]:
+    """Re-reads of PyTorch's CUDA softmax kernels over the last dimension (aten/src/ATen/native/cuda/
+    SoftMax.cu), which the inputs + outputs count leaves out: a row too long for shared memory is read three
+    times forward (max, sum of exponentials, write) and its grad_output twice backward (row sum, write). The
+    re-reads hit L2 only when the rows in flight (SMs × blocks per SM × row bytes) fit in L2, else they are
+    HBM traffic. Returns (extra bytes, rule)."""
+    forward = name in ("_softmax", "_log_softmax")
+    if not ins or not (forward or name in ("_softmax_backward_data", "_log_softmax_backward_data")):
+        return 0.0, ""
+    x = ins[0]
+    row = x.shape[-1] * x.element_size() if x.dim() else 0
+    if row < SOFTMAX_SMEM_BYTES:
+        return 0.0, f"{name}: row {row / 1e3:.0f} KB in shared memory: read once"
+    in_flight = gpu.sms * SOFTMAX_BLOCKS_PER_SM * row
+    passes = 2 if forward else 1
+    if in_flight <= gpu.l2_bytes:
+        return 0.0, f"{name}: {passes} re-reads in L2 ({in_flight / 1e6:.0f} MB in flight)"
+    return passes * float(tensor_bytes(x)), (f"{name}: {passes} re-reads from HBM ({in_flight / 1e6:.0f} MB "
+                                             f"in flight > L2)")
 
 
 class TorchCounter(TorchDispatchMode):
@@ -109,8 +160,9 @@ class TorchCounter(TorchDispatchMode):
     (used for fastkd's custom ops, whose kernels are counted by replay).
     """
 
-    def __init__(self, hook: Callable[..., list[OpCost] | None] | None = None):
+    def __init__(self, hook: Callable[..., list[OpCost] | None] | None = None, gpu: GPU | None = None):
         super().__init__()
+        self.gpu = gpu or GPUS["h200"]
         self.ops: list[OpCost] = []
         self.live = 0
         self.peak = 0
@@ -136,6 +188,8 @@ class TorchCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default and _is_fake(args[0]):
+            return True if args[0].dtype == torch.bool else 1 if not args[0].dtype.is_floating_point else 1.0
         if func.namespace == "fastkd" and self.hook is None:
             out = self._run_custom(func, args, kwargs)
         else:
@@ -162,9 +216,8 @@ class TorchCounter(TorchDispatchMode):
             nbytes = tensor_bytes(ins[1]) + tensor_bytes(ins[0])
         else:
             in_ids = {id(t) for t in outs}
-            if name.endswith("_") or "out" in kwargs:  # in-place / out=: the output is a (read) input already
-                nbytes = sum(tensor_bytes(t) for t in ins) + sum(tensor_bytes(t) for t in outs
-                                                                  if id(t) not in {id(i) for i in ins})
+            if name.endswith("_") or "out" in kwargs:  # in-place / out=: its inputs read, its output written
+                nbytes = sum(tensor_bytes(t) for t in ins) + sum(tensor_bytes(t) for t in outs)
                 if name in ("zero_", "fill_"):
                     nbytes = sum(tensor_bytes(t) for t in outs)
             else:
@@ -172,10 +225,17 @@ class TorchCounter(TorchDispatchMode):
                                                                                       for t in outs)
         if name in ("zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "fill", "scalar_tensor"):
             nbytes = sum(tensor_bytes(t) for t in outs)
+        rule = ""
+        if name in ("nll_loss_forward", "nll_loss2d_forward"):  # gathers one log-probability per row
+            nbytes = ins[0].shape[0] * ins[0].element_size() + tensor_bytes(ins[1]) + sum(tensor_bytes(t) for t in outs)
+        elif name in ("nll_loss_backward", "nll_loss2d_backward"):  # writes the (N, V) gradient, reads no row
+            nbytes = sum(tensor_bytes(t) for t in outs) + tensor_bytes(ins[2]) + tensor_bytes(ins[0])
+        extra, rule = softmax_extra_bytes(name, ins, self.gpu)
+        nbytes += extra
         # tensor cores when the multiplied pair (not addmm's addend) is bf16/fp16
         operands = ins[1:3] if name.rstrip("_") in ("addmm", "baddbmm") else ins[:2]
         tc = name.rstrip("_") in _MATMULS and all(t.dtype in (torch.bfloat16, torch.float16) for t in operands)
-        self.ops.append(OpCost(f"aten.{name}", float(nbytes), op_flops(name, args, outs), tc))
+        self.ops.append(OpCost(f"aten.{name}", float(nbytes), op_flops(name, args, outs), tc, rule))
         return out
 
 
@@ -202,11 +262,24 @@ class LaunchStats:
     # bytes re-read by a later program, by reuse distance (programs between the two reads): {distance: bytes}
     cross_reread: dict[int, float] = field(default_factory=dict)
 
+    sass_key: str = ""  # how its sm_90 compile record is found (sass_key())
+    spec: dict | None = None  # the launch's arguments as bench/aot.py --sass-specs compiles them
+
+    def record(self) -> dict | None:
+        """Its sm_90 compile record (registers, stack, SASS counts), None when there is none."""
+        rec = sass_records().get(self.sass_key) if self.sass_key else None
+        if rec is None and self.spec is not None:
+            MISSING[self.sass_key] = self.spec
+        return rec
+
     def cost(self, gpu: GPU, extra: float = 1.0) -> OpCost:
-        """HBM bytes of the whole launch (all its rows, × ``extra``) under the L2 rule of the module docstring."""
+        """HBM bytes of the whole launch (all its rows, × ``extra``) under the L2 rule of bench/model.py's
+        docstring, and its compute and spill traffic from the compile record when there is one."""
         scale = extra * self.rows_total / max(1, self.rows_run)
         threads = 32 * self.num_warps
-        occ = max(1, min(32, 2048 // threads, 65536 // (threads * ASSUMED_REGS)))
+        rec = self.record()
+        regs = rec["regs"] if rec and rec.get("regs") else ASSUMED_REGS
+        occ = occupancy(gpu, self.num_warps, regs, rec.get("shared", 0) if rec else 0)
         progs_total = self.programs * scale
         resident = min(progs_total, gpu.sms * occ)
         in_flight = resident * self.max_program_bytes
@@ -228,8 +301,86 @@ class LaunchStats:
             loads = self.load_bytes
             rule = (f"re-reads from HBM: {resident:.0f} progs x {self.max_program_bytes / 1e3:.0f} KB = "
                     f"{in_flight / 1e6:.0f} MB > L2 {gpu.l2_bytes / 1e6:.0f} MB")
-        return OpCost(f"triton.{self.kernel}", (loads - cross_hit + self.store_bytes) * scale, 0.0, False,
-                      f"{self.kernel}: {rule}{cross}", alu_ops=self.alu_ops * scale)
+        nbytes = (loads - cross_hit + self.store_bytes) * scale
+        if rec is None or not rec.get("sass"):
+            return OpCost(f"triton.{self.kernel}", nbytes, 0.0, False, f"{self.kernel}: {rule}{cross}; no sm_90 "
+                          "record: interpreter ALU ops", alu_ops=self.alu_ops * scale)
+        sass = rec["sass"]
+        loop, once = sass["loop"], sass["once"]
+        # warp executions of the loop code: the launch's global-load bytes over the bytes one warp's pass
+        # through the loop code loads (every loop is taken to stream its data, loading in each iteration)
+        execs = self.load_bytes / loop["ldg"] if loop["ldg"] else self.programs * self.num_warps
+        warps = self.programs * self.num_warps
+
+        def count(k: str) -> float:
+            return (execs * loop[k] + warps * once[k]) * scale
+
+        instr = {p: count(p) for p in ("fma", "alu", "xu", "issue")}
+        lanes = {"fma": gpu.fma_lanes, "alu": gpu.alu_lanes, "xu": gpu.xu_lanes, "issue": gpu.issue_lanes}
+        cycles = max(32 * instr[p] / lanes[p] for p in lanes) / gpu.sms
+        pipe_ms = 1e3 * cycles / gpu.clock_hz
+        bound = max(lanes, key=lambda p: 32 * instr[p] / lanes[p])
+        local = count("ldl") + count("stl")
+        footprint = rec.get("stack", 0) * threads * occ  # local memory per SM
+        spill = 0.0
+        if local and footprint > gpu.l1_bytes and footprint * gpu.sms > gpu.l2_bytes:
+            spill = local  # every spill store and reload goes to HBM
+        srule = (f"; local memory {rec.get('stack', 0)} B/thread x {threads * occ} threads = "
+                 f"{footprint / 1e6:.1f} MB/SM: {'HBM' if spill else 'cached'}") if local else ""
+        return OpCost(f"triton.{self.kernel}", nbytes + spill, 0.0, False,
+                      f"{self.kernel}: {rule}{cross}; sm_90 {regs} regs, {occ} progs/SM, {bound}-bound "
+                      f"SASS{srule}", pipe_ms=pipe_ms, spill_bytes=spill, sass_instr=32 * instr["issue"])
+
+
+def occupancy(gpu: GPU, num_warps: int, regs: int, shared: int = 0) -> int:
+    """Resident programs per SM: threads, registers (allocated per warp in units of 256) and shared memory."""
+    threads = 32 * num_warps
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = gpu.regs_per_sm // (per_warp * num_warps)
+    by_smem = int(gpu.l1_bytes - 1024) // shared if shared else 32
+    return max(1, min(32, gpu.max_threads_per_sm // threads, by_regs, by_smem))
+
+
+SASS_PATH = Path(__file__).resolve().parent / "data" / "sass_sm90.json"
+MISSING: dict[str, dict] = {}  # launches costed without a compile record: {sass_key: spec} (bench/aot.py)
+
+
+@functools.lru_cache(maxsize=1)
+def sass_records() -> dict[str, dict]:
+    """bench/data/sass_sm90.json: {sass_key: compile record} written by ``bench/aot.py --sass-specs``."""
+    if not SASS_PATH.exists():
+        return {}
+    return json.loads(SASS_PATH.read_text())
+
+
+def sass_key(kernel: str, num_warps: int, constexprs: dict[str, Any]) -> str:
+    """How a launch finds its sm_90 compile record (bench/aot.py --sass): kernel, warps and its upper-case
+    constexpr arguments (the compile-time choices: block sizes, flags, divergence codes)."""
+
+    def fmt(v: Any) -> str:
+        v = getattr(v, "value", v)  # tl.constexpr
+        return repr(v) if isinstance(v, (bool, int, float, str, type(None))) else str(v)
+
+    items = ",".join(f"{k}={fmt(v)}" for k, v in sorted(constexprs.items()) if k.isupper())
+    return f"{kernel}|{num_warps}|{items}"
+
+
+def launch_spec(fn: Any, num_warps: int, raw: dict[str, Any], constexprs: list[str]) -> dict:
+    """A launch as bench/aot.py --sass-specs re-creates it for the sm_90 compile: the kernel (module, name),
+    num_warps, and per argument its constexpr value, tensor dtype or scalar value."""
+
+    def arg(k: str, v: Any) -> list:
+        if k in constexprs:
+            v = getattr(v, "value", v)
+            return ["constexpr", v if isinstance(v, (bool, int, float, str, type(None))) else str(v)]
+        if isinstance(v, torch.Tensor):
+            return ["tensor", str(v.dtype).removeprefix("torch.")]
+        if isinstance(v, (bool, int, float, type(None))):
+            return [type(v).__name__, v]
+        return ["str", str(v)]
+
+    return {"module": fn.__module__, "name": fn.__name__, "num_warps": num_warps,
+            "args": {k: arg(k, v) for k, v in raw.items()}}
 
 
 def _is_fake(t: torch.Tensor) -> bool:
@@ -282,17 +433,18 @@ class TritonCounter:
         old_load, old_store, old_call = builder.create_masked_load, builder.create_masked_store, I.GridExecutor.__call__
         counter = self
 
-        def load(b, ptrs, mask, other, cache_policy, is_volatile):
+        # the cache/eviction arguments after `other` (`value` for stores) differ between Triton releases
+        def load(b, ptrs, mask, other, *policy):
             size = ptrs.get_element_ty().primitive_bitwidth // 8
             addrs = ptrs.data[mask.data.astype(bool)] if mask is not None else ptrs.data.ravel()
             counter._record_load(np.asarray(addrs).ravel(), size)
-            return old_load(b, ptrs, mask, other, cache_policy, is_volatile)
+            return old_load(b, ptrs, mask, other, *policy)
 
-        def store(b, ptrs, value, mask, cache_policy):
+        def store(b, ptrs, value, mask, *policy):
             size = ptrs.get_element_ty().primitive_bitwidth // 8
             n = int(np.count_nonzero(mask.data)) if mask is not None else ptrs.data.size
             counter.launches[-1].store_bytes += n * size
-            return old_store(b, ptrs, value, mask, cache_policy)
+            return old_store(b, ptrs, value, mask, *policy)
 
         def call(executor, *args, **kwargs):
             with _disable_current_modes():  # the interpreter's own torch calls are not the model's traffic
@@ -371,12 +523,14 @@ class TritonCounter:
             hook(*args_hst, **kwargs_hst)
         scope = I._patch_lang(ex.fn)
         try:
-            args = inspect.getcallargs(ex.fn, *args_hst, **kwargs_hst)
-            args = {k: v if k in ex.constexprs else _cvt(I, v) for k, v in args.items()}
+            raw = inspect.getcallargs(ex.fn, *args_hst, **kwargs_hst)
+            args = {k: v if k in ex.constexprs else _cvt(I, v) for k, v in raw.items()}
             grid = ex.grid(args) if callable(ex.grid) else ex.grid
             grid = tuple(grid) + (1,) * (3 - len(grid))
             rows = grid[0] if self.max_rows is None else min(grid[0], self.max_rows)
             st = LaunchStats(getattr(ex.fn, "__name__", "kernel"), num_warps, grid[0], rows)
+            st.sass_key = sass_key(st.kernel, num_warps, {k: raw[k] for k in ex.constexprs})
+            st.spec = launch_spec(ex.fn, num_warps, raw, ex.constexprs)
             self.launches.append(st)
             I.interpreter_builder.set_grid_dim(*grid)
             seen: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # element size -> (sorted addrs, last program)

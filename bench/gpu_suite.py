@@ -528,9 +528,10 @@ def print_summary(summary: list[dict[str, Any]], copy_bw: float | None, console:
     console.print(table)
 
 
-MODEL_CASES = {"distill-fkl": "distill-fkl", "distill-jsd": "distill-jsd", "fused-fkl": "fused-fkl",
-               "sparse-fkl-topk": "sparse-topk"}  # suite case -> cost-model case (bench/model.py)
+MODEL_CASES = {f"distill-{d}": f"distill-{d}" for d in ("fkl", "rkl", "jsd")}
+MODEL_CASES.update({"fused-fkl": "fused-fkl", "fused-jsd": "fused-jsd", "sparse-fkl-topk": "sparse-topk"})
 MODEL_PROVIDERS = {"fastkd-triton": "fastkd-triton", "naive": "naive", "liger": "liger"}
+VS_MODEL_MD = "gpu_suite_vs_model.md"  # in --out: the measured-vs-model table bench/RESULTS.md takes
 
 
 def model_rows(path: str | None) -> list[dict[str, Any]]:
@@ -541,14 +542,15 @@ def model_rows(path: str | None) -> list[dict[str, Any]]:
         return json.load(fh)
 
 
-def print_vs_model(name: str, rows: list[dict[str, Any]], model: list[dict[str, Any]], console: Any) -> None:
-    """Measured median next to the model's predicted_ms (scaled to the measured sizes: bytes and FLOPs are
-    linear in N·V) for the providers both have; measured / predicted calibrates the model."""
+def vs_model(name: str, rows: list[dict[str, Any]], model: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per measured row of suite case ``name`` that the model also has: the measured median and the model's
+    predicted_ms, scaled to the measured sizes (bytes, FLOPs and instructions are linear in N·V)."""
     mcase = MODEL_CASES.get(name)
+    out: list[dict[str, Any]] = []
     if not mcase or not model:
-        return
+        return out
     for r in rows:
-        if r["status"] != "ok" or r["provider"] not in MODEL_PROVIDERS:
+        if r["status"] != "ok" or r["provider"] not in MODEL_PROVIDERS or r.get("median_ms") is None:
             continue
         m = next((x for x in model if x["case"] == mcase and x["provider"] == MODEL_PROVIDERS[r["provider"]]
                   and x.get("status") == "ok"), None)
@@ -560,9 +562,50 @@ def print_vs_model(name: str, rows: list[dict[str, Any]], model: list[dict[str, 
         if msizes.get("N") and msizes.get("V"):
             scale = sizes["N"] * sizes["V"] / (msizes["N"] * msizes["V"])
         pred = m["predicted_ms"] * scale
-        console.print(f"  {name:<16} {r['provider']:<14} measured {r['median_ms']:9.3f} ms   model "
-                      f"{pred:9.3f} ms ({m['gpu']}, model, not measured)   measured/model {r['median_ms'] / pred:5.2f}",
-                      highlight=False)
+        out.append({"suite_case": name, "provider": r["provider"], "measured_ms": r["median_ms"],
+                    "model_ms": pred, "measured_over_model": r["median_ms"] / pred if pred else None,
+                    "model_gpu": m["gpu"], "model_commit": m.get("commit", ""),
+                    "device_name": r.get("device_name", "")})
+    return out
+
+
+def print_vs_model(name: str, rows: list[dict[str, Any]], model: list[dict[str, Any]], console: Any) -> None:
+    """Measured median next to the model's prediction for the providers both have (:func:`vs_model`);
+    measured / predicted checks the calibrated model."""
+    for v in vs_model(name, rows, model):
+        console.print(f"  {name:<16} {v['provider']:<14} measured {v['measured_ms']:9.3f} ms   model "
+                      f"{v['model_ms']:9.3f} ms ({v['model_gpu']}, model, not measured)   measured/model "
+                      f"{v['measured_over_model']:5.2f}", highlight=False)
+
+
+def vs_model_markdown(table: list[dict[str, Any]], device: str, commit: str, dry: bool = False) -> str:
+    """The measured-vs-model table for bench/RESULTS.md: device, date and commit in the heading."""
+    import datetime
+
+    day = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    title = (f"### GPU suite on {device}: measured vs the calibrated cost model — {day}, commit {commit}")
+    lines = [title, ""]
+    if dry:
+        lines += ["DRY RUN on CPU (tiny sizes, Triton interpreter): the timings mean nothing.", ""]
+    lines += ["`make gpu-check` (bench/gpu_suite.py --model bench/model_h200.json): measured = median of CUDA-event "
+              "timings; model = bench/model.py's prediction (model, not measured), scaled to the measured N·V.", "",
+              "| case | provider | measured ms | model ms (model, not measured) | model GPU | measured/model |",
+              "|---|---|---:|---:|---|---:|"]
+    for v in table:
+        ratio = "" if v["measured_over_model"] is None else f"{v['measured_over_model']:.2f}"
+        lines.append(f"| {v['suite_case']} | {v['provider']} | {v['measured_ms']:.3f} | {v['model_ms']:.3f} | "
+                     f"{v['model_gpu']} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def _suite_commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parents[1]).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
 
 
 def _now() -> float:
@@ -603,6 +646,9 @@ def main(argv: list[str] | None = None) -> int:
     copy_bw = copy_bandwidth_gbps(device)
     rows: list[dict[str, Any]] = []
     capped: list[str] = []
+    compared: list[dict[str, Any]] = []
+    commit = _suite_commit()
+    out.mkdir(parents=True, exist_ok=True)
     for name, entry in entries.items():
         if args.time_cap is not None and _now() - t_start > args.time_cap:
             capped.append(name)
@@ -619,6 +665,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.extend(case_rows)
         write_results(case_rows, csv_path, json_path)  # now: a later timeout loses nothing of this case
         print_vs_model(name, case_rows, model, console)
+        if model:  # the measured-vs-model table, rewritten as each case finishes
+            compared.extend(vs_model(name, case_rows, model))
+            device_name = case_rows[0].get("device_name", str(device)) if case_rows else str(device)
+            (out / VS_MODEL_MD).write_text(vs_model_markdown(compared, device_name, commit, dry=args.dry_run))
     if capped:
         console.print(f"[yellow]time cap {args.time_cap:.0f} s reached: not run: {', '.join(capped)}")
     print_table(rows, console, title=f"fastkd GPU suite on {rows[0]['device_name'] if rows else device}")

@@ -38,6 +38,73 @@ def test_parse_ptxas():
     assert aot.parse_ptxas("ptxas info : Used 40 registers\n    0 bytes spill stores, 0 bytes spill loads") == (40, 0)
 
 
+SASS = """
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/                   IMAD.MOV.U32 R1, RZ, RZ, c[0x0][0x28] ;
+        /*0020*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0030*/                   ISETP.GE.AND P0, PT, R0, 0x10, PT ;
+        /*0040*/               @P0 BRA 0x80 ;
+        /*0050*/                   FFMA R5, R4, R4, R5 ;
+        /*0060*/                   MUFU.EX2 R6, R5 ;
+        /*0070*/                   BRA 0x90 ;
+        /*0080*/                   FADD R5, R4, R5 ;
+        /*0090*/                   STL [R1], R5 ;
+        /*00a0*/                   IADD3 R0, R0, 0x1, RZ ;
+        /*00b0*/               @P1 BRA 0x20 ;
+        /*00c0*/                   EXIT ;
+        /*00d0*/                   BRA 0xd0 ;
+        /*00e0*/                   NOP ;
+"""
+
+
+def test_sass_counts_loop_longest_path_and_pipes():
+    """Loop code = one pass along the heavier side of each runtime branch; pipes and memory widths by opcode."""
+    c = aot.sass_counts(SASS)
+    assert c["loops"] == 1  # 0x20..0xb0 (the padding BRA to itself is no loop)
+    loop, once = c["loop"], c["once"]
+    # LDG, ISETP, @P0 BRA, FFMA, MUFU, BRA, STL, IADD3, @P1 BRA: the FFMA + MUFU side (FADD side skipped)
+    assert loop["issue"] == 9 and loop["fma"] == 1 and loop["xu"] == 1 and loop["alu"] == 2
+    assert loop["ldg"] == 32 * 16 and loop["stl"] == 32 * 4 and loop["ldl"] == 0
+    assert once["issue"] == 4 and once["alu"] == 1  # S2R, IMAD.MOV, EXIT, BRA (NOP not counted)
+
+
+def test_sass_key_of_the_model_and_the_compile_agree():
+    from fastkd.bench.costcount import sass_key
+
+    assert sass_key("k", 4, {"BLOCK": 64, "HAS_X": True, "lower": 3}) == "k|4|BLOCK=64,HAS_X=True"
+
+
+def test_sass_specs_compile_and_merge(tmp_path):
+    """--sass-specs: the cost model's missing launches compiled for sm_90 with SASS counts, merged by key."""
+    import json
+
+    (tmp_path / "loopk.py").write_text(textwrap.dedent('''
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def loop(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+            acc = tl.zeros([BLOCK], tl.float32)
+            for i in range(0, n, BLOCK):
+                offs = i + tl.arange(0, BLOCK)
+                acc += tl.exp(tl.load(x_ptr + offs, mask=offs < n, other=0.0))
+            tl.store(y_ptr + tl.arange(0, BLOCK), acc)
+    '''))
+    key = "loop|4|BLOCK=512"
+    specs = {key: {"module": "loopk", "name": "loop", "num_warps": 4,
+                   "args": {"x_ptr": ["tensor", "float32"], "y_ptr": ["tensor", "float32"], "n": ["int", 100000],
+                            "BLOCK": ["constexpr", 512]}}}
+    (tmp_path / "specs.json").write_text(json.dumps(specs))
+    out = tmp_path / "sass.json"
+    res = _run(f"from fastkd.bench import aot; raise SystemExit(aot.main(['--sass-specs', 'specs.json', "
+               f"'--sass-out', {str(out)!r}]))", tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rec = json.loads(out.read_text())[key]
+    assert rec["regs"] > 0 and rec["spill_bytes"] == 0 and rec["sass"]["loops"] >= 1
+    loop = rec["sass"]["loop"]
+    assert loop["ldg"] > 0 and loop["xu"] >= 1 and loop["issue"] > loop["fma"]  # exp: MUFU.EX2 in the loop
+
+
 def test_broken_kernel_fails_and_good_kernel_compiles(tmp_path):
     (tmp_path / "tinyk.py").write_text(textwrap.dedent('''
         import triton

@@ -206,11 +206,49 @@ def test_make_gpu_check_stops_at_once_without_cuda(tmp_path):
     dry = subprocess.run(["make", "-n", "gpu-check", f"OUT={tmp_path}"], cwd=root, capture_output=True, text=True,
                          timeout=60)
     assert dry.returncode == 0, dry.stderr
-    for part in ("pip install", "--no-index", "pytest -q -m gpu", "bench/gpu_suite.py --no-compile", "--time-cap",
-                 f"--out {tmp_path}", "MAX_JOBS=$(nproc)"):
+    for part in ("bench/gpu_check.py", f"--out {tmp_path}", "--suite-cap"):  # its steps: tests/test_gpu_check.py
         assert part in dry.stdout, part
     run = subprocess.run(["make", "gpu-check", f"OUT={tmp_path}", f"GPU_PY={sys.executable}"], cwd=root,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
     assert "no CUDA GPU" in run.stdout + run.stderr
     assert not any(tmp_path.iterdir())  # stopped before installing or writing anything
+
+
+def test_vs_model_table_from_fake_timings():
+    """The measured-vs-model table bench/RESULTS.md takes: fake measured rows, the model scaled to their N·V."""
+    rows = [{"status": "ok", "provider": "fastkd-triton", "median_ms": 3.0, "device_name": "NVIDIA H100 80GB HBM3",
+             "sizes": json.dumps({"N": 8, "V": 100})},
+            {"status": "skipped", "provider": "liger", "median_ms": None, "sizes": json.dumps({"N": 8, "V": 100})}]
+    model = [{"case": "distill-rkl", "provider": "fastkd-triton", "status": "ok", "predicted_ms": 1.0,
+              "gpu": "H200", "sizes": {"N": 8, "V": 200}}]
+    table = GS.vs_model("distill-rkl", rows, model)
+    assert len(table) == 1 and table[0]["model_ms"] == pytest.approx(0.5)
+    assert table[0]["measured_over_model"] == pytest.approx(6.0)
+    md = GS.vs_model_markdown(table, "NVIDIA H100 80GB HBM3", "abc1234")
+    assert "NVIDIA H100 80GB HBM3" in md and "commit abc1234" in md and "model, not measured" in md
+    assert "| distill-rkl | fastkd-triton | 3.000 | 0.500 | H200 | 6.00 |" in md
+    assert "DRY RUN" not in md and "DRY RUN" in GS.vs_model_markdown(table, "cpu", "abc1234", dry=True)
+
+
+def test_vs_model_file_written_as_each_case_finishes(tmp_path, monkeypatch):
+    """With --model, the table file in --out is rewritten after every case (a later timeout keeps it)."""
+    model = tmp_path / "model.json"
+    model.write_text(json.dumps([{"case": c, "provider": "fastkd-triton", "status": "ok", "predicted_ms": 1.0,
+                                  "gpu": "H200", "sizes": {"N": 8192, "V": 128256}}
+                                 for c in ("distill-fkl", "distill-jsd")]))
+    seen = []
+    real = GS.vs_model_markdown
+
+    def spy(table, device, commit, dry=False):
+        seen.append([v["suite_case"] for v in table])
+        return real(table, device, commit, dry)
+
+    monkeypatch.setattr(GS, "vs_model_markdown", spy)
+    out = tmp_path / "out"
+    rc = GS.main(["--dry-run", "--cases", "distill-fkl,distill-jsd", "--providers", "fastkd-triton",
+                  "--model", str(model), "--out", str(out)])
+    assert rc == 0
+    assert seen == [["distill-fkl"], ["distill-fkl", "distill-jsd"]]
+    md = (out / GS.VS_MODEL_MD).read_text()
+    assert "| distill-jsd | fastkd-triton |" in md and "DRY RUN" in md
