@@ -1,6 +1,6 @@
 """The LM-head engine: chunked ``hidden @ weight.T`` with a per-chunk loss, shared by every fused path.
 
-Users: ``fastkd.distill.fused`` (dense), ``fastkd.sparse.op`` (sparse), ``fastkd.integrations.distributed``
+Users: ``fastkd.distill.fused`` (dense), ``fastkd.sparse.op`` (sparse), ``fastkd.distill.vocab_parallel``
 (vocabulary-parallel) and the teacher-cache extraction in ``fastkd.cache``. The engine owns, in one place:
 
 * **Chunk size** — :func:`auto_chunk_rows`: rows whose working set fits a stated memory budget
