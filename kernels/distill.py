@@ -83,7 +83,7 @@ def _online(m, d, a, x, y):
     return m_new, d, a
 
 
-# ---- per-token statistics (fastkd.core.stats; issue 16), shared by every distill kernel ---------------------------
+# ---- per-token statistics (fastkd.core.stats), shared by every distill kernel ---------------------------
 # Entropy partials of a block x (tempered logits, −inf allowed): m = max x, d = Σe^{x−m}, c = Σe^{x−m}(x−m), so
 # that H(softmax(x)) = log d − c/d; blocks merge by rescaling with e^{m_j − m*}: c_j + d_j (m_j − m*). The top-1
 # index is tracked on the *raw* logits (dividing by T can round distinct values into a tie) as (max, first index).
@@ -148,14 +148,15 @@ def _store_stats(st_row_ptr, d_t, c_t, d_s, c_s, i_t, i_s, kl):
 
 
 @triton.jit
-def _ce_store(g, xs, q, lse_z, label, ce_cw, g_base, cols, g_col, V, full, HAS_LABELS: tl.constexpr,
+def _ce_store(g, xs, q, m_z, ld_z, label, ce_cw, g_base, cols, g_col, V, full, HAS_LABELS: tl.constexpr,
               CE_RAW: tl.constexpr):
     """Store one block of the gradient (split-row kernels): add the cross-entropy term ce_cw·(softmax(z) −
-    onehot(label)) — softmax of the raw logits xs (log-normaliser lse_z) when CE_RAW, else the tempered q — cast
-    to the output dtype, unmasked for a full block, masked (cols < V) for the tail block."""
+    onehot(label)) — softmax of the raw logits xs (log-normaliser m_z + ld_z, kept split: ``(xs − m_z) − ld_z``
+    loses nothing to a large logit offset) when CE_RAW, else the tempered q — cast to the output dtype, unmasked
+    for a full block, masked (cols < V) for the tail block."""
     if HAS_LABELS:
         if CE_RAW:
-            sm_z = tl.exp(xs - lse_z)
+            sm_z = tl.exp((xs - m_z) - ld_z)
         else:
             sm_z = q
         g += ce_cw * (sm_z - tl.where(cols == label, 1.0, 0.0))
@@ -362,16 +363,19 @@ def _distill_kernel(
                 m_u, d_u, a_u = _online(m_u, d_u, a_u, u, s)
             if CE_RAW:
                 m_z, d_z, a_z = _online(m_z, d_z, zero, xs, xs)
-        lse_s = m_s + tl.log(d_s)
-        lse_t = m_t + tl.log(d_t)
-        fkl = a_f / d_t - lse_t + lse_s
-        rkl = a_r / d_s - lse_s + lse_t
-        lse_u = m_u + tl.log(d_u)
+        # log-normalisers kept split as max + log(sum): x − max is exact, x − (max + log sum) is not at large |x|
+        ld_s = tl.log(d_s)
+        ld_t = tl.log(d_t)
+        lse_s = m_s + ld_s
+        lse_t = m_t + ld_t
+        fkl = a_f / d_t + (m_s - m_t) + (ld_s - ld_t)  # = a_f/d_t − lse_t + lse_s
+        rkl = a_r / d_s + (m_t - m_s) + (ld_t - ld_s)
+        ld_u = tl.log(d_u)
 
         # ---- divergence value D and S = Σqg ------------------------------------------------------------
         taid = zero
         if DIV == TAID:
-            taid = a_u / d_u - lse_u + lse_s
+            taid = a_u / d_u + (m_s - m_u) + (ld_s - ld_u)
         dval, ssum, w_f, w_r = _row_value(fkl, rkl, taid, lse_s, lse_t, c1, zero, DIV)
         if DIV == AKL:
             # bisection for the head threshold on the bits of p (see the module docstring)
@@ -390,7 +394,7 @@ def _distill_kernel(
                     cols = start + offs_a
                     cm = cols < V
                     xt = tl.load(t_base + cols * t_col, mask=cm, other=NEG).to(tl.float32)
-                    p = tl.exp(xt * inv_t - lse_t)
+                    p = tl.exp((xt * inv_t - m_t) - ld_t)
                     pb = p.to(tl.int32, bitcast=True)
                     ge = (pb[None, :] >= th[:, None]) & cm[None, :]
                     c_acc += tl.sum(tl.where(ge, p[None, :], 0.0), 1)
@@ -409,8 +413,8 @@ def _distill_kernel(
                 cm = cols < V
                 xs = tl.load(s_base + cols * s_col, mask=cm, other=NEG).to(tl.float32)
                 xt = tl.load(t_base + cols * t_col, mask=cm, other=NEG).to(tl.float32)
-                p = tl.exp(xt * inv_t - lse_t)
-                q = tl.exp(xs * inv_t - lse_s)
+                p = tl.exp((xt * inv_t - m_t) - ld_t)
+                q = tl.exp((xs * inv_t - m_s) - ld_s)
                 err = tl.where(cm, tl.abs(p - q), 0.0)
                 head = (p.to(tl.int32, bitcast=True) >= hi) | (cols == amax)
                 g_h += tl.sum(tl.where(head, err, 0.0), 0)
@@ -430,8 +434,8 @@ def _distill_kernel(
                 cm = cols < V
                 xs = tl.load(s_base + cols * s_col, mask=cm, other=NEG).to(tl.float32)
                 xt = tl.load(t_base + cols * t_col, mask=cm, other=NEG).to(tl.float32)
-                lq = xs * inv_t - lse_s
-                lp = xt * inv_t - lse_t
+                lq = (xs * inv_t - m_s) - ld_s
+                lp = (xt * inv_t - m_t) - ld_t
                 d_el, qg = _mix_terms(lp, lq, tl.exp(lp), tl.exp(lq), c1, c2, lw_a, lw_b, DIV)
                 # padding columns (−inf on both sides) must add nothing: ab's e^{α·(−inf) + β·(−inf)} is NaN
                 # when α, β have opposite signs
@@ -445,10 +449,11 @@ def _distill_kernel(
             ok = (label >= 0) & (label < V)  # never read outside the row: a bad label gives a NaN loss
             zl = tl.load(s_base + tl.where(ok, label, 0) * s_col, mask=ok, other=float("nan")).to(tl.float32)
             if CE_RAW:
-                lse_z = m_z + tl.log(d_z)
+                ld_z = tl.log(d_z)
             else:
-                lse_z = lse_s
-            loss += ce_w * (lse_z - zl)
+                m_z = m_s
+                ld_z = ld_s
+            loss += ce_w * ((m_z - zl) + ld_z)
         tl.store(loss_ptr + row, loss)
         if STATS:
             _store_stats(st_ptr + row * st_row, d_t, c_t, d_s, c_s, ri_t, ri_s, fkl)
@@ -462,27 +467,26 @@ def _distill_kernel(
                 xt = tl.load(t_base + cols * t_col, mask=cm, other=NEG).to(tl.float32)
                 s = xs * inv_t
                 t = xt * inv_t
-                lq = s - lse_s
+                lq = (s - m_s) - ld_s
+                lp = (t - m_t) - ld_t
                 q = tl.exp(lq)
                 if DIV == FKL:
-                    qg = -tl.exp(t - lse_t)
+                    qg = -tl.exp(lp)
                 elif DIV == RKL:
-                    qg = tl.where(q != 0, q * (lq - (t - lse_t)), 0.0)
+                    qg = tl.where(q != 0, q * (lq - lp), 0.0)
                 elif (DIV == SYMKL) | (DIV == AKL):
-                    lp = t - lse_t
                     qg = -w_f * tl.exp(lp) + w_r * tl.where(q != 0, q * (lq - lp), 0.0)
                 elif DIV == TAID:
                     u = tl.where(c1 == 0.0, s, tl.where(c1 == 1.0, t, (1.0 - c1) * s + c1 * t))
-                    qg = -tl.exp(u - lse_u)
+                    qg = -tl.exp((u - m_u) - ld_u)
                 elif DIV == ZERO:
                     qg = tl.zeros([BLOCK_V], tl.float32)
                 else:
-                    lp = t - lse_t
                     d_el, qg = _mix_terms(lp, lq, tl.exp(lp), q, c1, c2, lw_a, lw_b, DIV)
                 g = kd_coef * (qg - q * ssum)
                 if HAS_LABELS:
                     if CE_RAW:
-                        sm = tl.exp(xs - lse_z)
+                        sm = tl.exp((xs - m_z) - ld_z)
                     else:
                         sm = q
                     g += ce_w * (sm - tl.where(cols == label, 1.0, 0.0))

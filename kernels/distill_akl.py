@@ -48,7 +48,7 @@ comes LAG · S = 1024 tickets after its first read, so at most (528 resident + 1
 are touched in between: every re-read is an L2 hit and HBM sees the logits read once and the gradient written
 once, plus the workspace (~2 % of the traffic). Rounds of a resolved row read nothing.
 
-``STATS`` (return_stats, issue 16): phase 0 also writes the segment's entropy sums and the student's raw max and
+``STATS`` (return_stats): phase 0 also writes the segment's entropy sums and the student's raw max and
 first index (``NSLOT_STATS``; the shared helpers of :mod:`fastkd.kernels.distill`), and segment 0 of round 1,
 which merges the row anyway, writes ``[teacher_entropy, student_entropy, top1_agree, kl]``; no other phase
 changes, so loss and gradient are bitwise those of the launch without stats.
@@ -78,7 +78,8 @@ AKL_MAX_V = 1 << 20  # count field of the packed sums: 21 bits
 NSLOT = tl.constexpr(16)  # fp32 slots per unit in ws (14 used)
 NSLOT_STATS = tl.constexpr(20)  # with STATS: + entropy sums c_s, c_t (14, 15), the student's raw max and its first
 # index (16, 17); the stride is the constexpr WS, so launches without stats are unchanged
-RSLOT = tl.constexpr(12)  # fp32 slots per row in rs
+RSLOT = tl.constexpr(12)  # fp32 slots per row in rs: maxima m_s, m_t, m_z (0, 1, 7) and log-sums ld_s, ld_t, ld_z
+# (9, 10, 11) of the log-normalisers kept split (x − m exact at large logits), fkl, rkl (2, 3), keys (4–6), zl (8)
 NEG = tl.constexpr(float("-inf"))
 ONE = tl.constexpr(1 << 42)  # one element in the packed (count, mass) sum
 FIX = tl.constexpr(1099511627776.0)  # 2**40: p in fixed point
@@ -148,13 +149,15 @@ def _narrow(lo, hi, n_lo, n_hi, th, packed, mu_fix):
 
 
 @triton.jit
-def _seg_sums(xt, cols, cm, lse_t, inv_t, kmin, IB, SH: tl.constexpr, th, NT: tl.constexpr, SCALED: tl.constexpr):
-    """Packed (count, mass) of {E ≥ θ_k} over one segment, for the NT thresholds (an int64 vector)."""
+def _seg_sums(xt, cols, cm, m_t, ld_t, inv_t, kmin, IB, SH: tl.constexpr, th, NT: tl.constexpr,
+              SCALED: tl.constexpr):
+    """Packed (count, mass) of {E ≥ θ_k} over one segment, for the NT thresholds (an int64 vector); the teacher's
+    log-normaliser is m_t + ld_t (max + log sum, kept split: exact x − max at large logits)."""
     e = _codes(xt, cols, kmin, IB, SH)
     if SCALED:
-        lp = xt * inv_t - lse_t
+        lp = (xt * inv_t - m_t) - ld_t
     else:
-        lp = xt - lse_t
+        lp = (xt - m_t) - ld_t
     val = tl.where(cm, (tl.exp(lp) * FIX + 0.5).to(tl.int64) + ONE, 0)  # 2⁴² + round(p · 2⁴⁰)
     # NC thresholds at a time: an (NC, BLOCK_V) tile is NC int64 per element in registers (NT at once spills)
     NC: tl.constexpr = 4
@@ -303,7 +306,8 @@ def _akl_split_kernel(
                     d = tl.load(wr + 4, mask=sm, other=0.0, cache_modifier=".cg")
                     mm = tl.max(m, 0)
                     mms = tl.where(mm == float("-inf"), 0.0, mm)
-                    lse_t = mm + tl.log(tl.sum(d * tl.exp(m - mms), 0))
+                    m_t = mm
+                    ld_t = tl.log(tl.sum(d * tl.exp(m - mms), 0))
                     kmins = tl.load(wr + 6, mask=sm, other=0.0, cache_modifier=".cg").to(tl.int32, bitcast=True)
                     kmin = tl.min(tl.where(sm, kmins, 0x7FFFFFFF), 0)
                     kmaxs = tl.where(sm, tl.load(wr + 7, mask=sm, other=0.0, cache_modifier=".cg")
@@ -319,31 +323,38 @@ def _akl_split_kernel(
                         mss = tl.where(ms_ == float("-inf"), 0.0, ms_)
                         sc = tl.exp(m - mss)
                         dd = tl.sum(d * sc, 0)
-                        lse_s = ms_ + tl.log(dd)
-                        rkl = tl.sum(a * sc, 0) / dd - lse_s + lse_t
+                        m_s = ms_
+                        ld_s = tl.log(dd)
+                        tl.store(rp + 0, m_s)
+                        tl.store(rp + 9, ld_s)
+                        dm = m_s - m_t  # lse_s − lse_t = dm + dl (exact differences first)
+                        dl = ld_s - ld_t
+                        tl.store(rp + 3, tl.sum(a * sc, 0) / dd - dm - dl)  # rkl = A/D − lse_s + lse_t
                         af = tl.load(wr + 5, mask=sm, other=0.0, cache_modifier=".cg")
                         m = tl.load(wr + 3, mask=sm, other=float("-inf"), cache_modifier=".cg")
                         d = tl.load(wr + 4, mask=sm, other=0.0, cache_modifier=".cg")
                         sc = tl.exp(m - mms)
-                        fkl = tl.sum(af * sc, 0) / tl.sum(d * sc, 0) - lse_t + lse_s
-                        lse_z = lse_s
+                        fkl = tl.sum(af * sc, 0) / tl.sum(d * sc, 0) + dm + dl
+                        m_z = m_s
+                        ld_z = ld_s
                         zl = zero
                         if CE_RAW:
                             m = tl.load(wr + 9, mask=sm, other=float("-inf"), cache_modifier=".cg")
                             d = tl.load(wr + 10, mask=sm, other=0.0, cache_modifier=".cg")
                             mz = tl.max(m, 0)
                             mzs = tl.where(mz == float("-inf"), 0.0, mz)
-                            lse_z = mz + tl.log(tl.sum(d * tl.exp(m - mzs), 0))
+                            m_z = mz
+                            ld_z = tl.log(tl.sum(d * tl.exp(m - mzs), 0))
                         if HAS_LABELS:
                             zl = tl.sum(tl.load(wr + 11, mask=sm, other=0.0, cache_modifier=".cg"), 0)
-                        tl.store(rp + 0, lse_s)
-                        tl.store(rp + 1, lse_t)
+                        tl.store(rp + 1, m_t)
+                        tl.store(rp + 10, ld_t)
+                        tl.store(rp + 11, ld_z)
                         tl.store(rp + 2, fkl)
-                        tl.store(rp + 3, rkl)
                         tl.store(rp + 4, kmin.to(tl.float32, bitcast=True))
                         tl.store(rp + 5, kmax.to(tl.float32, bitcast=True))
                         tl.store(rp + 6, amax.to(tl.float32, bitcast=True))
-                        tl.store(rp + 7, lse_z)
+                        tl.store(rp + 7, m_z)
                         tl.store(rp + 8, zl)
                         if STATS:
                             zv = tl.zeros([SP], tl.float32)
@@ -360,12 +371,13 @@ def _akl_split_kernel(
                                                             cache_modifier=".cg"), bits_s)
                             _store_stats(st_ptr + x * st_row, d_t, c_t, d_s, c_s, amax, i_s, fkl)
                 else:
-                    lse_t = tl.load(rp + 1, cache_modifier=".cg")
+                    m_t = tl.load(rp + 1, cache_modifier=".cg")
+                    ld_t = tl.load(rp + 10, cache_modifier=".cg")
                     kmin = tl.load(rp + 4, cache_modifier=".cg").to(tl.int32, bitcast=True)
                     kmax = tl.load(rp + 5, cache_modifier=".cg").to(tl.int32, bitcast=True)
                 acc_row = acc_ptr + x * ACC_ROW
                 if k == 1:
-                    lo, hi, n_lo, n_hi = _first_bracket(lse_t, kmin, kmax, mu, V, IB, inv_t, SH)
+                    lo, hi, n_lo, n_hi = _first_bracket(m_t + ld_t, kmin, kmax, mu, V, IB, inv_t, SH)
                 else:  # the bracket before round k − 1 (published by its segment 0) + round k − 1's sums
                     lo, hi, n_lo, n_hi = _step(acc_row, k - 2, kmin, mu_fix, IB, SH, NT, NV, ROUNDS)
                 if j == 0:  # publish the bracket before round k (read by round k + 1 or the err phase); two
@@ -378,7 +390,7 @@ def _akl_split_kernel(
                 if ((n_lo - n_hi) > 1) & ((hi - lo) > 1):  # unresolved: this round's sums over the segment
                     th = _thresholds(lo, hi, kmin, IB, SH, NT, NV)
                     xt = _load(t_ptr + x * t_row, t_col, cols, cm, full)
-                    sums = _seg_sums(xt, cols, cm, lse_t, inv_t, kmin, IB, SH, th, NT, SCALED)
+                    sums = _seg_sums(xt, cols, cm, m_t, ld_t, inv_t, kmin, IB, SH, th, NT, SCALED)
                     tl.atomic_add(acc_row + (k - 1) * NT + tl.arange(0, NT), sums, sem="relaxed")
             tl.atomic_add(cnt_ptr + 1 + x * NPH + k, 1, sem="release")
 
@@ -388,12 +400,13 @@ def _akl_split_kernel(
         if tl.load(w_ptr + x) != 0.0:
             _wait(cnt_ptr + 1 + x * NPH + ROUNDS, S)
             rp = rs_ptr + x * RSLOT
-            lse_s = tl.load(rp + 0, cache_modifier=".cg")
-            lse_t = tl.load(rp + 1, cache_modifier=".cg")
             kmin = tl.load(rp + 4, cache_modifier=".cg").to(tl.int32, bitcast=True)
             kmax = tl.load(rp + 5, cache_modifier=".cg").to(tl.int32, bitcast=True)
             amax = tl.load(rp + 6, cache_modifier=".cg").to(tl.int32, bitcast=True)
             lo, hi, n_lo, n_hi = _step(acc_ptr + x * ACC_ROW, ROUNDS - 1, kmin, mu_fix, IB, SH, NT, NV, ROUNDS)
+            m_t = tl.load(rp + 1, cache_modifier=".cg")
+            ld_t = tl.load(rp + 10, cache_modifier=".cg")
+            lse_t = m_t + ld_t  # rounded once (registers: see the err sums below)
             t_base = t_ptr + x * t_row
             offs = tl.arange(0, BLOCK_V)
             while ((n_lo - n_hi) > 1) & ((hi - lo) > 1):  # rare: finish the bisection over the whole row here
@@ -403,10 +416,16 @@ def _akl_split_kernel(
                     c2 = jj * BLOCK_V + offs
                     m2 = c2 < V
                     xt2 = tl.load(t_base + c2 * t_col, mask=m2, other=float("-inf")).to(tl.float32)
-                    sums += _seg_sums(xt2, c2, m2, lse_t, inv_t, kmin, IB, SH, th, NT, SCALED)
+                    sums += _seg_sums(xt2, c2, m2, lse_t, 0.0, inv_t, kmin, IB, SH, th, NT, SCALED)
                 lo, hi, n_lo, n_hi = _narrow(lo, hi, n_lo, n_hi, th, sums, mu_fix)
+            m_s = tl.load(rp + 0, cache_modifier=".cg")
+            ld_s = tl.load(rp + 9, cache_modifier=".cg")
             xs = _load(s_ptr + x * s_row, s_col, cols, cm, full)
             xt = _load(t_base, t_col, cols, cm, full)
+            # the log-normalisers rounded to one fp32 each here (max + log-sum kept split costs the sm_90 STATS
+            # configuration its no-spill budget): |p − q| then carries a per-row factor error of half an ulp of
+            # lse, which at large logit offsets reaches the head weights (docs/DESIGN.md)
+            lse_s = m_s + ld_s
             if SCALED:
                 lq = xs * inv_t - lse_s
                 lp = xt * inv_t - lse_t
@@ -433,8 +452,6 @@ def _akl_split_kernel(
         else:
             _wait(cnt_ptr + 1 + x * NPH + ROUNDS + 1, S)
             rp = rs_ptr + x * RSLOT
-            lse_s = tl.load(rp + 0, cache_modifier=".cg")
-            lse_t = tl.load(rp + 1, cache_modifier=".cg")
             fkl = tl.load(rp + 2, cache_modifier=".cg")
             rkl = tl.load(rp + 3, cache_modifier=".cg")
             wr = ws_ptr + x * S * WS + segs * WS
@@ -453,24 +470,31 @@ def _akl_split_kernel(
                 if HAS_LABELS:
                     ok = (label >= 0) & (label < V)  # a bad label was never read: NaN loss
                     zl = tl.load(rp + 8, cache_modifier=".cg")
-                    loss += ce_w * tl.where(ok, tl.load(rp + 7, cache_modifier=".cg") - zl, float("nan"))
+                    ce = (tl.load(rp + 7, cache_modifier=".cg") - zl) + tl.load(rp + 11, cache_modifier=".cg")
+                    loss += ce_w * tl.where(ok, ce, float("nan"))
                 tl.store(loss_ptr + x, loss)
             if HAS_GRAD:
+                m_s = tl.load(rp + 0, cache_modifier=".cg")
+                m_t = tl.load(rp + 1, cache_modifier=".cg")
+                ld_s = tl.load(rp + 9, cache_modifier=".cg")
+                ld_t = tl.load(rp + 10, cache_modifier=".cg")
                 xs = _load(s_ptr + x * s_row, s_col, cols, cm, full)
                 xt = _load(t_ptr + x * t_row, t_col, cols, cm, full)
                 if SCALED:
-                    lq = xs * inv_t - lse_s
-                    lp = xt * inv_t - lse_t
+                    lq = (xs * inv_t - m_s) - ld_s
+                    lp = (xt * inv_t - m_t) - ld_t
                 else:
-                    lq = xs - lse_s
-                    lp = xt - lse_t
+                    lq = (xs - m_s) - ld_s
+                    lp = (xt - m_t) - ld_t
                 q = tl.exp(lq)
                 qg = -w_f * tl.exp(lp) + w_r * tl.where(q != 0, q * (lq - lp), 0.0)
                 g = (qg - q * (w_r * rkl - w_f)) * (kd_coef * w)
-                lse_z = lse_s  # only read when CE_RAW
+                m_z = m_s  # only read when CE_RAW
+                ld_z = ld_s
                 if CE_RAW:
-                    lse_z = tl.load(rp + 7, cache_modifier=".cg")
-                _ce_store(g, xs, q, lse_z, label, ce_w * w, g_base, cols, g_col, V, full, HAS_LABELS, CE_RAW)
+                    m_z = tl.load(rp + 7, cache_modifier=".cg")
+                    ld_z = tl.load(rp + 11, cache_modifier=".cg")
+                _ce_store(g, xs, q, m_z, ld_z, label, ce_w * w, g_base, cols, g_col, V, full, HAS_LABELS, CE_RAW)
 
 
 def launch(args: tuple, n: int, v: int, *, has_grad: bool, has_labels: bool, ce_raw: bool, scaled: bool,

@@ -109,7 +109,10 @@ def _slots(ws_row, k, segs, sm, WS: tl.constexpr, other):
 
 @triton.jit
 def _merge(ws_row, k_m, k_d, k_a, segs, sm, WS: tl.constexpr):
-    """Merge the per-segment (max, Σe^{x−max}, Σe^{x−max}(x−y)) of slots k_m, k_d, k_a → (lse, A/D)."""
+    """Merge the per-segment (max, Σe^{x−max}, Σe^{x−max}(x−y)) of slots k_m, k_d, k_a → (max, log D, A/D).
+
+    The log-normaliser stays split as max + log D: a logit minus the max is exact in fp32, their sum is not at
+    large |logits| (``x − lse`` would lose the low bits of a constant offset)."""
     m = _slots(ws_row, k_m, segs, sm, WS, float("-inf"))
     d = _slots(ws_row, k_d, segs, sm, WS, 0.0)
     a = _slots(ws_row, k_a, segs, sm, WS, 0.0)
@@ -118,7 +121,7 @@ def _merge(ws_row, k_m, k_d, k_a, segs, sm, WS: tl.constexpr):
     sc = tl.exp(m - ms)
     dd = tl.sum(d * sc, 0)
     aa = tl.sum(a * sc, 0)
-    return mm + tl.log(dd), aa / dd
+    return mm, tl.log(dd), aa / dd
 
 
 @triton.jit
@@ -241,16 +244,16 @@ def _distill_split_kernel(
             if w1 != 0.0:
                 _wait(cnt_ptr + 1 + 2 * r1, S)
                 ws_row = ws_ptr + r1 * S * WS
-                lse_s, _ra = _merge(ws_row, 0, 1, 2, segs, sm, WS)
-                lse_t, _fa = _merge(ws_row, 3, 4, 5, segs, sm, WS)
+                m_s, ld_s, _ra = _merge(ws_row, 0, 1, 2, segs, sm, WS)
+                m_t, ld_t, _fa = _merge(ws_row, 3, 4, 5, segs, sm, WS)
                 xs = _load_seg(s_ptr + r1 * s_row, s_col, start, offs, V, full, NEG)
                 xt = _load_seg(t_ptr + r1 * t_row, t_col, start, offs, V, full, NEG)
                 if SCALED:
-                    lq = xs * inv_t - lse_s
-                    lp = xt * inv_t - lse_t
+                    lq = (xs * inv_t - m_s) - ld_s
+                    lp = (xt * inv_t - m_t) - ld_t
                 else:
-                    lq = xs - lse_s
-                    lp = xt - lse_t
+                    lq = (xs - m_s) - ld_s
+                    lp = (xt - m_t) - ld_t
                 d_el, qg = _mix_terms(lp, lq, tl.exp(lp), tl.exp(lq), c1, c2, lw_a, lw_b, DIV)
                 cm = (start + offs) < V  # padding lanes add nothing (ab's NaN for opposite-sign exponents)
                 wp = ws_ptr + (r1 * S + j) * WS
@@ -273,31 +276,35 @@ def _distill_split_kernel(
         else:
             _wait(cnt_ptr + LAG + 2 * r2, S)
             ws_row = ws_ptr + r2 * S * WS
-            lse_s, ra = _merge(ws_row, 0, 1, 2, segs, sm, WS)
-            lse_t, fa = _merge(ws_row, 3, 4, 5, segs, sm, WS)
-            fkl = fa - lse_t + lse_s
-            rkl = ra - lse_s + lse_t
-            lse_u = lse_s
+            m_s, ld_s, ra = _merge(ws_row, 0, 1, 2, segs, sm, WS)
+            m_t, ld_t, fa = _merge(ws_row, 3, 4, 5, segs, sm, WS)
+            lse_s = m_s + ld_s
+            lse_t = m_t + ld_t
+            fkl = fa + (m_s - m_t) + (ld_s - ld_t)  # = fa − lse_t + lse_s, without rounding the lse's
+            rkl = ra + (m_t - m_s) + (ld_t - ld_s)
+            m_u = m_s
+            ld_u = ld_s
             taid = zero
             if DIV == TAID:
-                lse_u, ua = _merge(ws_row, 6, 7, 8, segs, sm, WS)
-                taid = ua - lse_u + lse_s
+                m_u, ld_u, ua = _merge(ws_row, 6, 7, 8, segs, sm, WS)
+                taid = ua + (m_s - m_u) + (ld_s - ld_u)
             dval, ssum, w_f, w_r = _row_value(fkl, rkl, taid, lse_s, lse_t, c1, zero, DIV)
             if LAG == 2:
                 dval = tl.sum(_slots(ws_row, 12, segs, sm, WS, 0.0), 0)
                 ssum = tl.sum(_slots(ws_row, 13, segs, sm, WS, 0.0), 0)
             label = 0
-            lse_z = lse_s
+            m_z = m_s
+            ld_z = ld_s
             if HAS_LABELS:
                 label = tl.load(lab_ptr + r2)
                 if CE_RAW:
-                    lse_z, _za = _merge(ws_row, 9, 10, 2, segs, sm, WS)
+                    m_z, ld_z, _za = _merge(ws_row, 9, 10, 2, segs, sm, WS)
             if j == 0:
                 loss = kd_scale * dval
                 if HAS_LABELS:
                     ok = (label >= 0) & (label < V)  # a bad label was never read: NaN loss
                     zl = tl.sum(_slots(ws_row, 11, segs, sm, WS, 0.0), 0)
-                    loss += ce_w * tl.where(ok, lse_z - zl, float("nan"))
+                    loss += ce_w * tl.where(ok, (m_z - zl) + ld_z, float("nan"))
                 tl.store(loss_ptr + r2, loss)
                 if STATS:  # the row's statistics, by the program that writes its loss
                     zv = tl.zeros([SP], tl.float32)
@@ -320,31 +327,29 @@ def _distill_split_kernel(
                 if SCALED:
                     s = xs * inv_t
                     t = xt * inv_t
-                lq = s - lse_s
+                lq = (s - m_s) - ld_s
+                lp = (t - m_t) - ld_t
                 q = tl.exp(lq)
                 cw = kd_coef * w
                 if DIV == FKL:  # qg − q·Σqg = q − p
-                    g = (q - tl.exp(t - lse_t)) * cw
+                    g = (q - tl.exp(lp)) * cw
                 elif DIV == RKL:
-                    qg = tl.where(q != 0, q * (lq - (t - lse_t)), 0.0)
+                    qg = tl.where(q != 0, q * (lq - lp), 0.0)
                 elif DIV == SYMKL:
-                    lp = t - lse_t
                     qg = -w_f * tl.exp(lp) + w_r * tl.where(q != 0, q * (lq - lp), 0.0)
                 elif DIV == JSD:  # qg only (D came from the mid phase)
-                    lp = t - lse_t
                     lm = _lae(lp + lw_a, lq + lw_b)
                     qg = (1.0 - c1) * tl.where(q != 0, q * (lq - lm), 0.0)
                 elif DIV == TAID:
                     uu = tl.where(c1 == 0.0, s, tl.where(c1 == 1.0, t, (1.0 - c1) * s + c1 * t))
-                    qg = -tl.exp(uu - lse_u)
+                    qg = -tl.exp((uu - m_u) - ld_u)
                 elif DIV == ZERO:
                     qg = tl.zeros([BLOCK_V], tl.float32)
                 else:
-                    lp = t - lse_t
                     d_el, qg = _mix_terms(lp, lq, tl.exp(lp), q, c1, c2, lw_a, lw_b, DIV)
                 if DIV != FKL:
                     g = (qg - q * ssum) * cw
-                _ce_store(g, xs, q, lse_z, label, ce_w * w, g_base, cols, g_col, V, full, HAS_LABELS, CE_RAW)
+                _ce_store(g, xs, q, m_z, ld_z, label, ce_w * w, g_base, cols, g_col, V, full, HAS_LABELS, CE_RAW)
 
 
 def lag(code: int) -> int:

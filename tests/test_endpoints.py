@@ -53,7 +53,7 @@ ENDPOINTS = [
     ("srkl", {"alpha": 1.0}, "zero", {}),
     ("akl", {"mu": 1.0}, "fkl", {}),
     ("akl", {"mu": 0.0}, "akl", {"mu": 0.0}),  # head = the top token only (its own formula)
-    ("taid", {"t": 0.0}, "zero", {}),
+    ("taid", {"t": 0.0}, "taid", {"t": 0.0}),  # KL(q‖q) = 0, the teacher not read (its own formula)
     ("taid", {"t": 1.0}, "fkl", {}),
 ]
 

@@ -149,15 +149,15 @@ TABLE: tuple[Divergence, ...] = (
     # rounded running sum of p could otherwise contradict for the last tokens
     Divergence("akl", 7, "(g_H fkl + g_T rkl)/(g_H + g_T), head H = top tokens with mass ≤ μ", (MU,),
                (Endpoint("mu", 1.0, "fkl"),)),
-    # taid at t = 0: r = stopgrad(q), KL(q‖q) ≡ 0 with a zero gradient; at t = 1: r = p, forward KL
+    # taid at t = 1: r = p, forward KL (at t = 0, r = stopgrad(q): every backend then ignores the teacher, as the
+    # reference does, so no endpoint rule: ``zero`` would read a NaN teacher)
     Divergence("taid", 8, "KL(r ‖ q), r = softmax((1−t) stopgrad(z_s) + t z_t)", (T,),
-               (Endpoint("t", 0.0, "zero"), Endpoint("t", 1.0, "fkl"))),
+               (Endpoint("t", 1.0, "fkl"),)),
     Divergence("ab", 9, "−1/(αβ) Σ (p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β))  (ABKD, Wang et al. 2025)",
                (Hyper("alpha", 0.8, nonzero=True, doc="ab: exponent of the teacher"),
                 Hyper("beta", 0.3, nonzero=True, doc="ab: exponent of the student")),
                joint=_ab_joint),
-    Divergence("zero", 10, "0 (skl / srkl at α = 1, taid at t = 0: KL(x‖x)); NaN inputs still give NaN",
-               public=False),
+    Divergence("zero", 10, "0 (skl / srkl at α = 1: KL(x‖x)); NaN inputs still give NaN", public=False),
 )
 
 BY_NAME: dict[str, Divergence] = {d.name: d for d in TABLE}

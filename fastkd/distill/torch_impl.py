@@ -156,11 +156,14 @@ def divergence_terms(
     vector qg = q·∂D/∂q, q and the log-softmaxes (log_p is None for taid unless ``need_log_p``)."""
     log_q = torch.log_softmax(s, dim=-1)
     q = log_q.exp()
-    if name == "taid":  # target r from the logits u = (1−t)·s + t·z_t, then forward KL(r‖q)
-        u = s if p.t == 0 else t if p.t == 1 else (1 - p.t) * s + p.t * t
-        log_r = torch.log_softmax(u, dim=-1)
+    if name == "taid":  # target r = softmax((1−t)·s + t·z_t), then forward KL(r‖q)
+        # from the log-softmaxes (each side shifted by its own log-normaliser, which softmax ignores): no logit
+        # is rounded at the magnitude of a large common offset. t = 0: r = q exactly, the teacher is not read
+        # (t = 1 never gets here: a table endpoint)
+        log_p = torch.log_softmax(t, dim=-1)
+        log_r = log_q if p.t == 0 else torch.log_softmax((1 - p.t) * log_q + p.t * log_p, dim=-1)
         loss, qg = _fkl(log_r, log_q, log_r.exp())
-        return loss, qg, q, torch.log_softmax(t, dim=-1) if need_log_p else None, log_q
+        return loss, qg, q, log_p if need_log_p else None, log_q
     log_p = torch.log_softmax(t, dim=-1)
     loss, qg = TERMS[name](log_p, log_q, log_p.exp(), q, p)
     return loss, qg, q, log_p, log_q
