@@ -28,12 +28,15 @@ before the LM-head engine, and trainers may call it themselves. What it does wit
 
 Which gather moves fewer bytes (FSDP, world size R, student head V×H, N tokens per rank): gathering the
 weight moves (R−1)/R·V·H elements in (forward) and as many out (the gradient's reduce-scatter); computing
-on the local vocabulary slice instead would all-gather every rank's hidden states (and the teacher's) and
-reduce-scatter their gradients, (R−1)·N·(H + Ht) elements each way, plus per-chunk statistics. The weight
-gather is the one implemented (docs/DESIGN.md gives the figures for typical shapes).
+on the local vocabulary slice instead would all-gather every rank's hidden states and the teacher's,
+(R−1)·N·(H + Ht) elements in, and reduce-scatter (R−1)·N·H of hidden-state gradients out, plus per-chunk
+statistics. The weight gather is the one implemented (docs/DESIGN.md gives the figures for typical shapes).
 
 :func:`call_as_forward` is the module form: it runs a function as a module's forward, so the hooks FSDP2,
 FSDP1 and ZeRO-3 put on that module gather its parameters for the call and reshard them after.
+:func:`call_with_head` picks that module for a model's LM head; :func:`gathered_head` gathers a frozen
+(teacher) head around a block and reshards an FSDP2 teacher after it; :func:`keep_in_graph` ties hidden
+states captured inside a forward to the model's output for FSDP's backward hooks.
 """
 
 from __future__ import annotations
@@ -132,10 +135,10 @@ def _offset(x: torch.Tensor, dim: int) -> int:
 
 def _replicated(x: torch.Tensor, group: Any) -> bool:
     """True when plain ``x`` holds the same values on every rank of ``group`` (4 float64 checksums)."""
-    flat = x.detach().reshape(-1)
-    sums = torch.stack([torch.tensor(float(flat.numel()), dtype=torch.float64, device=x.device),
-                        flat.sum(dtype=torch.float64), torch.linalg.vector_norm(flat, dtype=torch.float64),
-                        flat[::97].sum(dtype=torch.float64)])
+    x = x.detach()  # strided reductions: no copy of a sliced (non-contiguous) hidden-state view
+    sums = torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device),
+                        x.sum(dtype=torch.float64), torch.linalg.vector_norm(x, dtype=torch.float64),
+                        x[..., 0].sum(dtype=torch.float64)])
     parts = [torch.empty_like(sums) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, sums, group=group)
     return all(torch.equal(parts[0], p) for p in parts[1:])
