@@ -274,7 +274,8 @@ def _add(c: dict[str, int], op: str, mods: str) -> None:
         c[op.lower()] += 32 * _width(mods)
 
 
-def _longest_path(body: list[tuple[int, str, str, str, bool]], lo: int, hi: int) -> dict[str, int]:
+def _longest_path(body: list[tuple[int, str, str, str, bool]], lo: int, hi: int,
+                  skip: list[list[int]] | None = None) -> dict[str, int]:
     """Counts along the longest (most instructions issued) path through one loop body: basic blocks split
     at branch targets and after branches, forward edges only (the back edge closes the iteration), so a
     runtime branch (a kernel argument's case split, a full block vs the masked tail) counts its heavier side
@@ -297,8 +298,8 @@ def _longest_path(body: list[tuple[int, str, str, str, bool]], lo: int, hi: int)
         if best[i] is None:
             continue
         c = dict(best[i][1])
-        for _, op, mods, _, _ in blk:
-            if op != "NOP":
+        for a, op, mods, _, _ in blk:
+            if op != "NOP" and not (skip and any(s_lo <= a <= s_hi for s_lo, s_hi in skip)):
                 _add(c, op, mods)
         here = (c["issue"], c)
         if here[0] > top[0]:
@@ -319,7 +320,8 @@ def _longest_path(body: list[tuple[int, str, str, str, bool]], lo: int, hi: int)
 def sass_counts(sass: str) -> dict[str, dict[str, int]]:
     """Warp-instruction counts of one kernel's SASS (``cuobjdump -sass``): ``loop`` = the longest path through
     one iteration of each loop (outermost ranges closed by a backward branch; a nested loop counts once
-    with its parent), summed over the loops; ``once`` = every instruction outside loops. Per part:
+    with its parent), summed over the loops; ``once`` = every instruction outside loops, ``once_path`` = those
+    along the longest path from the kernel's entry (what one warp runs once). Per part:
     instructions per pipe (``fma``, ``alu``, ``xu``; ``issue`` = all but NOP) and bytes per warp moved by
     global loads (``ldg``: 32 lanes × width) and by local memory (``ldl`` / ``stl``: spills, local arrays)."""
     insns = [(int(m[1], 16), m[3], m[4], m[5], bool(m[2]) and "PT" not in m[2]) for m in _SASS_INSN.finditer(sass)]
@@ -343,7 +345,10 @@ def sass_counts(sass: str) -> dict[str, dict[str, int]]:
     for addr, op, mods, _, _ in insns:
         if op != "NOP" and not any(lo <= addr <= hi for lo, hi in merged):
             _add(once, op, mods)
-    return {"loop": loop, "once": once, "loops": len(merged)}
+    # the straight-line code along its longest path from the entry (loops traversed, not counted): a program
+    # runs one side of each runtime branch (its phase, full block or tail, segment 0's merge or not)
+    once_path = _longest_path(insns, insns[0][0], insns[-1][0], merged) if insns else _blank()
+    return {"loop": loop, "once": once, "once_path": once_path, "loops": len(merged)}
 
 
 def _sass_text(cubin: bytes) -> str:

@@ -119,6 +119,7 @@ class OpCost:
     pipe_ms: float | None = None
     spill_bytes: float = 0.0  # local-memory (spill) traffic counted in ``bytes`` (it misses L1 and L2)
     sass_instr: float = 0.0  # lane-instructions issued (SASS), for instructions per element
+    sass_pipes: dict[str, float] = field(default_factory=dict)  # lane-instructions per pipe (fma, alu, xu, issue)
 
     def ms(self, gpu: GPU) -> float:
         """max(bytes / (HBM_EFFICIENCY · bandwidth), FLOPs / (GEMM_EFFICIENCY · tensor peak, or fp32 peak),
@@ -306,11 +307,13 @@ class LaunchStats:
             return OpCost(f"triton.{self.kernel}", nbytes, 0.0, False, f"{self.kernel}: {rule}{cross}; no sm_90 "
                           "record: interpreter ALU ops", alu_ops=self.alu_ops * scale)
         sass = rec["sass"]
-        loop, once = sass["loop"], sass["once"]
-        # warp executions of the loop code: the launch's global-load bytes over the bytes one warp's pass
-        # through the loop code loads (every loop is taken to stream its data, loading in each iteration)
-        execs = self.load_bytes / loop["ldg"] if loop["ldg"] else self.programs * self.num_warps
+        loop, once = sass["loop"], sass.get("once_path", sass["once"])
+        # warp executions of the loop code: the launch's global-load bytes that the straight-line code (once per
+        # warp) does not load, over the bytes one warp's pass through the loop code loads (every loop is taken
+        # to stream its data, loading in each iteration; a loop that loads nothing runs once per warp)
         warps = self.programs * self.num_warps
+        rest = max(0.0, self.load_bytes - warps * once["ldg"])
+        execs = rest / loop["ldg"] if loop["ldg"] else (warps if sass.get("loops") else 0.0)
 
         def count(k: str) -> float:
             return (execs * loop[k] + warps * once[k]) * scale
@@ -329,7 +332,8 @@ class LaunchStats:
                  f"{footprint / 1e6:.1f} MB/SM: {'HBM' if spill else 'cached'}") if local else ""
         return OpCost(f"triton.{self.kernel}", nbytes + spill, 0.0, False,
                       f"{self.kernel}: {rule}{cross}; sm_90 {regs} regs, {occ} progs/SM, {bound}-bound "
-                      f"SASS{srule}", pipe_ms=pipe_ms, spill_bytes=spill, sass_instr=32 * instr["issue"])
+                      f"SASS{srule}", pipe_ms=pipe_ms, spill_bytes=spill, sass_instr=32 * instr["issue"],
+                      sass_pipes={p: 32 * n for p, n in instr.items()})
 
 
 def occupancy(gpu: GPU, num_warps: int, regs: int, shared: int = 0) -> int:

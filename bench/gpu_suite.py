@@ -542,6 +542,16 @@ def model_rows(path: str | None) -> list[dict[str, Any]]:
         return json.load(fh)
 
 
+def model_for_device(path: str | None, device_name: str) -> str | None:
+    """The cost-model file for the device: ``--model``'s file, or its sibling ``model_h100.json`` on an H100
+    (the model is per GPU: bandwidth, clock)."""
+    if path and "H100" in device_name.upper():
+        sibling = Path(path).with_name("model_h100.json")
+        if sibling.exists():
+            return str(sibling)
+    return path
+
+
 def vs_model(name: str, rows: list[dict[str, Any]], model: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per measured row of suite case ``name`` that the model also has: the measured median and the model's
     predicted_ms, scaled to the measured sizes (bytes, FLOPs and instructions are linear in N·V)."""
@@ -639,7 +649,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = _now()
     wanted = [w for w in args.cases.split(",") if w]
     entries = {e.name: e for e in SUITE if not wanted or any(w in e.name for w in wanted)}
-    model = model_rows(args.model)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    model = model_rows(model_for_device(args.model, device_name))
     out = Path(args.out)
     tag = "gpu_suite_dry" if args.dry_run else "gpu_suite"
     csv_path, json_path = out / f"{tag}.csv", out / f"{tag}.json"
@@ -667,7 +678,6 @@ def main(argv: list[str] | None = None) -> int:
         print_vs_model(name, case_rows, model, console)
         if model:  # the measured-vs-model table, rewritten as each case finishes
             compared.extend(vs_model(name, case_rows, model))
-            device_name = case_rows[0].get("device_name", str(device)) if case_rows else str(device)
             (out / VS_MODEL_MD).write_text(vs_model_markdown(compared, device_name, commit, dry=args.dry_run))
     if capped:
         console.print(f"[yellow]time cap {args.time_cap:.0f} s reached: not run: {', '.join(capped)}")

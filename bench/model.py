@@ -29,8 +29,10 @@ every case, no per-case constant:
   at 128 lanes per SM-clock (A100: 64), integer / compare / select / min-max at 64, MUFU and conversions at
   16, every instruction one issue slot (128 lanes per SM-clock); the throughput table of the CUDA C
   Programming Guide — along the longest path through each loop iteration (a runtime branch counts its
-  heavier side), plus the straight-line code once per warp. The loop code runs (global-load bytes of the
-  launch) / (load bytes of one warp's pass) times. Compute time = the slowest pipe / (SMs × boost clock).
+  heavier side), plus the straight-line code once per warp along its longest path from the entry. The loop
+  code runs (the launch's global-load bytes that the straight-line code does not load) / (load bytes of one
+  warp's pass) times; a spin-wait (a loop whose loads the interpreter's in-order programs satisfy at once)
+  costs nothing, so waiting is not modelled. Compute time = the slowest pipe / (SMs × boost clock).
   **Occupancy** from the compile's registers, threads and shared memory (it sets the resident programs of
   the L2 rule). **Spills**: local-memory loads and stores (LDL/STL) count as HBM traffic when the stack
   frames of the resident threads overflow L1 and, over all SMs, L2; otherwise they are cached and free.
@@ -161,7 +163,7 @@ class Model:
         f = n / self.rows
         return ([st.cost(self.gpu, f) for st in launches]
                 + [OpCost(o.name, o.bytes * f, o.flops * f, o.tensor_core, o.rule, alu_ops=o.alu_ops * f)
-                   for o in torch_ops])
+                   for o in torch_ops])  # (torch ops carry no SASS)
 
     def _replay(self, func, sampler, args, kwargs) -> tuple[list[LaunchStats], list[OpCost]]:
         gen = torch.Generator().manual_seed(0)
@@ -622,6 +624,7 @@ def _summarise(ops: list[OpCost], gpu: GPU) -> dict[str, Any]:
     return {"hbm_bytes": sum(o.bytes for o in ops), "flops": sum(o.flops for o in ops),
             "alu_ops": sum(o.alu_ops for o in ops), "spill_bytes": sum(o.spill_bytes for o in ops),
             "sass_instr": sum(o.sass_instr for o in ops),
+            "sass_pipes": {p: sum(o.sass_pipes.get(p, 0.0) for o in ops) for p in ("fma", "alu", "xu", "issue")},
             "unrecorded_kernels": sum(1 for o in ops if o.name.startswith("triton.") and o.pipe_ms is None),
             "mem_ms": 1e3 * sum(o.bytes for o in ops) / (gpu.hbm_bw * HBM_EFFICIENCY),
             "alu_ms": 1e3 * compute,
@@ -656,6 +659,7 @@ def model_case(case: Case, gpu: GPU, rows: int = SAMPLE_ROWS, providers: list[st
         row["bytes_vs_floor"] = row["hbm_bytes"] / case.floor_bytes
         elems = case.sizes["N"] * case.sizes["V"]
         row["instr_per_elem"] = row["sass_instr"] / elems if row["sass_instr"] else None
+        row["pipes_per_elem"] = {p: n / elems for p, n in row["sass_pipes"].items()}
         floor_ms = 1e3 * case.floor_bytes / (gpu.hbm_bw * HBM_EFFICIENCY)
         row["pct_of_floor_time"] = 100.0 * floor_ms / row["predicted_ms"] if case.gemm is None else None
         row["pct_of_floor"] = 100.0 * case.floor_bytes / row["hbm_bytes"] if row["hbm_bytes"] else None

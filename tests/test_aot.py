@@ -66,6 +66,7 @@ def test_sass_counts_loop_longest_path_and_pipes():
     assert loop["issue"] == 9 and loop["fma"] == 1 and loop["xu"] == 1 and loop["alu"] == 2
     assert loop["ldg"] == 32 * 16 and loop["stl"] == 32 * 4 and loop["ldl"] == 0
     assert once["issue"] == 4 and once["alu"] == 1  # S2R, IMAD.MOV, EXIT, BRA (NOP not counted)
+    assert c["once_path"]["issue"] == 3  # from the entry: S2R, IMAD.MOV, EXIT (the padding BRA is unreachable)
 
 
 def test_sass_key_of_the_model_and_the_compile_agree():

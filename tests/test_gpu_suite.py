@@ -252,3 +252,13 @@ def test_vs_model_file_written_as_each_case_finishes(tmp_path, monkeypatch):
     assert seen == [["distill-fkl"], ["distill-fkl", "distill-jsd"]]
     md = (out / GS.VS_MODEL_MD).read_text()
     assert "| distill-jsd | fastkd-triton |" in md and "DRY RUN" in md
+
+
+def test_model_file_follows_the_device(tmp_path):
+    h200 = tmp_path / "model_h200.json"
+    h200.write_text("[]")
+    assert GS.model_for_device(str(h200), "NVIDIA H100 80GB HBM3") == str(h200)  # no H100 file: the given one
+    (tmp_path / "model_h100.json").write_text("[]")
+    assert GS.model_for_device(str(h200), "NVIDIA H100 80GB HBM3") == str(tmp_path / "model_h100.json")
+    assert GS.model_for_device(str(h200), "NVIDIA H200") == str(h200)
+    assert GS.model_for_device(None, "NVIDIA H100") is None
