@@ -106,7 +106,10 @@ def _vp_worker(rank: int, port: int) -> None:
         ht = torch.randn(n, 2 * h, generator=g, dtype=torch.float64)
         wt = torch.randn(v, 2 * h, generator=g, dtype=torch.float64) * 0.5
         fused_cases = [("fkl", dict(ce_weight=0.3)), ("rkl", dict(temperature=1.5)), ("jsd", dict(beta=0.7)),
-                       ("jsd", dict(reduction="none", temperature=2.0, ce_weight=0.2))]
+                       ("jsd", dict(reduction="none", temperature=2.0, ce_weight=0.2)),
+                       # one 13-row engine chunk run as sub-chunks of 10 + 3 rows (each with its collectives)
+                       ("jsd", dict(chunk_size=40, beta=0.4, ce_weight=0.2)),
+                       ("rkl", dict(chunk_size=40, reduction="none"))]
         for div, kw in fused_cases:
             for use_logits in (False, True):
                 hs_r = hs.clone().requires_grad_()
@@ -115,12 +118,12 @@ def _vp_worker(rank: int, port: int) -> None:
                 teacher = (dict(teacher_logits=(ht @ wt.t())[:, cols]) if use_logits
                            else dict(teacher_hidden=ht, teacher_weight=wt[cols]))
                 out = vocab_parallel_fused_linear_distill_loss(hs_r, ws_r, student_bias=bs_r, divergence=div,
-                                                               labels=labels, chunk_size=4, **teacher, **kw)
+                                                               labels=labels, **teacher, **{"chunk_size": 4, **kw})
                 gout = torch.rand(out.shape, generator=g, dtype=torch.float64) + 0.5  # same on both ranks
                 (out * gout).sum().backward()
                 hs_f, ws_f, bs_f = (x.clone().requires_grad_() for x in (hs, ws, bs))
                 ref = R.fused_linear_distill_loss(hs_f, ws_f, ht, wt, student_bias=bs_f, divergence=div,
-                                                  labels=labels, **kw)
+                                                  labels=labels, **{k: x for k, x in kw.items() if k != "chunk_size"})
                 (ref * gout).sum().backward()
                 torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
                 torch.testing.assert_close(hs_r.grad, hs_f.grad, rtol=1e-9, atol=1e-12)
