@@ -311,12 +311,15 @@ class LaunchStats:
         # warp executions of the loop code: the launch's global-load bytes that the straight-line code (once per
         # warp) does not load, over the bytes one warp's pass through the loop code loads (every loop is taken
         # to stream its data, loading in each iteration; a loop that loads nothing runs once per warp)
+        # the straight-line code runs once per warp, or as often as its loads say when a warp loads less than
+        # the path does (a program that skips phases, e.g. the first and last units of a ticketed schedule)
         warps = self.programs * self.num_warps
-        rest = max(0.0, self.load_bytes - warps * once["ldg"])
+        straight = min(warps, self.load_bytes / once["ldg"]) if once["ldg"] else warps
+        rest = max(0.0, self.load_bytes - straight * once["ldg"])
         execs = rest / loop["ldg"] if loop["ldg"] else (warps if sass.get("loops") else 0.0)
 
         def count(k: str) -> float:
-            return (execs * loop[k] + warps * once[k]) * scale
+            return (execs * loop[k] + straight * once[k]) * scale
 
         instr = {p: count(p) for p in ("fma", "alu", "xu", "issue")}
         lanes = {"fma": gpu.fma_lanes, "alu": gpu.alu_lanes, "xu": gpu.xu_lanes, "issue": gpu.issue_lanes}

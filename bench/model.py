@@ -29,7 +29,8 @@ every case, no per-case constant:
   at 128 lanes per SM-clock (A100: 64), integer / compare / select / min-max at 64, MUFU and conversions at
   16, every instruction one issue slot (128 lanes per SM-clock); the throughput table of the CUDA C
   Programming Guide — along the longest path through each loop iteration (a runtime branch counts its
-  heavier side), plus the straight-line code once per warp along its longest path from the entry. The loop
+  heavier side), plus the straight-line code along its longest path from the entry, once per warp (fewer
+  when the warps load less than that path: programs that skip phases of a ticketed schedule). The loop
   code runs (the launch's global-load bytes that the straight-line code does not load) / (load bytes of one
   warp's pass) times; a spin-wait (a loop whose loads the interpreter's in-order programs satisfy at once)
   costs nothing, so waiting is not modelled. Compute time = the slowest pipe / (SMs × boost clock).
