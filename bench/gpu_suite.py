@@ -40,7 +40,9 @@ timings mean nothing (the derived GB/s and ratios are left blank).
 Trimmed runs (``make gpu-check``): ``--no-compile`` skips torch.compile; ``--budget`` seconds of timing
 per measurement; ``--time-cap`` seconds in all (cases not started by then are listed as skipped); each
 case's rows are appended to the results files as soon as the case finishes; ``--model FILE`` (the JSON of
-``python bench/model.py --json``) prints each case's measured times next to the cost model's prediction.
+``python bench/model.py --json``; ``model_h100.json`` beside it is taken on an H100) prints each case's
+measured times next to the calibrated cost model's prediction and rewrites ``gpu_suite_vs_model.md`` in
+``--out`` (the table bench/RESULTS.md takes: device, date, commit) as each case finishes.
 """
 
 from __future__ import annotations
