@@ -228,17 +228,17 @@ def _row_value(fkl, rkl, taid, lse_s, lse_t, c1, zero, DIV: tl.constexpr):
 
 
 @triton.jit
-def _pow_diff(base, other, diff, c):
-    """(e^other − e^base) / c where other = base + c·diff, without cancellation as c·diff → 0: for |c·diff| < 1/2,
-    e^base · expm1(c·diff) / c with Kahan's expm1 (w = e^u: (w − 1)·u / log w, u when w == 1); else the direct
-    difference (its terms then differ by a factor ≥ e^{1/2}; 0 for −inf logits, where diff is ±inf or NaN)."""
+def _pow_diff(e_base, e_other, diff, c):
+    """(e^other − e^base) / c from e_base = e^base, e_other = e^other, other = base + c·diff, without cancellation as
+    c·diff → 0: for |c·diff| < 1/2, e^base · expm1(c·diff) / c with Kahan's expm1 (w = e^u: (w − 1)·u / log w, u
+    when w == 1); else the direct difference (its terms then differ by a factor ≥ e^{1/2}; 0 for −inf logits, where
+    diff is ±inf or NaN)."""
     u = c * diff
     small = tl.abs(u) < 0.5  # False for NaN and ±inf
     us = tl.where(small, u, 0.0)
     w = tl.exp(us)
-    em = tl.where(w == 1.0, us, (w - 1.0) * us / tl.log(w))
-    eb = tl.exp(base)
-    return tl.where(small, eb * em / c, (tl.exp(other) - eb) / c)
+    em = tl.where(w == 1.0, us, tl.fdiv((w - 1.0) * us, tl.log(w)))  # 2-ulp division: no slow-path call
+    return tl.where(small, e_base * em, e_other - e_base) * (1.0 / c)  # one scalar reciprocal, no per-element div
 
 
 @triton.jit
@@ -255,9 +255,9 @@ def _mix_terms(lp, lq, p, q, c1, c2, lw_a, lw_b, DIV: tl.constexpr):
     elif DIV == AB:  # −1/(αβ) Σ (p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β)); qg = (q^(α+β) − p^α q^β)/α
         # as −1/(α+β) Σ ((p^α q^β − p^(α+β))/β + (p^α q^β − q^(α+β))/α): no cancellation as α or β → 0
         s_ab = c1 + c2
-        lpq = c1 * lp + c2 * lq
-        t_q = _pow_diff(s_ab * lq, lpq, lp - lq, c1)  # (p^α q^β − q^(α+β)) / α
-        d_el = -(_pow_diff(s_ab * lp, lpq, lq - lp, c2) + t_q) / s_ab
+        e_pq = tl.exp(c1 * lp + c2 * lq)
+        t_q = _pow_diff(tl.exp(s_ab * lq), e_pq, lp - lq, c1)  # (p^α q^β − q^(α+β)) / α
+        d_el = -(_pow_diff(tl.exp(s_ab * lp), e_pq, lq - lp, c2) + t_q) * (1.0 / s_ab)
         qg = -t_q
     else:
         lm = _lae(lp + lw_a, lq + lw_b)
