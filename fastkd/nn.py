@@ -5,7 +5,7 @@ Each module stores the keyword options of one function at construction and takes
 to ``forward`` and override the stored ones. The functional modules are imported inside ``forward``, so
 ``import fastkd.nn`` works even when an optional op family (e.g. the OT losses) failed to import.
 
-Statistics (issue 16; :mod:`fastkd.core.stats`): :class:`DistillLoss`, :class:`FusedLinearDistillLoss` and
+Statistics (:mod:`fastkd.core.stats`): :class:`DistillLoss`, :class:`FusedLinearDistillLoss` and
 :class:`SparseDistillLoss` keep the last call's per-token stats dict (detached, fp32 (N,), 0 on excluded
 tokens) in ``module.last_stats``. With ``return_stats=True`` forward returns ``(loss, stats)`` as the function
 does; with ``track_stats=True`` (module option or per call) forward returns the loss alone and only fills
@@ -126,7 +126,6 @@ class FusedLinearDistillLoss(_KwargsLoss):
             return self(h, head.weight, th, tw, **{"student_bias": getattr(head, "bias", None), **k})
 
         return call_as_forward(unit, loss, student_hidden, teacher_hidden, teacher_weight, **kw)
-
 
 
 class SparseDistillLoss(_KwargsLoss):
