@@ -263,7 +263,8 @@ def cuda_extension_setup() -> tuple[list, dict]:
             super().build_extensions()
             # an extension that failed is dropped, so that no later step (the editable install's copy into the
             # source tree, the wheel's file list) looks for its output
-            self.extensions = [e for e in self.extensions if e.name not in self._not_built]
+            failed = self.__dict__.get("_not_built", set())
+            self.extensions = [e for e in self.extensions if e.name not in failed]
 
         def build_extension(self, ext):  # noqa: D102
             if ext.name != EXT_NAME:
@@ -273,7 +274,7 @@ def cuda_extension_setup() -> tuple[list, dict]:
             try:
                 build(out, tmp, verbose=bool(self.verbose and self.verbose > 1))
             except Exception as exc:  # never break `pip install` because of the optional extension
-                self._not_built.add(ext.name)
+                self.__dict__.setdefault("_not_built", set()).add(ext.name)
                 warnings.warn(f"fastkd: building the CUDA extension failed; installing without it "
                               f"(the 'cuda' backend will report why). {exc}", stacklevel=1)
                 print(f"WARNING: fastkd: {EXT_NAME} not built: {exc}", file=sys.stderr)

@@ -235,3 +235,24 @@ def test_real_nvcc_compile_of_one_source(tmp_path):
     B.write_ninja(tmp_path, [bad], nvcc, B.compile_flags(["90"], "x"), [], None)
     with pytest.raises(RuntimeError, match="this_is_not_cuda"):
         B.run_ninja(tmp_path, jobs=1)
+
+
+def test_setup_hook_drops_a_failed_extension_and_skips_without_build_tools(monkeypatch, tmp_path, capsys):
+    from setuptools import Distribution
+
+    monkeypatch.delenv("FASTKD_SKIP_CUDA_BUILD", raising=False)
+    monkeypatch.setattr(B, "find_nvcc", lambda: "/nonexistent/nvcc")
+    monkeypatch.setattr(B, "missing_build_tools", lambda: [])
+    exts, cmdclass = B.cuda_extension_setup()
+    monkeypatch.setattr(B, "build", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("nvcc exploded")))
+    cmd = cmdclass["build_ext"](Distribution({"ext_modules": exts}))
+    cmd.build_temp, cmd.build_lib = str(tmp_path / "tmp"), str(tmp_path / "lib")
+    cmd.ensure_finalized()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cmd.build_extensions()
+    # nothing later (the editable install's copy, the wheel's file list) may look for the missing output
+    assert cmd.extensions == [] and cmd.get_outputs() == []
+    monkeypatch.setattr(B, "missing_build_tools", lambda: ["pybind11 (pip install pybind11)"])
+    assert B.cuda_extension_setup() == ([], {})
+    assert "missing pybind11" in capsys.readouterr().err
