@@ -177,8 +177,8 @@ def test_patch_async_distillation_trainer():
 def test_dtensor_head_single_rank(tmp_path):
     """An FSDP2-style DTensor head (Shard(0) on a 1-rank gloo mesh) gives the plain head's values and gradients."""
     dist = pytest.importorskip("torch.distributed")
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
     if not dist.is_available():
         pytest.skip("torch built without distributed")
