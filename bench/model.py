@@ -352,6 +352,32 @@ def fused_case(div: str = "fkl", n: int = 8192, hs: int = 2048, ht: int = 4096, 
         mod = LigerFusedLinearJSD(jsd_beta=0.0 if div == "fkl" else 0.5, temperature=1.0)
         _grad_step(lambda: mod(x["h"], x["W"], x["ht"], x["Wt"], None), [x["h"], x["W"]])
 
+    def trl(x: dict[str, Any]) -> None:  # TRL DistillationTrainer's loss; generalized JSD at β = 0 is forward KL
+        import trl.kernels.chunked_divergence as CD
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+        def project_as_on_cuda(tile, hidden_chunk, weight, bias, start, end, dtype):
+            # TRL's CUDA branch of its tile projection: a bf16 GEMM written in fp32 (off CUDA it upcasts both)
+            torch.mm(hidden_chunk, weight[start:end].to(dtype).t(), out_dtype=torch.float32, out=tile)
+            if bias is not None:
+                tile.add_(bias[start:end].float())
+
+        def addmm_as_on_cuda(acc, a, b):  # TRL's CUDA branch of its fp32 accumulation
+            if a.dtype in (torch.float16, torch.bfloat16):
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            else:
+                acc.addmm_(a.float(), b.float())
+
+        mask = torch.ones(1, n, dtype=torch.long, device=x["h"].device)
+        saved = CD._use_triton, CD._project, CD._addmm_fp32
+        # its Triton kernels and GEMMs as on a GPU (off CUDA it takes torch tiles and fp32 GEMMs)
+        CD._use_triton, CD._project, CD._addmm_fp32 = (lambda device: True), project_as_on_cuda, addmm_as_on_cuda
+        try:
+            _grad_step(lambda: _chunked_divergence_loss(x["h"].unsqueeze(0), x["ht"].unsqueeze(0), x["W"], x["Wt"],
+                                                        mask, 0.0 if div == "fkl" else 0.5)[0], [x["h"], x["W"]])
+        finally:
+            CD._use_triton, CD._project, CD._addmm_fp32 = saved
+
     def gemms(x: dict[str, Any]) -> None:
         g = torch.empty(n, v, device="meta", dtype=torch.bfloat16)
         with torch.no_grad():
@@ -362,7 +388,7 @@ def fused_case(div: str = "fkl", n: int = 8192, hs: int = 2048, ht: int = 4096, 
                 {"fastkd-triton": fastkd_, "fastkd-triton+stats": functools.partial(fastkd_, stats=True),
                  "fastkd-triton-2teachers": functools.partial(fastkd_, teachers=2),
                  "fastkd-triton-3teachers": functools.partial(fastkd_, teachers=3), "naive": naive,
-                 "liger": liger}, floor, gemms)
+                 "liger": liger, "trl": trl}, floor, gemms)
 
 
 def sparse_case(mode: str = "topk_tail", n: int = 8192, hs: int = 2048, v: int = 128256, k: int = 64) -> Case:

@@ -213,3 +213,19 @@ def test_stored_calibration_is_what_the_model_gives(which):
     (now,) = M.calibrate_rows([row])
     assert now["predicted_ms"] == pytest.approx(stored["predicted_ms"], rel=1e-6)
     assert now["unrecorded_kernels"] == 0
+
+
+def test_model_counts_trl_on_its_cuda_path():
+    """TRL's fused loss is modelled as it runs on a GPU: its Triton kernels and bf16 GEMMs written in fp32 (off CUDA
+    TRL takes torch tiles and fp32 GEMMs); TRL's own module is left as it was."""
+    pytest.importorskip("trl.trainer.distillation_trainer", reason="needs trl >= 1.x")
+    import trl.kernels.chunked_divergence as CD
+
+    before = (CD._use_triton, CD._project, CD._addmm_fp32)
+    n, hs, ht, v = 256, 64, 96, 1000
+    rows = M.model_case(M.fused_case("fkl", n=n, hs=hs, ht=ht, v=v), M.GPUS["h100"], rows=2, providers=["trl"])
+    assert (CD._use_triton, CD._project, CD._addmm_fp32) == before
+    (r,) = rows
+    assert r["status"] == "ok", r
+    assert r["flops"] >= 2 * n * v * (2 * hs + ht + hs)  # projections of both heads plus the backward's two GEMMs
+    assert "_stats_kernel" in r["l2_rule"] and "_backward_kernel" in r["l2_rule"]
