@@ -5,39 +5,19 @@ a failing assertion in a worker fails the test with the worker's traceback."""
 
 from __future__ import annotations
 
-import datetime
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import WORLD, init, spawn
 
 import fastkd
 import fastkd.reference as R
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo needed")
-WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _init(rank: int, port: int) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))  # a stuck peer fails the test, never hangs CI
-
-
-def _spawn(fn) -> None:
-    mp.spawn(fn, args=(_free_port(),), nprocs=WORLD, join=True)
 
 
 # ---- vocabulary-parallel ------------------------------------------------------------------------------
@@ -47,7 +27,7 @@ def _vp_worker(rank: int, port: int) -> None:
         vocab_parallel_fused_linear_distill_loss,
     )
 
-    _init(rank, port)
+    init(rank, port)
     try:
         g = torch.Generator().manual_seed(0)  # same full tensors on every rank
         n, v, h = 13, 37 * WORLD, 8
@@ -141,7 +121,7 @@ def _vp_worker(rank: int, port: int) -> None:
 
 
 def test_vocab_parallel_matches_single_process():
-    _spawn(_vp_worker)
+    spawn(_vp_worker)
 
 
 def test_vocab_parallel_backend_is_the_registry_choice(monkeypatch):
@@ -199,7 +179,7 @@ def _model() -> torch.nn.Module:
 
 
 def _ddp_worker(rank: int, port: int) -> None:
-    _init(rank, port)
+    init(rank, port)
     try:
         x, teacher, labels = _ddp_data()
         n_items = int((labels != -100).sum())  # global count, as HF computes it
@@ -223,7 +203,7 @@ def _ddp_worker(rank: int, port: int) -> None:
 
 
 def test_ddp_gradients_match_single_process():
-    _spawn(_ddp_worker)
+    spawn(_ddp_worker)
 
 
 # ---- per-rank memory of the vocabulary-parallel path ----------------------------------------------------------
@@ -242,7 +222,7 @@ def _peak_extra_mib(fn) -> float:
 def _vp_memory_worker(rank: int, port: int) -> None:
     from fastkd.integrations.distributed import vocab_parallel_fused_linear_distill_loss
 
-    _init(rank, port)
+    init(rank, port)
     try:
         n, v, h, chunk = 256, 16384, 32, 256
         g = torch.Generator().manual_seed(0)
@@ -276,4 +256,4 @@ def test_vocab_parallel_memory_scales_with_the_shard(monkeypatch):
     fused loss's on the full V at the same chunk rows (it was equal before the sub-chunked backend calls)."""
     # glibc: serve every allocation above 64 kB by mmap, so freed buffers leave the RSS and VmHWM sees peaks
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
-    _spawn(_vp_memory_worker)
+    spawn(_vp_memory_worker)

@@ -9,40 +9,24 @@ tolerance). Each test spawns its 2 processes once and runs all of its cases insi
 
 from __future__ import annotations
 
-import datetime
 import os
-import socket
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import WORLD, init, spawn
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo needed")
-WORLD = 2
 B, T = 2, 10  # per rank
 KW = dict(divergence="fkl", temperature=2.0, ce_weight=0.1, chunk_size=8)
 TOL = dict(rtol=2e-4, atol=2e-6)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _spawn(fn, *args) -> None:
-    mp.spawn(fn, args=(_free_port(), *args), nprocs=WORLD, join=True)
-
-
-def _init(rank: int, port: int) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=90))  # a stuck peer fails the test, never hangs CI
 
 
 def tiny_llama(seed: int) -> torch.nn.Module:
@@ -100,7 +84,7 @@ def check(name: str, loss: torch.Tensor, grads: dict[str, torch.Tensor], ref) ->
 
 def run_cases(rank: int, port: int, cases) -> None:
     """Run each case in order (a failure names its case)."""
-    _init(rank, port)
+    init(rank, port, timeout_s=90)
     try:
         ref = reference()
         for case in cases:
@@ -400,7 +384,7 @@ CASE_NAMES = ["fsdp2_default", "fsdp2_dtensor_head", "fsdp2_module_form", "fsdp2
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    _init(rank, port)
+    init(rank, port, timeout_s=90)
     try:
         ref = reference()
         for case in _all_cases():
@@ -420,7 +404,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 def engine_results(tmp_path_factory):
     """Every case in one 2-process spawn (process start and imports are most of the time)."""
     out = tmp_path_factory.mktemp("engines")
-    _spawn(_worker, str(out))
+    spawn(_worker, str(out))
     return out
 
 
@@ -438,7 +422,7 @@ def test_engine_matches_single_process(engine_results, case):
 def _zero3_worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-    _init(rank, port)
+    init(rank, port, timeout_s=90)
     result = "ok"
     try:
         import deepspeed
@@ -486,7 +470,7 @@ def test_deepspeed_zero3_matches_single_process(tmp_path):
     the module form (loss as lm_head's forward, teacher head gathered by core.sharding.gathered_head) equal one
     process."""
     pytest.importorskip("deepspeed", reason="deepspeed not installed (pip install deepspeed; CPU accelerator)")
-    _spawn(_zero3_worker, str(tmp_path))
+    spawn(_zero3_worker, str(tmp_path))
     for rank in range(WORLD):
         result = (tmp_path / f"zero3.{rank}").read_text()
         assert result == "ok", f"rank {rank}:\n{result}"

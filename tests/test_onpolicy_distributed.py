@@ -5,35 +5,22 @@ fails the test instead of hanging CI."""
 
 from __future__ import annotations
 
-import datetime
 import math
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import WORLD, init, spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo needed")
-WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int) -> None:
     from fastkd.integrations.distributed import vocab_parallel_logprobs_from_hidden
     from fastkd.onpolicy import reference as R
 
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))
+    init(rank, port)
     try:
         g = torch.Generator().manual_seed(0)  # the same full tensors on every rank
         n, h, v = 11, 6, 23 * WORLD
@@ -76,7 +63,7 @@ def _worker(rank: int, port: int) -> None:
 
 
 def test_vocab_parallel_logprobs_match_single_process():
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    spawn(_worker)
 
 
 def test_vocab_parallel_logprobs_needs_process_group():
