@@ -24,6 +24,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -45,18 +46,19 @@ def _run(name: str, cmd: list[str], out: Path, timeout: float, env: dict | None 
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
+        # the timer kills a step that hangs silently too (a read of its output would wait for ever)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
         try:
             assert proc.stdout is not None
-            deadline = t0 + timeout
             for line in proc.stdout:
                 sys.stdout.write(line)
                 fh.write(line)
-                if time.monotonic() > deadline:
-                    raise subprocess.TimeoutExpired(cmd, timeout)
-            rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            rc = proc.wait()
+        finally:
+            timed_out = not timer.is_alive()
+            timer.cancel()
+        if timed_out:
             rc = 124
             fh.write(f"\ngpu-check: [{name}] stopped after {timeout:.0f} s\n")
             print(f"gpu-check: [{name}] stopped after {timeout:.0f} s", flush=True)

@@ -63,3 +63,15 @@ def test_gpu_check_refuses_without_cuda(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "no CUDA GPU" in out.stdout
+
+
+def test_a_silent_hanging_step_is_stopped_at_its_timeout(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test", ROOT / "bench" / "gpu_check.py")
+    gc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gc)
+    assert gc._run("hang", [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path, 1.5) == 124
+    assert (tmp_path / "hang.rc").read_text().strip() == "124"
+    assert gc._run("fails", [sys.executable, "-c", "print('x'); raise SystemExit(3)"], tmp_path, 30) == 3
+    assert (tmp_path / "fails.log").read_text().strip() == "x"
