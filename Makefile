@@ -57,8 +57,8 @@ test: setup-test lint csrc-check
 TRITON_MIN := 3.6.0
 TRITON_MIN_NUMPY := numpy<2.4
 TRITON_MIN_DIR := $(VENV)/triton-min
-TRITON_MIN_TESTS := tests/test_triton_distill.py tests/test_sparse_split.py tests/test_distill_akl.py \
-  tests/test_sinkhorn.py tests/test_aot.py
+TRITON_MIN_TESTS := tests/distill/test_triton_distill.py tests/sparse/test_sparse_split.py tests/distill/test_distill_akl.py \
+  tests/ot/test_sinkhorn.py tests/tooling/test_aot.py
 $(TRITON_MIN_DIR)/.stamp: | $(TEST_STAMP)
 	@echo "make: triton==$(TRITON_MIN) and '$(TRITON_MIN_NUMPY)' into $(TRITON_MIN_DIR) (the Triton floor)"
 	@$(PIP) --no-deps --target $(TRITON_MIN_DIR) "triton==$(TRITON_MIN)" "$(TRITON_MIN_NUMPY)" \

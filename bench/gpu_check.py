@@ -12,7 +12,7 @@ Steps, each logged under ``--out`` as it finishes:
    written to ``--out`` when it finishes, measured beside the cost model's prediction.
 
 ``--dry-run`` runs the same steps on a CPU machine (the gpu tests are collected and skipped, the suite runs its
-tiny CPU sizes), so that the check itself is tested without a GPU (tests/test_gpu_check.py).
+tiny CPU sizes), so that the check itself is tested without a GPU (tests/tooling/test_gpu_check.py).
 Exit code 0 when every step passed; 2 when no CUDA device is visible and ``--dry-run`` was not given.
 """
 
@@ -92,7 +92,7 @@ def install(out: Path) -> int:
 
 
 def gpu_test_files() -> list[str]:
-    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
                   if re.search(r"mark\.gpu\b", p.read_text()))
 
 

@@ -46,7 +46,7 @@ every case, no per-case constant:
   published rows (Liger kl_div / tvd / cross_entropy, whose predicted/published sit around 1 at 0.90);
   GEMM_EFFICIENCY = 0.80, from the GEMM-bound published rows (the Hugging Face LM-head cross-entropy on A100
   and the torch LM-head JSD on H100 SXM). ``--calibrate`` prints every published row beside its prediction
-  and stores them (``bench/data/calibration.json``; tests/test_model.py holds each within ±30 %).
+  and stores them (``bench/data/calibration.json``; tests/tooling/test_model.py holds each within ±30 %).
 * ``floor_bytes``: logits cases 3·N·V·2 (read student + teacher, write the gradient once, bf16); fused /
   sparse cases the unavoidable GEMM operands. ``gemm_ms``: the time of the GEMMs the case cannot avoid
   (fused: h·Wᵀ, hₜ·Wₜᵀ, G·W, Gᵀ·h; sparse: the student's three) at the calibrated GEMM efficiency.

@@ -23,8 +23,8 @@
 namespace fastkd {
 namespace {
 
-// Divergence codes: the table fastkd/core/divergences.py CODES (tests/test_divergences.py and
-// tests/test_cuda_build.py parse this enum and assert equality). kZero is the table's internal target of
+// Divergence codes: the table fastkd/core/divergences.py CODES (tests/distill/test_divergences.py and
+// tests/tooling/test_cuda_build.py parse this enum and assert equality). kZero is the table's internal target of
 // endpoint rules (skl / srkl at alpha = 1).
 enum Divergence : int {
   kFKL = 0, kRKL = 1, kJSD = 2, kSymKL = 3, kSKL = 4, kSRKL = 5, kTVD = 6, kAKL = 7, kTAID = 8, kAB = 9, kZero = 10

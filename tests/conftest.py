@@ -8,7 +8,7 @@
 * ``gpu``-marked tests are skipped without a real CUDA device, and in an interpreter session (their
   Triton kernels must be compiled for the GPU: run ``pytest -m gpu``).
 * ``FASTKD_FAKE_CUDA=1`` patches ``torch.cuda.is_available`` to return True, to check that the interpreter
-  tests do not depend on the host (``FASTKD_FAKE_CUDA=1 pytest tests/test_triton_distill.py``).
+  tests do not depend on the host (``FASTKD_FAKE_CUDA=1 pytest tests/distill/test_triton_distill.py``).
 """
 
 from __future__ import annotations

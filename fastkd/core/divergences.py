@@ -14,7 +14,7 @@ What derives from it: ``fastkd.DIVERGENCES`` (public names), the argument valida
 (``fastkd.distill.reference.per_token``), the torch backend's dispatch, the Triton constexpr codes
 (``fastkd.kernels.distill``: ``FKL = tl.constexpr(CODES["fkl"])``, ...), the kernels' hyperparameter
 arguments (in :data:`HYPER_NAMES` order) and the C++ ``enum Divergence`` (``csrc/distill.cu``) and
-``enum Hyper`` (``csrc/fastkd.h``); tests/test_divergences.py parses both and asserts equality with this table.
+``enum Hyper`` (``csrc/fastkd.h``); tests/distill/test_divergences.py parses both and asserts equality with this table.
 
 Notation: p = teacher, q = student, both softmax of the tempered logits.
 

@@ -16,7 +16,7 @@ chosen continuations) and, at best, its own top-k. Reverse KL and JSD need the t
    The merged row is then a ``topk_tail`` row: buckets at the union's ids + one tail bucket for the rest.
 
 As k → V each mode becomes the dense loss of the same divergence (the buckets cover the vocabulary and the
-tail is empty); ``tests/test_student_ids.py`` checks it against float64.
+tail is empty); ``tests/sparse/test_student_ids.py`` checks it against float64.
 """
 
 from __future__ import annotations

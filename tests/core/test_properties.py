@@ -43,7 +43,7 @@ def _report_counts(request):
     line = "hypothesis examples run: " + ", ".join(f"{k}={v}" for k, v in sorted(RUN.items()))
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
-        print(f"\ntests/test_properties.py {line} (total {sum(RUN.values())})", flush=True)
+        print(f"\ntests/core/test_properties.py {line} (total {sum(RUN.values())})", flush=True)
     low = {k: v for k, v in RUN.items() if v < MIN_EXAMPLES}
     assert not low, f"properties ran too few examples: {low}"
 

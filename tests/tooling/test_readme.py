@@ -7,7 +7,7 @@ import re
 
 
 def test_readme_usage_block_runs():
-    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert blocks, "README has no python example"
     for code in blocks:
@@ -15,7 +15,7 @@ def test_readme_usage_block_runs():
 
 
 def test_readme_points_inside_the_repo_and_documents_the_namespace_pitfall():
-    root = pathlib.Path(__file__).resolve().parents[1]
+    root = pathlib.Path(__file__).resolve().parents[2]
     text = (root / "README.md").read_text()
     assert "../shared" not in text and "docs/DESIGN.md" in text and (root / "docs" / "DESIGN.md").is_file()
     assert "namespace package" in text and "-P" in text and "make bench" in text and ".png" in text

@@ -11,11 +11,16 @@ import math
 
 import pytest
 import torch
+from helpers import logits
 
 import fastkd
 from fastkd import reference as R
 from fastkd.core.stats import STATS_KEYS, stats_dict
 from fastkd.distill import triton_impl as TD
+
+
+def _logits(n, v, dtype, seed, scale=2.0):
+    return logits((n, v), dtype, scale, seed=seed)
 
 BLOCK = 32
 NEG = -math.inf
@@ -27,11 +32,6 @@ if _TRITON:
 # Absolute tolerance of an entropy / kl for fp32 math on rows of ~100 columns, per input dtype (the inputs
 # are the exact low-precision values, so only fp32 accumulation error remains)
 ATOL = {torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}
-
-
-def _logits(n, v, dtype, seed, scale=2.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, v, generator=g) * scale).to(dtype)
 
 
 def _with_neg_inf(zs, zt, teacher_only):

@@ -28,7 +28,7 @@ from fastkd.distill import reference as ref_distill
 from fastkd.distill import torch_impl
 from fastkd.distill import triton_impl as TD
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 needs_triton = pytest.mark.skipif(TD._IMPORT_ERROR is not None, reason=f"no triton: {TD._IMPORT_ERROR}")
 BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
 AB_PARAMS = [(0.8, 0.3), (0.5, 0.5), (1.5, -0.4), (-0.3, 1.2), (0.2, 0.7)]

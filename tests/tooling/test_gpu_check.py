@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 _HIDDEN = ("hypothesis", "pybind11", "ninja", "_hypothesis")
 

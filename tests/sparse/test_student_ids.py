@@ -218,7 +218,7 @@ def test_union_bad_inputs():
 
 
 def test_served_teacher_example_runs():
-    path = Path(__file__).resolve().parents[1] / "examples" / "served_teacher.py"
+    path = Path(__file__).resolve().parents[2] / "examples" / "served_teacher.py"
     spec = importlib.util.spec_from_file_location("served_teacher", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from helpers import ref_loss_grad
 
 import fastkd
 from fastkd import reference as R
@@ -22,22 +23,13 @@ pytestmark = pytest.mark.skipif(TD._IMPORT_ERROR is not None, reason=f"no triton
 GRAD_EPS = {torch.float32: 2e-6, torch.bfloat16: 2**-8}
 
 
-def _ref(s, t, **kw):
-    """float64 reference (loss, grad); −inf replaced by −1e4 for the gradient (see test_triton_distill._ref)."""
-    out = R.distill_loss(s.double(), t.double(), "akl", reduction="none", **kw)
-    fin = lambda z: torch.where(torch.isneginf(z), -1e4, z.double())
-    x = fin(s).requires_grad_()
-    grad = torch.autograd.grad(R.distill_loss(x, fin(t), "akl", reduction="none", **kw).sum(), x)[0]
-    return out, torch.where(torch.isneginf(s), 0.0, grad)
-
-
 def _check(s, t, block=None, **kw):
     x = s.clone().requires_grad_()
     with TD.override_config(block_v=block):
         assert TD.schedule(DistillParams("akl"), v=s.shape[-1])[0] == "akl_split"
         loss = fastkd.distill_loss(x, t, "akl", backend="triton", reduction="none", **kw)
     loss.sum().backward()
-    rloss, rgrad = _ref(s, t, **kw)
+    rloss, rgrad = ref_loss_grad(s, t, "akl", reduction="none", **kw)
     torch.testing.assert_close(loss.double(), rloss, rtol=2e-5, atol=2e-5 * (1 + rloss.abs().max().item()))
     eps = GRAD_EPS[s.dtype]
     torch.testing.assert_close(x.grad.double(), rgrad, rtol=eps, atol=2 * eps * rgrad.abs().max().item() + 1e-7)

@@ -10,11 +10,21 @@ import math
 
 import pytest
 import torch
+from helpers import logits, teacher
+from helpers import ref_loss_grad as _ref
 from hypothesis_compat import HealthCheck, given, settings, st
 
 import fastkd
 from fastkd import reference as R
 from fastkd.core.registry import BackendUnavailableError
+
+
+def _logits(shape, dtype, scale=2.0):
+    return logits(shape, dtype, scale, device="cuda")
+
+
+def _teacher(shape, dtype, div):
+    return teacher(shape, dtype, div, device="cuda")
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -37,33 +47,11 @@ def _extension():
     import fastkd.sparse.cuda_impl  # noqa: F401  (registers even where ops do not declare it yet)
 
 
-def _logits(shape, dtype, scale=2.0):
-    return (torch.randn(shape, device="cuda") * scale).to(dtype)
-
-
-def _teacher(shape, dtype, div):
-    """akl: distinct probabilities per row (ties at the head boundary are resolved differently from the
-    reference's stable sort, see csrc/distill.cu)."""
-    if div != "akl":
-        return _logits(shape, dtype)
-    perm = torch.argsort(torch.rand(shape, device="cuda"), dim=-1).float()
-    return ((perm - shape[-1] / 2) / 16).to(dtype)
-
-
 def _run(zs, zt, div, backend="cuda", **kw):
     x = zs.clone().requires_grad_()
     out = fastkd.distill_loss(x, zt, div, backend=backend, **kw)
     out.sum().backward()
     return out.detach(), x.grad
-
-
-def _ref(zs, zt, div, **kw):
-    out = R.distill_loss(zs.double(), zt.double(), div, **kw)
-    fin = lambda z: torch.where(torch.isneginf(z), -1e4, z.double())
-    x = fin(zs).requires_grad_()
-    y = R.distill_loss(x, fin(zt), div, **kw).sum()
-    grad = torch.autograd.grad(y, x)[0] if y.requires_grad else torch.zeros_like(x)
-    return out, torch.where(torch.isneginf(zs), 0.0, grad)
 
 
 def _check(s, zt, div, others=("torch", "triton"), **kw):

@@ -20,7 +20,7 @@ from fastkd import _cpp_lib
 from fastkd.core.params import DIVERGENCE_CODES, DistillParams
 from fastkd.core.registry import BackendUnavailableError, cuda_ext_reasons
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_build_helper():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from fastkd.bench import gpu_suite as GS  # noqa: E402
 
@@ -202,11 +202,11 @@ def test_make_gpu_check_stops_at_once_without_cuda(tmp_path):
 
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     dry = subprocess.run(["make", "-n", "gpu-check", f"OUT={tmp_path}"], cwd=root, capture_output=True, text=True,
                          timeout=60)
     assert dry.returncode == 0, dry.stderr
-    for part in ("bench/gpu_check.py", f"--out {tmp_path}", "--suite-cap"):  # its steps: tests/test_gpu_check.py
+    for part in ("bench/gpu_check.py", f"--out {tmp_path}", "--suite-cap"):  # steps: tooling/test_gpu_check.py
         assert part in dry.stdout, part
     run = subprocess.run(["make", "gpu-check", f"OUT={tmp_path}", f"GPU_PY={sys.executable}"], cwd=root,
                          capture_output=True, text=True, timeout=120)

@@ -131,7 +131,7 @@ def test_bench_help_comes_from_bench_and_bench_never_imports_the_cli(capsys):
     code = ("import sys, fastkd.bench.harness, fastkd.bench.plot, fastkd.bench.bench_distill, "
             "fastkd.bench.bench_fused_linear, fastkd.bench.bench_sparse, fastkd.bench.bench_sinkhorn; "
             "print('fastkd.cli' in sys.modules)")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120,
                           env=dict(os.environ, PYTHONPATH=root))
     assert proc.returncode == 0, proc.stderr

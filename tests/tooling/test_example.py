@@ -9,7 +9,7 @@ import sys
 
 
 def test_distill_tiny_quick():
-    root = pathlib.Path(__file__).resolve().parents[1]
+    root = pathlib.Path(__file__).resolve().parents[2]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, str(root / "examples" / "distill_tiny.py"), "--quick"], cwd=root,
                          env=env, capture_output=True, text=True, timeout=300)
@@ -24,7 +24,7 @@ def test_sparse_study_quick_json():
     import json
     import math
 
-    root = pathlib.Path(__file__).resolve().parents[1]
+    root = pathlib.Path(__file__).resolve().parents[2]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, str(root / "examples" / "distill_tiny.py"), "--sparse-study", "--quick",
                           "--json"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
@@ -51,7 +51,7 @@ def test_on_policy_quick():
     """examples/on_policy.py --quick: every method's row, finite numbers for each seed."""
     import json
 
-    root = pathlib.Path(__file__).resolve().parents[1]
+    root = pathlib.Path(__file__).resolve().parents[2]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, str(root / "examples" / "on_policy.py"), "--quick", "--json"], cwd=root,
                          env=env, capture_output=True, text=True, timeout=300)

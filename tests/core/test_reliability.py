@@ -3,7 +3,7 @@
 Sparse losses: finite gradients where the float64 math is finite (underflowing student tails), NaN teachers
 give NaN on every backend, untrusted ids (>= V, < −1, duplicated) handled on the device; ``sinkd_loss`` at
 small ε in fp32; tensor ``num_items_in_batch``; cosine Sinkhorn with a zero vector; empty vocabulary.
-The teacher-cache cases live in tests/test_cache.py.
+The teacher-cache cases live in tests/cache/test_cache.py.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import torch
 
 from fastkd.bench import harness as H
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.host_device  # real work on the default device (see tests/conftest.py)
 

@@ -10,6 +10,9 @@ import math
 
 import pytest
 import torch
+from helpers import logits as _logits
+from helpers import ref_loss_grad as _ref
+from helpers import teacher as _teacher
 from hypothesis_compat import HealthCheck, given, settings, st
 
 import fastkd
@@ -30,20 +33,6 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 pytestmark = pytest.mark.skipif(TD._IMPORT_ERROR is not None, reason=f"no triton: {TD._IMPORT_ERROR}")
 
 
-def _logits(shape, dtype, scale=2.0):
-    return (torch.randn(shape) * scale).to(dtype)
-
-
-def _teacher(shape, dtype, div):
-    """Teacher logits; for akl, distinct values per row (exact in bf16/fp16): the kernel keeps tied
-    probabilities together at the head boundary while the reference's stable sort may split them."""
-    if div != "akl":
-        return _logits(shape, dtype)
-    v = shape[-1]
-    perm = torch.argsort(torch.rand(shape), dim=-1).float()
-    return ((perm - v / 2) / 16).to(dtype)
-
-
 def _run(zs, zt, div, backend="triton", block=BLOCK, **kw):
     """(loss, grad w.r.t. zs) from fastkd.distill_loss(zs, zt, div, **kw) on ``backend``."""
     x = zs.clone().requires_grad_()
@@ -51,21 +40,6 @@ def _run(zs, zt, div, backend="triton", block=BLOCK, **kw):
         out = fastkd.distill_loss(x, zt, div, backend=backend, **kw)
     out.sum().backward()
     return out.detach(), x.grad
-
-
-def _ref(zs, zt, div, **kw):
-    """float64 reference (loss, grad).
-
-    Autograd through the reference's logaddexp / log_softmax turns −inf logits into NaN gradients for the
-    whole row, so the gradient is taken with −inf replaced by −1e4 (exp underflows to exactly 0 in float64:
-    the same probabilities, and the limit gradient); the value uses the true −inf.
-    """
-    out = R.distill_loss(zs.double(), zt.double(), div, **kw)
-    fin = lambda z: torch.where(torch.isneginf(z), -1e4, z.double())
-    x = fin(zs).requires_grad_()
-    y = R.distill_loss(x, fin(zt), div, **kw).sum()
-    grad = torch.autograd.grad(y, x)[0] if y.requires_grad else torch.zeros_like(x)  # skl at α=1: D ≡ 0
-    return out, torch.where(torch.isneginf(zs), 0.0, grad)
 
 
 def _check(s, zt, div, torch_too=True, **kw):
@@ -246,7 +220,7 @@ def two_pass(monkeypatch):
 
 def test_akl_ties_move_together(two_pass):
     # p ∝ (4, 3, 3, 1, 1, ...): the tied 3s straddle mu in the reference's stable sort, not in the two-pass
-    # kernel (the default split akl kernel splits them like the reference: tests/test_distill_akl.py)
+    # kernel (the default split akl kernel splits them like the reference: tests/distill/test_distill_akl.py)
     t = torch.zeros(2, 50)
     t[:, 0], t[:, 1], t[:, 2] = math.log(40.0), math.log(30.0), math.log(30.0)
     p = torch.softmax(t[0].double(), -1)
@@ -421,7 +395,7 @@ def test_schedule_selection():
     assert TD.schedule(DistillParams("fkl"))[0] == "split"
     assert TD.schedule(DistillParams("jsd"))[0] == "split"
     sched, why = TD.schedule(DistillParams("akl"))
-    assert sched == "akl_split" and "akl" in why  # tests/test_distill_akl.py tests that kernel
+    assert sched == "akl_split" and "akl" in why  # tests/distill/test_distill_akl.py tests that kernel
     with TD.override_config(schedule="two_pass"):
         assert TD.schedule(DistillParams("fkl")) == ("two_pass", "forced by override_config(schedule='two_pass')")
     with pytest.raises(ValueError, match="schedule"), TD.override_config(schedule="three_pass"):
@@ -505,7 +479,7 @@ def test_gpu_suite_dry_run(tmp_path):
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from fastkd.bench import gpu_suite
 
     rc = gpu_suite.main(["--dry-run", "--cases", "distill-jsd", "--out", str(tmp_path)])

@@ -1,6 +1,6 @@
 """fastkd.core.sharding in one process (no process group): flat-shard messages, the module form, keep_in_graph.
 
-The 2-rank engine tests are tests/test_distributed_engines.py; these are the fast-tier checks."""
+The 2-rank engine tests are tests/integrations/test_distributed_engines.py; these are the fast-tier checks."""
 
 from __future__ import annotations
 

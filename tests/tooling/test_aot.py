@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 
 from fastkd.bench import aot  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(code: str, tmp_path: Path, timeout: float = 900) -> subprocess.CompletedProcess:
