@@ -20,13 +20,12 @@ backend already makes; the loss and gradient must be bitwise the same with and w
 
 Divergence names, hyperparameter defaults/ranges and endpoint rules come from the divergence table
 (:mod:`fastkd.core.divergences`); :func:`make_params` (:mod:`fastkd.core.params`) validates against it.
-The custom op ``fastkd::distill_rows`` takes the :class:`DistillParams` fields as one float list built
-from the dataclass, so a new hyperparameter needs no edit here.
+The custom op ``fastkd::distill_rows`` takes the :class:`DistillParams` fields as typed scalars (its schema
+is built from the dataclass's annotations), so a new hyperparameter needs no edit here.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -51,42 +50,47 @@ declare(
     auto_order=("triton", "torch"),
 )
 
-# The custom op's scalar arguments are the fields of DistillParams, packed as one float list in field
-# order (None as NaN), so a new field needs no edit here. ``softcap`` is left out: the LM-head engine
-# applies it to the logits before the rows reach a backend.
-_OP_FIELDS = tuple(f for f in fields(DistillParams) if f.name not in ("divergence", "softcap"))
+# The custom op's scalar arguments are the fields of DistillParams, each typed in the op's schema by its
+# annotation (float, int, bool, str, optional), in field order, so a new field needs no edit here.
+# ``softcap`` is left out: the LM-head engine applies it to the logits before the rows reach a backend.
+_SCHEMA_TYPES = {"str": "str", "float": "float", "int": "int", "bool": "bool", "float | None": "float?",
+                 "int | None": "int?"}
+OP_FIELDS = tuple(f.name for f in fields(DistillParams) if f.name != "softcap")
 
 
-def _pack(p: DistillParams) -> list[float]:
-    return [math.nan if getattr(p, f.name) is None else float(getattr(p, f.name)) for f in _OP_FIELDS]
+def _schema() -> str:
+    types = {f.name: str(f.type) for f in fields(DistillParams)}
+    unknown = [n for n in OP_FIELDS if types[n] not in _SCHEMA_TYPES]
+    if unknown:  # a field whose annotation the schema cannot express (a new type needs a _SCHEMA_TYPES entry)
+        raise TypeError(f"DistillParams fields {unknown} have no custom-op schema type")
+    scalars = ", ".join(f"{_SCHEMA_TYPES[types[n]]} {n}" for n in OP_FIELDS)
+    return ("(Tensor student, Tensor teacher, Tensor? labels, Tensor weight, Tensor(a!)? grad, str backend, "
+            f"Tensor(b!)? stats, {scalars}) -> Tensor")
 
 
-def _unpack(divergence: str, values: list[float]) -> DistillParams:
-    kw = {}
-    for f, v in zip(_OP_FIELDS, values, strict=True):
-        kind = str(f.type).split("|")[0].strip()
-        kw[f.name] = None if math.isnan(v) else bool(v) if kind == "bool" else int(v) if kind == "int" else v
-    return DistillParams(divergence=divergence, **kw)
+def op_args(p: DistillParams) -> tuple:
+    """The scalar arguments of ``fastkd::distill_rows`` for ``p``: its fields but softcap, in field order."""
+    return tuple(getattr(p, name) for name in OP_FIELDS)
 
 
-@torch.library.custom_op("fastkd::distill_rows", mutates_args=("grad", "stats"))
-def distill_rows(
-    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, weight: torch.Tensor,
-    grad: torch.Tensor | None, divergence: str, params: list[float], backend: str,
-    stats: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-token loss (N,) of one backend's ``distill`` on rows; writes the weighted gradient into ``grad``
-    and, when given, the (N, 4) fp32 statistics into ``stats``.
-
-    The one entry point to the backends for dense losses: eager autograd Functions call it directly and
-    ``torch.compile`` sees it as an opaque op (fake implementation below). ``params``: the fields of
-    :class:`DistillParams` but ``divergence`` / ``softcap``, in field order, None as NaN.
-    """
-    p = _unpack(divergence, params)
+def _distill_rows(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, weight: torch.Tensor,
+                  grad: torch.Tensor | None, backend: str, stats: torch.Tensor | None, *scalars) -> torch.Tensor:
+    p = DistillParams(**dict(zip(OP_FIELDS, scalars, strict=True)))
     impl = select("distill", backend, student=student, teacher=teacher, params=p, stats=stats)
     if stats is None:
         return impl.fn(student, teacher, labels, weight, grad, p)
     return impl.fn(student, teacher, labels, weight, grad, p, stats)
+
+
+distill_rows = torch.library.custom_op("fastkd::distill_rows", _distill_rows, mutates_args=("grad", "stats"),
+                                       schema=_schema())
+distill_rows.__doc__ = """Per-token loss (N,) of one backend's ``distill`` on rows; writes the weighted gradient
+into ``grad`` and, when given, the (N, 4) fp32 statistics into ``stats``.
+
+The one entry point to the backends for dense losses: eager autograd Functions call it directly and
+``torch.compile`` sees it as an opaque op (fake implementation below). Arguments: the tensors, the backend
+name, ``stats``, then :func:`op_args` (the typed fields of :class:`DistillParams` but softcap).
+"""
 
 
 @distill_rows.register_fake
@@ -99,7 +103,7 @@ def backend_fn(backend: str):
     """A ``distill`` backend callable (contract in the module docstring) that goes through the custom op."""
 
     def fn(student, teacher, labels, weight, grad, p: DistillParams, stats=None) -> torch.Tensor:
-        return distill_rows(student, teacher, labels, weight, grad, p.divergence, _pack(p), backend, stats)
+        return distill_rows(student, teacher, labels, weight, grad, backend, stats, *op_args(p))
 
     return fn
 

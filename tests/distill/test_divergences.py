@@ -105,13 +105,29 @@ def test_reference_and_torch_dispatch_cover_the_table():
     assert set(torch_impl.TERMS) | {"taid"} == set(DV.CODES)
 
 
-def test_custom_op_arguments_are_the_dataclass_fields():
+def test_custom_op_arguments_are_the_dataclass_fields(monkeypatch):
+    """fastkd::distill_rows takes the DistillParams fields (but softcap) as typed scalars, in field order, and the
+    backend receives the record unchanged: int / bool / None survive the op boundary."""
+    schema = distill_op.distill_rows._opoverload._schema
+    scalars = [a for a in schema.arguments if a.name in distill_op.OP_FIELDS]
+    assert [a.name for a in scalars] == [f.name for f in dataclasses.fields(DistillParams) if f.name != "softcap"]
+    kinds = {a.name: str(a.type) for a in scalars}
+    assert (kinds["divergence"], kinds["temperature"], kinds["scale_by_t2"], kinds["chunk_size"]) == (
+        "str", "float", "bool", "Optional[int]")
+    seen = []
+    real = distill_op.select
+    monkeypatch.setattr(distill_op, "select", lambda op, backend, **kw: seen.append(kw["params"]) or real(
+        op, backend, **kw))
+    s, t = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    labels, w = torch.tensor([0, 4, 2]), torch.ones(3, dtype=torch.float64)
     p = DistillParams(divergence="ab", temperature=1.7, scale_by_t2=True, alpha=1.25, beta=-0.5, ce_weight=0.2,
                       chunk_size=7)
-    q = distill_op._unpack(p.divergence, distill_op._pack(p))
+    distill_op.backend_fn("torch")(s, t, labels, w, None, p)
+    distill_op.backend_fn("torch")(s, t, None, w, None, DistillParams())
+    q = seen[0]
     assert q == dataclasses.replace(p, softcap=None)
     assert isinstance(q.chunk_size, int) and isinstance(q.scale_by_t2, bool)
-    assert distill_op._unpack("fkl", distill_op._pack(DistillParams())).chunk_size is None
+    assert seen[1].chunk_size is None
 
 
 # ---- validation -------------------------------------------------------------------------------------------
