@@ -10,8 +10,9 @@ Per batch (causal LM, labels shifted by one as HF does)::
 The models are run through their normal forward with ``logits_to_keep=<no positions>`` while a forward
 hook on the decoder body (``get_decoder()`` / ``.model``) captures ``last_hidden_state``, so wrappers
 such as DDP keep working and the LM head computes nothing; models whose forward has no
-``logits_to_keep`` have their body called directly. ``logit_scale`` (Cohere-style, logits × scale) is
-folded into the hidden states, ``final_logit_softcapping`` (Gemma-style) becomes ``softcap``.
+``logits_to_keep`` have their body called directly. Each model's own logit post-processing (read by
+:func:`logit_options`: a logit scale, then ``final_logit_softcapping``) goes to the loss per side, so a student
+and a teacher may scale and cap differently.
 
 Gradient accumulation: when Trainer passes ``num_items_in_batch`` (the number of target tokens over all
 accumulated micro-batches) the loss is sum / num_items_in_batch, exactly HF's convention for its own
@@ -55,7 +56,7 @@ from fastkd.core.sharding import call_with_head, engine_of, gathered_head, is_dt
 from fastkd.core.stats import STATS_KEYS
 from fastkd.distill.fused import fused_linear_distill_loss
 
-__all__ = ["DistillationTrainer", "lm_head_of", "body_of", "hidden_states"]
+__all__ = ["DistillationTrainer", "lm_head_of", "body_of", "hidden_states", "logit_options"]
 
 _MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "token_type_ids")
 
@@ -127,6 +128,19 @@ def _config_value(model: nn.Module, *names: str) -> float | None:
         if value is not None:
             return float(value)
     return None
+
+
+def logit_options(model: nn.Module) -> tuple[float, float | None]:
+    """``(logit_scale, softcap)`` of a causal LM's logits, ``softcap(scale · (h W.T + b))``, from its (text) config:
+    the scale is ``logit_scale`` (Cohere), ``output_multiplier`` or ``lm_head_multiplier`` (Falcon-H1), else
+    ``1 / logits_scaling`` (Granite, MiniCPM3; HyperCLOVA X multiplies by it), else 1.0 — the fields TRL's
+    DistillationTrainer reads; the softcap is ``final_logit_softcapping`` (Gemma 2) or None."""
+    scale = _config_value(model, "logit_scale", "output_multiplier", "lm_head_multiplier")
+    if scale is None:
+        inv = _config_value(model, "logits_scaling")
+        if inv is not None:
+            scale = inv if getattr(_unwrap(model).config, "model_type", None) == "hyperclovax" else 1 / inv
+    return (1.0 if scale is None else scale), _config_value(model, "final_logit_softcapping")
 
 
 def _check_vocabularies(model: nn.Module | None, teacher_model: nn.Module | None, cache: Any,
@@ -268,22 +282,20 @@ class DistillationTrainer(Trainer):
         labels, mask = self._labels(inputs)
         h_s = hidden_states(model, inputs)[:, :-1]
         head = lm_head_of(model)
-        scale = _config_value(model, "logit_scale")
-        if scale is not None:
-            h_s = h_s * scale
-        softcap = _config_value(model, "final_logit_softcapping")
+        scale, softcap = logit_options(model)
         n_items = num_items_in_batch
         if isinstance(n_items, torch.Tensor):
             n_items = n_items.to(h_s.device)
         common = dict(labels=labels, mask=mask, num_items_in_batch=n_items)
+        heads = dict(softcap=softcap, scale=scale)
         if self.log_stats:
             common["return_stats"] = True
         if inputs.get("teacher_hidden") is not None:
             with self._loss_autocast():
-                loss = self._cached_hidden_loss(inputs, h_s, head, softcap, common)
+                loss = self._cached_hidden_loss(inputs, h_s, head, heads, common)
         elif inputs.get("teacher_ids") is not None:
             with self._loss_autocast():
-                loss = self._offline_loss(inputs, h_s, head, softcap, common)
+                loss = self._offline_loss(inputs, h_s, head, heads, common)
         elif self.teacher_model is None:
             raise ValueError("offline mode: the batch has no 'teacher_ids' (use "
                              "fastkd.cache.TeacherCacheDataset and its collate, or pass teacher_model)")
@@ -291,13 +303,7 @@ class DistillationTrainer(Trainer):
             t_inputs = self._to_teacher(inputs)
             with torch.no_grad():
                 h_t = hidden_states(self.teacher_model, t_inputs)[:, :-1]
-                t_scale = _config_value(self.teacher_model, "logit_scale")
-                if t_scale is not None:
-                    h_t = h_t * t_scale
-            t_softcap = _config_value(self.teacher_model, "final_logit_softcapping")
-            if t_softcap != softcap:
-                raise ValueError(f"student and teacher use different final_logit_softcapping ({softcap} vs "
-                                 f"{t_softcap}); the fused loss applies one softcap to both")
+            t_scale, t_softcap = logit_options(self.teacher_model)
             h_t = h_t.to(h_s.device, h_s.dtype)
             # sharded heads (FSDP1 / ZeRO-3): the teacher's gathered around the loss, the student's loss run as
             # its unit's forward so the engine gathers it for forward and backward (fastkd.core.sharding)
@@ -305,8 +311,8 @@ class DistillationTrainer(Trainer):
                 w_t, b_t = self._teacher_head(h_s.device, h_s.dtype)
                 loss = call_with_head(
                     model, lambda w, b, h, ht: fused_linear_distill_loss(
-                        h, w, ht, w_t, student_bias=b, teacher_bias=b_t, softcap=softcap, **common,
-                        **self.distill_options), h_s, h_t)
+                        h, w, ht, w_t, student_bias=b, teacher_bias=b_t, softcap=(softcap, t_softcap),
+                        logit_scale=(scale, t_scale), **common, **self.distill_options), h_s, h_t)
         if self.log_stats:
             loss, stats = loss
             self._record_stats(stats, labels, mask)
@@ -355,28 +361,25 @@ class DistillationTrainer(Trainer):
                 if k in _MODEL_KEYS}
 
     def _cached_hidden_loss(self, inputs: dict[str, Any], h_s: torch.Tensor, head: nn.Module,
-                            softcap: float | None, common: dict[str, Any]) -> torch.Tensor:
-        """Dense loss against a hidden-state cache: its stored head recomputes the teacher logits chunk-wise."""
+                            heads: dict[str, Any], common: dict[str, Any]) -> torch.Tensor:
+        """Dense loss against a hidden-state cache: its stored head (× its logit scale, its softcap) recomputes
+        the teacher logits chunk-wise."""
         cache = self._hidden_cache
         if cache is None:
             raise ValueError("the batch carries teacher_hidden but the trainer has no hidden-state teacher_cache "
                              "(pass teacher_cache=<its directory> for the stored LM head)")
-        t_softcap = cache.index["softcap"]
-        if (t_softcap is None) != (softcap is None) or (softcap is not None and float(softcap) != t_softcap):
-            raise ValueError(f"student and cached teacher use different final_logit_softcapping ({softcap} vs "
-                             f"{t_softcap}); the fused loss applies one softcap to both")
+        t_softcap, t_scale = cache.index["softcap"], cache.index["logit_scale"]
         h_t = inputs["teacher_hidden"][:, : h_s.shape[1]].to(h_s.device, h_s.dtype)
-        if cache.index["logit_scale"] is not None:
-            h_t = h_t * cache.index["logit_scale"]
         key = (h_s.device, h_s.dtype)
         if getattr(self, "_cached_head", (None,))[0] != key:
             w, b = cache.lm_head()
             self._cached_head = (key, w.to(h_s.device, h_s.dtype), None if b is None else b.to(h_s.device, h_s.dtype))
         return fused_linear_distill_loss(
             h_s, head.weight, h_t, self._cached_head[1], student_bias=getattr(head, "bias", None),
-            teacher_bias=self._cached_head[2], softcap=softcap, **common, **self.distill_options)
+            teacher_bias=self._cached_head[2], softcap=(heads["softcap"], t_softcap),
+            logit_scale=(heads["scale"], 1.0 if t_scale is None else float(t_scale)), **common, **self.distill_options)
 
-    def _offline_loss(self, inputs: dict[str, Any], h_s: torch.Tensor, head: nn.Module, softcap: float | None,
+    def _offline_loss(self, inputs: dict[str, Any], h_s: torch.Tensor, head: nn.Module, heads: dict[str, Any],
                       common: dict[str, Any]) -> torch.Tensor:
         from fastkd.sparse.op import fused_linear_sparse_distill_loss
 
@@ -393,8 +396,9 @@ class DistillationTrainer(Trainer):
             opts["teacher_tail"] = tail[:, :t].to(h_s.device)
         extra = {k: v for k, v in self.distill_options.items() if k in ("backend",)}
         return fused_linear_sparse_distill_loss(h_s, head.weight, ids, vals,
-                                                student_bias=getattr(head, "bias", None), softcap=softcap,
-                                                **common, **opts, **extra)
+                                                student_bias=getattr(head, "bias", None),
+                                                softcap=heads["softcap"], logit_scale=heads["scale"], **common,
+                                                **opts, **extra)
 
 
 class _CacheCollator:
