@@ -41,6 +41,17 @@ import triton
 import triton.language as tl
 
 from fastkd.core.divergences import CODES
+from fastkd.kernels._blocks import (  # noqa: F401  (_ce_store, _ent_block, _ent_merge: re-exported for now)
+    _argmax_block,
+    _argmax_fold,
+    _ce_store,
+    _ent_block,
+    _ent_merge,
+    _ent_online,
+    _lae,
+    _online,
+    _store_stats,
+)
 
 # Divergence codes of the table, as compile-time constants of the DIV switch.
 FKL = tl.constexpr(CODES["fkl"])
@@ -61,110 +72,6 @@ AKL_NT = 16  # thresholds tested per bisection pass
 AKL_BLOCK = 1024  # vocabulary block of the bisection passes (an AKL_NT × AKL_BLOCK tile: 4 contiguous teacher
 # elements per thread per iteration at 8 warps, one 8-byte vector load for bf16, instead of 1 scalar load)
 P_BITS_HI = tl.constexpr(0x3F800010)  # akl bracket top, just above the bits of 1.0 (csrc/distill.cu: same)
-
-
-@triton.jit
-def _lae(a, b):
-    """log(e^a + e^b), −inf when both are −inf."""
-    m = tl.maximum(a, b)
-    ms = tl.where(m == float("-inf"), 0.0, m)
-    return ms + tl.log(tl.exp(a - ms) + tl.exp(b - ms))
-
-
-@triton.jit
-def _online(m, d, a, x, y):
-    """Fold block x into running (max m, Σe^{x−m} d, Σe^{x−m}(x−y) a), skipping terms with e^{x−m} = 0."""
-    m_new = tl.maximum(m, tl.max(x, 0))
-    ms = tl.where(m_new == float("-inf"), 0.0, m_new)
-    scale = tl.exp(m - ms)
-    e = tl.exp(x - ms)
-    d = d * scale + tl.sum(e, 0)
-    a = a * scale + tl.sum(tl.where(e != 0, e * (x - y), 0.0), 0)
-    return m_new, d, a
-
-
-# ---- per-token statistics (fastkd.core.stats), shared by every distill kernel ---------------------------
-# Entropy partials of a block x (tempered logits, −inf allowed): m = max x, d = Σe^{x−m}, c = Σe^{x−m}(x−m), so
-# that H(softmax(x)) = log d − c/d; blocks merge by rescaling with e^{m_j − m*}: c_j + d_j (m_j − m*). The top-1
-# index is tracked on the *raw* logits (dividing by T can round distinct values into a tie) as (max, first index).
-INT_MAX = tl.constexpr(2147483647)
-
-
-@triton.jit
-def _ent_block(x, y):
-    """Entropy partials of one block: (m, d, c, a) with a = Σe^{x−m}(x − y) (y = the other side: Σp(t−s) for kl).
-
-    x, y: (BLOCK,) fp32, masked lanes −inf in both. Terms with e^{x−m} = 0 are skipped (0·(−inf) = 0)."""
-    m = tl.max(x, 0)
-    ms = tl.where(m == float("-inf"), 0.0, m)
-    e = tl.exp(x - ms)
-    keep = e != 0
-    return m, tl.sum(e, 0), tl.sum(tl.where(keep, e * (x - ms), 0.0), 0), tl.sum(tl.where(keep, e * (x - y), 0.0), 0)
-
-
-@triton.jit
-def _ent_online(m, d, c, x):
-    """The running c of :func:`_online`'s (m, d) after folding in block x: pass the *old* (m, d) of the same
-    ``_online`` call (its max / exp are then the same expressions, shared by the compiler); returns the new c."""
-    m_new = tl.maximum(m, tl.max(x, 0))
-    ms = tl.where(m_new == float("-inf"), 0.0, m_new)
-    scale = tl.exp(m - ms)
-    e = tl.exp(x - ms)
-    return scale * (c + tl.where(d != 0, d * (m - ms), 0.0)) + tl.sum(tl.where(e != 0, e * (x - ms), 0.0), 0)
-
-
-@triton.jit
-def _ent_merge(m, d, c, a):
-    """Merge per-segment partials given as (SP,) vectors (absent segments: m = −inf, d = c = a = 0) → (m, d, c, a)."""
-    mm = tl.max(m, 0)
-    ms = tl.where(mm == float("-inf"), 0.0, mm)
-    f = tl.exp(m - ms)
-    c = tl.sum(f * (c + tl.where(d != 0, d * (m - ms), 0.0)), 0)
-    return mm, tl.sum(f * d, 0), c, tl.sum(f * a, 0)
-
-
-@triton.jit
-def _argmax_block(x, cols):
-    """(max, first column index of the max) of a raw-logit block; masked lanes −inf and after the valid ones.
-    Also merges (SP,) vectors of per-segment (max, index) when ``cols`` holds the indices (segments in order)."""
-    m = tl.max(x, 0)
-    return m, tl.min(tl.where(x == m, cols, INT_MAX), 0).to(tl.int32)
-
-
-@triton.jit
-def _argmax_fold(m, i, bm, bi):
-    """Running (max, first index) of earlier columns ⊕ a later block's: ties keep the earlier index."""
-    return tl.maximum(m, bm), tl.where(bm > m, bi, i)
-
-
-@triton.jit
-def _store_stats(st_row_ptr, d_t, c_t, d_s, c_s, i_t, i_s, kl):
-    """Write one row's [teacher_entropy, student_entropy, top1_agree, kl] (STATS_KEYS order) from merged
-    partials: H = log d − c/d; top1_agree = (i_s == i_t)."""
-    tl.store(st_row_ptr + 0, tl.log(d_t) - c_t / d_t)
-    tl.store(st_row_ptr + 1, tl.log(d_s) - c_s / d_s)
-    tl.store(st_row_ptr + 2, tl.where(i_s == i_t, 1.0, 0.0))
-    tl.store(st_row_ptr + 3, kl)
-
-
-@triton.jit
-def _ce_store(g, xs, q, m_z, ld_z, label, ce_cw, g_base, cols, g_col, V, full, HAS_LABELS: tl.constexpr,
-              CE_RAW: tl.constexpr):
-    """Store one block of the gradient (split-row kernels): add the cross-entropy term ce_cw·(softmax(z) −
-    onehot(label)) — softmax of the raw logits xs (log-normaliser m_z + ld_z, kept split: ``(xs − m_z) − ld_z``
-    loses nothing to a large logit offset) when CE_RAW, else the tempered q — cast to the output dtype, unmasked
-    for a full block, masked (cols < V) for the tail block."""
-    if HAS_LABELS:
-        if CE_RAW:
-            sm_z = tl.exp((xs - m_z) - ld_z)
-        else:
-            sm_z = q
-        g += ce_cw * (sm_z - tl.where(cols == label, 1.0, 0.0))
-    g = g.to(g_base.dtype.element_ty)
-    if full:
-        tl.store(g_base + cols * g_col, g)
-    else:
-        tl.store(g_base + cols * g_col, g, mask=cols < V)
 
 
 # The divergences whose gradient needs Σqg (a reduction over the row before the gradient): their D and qg

@@ -54,6 +54,43 @@ import triton
 import triton.language as tl
 
 from fastkd.core.divergences import CODES
+from fastkd.kernels._blocks import (  # noqa: F401  (NSLOT, NSLOT_STATS: the launcher's workspace sizes)
+    NEG,
+    NSLOT,
+    NSLOT_STATS,
+    WS_A_F,
+    WS_A_R,
+    WS_A_U,
+    WS_C_S,
+    WS_C_T,
+    WS_D_S,
+    WS_D_T,
+    WS_D_U,
+    WS_D_Z,
+    WS_M_S,
+    WS_M_T,
+    WS_M_U,
+    WS_M_Z,
+    WS_P0,
+    WS_P1,
+    WS_RI_S,
+    WS_RI_T,
+    WS_RM_S,
+    WS_RM_T,
+    WS_ZL,
+    _argmax_block,
+    _ce_store,
+    _ent_block,
+    _ent_merge,
+    _lae,
+    _load_seg,
+    _lse_block,
+    _merge,
+    _online,
+    _slots,
+    _store_stats,
+    _wait,
+)
 from fastkd.kernels.distill import (
     AKL,
     FKL,
@@ -63,73 +100,10 @@ from fastkd.kernels.distill import (
     SYMKL,
     TAID,
     ZERO,
-    _argmax_block,
-    _ce_store,
     _constants,
-    _ent_block,
-    _ent_merge,
-    _lae,
     _mix_terms,
-    _online,
     _row_value,
-    _store_stats,
 )
-
-NSLOT = 16  # fp32 slots per unit in the workspace (12 statistics + 2 mid-pass partials, padded)
-# With STATS (return_stats): + entropy sums c_s, c_t (14, 15), raw-logit maxima (16, 17) and their first
-# indices (18, 19, int32 bits); the workspace stride is a constexpr, so launches without stats are unchanged.
-NSLOT_STATS = 20
-NEG = tl.constexpr(float("-inf"))
-
-
-@triton.jit
-def _load_seg(base, col_stride, start, offs, V, FULL_OK, other):
-    """One segment of a row as fp32: unmasked when it is a full block (vector loads), masked for the tail."""
-    cols = start + offs
-    if FULL_OK:
-        x = tl.load(base + cols * col_stride).to(tl.float32)
-    else:
-        x = tl.load(base + cols * col_stride, mask=cols < V, other=other).to(tl.float32)
-    return x
-
-
-@triton.jit
-def _lse_block(x):
-    """(max, Σe^{x−max}) of one block (the statistics without the divergence sum, when it is not needed)."""
-    m = tl.max(x, 0)
-    ms = tl.where(m == float("-inf"), 0.0, m)
-    return m, tl.sum(tl.exp(x - ms), 0)
-
-
-@triton.jit
-def _slots(ws_row, k, segs, sm, WS: tl.constexpr, other):
-    """Slot k of every segment of a row, (SP,) fp32 (``other`` for the padding segments)."""
-    return tl.load(ws_row + segs * WS + k, mask=sm, other=other, cache_modifier=".cg")
-
-
-@triton.jit
-def _merge(ws_row, k_m, k_d, k_a, segs, sm, WS: tl.constexpr):
-    """Merge the per-segment (max, Σe^{x−max}, Σe^{x−max}(x−y)) of slots k_m, k_d, k_a → (max, log D, A/D).
-
-    The log-normaliser stays split as max + log D: a logit minus the max is exact in fp32, their sum is not at
-    large |logits| (``x − lse`` would lose the low bits of a constant offset)."""
-    m = _slots(ws_row, k_m, segs, sm, WS, float("-inf"))
-    d = _slots(ws_row, k_d, segs, sm, WS, 0.0)
-    a = _slots(ws_row, k_a, segs, sm, WS, 0.0)
-    mm = tl.max(m, 0)
-    ms = tl.where(mm == float("-inf"), 0.0, mm)
-    sc = tl.exp(m - ms)
-    dd = tl.sum(d * sc, 0)
-    aa = tl.sum(a * sc, 0)
-    return mm, tl.log(dd), aa / dd
-
-
-@triton.jit
-def _wait(cnt, target):
-    """Spin until ``*cnt >= target`` (acquire): the published workspace entries are then visible."""
-    c = tl.atomic_add(cnt, 0, sem="acquire")
-    while c < target:
-        c = tl.atomic_add(cnt, 0, sem="acquire")
 
 
 @triton.jit
@@ -216,24 +190,24 @@ def _distill_split_kernel(
                 j0 = start.to(tl.int32)  # column indices in int32 (V < 2^31): half the registers of int64
                 rm_s, ri_s = _argmax_block(xs, offs + j0)
                 rm_t, ri_t = _argmax_block(xt, offs + j0)
-                tl.store(wp + 14, c_s)
-                tl.store(wp + 15, c_t)
-                tl.store(wp + 16, rm_s)
-                tl.store(wp + 17, rm_t)
-                tl.store(wp + 18, ri_s.to(tl.float32, bitcast=True))
-                tl.store(wp + 19, ri_t.to(tl.float32, bitcast=True))
-            tl.store(wp + 0, m_s)
-            tl.store(wp + 1, d_s)
-            tl.store(wp + 2, a_r)
-            tl.store(wp + 3, m_t)
-            tl.store(wp + 4, d_t)
-            tl.store(wp + 5, a_f)
-            tl.store(wp + 6, m_u)
-            tl.store(wp + 7, d_u)
-            tl.store(wp + 8, a_u)
-            tl.store(wp + 9, m_z)
-            tl.store(wp + 10, d_z)
-            tl.store(wp + 11, zl)
+                tl.store(wp + WS_C_S, c_s)
+                tl.store(wp + WS_C_T, c_t)
+                tl.store(wp + WS_RM_S, rm_s)
+                tl.store(wp + WS_RM_T, rm_t)
+                tl.store(wp + WS_RI_S, ri_s.to(tl.float32, bitcast=True))
+                tl.store(wp + WS_RI_T, ri_t.to(tl.float32, bitcast=True))
+            tl.store(wp + WS_M_S, m_s)
+            tl.store(wp + WS_D_S, d_s)
+            tl.store(wp + WS_A_R, a_r)
+            tl.store(wp + WS_M_T, m_t)
+            tl.store(wp + WS_D_T, d_t)
+            tl.store(wp + WS_A_F, a_f)
+            tl.store(wp + WS_M_U, m_u)
+            tl.store(wp + WS_D_U, d_u)
+            tl.store(wp + WS_A_U, a_u)
+            tl.store(wp + WS_M_Z, m_z)
+            tl.store(wp + WS_D_Z, d_z)
+            tl.store(wp + WS_ZL, zl)
         tl.atomic_add(cnt_ptr + 1 + 2 * r, 1, sem="release")
 
     # ---- phase 1 (LAG == 2): partial D and Σqg of segment j of row r − 1 ----------------------------------
@@ -244,8 +218,8 @@ def _distill_split_kernel(
             if w1 != 0.0:
                 _wait(cnt_ptr + 1 + 2 * r1, S)
                 ws_row = ws_ptr + r1 * S * WS
-                m_s, ld_s, _ra = _merge(ws_row, 0, 1, 2, segs, sm, WS)
-                m_t, ld_t, _fa = _merge(ws_row, 3, 4, 5, segs, sm, WS)
+                m_s, ld_s, _ra = _merge(ws_row, WS_M_S, WS_D_S, WS_A_R, segs, sm, WS)
+                m_t, ld_t, _fa = _merge(ws_row, WS_M_T, WS_D_T, WS_A_F, segs, sm, WS)
                 xs = _load_seg(s_ptr + r1 * s_row, s_col, start, offs, V, full, NEG)
                 xt = _load_seg(t_ptr + r1 * t_row, t_col, start, offs, V, full, NEG)
                 if SCALED:
@@ -257,8 +231,8 @@ def _distill_split_kernel(
                 d_el, qg = _mix_terms(lp, lq, tl.exp(lp), tl.exp(lq), c1, c2, lw_a, lw_b, DIV)
                 cm = (start + offs) < V  # padding lanes add nothing (ab's NaN for opposite-sign exponents)
                 wp = ws_ptr + (r1 * S + j) * WS
-                tl.store(wp + 12, tl.sum(tl.where(cm, d_el, 0.0), 0))
-                tl.store(wp + 13, tl.sum(tl.where(cm, qg, 0.0), 0))
+                tl.store(wp + WS_P0, tl.sum(tl.where(cm, d_el, 0.0), 0))
+                tl.store(wp + WS_P1, tl.sum(tl.where(cm, qg, 0.0), 0))
             tl.atomic_add(cnt_ptr + 2 + 2 * r1, 1, sem="release")
 
     # ---- final phase: loss (segment 0) and gradient of segment j of row r − LAG ---------------------------
@@ -276,8 +250,8 @@ def _distill_split_kernel(
         else:
             _wait(cnt_ptr + LAG + 2 * r2, S)
             ws_row = ws_ptr + r2 * S * WS
-            m_s, ld_s, ra = _merge(ws_row, 0, 1, 2, segs, sm, WS)
-            m_t, ld_t, fa = _merge(ws_row, 3, 4, 5, segs, sm, WS)
+            m_s, ld_s, ra = _merge(ws_row, WS_M_S, WS_D_S, WS_A_R, segs, sm, WS)
+            m_t, ld_t, fa = _merge(ws_row, WS_M_T, WS_D_T, WS_A_F, segs, sm, WS)
             lse_s = m_s + ld_s
             lse_t = m_t + ld_t
             fkl = fa + (m_s - m_t) + (ld_s - ld_t)  # = fa − lse_t + lse_s, without rounding the lse's
@@ -286,38 +260,38 @@ def _distill_split_kernel(
             ld_u = ld_s
             taid = zero
             if DIV == TAID:
-                m_u, ld_u, ua = _merge(ws_row, 6, 7, 8, segs, sm, WS)
+                m_u, ld_u, ua = _merge(ws_row, WS_M_U, WS_D_U, WS_A_U, segs, sm, WS)
                 taid = ua + (m_s - m_u) + (ld_s - ld_u)
             dval, ssum, w_f, w_r = _row_value(fkl, rkl, taid, lse_s, lse_t, c1, zero, DIV)
             if LAG == 2:
-                dval = tl.sum(_slots(ws_row, 12, segs, sm, WS, 0.0), 0)
-                ssum = tl.sum(_slots(ws_row, 13, segs, sm, WS, 0.0), 0)
+                dval = tl.sum(_slots(ws_row, WS_P0, segs, sm, WS, 0.0), 0)
+                ssum = tl.sum(_slots(ws_row, WS_P1, segs, sm, WS, 0.0), 0)
             label = 0
             m_z = m_s
             ld_z = ld_s
             if HAS_LABELS:
                 label = tl.load(lab_ptr + r2)
                 if CE_RAW:
-                    m_z, ld_z, _za = _merge(ws_row, 9, 10, 2, segs, sm, WS)
+                    m_z, ld_z, _za = _merge(ws_row, WS_M_Z, WS_D_Z, WS_A_R, segs, sm, WS)
             if j == 0:
                 loss = kd_scale * dval
                 if HAS_LABELS:
                     ok = (label >= 0) & (label < V)  # a bad label was never read: NaN loss
-                    zl = tl.sum(_slots(ws_row, 11, segs, sm, WS, 0.0), 0)
+                    zl = tl.sum(_slots(ws_row, WS_ZL, segs, sm, WS, 0.0), 0)
                     loss += ce_w * tl.where(ok, (m_z - zl) + ld_z, float("nan"))
                 tl.store(loss_ptr + r2, loss)
                 if STATS:  # the row's statistics, by the program that writes its loss
                     zv = tl.zeros([SP], tl.float32)
-                    _m, d_s, c_s, _a = _ent_merge(_slots(ws_row, 0, segs, sm, WS, float("-inf")),
-                                                  _slots(ws_row, 1, segs, sm, WS, 0.0),
-                                                  _slots(ws_row, 14, segs, sm, WS, 0.0), zv)
-                    _m, d_t, c_t, _a = _ent_merge(_slots(ws_row, 3, segs, sm, WS, float("-inf")),
-                                                  _slots(ws_row, 4, segs, sm, WS, 0.0),
-                                                  _slots(ws_row, 15, segs, sm, WS, 0.0), zv)
-                    bits_s = _slots(ws_row, 18, segs, sm, WS, 0.0).to(tl.int32, bitcast=True)
-                    bits_t = _slots(ws_row, 19, segs, sm, WS, 0.0).to(tl.int32, bitcast=True)
-                    _m, i_s = _argmax_block(_slots(ws_row, 16, segs, sm, WS, float("-inf")), bits_s)
-                    _m, i_t = _argmax_block(_slots(ws_row, 17, segs, sm, WS, float("-inf")), bits_t)
+                    _m, d_s, c_s, _a = _ent_merge(_slots(ws_row, WS_M_S, segs, sm, WS, float("-inf")),
+                                                  _slots(ws_row, WS_D_S, segs, sm, WS, 0.0),
+                                                  _slots(ws_row, WS_C_S, segs, sm, WS, 0.0), zv)
+                    _m, d_t, c_t, _a = _ent_merge(_slots(ws_row, WS_M_T, segs, sm, WS, float("-inf")),
+                                                  _slots(ws_row, WS_D_T, segs, sm, WS, 0.0),
+                                                  _slots(ws_row, WS_C_T, segs, sm, WS, 0.0), zv)
+                    bits_s = _slots(ws_row, WS_RI_S, segs, sm, WS, 0.0).to(tl.int32, bitcast=True)
+                    bits_t = _slots(ws_row, WS_RI_T, segs, sm, WS, 0.0).to(tl.int32, bitcast=True)
+                    _m, i_s = _argmax_block(_slots(ws_row, WS_RM_S, segs, sm, WS, float("-inf")), bits_s)
+                    _m, i_t = _argmax_block(_slots(ws_row, WS_RM_T, segs, sm, WS, float("-inf")), bits_t)
                     _store_stats(st_ptr + r2 * st_row, d_t, c_t, d_s, c_s, i_t, i_s, fkl)
             if HAS_GRAD:
                 xs = _load_seg(s_ptr + r2 * s_row, s_col, start, offs, V, full, NEG)

@@ -1,0 +1,211 @@
+"""The ``@triton.jit`` building blocks every kernel family shares, and the workspace layout of the split-row
+distill kernels: one place, imported by the kernel files (none of them imports helpers from another).
+
+Conventions (those of :mod:`fastkd.kernels.distill`): blocks are 1-D fp32 vectors, masked lanes hold −inf on
+every side, so a term ``e^{x−m}·(...)`` is skipped where ``e^{x−m} = 0`` (``0·(−inf)`` would be NaN) and a NaN
+input still propagates. Log-normalisers stay split as (max, log Σe^{x−max}): a logit minus the max is exact in
+fp32, a logit minus the rounded lse is not at large |logits|.
+
+Contents: log-add-exp (:func:`_lae`); online and per-block (max, sum-exp) folds (:func:`_online`,
+:func:`_lse_block`); entropy partials and their merges (:func:`_ent_block`, :func:`_ent_online`,
+:func:`_ent_merge`); the first-index argmax (:func:`_argmax_block`, :func:`_argmax_fold`); the statistics
+store (:func:`_store_stats`); the split kernels' segment load (:func:`_load_seg`), workspace reads and merges
+(:func:`_slots`, :func:`_merge`), gradient store with cross-entropy (:func:`_ce_store`) and spin-wait
+(:func:`_wait`).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+NEG = tl.constexpr(float("-inf"))
+INT_MAX = tl.constexpr(2147483647)
+
+# ---- workspace of the split-row distill kernels (distill_split, distill_akl): fp32 slots per unit -----------
+# A unit is (row, segment); phase 0 writes the segment's statistics, later phases the partial sums; the
+# readers merge the S segments of a row slot by slot. Integers are stored as their int32 bits.
+WS_M_S = tl.constexpr(0)  # max of s (tempered student logits)
+WS_D_S = tl.constexpr(1)  # Σ e^{s − max}
+WS_A_R = tl.constexpr(2)  # Σ e^{s − max}(s − t): the rkl sum (0 when the divergence does not use it)
+WS_M_T = tl.constexpr(3)  # max of t (tempered teacher logits)
+WS_D_T = tl.constexpr(4)  # Σ e^{t − max}
+WS_A_F = tl.constexpr(5)  # Σ e^{t − max}(t − s): the fkl sum
+WS_M_U = tl.constexpr(6)  # distill_split, taid: max of the interpolated logits u
+WS_D_U = tl.constexpr(7)  # distill_split, taid: Σ e^{u − max}
+WS_A_U = tl.constexpr(8)  # distill_split, taid: Σ e^{u − max}(u − s)
+WS_KMIN = tl.constexpr(6)  # distill_akl: the segment's smallest teacher key
+WS_KMAX = tl.constexpr(7)  # distill_akl: its largest teacher key
+WS_IMAX = tl.constexpr(8)  # distill_akl: first index of the teacher's max
+WS_M_Z = tl.constexpr(9)  # max of the raw student logits (cross-entropy at T != 1)
+WS_D_Z = tl.constexpr(10)  # Σ e^{z − max}
+WS_ZL = tl.constexpr(11)  # the label's raw logit, in the segment that holds it (0 elsewhere)
+WS_P0 = tl.constexpr(12)  # partial sums of a later phase: distill_split the segment's D, akl Σ_H |p − q|
+WS_P1 = tl.constexpr(13)  # distill_split the segment's Σqg, akl Σ |p − q|
+NSLOT = 16  # slots per unit (padded)
+# with STATS (return_stats); the workspace stride is the kernels' constexpr WS, so launches without stats keep
+# the NSLOT layout
+WS_C_S = tl.constexpr(14)  # entropy sum Σ e^{s − max}(s − max)
+WS_C_T = tl.constexpr(15)  # Σ e^{t − max}(t − max)
+WS_RM_S = tl.constexpr(16)  # max of the raw student logits (the top-1 index is tracked on raw logits)
+WS_RM_T = tl.constexpr(17)  # distill_split: max of the raw teacher logits
+WS_RI_S = tl.constexpr(18)  # distill_split: first index of the student's raw max
+WS_RI_T = tl.constexpr(19)  # distill_split: first index of the teacher's raw max
+WS_AKL_RI_S = tl.constexpr(17)  # distill_akl: first index of the student's raw max (the teacher's is WS_IMAX)
+NSLOT_STATS = 20
+
+
+@triton.jit
+def _lae(a, b):
+    """log(e^a + e^b), −inf when both are −inf."""
+    m = tl.maximum(a, b)
+    ms = tl.where(m == float("-inf"), 0.0, m)
+    return ms + tl.log(tl.exp(a - ms) + tl.exp(b - ms))
+
+
+@triton.jit
+def _online(m, d, a, x, y):
+    """Fold block x into running (max m, Σe^{x−m} d, Σe^{x−m}(x−y) a), skipping terms with e^{x−m} = 0."""
+    m_new = tl.maximum(m, tl.max(x, 0))
+    ms = tl.where(m_new == float("-inf"), 0.0, m_new)
+    scale = tl.exp(m - ms)
+    e = tl.exp(x - ms)
+    d = d * scale + tl.sum(e, 0)
+    a = a * scale + tl.sum(tl.where(e != 0, e * (x - y), 0.0), 0)
+    return m_new, d, a
+
+
+@triton.jit
+def _lse_block(x):
+    """(max, Σe^{x−max}) of one block (the statistics without the divergence sum, when it is not needed)."""
+    m = tl.max(x, 0)
+    ms = tl.where(m == float("-inf"), 0.0, m)
+    return m, tl.sum(tl.exp(x - ms), 0)
+
+
+# ---- per-token statistics (fastkd.core.stats) ---------------------------------------------------------------
+# Entropy partials of a block x (tempered logits, −inf allowed): m = max x, d = Σe^{x−m}, c = Σe^{x−m}(x−m), so
+# that H(softmax(x)) = log d − c/d; blocks merge by rescaling with e^{m_j − m*}: c_j + d_j (m_j − m*). The top-1
+# index is tracked on the *raw* logits (dividing by T can round distinct values into a tie) as (max, first index).
+
+
+@triton.jit
+def _ent_block(x, y):
+    """Entropy partials of one block: (m, d, c, a) with a = Σe^{x−m}(x − y) (y = the other side: Σp(t−s) for kl).
+
+    x, y: (BLOCK,) fp32, masked lanes −inf in both. Terms with e^{x−m} = 0 are skipped (0·(−inf) = 0)."""
+    m = tl.max(x, 0)
+    ms = tl.where(m == float("-inf"), 0.0, m)
+    e = tl.exp(x - ms)
+    keep = e != 0
+    return m, tl.sum(e, 0), tl.sum(tl.where(keep, e * (x - ms), 0.0), 0), tl.sum(tl.where(keep, e * (x - y), 0.0), 0)
+
+
+@triton.jit
+def _ent_online(m, d, c, x):
+    """The running c of :func:`_online`'s (m, d) after folding in block x: pass the *old* (m, d) of the same
+    ``_online`` call (its max / exp are then the same expressions, shared by the compiler); returns the new c."""
+    m_new = tl.maximum(m, tl.max(x, 0))
+    ms = tl.where(m_new == float("-inf"), 0.0, m_new)
+    scale = tl.exp(m - ms)
+    e = tl.exp(x - ms)
+    return scale * (c + tl.where(d != 0, d * (m - ms), 0.0)) + tl.sum(tl.where(e != 0, e * (x - ms), 0.0), 0)
+
+
+@triton.jit
+def _ent_merge(m, d, c, a):
+    """Merge per-segment partials given as (SP,) vectors (absent segments: m = −inf, d = c = a = 0) → (m, d, c, a)."""
+    mm = tl.max(m, 0)
+    ms = tl.where(mm == float("-inf"), 0.0, mm)
+    f = tl.exp(m - ms)
+    c = tl.sum(f * (c + tl.where(d != 0, d * (m - ms), 0.0)), 0)
+    return mm, tl.sum(f * d, 0), c, tl.sum(f * a, 0)
+
+
+@triton.jit
+def _argmax_block(x, cols):
+    """(max, first column index of the max) of a raw-logit block; masked lanes −inf and after the valid ones.
+    Also merges (SP,) vectors of per-segment (max, index) when ``cols`` holds the indices (segments in order)."""
+    m = tl.max(x, 0)
+    return m, tl.min(tl.where(x == m, cols, INT_MAX), 0).to(tl.int32)
+
+
+@triton.jit
+def _argmax_fold(m, i, bm, bi):
+    """Running (max, first index) of earlier columns ⊕ a later block's: ties keep the earlier index."""
+    return tl.maximum(m, bm), tl.where(bm > m, bi, i)
+
+
+@triton.jit
+def _store_stats(st_row_ptr, d_t, c_t, d_s, c_s, i_t, i_s, kl):
+    """Write one row's [teacher_entropy, student_entropy, top1_agree, kl] (STATS_KEYS order) from merged
+    partials: H = log d − c/d; top1_agree = (i_s == i_t)."""
+    tl.store(st_row_ptr + 0, tl.log(d_t) - c_t / d_t)
+    tl.store(st_row_ptr + 1, tl.log(d_s) - c_s / d_s)
+    tl.store(st_row_ptr + 2, tl.where(i_s == i_t, 1.0, 0.0))
+    tl.store(st_row_ptr + 3, kl)
+
+
+# ---- split-row schedules: segments, workspace, gradient store, waits -----------------------------------------
+
+
+@triton.jit
+def _load_seg(base, col_stride, start, offs, V, FULL_OK, other):
+    """One segment of a row as fp32: unmasked when it is a full block (vector loads), masked for the tail."""
+    cols = start + offs
+    if FULL_OK:
+        x = tl.load(base + cols * col_stride).to(tl.float32)
+    else:
+        x = tl.load(base + cols * col_stride, mask=cols < V, other=other).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _slots(ws_row, k, segs, sm, WS: tl.constexpr, other):
+    """Slot k of every segment of a row, (SP,) fp32 (``other`` for the padding segments)."""
+    return tl.load(ws_row + segs * WS + k, mask=sm, other=other, cache_modifier=".cg")
+
+
+@triton.jit
+def _merge(ws_row, k_m, k_d, k_a, segs, sm, WS: tl.constexpr):
+    """Merge the per-segment (max, Σe^{x−max}, Σe^{x−max}(x−y)) of slots k_m, k_d, k_a → (max, log D, A/D).
+
+    The log-normaliser stays split as max + log D: a logit minus the max is exact in fp32, their sum is not at
+    large |logits| (``x − lse`` would lose the low bits of a constant offset)."""
+    m = _slots(ws_row, k_m, segs, sm, WS, float("-inf"))
+    d = _slots(ws_row, k_d, segs, sm, WS, 0.0)
+    a = _slots(ws_row, k_a, segs, sm, WS, 0.0)
+    mm = tl.max(m, 0)
+    ms = tl.where(mm == float("-inf"), 0.0, mm)
+    sc = tl.exp(m - ms)
+    dd = tl.sum(d * sc, 0)
+    aa = tl.sum(a * sc, 0)
+    return mm, tl.log(dd), aa / dd
+
+
+@triton.jit
+def _ce_store(g, xs, q, m_z, ld_z, label, ce_cw, g_base, cols, g_col, V, full, HAS_LABELS: tl.constexpr,
+              CE_RAW: tl.constexpr):
+    """Store one block of the gradient (split-row kernels): add the cross-entropy term ce_cw·(softmax(z) −
+    onehot(label)) — softmax of the raw logits xs (log-normaliser m_z + ld_z, kept split: ``(xs − m_z) − ld_z``
+    loses nothing to a large logit offset) when CE_RAW, else the tempered q — cast to the output dtype, unmasked
+    for a full block, masked (cols < V) for the tail block."""
+    if HAS_LABELS:
+        if CE_RAW:
+            sm_z = tl.exp((xs - m_z) - ld_z)
+        else:
+            sm_z = q
+        g += ce_cw * (sm_z - tl.where(cols == label, 1.0, 0.0))
+    g = g.to(g_base.dtype.element_ty)
+    if full:
+        tl.store(g_base + cols * g_col, g)
+    else:
+        tl.store(g_base + cols * g_col, g, mask=cols < V)
+
+
+@triton.jit
+def _wait(cnt, target):
+    """Spin until ``*cnt >= target`` (acquire): the published workspace entries are then visible."""
+    c = tl.atomic_add(cnt, 0, sem="acquire")
+    while c < target:
+        c = tl.atomic_add(cnt, 0, sem="acquire")
