@@ -33,14 +33,16 @@ from fastkd.core.sharding import sharded_entry
 from fastkd.core.stats import new_buffer as new_stats_buffer
 from fastkd.core.stats import stats_dict
 from fastkd.distill import mixture as MX
+from fastkd.distill.mixture import DenseAux
 from fastkd.distill.op import backend_fn, make_params
 
 
 class DenseChunkLoss:
     """The per-chunk loss of :func:`fused_linear_distill_loss` for :func:`~fastkd.core.lmhead.run_chunks`.
 
-    aux = (t_hidden, t_weight, t_bias, t_logits, labels). The teacher's chunk logits come from a second
-    engine head (hidden states + LM head, its own reused workspace, ``teacher`` its :class:`HeadOptions`) or
+    aux: a :class:`DenseAux`. The teacher's chunk logits come from a second engine head (hidden states + LM
+    head, its own reused workspace; softcap ``params.softcap``, logit scale ``teacher_scale``, compute dtype
+    ``teacher_dtype``) or
     are copied from ``t_logits`` into a reused buffer when a scale, a softcap or a dtype cast (AMP) must be
     applied; then one ``distill`` backend runs on the chunk with the
     gradient written in place of the student's chunk logits. Vocabulary padding columns beyond ``vocab``
@@ -50,15 +52,16 @@ class DenseChunkLoss:
     """
 
     def __init__(self, params: DistillParams, vocab: int, fn: Callable[..., torch.Tensor], rows: int,
-                 stats: torch.Tensor | None = None, teacher: HeadOptions | None = None):
+                 stats: torch.Tensor | None = None, teacher_scale: float = 1.0,
+                 teacher_dtype: torch.dtype | None = None):
         self.params, self.vocab, self.fn, self.rows = params, vocab, fn, rows
         self.stats = stats
-        self.head = HeadOptions(softcap=params.softcap) if teacher is None else teacher
+        self.head = HeadOptions(softcap=params.softcap, scale=teacher_scale, dtype=teacher_dtype)
         self._teacher: LMHeadChunker | None = None
         self._tbuf: torch.Tensor | None = None
 
     def teacher_logits(self, sl: slice, aux: tuple) -> torch.Tensor:
-        t_hidden, t_weight, t_bias, t_logits, _ = aux
+        t_hidden, t_weight, t_bias, t_logits, _ = DenseAux(*aux)
         head = self.head
         if t_logits is None:
             if self._teacher is None:
@@ -75,7 +78,7 @@ class DenseChunkLoss:
 
     def __call__(self, sl, z, grad, w, aux):
         zt = self.teacher_logits(sl, aux)
-        labels, vocab = aux[4], self.vocab
+        labels, vocab = DenseAux(*aux).labels, self.vocab
         lab = None if labels is None else labels[sl]
         extra = () if self.stats is None else (self.stats[sl],)
         loss = self.fn(z[:, :vocab], zt[:, :vocab], lab, w, None if grad is None else grad[:, :vocab],
@@ -273,17 +276,18 @@ def fused_linear_distill_loss(
     # Triton / CUDA ignore chunk_size (no temporaries).
     params = replace(params, chunk_size=max(8, rows // 4))
     stats = new_stats_buffer(n, device) if return_stats else None
-    # params.softcap is the teacher's cap (the mixture reads it); the student's head has its own options.
-    t_head = HeadOptions(softcap=params.softcap, scale=1.0 if several else t_scale, dtype=cdt)
+    # params.softcap is the teacher's cap (its engine head and the mixture read it); the student's head has
+    # its own options.
     s_head = HeadOptions(softcap=None if s_cap is None else float(s_cap), scale=s_scale, dtype=cdt)
     head_arg = s_head if s_head != HeadOptions(softcap=s_head.softcap) else s_head.softcap
-    chunk_loss = DenseChunkLoss(params, vocab, backend_fn(requested_backend(backend)), rows, stats, t_head)
+    chunk_loss = DenseChunkLoss(params, vocab, backend_fn(requested_backend(backend)), rows, stats,
+                                teacher_scale=1.0 if several else t_scale, teacher_dtype=cdt)
     if mix is not None:
         chunk_loss = MX.bind_chunk_loss(chunk_loss, chunk_loss.fn, mix, tok_weight, params, vocab,
                                         student_weight.shape[0], vocab_size, rows)
     loss = FusedHeadFunction.apply(h, student_weight, student_bias, tok_weight, chunk_loss, rows, reduction,
-                                   head_arg, th, teacher_weight, teacher_bias, tl,
-                                   flat_labels if ce_weight else None)
+                                   head_arg, *DenseAux(th, teacher_weight, teacher_bias, tl,
+                                                       flat_labels if ce_weight else None))
     chunk_loss.stats = None  # filled by the forward chunks; a reduction="none" backward re-run skips them
     loss = loss.view(lead) if reduction == "none" else loss
     return (loss, stats_dict(stats, tok_weight)) if return_stats else loss

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -276,6 +277,16 @@ class MixtureHead:
         self._mix.release()
 
 
+class DenseAux(NamedTuple):
+    """The tensors a dense chunk loss reads besides the student's chunk: the engine's ``aux`` tuple, by name."""
+
+    t_hidden: torch.Tensor | None
+    t_weight: torch.Tensor | None
+    t_bias: torch.Tensor | None
+    t_logits: torch.Tensor | None
+    labels: torch.Tensor | None
+
+
 class MixtureChunkLoss:
     """The per-chunk loss of :func:`fastkd.fused_linear_distill_loss` with M teachers (``run_chunks`` contract):
     the chunk's mixture logits from a :class:`MixtureHead`, then one ``distill`` backend on the chunk as in
@@ -287,7 +298,7 @@ class MixtureChunkLoss:
 
     def __call__(self, sl, z, grad, w, aux):
         zt = self.head.logits(sl)
-        labels, vocab = aux[4], self.vocab
+        labels, vocab = DenseAux(*aux).labels, self.vocab
         lab = None if labels is None else labels[sl]
         extra = () if self.stats is None else (self.stats[sl],)
         loss = self.fn(z[:, :vocab], zt, lab, w, None if grad is None else grad[:, :vocab], self.params, *extra)

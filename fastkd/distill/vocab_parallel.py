@@ -62,7 +62,7 @@ from fastkd.core.lmhead import (
 from fastkd.core.params import DistillParams
 from fastkd.core.registry import requested_backend
 from fastkd.core.sharding import sharded_entry
-from fastkd.distill.fused import DenseChunkLoss
+from fastkd.distill.fused import DenseAux, DenseChunkLoss
 from fastkd.distill.op import backend_fn, make_params
 
 __all__ = ["vocab_parallel_distill_loss", "vocab_parallel_fused_linear_distill_loss", "VP_DIVERGENCES"]
@@ -113,7 +113,7 @@ class _VPChunk(DenseChunkLoss):
     """One row chunk of the vocabulary-parallel loss (see the module docstring), as an engine chunk loss.
 
     Called by the engine with the student's chunk logits (c, V_r) (``grad`` aliases them) and by
-    :class:`_VPDistillFunction` with logits rows; ``aux`` = (t_hidden, t_weight, t_bias, t_logits, labels).
+    :class:`_VPDistillFunction` with logits rows; ``aux``: a :class:`~fastkd.distill.fused.DenseAux`.
     The engine's chunk is processed in sub-chunks of ``sub`` rows (each with its own two small collectives),
     as the dense fused path hands quarter chunks to its backend: two (sub, V_r + 1) workspaces in the
     compute dtype (the augmented student / teacher rows) and the backend's temporaries for ``sub`` rows, so
@@ -138,7 +138,7 @@ class _VPChunk(DenseChunkLoss):
         return buf[:c]
 
     def __call__(self, sl, z, grad, w, aux):
-        labels = aux[4]
+        labels = DenseAux(*aux).labels
         t = self.teacher_logits(sl, aux)
         lab = None if labels is None else labels[sl]
         c = z.shape[0]
@@ -414,6 +414,6 @@ def vocab_parallel_fused_linear_distill_loss(
     chunk = _VPChunk(params, vocab_start, group, backend_fn(requested_backend(backend)), rows,
                      reduce_hidden_grad=reduce_hidden_grad, sub=max(8, rows // 4))
     loss = FusedHeadFunction.apply(student_hidden.reshape(n, -1), student_weight, student_bias, w, chunk, rows,
-                                   reduction, None, th, teacher_weight, teacher_bias, tl,
-                                   flat_labels if ce_weight else None)
+                                   reduction, None, *DenseAux(th, teacher_weight, teacher_bias, tl,
+                                                              flat_labels if ce_weight else None))
     return loss.view(lead) if reduction == "none" else loss
