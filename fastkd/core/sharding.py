@@ -37,11 +37,17 @@ FSDP1 and ZeRO-3 put on that module gather its parameters for the call and resha
 :func:`call_with_head` picks that module for a model's LM head; :func:`gathered_head` gathers a frozen
 (teacher) head around a block and reshards an FSDP2 teacher after it; :func:`keep_in_graph` ties hidden
 states captured inside a forward to the model's output for FSDP's backward hooks.
+
+:func:`shard_teacher` shards a plain frozen teacher with the student's engine (FSDP2 on the student's mesh,
+FSDP1 with the student's process group and strategy, a ZeRO-3 inference engine from the student's DeepSpeed
+config), so the teacher's parameter memory per rank drops as the student's does; it also rejects teacher /
+student combinations the loss cannot run (another engine, another mesh, a row-parallel teacher head).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import importlib
 import inspect
@@ -59,7 +65,8 @@ except ImportError:  # a torch without distributed: nothing here can be a DTenso
     DTensor = None  # type: ignore[assignment,misc]
 
 __all__ = ["VocabShard", "Heads", "resolve_heads", "resolve_logits", "sharded_entry", "call_as_forward", "head_in",
-           "engine_of", "keep_in_graph", "is_dtensor", "call_with_head", "gathered_head"]
+           "engine_of", "keep_in_graph", "is_dtensor", "call_with_head", "gathered_head", "shard_teacher",
+           "check_teacher"]
 
 _FLAT_FIX = ("compute the loss inside the module's forward so the engine gathers the head itself "
              "(fastkd.nn.FusedLinearDistillLoss(...).through(unit, ...) or fastkd.core.sharding.call_as_forward), "
@@ -542,3 +549,148 @@ def gathered_head(model: torch.nn.Module) -> Iterator[None]:
         for m in model.modules():
             if isinstance(m, FSDPModule):
                 m.reshard()
+
+
+def _meshes(model: torch.nn.Module) -> list[Any]:
+    """The distinct device meshes of ``model``'s DTensor parameters."""
+    out: list[Any] = []
+    for p in model.parameters():
+        if is_dtensor(p) and not any(p.device_mesh == m for m in out):
+            out.append(p.device_mesh)
+    return out
+
+
+def check_teacher(teacher: torch.nn.Module, like: torch.nn.Module) -> None:
+    """ValueError, naming ``teacher_model``, for a teacher the trainer cannot pair with the student ``like``:
+    sharded by another engine than the student, DTensor parameters on a mesh the student does not use, or a
+    DTensor LM head sharded on another dimension than the vocabulary."""
+    engine_t, engine_s = engine_of(teacher), engine_of(like)
+    if engine_t is not None and engine_s is not None and engine_t != engine_s:
+        raise ValueError(f"teacher_model is sharded with {engine_t} but the model with {engine_s}; shard both "
+                         "with one engine, or pass the teacher unsharded (the trainer then shards it like the model)")
+    t_meshes, s_meshes = _meshes(teacher), _meshes(like)
+    if t_meshes and s_meshes and not all(any(m == s for s in s_meshes) for m in t_meshes):
+        raise ValueError(f"teacher_model has DTensor parameters on mesh {t_meshes[0]} but the model's are on "
+                         f"{s_meshes[0]}; shard the teacher on the student's mesh (or pass it unsharded)")
+    try:
+        w = head_in(teacher).weight
+    except TypeError:
+        return
+    if is_dtensor(w):
+        p = _mesh_dim0("teacher_model's LM head weight", w)
+        if p.is_shard() and p.dim != 0:
+            raise ValueError(f"teacher_model's LM head weight is sharded on dim {p.dim} (a row-parallel head); "
+                             "the loss needs the vocabulary dimension 0 sharded (ColwiseParallel) or replicated")
+
+
+def _base_class(module: torch.nn.Module) -> type:
+    """The module's own class (FSDP2 swaps in a subclass named FSDP<cls>)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+
+
+def _teacher_units(teacher: torch.nn.Module, student_layers: set[type]) -> list[torch.nn.Module]:
+    """The teacher submodules that become their own units: its blocks (the classes the student's non-leaf units
+    have, else the model's ``_no_split_modules``, i.e. its decoder layers) and, when they are not tied, its
+    input and output embeddings (so the root that stays gathered holds little more than the final norm)."""
+    classes = {c for c in student_layers if any(type(m) is c for m in teacher.modules())}
+    if not classes:
+        names = set(getattr(teacher, "_no_split_modules", None) or ())
+        classes = {type(m) for m in teacher.modules() if type(m).__name__ in names}
+    units = [m for m in teacher.modules() if type(m) in classes and m is not teacher]
+    get_in, get_out = getattr(teacher, "get_input_embeddings", None), getattr(teacher, "get_output_embeddings", None)
+    emb, head = (get_in() if get_in else None), (get_out() if get_out else None)
+    tied = emb is not None and head is not None and getattr(emb, "weight", None) is getattr(head, "weight", 0)
+    inside = {id(x) for u in units for x in u.modules()}
+    if not tied:
+        units += [m for m in (emb, head) if isinstance(m, torch.nn.Module) and id(m) not in inside]
+    return units
+
+
+def _reshard_all(module: torch.nn.Module, *_: Any) -> None:
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def _shard_fsdp2(teacher: torch.nn.Module, like: torch.nn.Module) -> torch.nn.Module:
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    (mesh, *_) = _meshes(like)
+    layers = {_base_class(m) for m in like.modules()
+              if isinstance(m, FSDPModule) and m is not like and next(m.children(), None) is not None}
+    for unit in _teacher_units(teacher, layers):
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+    fully_shard(teacher, mesh=mesh, reshard_after_forward=True)
+    # no backward runs through the teacher, and nothing else would free a unit left gathered after its forward
+    teacher.register_forward_hook(_reshard_all)
+    return teacher
+
+
+def _shard_fsdp1(teacher: torch.nn.Module, like: torch.nn.Module) -> torch.nn.Module:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
+    from torch.distributed.fsdp.wrap import CustomPolicy
+
+    units = FSDP.fsdp_modules(like)
+    root = next(u for u in units if u._is_root) if any(getattr(u, "_is_root", False) for u in units) else units[0]
+    layers = {type(u.module) for u in units if u is not root and next(u.module.children(), None) is not None}
+    ids = {id(m) for m in _teacher_units(teacher, layers)}
+    group: Any = root.process_group
+    if root.sharding_strategy in (ShardingStrategy.HYBRID_SHARD, ShardingStrategy._HYBRID_SHARD_ZERO2):
+        group = (root.process_group, root._inter_node_pg)
+    return FSDP(teacher, process_group=group, sharding_strategy=root.sharding_strategy,
+                use_orig_params=root._use_orig_params, device_id=root.compute_device,
+                auto_wrap_policy=CustomPolicy(lambda m: id(m) in ids))
+
+
+def _shard_zero3(teacher: torch.nn.Module, like: torch.nn.Module, ds_config: dict[str, Any] | None
+                 ) -> torch.nn.Module:
+    import deepspeed
+
+    own = getattr(getattr(like, "_config", None), "_param_dict", None)  # the student's DeepSpeedEngine config
+    cfg = copy.deepcopy(ds_config if ds_config is not None else own if own is not None
+                        else {"train_micro_batch_size_per_gpu": 1})
+    for key in ("optimizer", "scheduler"):  # an inference engine: no optimizer state for the frozen teacher
+        cfg.pop(key, None)
+    zero = dict(cfg.get("zero_optimization") or {})
+    zero.pop("offload_optimizer", None)
+    zero["stage"] = 3
+    cfg["zero_optimization"] = zero
+    engine, *_ = deepspeed.initialize(model=teacher, config=cfg)
+    engine.eval()
+    return engine
+
+
+def shard_teacher(teacher: torch.nn.Module, like: torch.nn.Module, *, shard: bool = True,
+                  ds_config: dict[str, Any] | None = None) -> torch.nn.Module:
+    """``teacher`` (frozen) sharded with the engine that shards the student ``like``; returns the module to
+    run as the teacher from then on (a DeepSpeed engine under ZeRO-3, the FSDP1 wrapper, or ``teacher``
+    itself, sharded in place under FSDP2).
+
+    * FSDP2: ``fully_shard`` of the teacher's blocks (the student's unit classes, else its decoder layers),
+      its untied input / output embeddings, and the root, on the student's mesh; every unit is resharded
+      after the teacher's forward (no backward runs through the teacher to do it).
+    * FSDP1: wrapped with the student's process group, sharding strategy, ``use_orig_params`` and device,
+      one unit per block and untied embedding.
+    * ZeRO-3: ``deepspeed.initialize`` of the teacher as an inference engine (no optimizer) with the student
+      engine's config (or ``ds_config``), stage 3.
+
+    A teacher that is already sharded, a student that is not sharded (plain, DDP, tensor parallel), or
+    ``shard=False``: the teacher is returned as it is. In every case the pair is checked first
+    (:func:`check_teacher`: ValueError for mixed engines, another mesh, a row-parallel teacher head).
+    The teacher's LM head is then gathered for the loss by :func:`gathered_head` / the loss itself.
+    """
+    check_teacher(teacher, like)
+    engine = engine_of(like)
+    if not shard or engine is None or engine_of(teacher) is not None or _meshes(teacher):
+        return teacher
+    teacher.requires_grad_(False)
+    if engine == "fsdp2":
+        return _shard_fsdp2(teacher, like)
+    if engine == "fsdp1":
+        return _shard_fsdp1(teacher, like)
+    return _shard_zero3(teacher, like, ds_config)

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from fastkd.core.sharding import call_with_head, engine_of, gathered_head, is_dtensor, keep_in_graph
+from fastkd.core.sharding import call_with_head, engine_of, gathered_head, is_dtensor, keep_in_graph, shard_teacher
 from fastkd.core.stats import STATS_KEYS
 from fastkd.distill.fused import fused_linear_distill_loss
 
@@ -185,6 +185,9 @@ class DistillationTrainer(Trainer):
             :func:`fastkd.fused_linear_sparse_distill_loss` options.
         log_stats: log the masked means of the loss's per-token statistics (module docstring); False for
             a backend without statistics (``loss_kwargs={"backend": "cuda"}``).
+        shard_teacher: when the student is sharded (FSDP2, FSDP1, DeepSpeed ZeRO-3) and the teacher is not,
+            shard the teacher with the same engine at the first loss call
+            (:func:`fastkd.core.sharding.shard_teacher`); False keeps it whole on every rank.
         Everything else goes to ``transformers.Trainer``.
     """
 
@@ -194,7 +197,8 @@ class DistillationTrainer(Trainer):
                  t: float | None = None,
                  ce_weight: float = 0.0, chunk_size: int | None = None,
                  loss_kwargs: dict[str, Any] | None = None, teacher_cache: Any = None,
-                 sparse: dict[str, Any] | None = None, log_stats: bool = True, **kwargs: Any) -> None:
+                 sparse: dict[str, Any] | None = None, log_stats: bool = True, shard_teacher: bool = True,
+                 **kwargs: Any) -> None:
         if teacher_model is None and teacher_cache is None:
             raise ValueError("DistillationTrainer needs teacher_model (online) or teacher_cache (offline)")
         sparse_defaults: dict[str, Any] = {}
@@ -233,6 +237,7 @@ class DistillationTrainer(Trainer):
         self._teacher_head_cache: tuple[tuple[Any, ...], torch.Tensor, torch.Tensor | None] | None = None
         self._hidden_cache = hidden_cache
         self.log_stats = bool(log_stats)
+        self.shard_teacher = bool(shard_teacher)
         # "train" / "eval" -> {stat name: sum over kept tokens, "_count": kept tokens}, device tensors (no sync
         # per step); turned into means and cleared by log()
         self._stats_sums: dict[str, dict[str, torch.Tensor]] = {}
@@ -300,6 +305,10 @@ class DistillationTrainer(Trainer):
             raise ValueError("offline mode: the batch has no 'teacher_ids' (use "
                              "fastkd.cache.TeacherCacheDataset and its collate, or pass teacher_model)")
         else:
+            if not getattr(self, "_teacher_placed", False):  # once, on the prepared (engine-wrapped) student
+                self.teacher_model = shard_teacher(self.teacher_model, model,
+                                                   shard=getattr(self, "shard_teacher", True))
+                self._teacher_placed = True
             t_inputs = self._to_teacher(inputs)
             with torch.no_grad():
                 h_t = hidden_states(self.teacher_model, t_inputs)[:, :-1]
