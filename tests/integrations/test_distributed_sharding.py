@@ -86,3 +86,18 @@ def test_keep_in_graph_runs_the_output_hooks():
     torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
     with torch.no_grad():
         assert S.keep_in_graph(x, out) is x
+
+
+def test_shard_teacher_leaves_unsharded_pairs_alone():
+    """No sharded student (plain, or a teacher that is already sharded): the teacher comes back as it was; the
+    2-rank FSDP2 / FSDP1 / ZeRO-3 cases are tests/integrations/test_distributed_teacher.py."""
+    teacher, student = torch.nn.Linear(8, 37), torch.nn.Linear(8, 37)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    assert S.shard_teacher(teacher, like=student) is teacher
+    assert S.shard_teacher(teacher, like=student, shard=False) is teacher
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]) and type(v) is torch.Tensor
+    zero3 = torch.nn.Linear(8, 37)
+    for p in (*zero3.parameters(), *student.parameters()):
+        p.ds_id = 0  # what ZeRO-3 leaves on its parameters: the teacher counts as already sharded
+    assert S.engine_of(zero3) == "zero3" and S.shard_teacher(zero3, like=student) is zero3
