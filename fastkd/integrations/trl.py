@@ -12,9 +12,17 @@
   ``trl.experimental.async_distillation.async_distillation_trainer._chunked_jsd_loss`` (a teacher's top-k
   log-probs from a server), computed by :func:`fastkd.fused_linear_sparse_distill_loss` in ``mode="topk_tail"``
   (``add_tail_bucket=True``) or ``"topk"`` (False).
+* :func:`server_loss` (with :func:`server_top1_loss` / :func:`server_topk_loss`) — the losses of
+  ``trl.experimental.server_distillation.ServerDistillationTrainer`` (a vLLM server's top-k log-probs; top-1 plus
+  the sampled token for β > 0, top-k forward KL for β = 0, with or without TRL's tail bucket) from hidden states and
+  the LM head instead of the student's (B, T, V) log-probs: TRL's values, through
+  :func:`fastkd.fused_linear_sparse_distill_loss` (``semantics="trl_tail"``, or ``mode="topk"``) and, for the
+  renormalised β = 0 forward KL that no fastkd mode computes, :func:`fastkd.logprobs_from_hidden` at the ids.
+  :func:`server_compute_loss` is the trainer's ``compute_loss`` on the student's final hidden states.
 * :func:`patch_distillation_trainer` / :func:`patch_async_distillation_trainer` replace those module functions
-  (so every trainer of the module uses fastkd), optionally with fastkd's other statistics logged next to
-  TRL's ``entropy``; :func:`unpatch` restores TRL's functions.
+  (so every trainer of the module uses fastkd), :func:`patch_server_distillation_trainer` the server trainer's
+  ``compute_loss``, optionally with fastkd's other statistics logged next to TRL's ``entropy``;
+  :func:`unpatch` restores TRL's.
 * :func:`generalized_jsd_loss` / :func:`patch_gkd_trainer` — the experimental ``GKDTrainer`` (logits in), below.
 
 ``GKDTrainer.generalized_jsd_loss`` (trl ≥ 0.9), the GKD paper's Eq. 1, with s = student_logits / T,
@@ -45,6 +53,7 @@ Patch a trainer in one line::
 
     import fastkd.integrations.trl as fkd_trl; fkd_trl.patch_distillation_trainer()   # trl.DistillationTrainer
     fkd_trl.patch_async_distillation_trainer()                                           # async, top-k teacher
+    fkd_trl.patch_server_distillation_trainer()                                          # vLLM-server teacher
     fkd_trl.patch_gkd_trainer()                                                          # experimental GKD
 
 Sharded heads: an FSDP2 / DTensor ``lm_head.weight`` goes through :func:`_sharded_head`, the one place where a
@@ -62,12 +71,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fastkd.core import checks as C
 from fastkd.distill.fused import fused_linear_distill_loss
 from fastkd.distill.op import distill_loss
 from fastkd.sparse.op import fused_linear_sparse_distill_loss
 
 __all__ = ["chunked_divergence_loss", "chunked_jsd_loss", "generalized_jsd_loss", "patch_async_distillation_trainer",
-           "patch_distillation_trainer", "patch_gkd_trainer", "unpatch"]
+           "patch_distillation_trainer", "patch_gkd_trainer", "patch_server_distillation_trainer",
+           "server_compute_loss", "server_loss", "server_top1_loss", "server_topk_loss", "unpatch"]
 
 _REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
@@ -346,16 +357,326 @@ def chunked_jsd_loss(
     return (*out, stats) if return_stats else out
 
 
-# ---- patching -------------------------------------------------------------------------------------------------
+# ---- the server-teacher trainer (the teacher's top-k log-probs from a vLLM server) ------------------------------
 
+
+def _fold_scale(logit_scale: float, softcap: float | None, temperature: float) -> tuple[float | None, float]:
+    """``softcap(s·z, c) / T == softcap(z, c/s) / (T/s)`` for s > 0: a logit scale folded into the softcap and the
+    temperature, for the entry points that take no scale (the framework semantics, :func:`logprobs_from_hidden`)."""
+    s = float(logit_scale)
+    return (None if softcap is None else float(softcap) / s), float(temperature) / s
+
+
+def _full_head(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A DTensor head gathered (differentiably) for :func:`logprobs_from_hidden`, which takes plain tensors."""
+    full = getattr(weight, "full_tensor", None)
+    if full is None:
+        return weight, bias
+    return full(), bias.full_tensor() if hasattr(bias, "full_tensor") else bias
+
+
+def _renormalised_fkl(hidden, weight, bias, ids, t_logp, tok_mask, softcap, temperature, num_items_in_batch):
+    """Σ_k p̃_k (log p̃_k − log q̃_k) with both sides renormalised over each token's valid ids (id −1: padding) —
+    not a fastkd sparse mode (fastkd's top-k forward KL keeps the student's full-vocabulary normaliser), so it is
+    computed from the student's log-probs at the ids (:func:`fastkd.logprobs_from_hidden`, O(N·K) after the head);
+    mean over ``tok_mask`` (or ÷ ``num_items_in_batch``)."""
+    from fastkd.onpolicy.op import logprobs_from_hidden
+
+    valid = ids >= 0
+    weight, bias = _full_head(weight, bias)
+    lq = logprobs_from_hidden(hidden, weight, ids.clamp_min(0), bias=bias, temperature=temperature, softcap=softcap)
+    some = valid.any(-1, keepdim=True)  # a token without a valid slot contributes 0 (and no NaN gradient)
+    lq = torch.log_softmax(torch.where(some, torch.where(valid, lq, -math.inf), 0.0), dim=-1)
+    lp = torch.log_softmax(torch.where(some, torch.where(valid, t_logp.to(lq.dtype), -math.inf), 0.0), dim=-1)
+    per_token = torch.where(valid, lp.exp() * (lp - lq), 0.0).sum(-1)
+    total = torch.where(tok_mask, per_token, 0.0).sum()
+    if num_items_in_batch is not None:
+        return total / num_items_in_batch
+    return total / tok_mask.sum().clamp_min(1)
+
+
+def _server_sparse_loss(hidden, weight, bias, ids, t_logp, tok_mask, beta, temperature, add_tail_bucket,
+                        num_items_in_batch, logit_scale, softcap, divergence, mode, kw):
+    """The loss of one server-teacher call on ids (..., K) (−1 = padding) with the teacher's log-probs there.
+
+    ``divergence`` and ``mode`` None: TRL's own loss — with the tail bucket, fastkd's ``semantics="trl_tail"``
+    (TRL's clamped tail on both sides, generalized JSD by β); without it, both sides renormalised over the ids:
+    fastkd's ``mode="topk"`` JSD for β > 0, :func:`_renormalised_fkl` for β = 0. Either given: fastkd's
+    sparse loss with that divergence / mode (default divergence "jsd" with TRL's β, default mode "topk_tail"
+    with a tail bucket, else "topk") on the same ids."""
+    if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale > 0):
+        raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale!r}")
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(hidden.device)
+    weight, bias = _sharded_head(weight, bias)
+    weight, bias, amp = _cast_for(hidden, weight, bias, teacher=False)
+    ids = torch.where(tok_mask[..., None], ids, -1)  # tokens out of the loss carry no teacher values at all
+    values = torch.where(ids >= 0, t_logp, torch.zeros_like(t_logp))
+    values = values if values.dtype == torch.float64 else values.float()
+    common = dict(student_bias=bias, mask=tok_mask, reduction="mean", num_items_in_batch=num_items_in_batch)
+    ctx = torch.autocast(hidden.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+    with ctx:
+        if divergence is None and mode is None:
+            beta = float(beta)
+            cap, temp = _fold_scale(logit_scale, softcap, temperature)
+            if add_tail_bucket:
+                return fused_linear_sparse_distill_loss(hidden, weight, ids, values, softcap=cap, temperature=temp,
+                                                        semantics="trl_tail", divergence="jsd", beta=beta,
+                                                        **common, **kw)
+            if beta == 0.0:
+                return _renormalised_fkl(hidden, weight, bias, ids, values, tok_mask, cap, temp, num_items_in_batch)
+            return fused_linear_sparse_distill_loss(hidden, weight, ids, values, softcap=softcap,
+                                                    logit_scale=float(logit_scale), temperature=temperature,
+                                                    mode="topk", divergence="jsd", beta=beta, **common, **kw)
+        divergence = divergence or "jsd"
+        opts = dict(kw, mode=mode or ("topk_tail" if add_tail_bucket else "topk"))
+        if divergence == "jsd":
+            opts.setdefault("beta", float(beta))
+        return fused_linear_sparse_distill_loss(hidden, weight, ids, values, softcap=softcap,
+                                                logit_scale=float(logit_scale), temperature=temperature,
+                                                divergence=divergence, **common, **opts)
+
+
+def server_top1_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    lm_head_bias: torch.Tensor | None,
+    teacher_top1_token_ids: torch.Tensor,
+    teacher_top1_logprobs: torch.Tensor,
+    reverse_token_ids: torch.Tensor,
+    reverse_teacher_logprobs: torch.Tensor,
+    labels: torch.Tensor,
+    beta: float,
+    *,
+    temperature: float = 1.0,
+    add_tail_bucket: bool = True,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
+    divergence: str | None = None,
+    mode: str | None = None,
+    **kw: Any,
+) -> torch.Tensor:
+    """``ServerDistillationTrainer._compute_sparse_top_1_divergence_loss`` (β > 0) from hidden states and the LM
+    head instead of the student's (B, T, V) log-probs.
+
+    Support per token: the teacher's top-1 id and the reverse-KL token (the sampled one, or the student's argmax),
+    the second dropped where it equals the first; β = 1: the reverse-KL token alone. Student logits
+    ``softcap(logit_scale·(h W.T + b)) / temperature``; loss over the support (+ a tail bucket with
+    ``add_tail_bucket``) by TRL's generalized JSD, mean over ``labels != -100`` (or ÷ ``num_items_in_batch``).
+    ``divergence`` / ``mode`` / ``kw``: fastkd's own sparse loss instead (:func:`_server_sparse_loss`).
+    Returns the fp32 (fp64 for fp64 heads) scalar loss."""
+    if float(beta) == 1.0:
+        ids, lp = reverse_token_ids.unsqueeze(-1), reverse_teacher_logprobs.unsqueeze(-1)
+    else:
+        second = torch.where(reverse_token_ids != teacher_top1_token_ids, reverse_token_ids, -1)
+        ids = torch.stack([teacher_top1_token_ids, second], dim=-1)
+        lp = torch.stack([teacher_top1_logprobs, reverse_teacher_logprobs], dim=-1)
+    return _server_sparse_loss(hidden, lm_head_weight, lm_head_bias, ids.long(), lp, labels != -100, beta,
+                               temperature, add_tail_bucket, num_items_in_batch, logit_scale,
+                               final_logit_softcapping, divergence, mode, kw)
+
+
+def server_topk_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    lm_head_bias: torch.Tensor | None,
+    teacher_topk_token_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    add_tail_bucket: bool = True,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
+    divergence: str | None = None,
+    mode: str | None = None,
+    beta: float = 0.0,
+    **kw: Any,
+) -> torch.Tensor:
+    """``ServerDistillationTrainer._compute_server_forward_kl_loss`` (β = 0) from hidden states and the LM head:
+    forward KL over the teacher's top-k ids (slots whose teacher log-prob is −inf are padding), with a tail bucket
+    or both sides renormalised over the ids; mean over ``labels != -100`` (or ÷ ``num_items_in_batch``, which
+    TRL's server path does not take). ``divergence`` / ``mode`` / ``kw`` (and ``beta`` for fastkd's "jsd"):
+    fastkd's own sparse loss instead."""
+    valid = teacher_topk_logprobs > -math.inf
+    ids = torch.where(valid, teacher_topk_token_ids, -1).long()
+    return _server_sparse_loss(hidden, lm_head_weight, lm_head_bias, ids, teacher_topk_logprobs, labels != -100,
+                               beta, temperature, add_tail_bucket, num_items_in_batch, logit_scale,
+                               final_logit_softcapping, divergence, mode, kw)
+
+
+def _server_stats(hidden, weight, bias, logit_scale, softcap, temperature, ids, t_logp, tok_mask, add_tail):
+    """Per-token statistics of a server-teacher call (no gradient, one extra pass over the head): the student's
+    entropy at T and its argmax (:func:`logprobs_from_hidden`), its agreement with the teacher's first id, and the
+    entropy of the teacher's top-k as the server sent it (its valid slots + the tail, or renormalised over them)."""
+    from fastkd.onpolicy.op import logprobs_from_hidden
+
+    cap, temp = _fold_scale(logit_scale, softcap, temperature)
+    weight, bias = _full_head(weight, bias)
+    with torch.no_grad():
+        out = logprobs_from_hidden(hidden.detach(), weight.detach(), ids[..., 0].clamp_min(0),
+                                   bias=None if bias is None else bias.detach(), temperature=temp, softcap=cap,
+                                   return_entropy=True, return_topk=1)
+        valid = ids >= 0
+        lp = torch.where(valid, t_logp.float(), -math.inf)
+        if add_tail:
+            mass = torch.where(valid, lp.exp(), 0.0).sum(-1)
+            tail = (1.0 - mass).clamp_min(0.0)
+            t_ent = -torch.where(valid, lp.exp() * lp, 0.0).sum(-1) - torch.special.xlogy(tail, tail)
+        else:
+            some = valid.any(-1, keepdim=True)
+            lpn = torch.log_softmax(torch.where(some, lp, 0.0), dim=-1)
+            t_ent = -torch.where(valid, lpn.exp() * lpn, 0.0).sum(-1)
+        keep = tok_mask.float()
+        stats = {"student_entropy": out.entropy.float() * keep, "teacher_entropy": t_ent * keep,
+                 "top1_agree": (out.topk_ids[..., 0] == ids[..., 0]).float() * keep, "_count": keep.sum()}
+    return stats, out.topk_ids[..., 0]
+
+
+def server_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    lm_head_bias: torch.Tensor | None,
+    teacher_result: dict[str, torch.Tensor],
+    completion_tokens: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    beta: float,
+    temperature: float = 1.0,
+    add_tail_bucket: bool = True,
+    reverse_kl_top_1_mode: str = "sampled",
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    divergence: str | None = None,
+    mode: str | None = None,
+    return_stats: bool = False,
+    **kw: Any,
+):
+    """The server trainer's loss (``_compute_server_sparse_top_1_divergence_loss`` for β > 0,
+    ``_compute_server_forward_kl_loss`` for β = 0) on hidden states (B, T, H) at the teacher's T positions.
+
+    ``teacher_result``: TRL's ``{"actual_logprobs" (B, T), "topk_logprobs" (B, T, K), "topk_token_ids" (B, T, K)}``
+    (−inf where the server has no value). As in TRL, a kept token (``labels != -100``) without the teacher's
+    log-prob of its reverse-KL token (β > 0) or of its top-1 (0 < β < 1) is a ValueError, and the reverse-KL token
+    is the sampled one (``reverse_kl_top_1_mode="sampled"``) or the student's argmax ("argmax", taken from the
+    fused head, never (B, T, V)). ``return_stats``: also the per-token statistics of :func:`_server_stats`
+    (with ``"_count"``, the kept tokens). Other arguments: :func:`server_top1_loss`."""
+    C.check_choice("reverse_kl_top_1_mode", reverse_kl_top_1_mode, ("sampled", "argmax"))
+    for key in ("actual_logprobs", "topk_logprobs", "topk_token_ids"):
+        if key not in teacher_result:
+            raise ValueError(f"teacher_result has no {key!r} (keys: {sorted(teacher_result)})")
+    required = labels != -100
+    actual, top_lp, top_ids = (teacher_result[k] for k in ("actual_logprobs", "topk_logprobs", "topk_token_ids"))
+    beta = float(beta)
+    stats = None
+    if beta > 0:
+        if top_lp.shape[-1] != 1:
+            raise ValueError(f"beta > 0 trains on the teacher's top-1 (TRL's loss_top_k=1); teacher_result has "
+                             f"top-{top_lp.shape[-1]} log-probs")
+        checks = [("its reverse-KL (actual) token", actual)]
+        if beta < 1:
+            checks.append(("its top-1 token", top_lp[..., 0]))
+        for what, lp in checks:
+            missing = required & ~torch.isfinite(lp)
+            if bool(missing.any()):
+                raise ValueError(f"the teacher server returned no log-prob of {what} for {int(missing.sum())} of "
+                                 f"{int(required.sum())} tokens in the loss")
+        # the padding positions' −inf would make an inf in the backward pass: they are out of the loss, read 0
+        top1_lp = torch.where(required, top_lp[..., 0], 0.0)
+        actual = torch.where(required, actual, 0.0)
+        top1_ids = top_ids[..., 0]
+        reverse = completion_tokens
+        if return_stats or reverse_kl_top_1_mode == "argmax":
+            stats, argmax = _server_stats(hidden, lm_head_weight, lm_head_bias, logit_scale, final_logit_softcapping,
+                                          temperature, top1_ids.unsqueeze(-1), top1_lp.unsqueeze(-1), required,
+                                          add_tail_bucket)
+            if reverse_kl_top_1_mode == "argmax":
+                reverse = argmax
+        loss = server_top1_loss(hidden, lm_head_weight, lm_head_bias, top1_ids, top1_lp, reverse, actual, labels,
+                                beta, temperature=temperature, add_tail_bucket=add_tail_bucket,
+                                num_items_in_batch=num_items_in_batch, logit_scale=logit_scale,
+                                final_logit_softcapping=final_logit_softcapping, divergence=divergence, mode=mode,
+                                **kw)
+    else:
+        loss = server_topk_loss(hidden, lm_head_weight, lm_head_bias, top_ids, top_lp, labels,
+                                temperature=temperature, add_tail_bucket=add_tail_bucket,
+                                num_items_in_batch=num_items_in_batch, logit_scale=logit_scale,
+                                final_logit_softcapping=final_logit_softcapping, divergence=divergence, mode=mode,
+                                **kw)
+        if return_stats:
+            ids = torch.where(top_lp > -math.inf, top_ids, -1)
+            stats, _ = _server_stats(hidden, lm_head_weight, lm_head_bias, logit_scale, final_logit_softcapping,
+                                     temperature, ids, top_lp, required, add_tail_bucket)
+    return (loss, stats) if return_stats else loss
+
+
+def _server_forward(trainer, unwrapped, inputs, start, teacher_result, opts):
+    """Inside the student wrapper's forward: hidden states at the positions TRL's server path reads from the
+    logits (``[start - 1, L - 1)``, cut to the teacher's window), then :func:`server_loss`."""
+    from fastkd.integrations.hf import logit_options
+
+    input_ids = inputs["input_ids"]
+    window = teacher_result["actual_logprobs"].shape[1]
+    hidden = trainer._get_last_hidden_state(unwrapped, input_ids, inputs["attention_mask"],
+                                            input_ids.shape[1] - start)[:, :window]
+    head = unwrapped.get_output_embeddings()
+    device = head.weight.device
+    scale, softcap = logit_options(unwrapped)
+    tokens, labels = (x[:, start:start + window].to(device) for x in (input_ids, inputs["labels"]))
+    return server_loss(hidden.to(device), head.weight, getattr(head, "bias", None),
+                       {k: v.to(device) for k, v in teacher_result.items()}, tokens, labels,
+                       beta=trainer.beta, temperature=trainer.temperature, add_tail_bucket=trainer.loss_add_tail,
+                       reverse_kl_top_1_mode=trainer.reverse_kl_top_1_mode, logit_scale=scale,
+                       final_logit_softcapping=softcap, **opts)
+
+
+def server_compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, *,
+                        divergence: str | None = None, mode: str | None = None, return_stats: bool = False,
+                        **kw: Any):
+    """``ServerDistillationTrainer.compute_loss`` with the student's final hidden states and LM head (through
+    :func:`server_loss`) in place of its (B, L, V) logits; the same batch layout, teacher call
+    (``self._get_teacher_token_logprobs_from_server``), local mean (TRL's server path ignores
+    ``num_items_in_batch``) and division by the accumulation steps. Returns the loss (``(loss, None)`` with
+    ``return_outputs``: there are no logits), and the statistics with ``return_stats``."""
+    completion_mask = inputs["completion_mask"]
+    prompt_ids, prompt_mask, completion_ids = inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"]
+    # the layout TRL's server path builds from the generation keys: one sequence, −100 outside the completion
+    inputs = {**inputs, "input_ids": torch.cat([prompt_ids, completion_ids], dim=1),
+              "attention_mask": torch.cat([prompt_mask, completion_mask], dim=1),
+              "labels": torch.cat([torch.full_like(prompt_ids, -100),
+                                   completion_ids.masked_fill(completion_mask == 0, -100)], dim=1),
+              "prompt_attention_mask": prompt_mask}
+    start = self._compute_prompt_length(inputs)
+    teacher_result = self._get_teacher_token_logprobs_from_server(inputs, start)
+    unwrapped = self.accelerator.unwrap_model(model)
+    out = self._forward_redirection(model, unwrapped, _server_forward, self, unwrapped, inputs, start,
+                                    teacher_result, dict(kw, divergence=divergence, mode=mode,
+                                                         return_stats=return_stats))
+    loss, stats = out if return_stats else (out, None)
+    if self.model.training:
+        loss = loss / self.current_gradient_accumulation_steps
+    result = (loss, None) if return_outputs else loss
+    return (result, stats) if return_stats else result
+
+
+# ---- patching ----------------------------------------------------------------------------------------------------
+
+# kind -> (module, the patched attribute: a module function or "Class.method", the trainer class)
 _TARGETS = {
     "sync": ("trl.trainer.distillation_trainer", "_chunked_divergence_loss", "DistillationTrainer"),
     "async": ("trl.experimental.async_distillation.async_distillation_trainer", "_chunked_jsd_loss",
               "AsyncDistillationTrainer"),
+    "server": ("trl.experimental.server_distillation.server_distillation_trainer",
+               "ServerDistillationTrainer.compute_loss", "ServerDistillationTrainer"),
 }
 _ORIGINALS: dict[str, Callable] = {}
 _PENDING: list[dict[str, torch.Tensor]] = []  # stats sums of the loss calls since the trainer last logged them
-_LOGGED = ("teacher_entropy", "top1_agree", "kl")  # TRL logs the student entropy itself, as "entropy"
+# the statistics logged per kind; the sync / async trainers log the student entropy themselves, as "entropy"
+_LOGGED = {"sync": ("teacher_entropy", "top1_agree", "kl"), "async": ("teacher_entropy", "top1_agree", "kl"),
+           "server": ("student_entropy", "teacher_entropy", "top1_agree")}
 
 
 def _original(kind: str) -> Callable:
@@ -363,18 +684,28 @@ def _original(kind: str) -> Callable:
     return _ORIGINALS[kind]
 
 
-def _module(kind: str):
+def _owner(kind: str) -> tuple[Any, str]:
+    """(the object holding the patched attribute, its name): the module, or the trainer class."""
     name, attr, _ = _TARGETS[kind]
-    module = importlib.import_module(name)
+    owner: Any = importlib.import_module(name)
+    *path, leaf = attr.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    return owner, leaf
+
+
+def _module(kind: str):
+    owner, leaf = _owner(kind)
     if kind not in _ORIGINALS:
-        fn = getattr(module, attr)
+        fn = getattr(owner, leaf)
+        fn = getattr(fn, "_fastkd_inner", fn)  # a statistics wrapper around a patched method
         _ORIGINALS[kind] = getattr(fn, "_fastkd_original", fn)
-    return module
+    return importlib.import_module(_TARGETS[kind][0])
 
 
-def _record(stats: dict[str, torch.Tensor], count: torch.Tensor | int) -> None:
-    sums = {k: stats[k].sum().detach() for k in _LOGGED}
-    sums["_count"] = torch.as_tensor(count, device=stats["kl"].device).detach().to(torch.float32)
+def _record(kind: str, stats: dict[str, torch.Tensor], count: torch.Tensor | int) -> None:
+    sums = {k: stats[k].sum().detach() for k in _LOGGED[kind]}
+    sums["_count"] = torch.as_tensor(count, device=sums[_LOGGED[kind][0]].device).detach().to(torch.float32)
     _PENDING.append(sums)
 
 
@@ -391,10 +722,10 @@ def _log_stats_compute_loss(cls: type) -> None:
         _PENDING.clear()
         if pending:
             mode = "train" if self.model.training else "eval"
-            total = {k: sum(p[k] for p in pending) for k in (*_LOGGED, "_count")}
-            count = self.accelerator.gather_for_metrics(total["_count"].reshape(1)).sum()
-            for k in _LOGGED:
-                value = self.accelerator.gather_for_metrics(total[k].reshape(1)).sum()
+            total = {k: sum(p[k] for p in pending) for k in pending[0]}
+            count = self.accelerator.gather_for_metrics(total.pop("_count").reshape(1)).sum()
+            for k, v in total.items():
+                value = self.accelerator.gather_for_metrics(v.reshape(1)).sum()
                 self._metrics[mode][f"fastkd/{k}"].append((value / count).item() if count > 0 else 0.0)
         return out
 
@@ -405,21 +736,25 @@ def _log_stats_compute_loss(cls: type) -> None:
 
 def _patch(kind: str, impl: Callable, trainer: Any, divergence, log_stats: bool, kw: dict) -> Any:
     module = _module(kind)
-    name, attr, cls_name = _TARGETS[kind]
+    owner, leaf = _owner(kind)
+    _, attr, cls_name = _TARGETS[kind]
     original = _ORIGINALS[kind]
 
     def patched(*args, **kwargs):
         out = impl(*args, **kwargs, divergence=divergence, return_stats=log_stats, **kw)
-        if log_stats:  # sync: n_valid; async: every row of hidden_valid is a valid token
-            if out[-1] is not None:  # None: the call went to TRL's own function
-                _record(out[-1], out[2] if kind == "sync" else args[0].shape[0])
-            out = out[:-1]
+        if not log_stats:
+            return out
+        out, stats = (out[0], out[1]) if kind == "server" else (out[:-1], out[-1])
+        if stats is not None:  # None: the call went to TRL's own function
+            # the tokens the stats average over: sync n_valid; async every row of hidden_valid; server its own
+            count = out[2] if kind == "sync" else args[0].shape[0] if kind == "async" else stats.pop("_count")
+            _record(kind, stats, count)
         return out
 
     patched._fastkd_original = original
-    patched.__name__ = patched.__qualname__ = attr
+    patched.__name__ = patched.__qualname__ = leaf
     patched.__doc__ = f"fastkd's {impl.__name__} (divergence={divergence!r}, options {kw}) in place of TRL's {attr}."
-    setattr(module, attr, patched)
+    setattr(owner, leaf, patched)
     cls = getattr(module, cls_name) if trainer is None else (trainer if isinstance(trainer, type) else type(trainer))
     if log_stats:
         _log_stats_compute_loss(cls)
@@ -451,13 +786,29 @@ def patch_async_distillation_trainer(trainer: Any = None, divergence: str | None
     return _patch("async", chunked_jsd_loss, trainer, divergence, log_stats, kw)
 
 
+def patch_server_distillation_trainer(trainer: Any = None, divergence: str | None = None, *,
+                                      mode: str | None = None, log_stats: bool = False, **kw: Any) -> Any:
+    """Make ``trl.experimental.server_distillation.ServerDistillationTrainer`` (a vLLM server's top-k teacher)
+    compute its loss with :func:`server_compute_loss`: the student's log-probs at the teacher's ids come from the
+    fused LM head, never a (B, L, V) tensor. Replaces ``ServerDistillationTrainer.compute_loss`` (subclasses that
+    do not override it follow). ``divergence`` / ``mode`` None: TRL's own loss, equal to it (:func:`server_loss`);
+    given: fastkd's sparse loss with them (``mode`` "topk_tail" / "topk", default from TRL's ``loss_add_tail``).
+    ``log_stats=True`` logs ``fastkd/student_entropy``, ``fastkd/teacher_entropy`` and ``fastkd/top1_agree``
+    (one extra no-grad pass over the head). ``kw``: further keywords of
+    :func:`fastkd.fused_linear_sparse_distill_loss`. Returns the trainer class; :func:`unpatch` restores TRL's."""
+    if mode is not None:
+        kw["mode"] = mode
+    return _patch("server", server_compute_loss, trainer, divergence, log_stats, kw)
+
+
 def unpatch() -> None:
     """Restore TRL's own loss functions (and ``compute_loss`` where statistics logging wrapped it)."""
+    for kind in list(_ORIGINALS):  # the statistics wrappers first: one may wrap a patched compute_loss
+        cls = getattr(importlib.import_module(_TARGETS[kind][0]), _TARGETS[kind][2])
+        for sub in [cls, *cls.__subclasses__()]:
+            if getattr(sub.__dict__.get("compute_loss"), "_fastkd_stats", False):
+                sub.compute_loss = sub.compute_loss._fastkd_inner
     for kind, fn in list(_ORIGINALS.items()):
-        name, attr, cls_name = _TARGETS[kind]
-        module = importlib.import_module(name)
-        setattr(module, attr, fn)
-        for cls in [getattr(module, cls_name), *getattr(module, cls_name).__subclasses__()]:
-            if getattr(cls.__dict__.get("compute_loss"), "_fastkd_stats", False):
-                cls.compute_loss = cls.compute_loss._fastkd_inner
+        owner, leaf = _owner(kind)
+        setattr(owner, leaf, fn)
     _PENDING.clear()
