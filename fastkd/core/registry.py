@@ -3,8 +3,10 @@
 Every op family (``distill``, ``fused_linear``, ``sparse``, ``sinkhorn``, ...) has implementations on one or
 more backends: ``torch`` (chunked PyTorch, always available), ``triton`` (kernels/, CUDA tensors or any
 tensor under ``TRITON_INTERPRET=1``) and ``cuda`` (the optional ``fastkd._C`` extension). A backend module
-registers an implementation together with ``not_supported_reasons(**inputs) -> list[str]``; an empty list
-means it can run those inputs.
+registers an implementation with its capabilities as attributes of the :class:`Impl` (the toolchain it
+needs, the inputs that must be on its device, the dtypes it takes, an import error) plus an optional
+``limits(**inputs) -> list[str]`` for what is particular to it (a size limit, an unsupported option);
+:func:`not_supported_reasons` turns them into the reasons it cannot run some inputs (an empty list: it can).
 
 Dispatch: ``backend="auto"`` (or the ``FASTKD_BACKEND`` environment variable when the argument is
 ``"auto"``) takes the first implementation in the op's auto order whose reasons are empty. An explicitly
@@ -30,15 +32,56 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run these inputs; the message lists every reason."""
 
 
+REQUIRES = ("triton", "cuda_ext")  # toolchains a backend may need (checked by triton_reasons / cuda_ext_reasons)
+
+
 @dataclass(frozen=True)
 class Impl:
-    """One op family's implementation on one backend."""
+    """One op family's implementation on one backend, with its declared capabilities.
+
+    requires: "triton", "cuda_ext" or None (the toolchain, checked with the inputs named in ``tensors``: on
+    its device); dtypes: the dtypes of the inputs named in ``dtype_inputs`` it takes (None: any);
+    import_error: why its kernels did not import (then the only reason); limits: a callable ``(**inputs) ->
+    list[str]`` for reasons particular to this backend.
+    """
 
     op: str
     backend: str
     fn: Callable[..., Any]
-    not_supported_reasons: Callable[..., list[str]]
+    limits: Callable[..., list[str]] | None = None
     doc: str = field(default="", compare=False)
+    requires: str | None = None
+    tensors: tuple[str, ...] = ()
+    dtypes: tuple[Any, ...] | None = None
+    dtype_inputs: tuple[str, ...] = ()
+    import_error: str | None = None
+
+    def not_supported_reasons(self, **inputs: Any) -> list[str]:
+        """Why this backend cannot run ``inputs`` ([] = it can): :func:`not_supported_reasons`."""
+        return not_supported_reasons(self, **inputs)
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def not_supported_reasons(impl: Impl, **inputs: Any) -> list[str]:
+    """The reasons ``impl`` cannot run ``inputs``, from its declared capabilities, then its ``limits``."""
+    if impl.import_error is not None:
+        return [impl.import_error]
+    tensors = [inputs.get(name) for name in impl.tensors]
+    reasons = (triton_reasons(*tensors) if impl.requires == "triton"
+               else cuda_ext_reasons(*tensors) if impl.requires == "cuda_ext" else [])
+    if impl.dtypes is not None:
+        for name in impl.dtype_inputs:
+            t = inputs.get(name)
+            if t is not None and t.dtype not in impl.dtypes:
+                hint = "" if impl.backend == "torch" else "; backend='torch' takes any float dtype"
+                reasons.append(f"{name} dtype {_dtype_name(t.dtype)} is not supported by the {impl.backend} backend "
+                               f"of {impl.op!r} ({', '.join(map(_dtype_name, impl.dtypes))}{hint})")
+    if impl.limits is not None:
+        reasons += impl.limits(**inputs)
+    return reasons
 
 
 _REGISTRY: dict[str, dict[str, Impl]] = {}
@@ -53,12 +96,22 @@ def register(
     op: str,
     backend: str,
     fn: Callable[..., Any],
-    not_supported_reasons: Callable[..., list[str]] | None = None,
+    limits: Callable[..., list[str]] | None = None,
+    *,
+    requires: str | None = None,
+    tensors: tuple[str, ...] = (),
+    dtypes: tuple[Any, ...] | None = None,
+    dtype_inputs: tuple[str, ...] = (),
+    import_error: str | None = None,
 ) -> Impl:
-    """Register ``fn`` as ``op``'s implementation on ``backend`` (re-registering replaces it)."""
+    """Register ``fn`` as ``op``'s implementation on ``backend`` with its capabilities (:class:`Impl`);
+    re-registering replaces it. Returns the :class:`Impl`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    impl = Impl(op, backend, fn, not_supported_reasons or (lambda **_: []), fn.__doc__ or "")
+    if requires is not None and requires not in REQUIRES:
+        raise ValueError(f"requires must be one of {REQUIRES} or None, got {requires!r}")
+    impl = Impl(op, backend, fn, limits, fn.__doc__ or "", requires, tuple(tensors),
+                None if dtypes is None else tuple(dtypes), tuple(dtype_inputs), import_error)
     _REGISTRY.setdefault(op, {})[backend] = impl
     return impl
 

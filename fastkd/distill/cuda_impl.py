@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from fastkd.core.params import DistillParams
-from fastkd.core.registry import cuda_ext_reasons, register
+from fastkd.core.registry import register
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_ROWS = 2**31 - 1  # grid.x limit: one block per row
@@ -77,18 +77,12 @@ def distill_forward(
     return loss
 
 
-def distill_reasons(
-    student: torch.Tensor | None = None, teacher: torch.Tensor | None = None,
-    params: DistillParams | None = None, **_: object,
-) -> list[str]:
-    """Why the cuda backend cannot run these inputs ([] = it can)."""
-    reasons = cuda_ext_reasons(student, teacher)
-    if student is not None:
-        if student.dtype not in SUPPORTED_DTYPES:
-            reasons.append(f"dtype {student.dtype} (the cuda backend supports float32, bfloat16, float16)")
-        if student.dim() == 2 and student.shape[0] > _MAX_ROWS:
-            reasons.append(f"{student.shape[0]} rows exceed the one-block-per-row grid limit {_MAX_ROWS}")
-    return reasons
+def _limits(student: torch.Tensor | None = None, **_: object) -> list[str]:
+    if student is not None and student.dim() == 2 and student.shape[0] > _MAX_ROWS:
+        return [f"{student.shape[0]} rows exceed the one-block-per-row grid limit {_MAX_ROWS}"]
+    return []
 
 
-register("distill", "cuda", distill_forward, distill_reasons)
+IMPL = register("distill", "cuda", distill_forward, _limits, requires="cuda_ext", tensors=("student", "teacher"),
+                dtypes=SUPPORTED_DTYPES, dtype_inputs=("student",))
+distill_reasons = IMPL.not_supported_reasons  # why the cuda backend cannot run some inputs ([] = it can)

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import torch
 
 from fastkd.core.params import DistillParams
-from fastkd.core.registry import register, triton_import_error, triton_reasons
+from fastkd.core.registry import register, triton_import_error
 
 _IMPORT_ERROR = triton_import_error()
 if _IMPORT_ERROR is None:
@@ -96,9 +96,10 @@ def distill_forward(
     st = stats
     if st is not None and st.stride(1) != 1:
         st = torch.empty(n, 4, dtype=torch.float32, device=student.device)
-    args = (student, teacher, g, lab, weight, loss, v,
-            *student.stride(), *teacher.stride(), *g.stride(),
-            inv_t, p.kd_scale, p.kd_scale * inv_t, p.ce_weight, *p.hyper_values())
+    ptrs = (student, teacher, g, lab, weight, loss)
+    strides = (*student.stride(), *teacher.stride(), *g.stride())
+    scalars = (inv_t, p.kd_scale, p.kd_scale * inv_t, p.ce_weight, *p.hyper_values())
+    args = (*ptrs, v, *strides, *scalars)  # the two-pass kernel's argument order (also KA.launch's)
     st_args = (loss, 0) if st is None else (st, st.stride(0))  # loss: a dummy pointer without stats
     flags = dict(DIV=p.code, HAS_GRAD=grad is not None, HAS_LABELS=has_labels,
                  CE_RAW=has_labels and p.temperature != 1.0, NT=K.AKL_NT, STATS=st is not None)
@@ -118,7 +119,7 @@ def distill_forward(
         ws = torch.empty(n, s_count, nslot, dtype=torch.float32, device=student.device)
         cnt = torch.zeros(1 + 2 * n, dtype=torch.int32, device=student.device)
         KS._distill_split_kernel[((n + lag) * s_count,)](
-            *args[:6], ws, cnt, n, v, s_count, *args[7:], *st_args, DIV=p.code, HAS_GRAD=flags["HAS_GRAD"],
+            *ptrs, ws, cnt, n, v, s_count, *strides, *scalars, *st_args, DIV=p.code, HAS_GRAD=flags["HAS_GRAD"],
             HAS_LABELS=has_labels, CE_RAW=flags["CE_RAW"], BLOCK_V=block_v,
             SP=max(2, 1 << (s_count - 1).bit_length()), LAG=lag, SCALED=p.temperature != 1.0,
             STATS=flags["STATS"], WS=nslot, num_warps=_CONFIG["num_warps"] or nw)
@@ -150,18 +151,12 @@ def schedule(p: DistillParams, aliased: bool = False, v: int | None = None) -> t
     return "split", "each logit read once from HBM (re-reads within the L2 window)"
 
 
-def _reasons(student: torch.Tensor | None = None, teacher: torch.Tensor | None = None,
-             params: DistillParams | None = None, **_: object) -> list[str]:
-    if _IMPORT_ERROR is not None:
-        return [_IMPORT_ERROR]
-    reasons = triton_reasons(student, teacher)
-    for name, t in (("student", student), ("teacher", teacher)):
-        if t is not None and t.dtype not in _SUPPORTED_DTYPES:
-            reasons.append(f"{name} dtype {t.dtype} is not supported by the Triton kernels "
-                           f"(float32, bfloat16, float16; use backend='torch' for float64)")
+def _limits(student: torch.Tensor | None = None, **_: object) -> list[str]:
     if student is not None and student.dim() == 2 and student.shape[1] >= 2**31:
-        reasons.append(f"vocabulary of {student.shape[1]} columns exceeds the kernel's int32 column index")
-    return reasons
+        return [f"vocabulary of {student.shape[1]} columns exceeds the kernel's int32 column index"]
+    return []
 
 
-register("distill", "triton", distill_forward, _reasons)
+IMPL = register("distill", "triton", distill_forward, _limits, requires="triton", tensors=("student", "teacher"),
+                dtypes=_SUPPORTED_DTYPES, dtype_inputs=("student", "teacher"), import_error=_IMPORT_ERROR)
+_reasons = IMPL.not_supported_reasons

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fastkd.core.registry import cuda_ext_reasons, register
+from fastkd.core.registry import register
 
 if TYPE_CHECKING:
     from fastkd.ot.sinkhorn import SinkhornParams
@@ -69,26 +69,24 @@ def sinkhorn_cuda(a, b, cost, x, y, params: SinkhornParams):
     return f, g, it, err
 
 
-def sinkhorn_reasons(a=None, cost=None, x=None, params=None, **kw) -> list[str]:
-    """Why the cuda backend cannot run these inputs ([] = it can)."""
+def _limits(a=None, cost=None, x=None, params=None, **kw) -> list[str]:
     y = kw.get("y")
     ref = cost if cost is not None else x
-    reasons = cuda_ext_reasons(a, ref, y)
+    reasons = []
     if params is not None and params.unroll:
         reasons.append("grad='unroll' (autograd through the iterations) needs the torch backend")
-    if ref is not None:
-        if ref.dtype not in SUPPORTED_DTYPES:
-            reasons.append(f"dtype {ref.dtype} (the cuda sinkhorn supports float32 and float64)")
-        elif ref.dim() == 3:
-            n = ref.shape[1]
-            m = cost.shape[2] if cost is not None else (y.shape[1] if y is not None else 0)
-            if n + m > MAX_POINTS[ref.dtype]:
-                reasons.append(f"n + m = {n + m} exceeds {MAX_POINTS[ref.dtype]} (one block per problem "
-                               f"keeps the potentials in shared memory)")
-            if cost is None and ref.shape[0] * n * m > MAX_COST_ELEMS:
-                reasons.append(f"points problem of {ref.shape[0]}×{n}×{m} is too large to store its cost "
-                               f"(limit {MAX_COST_ELEMS} elements); the torch backend tiles it")
+    if ref is not None and ref.dtype in SUPPORTED_DTYPES and ref.dim() == 3:
+        n = ref.shape[1]
+        m = cost.shape[2] if cost is not None else (y.shape[1] if y is not None else 0)
+        if n + m > MAX_POINTS[ref.dtype]:
+            reasons.append(f"n + m = {n + m} exceeds {MAX_POINTS[ref.dtype]} (one block per problem "
+                           f"keeps the potentials in shared memory)")
+        if cost is None and ref.shape[0] * n * m > MAX_COST_ELEMS:
+            reasons.append(f"points problem of {ref.shape[0]}×{n}×{m} is too large to store its cost "
+                           f"(limit {MAX_COST_ELEMS} elements); the torch backend tiles it")
     return reasons
 
 
-register("sinkhorn", "cuda", sinkhorn_cuda, sinkhorn_reasons)
+IMPL = register("sinkhorn", "cuda", sinkhorn_cuda, _limits, requires="cuda_ext", tensors=("a", "cost", "x", "y"),
+                dtypes=SUPPORTED_DTYPES, dtype_inputs=("cost", "x"))
+sinkhorn_reasons = IMPL.not_supported_reasons  # why the cuda backend cannot run some inputs ([] = it can)

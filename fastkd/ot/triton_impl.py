@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from fastkd.core.registry import register, triton_reasons
+from fastkd.core.registry import register
 from fastkd.ot.sinkhorn import SinkhornParams
 
 SMALL_MAX = 64
@@ -63,13 +63,12 @@ def sinkhorn_triton(a, b, cost, x, y, params: SinkhornParams):
     return run_iterations(_TiledTriton(a, b, cost, x, y, params.metric), a, b, params)
 
 
-def _reasons(a=None, b=None, cost=None, x=None, y=None, params=None, **_) -> list[str]:
-    reasons = triton_reasons(a, cost, x)
+def _limits(params=None, **_) -> list[str]:
     if params is not None and params.unroll:
-        reasons.append("grad='unroll' needs autograd through the iterations (use backend='torch')")
-    if a is not None and a.dtype != torch.float32:
-        reasons.append(f"the Triton Sinkhorn kernels compute in float32, got {a.dtype} (use backend='torch')")
-    return reasons
+        return ["grad='unroll' needs autograd through the iterations (use backend='torch')"]
+    return []
 
 
-register("sinkhorn", "triton", sinkhorn_triton, _reasons)
+IMPL = register("sinkhorn", "triton", sinkhorn_triton, _limits, requires="triton", tensors=("a", "cost", "x"),
+                dtypes=(torch.float32,), dtype_inputs=("a",))
+_reasons = IMPL.not_supported_reasons

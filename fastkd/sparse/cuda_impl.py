@@ -91,23 +91,23 @@ def sparse_forward(
     return loss
 
 
-def sparse_reasons(student: torch.Tensor | None = None, ids: torch.Tensor | None = None,
-                   params: SparseParams | None = None, **_: object) -> list[str]:
-    """Why the cuda backend cannot run these inputs ([] = it can)."""
-    reasons = cuda_ext_reasons(student, ids)
-    if student is not None:
-        if student.dtype not in SUPPORTED_DTYPES:
-            reasons.append(f"dtype {student.dtype} (the cuda backend supports float32, bfloat16, float16)")
-        if student.dim() == 2 and student.shape[0] > _MAX_ROWS:
-            reasons.append(f"{student.shape[0]} rows exceed the one-block-per-row grid limit {_MAX_ROWS}")
-        if not reasons and params is not None and params.mode == "topk_tail" and student.dim() == 2:
-            from fastkd import _cpp_lib
+def _limits(student: torch.Tensor | None = None, ids: torch.Tensor | None = None,
+            params: SparseParams | None = None, **_: object) -> list[str]:
+    if student is None or student.dim() != 2:
+        return []
+    if student.shape[0] > _MAX_ROWS:
+        return [f"{student.shape[0]} rows exceed the one-block-per-row grid limit {_MAX_ROWS}"]
+    if (params is not None and params.mode == "topk_tail" and student.dtype in SUPPORTED_DTYPES
+            and not cuda_ext_reasons(student, ids)):  # the limit is the loaded extension's own constant
+        from fastkd import _cpp_lib
 
-            max_vocab = _cpp_lib.lib().SPARSE_MAX_TAIL_VOCAB  # the kernel's shared-memory id bitmap
-            if student.shape[1] > max_vocab:
-                reasons.append(f"mode='topk_tail' supports vocabularies up to {max_vocab} on the cuda "
-                               f"backend (shared-memory id bitmap), got {student.shape[1]}")
-    return reasons
+        max_vocab = _cpp_lib.lib().SPARSE_MAX_TAIL_VOCAB  # the kernel's shared-memory id bitmap
+        if student.shape[1] > max_vocab:
+            return [f"mode='topk_tail' supports vocabularies up to {max_vocab} on the cuda backend "
+                    f"(shared-memory id bitmap), got {student.shape[1]}"]
+    return []
 
 
-register("sparse", "cuda", sparse_forward, sparse_reasons)
+IMPL = register("sparse", "cuda", sparse_forward, _limits, requires="cuda_ext", tensors=("student", "ids"),
+                dtypes=SUPPORTED_DTYPES, dtype_inputs=("student",))
+sparse_reasons = IMPL.not_supported_reasons  # why the cuda backend cannot run some inputs ([] = it can)

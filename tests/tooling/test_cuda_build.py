@@ -180,6 +180,7 @@ def test_distill_backend_cuda_raises_with_reasons(no_ext):
 
 @pytest.mark.host_device
 def test_backend_modules_import_and_report(no_ext):
+    from fastkd.core import registry
     from fastkd.core.params import SparseParams
     from fastkd.core.registry import implementations
     from fastkd.distill import cuda_impl as cuda_distill
@@ -195,6 +196,7 @@ def test_backend_modules_import_and_report(no_ext):
     wide = torch.empty(2, 1001, dtype=torch.float16)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cuda_sparse, "cuda_ext_reasons", lambda *t: [])
+        mp.setattr(registry, "cuda_ext_reasons", lambda *t: [])  # the generic reasons' toolchain check
         mp.setattr(_cpp_lib, "lib", lambda: SimpleNamespace(SPARSE_MAX_TAIL_VOCAB=1000))
         r = cuda_sparse.sparse_reasons(student=wide, ids=torch.zeros(2, 3, dtype=torch.long),
                                        params=SparseParams(mode="topk_tail"))
