@@ -156,8 +156,6 @@ def test_num_items_in_batch(beta, add_tail, num_items):
 
 
 def test_all_masked_and_missing_teacher_values():
-    p = _problem(0.5)
-    p["labels"].fill_(-100)
     for beta in (0.5, 0.0):
         q = _problem(beta, k=1 if beta else 3)
         q["labels"].fill_(-100)
