@@ -5,7 +5,8 @@
 //
 // Per row i with weight w = weight[i] (w == 0: loss 0, gradient 0, logits never read), tempered logits
 // s = z_s / T (student), x = z_t / T (teacher; for taid x = (1−t)·s + t·z_t/T), all math in fp32:
-//   pass 1  lse_s, lse_x (online max/sum-exp), lse of the raw student when ce_weight > 0 and T != 1,
+//   pass 1  lse_s, lse_x (online max/sum-exp, kept split as (max, log-sum): SplitLse), lse of the raw student
+//           when ce_weight > 0 and T != 1,
 //           and the teacher's first argmax (akl);
 //   akl     head threshold: 16-ary search over the bit patterns of p (p ≥ 0, so bits order like
 //           values) for the smallest key k with Σ_{bits(p_j) ≥ k} p_j ≤ mu — about 8 passes, each
@@ -34,8 +35,23 @@ constexpr int kUnroll = 2;
 // akl bracket top: just above the bits of 1.0f, so no probability reaches it (kernels/distill.py P_BITS_HI).
 constexpr int64_t kProbBitsHi = 0x3F800010LL;
 
+// A log-normaliser kept split as (max m, log Σe^{x−m}): log p = (x − m) − l, the exact difference of two logits
+// first, so nothing is rounded at the logits' magnitude (a constant offset leaves the fp32 accuracy unchanged).
+struct SplitLse {
+  float m = 0.f, l = -INFINITY;  // an empty row: m = 0, l = −inf
+  __device__ __forceinline__ float logp(float x) const { return (x - m) - l; }
+};
+
+__device__ __forceinline__ SplitLse split_lse(const Lse& st) {
+  SplitLse r;
+  r.m = st.m == -INFINITY ? 0.f : st.m;
+  r.l = logf(st.s);
+  return r;
+}
+
 struct RowConsts {
-  float inv_t, lse_s, lse_x, beta, alpha, log_b, log_1mb, log_a, log_1ma;
+  float inv_t, beta, alpha, log_b, log_1mb, log_a, log_1ma;
+  SplitLse lse_s, lse_x;
   float t_mix;
   uint32_t head_key;  // akl: p_j with bits ≥ head_key are in the head
   int64_t top;        // akl: the teacher's first argmax (always in the head)
@@ -76,9 +92,9 @@ template <int DIV>
 __device__ __forceinline__ Terms element_terms(const RowConsts& c, float zs, float zt) {
   Terms e{};
   const float s = temper(zs, c.inv_t);
-  const float lq = s - c.lse_s;
+  const float lq = c.lse_s.logp(s);
   e.q = expf(lq);
-  const float lp = mixed_logit<DIV>(c, s, zt) - c.lse_x;  // log p (log r for taid)
+  const float lp = c.lse_x.logp(mixed_logit<DIV>(c, s, zt));  // log p (log r for taid)
   const float p = expf(lp);
   e.p = p;
   if constexpr (DIV == kFKL || DIV == kTAID) {
@@ -178,16 +194,16 @@ __global__ void __launch_bounds__(512, 1) distill_kernel(DistillArgs a) {
     }
   });
   block_lse<3>(st);
-  c.lse_s = st[0].value();
-  c.lse_x = st[1].value();
-  const float lse_z = ce_own_lse ? st[2].value() : c.lse_s;
-  float lse_t = c.lse_x;  // the teacher's own lse (STATS)
+  c.lse_s = split_lse(st[0]);
+  c.lse_x = split_lse(st[1]);
+  const SplitLse lse_z = ce_own_lse ? split_lse(st[2]) : c.lse_s;
+  SplitLse lse_t = c.lse_x;  // the teacher's own lse (STATS)
   if constexpr (STATS) {
     block_argmax(rmax_s, rarg_s);
     block_argmax(rmax_t, rarg_t);
     if constexpr (DIV == kTAID) {
       block_lse<1>(st_t);
-      lse_t = st_t[0].value();
+      lse_t = split_lse(st_t[0]);
     }
   }
   if constexpr (DIV == kAKL) {
@@ -205,7 +221,7 @@ __global__ void __launch_bounds__(512, 1) distill_kernel(DistillArgs a) {
         m[k] = 0.f;
       }
       row_foreach2<T, VEC, kUnroll>(zs_row, zt_row, V, [&](int64_t, float, float zt) {
-        const float lp = temper(zt, c.inv_t) - c.lse_x;  // = the loss pass's log p (akl is never taid)
+        const float lp = c.lse_x.logp(temper(zt, c.inv_t));  // = the loss pass's log p (akl is never taid)
         const float p = expf(lp);
         const int64_t key = prob_key(p);
 #pragma unroll
@@ -230,8 +246,8 @@ __global__ void __launch_bounds__(512, 1) distill_kernel(DistillArgs a) {
   row_foreach2<T, VEC, kUnroll>(zs_row, zt_row, V, [&](int64_t j, float zs, float zt) {
     const Terms e = element_terms<DIV>(c, zs, zt);
     if constexpr (STATS) {
-      const float lq = temper(zs, c.inv_t) - c.lse_s;
-      const float lp = temper(zt, c.inv_t) - lse_t;
+      const float lq = c.lse_s.logp(temper(zs, c.inv_t));
+      const float lp = lse_t.logp(temper(zt, c.inv_t));
       const float p = DIV == kTAID ? expf(lp) : e.p;  // element_terms' p is the teacher's but for taid
       sacc[0] -= pos(p, p * lp);
       sacc[1] -= pos(e.q, e.q * lq);
@@ -265,14 +281,14 @@ __global__ void __launch_bounds__(512, 1) distill_kernel(DistillArgs a) {
     D = wf * acc[0] + wr * acc[2];
     sum_qg = wf * acc[1] + wr * acc[3];
   }
-  if constexpr (DIV == kZero) D = (c.lse_s == c.lse_s && c.lse_x == c.lse_x) ? 0.f : NAN;  // NaN in, NaN out
+  if constexpr (DIV == kZero) D = (c.lse_s.l == c.lse_s.l && c.lse_x.l == c.lse_x.l) ? 0.f : NAN;  // NaN in, out
   int64_t label = -1;
   if (threadIdx.x == 0) {
     float loss = D * a.kd_scale;
     if (ce) {
       label = a.labels[row];
       const float zl = (label >= 0 && label < V) ? to_float(zs_row[label]) : NAN;
-      loss -= a.ce_weight * (zl - lse_z);
+      loss -= a.ce_weight * lse_z.logp(zl);
     }
     a.loss[row] = loss;
     if constexpr (STATS) {
@@ -293,7 +309,7 @@ __global__ void __launch_bounds__(512, 1) distill_kernel(DistillArgs a) {
     float qg = e.qg0;
     if constexpr (DIV == kSymKL || DIV == kAKL) qg = wf * e.qg0 + wr * e.qg1;
     float g = (qg - e.q * sum_qg) * gscale;
-    if (ce) g += a.ce_weight * (expf(zs - lse_z) - (j == label ? 1.f : 0.f));
+    if (ce) g += a.ce_weight * (expf(lse_z.logp(zs)) - (j == label ? 1.f : 0.f));
     return g * w;
   });
 }

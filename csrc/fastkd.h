@@ -42,9 +42,9 @@ struct SparseStatsArgs {
   const void* student;   // (n_rows, vocab), row stride stride_s
   const int64_t* ids;    // (n_rows, k), row stride stride_ids; −1 = padding
   const float* weight;   // (n_rows,), 0 = excluded row
-  float* lse;            // (n_rows,) out: logsumexp_v s_v (s = z / T)
-  float* lse_tail;       // (n_rows,) out or nullptr: logsumexp over v not in ids
-  float* s_ids;          // (n_rows, k) out, contiguous: s at the ids, −inf at padding, NaN at bad ids
+  float* lse;            // (n_rows,) out: logsumexp_v s_v − sh (s = z / T; sh: the row's shift, sparse.cu)
+  float* lse_tail;       // (n_rows,) out or nullptr: logsumexp over v not in ids, − sh
+  float* s_ids;          // (n_rows, k) out, contiguous: s − sh at the ids, −inf at padding, NaN at bad ids
   int64_t n_rows, vocab, k, stride_s, stride_ids;
   float inv_t;
   float* h_s = nullptr;      // (n_rows,) out or nullptr (no stats): entropy of softmax(s) over the row
@@ -56,11 +56,11 @@ struct SparseGradArgs {
   void* grad;            // (n_rows, vocab), row stride stride_g (may alias the student)
   const int64_t* ids;    // (n_rows, k), row stride stride_ids
   const float* weight;   // (n_rows,)
-  const float* s_ids;    // (n_rows, k) contiguous, from the stats pass
-  const float* lse;      // (n_rows,)
+  const float* s_ids;    // (n_rows, k) contiguous, from the stats pass (s − sh)
+  const float* lse;      // (n_rows,) from the stats pass (relative to sh)
   const float* lse_base; // (n_rows,) normaliser of the off-id term (lse_tail for topk_tail, else lse)
-  const float* a;        // (n_rows,)  grad_v = a·e^(s_v − lse) + Σ_k c_k·[v = id_k] at the ids,
-  const float* b;        // (n_rows,)  grad_v = b·e^(s_v − lse_base) off the ids
+  const float* a;        // (n_rows,)  grad_v = a·e^(s_v − sh − lse) + Σ_k c_k·[v = id_k] at the ids,
+  const float* b;        // (n_rows,)  grad_v = b·e^(s_v − sh − lse_base) off the ids
   const float* c;        // (n_rows, k) contiguous
   int64_t n_rows, vocab, k, stride_s, stride_g, stride_ids;
   float inv_t;

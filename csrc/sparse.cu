@@ -4,11 +4,18 @@
 //   logsumexp over the columns that are not among the row's ids — exact, using a bitmap of the ids in
 //   shared memory (V/8 bytes) instead of subtracting the head mass (which cancels catastrophically) —
 //   plus s at the ids (−inf at padding slots, NaN for an id outside [−1, V)).
-// grad (grid (n_rows,)): grad_v = b·exp(s_v − lse_base), written for every column (lse_base = lse_tail
+// grad (grid (n_rows,)): grad_v = b·exp((s_v − sh) − lse_base), written for every column (lse_base = lse_tail
 //   for topk_tail, so that a tail mass underflowing in fp32 still gives a finite off-id gradient), then,
 //   after a block barrier, the id columns are rewritten as exp(s_id − lse)·a + Σ_{k: id_k = id} c_k (the
 //   sum makes duplicated ids add up, as scatter_add does). Rows with weight 0 get zeros. Ids are untrusted:
 //   an id outside [0, V) is never dereferenced (the stats pass stores NaN for it, which poisons the row).
+// Split log-normalisers: both kernels shift the row by sh = the largest finite s at a valid id (0 if none),
+//   computed by each kernel from the same loads in the same order (the same bits in both). The stats pass
+//   stores s − sh at the ids, lse − sh = (m − sh) + log Σe^{s−m} and likewise the tail's; the K-level terms
+//   are shift-invariant, and the gradient exponentiates (s_v − sh) − lse_base. s − sh and m − sh are exact
+//   differences of logits near the row's top, so nothing is rounded at the logits' magnitude: a constant
+//   offset of the logits leaves the fp32 accuracy unchanged (a row without a finite logit at its ids keeps
+//   the unshifted form).
 // STATS (a template flag: the kernels without it are unchanged): the stats pass also accumulates the
 //   student's entropy over the whole row, per thread (m, d = Σ e^{s−m}, c = Σ e^{s−m}(s − m)) merged across
 //   the block (H = log d − c/d), and its first-index argmax; the teacher side is O(K) in PyTorch
@@ -21,6 +28,39 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBitmapBytes = 160 * 1024;
+
+// Tempering with __fmul_rn (never contracted into an FMA): the shift and every s − sh see the same rounded s.
+__device__ __forceinline__ float temper(float z, float inv_t) { return __fmul_rn(z, inv_t); }
+
+// Block-wide max (fmaxf is exact and commutative: every thread receives the same bits).
+__device__ __forceinline__ float block_max(float v) {
+  __shared__ float sh[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  v = sh[0];
+  for (int w = 1; w < nwarps; ++w) v = fmaxf(v, sh[w]);
+  __syncthreads();
+  return v;
+}
+
+// The row's shift (see the top comment): the largest finite tempered logit at a valid id, 0 when there is none.
+// Called by every thread of the block (it synchronises), before the gradient kernel writes the row.
+template <typename T>
+__device__ __forceinline__ float id_shift(const T* z, const int64_t* ids, int64_t k, int64_t V, float inv_t) {
+  float mx = -INFINITY;
+  for (int64_t e = threadIdx.x; e < k; e += blockDim.x) {
+    const int64_t id = ids[e];
+    if (id >= 0 && id < V) {
+      const float s = temper(to_float(z[id]), inv_t);
+      if (fabsf(s) < INFINITY) mx = fmaxf(mx, s);
+    }
+  }
+  mx = block_max(mx);
+  return mx == -INFINITY ? 0.f : mx;
+}
 
 // Running entropy state of softmax(s): max m, d = Σ e^{s−m}, c = Σ e^{s−m}(s − m); H = log d − c/d. A −inf
 // element adds nothing (never 0·(−inf)); a NaN element makes d and c NaN.
@@ -116,10 +156,11 @@ __global__ void __launch_bounds__(kThreads) sparse_stats_kernel(SparseStatsArgs 
     for (int64_t w = threadIdx.x; w < words; w += blockDim.x) bitmap[w] = 0u;
     __syncthreads();
   }
+  const float sh = id_shift(z, ids, a.k, V, a.inv_t);
   for (int64_t k = threadIdx.x; k < a.k; k += blockDim.x) {
     const int64_t id = ids[k];
     if (id >= 0 && id < V) {
-      s_ids[k] = to_float(z[id]) * a.inv_t;
+      s_ids[k] = temper(to_float(z[id]), a.inv_t) - sh;
       if (TAIL) atomicOr(&bitmap[id >> 5], 1u << (id & 31));
     } else {
       s_ids[k] = id == -1 ? -INFINITY : NAN;
@@ -132,7 +173,7 @@ __global__ void __launch_bounds__(kThreads) sparse_stats_kernel(SparseStatsArgs 
   int64_t bi = 0;
   // Single-row scan: reuse row_foreach2 with the same row on both sides (the second load hits L1).
   row_foreach2<T, VEC, 2>(z, z, V, [&](int64_t j, float zv, float) {
-    const float s = zv * a.inv_t;
+    const float s = temper(zv, a.inv_t);
     st[0].add(s);
     if (TAIL && !((bitmap[j >> 5] >> (j & 31)) & 1u)) st[1].add(s);
     if constexpr (STATS) {
@@ -149,8 +190,9 @@ __global__ void __launch_bounds__(kThreads) sparse_stats_kernel(SparseStatsArgs 
     block_argmax(bv, bi);
   }
   if (threadIdx.x == 0) {
-    a.lse[row] = st[0].value();
-    if (TAIL) a.lse_tail[row] = st[1].value();
+    // relative to the shift: (m − sh) is exact (−inf − sh + log 0 = −inf for an empty sum)
+    a.lse[row] = (st[0].m - sh) + logf(st[0].s);
+    if (TAIL) a.lse_tail[row] = (st[1].m - sh) + logf(st[1].s);
     if constexpr (STATS) {
       a.h_s[row] = logf(ent.d) - ent.c / ent.d;
       a.arg_s[row] = bi;
@@ -165,16 +207,20 @@ __global__ void __launch_bounds__(kThreads) sparse_grad_kernel(SparseGradArgs a)
   const T* z = static_cast<const T*>(a.student) + row * a.stride_s;
   T* g = static_cast<T*>(a.grad) + row * a.stride_g;
   const float w = a.weight[row];
+  const int64_t* ids = a.ids + row * a.stride_ids;
+  // before any store: the gradient may alias the logits (a block-uniform condition: id_shift synchronises)
+  const float sh = (w == 0.f || a.zero_base) ? 0.f : id_shift(z, ids, a.k, V, a.inv_t);
   if (w == 0.f || a.zero_base) {
     for (int64_t j = threadIdx.x; j < V; j += blockDim.x) g[j] = from_float<T>(0.f);
     if (w == 0.f) return;
   } else {
     const float lse_base = a.lse_base[row], coef = a.b[row], inv_t = a.inv_t;
     // Reads z_v and writes g_v from the same thread, so g may alias z.
-    row_map2<T, VEC, 2>(z, z, g, V, [&](int64_t, float zv, float) { return expf(zv * inv_t - lse_base) * coef; });
+    row_map2<T, VEC, 2>(z, z, g, V, [&](int64_t, float zv, float) {
+      return expf((temper(zv, inv_t) - sh) - lse_base) * coef;
+    });
   }
   __syncthreads();  // the base term is written before the id columns are rewritten
-  const int64_t* ids = a.ids + row * a.stride_ids;
   const float* s_ids = a.s_ids + row * a.k;
   const float* c = a.c + row * a.k;
   const float lse = a.lse[row], ca = a.a[row];

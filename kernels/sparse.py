@@ -4,7 +4,11 @@ Two row-per-program kernels around the shared K-level math of ``fastkd.sparse.to
 
 ``_sparse_stats_kernel`` — grid (N,); program i streams row i of the student logits once in BLOCK_V tiles
 and produces, for s = z / T: the online log-sum-exp over the whole vocabulary, (HAS_TAIL) the online
-log-sum-exp over the entries whose id is NOT among the row's K ids, and s gathered at the K ids.
+log-sum-exp over the entries whose id is NOT among the row's K ids, and s gathered at the K ids. Each
+log-normaliser stays split as (shift m, log-sum): the kernel stores m (the row max) and s − m, log Σe^{s−m}
+(and the tail's (m_tail − m) + log Σ_tail e^{s−m_tail}), which the shift-invariant K-level math takes in place
+of s and the lse's; the gradient kernel exponentiates (s_v − m) − lb. So no value is rounded at the logits'
+magnitude and a constant offset of the logits does not change the fp32 accuracy.
 
 Tail membership in O(V + K·BLOCK_V) per row, not O(V·K): the wrapper passes the row's ids sorted ascending
 (a torch sort of the (N, K) ids, K ≤ a few hundred). For the tile [start, start + BLOCK_V) the ids inside it
@@ -22,7 +26,7 @@ row (per-tile (m, d, c = Σ e^{x−m}(x − m)), H = log d − c/d; with a tail:
 in as for the lse) and its argmax (first index on ties): no extra read of the logits. ``STATS`` is a constexpr:
 with it off the kernel is the loss-only one, so the loss and gradient are bitwise the same either way.
 
-``_sparse_grad_kernel`` — grid (N,); program i writes row i of the gradient ``g_v = b'·exp(s_v − lb)``
+``_sparse_grad_kernel`` — grid (N,); program i writes row i of the gradient ``g_v = b'·exp((s_v − m) − lb)``
 tile by tile (the off-id term; lb = lse_tail for topk_tail so that an underflowing tail stays finite), then,
 after a block barrier, overwrites the K id positions with ``a·exp(s_id − lse) + Σ_{j: id_j = id} c_j`` (one
 rounding to the output dtype; the gradient may alias the logits: each tile is read before it is written, and
@@ -78,9 +82,10 @@ def _sparse_stats_kernel(
     z_ptr,  # (N, V) student logits, any float dtype, row stride stride_z, unit column stride
     ids_ptr,  # (N, K) int64, −1 = padding slot, row stride stride_ids
     sorted_ptr,  # (N, K) int64, contiguous: each row's ids sorted ascending (HAS_TAIL; else unused)
-    lse_ptr,  # (N,) fp32 out: logsumexp_v s_v
-    lse_tail_ptr,  # (N,) fp32 out: logsumexp_{v ∉ ids} s_v (HAS_TAIL)
-    s_ids_ptr,  # (N, K) fp32 out, contiguous: s at the ids, −inf at padding
+    shift_ptr,  # (N,) fp32 out: the row's shift m (its max; 0 for an all −inf row)
+    lse_ptr,  # (N,) fp32 out: logsumexp_v (s_v − m)
+    lse_tail_ptr,  # (N,) fp32 out: logsumexp_{v ∉ ids} (s_v − m) (HAS_TAIL)
+    s_ids_ptr,  # (N, K) fp32 out, contiguous: s − m at the ids, −inf at padding
     h_ptr,  # (N,) fp32 out (STATS): entropy of softmax(s) over the whole row
     arg_ptr,  # (N,) int64 out (STATS): argmax_v s_v, first index on ties
     V,
@@ -128,7 +133,6 @@ def _sparse_stats_kernel(
     s_ids = tl.load(z_row + tl.where(valid, ids, 0), mask=valid, other=float("-inf")).to(tl.float32) * inv_t
     if HAS_TAIL:
         mt_safe = tl.where(mt == float("-inf"), 0.0, mt)
-        tl.store(lse_tail_ptr + row, mt_safe + tl.log(dt))
         # the head: each distinct valid id once, in sorted order (a repeat equals its predecessor): O(K), no
         # K×K compare (that would spill registers at K = 512)
         prev = tl.load(srt_row + offs_k - 1, mask=(offs_k >= 1) & (offs_k < K), other=-1)
@@ -150,13 +154,18 @@ def _sparse_stats_kernel(
             hid = tl.sum(tl.where(offs_k == hpos, srt, 0), 0).to(tl.int32)
             take = (mh > bv) | ((mh == bv) & (mh > float("-inf")) & (hid < bi))
             bi = tl.where(take, hid, bi)
+        # the tail's normaliser relative to the row's shift: mt − m is the exact difference of two logits
+        tl.store(lse_tail_ptr + row, (mt_safe - m_safe) + tl.log(dt))
     else:
         m_safe = tl.where(m == float("-inf"), 0.0, m)
-    tl.store(lse_ptr + row, m_safe + tl.log(d))
+    # the log-normaliser kept split as (m, log d): the K-level math sees s − m (exact differences), never
+    # m + log d rounded at the logits' magnitude
+    tl.store(shift_ptr + row, m_safe)
+    tl.store(lse_ptr + row, tl.log(d))
     if STATS:
         tl.store(h_ptr + row, tl.log(d) - c / d)
         tl.store(arg_ptr + row, bi.to(tl.int64))
-    s_ids = tl.where(valid | (ids == -1), s_ids, float("nan"))  # an out-of-range id poisons its token
+    s_ids = tl.where(valid | (ids == -1), s_ids - m_safe, float("nan"))  # an out-of-range id poisons its token
     tl.store(s_ids_ptr + row * K + offs_k, s_ids, mask=offs_k < K)
 
 
@@ -166,12 +175,13 @@ def _sparse_grad_kernel(
     g_ptr,  # (N, V) gradient out in its dtype, row stride stride_g (may alias z_ptr)
     sorted_ptr,  # (N, K) int64, contiguous: each row's ids sorted ascending
     perm_ptr,  # (N, K) int64, contiguous: the slot each sorted id came from (ids[perm[j]] = sorted[j])
-    s_ids_ptr,  # (N, K) fp32, contiguous (from the stats kernel)
+    s_ids_ptr,  # (N, K) fp32, contiguous (from the stats kernel): s − m at the ids
     c_ptr,  # (N, K) fp32, contiguous: coefficient added at each id
-    lse_ptr,  # (N,) fp32: logsumexp of the row (the id columns' normaliser)
-    a_ptr,  # (N,) fp32: coefficient of exp(s_v − lse) at the ids
+    shift_ptr,  # (N,) fp32: the row's shift m (from the stats kernel)
+    lse_ptr,  # (N,) fp32: logsumexp of s − m over the row (the id columns' normaliser)
+    a_ptr,  # (N,) fp32: coefficient of exp(s_v − m − lse) at the ids
     lb_ptr,  # (N,) fp32: normaliser of the off-id term (lse_tail for topk_tail, else lse; 0 if excluded)
-    b_ptr,  # (N,) fp32: coefficient of exp(s_v − lb) off the ids
+    b_ptr,  # (N,) fp32: coefficient of exp(s_v − m − lb) off the ids
     w_ptr,  # (N,) fp32 token weights; 0 = excluded row (gradient 0 whatever the logits)
     V,
     K,
@@ -188,6 +198,7 @@ def _sparse_grad_kernel(
     keep = tl.load(w_ptr + row) != 0
     lse = tl.where(keep, tl.load(lse_ptr + row), 0.0)
     lb = tl.where(keep, tl.load(lb_ptr + row), 0.0)
+    sh = tl.where(keep, tl.load(shift_ptr + row), 0.0)
     a = tl.load(a_ptr + row)
     b = tl.load(b_ptr + row)
     offs_k = tl.arange(0, BLOCK_K)
@@ -195,7 +206,7 @@ def _sparse_grad_kernel(
         offs = start + tl.arange(0, BLOCK_V)
         if DENSE:
             x = tl.load(z_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_t
-            g = tl.where(keep, tl.exp(x - lb) * b, 0.0)
+            g = tl.where(keep, tl.exp((x - sh) - lb) * b, 0.0)
         else:
             g = tl.zeros((BLOCK_V,), tl.float32)
         tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=offs < V)

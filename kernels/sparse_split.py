@@ -24,12 +24,14 @@ Schedule. ``S = ceil(V / BLOCK_V)`` segments per row; a unit is (row r, segment 
   partials in a fixed order (deterministic) into lse (or lse_tail, then lse = logaddexp(lse_tail, logsumexp
   of s at the distinct valid ids), exactly as the stats kernel), gathers s at the K ids from the row (still
   intact: nobody writes row r − 1 before this unit's release), runs ``_row_terms`` → loss (stored), the row
-  scalars (lb, b') and the value each sorted id slot receives (``fix``: a·e^{s_id − lse} + Σ c over the id's
-  run), written to the workspace, then ``cnt[r−1, 1] = 1`` (release).
-* gradient of row r − lag, segment j: waits for that row's terms flag, loads (lb, b'), writes the segment's
-  gradient b'·e^{s_v − lb} (0 for top-k rkl/jsd: the row lives on its ids only), then, after a block barrier,
-  overwrites the ids inside the segment with ``fix`` (a repeated id: only the last slot of its run of equal
-  sorted neighbours stores, the run's sum).
+  scalars (lb, b', shift) and the value each sorted id slot receives (``fix``: a·e^{s_id − lse} + Σ c over
+  the id's run), written to the workspace, then ``cnt[r−1, 1] = 1`` (release). Every log-normaliser stays
+  split as (shift, log-sum), shift = the row max: ``_row_terms`` gets s − shift and lse's relative to it (exact
+  differences of logits; its math is shift-invariant), so nothing is rounded at the logits' magnitude.
+* gradient of row r − lag, segment j: waits for that row's terms flag, loads (lb, b', shift), writes the
+  segment's gradient b'·e^{(s_v − shift) − lb} (0 for top-k rkl/jsd: the row lives on its ids only), then,
+  after a block barrier, overwrites the ids inside the segment with ``fix`` (a repeated id: only the last slot
+  of its run of equal sorted neighbours stores, the run's sum).
 
 An excluded row (weight 0) skips its reads and waits: loss 0 and a zero gradient.
 
@@ -70,6 +72,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from fastkd.core.divergences import CODES
 from fastkd.kernels.distill import _lae
 from fastkd.kernels.distill_split import _wait
 from fastkd.kernels.sparse import _online, _online_stats, _segmented_add
@@ -77,7 +80,8 @@ from fastkd.kernels.sparse import _online, _online_stats, _segmented_add
 NSLOT = 2  # fp32 slots per unit in the workspace: the segment's (max, Σe^{s−max})
 NSTAT = 3  # fp32 slots per unit of the STATS workspace: (c = Σe^{s−max}(s − max), max again, argmax bits)
 MODE_CODES = {"topk": 0, "topk_tail": 1, "sampled": 2}  # MODE (sampled: topk fkl's math on counts)
-DIV_CODES = {"fkl": 0, "rkl": 1, "jsd": 2}  # DIV: the effective divergence (jsd at β ∈ {0, 1} is fkl / rkl)
+# DIV: the effective divergence (jsd at β ∈ {0, 1} is fkl / rkl), coded as in the divergence table
+DIV_CODES = {name: CODES[name] for name in ("fkl", "rkl", "jsd")}
 TOPK = tl.constexpr(MODE_CODES["topk"])
 TOPK_TAIL = tl.constexpr(MODE_CODES["topk_tail"])
 SAMPLED = tl.constexpr(MODE_CODES["sampled"])
@@ -176,11 +180,12 @@ def _row_terms(s, tlp, tt, lse, lse_t, in_k, keep, wgt, kd_scale, coef, beta, lo
 
 
 @triton.jit
-def _row_stats(sws_ptr, h_ptr, arg_ptr, sid_ptr, lse_ptr, lst_ptr, r2, S, K, s, srt, perm, valid, run_start,
+def _row_stats(sws_ptr, h_ptr, arg_ptr, sid_ptr, lse_ptr, lst_ptr, r2, S, K, s, s_sh, srt, perm, valid, run_start,
                mseg, dseg, mm, mm_s, dd, lse, lse_t, segs, sm, offs_k, in_k, MODE: tl.constexpr):
     """STATS outputs of row r2 (terms unit): merge the segments' (c, max, argmax) with their (m, d) into the
     student's entropy H = log d − c/d and first-index argmax (with a tail the head ids are merged in as for the
-    lse: the segments' partials are the tail's); store s at the ids and the lse's for the O(K) teacher side."""
+    lse: the segments' partials are the tail's) from the unshifted s; store the shifted s_sh at the ids and the
+    lse's (relative to the same shift) for the O(K) teacher side."""
     cseg = tl.load(sws_ptr + (r2 * S + segs) * 3, mask=sm, other=0.0, cache_modifier=".cg")
     bvseg = tl.load(sws_ptr + (r2 * S + segs) * 3 + 1, mask=sm, other=float("-inf"), cache_modifier=".cg")
     biseg = tl.load(sws_ptr + (r2 * S + segs) * 3 + 2, mask=sm, other=0.0, cache_modifier=".cg").to(
@@ -208,7 +213,7 @@ def _row_stats(sws_ptr, h_ptr, arg_ptr, sid_ptr, lse_ptr, lst_ptr, r2, S, K, s, 
     tl.store(h_ptr + r2, tl.log(d) - c / d)
     tl.store(arg_ptr + r2, bi.to(tl.int64))
     tl.store(lse_ptr + r2, lse)
-    tl.store(sid_ptr + r2 * K + perm, s, mask=in_k)
+    tl.store(sid_ptr + r2 * K + perm, s_sh, mask=in_k)
 
 
 @triton.jit
@@ -222,7 +227,7 @@ def _sparse_split_kernel(
     w_ptr,  # (N,) fp32 token weights; 0 = excluded row
     loss_ptr,  # (N,) fp32 out: per-token loss (kd_scale included, weight not)
     ws_ptr,  # (N, S, NSLOT) fp32 workspace: the segments' (max, Σe^{s−max}) (no initialisation needed)
-    row_ptr,  # (N, 2) fp32 workspace: the row's (lb, b')
+    row_ptr,  # (N, 3) fp32 workspace: the row's (lb, b', shift)
     fix_ptr,  # (N, K) fp32 workspace: value stored at each sorted slot's id (last slot of a run only)
     cnt_ptr,  # (1 + 2N,) int32, zeroed: [0] ticket, [1 + 2r] phase-0 units of row r done, [2 + 2r] terms flag
     sws_ptr,  # (N, S, NSTAT) fp32 workspace (STATS): the segments' entropy sum c, max value and argmax (bits)
@@ -319,7 +324,8 @@ def _sparse_split_kernel(
             s = tl.where(valid | (srt == -1), s, float("nan"))  # an out-of-range id poisons its token
             prev = tl.load(srt_row + offs_k - 1, mask=in_k & (offs_k >= 1), other=-1)
             run_start = (srt != prev) | (offs_k == 0)
-            lse_t = mm_s + tl.log(dd)
+            # each log-normaliser kept split as (shift, log-sum): the K-level math and the gradient see s − shift
+            # (exact differences of logits), so nothing is rounded at the logits' magnitude
             if MODE == TOPK_TAIL:
                 # the head: each distinct valid id once (a repeat equals its sorted predecessor)
                 s_head = tl.where(valid & run_start, s, float("-inf"))
@@ -327,31 +333,36 @@ def _sparse_split_kernel(
                 mh_s = tl.where(mh == float("-inf"), 0.0, mh)
                 dh = tl.sum(tl.exp(s_head - mh_s), 0)
                 m2 = tl.maximum(mm, mh)
-                m2_s = tl.where(m2 == float("-inf"), 0.0, m2)
-                lse = m2_s + tl.log(dd * tl.exp(mm - m2_s) + dh * tl.exp(mh - m2_s))
+                shift = tl.where(m2 == float("-inf"), 0.0, m2)
+                lse = tl.log(dd * tl.exp(mm - shift) + dh * tl.exp(mh - shift))
+                lse_t = (mm_s - shift) + tl.log(dd)
             else:
-                lse = lse_t
+                shift = mm_s
+                lse = tl.log(dd)
+                lse_t = lse
+            s_sh = s - shift
             perm = tl.load(perm_ptr + r1 * K + offs_k, mask=in_k, other=0)
             tlp = tl.load(tlp_ptr + r1 * K + perm, mask=in_k, other=float("-inf"))
             tt = 0.0
             if MODE == TOPK_TAIL:
                 tt = tl.load(tt_ptr + r1)
             wgt = tl.load(w_ptr + r1)
-            loss, c, a, lb, b = _row_terms(s, tlp, tt, lse, lse_t, in_k, keep, wgt, kd_scale, coef, beta,
+            loss, c, a, lb, b = _row_terms(s_sh, tlp, tt, lse, lse_t, in_k, keep, wgt, kd_scale, coef, beta,
                                            log_b, log_1b, MODE, DIV)
             tl.store(loss_ptr + r1, loss)
             if STATS:
-                _row_stats(sws_ptr, h_ptr, arg_ptr, sid_ptr, lse_ptr, lst_ptr, r1, S, K, s, srt, perm, valid,
+                _row_stats(sws_ptr, h_ptr, arg_ptr, sid_ptr, lse_ptr, lst_ptr, r1, S, K, s, s_sh, srt, perm, valid,
                            run_start, mseg, dseg, mm, mm_s, dd, lse, lse_t, segs, sm, offs_k, in_k, MODE)
             if HAS_GRAD:
                 # Σ c over each run of equal sorted ids (a repeated id adds up, like scatter_add), at every slot
                 _, c_sum = tl.associative_scan((run_start.to(tl.int32), c), 0, _segmented_add)
                 if DENSE:
-                    fix = tl.exp(s - lse) * a + c_sum
+                    fix = tl.exp(s_sh - lse) * a + c_sum
                 else:
                     fix = c_sum
-                tl.store(row_ptr + r1 * 2, lb)
-                tl.store(row_ptr + r1 * 2 + 1, b)
+                tl.store(row_ptr + r1 * 3, lb)
+                tl.store(row_ptr + r1 * 3 + 1, b)
+                tl.store(row_ptr + r1 * 3 + 2, shift)
                 tl.store(fix_ptr + r1 * K + offs_k, fix, mask=in_k)
                 tl.debug_barrier()  # every thread's stores before the release below
                 tl.atomic_add(cnt_ptr + 2 + 2 * r1, 1, sem="release")
@@ -366,8 +377,8 @@ def _sparse_split_kernel(
                 tl.store(g_row + cols, tl.zeros([BLOCK_V], tl.float32).to(g_ptr.dtype.element_ty), mask=cols < V)
             else:
                 _wait(cnt_ptr + 2 + 2 * r2, 1)  # the row's terms (their unit took ticket (lag − 1)·S + j earlier)
-                lb = tl.load(row_ptr + r2 * 2, cache_modifier=".cg")
-                b = tl.load(row_ptr + r2 * 2 + 1, cache_modifier=".cg")
+                lb = tl.load(row_ptr + r2 * 3, cache_modifier=".cg")
+                b = tl.load(row_ptr + r2 * 3 + 1, cache_modifier=".cg")
                 if DENSE:
                     z_row = z_ptr + r2 * stride_z
                     if full:
@@ -376,7 +387,7 @@ def _sparse_split_kernel(
                         x = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
                     if SCALED:
                         x = x * inv_t
-                    g = tl.exp(x - lb) * b
+                    g = tl.exp((x - tl.load(row_ptr + r2 * 3 + 2, cache_modifier=".cg")) - lb) * b
                 else:
                     g = tl.zeros([BLOCK_V], tl.float32)
                 g = g.to(g_ptr.dtype.element_ty)

@@ -235,19 +235,27 @@ def _chunk(
     neg_inf = torch.tensor(-math.inf, dtype=cdt, device=s.device)
     # an id outside [−1, V) is never used as an index: its slot reads NaN (poisons the token, no device assert)
     pad = torch.where(ids == -1, neg_inf, torch.tensor(math.nan, dtype=cdt, device=s.device))
-    s_ids = torch.where(valid, s.gather(1, safe), pad)
+    # Everything below sees the logits shifted by the row max m (softmax is shift-invariant): s − m is the exact
+    # difference of two logits, so no log-normaliser is rounded at the logits' magnitude (a constant offset
+    # of the logits leaves the fp32 accuracy unchanged). An all −inf row keeps m = 0.
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(m == -math.inf, torch.zeros((), dtype=cdt, device=s.device), m)
+    s_ids = torch.where(valid, s.gather(1, safe), pad) - m
     # the student's row statistics before any in-place softmax below may overwrite s (an extra pass over the
     # chunk: this is the fallback backend; the kernels fold it into their statistics pass)
     row = None if stats is None else student_row_stats(s)
+    dense = grad is not None and not (p.mode == "topk" and p.effective != "fkl")
+    x = None
+    if not dense or p.mode == "topk_tail":
+        x = s.sub_(m) if s.data_ptr() != z.data_ptr() else s - m  # in place in the private tempered copy
     not_k = lse_tail = None
     if p.mode == "topk_tail":
         # padding and out-of-range slots mark a spare column V, dropped afterwards
         spare = torch.where(valid, ids, torch.full_like(ids, v))
         not_k = torch.ones((s.shape[0], v + 1), dtype=torch.bool, device=s.device).scatter_(1, spare, False)[:, :v]
-        lse_tail = torch.logsumexp(torch.where(not_k, s, neg_inf), dim=-1)
-    dense = grad is not None and not (p.mode == "topk" and p.effective != "fkl")
-    if not dense or p.mode == "topk_tail":
-        lse = torch.logsumexp(s, dim=-1)
+        lse_tail = torch.logsumexp(torch.where(not_k, x, neg_inf), dim=-1)
+    if x is not None:
+        lse = torch.logsumexp(x, dim=-1)
         loss, c, a, lb, b = sparse_terms(s_ids, lse, lse_tail, t_logp, t_tail, weight, p)
         if row is not None:
             sparse_stats(stats, *row, ids, s_ids, lse, lse_tail, t_logp, t_tail, weight)
@@ -258,18 +266,18 @@ def _chunk(
             g.zero_()  # top-k rkl/jsd: the student renormalised over K, the gradient lives on the ids only
         else:
             # q_v·a at the ids, b'·exp(s_v − lse_tail) off them (finite when the tail mass underflows);
-            # g may alias z: s was read in full above (it is a copy unless z already had the compute dtype)
+            # g may alias z: z was read in full above (x is a copy)
             base = torch.where(not_k, lb.unsqueeze(-1), lse.unsqueeze(-1))
             coef = torch.where(not_k, b.unsqueeze(-1), a.unsqueeze(-1))
-            torch.sub(s, base, out=g).exp_().mul_(coef)
+            torch.sub(x, base, out=g).exp_().mul_(coef)
             if has_excluded:
                 g.masked_fill_((weight == 0).unsqueeze(-1), 0)
     else:
         # One fused per-row softmax gives q (rows stay in cache; far fewer memory passes than max / exp /
         # sum / scale as separate tensor ops). It runs in place in ``grad`` when that has the compute dtype
         # (it may alias z: every other read of z is done by now), else in the private tempered copy s, else
-        # in a new buffer (in-place softmax only on CPU). lse comes from the row maxima (two cheap
-        # reductions, no argmax): max q = exp(max s − lse) ≥ 1/V never underflows, so lse = max s − log max q.
+        # in a new buffer (in-place softmax only on CPU). The shifted lse comes from the row maxima (two cheap
+        # reductions, no argmax): max q = exp(max s − lse) ≥ 1/V never underflows, so lse − m = −log max q.
         cpu = s.device.type == "cpu"
         if grad.dtype == cdt and grad.stride(-1) == 1 and (cpu or grad.data_ptr() != s.data_ptr()):
             g = grad
@@ -277,9 +285,8 @@ def _chunk(
             g = s
         else:
             g = torch.empty_like(s)
-        m = s.amax(-1)
         torch.ops.aten._softmax.out(s, 1, False, out=g)
-        lse = m - g.amax(-1).log()
+        lse = -g.amax(-1).log()
         loss, c, a, _, _ = sparse_terms(s_ids, lse, lse_tail, t_logp, t_tail, weight, p)
         if row is not None:
             sparse_stats(stats, *row, ids, s_ids, lse, lse_tail, t_logp, t_tail, weight)

@@ -66,6 +66,7 @@ def sparse_forward(
     if schedule(p, stats)[0] == "split":
         return _split_forward(student, ids, t_logp, t_tail, weight, grad, p, stats)
     dev = student.device
+    shift = torch.empty(n, dtype=torch.float32, device=dev)  # the row max: lse, lse_tail and s_ids are relative to it
     lse = torch.empty(n, dtype=torch.float32, device=dev)
     has_tail = p.mode == "topk_tail"
     lse_tail = torch.empty(n, dtype=torch.float32, device=dev) if has_tail else lse
@@ -88,6 +89,7 @@ def sparse_forward(
         student,
         ids,
         ids_sorted,
+        shift,
         lse,
         lse_tail,
         s_ids,
@@ -116,6 +118,7 @@ def sparse_forward(
             perm,
             s_ids,
             c.contiguous(),
+            shift,
             lse,
             a.contiguous(),
             lb.contiguous(),
@@ -162,7 +165,7 @@ def _split_forward(
     (N, S, 3) fp32) feed :func:`~fastkd.sparse.torch_impl.sparse_stats`.
 
     student (N, V) with unit column stride, ids (N, K) int64 contiguous; other arguments as
-    :func:`sparse_forward`. Workspace: (N, S, 2) + (N, 2) + (N, K) fp32 and (1 + 2N) int32 counters.
+    :func:`sparse_forward`. Workspace: (N, S, 2) + (N, 3) + (N, K) fp32 and (1 + 2N) int32 counters.
     """
     n, v = student.shape
     k = ids.shape[1]
@@ -179,7 +182,7 @@ def _split_forward(
     ids_sorted, perm = ids.sort(dim=1)
     f32 = dict(dtype=torch.float32, device=dev)
     ws = torch.empty(n, s_count, KS.NSLOT, **f32)
-    row = torch.empty(n, 2, **f32)
+    row = torch.empty(n, 3, **f32)
     fix = torch.empty(n, k, **f32)
     cnt = torch.zeros(1 + 2 * n, dtype=torch.int32, device=dev)
     t_logp = t_logp.to(torch.float32).contiguous()

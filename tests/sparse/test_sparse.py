@@ -452,16 +452,17 @@ def test_bad_inputs():
 
 
 def _stats_triton(z, ids, T=1.0):
-    """The Triton stats kernel alone: (lse, lse_tail, s_ids) of rows z (N, V) and ids (N, K)."""
+    """The Triton stats kernel alone: (shift, lse, lse_tail, s_ids) of rows z (N, V) and ids (N, K); the last
+    three are relative to the shift (the row max)."""
     n, v = z.shape
     k = ids.shape[1]
-    lse, lse_tail = torch.empty(n), torch.empty(n)
+    shift, lse, lse_tail = torch.empty(n), torch.empty(n), torch.empty(n)
     s_ids = torch.empty(n, k)
     bv = min(TS.CONFIG["block_v"], max(16, 1 << (v - 1).bit_length()))
-    TS.K_._sparse_stats_kernel[(n,)](z, ids, ids.sort(1).values, lse, lse_tail, s_ids, lse, ids, v, k, z.stride(0),
-                                     ids.stride(0), 1.0 / T, HAS_TAIL=True, STATS=False, BLOCK_V=bv,
+    TS.K_._sparse_stats_kernel[(n,)](z, ids, ids.sort(1).values, shift, lse, lse_tail, s_ids, lse, ids, v, k,
+                                     z.stride(0), ids.stride(0), 1.0 / T, HAS_TAIL=True, STATS=False, BLOCK_V=bv,
                                      BLOCK_K=max(2, 1 << (k - 1).bit_length()), num_warps=1)
-    return lse, lse_tail, s_ids
+    return shift, lse, lse_tail, s_ids
 
 
 @pytest.mark.parametrize("k", [1, 7, 64, 200])
@@ -487,17 +488,19 @@ def test_tail_membership_vs_float64(k, block_v, dtype):
     old = dict(TS.CONFIG)
     TS.CONFIG.update(block_v=block_v)
     try:
-        lse, lse_tail, s_ids = _stats_triton(z, ids)
+        shift, lse, lse_tail, s_ids = _stats_triton(z, ids)
     finally:
         TS.CONFIG.update(old)
     zd = z.double()
+    assert torch.equal(shift, z.float().amax(-1))
     for i in range(n):
         cols = {int(c) for c in ids[i] if 0 <= int(c) < v}
         keep = torch.tensor([c not in cols for c in range(v)])
-        torch.testing.assert_close(lse[i].double(), torch.logsumexp(zd[i], 0), rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(lse_tail[i].double(), torch.logsumexp(zd[i][keep], 0), rtol=1e-6, atol=1e-6)
+        zi = zd[i] - shift[i].double()
+        torch.testing.assert_close(lse[i].double(), torch.logsumexp(zi, 0), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(lse_tail[i].double(), torch.logsumexp(zi[keep], 0), rtol=1e-6, atol=1e-6)
         for j, c in enumerate(ids[i].tolist()):
-            want = zd[i, c] if 0 <= c < v else (-math.inf if c == -1 else math.nan)
+            want = zi[c] if 0 <= c < v else (-math.inf if c == -1 else math.nan)
             torch.testing.assert_close(s_ids[i, j].double(), torch.tensor(want, dtype=torch.float64),
                                        equal_nan=True)
 
