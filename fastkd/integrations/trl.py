@@ -367,12 +367,15 @@ def _fold_scale(logit_scale: float, softcap: float | None, temperature: float) -
     return (None if softcap is None else float(softcap) / s), float(temperature) / s
 
 
-def _full_head(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A DTensor head gathered (differentiably) for :func:`logprobs_from_hidden`, which takes plain tensors."""
-    full = getattr(weight, "full_tensor", None)
-    if full is None:
-        return weight, bias
-    return full(), bias.full_tensor() if hasattr(bias, "full_tensor") else bias
+def _full_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Plain tensors for :func:`logprobs_from_hidden` (which takes no DTensors) from a sharded head, through the
+    same hand-off as the fused entry points (:func:`fastkd.core.sharding.resolve_heads`): an FSDP2 head gathered
+    with an averaging gradient placement, a tensor-parallel shard gathered with each rank keeping its slice."""
+    from fastkd.core.sharding import resolve_heads
+
+    heads = resolve_heads(hidden, weight, bias, vocab_parallel=False)
+    return heads.student_hidden, heads.student_weight, heads.student_bias
 
 
 def _renormalised_fkl(hidden, weight, bias, ids, t_logp, tok_mask, softcap, temperature, num_items_in_batch):
@@ -383,7 +386,7 @@ def _renormalised_fkl(hidden, weight, bias, ids, t_logp, tok_mask, softcap, temp
     from fastkd.onpolicy.op import logprobs_from_hidden
 
     valid = ids >= 0
-    weight, bias = _full_head(weight, bias)
+    hidden, weight, bias = _full_head(hidden, weight, bias)
     lq = logprobs_from_hidden(hidden, weight, ids.clamp_min(0), bias=bias, temperature=temperature, softcap=softcap)
     some = valid.any(-1, keepdim=True)  # a token without a valid slot contributes 0 (and no NaN gradient)
     lq = torch.log_softmax(torch.where(some, torch.where(valid, lq, -math.inf), 0.0), dim=-1)
@@ -514,7 +517,7 @@ def _server_stats(hidden, weight, bias, logit_scale, softcap, temperature, ids, 
     from fastkd.onpolicy.op import logprobs_from_hidden
 
     cap, temp = _fold_scale(logit_scale, softcap, temperature)
-    weight, bias = _full_head(weight, bias)
+    hidden, weight, bias = _full_head(hidden, weight, bias)
     with torch.no_grad():
         out = logprobs_from_hidden(hidden.detach(), weight.detach(), ids[..., 0].clamp_min(0),
                                    bias=None if bias is None else bias.detach(), temperature=temp, softcap=cap,

@@ -214,3 +214,31 @@ def test_patch_and_unpatch_restore_trl():
     finally:
         fkd_trl.unpatch()
     assert Trainer.compute_loss is original
+
+
+@pytest.mark.parametrize(("beta", "add_tail", "reverse_mode"), [(0.0, False, "sampled"), (0.0, True, "sampled"),
+                                                                (0.5, True, "argmax")])
+def test_dtensor_head_single_rank(tmp_path, beta, add_tail, reverse_mode):
+    """An FSDP2-style DTensor head (Shard(0) on a 1-rank gloo mesh) goes through fastkd.core.sharding like the fused
+    entry points: the plain head's loss, and a DTensor gradient equal to the plain head's."""
+    dist = pytest.importorskip("torch.distributed")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("torch without distributed, or a process group already initialized")
+    p = _problem(beta, k=1 if beta > 0 else 3)
+    plain, leaves = _ours_loss(p, beta, add_tail, 1.3, 1.0, None, reverse_mode)
+    (g_plain,) = torch.autograd.grad(plain * 1.7, [leaves["weight"]])
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        w = distribute_tensor(p["weight"].clone(), mesh, [Shard(0)]).requires_grad_()
+        loss = fkd_trl.server_loss(p["hidden"], w, p["bias"], p["result"], p["tokens"], p["labels"], beta=beta,
+                                   temperature=1.3, add_tail_bucket=add_tail, reverse_kl_top_1_mode=reverse_mode)
+        (loss * 1.7).backward()
+        assert isinstance(w.grad, DTensor)
+        torch.testing.assert_close(loss.detach(), plain.detach())
+        torch.testing.assert_close(w.grad.full_tensor(), g_plain)
+    finally:
+        dist.destroy_process_group()
