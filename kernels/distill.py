@@ -9,12 +9,13 @@ student logits is then ``w · (kd_scale/T · (qg − q·Σqg) + ce_weight · (so
 
 ``_distill_kernel`` — grid ``(N,)``: one program owns one row and loops over vocabulary blocks:
 
-1. statistics pass (reads s and t): online max / sum-exp of s, t (and of the TAID logits
-   u = (1−τ)s + τt, and of the raw z_s for the cross-entropy when T != 1), in fp32; the fkl / rkl /
-   taid losses are accumulated online in the same pass (``Σ e^{x−m}(x − y)`` rescaled like the sum-exp),
-   so fkl, rkl, symkl and taid need no further reduction;
-2. reduction passes, by divergence: jsd / skl / srkl / tvd need Σqg (and their loss) once the lse's are
-   known (one pass over s and t); akl needs its head set H (below), then Σ_H |p−q| and Σ_¬H |p−q|;
+1. statistics pass (reads s and t): online max / sum-exp of s, t (and of the raw z_s for the
+   cross-entropy when T != 1), in fp32; the fkl / rkl losses are accumulated online in the same pass
+   (``Σ e^{x−m}(x − y)`` rescaled like the sum-exp), so fkl, rkl and symkl need no further reduction;
+2. reduction passes, by divergence: jsd / skl / srkl / tvd / ab need Σqg (and their loss) once the lse's
+   are known (one pass over s and t); taid the max / sum-exp of its interpolated logits, formed from the
+   max-subtracted s and t (:func:`_taid_logits`; one pass); akl needs its head set H (below), then
+   Σ_H |p−q| and Σ_¬H |p−q|;
 3. final pass (only with a gradient buffer): reads s and t block by block and writes the gradient once,
    in the buffer's dtype. Each block is read before it is written, so the buffer may alias the student.
 
@@ -40,7 +41,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastkd.core.divergences import CODES
+from fastkd.core.divergences import CODES, MIXTURE_CODES
 from fastkd.kernels._blocks import (  # noqa: F401  (_ce_store, _ent_block, _ent_merge: re-exported for now)
     _argmax_block,
     _argmax_fold,
@@ -74,9 +75,11 @@ AKL_BLOCK = 1024  # vocabulary block of the bisection passes (an AKL_NT × AKL_B
 P_BITS_HI = tl.constexpr(0x3F800010)  # akl bracket top, just above the bits of 1.0 (csrc/distill.cu: same)
 
 
-# The divergences whose gradient needs Σqg (a reduction over the row before the gradient): their D and qg
-# terms come from _mix_terms. Launchers (e.g. the split schedule's phase count) read this tuple.
-MIX_CODES = tuple(int(c) for c in (JSD, SKL, SRKL, TVD, AB))
+# The table's mixtures: the divergences whose gradient needs Σqg (a reduction over the row before the
+# gradient); their D and qg terms come from _mix_terms. MIX_SET has bit c set for each mixture code c, so that
+# ``(MIX_SET >> DIV) & 1`` is the compile-time test inside a kernel.
+MIX_CODES = MIXTURE_CODES
+MIX_SET = tl.constexpr(sum(1 << c for c in MIX_CODES))
 
 
 @triton.jit
@@ -104,6 +107,16 @@ def _constants(h_beta, h_alpha, h_t, DIV: tl.constexpr):
         c1 = h_alpha
         c2 = h_beta
     return c1, c2, lw_a, lw_b
+
+
+@triton.jit
+def _taid_logits(s, t, m_s, m_t, c1):
+    """taid's interpolated logits u = (1−τ)(s − m_s) + τ(t − m_t), τ = c1, from the row maxima m_s, m_t: the
+    softmax of (1−τ)s + τt (shifted by a constant), but the products act on exact differences, not on logits
+    rounded at the magnitude of a large constant offset. u = s − m_s at τ = 0, t − m_t at τ = 1."""
+    ds = s - m_s
+    dt = t - m_t
+    return tl.where(c1 == 0.0, ds, tl.where(c1 == 1.0, dt, (1.0 - c1) * ds + c1 * dt))
 
 
 @triton.jit
@@ -181,6 +194,29 @@ def _mix_terms(lp, lq, p, q, c1, c2, lw_a, lw_b, DIV: tl.constexpr):
 
 
 @triton.jit
+def _grad_qg(lp, lq, q, s, t, m_s, m_t, m_u, ld_u, w_f, w_r, c1, c2, lw_a, lw_b, DIV: tl.constexpr,
+             BLOCK_V: tl.constexpr):
+    """qg = q·∂D/∂q of one block of the gradient pass, every divergence (both schedules).
+
+    lp, lq: log-probabilities of teacher and student, q = e^lq; s, t: the tempered logits and m_s, m_t their row
+    maxima, m_u, ld_u taid's log-normaliser (:func:`_taid_logits`); w_f, w_r: the fkl / rkl weights of symkl and
+    akl (:func:`_row_value`); c1, c2, lw_a, lw_b: :func:`_constants`."""
+    if DIV == FKL:
+        qg = -tl.exp(lp)
+    elif DIV == RKL:
+        qg = tl.where(q != 0, q * (lq - lp), 0.0)
+    elif (DIV == SYMKL) | (DIV == AKL):
+        qg = -w_f * tl.exp(lp) + w_r * tl.where(q != 0, q * (lq - lp), 0.0)
+    elif DIV == TAID:
+        qg = -tl.exp((_taid_logits(s, t, m_s, m_t, c1) - m_u) - ld_u)
+    elif DIV == ZERO:
+        qg = tl.zeros([BLOCK_V], tl.float32)
+    else:
+        d_el, qg = _mix_terms(lp, lq, tl.exp(lp), q, c1, c2, lw_a, lw_b, DIV)
+    return qg
+
+
+@triton.jit
 def _distill_kernel(
     s_ptr,  # (N, V) student logits, any float dtype, strides (s_row, s_col)
     t_ptr,  # (N, V) teacher logits, same dtype, strides (t_row, t_col)
@@ -225,7 +261,7 @@ def _distill_kernel(
                 tl.store(g_base + cols * g_col, tl.zeros([BLOCK_V], tl.float32).to(g_ptr.dtype.element_ty),
                          mask=cols < V)
     else:
-        # ---- pass 1: row statistics (+ online fkl / rkl / taid sums) -------------------------------------
+        # ---- pass 1: row statistics (+ online fkl / rkl sums) -------------------------------------------
         zero = tl.sum(tl.zeros([BLOCK_V], tl.float32), 0)
         m_s = zero + NEG
         d_s = zero
@@ -235,7 +271,7 @@ def _distill_kernel(
         a_f = zero  # Σ e^{t−m_t}(t − s)
         m_u = zero + NEG
         d_u = zero
-        a_u = zero  # Σ e^{u−m_u}(u − s)
+        a_u = zero  # Σ e^{u−m_u}(u − (s − m_s)), u = _taid_logits
         m_z = zero + NEG
         d_z = zero
         amax = zero.to(tl.int32)  # first index of the teacher's max (akl)
@@ -265,9 +301,6 @@ def _distill_kernel(
                 rm_t, ri_t = _argmax_fold(rm_t, ri_t, bm_t, bi_t)
             m_s, d_s, a_r = _online(m_s, d_s, a_r, s, t)
             m_t, d_t, a_f = _online(m_t, d_t, a_f, t, s)
-            if DIV == TAID:
-                u = tl.where(c1 == 0.0, s, tl.where(c1 == 1.0, t, (1.0 - c1) * s + c1 * t))
-                m_u, d_u, a_u = _online(m_u, d_u, a_u, u, s)
             if CE_RAW:
                 m_z, d_z, a_z = _online(m_z, d_z, zero, xs, xs)
         # log-normalisers kept split as max + log(sum): x − max is exact, x − (max + log sum) is not at large |x|
@@ -277,12 +310,19 @@ def _distill_kernel(
         lse_t = m_t + ld_t
         fkl = a_f / d_t + (m_s - m_t) + (ld_s - ld_t)  # = a_f/d_t − lse_t + lse_s
         rkl = a_r / d_s + (m_t - m_s) + (ld_t - ld_s)
-        ld_u = tl.log(d_u)
 
         # ---- divergence value D and S = Σqg ------------------------------------------------------------
         taid = zero
-        if DIV == TAID:
-            taid = a_u / d_u + (m_s - m_u) + (ld_s - ld_u)
+        ld_u = zero
+        if DIV == TAID:  # u needs the row maxima: one more pass. taid = Σ r (log r − log q), log r = u − m_u − ld_u
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                cm = cols < V
+                s = tl.load(s_base + cols * s_col, mask=cm, other=NEG).to(tl.float32) * inv_t
+                t = tl.load(t_base + cols * t_col, mask=cm, other=NEG).to(tl.float32) * inv_t
+                m_u, d_u, a_u = _online(m_u, d_u, a_u, _taid_logits(s, t, m_s, m_t, c1), s - m_s)
+            ld_u = tl.log(d_u)
+            taid = a_u / d_u - m_u + (ld_s - ld_u)
         dval, ssum, w_f, w_r = _row_value(fkl, rkl, taid, lse_s, lse_t, c1, zero, DIV)
         if DIV == AKL:
             # bisection for the head threshold on the bits of p (see the module docstring)
@@ -333,7 +373,7 @@ def _distill_kernel(
             w_r = tl.where(den > 0, g_t / safe, 0.0)
             dval = w_f * fkl + w_r * rkl
             ssum = -w_f + w_r * rkl
-        elif (DIV == JSD) | (DIV == SKL) | (DIV == SRKL) | (DIV == TVD) | (DIV == AB):  # MIX_CODES: one pass
+        elif (MIX_SET >> DIV) & 1:  # a mixture: one pass for D and Σqg
             dval = zero
             ssum = zero
             for start in range(0, V, BLOCK_V):
@@ -377,19 +417,7 @@ def _distill_kernel(
                 lq = (s - m_s) - ld_s
                 lp = (t - m_t) - ld_t
                 q = tl.exp(lq)
-                if DIV == FKL:
-                    qg = -tl.exp(lp)
-                elif DIV == RKL:
-                    qg = tl.where(q != 0, q * (lq - lp), 0.0)
-                elif (DIV == SYMKL) | (DIV == AKL):
-                    qg = -w_f * tl.exp(lp) + w_r * tl.where(q != 0, q * (lq - lp), 0.0)
-                elif DIV == TAID:
-                    u = tl.where(c1 == 0.0, s, tl.where(c1 == 1.0, t, (1.0 - c1) * s + c1 * t))
-                    qg = -tl.exp((u - m_u) - ld_u)
-                elif DIV == ZERO:
-                    qg = tl.zeros([BLOCK_V], tl.float32)
-                else:
-                    d_el, qg = _mix_terms(lp, lq, tl.exp(lp), q, c1, c2, lw_a, lw_b, DIV)
+                qg = _grad_qg(lp, lq, q, s, t, m_s, m_t, m_u, ld_u, w_f, w_r, c1, c2, lw_a, lw_b, DIV, BLOCK_V)
                 g = kd_coef * (qg - q * ssum)
                 if HAS_LABELS:
                     if CE_RAW:

@@ -13,12 +13,13 @@ thread-block clusters nor distributed shared memory.
 The schedule. A row is cut into ``S = ceil(V / BLOCK_V)`` segments of one block each; a *unit* is (row r,
 segment j) and is processed in phases, each phase a different row so that no program waits on itself:
 
-* phase 0 (stats) of row r: online max / sum-exp (+ the fkl / rkl / taid sums, the raw-logit lse for the
+* phase 0 (stats) of row r: online max / sum-exp (+ the fkl / rkl sums, the raw-logit lse for the
   cross-entropy, and the label's logit when it lies in this segment) of the segment, written to a small
   fp32 workspace ``ws[r, j, :]``, then ``cnt[r, 0] += 1`` (release);
-* phase 1 (mid, only for jsd / skl / srkl / tvd / ab, ``LAG = 2``) of row r − 1: waits for ``cnt[r−1, 0] == S``
-  (acquire), merges the S partial statistics (fixed order: deterministic), and writes the segment's partial
-  D and Σqg, then ``cnt[r−1, 1] += 1``;
+* phase 1 (mid, only for jsd / skl / srkl / tvd / ab and taid, ``LAG = 2``) of row r − 1: waits for
+  ``cnt[r−1, 0] == S`` (acquire), merges the S partial statistics (fixed order: deterministic), and writes the
+  segment's partial D and Σqg (taid: the max / sum-exp sums of its interpolated logits, which are formed from
+  the row maxima), then ``cnt[r−1, 1] += 1``;
 * final phase of row r − LAG: waits for the last counter of that row, merges, writes the gradient of the
   segment (and, segment 0 only, the row's loss).
 
@@ -53,7 +54,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastkd.core.divergences import CODES
+from fastkd.core.divergences import BY_CODE, TABLE
 from fastkd.kernels._blocks import (  # noqa: F401  (NSLOT, NSLOT_STATS: the launcher's workspace sizes)
     NEG,
     NSLOT,
@@ -82,7 +83,6 @@ from fastkd.kernels._blocks import (  # noqa: F401  (NSLOT, NSLOT_STATS: the lau
     _ce_store,
     _ent_block,
     _ent_merge,
-    _lae,
     _load_seg,
     _lse_block,
     _merge,
@@ -92,17 +92,16 @@ from fastkd.kernels._blocks import (  # noqa: F401  (NSLOT, NSLOT_STATS: the lau
     _wait,
 )
 from fastkd.kernels.distill import (
-    AKL,
     FKL,
-    JSD,
-    MIX_CODES,
+    MIX_SET,
     RKL,
     SYMKL,
     TAID,
-    ZERO,
     _constants,
+    _grad_qg,
     _mix_terms,
     _row_value,
+    _taid_logits,
 )
 
 
@@ -122,7 +121,7 @@ def _distill_split_kernel(
     CE_RAW: tl.constexpr,
     BLOCK_V: tl.constexpr,
     SP: tl.constexpr,  # next power of two >= S
-    LAG: tl.constexpr,  # 1: fkl, rkl, symkl, taid, zero; 2: jsd, skl, srkl, tvd, ab (one more pass)
+    LAG: tl.constexpr,  # 1: fkl, rkl, symkl, zero; 2: jsd, skl, srkl, tvd, ab, taid (one more pass)
     SCALED: tl.constexpr,  # temperature != 1 (else the logits are used as loaded)
     STATS: tl.constexpr,  # also write the statistics (fastkd.core.stats): 6 more slots, merged by segment 0
     WS: tl.constexpr,  # workspace slots per unit: NSLOT, or NSLOT_STATS with STATS
@@ -169,12 +168,6 @@ def _distill_split_kernel(
                     m_t, d_t, a_f = _online(zero + NEG, zero, zero, t, s)
                 else:
                     m_t, d_t = _lse_block(t)
-            m_u = zero + NEG
-            d_u = zero
-            a_u = zero
-            if DIV == TAID:
-                uu = tl.where(c1 == 0.0, s, tl.where(c1 == 1.0, t, (1.0 - c1) * s + c1 * t))
-                m_u, d_u, a_u = _online(m_u, d_u, a_u, uu, s)
             m_z = zero + NEG
             d_z = zero
             if CE_RAW:
@@ -202,15 +195,12 @@ def _distill_split_kernel(
             tl.store(wp + WS_M_T, m_t)
             tl.store(wp + WS_D_T, d_t)
             tl.store(wp + WS_A_F, a_f)
-            tl.store(wp + WS_M_U, m_u)
-            tl.store(wp + WS_D_U, d_u)
-            tl.store(wp + WS_A_U, a_u)
             tl.store(wp + WS_M_Z, m_z)
             tl.store(wp + WS_D_Z, d_z)
             tl.store(wp + WS_ZL, zl)
         tl.atomic_add(cnt_ptr + 1 + 2 * r, 1, sem="release")
 
-    # ---- phase 1 (LAG == 2): partial D and Σqg of segment j of row r − 1 ----------------------------------
+    # ---- phase 1 (LAG == 2): partial D and Σqg (taid: its logits' sums) of segment j of row r − 1 ---------
     if LAG == 2:
         r1 = r - 1
         if (r1 >= 0) & (r1 < N):
@@ -218,21 +208,36 @@ def _distill_split_kernel(
             if w1 != 0.0:
                 _wait(cnt_ptr + 1 + 2 * r1, S)
                 ws_row = ws_ptr + r1 * S * WS
-                m_s, ld_s, _ra = _merge(ws_row, WS_M_S, WS_D_S, WS_A_R, segs, sm, WS)
-                m_t, ld_t, _fa = _merge(ws_row, WS_M_T, WS_D_T, WS_A_F, segs, sm, WS)
-                xs = _load_seg(s_ptr + r1 * s_row, s_col, start, offs, V, full, NEG)
-                xt = _load_seg(t_ptr + r1 * t_row, t_col, start, offs, V, full, NEG)
-                if SCALED:
-                    lq = (xs * inv_t - m_s) - ld_s
-                    lp = (xt * inv_t - m_t) - ld_t
-                else:
-                    lq = (xs - m_s) - ld_s
-                    lp = (xt - m_t) - ld_t
-                d_el, qg = _mix_terms(lp, lq, tl.exp(lp), tl.exp(lq), c1, c2, lw_a, lw_b, DIV)
-                cm = (start + offs) < V  # padding lanes add nothing (ab's NaN for opposite-sign exponents)
                 wp = ws_ptr + (r1 * S + j) * WS
-                tl.store(wp + WS_P0, tl.sum(tl.where(cm, d_el, 0.0), 0))
-                tl.store(wp + WS_P1, tl.sum(tl.where(cm, qg, 0.0), 0))
+                if DIV == TAID:  # the segment's sums of u = _taid_logits (padding lanes: u = −inf, skipped)
+                    m_s = tl.max(_slots(ws_row, WS_M_S, segs, sm, WS, float("-inf")), 0)
+                    m_t = tl.max(_slots(ws_row, WS_M_T, segs, sm, WS, float("-inf")), 0)
+                    xs = _load_seg(s_ptr + r1 * s_row, s_col, start, offs, V, full, NEG)
+                    xt = _load_seg(t_ptr + r1 * t_row, t_col, start, offs, V, full, NEG)
+                    s = xs
+                    t = xt
+                    if SCALED:
+                        s = xs * inv_t
+                        t = xt * inv_t
+                    m_u, d_u, a_u = _online(zero + NEG, zero, zero, _taid_logits(s, t, m_s, m_t, c1), s - m_s)
+                    tl.store(wp + WS_M_U, m_u)
+                    tl.store(wp + WS_D_U, d_u)
+                    tl.store(wp + WS_A_U, a_u)
+                else:
+                    m_s, ld_s, _ra = _merge(ws_row, WS_M_S, WS_D_S, WS_A_R, segs, sm, WS)
+                    m_t, ld_t, _fa = _merge(ws_row, WS_M_T, WS_D_T, WS_A_F, segs, sm, WS)
+                    xs = _load_seg(s_ptr + r1 * s_row, s_col, start, offs, V, full, NEG)
+                    xt = _load_seg(t_ptr + r1 * t_row, t_col, start, offs, V, full, NEG)
+                    if SCALED:
+                        lq = (xs * inv_t - m_s) - ld_s
+                        lp = (xt * inv_t - m_t) - ld_t
+                    else:
+                        lq = (xs - m_s) - ld_s
+                        lp = (xt - m_t) - ld_t
+                    d_el, qg = _mix_terms(lp, lq, tl.exp(lp), tl.exp(lq), c1, c2, lw_a, lw_b, DIV)
+                    cm = (start + offs) < V  # padding lanes add nothing (ab's NaN for opposite-sign exponents)
+                    tl.store(wp + WS_P0, tl.sum(tl.where(cm, d_el, 0.0), 0))
+                    tl.store(wp + WS_P1, tl.sum(tl.where(cm, qg, 0.0), 0))
             tl.atomic_add(cnt_ptr + 2 + 2 * r1, 1, sem="release")
 
     # ---- final phase: loss (segment 0) and gradient of segment j of row r − LAG ---------------------------
@@ -261,9 +266,9 @@ def _distill_split_kernel(
             taid = zero
             if DIV == TAID:
                 m_u, ld_u, ua = _merge(ws_row, WS_M_U, WS_D_U, WS_A_U, segs, sm, WS)
-                taid = ua + (m_s - m_u) + (ld_s - ld_u)
+                taid = ua - m_u + (ld_s - ld_u)  # Σ r (log r − log q), log r = u − m_u − ld_u, log q = s − m_s − ld_s
             dval, ssum, w_f, w_r = _row_value(fkl, rkl, taid, lse_s, lse_t, c1, zero, DIV)
-            if LAG == 2:
+            if (MIX_SET >> DIV) & 1:  # a mixture: D and Σqg are the sums of the mid phase's partials
                 dval = tl.sum(_slots(ws_row, WS_P0, segs, sm, WS, 0.0), 0)
                 ssum = tl.sum(_slots(ws_row, WS_P1, segs, sm, WS, 0.0), 0)
             label = 0
@@ -307,40 +312,27 @@ def _distill_split_kernel(
                 cw = kd_coef * w
                 if DIV == FKL:  # qg − q·Σqg = q − p
                     g = (q - tl.exp(lp)) * cw
-                elif DIV == RKL:
-                    qg = tl.where(q != 0, q * (lq - lp), 0.0)
-                elif DIV == SYMKL:
-                    qg = -w_f * tl.exp(lp) + w_r * tl.where(q != 0, q * (lq - lp), 0.0)
-                elif DIV == JSD:  # qg only (D came from the mid phase)
-                    lm = _lae(lp + lw_a, lq + lw_b)
-                    qg = (1.0 - c1) * tl.where(q != 0, q * (lq - lm), 0.0)
-                elif DIV == TAID:
-                    uu = tl.where(c1 == 0.0, s, tl.where(c1 == 1.0, t, (1.0 - c1) * s + c1 * t))
-                    qg = -tl.exp((uu - m_u) - ld_u)
-                elif DIV == ZERO:
-                    qg = tl.zeros([BLOCK_V], tl.float32)
-                else:
-                    d_el, qg = _mix_terms(lp, lq, tl.exp(lp), q, c1, c2, lw_a, lw_b, DIV)
-                if DIV != FKL:
+                else:  # (a mixture's D came from the mid phase: only its qg is computed)
+                    qg = _grad_qg(lp, lq, q, s, t, m_s, m_t, m_u, ld_u, w_f, w_r, c1, c2, lw_a, lw_b, DIV, BLOCK_V)
                     g = (qg - q * ssum) * cw
                 _ce_store(g, xs, q, m_z, ld_z, label, ce_w * w, g_base, cols, g_col, V, full, HAS_LABELS, CE_RAW)
 
 
 def lag(code: int) -> int:
-    """Phases after the statistics: 1 for fkl / rkl / symkl / taid / zero, 2 for the divergences needing Σqg."""
-    return 2 if code in MIX_CODES else 1
+    """Phases after the statistics (the table's ``lag``): 2 for a mixture and for taid (a mid phase), else 1."""
+    return BY_CODE[code].lag
 
 
 def launch_config(code: int) -> tuple[int, int]:
-    """Default (BLOCK_V, num_warps) by divergence, chosen so that every configuration compiles for sm_90 without
-    spills on the oldest and the newest supported Triton (``bench/aot.py --all`` checks the defaults; the
-    history of these choices is in docs/DESIGN.md): the LAG-2 divergences keep more values live per element."""
-    if code == CODES["skl"]:
-        return 1024, 8
-    if code in (CODES["ab"], CODES["taid"]):
-        return 2048, 8
-    return (2048, 16) if code in MIX_CODES else (4096, 8)
+    """Default (BLOCK_V, num_warps) of a divergence (the table's ``split_launch``): every configuration compiles
+    for sm_90 without spills on the oldest and the newest supported Triton (``bench/aot.py --all`` checks the
+    defaults; the history of these choices is in docs/DESIGN.md)."""
+    cfg = BY_CODE[code].split_launch
+    if cfg is None:
+        raise ValueError(f"divergence {BY_CODE[code].name!r} has its own split kernel")
+    return cfg
 
 
-# Every table code but akl (its head search has its own split kernel: fastkd.kernels.distill_akl).
-SPLIT_CODES = tuple(c for c in CODES.values() if c != int(AKL))
+# The codes this kernel runs: every row with a split_launch (akl's head search has its own split kernel,
+# fastkd.kernels.distill_akl).
+SPLIT_CODES = tuple(d.code for d in TABLE if d.split_launch is not None)

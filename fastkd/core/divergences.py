@@ -12,7 +12,9 @@ another divergence, computed as that one), a formula for humans, and the op fami
 What derives from it: ``fastkd.DIVERGENCES`` (public names), the argument validation of every family
 (:func:`resolve_hyper`, used by :class:`fastkd.core.params.DivergenceParams`), the reference dispatch
 (``fastkd.distill.reference.per_token``), the torch backend's dispatch, the Triton constexpr codes
-(``fastkd.kernels.distill``: ``FKL = tl.constexpr(CODES["fkl"])``, ...), the kernels' hyperparameter
+(``fastkd.kernels.distill``: ``FKL = tl.constexpr(CODES["fkl"])``, ...) and their schedule (the
+:attr:`Divergence.mixture` set, the split schedule's :attr:`Divergence.lag` and
+:attr:`Divergence.split_launch`, read by ``fastkd.kernels.distill`` / ``distill_split``), the kernels' hyperparameter
 arguments (in :data:`HYPER_NAMES` order) and the C++ ``enum Divergence`` (``csrc/distill.cu``) and
 ``enum Hyper`` (``csrc/fastkd.h``); tests/distill/test_divergences.py parses both and asserts equality with this table.
 
@@ -107,6 +109,20 @@ class Divergence:
     public: bool = True  # False: an internal target of endpoint rules only
     # joint constraint on the resolved hyperparameters: returns an error message or None
     joint: Callable[[Mapping[str, float]], str | None] | None = field(default=None, compare=False)
+    # How the Triton kernels schedule it (their math is in the kernels):
+    # mixture: the gradient needs S = Σ q·∂D/∂q, a reduction over the row once its log-normalisers are known
+    # (one more pass over the logits: jsd, skl, srkl, tvd, ab); lag: phases of the split-row kernel after its
+    # statistics phase (2: a mid phase over the row, for a mixture or for taid's interpolated logits);
+    # split_launch: that kernel's default (BLOCK_V, num_warps), chosen to compile for sm_90 without register
+    # spills on the oldest and newest supported Triton (docs/DESIGN.md); None: the divergence has its own split
+    # kernel (akl: fastkd.kernels.distill_akl).
+    mixture: bool = False
+    lag: int = 1
+    split_launch: tuple[int, int] | None = (4096, 8)
+
+    def __post_init__(self) -> None:
+        if self.lag not in (1, 2) or (self.mixture and self.lag != 2):
+            raise ValueError(f"divergence {self.name!r}: lag must be 1 or 2, and 2 for a mixture, got {self.lag}")
 
     def hyper(self, name: str) -> Hyper | None:
         for h in self.hypers:
@@ -137,31 +153,36 @@ TABLE: tuple[Divergence, ...] = (
     Divergence("fkl", 0, "Σ p (log p − log q)", families=_ALL),
     Divergence("rkl", 1, "Σ q (log q − log p)", families=_ALL),
     Divergence("jsd", 2, "β KL(p‖m) + (1−β) KL(q‖m), m = βp + (1−β)q", (BETA,),
-               (Endpoint("beta", 0.0, "fkl"), Endpoint("beta", 1.0, "rkl")), families=_ALL),
+               (Endpoint("beta", 0.0, "fkl"), Endpoint("beta", 1.0, "rkl")), families=_ALL,
+               mixture=True, lag=2, split_launch=(2048, 16)),
     Divergence("symkl", 3, "β fkl + (1−β) rkl", (BETA,),
                (Endpoint("beta", 0.0, "rkl"), Endpoint("beta", 1.0, "fkl"))),
     Divergence("skl", 4, "KL(p ‖ αp + (1−α)q)", (ALPHA,),
-               (Endpoint("alpha", 0.0, "fkl"), Endpoint("alpha", 1.0, "zero"))),
+               (Endpoint("alpha", 0.0, "fkl"), Endpoint("alpha", 1.0, "zero")),
+               mixture=True, lag=2, split_launch=(1024, 8)),
     Divergence("srkl", 5, "KL(q ‖ (1−α)p + αq)", (ALPHA,),
-               (Endpoint("alpha", 0.0, "rkl"), Endpoint("alpha", 1.0, "zero"))),
-    Divergence("tvd", 6, "½ Σ |p − q|"),
+               (Endpoint("alpha", 0.0, "rkl"), Endpoint("alpha", 1.0, "zero")),
+               mixture=True, lag=2, split_launch=(2048, 16)),
+    Divergence("tvd", 6, "½ Σ |p − q|", mixture=True, lag=2, split_launch=(2048, 16)),
     # akl at μ = 1: every token is in the head (the cumulative mass of a distribution never exceeds 1), which a
     # rounded running sum of p could otherwise contradict for the last tokens
     Divergence("akl", 7, "(g_H fkl + g_T rkl)/(g_H + g_T), head H = top tokens with mass ≤ μ", (MU,),
-               (Endpoint("mu", 1.0, "fkl"),)),
+               (Endpoint("mu", 1.0, "fkl"),), split_launch=None),
     # taid at t = 1: r = p, forward KL (at t = 0, r = stopgrad(q): every backend then ignores the teacher, as the
     # reference does, so no endpoint rule: ``zero`` would read a NaN teacher)
     Divergence("taid", 8, "KL(r ‖ q), r = softmax((1−t) stopgrad(z_s) + t z_t)", (T,),
-               (Endpoint("t", 1.0, "fkl"),)),
+               (Endpoint("t", 1.0, "fkl"),), lag=2, split_launch=(2048, 8)),
     Divergence("ab", 9, "−1/(αβ) Σ (p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β))  (ABKD, Wang et al. 2025)",
                (Hyper("alpha", 0.8, nonzero=True, doc="ab: exponent of the teacher"),
                 Hyper("beta", 0.3, nonzero=True, doc="ab: exponent of the student")),
-               joint=_ab_joint),
+               joint=_ab_joint, mixture=True, lag=2, split_launch=(2048, 8)),
     Divergence("zero", 10, "0 (skl / srkl at α = 1: KL(x‖x)); NaN inputs still give NaN", public=False),
 )
 
 BY_NAME: dict[str, Divergence] = {d.name: d for d in TABLE}
+BY_CODE: dict[int, Divergence] = {d.code: d for d in TABLE}
 CODES: dict[str, int] = {d.name: d.code for d in TABLE}
+MIXTURE_CODES: tuple[int, ...] = tuple(d.code for d in TABLE if d.mixture)
 DIVERGENCES: tuple[str, ...] = tuple(d.name for d in TABLE if d.public)
 
 

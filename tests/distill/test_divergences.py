@@ -87,6 +87,36 @@ def test_triton_codes_and_arguments_are_the_table():
     assert "_P_BITS_HI" not in src
 
 
+def test_triton_schedule_is_the_table():
+    """The kernels' mixture set, the split schedule's lags, launch configurations and codes are the table's
+    (no code lists in the kernel files), and a row cannot declare a mixture without the mid phase."""
+    from fastkd.kernels import distill as K
+    from fastkd.kernels import distill_split as KS
+
+    assert K.MIX_CODES == tuple(d.code for d in DV.TABLE if d.mixture) == (2, 4, 5, 6, 9)
+    assert set(KS.SPLIT_CODES) == set(DV.CODES.values()) - {DV.CODES["akl"]}
+    for d in DV.TABLE:
+        assert bool((K.MIX_SET.value >> d.code) & 1) == d.mixture, d.name
+        if d.split_launch is None:
+            assert d.code not in KS.SPLIT_CODES
+            with pytest.raises(ValueError, match="own split kernel"):
+                KS.launch_config(d.code)
+            continue
+        assert KS.lag(d.code) == d.lag == (2 if d.mixture or d.name == "taid" else 1), d.name
+        bv, nw = KS.launch_config(d.code)
+        assert (bv, nw) == d.split_launch and bv & (bv - 1) == 0 and nw in (4, 8, 16)
+    for name in ("distill.py", "distill_split.py"):
+        src = (ROOT / "kernels" / name).read_text()
+        assert not re.search(r"DIV\s*[!=]=\s*\d", src), f"kernels/{name} compares DIV against a literal"
+        assert not re.search(r"(\(DIV == \w+\)\s*\|\s*){2}", src), f"kernels/{name} lists codes (use MIX_SET)"
+        body = re.sub(r'^[A-Z]+ = tl\.constexpr\(CODES\["\w+"\]\).*$', "", src, flags=re.M)
+        assert "CODES[" not in body, f"kernels/{name} reads a code other than as its DIV constant"
+    split_src = (ROOT / "kernels" / "distill_split.py").read_text()
+    assert not re.search(r"(wp \+|_slots\(ws_row,|_merge\(ws_row,) \d", split_src), "workspace slot by number"
+    with pytest.raises(ValueError, match="lag"):
+        DV.Divergence("x", 99, "", mixture=True, lag=1)
+
+
 def test_cpp_enums_are_the_table():
     header = (ROOT / "csrc" / "fastkd.h").read_text()
     cu = (ROOT / "csrc" / "distill.cu").read_text()

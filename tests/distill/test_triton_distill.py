@@ -419,9 +419,31 @@ def test_split_kernel_is_launched_with_lag(monkeypatch):
 
     monkeypatch.setattr(KS, "_distill_split_kernel", Spy())
     s, t = _logits((3, 100), torch.float32), _logits((3, 100), torch.float32)
-    for div in ("fkl", "jsd"):
+    for div in ("fkl", "jsd", "taid"):
         _run(s, t, div)
-    assert seen == [((3 + 1) * 4, 1), ((3 + 2) * 4, 2)]
+    assert seen == [((3 + 1) * 4, 1), ((3 + 2) * 4, 2), ((3 + 2) * 4, 2)]  # taid: a mid phase for its logits
+
+
+@pytest.mark.parametrize("sched", TD.SCHEDULES)
+@pytest.mark.parametrize("tau", [0.0, 0.3, 0.8])
+@pytest.mark.parametrize("offset", [1e4, -3e3])
+def test_taid_is_offset_independent(sched, tau, offset):
+    """taid interpolates the max-subtracted logits, so a constant offset of both sides costs no fp32 accuracy,
+    over several segments / blocks (V = 151, BLOCK_V = 32: a masked tail), with −inf logits, a masked row and
+    labels (interpolating the raw logits rounds u at the offset's magnitude: ~6e-5 relative at +1e4)."""
+    fs, ft, kw, go = _strided_case(torch.float32, 11)
+    kw = dict(kw, temperature=1.0, t=tau)
+    s, t = fs[:, :151] + offset, ft[:, :151] + offset
+    xr = s.double().requires_grad_()
+    ref = R.distill_loss(xr, t.double(), "taid", **kw)
+    ref.backward(go.double())
+    x = s.clone().requires_grad_()
+    with TD.override_config(block_v=BLOCK, schedule=sched):
+        loss = fastkd.distill_loss(x, t, "taid", backend="triton", **kw)
+    loss.backward(go)
+    rgrad = torch.nan_to_num(xr.grad, nan=0.0)  # the float64 reference's −inf columns
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(x.grad.double(), rgrad, rtol=0, atol=1e-6 * float(rgrad.abs().max()))
 
 
 def test_cost_model_cross_program_rule():
