@@ -17,6 +17,7 @@ from dataclasses import replace
 import torch
 
 from fastkd.core import checks as C
+from fastkd.core.docs import DENSE_KEYWORDS, shared_doc
 from fastkd.core.lmhead import (
     FusedHeadFunction,
     HeadOptions,
@@ -147,6 +148,7 @@ def _selection_teacher_entropy(a: dict) -> torch.Tensor:
 
 @sharded_entry("fused", vocab_parallel="fastkd.distill.vocab_parallel:vocab_parallel_fused_linear_distill_loss")
 @with_token_selection(teacher_entropy=_selection_teacher_entropy)
+@shared_doc(*DENSE_KEYWORDS)
 def fused_linear_distill_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -199,7 +201,8 @@ def fused_linear_distill_loss(
             gradients in the hidden states' dtype.
         return_stats: also return the per-token statistics of :func:`fastkd.distill_loss` (computed on the
             capped logits, chunk by chunk, in the backend calls the loss makes anyway; one (N, 4) fp32 buffer).
-        Other keywords: as :func:`fastkd.distill_loss`.
+        {shared}
+        Other keywords (``teacher_weights``): as :func:`fastkd.distill_loss`.
 
     Returns: fp32 scalar, or (...,) for reduction="none"; with ``return_stats`` a tuple ``(loss, stats)``.
     """

@@ -34,6 +34,7 @@ import torch
 from fastkd.core import checks as C
 from fastkd.core.autograd import scale_grad
 from fastkd.core.divergences import DIVERGENCES
+from fastkd.core.docs import DENSE_KEYWORDS, shared_doc
 from fastkd.core.params import DistillParams, make_params
 from fastkd.core.registry import declare, requested_backend, select
 from fastkd.core.selection import with_token_selection
@@ -179,6 +180,7 @@ class DistillFunction(torch.autograd.Function):
 
 @sharded_entry("logits", vocab_parallel="fastkd.distill.vocab_parallel:vocab_parallel_distill_loss")
 @with_token_selection()
+@shared_doc(*DENSE_KEYWORDS)
 def distill_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -212,21 +214,11 @@ def distill_loss(
             teachers (M, ..., V') with ``teacher_weights``.
         divergence: one of ``fastkd.DIVERGENCES`` (formulas in docs/DESIGN.md / README), with p = teacher,
             q = student after dividing both logits by ``temperature``.
-        scale_by_t2: multiply the divergence term by T² (Hinton).
-        labels, ignore_index, mask: exclude tokens (``labels == ignore_index`` or ``mask == False``).
-        reduction: "mean" (over kept tokens), "sum" or "none" (per token, 0 where excluded).
-        num_items_in_batch: when given, the sum is divided by it (HF gradient accumulation).
-        ce_weight: adds ``ce_weight × cross_entropy(student_logits, labels)`` (un-tempered) per token.
-        vocab_size: use only the first ``vocab_size`` columns of both (vocabulary padding).
-        beta, alpha, mu, t: the divergence's hyperparameters (``fastkd.core.divergences.TABLE``; None = the
-            divergence's default): beta = jsd / symkl mixing weight (0.5); alpha = skl / srkl skew (0.1);
-            mu = akl head mass (0.5); t = taid interpolation (0.5); ab: alpha, beta = exponents of p and q
-            (0.8, 0.3; any nonzero reals with alpha + beta != 0).
+        {shared}
         chunk_size: rows per chunk for the torch backend (default: ~4M elements per chunk).
         inplace_grad: write the gradient into ``student_logits``' storage (saves one (N, V) buffer;
             the logits are overwritten, autograd raises if something else still needs them). The student
             must not be an expanded / overlapping view (ValueError).
-        backend: "auto", "torch", "triton" or "cuda" (``FASTKD_BACKEND`` when "auto").
         return_stats: also return per-token statistics computed in the same kernel passes (the loss and
             its gradient are bitwise unchanged): a dict ``fastkd.core.stats.STATS_KEYS`` → fp32 (N,)
             (N = tokens, flattened), 0 where excluded, no grad, at ``temperature``: teacher_entropy,

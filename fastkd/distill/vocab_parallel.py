@@ -46,12 +46,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from fastkd.core import checks as C
 from fastkd.core.autograd import scale_grad
+from fastkd.core.docs import VOCAB_PARALLEL_KEYWORDS, shared_keywords
 from fastkd.core.lmhead import (
     FusedHeadFunction,
     LMHeadChunker,
@@ -236,16 +238,28 @@ def _rows(chunk_size: int | None, n: int, vocab_local: int, device: torch.device
 
 
 def _setup(divergence: str, group: dist.ProcessGroup | None, vocab_local: int, vocab_start: int | None,
-           **kw) -> tuple[DistillParams, int]:
+           kw: dict[str, Any]) -> tuple[DistillParams, int]:
+    """The validated params record of a vocabulary-parallel call (``kw``: its shared keywords) and its
+    ``vocab_start``."""
     C.check_choice("divergence", divergence, VP_DIVERGENCES)
+    if kw["ce_weight"] and kw["labels"] is None:
+        raise ValueError("ce_weight > 0 needs labels (the cross-entropy targets)")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("vocab-parallel losses need torch.distributed initialised (init_process_group)")
-    params = make_params(divergence, chunk_size=None, **kw)
+    params = make_params(divergence, chunk_size=None, family="vocab_parallel",
+                         **{k: kw[k] for k in ("temperature", "scale_by_t2", "beta", "ce_weight")})
     if vocab_start is None:
         vocab_start = dist.get_rank(group) * vocab_local
     if not isinstance(vocab_start, int) or vocab_start < 0:
         raise ValueError(f"vocab_start must be a non-negative int, got {vocab_start!r}")
     return params, vocab_start
+
+
+def _token_weights(lead: tuple[int, ...], like: torch.Tensor, kw: dict[str, Any]
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return C.token_weights(lead, like.device, labels=kw["labels"], ignore_index=kw["ignore_index"],
+                           mask=kw["mask"], reduction=kw["reduction"], num_items_in_batch=kw["num_items_in_batch"],
+                           dtype=torch.float64 if like.dtype == torch.float64 else torch.float32)
 
 
 class _VPDistillFunction(torch.autograd.Function):
@@ -280,6 +294,7 @@ class _VPDistillFunction(torch.autograd.Function):
 
 
 @sharded_entry("logits", shard_only=True)
+@shared_keywords(*VOCAB_PARALLEL_KEYWORDS)
 def vocab_parallel_distill_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -287,17 +302,7 @@ def vocab_parallel_distill_loss(
     *,
     group: dist.ProcessGroup | None = None,
     vocab_start: int | None = None,
-    temperature: float = 1.0,
-    scale_by_t2: bool = False,
-    labels: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    mask: torch.Tensor | None = None,
-    reduction: str = "mean",
-    num_items_in_batch: int | float | torch.Tensor | None = None,
-    ce_weight: float = 0.0,
-    beta: float = 0.5,
-    chunk_size: int | None = None,
-    backend: str = "auto",
+    **kw: Any,
 ) -> torch.Tensor:
     """:func:`fastkd.distill_loss` for vocabulary-sharded logits (one shard per rank of ``group``).
 
@@ -306,10 +311,11 @@ def vocab_parallel_distill_loss(
         divergence: "fkl", "rkl" or "jsd" (with ``beta``).
         group: the tensor-parallel process group (None = the default group).
         vocab_start: global index of this rank's first column (default rank · V_r: equal shards).
-        labels: (...,) *global* vocabulary ids (or ignore_index); the CE term finds each label's shard.
-        Others: as :func:`fastkd.distill_loss`. chunk_size: rows per chunk (every rank must agree; default
-            from the LM-head engine's budget, agreed across ranks). backend: the ``distill`` backend that
-            computes the divergence on the augmented shard ("auto": Triton for CUDA tensors).
+        {shared}
+        ``labels`` are *global* vocabulary ids (or ignore_index); the CE term finds each label's shard.
+        chunk_size: rows per chunk (every rank must agree; default from the LM-head engine's budget, agreed
+            across ranks). The backend computes the divergence on the augmented shard ("auto": Triton for
+            CUDA tensors).
 
     Returns: the full loss (fp32 scalar, (...,) for "none"), identical on every rank; the gradient
     reaching ``student_logits`` is this rank's (..., V_r) slice of the full gradient.
@@ -321,26 +327,21 @@ def vocab_parallel_distill_loss(
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
                          f"{tuple(teacher_logits.shape)} must have the same (sharded) shape")
-    if ce_weight and labels is None:
-        raise ValueError("ce_weight > 0 needs labels (the cross-entropy targets)")
-    params, vocab_start = _setup(divergence, group, student_logits.shape[-1], vocab_start,
-                                 temperature=temperature, scale_by_t2=scale_by_t2, beta=beta,
-                                 ce_weight=ce_weight)
+    ce_weight, reduction = kw["ce_weight"], kw["reduction"]
+    params, vocab_start = _setup(divergence, group, student_logits.shape[-1], vocab_start, kw)
     lead = tuple(student_logits.shape[:-1])
-    wdt = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    w, flat_labels = C.token_weights(lead, student_logits.device, labels=labels, ignore_index=ignore_index,
-                                     mask=mask, reduction=reduction, num_items_in_batch=num_items_in_batch,
-                                     dtype=wdt)
+    w, flat_labels = _token_weights(lead, student_logits, kw)
     n = w.numel()
     s2 = student_logits.reshape(n, -1)
     t2 = teacher_logits.reshape(n, -1)
-    rows = _rows(chunk_size, n, s2.shape[1], s2.device, group, fused=False)
-    chunk = _VPChunk(params, vocab_start, group, backend_fn(requested_backend(backend)), rows)
+    rows = _rows(kw["chunk_size"], n, s2.shape[1], s2.device, group, fused=False)
+    chunk = _VPChunk(params, vocab_start, group, backend_fn(requested_backend(kw["backend"])), rows)
     out = _VPDistillFunction.apply(s2, t2, flat_labels if ce_weight else None, w, chunk, rows, reduction)
     return out.view(lead) if reduction == "none" else out
 
 
 @sharded_entry("fused", shard_only=True)
+@shared_keywords(*VOCAB_PARALLEL_KEYWORDS)
 def vocab_parallel_fused_linear_distill_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -354,17 +355,7 @@ def vocab_parallel_fused_linear_distill_loss(
     group: dist.ProcessGroup | None = None,
     vocab_start: int | None = None,
     reduce_hidden_grad: bool = True,
-    temperature: float = 1.0,
-    scale_by_t2: bool = False,
-    labels: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    mask: torch.Tensor | None = None,
-    reduction: str = "mean",
-    num_items_in_batch: int | float | torch.Tensor | None = None,
-    ce_weight: float = 0.0,
-    beta: float = 0.5,
-    chunk_size: int | None = None,
-    backend: str = "auto",
+    **kw: Any,
 ) -> torch.Tensor:
     """:func:`fastkd.fused_linear_distill_loss` for column-parallel (vocabulary-sharded) LM heads.
 
@@ -372,8 +363,9 @@ def vocab_parallel_fused_linear_distill_loss(
         student_hidden: (..., H) replicated on every rank. student_weight: (V_r, H) this rank's shard
             (student_bias (V_r,)). teacher_hidden (..., Ht) replicated + teacher_weight (V_r, Ht) shard,
             or teacher_logits (..., V_r). reduce_hidden_grad: all-reduce the hidden-state gradient.
-        Others: as :func:`vocab_parallel_distill_loss`. With reduction="none" every rank must run the
-            backward (it re-runs the chunks, with their collectives).
+        {shared}
+        chunk_size: as :func:`vocab_parallel_distill_loss` (and ``labels`` are global ids, as there). With
+            reduction="none" every rank must run the backward (it re-runs the chunks, with their collectives).
 
     Runs on the LM-head engine: peak extra memory O(chunk_size · V_r); never forms full logits on any rank.
     """
@@ -399,19 +391,13 @@ def vocab_parallel_fused_linear_distill_loss(
             raise ValueError(f"teacher_weight shard has {teacher_weight.shape[0]} rows but student_weight "
                              f"has {student_weight.shape[0]}; shards must cover the same vocabulary columns")
         th, tl = teacher_hidden.reshape(n, -1), None
-    if ce_weight and labels is None:
-        raise ValueError("ce_weight > 0 needs labels (the cross-entropy targets)")
-    params, vocab_start = _setup(divergence, group, student_weight.shape[0], vocab_start,
-                                 temperature=temperature, scale_by_t2=scale_by_t2, beta=beta,
-                                 ce_weight=ce_weight)
-    wdt = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
-    w, flat_labels = C.token_weights(lead, student_hidden.device, labels=labels, ignore_index=ignore_index,
-                                     mask=mask, reduction=reduction, num_items_in_batch=num_items_in_batch,
-                                     dtype=wdt)
-    rows = _rows(chunk_size, n, student_weight.shape[0], student_hidden.device, group, fused=True)
+    ce_weight, reduction = kw["ce_weight"], kw["reduction"]
+    params, vocab_start = _setup(divergence, group, student_weight.shape[0], vocab_start, kw)
+    w, flat_labels = _token_weights(lead, student_hidden, kw)
+    rows = _rows(kw["chunk_size"], n, student_weight.shape[0], student_hidden.device, group, fused=True)
     # the engine's GEMM chunk stays ``rows``; the vocabulary-parallel math runs on quarter chunks, as the
     # dense fused path's backend calls do
-    chunk = _VPChunk(params, vocab_start, group, backend_fn(requested_backend(backend)), rows,
+    chunk = _VPChunk(params, vocab_start, group, backend_fn(requested_backend(kw["backend"])), rows,
                      reduce_hidden_grad=reduce_hidden_grad, sub=max(8, rows // 4))
     loss = FusedHeadFunction.apply(student_hidden.reshape(n, -1), student_weight, student_bias, w, chunk, rows,
                                    reduction, None, *DenseAux(th, teacher_weight, teacher_bias, tl,

@@ -32,7 +32,8 @@ import torch
 
 from fastkd.core import checks as C
 from fastkd.core.autograd import scale_grad
-from fastkd.core.divergences import names
+from fastkd.core.divergences import HYPERS, names
+from fastkd.core.docs import SPARSE_KEYWORDS, shared_doc
 from fastkd.core.lmhead import FusedHeadFunction, HeadOptions, amp_dtype, auto_chunk_rows, check_linear
 from fastkd.core.params import SparseParams
 from fastkd.core.registry import declare, requested_backend, select
@@ -119,7 +120,8 @@ def _make_params(
     C.check_choice("divergence", divergence, SPARSE_DIVERGENCES)
     C.check_choice("values", values, VALUE_KINDS)
     C.check_positive("temperature", temperature)
-    C.check_range("beta", beta, 0.0, 1.0)
+    if beta is not None:  # None: the divergence's default (SparseParams resolves it from the table)
+        C.check_range("beta", beta, 0.0, 1.0)
     if teacher_temperature is not None:
         C.check_positive("teacher_temperature", teacher_temperature)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
@@ -152,7 +154,7 @@ def _make_params(
         divergence=divergence,
         temperature=float(temperature),
         scale_by_t2=bool(scale_by_t2),
-        beta=float(beta),
+        beta=None if beta is None else float(beta),
         chunk_size=chunk_size,
         softcap=None if softcap is None else float(softcap),
     )
@@ -370,6 +372,7 @@ class SparseDistillFunction(torch.autograd.Function):
 
 @sharded_entry("logits")
 @with_token_selection()
+@shared_doc(*SPARSE_KEYWORDS)
 def sparse_distill_loss(
     student_logits: torch.Tensor,
     teacher_ids: torch.Tensor,
@@ -382,7 +385,7 @@ def sparse_distill_loss(
     teacher_temperature: float | None = None,
     teacher_tail: torch.Tensor | None = None,
     scale_by_t2: bool = False,
-    beta: float = 0.5,
+    beta: float | None = None,
     labels: torch.Tensor | None = None,
     ignore_index: int = -100,
     mask: torch.Tensor | None = None,
@@ -415,7 +418,7 @@ def sparse_distill_loss(
             renormalised over K (DistillKit / axolotl re-tempering). None: use the stored values as they are.
         teacher_tail: (...,) log of the teacher's mass outside its K ids (topk_tail only), e.g. the exact
             one a :class:`fastkd.cache.TeacherCache` stores; default log(1 − Σ values).
-        scale_by_t2, labels, ignore_index, mask, reduction, num_items_in_batch, backend: as ``distill_loss``.
+        {shared}
         chunk_size: rows per chunk of the torch backend.
         student_ids, student_id_values: (..., Ks) for mode="union" only: ids the student proposed (e.g.
             :func:`fastkd.student_topk`; −1 = padding) and the *teacher's* values there (same ``values``
@@ -492,6 +495,7 @@ class _SparseChunkLoss:
 
 @sharded_entry("fused")
 @with_token_selection()
+@shared_doc(*SPARSE_KEYWORDS)
 def fused_linear_sparse_distill_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -509,7 +513,7 @@ def fused_linear_sparse_distill_loss(
     teacher_temperature: float | None = None,
     teacher_tail: torch.Tensor | None = None,
     scale_by_t2: bool = False,
-    beta: float = 0.5,
+    beta: float | None = None,
     labels: torch.Tensor | None = None,
     ignore_index: int = -100,
     mask: torch.Tensor | None = None,
@@ -535,6 +539,7 @@ def fused_linear_sparse_distill_loss(
         chunk_size: tokens per chunk (default from N, V and free memory); peak extra memory O(chunk · V).
         Under ``torch.autocast`` the head computes in the autocast dtype (fp32 weights with bf16 / fp32 hidden
         states are accepted); weight / bias gradients accumulate in fp32 into the parameters' dtype.
+        {shared}
         Other arguments (``mode="union"`` with ``student_ids`` / ``student_id_values`` included, and
         ``return_stats``: the statistics of the capped logits, filled chunk by chunk in the backend calls the
         loss makes anyway): as :func:`sparse_distill_loss`.
@@ -545,6 +550,8 @@ def fused_linear_sparse_distill_loss(
             :mod:`fastkd.onpolicy.frameworks`. ``return_mass``: also return ``{"student_mass", "teacher_mass"}``
             (...,) — Σ of each side's probabilities at the teacher's ids (framework semantics only).
     """
+    if beta is None:  # the framework semantics take a number (jsd's table default)
+        beta = HYPERS["beta"].default
     if semantics != "fastkd" or log_prob_min_clamp is not None or return_mass:
         from fastkd.onpolicy.frameworks import fused_linear_framework_loss
 
