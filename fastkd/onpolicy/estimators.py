@@ -36,7 +36,7 @@ import math
 import torch
 
 from fastkd.core import checks as C
-from fastkd.core.lmhead import FusedHeadFunction
+from fastkd.core.lmhead import FusedHeadFunction, HeadOptions
 from fastkd.onpolicy import op as O
 
 ESTIMATORS = ("k1", "k2", "k3", "advantage")
@@ -86,6 +86,30 @@ def token_loss(lq: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None, estima
     return loss
 
 
+def token_loss_grad(lq: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None, estimator: str,
+                    importance_ratio: bool, clip: tuple[float, float] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(:func:`token_loss`, its derivative in lq) in closed form (the advantage and s are constants)."""
+    if estimator == "k1":
+        return lq - t, torch.ones_like(lq)
+    r = lq - t
+    if estimator == "k2":
+        return 0.5 * r * r, r
+    if estimator == "k3":
+        em1 = torch.expm1(-r)
+        return em1 + r, -em1
+    ls = lq if s is None else s
+    adv = t - ls
+    if not importance_ratio:
+        return -adv * lq, -adv
+    ratio = torch.exp(lq - ls)
+    loss = -adv * ratio
+    if clip is None:
+        return loss, loss
+    clipped = -adv * ratio.clamp(1.0 - clip[0], 1.0 + clip[1])
+    # the clipped branch (strictly larger) has no gradient; at a tie both branches' gradients agree
+    return torch.maximum(loss, clipped), torch.where(clipped > loss, 0.0, loss)
+
+
 def on_policy_distill_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -121,9 +145,13 @@ def on_policy_distill_loss(
             weights), multiplied in after the reduction's normalisation.
         reduction: "mean" (over kept tokens), "sum" or "none"; num_items_in_batch: as the other losses.
 
-    Returns: fp32 scalar (fp64 for fp64 heads), or (...,) for reduction="none" (0 at excluded tokens).
+    Under ``torch.autocast`` the head's GEMMs run in the autocast dtype (weight / bias gradients accumulated in
+    fp32, returned in the parameters' dtype); the row math stays fp32.
+
+    Returns: fp32 scalar (fp64 for fp64 heads), or (...,) for reduction="none" (0 at excluded tokens, times
+    ``token_weight`` when given).
     """
-    O.check_head(hidden, weight, bias)
+    amp = O.check_head(hidden, weight, bias)
     O.check_common(temperature, softcap, chunk_size)
     C.check_choice("estimator", estimator, ESTIMATORS)
     if not isinstance(importance_ratio, bool):
@@ -147,8 +175,12 @@ def on_policy_distill_loss(
         if tuple(token_weight.shape) != lead or token_weight.device != device:
             raise ValueError(f"token_weight must have shape {lead} on {device}, got {tuple(token_weight.shape)} "
                              f"on {token_weight.device}")
-        tok_w = tok_w * token_weight.reshape(-1).to(cdt)
-    keep = (tok_w != 0).reshape(lead) if mask is not None or token_weight is not None else None
+        tw = token_weight.reshape(-1).to(cdt)
+        keep = (tok_w * tw != 0).reshape(lead)
+        # "none": the weight multiplies the returned per-token values (below), so their gradient carries it once
+        tok_w = tok_w * tw if reduction != "none" else torch.where(keep.reshape(-1), tok_w, 0.0)
+    else:
+        keep = (tok_w != 0).reshape(lead) if mask is not None else None
     vocab = weight.shape[0]
     kept_ids = ids if keep is None or not isinstance(ids, torch.Tensor) or tuple(ids.shape) != lead \
         else torch.where(keep.to(ids.device), ids, 0)
@@ -161,17 +193,21 @@ def on_policy_distill_loss(
     s = None if sampling_logprobs is None else torch.where(kept, sampling_logprobs.reshape(n).to(cdt), 0.0)
 
     def fn(lq, t_rows, *s_rows):
-        loss = token_loss(lq[:, 0], t_rows, s_rows[0] if s_rows else None, estimator, importance_ratio, bounds)
-        return loss, {}
+        loss, g = token_loss_grad(lq[:, 0], t_rows, s_rows[0] if s_rows else None, estimator, importance_ratio,
+                                  bounds)
+        return loss, {}, g[:, None]
 
     rows = O.chunk_rows(chunk_size, n, vocab, device)
-    chunk = O.IdsLossChunk(fn, float(temperature))
+    chunk = O.IdsLossChunk(fn, float(temperature), closed_form=True)
     aux = (sid, valid, t) if s is None else (sid, valid, t, s)
     h = hidden.reshape(n, hidden.shape[-1])
-    loss = FusedHeadFunction.apply(h, weight, bias, tok_w, chunk, rows, reduction,
-                                   None if softcap is None else float(softcap), *aux)
+    cap = None if softcap is None else float(softcap)
+    head = cap if amp is None else HeadOptions(softcap=cap, dtype=amp)
+    loss = FusedHeadFunction.apply(h, weight, bias, tok_w, chunk, rows, reduction, head, *aux)
     if reduction == "none":
         loss = torch.where(kept.reshape(lead), loss.view(lead), 0.0)
+        if token_weight is not None:
+            loss = loss * token_weight.to(cdt)
     return loss
 
 

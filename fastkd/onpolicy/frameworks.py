@@ -32,7 +32,7 @@ import math
 import torch
 
 from fastkd.core import checks as C
-from fastkd.core.lmhead import FusedHeadFunction
+from fastkd.core.lmhead import FusedHeadFunction, HeadOptions
 from fastkd.onpolicy import op as O
 
 SEMANTICS = ("fastkd", "verl_topk", "verl_topk_tail", "trl_tail")
@@ -123,7 +123,7 @@ def check_semantics(semantics: str, divergence: str, values: str, mode: str, log
 
 def fused_semantics_loss(student_hidden, student_weight, ids2, t_logp, tok_weight, lead, *, semantics, student_bias,
                          softcap, rows, divergence, beta, temperature, log_prob_min_clamp, tail_mass_eps, reduction,
-                         return_mass):
+                         return_mass, amp=None):
     """The loss of one framework semantics (checked, token weights and per-slot teacher log-probs prepared by
     ``fused_linear_sparse_distill_loss``): ids2 (N, K) with −1 padding, t_logp (N, K) (−inf at padding)."""
     vocab = student_weight.shape[0]
@@ -148,8 +148,10 @@ def fused_semantics_loss(student_hidden, student_weight, ids2, t_logp, tok_weigh
         out = {k: torch.zeros(n, dtype=t_logp.dtype, device=t_logp.device) for k in ("student_mass", "teacher_mass")}
     chunk = O.IdsLossChunk(fn, float(temperature), out=out)
     h = student_hidden.reshape(n, student_hidden.shape[-1])
-    loss = FusedHeadFunction.apply(h, student_weight, student_bias, tok_weight, chunk, rows, reduction,
-                                   None if softcap is None else float(softcap), sid, valid, lp, valid)
+    cap = None if softcap is None else float(softcap)
+    head = cap if amp is None else HeadOptions(softcap=cap, dtype=amp)
+    loss = FusedHeadFunction.apply(h, student_weight, student_bias, tok_weight, chunk, rows, reduction, head, sid,
+                                   valid, lp, valid)
     chunk.out = None
     if reduction == "none":
         loss = torch.where(kept, loss.reshape(n), 0.0).view(lead)
@@ -170,7 +172,7 @@ def fused_linear_framework_loss(student_hidden, student_weight, teacher_ids, tea
                          "'verl_topk_tail' or 'trl_tail')")
     unsupported.pop("backend", None)  # every backend's chunk math is the same torch row formula here
     check_semantics(semantics, divergence, values, mode, log_prob_min_clamp, tail_mass_eps, **unsupported)
-    O.check_head(student_hidden, student_weight, student_bias)
+    amp = O.check_head(student_hidden, student_weight, student_bias)
     params = S._make_params("topk_tail", divergence, values, temperature, None, False, beta, chunk_size, softcap)
     lead = tuple(student_hidden.shape[:-1])
     cdt = O.compute_dtype(student_hidden.dtype)
@@ -182,4 +184,5 @@ def fused_linear_framework_loss(student_hidden, student_weight, teacher_ids, tea
     return fused_semantics_loss(student_hidden, student_weight, ids2, t_logp, tok_weight, lead, semantics=semantics,
                                 student_bias=student_bias, softcap=softcap, rows=rows, divergence=divergence,
                                 beta=beta, temperature=temperature, log_prob_min_clamp=log_prob_min_clamp,
-                                tail_mass_eps=tail_mass_eps, reduction=reduction, return_mass=return_mass)
+                                tail_mass_eps=tail_mass_eps, reduction=reduction, return_mass=return_mass,
+                                amp=amp)

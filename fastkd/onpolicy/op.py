@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 
 from fastkd.core import checks as C
-from fastkd.core.lmhead import LMHeadChunker, auto_chunk_rows, run_chunks
+from fastkd.core.lmhead import HeadOptions, LMHeadChunker, amp_dtype, auto_chunk_rows, run_chunks
 
 
 class LogProbs(NamedTuple):
@@ -116,7 +116,7 @@ def write_grad_(z: torch.Tensor, grad_u: torch.Tensor, temperature: float) -> No
     """The gradient of the chunk's (capped) logits ``z`` from the gradient of u = z / T, in z's own dtype."""
     if temperature != 1.0:
         grad_u.div_(temperature)
-    if grad_u.data_ptr() != z.data_ptr():
+    if grad_u.dtype != z.dtype:  # else grad_u is z itself (scaled_logits works in place when dtypes agree)
         z.copy_(grad_u)
 
 
@@ -135,6 +135,11 @@ class LogprobsParams:
     topk: int
     vocab: int
     ops: RowOps
+    dtype: torch.dtype | None = None  # the head's compute dtype under autocast (None: the weight's own)
+
+    @property
+    def head(self) -> float | HeadOptions | None:
+        return self.softcap if self.dtype is None else HeadOptions(softcap=self.softcap, dtype=self.dtype)
 
 
 class _ForwardChunk:
@@ -185,7 +190,7 @@ class LogprobsFunction(torch.autograd.Function):
         ent = torch.empty(n if p.entropy else 0, dtype=cdt, device=dev)
         topv = torch.empty(n, p.topk, dtype=cdt, device=dev)
         topi = torch.empty(n, p.topk, dtype=torch.int64, device=dev)
-        head = LMHeadChunker(hidden, weight, bias, p.softcap, p.rows)
+        head = LMHeadChunker(hidden, weight, bias, p.head, p.rows)
         lse = run_chunks(head, _ForwardChunk(p, (lq, ent, topv, topi)), (ids, valid), valid[:, 0], p.rows, False)
         ctx.p = p
         ctx.save_for_backward(hidden, weight, bias, ids, valid, lse, ent)
@@ -197,7 +202,7 @@ class LogprobsFunction(torch.autograd.Function):
         hidden, weight, bias, ids, valid, lse, ent = ctx.saved_tensors
         p = ctx.p
         needs = ctx.needs_input_grad[:3]
-        head = LMHeadChunker(hidden, weight, bias, p.softcap, p.rows)
+        head = LMHeadChunker(hidden, weight, bias, p.head, p.rows)
         head.alloc_grads(*needs)
         cdt = lse.dtype
         g = torch.zeros_like(ids, dtype=cdt) if g is None else g.to(cdt)
@@ -207,7 +212,8 @@ class LogprobsFunction(torch.autograd.Function):
 
 
 # ---- argument checks (shared with the other on-policy modules) --------------------------------------------------
-def check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+def check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype | None:
+    """Checks the head; returns the autocast compute dtype when autocast is on for it (then dtypes may differ)."""
     C.check_float_tensor("hidden", hidden)
     C.check_float_tensor("weight", weight, min_dim=2)
     if weight.dim() != 2:
@@ -215,15 +221,17 @@ def check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden has hidden size {hidden.shape[-1]} but weight expects {weight.shape[1]} "
                          f"(weight shape {tuple(weight.shape)})")
-    if weight.dtype != hidden.dtype:
+    amp = amp_dtype(hidden, weight, bias)
+    if weight.dtype != hidden.dtype and amp is None:
         raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
     if bias is not None:
         C.check_float_tensor("bias", bias)
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype:
+        if bias.dtype != hidden.dtype and amp is None:
             raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
     C.check_same_device(hidden=hidden, weight=weight, bias=bias)
+    return amp
 
 
 def check_ids(name: str, ids: object, lead: tuple[int, ...], vocab: int, device: torch.device,
@@ -265,7 +273,7 @@ def chunk_rows(chunk_size: int | None, n: int, vocab_local: int, device: torch.d
 
 
 def logprobs_impl(hidden, weight, ids, *, bias, temperature, softcap, return_entropy, return_topk, chunk_size,
-                  ops: RowOps, vocab: int, rows: int | None = None):
+                  ops: RowOps, vocab: int, rows: int | None = None, amp: torch.dtype | None = None):
     """Checks done by the caller except ids; shared by the single-process and vocabulary-parallel entry points."""
     lead = tuple(hidden.shape[:-1])
     flat, per_token = check_ids("ids", ids, lead, vocab, hidden.device)
@@ -278,7 +286,7 @@ def logprobs_impl(hidden, weight, ids, *, bias, temperature, softcap, return_ent
     sid, valid = safe_ids(flat, vocab)
     rows = rows or chunk_rows(chunk_size, n, weight.shape[0], hidden.device)
     p = LogprobsParams(float(temperature), None if softcap is None else float(softcap), rows, return_entropy,
-                       return_topk, vocab, ops)
+                       return_topk, vocab, ops, amp)
     lq, ent, topv, topi = LogprobsFunction.apply(h, weight, bias, sid, valid, p)
     lq = lq.view(*lead, -1) if per_token else lq.view(lead)
     if not return_entropy and not return_topk:
@@ -318,11 +326,11 @@ def logprobs_from_hidden(
         ``return_topk`` is set, :class:`LogProbs` ``(logprobs, entropy (...,) | None, topk_logprobs (..., k) |
         None, topk_ids (..., k) int64 | None)``. A NaN in a token's hidden state gives NaN outputs for that token.
     """
-    check_head(hidden, weight, bias)
+    amp = check_head(hidden, weight, bias)
     check_common(temperature, softcap, chunk_size)
     return logprobs_impl(hidden, weight, ids, bias=bias, temperature=temperature, softcap=softcap,
                          return_entropy=return_entropy, return_topk=return_topk, chunk_size=chunk_size,
-                         ops=LOCAL, vocab=weight.shape[0])
+                         ops=LOCAL, vocab=weight.shape[0], amp=amp)
 
 
 # ---- a per-token loss of the log-probs at given ids, through FusedHeadFunction ----------------------------------
@@ -335,13 +343,17 @@ class IdsLossChunk:
     aux = (ids (N, K) safe, valid (N, K), *extra) — ``extra`` are (N, ...) tensors sliced per chunk and passed to
     ``fn`` after ``logq`` (c, K) (−inf at invalid slots). ``fn`` returns ``(loss (c,), outputs {name: (c,)})``; it
     runs under autograd on the (c, K) log-probs only, and its gradient reaches the logits through
-    :func:`grad_rows_`. ``outputs``, when :attr:`out` holds (N,) buffers of those names, are stored there (the
-    forward pass; set :attr:`out` to None afterwards so a ``reduction="none"`` backward re-run skips them).
+    :func:`grad_rows_`; with ``closed_form=True`` ``fn`` returns ``(loss, outputs, ∂loss/∂logq (c, K))`` itself
+    and no autograd runs inside the chunk (torch.compile traces it whole). ``outputs``, when :attr:`out` holds (N,)
+    buffers of those names, are stored there (the forward pass; set :attr:`out` to None afterwards so a
+    ``reduction="none"`` backward re-run skips them).
     """
 
-    def __init__(self, fn: IdsLossFn, temperature: float, ops: RowOps = LOCAL,
-                 out: dict[str, torch.Tensor] | None = None):
-        self.fn, self.temperature, self.ops, self.out = fn, temperature, ops, out
+    def __init__(self, fn: IdsLossFn, temperature: float, ops: RowOps | None = None,
+                 out: dict[str, torch.Tensor] | None = None, closed_form: bool = False):
+        # (a default of None, not LOCAL: torch.compile cannot wrap an instance default argument)
+        self.fn, self.temperature, self.ops, self.out = fn, temperature, LOCAL if ops is None else ops, out
+        self.closed_form = closed_form
 
     def __call__(self, sl, z, grad, w, aux):
         ids, valid, *extra = aux
@@ -351,7 +363,11 @@ class IdsLossChunk:
         lq = torch.where(vs, self.ops.gather(u, ids[sl]) - lse[:, None], -math.inf)
         rows = [e[sl] for e in extra]
         if grad is None:
-            loss, outs = self.fn(lq, *rows)
+            loss, outs = self.fn(lq, *rows)[:2]
+        elif self.closed_form:  # fn also returns d loss / d lq: no autograd inside the chunk (traceable)
+            loss, outs, g = self.fn(lq, *rows)
+            g = torch.where(vs, g * w.to(g.dtype)[:, None], 0.0)
+            write_grad_(grad, grad_rows_(u, lse, ids[sl], g, self.ops), self.temperature)
         else:
             with torch.enable_grad():
                 leaf = lq.detach().requires_grad_(True)

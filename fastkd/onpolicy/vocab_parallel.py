@@ -107,7 +107,7 @@ def vocab_parallel_logprobs_from_hidden(
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("vocab_parallel_logprobs_from_hidden needs an initialized torch.distributed process group")
-    O.check_head(hidden, weight, bias)
+    amp = O.check_head(hidden, weight, bias)
     O.check_common(temperature, softcap, chunk_size)
     vr = weight.shape[0]
     if vocab_start is None:
@@ -124,4 +124,4 @@ def vocab_parallel_logprobs_from_hidden(
     ops = VocabParallelRows(group, vocab_start, vr)
     return O.logprobs_impl(hidden, weight, ids, bias=bias, temperature=temperature, softcap=softcap,
                            return_entropy=return_entropy, return_topk=return_topk, chunk_size=chunk_size, ops=ops,
-                           vocab=int(total.item()), rows=int(rows.item()))
+                           vocab=int(total.item()), rows=int(rows.item()), amp=amp)
