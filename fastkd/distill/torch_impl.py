@@ -301,8 +301,4 @@ def distill_forward(
     return loss
 
 
-def _reasons(**_: object) -> list[str]:
-    return []
-
-
-register("distill", "torch", distill_forward, _reasons)
+register("distill", "torch", distill_forward)  # runs any input: no capabilities to declare

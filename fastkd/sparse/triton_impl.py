@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fastkd.core.registry import register, triton_import_error, triton_reasons
+from fastkd.core.registry import register, triton_import_error
 from fastkd.sparse.torch_impl import sparse_stats, sparse_terms
 
 if TYPE_CHECKING:
@@ -215,13 +215,6 @@ def _split_forward(
     return loss
 
 
-def _reasons(student: torch.Tensor | None = None, **_: object) -> list[str]:
-    if _IMPORT_ERROR is not None:
-        return [_IMPORT_ERROR]
-    reasons = triton_reasons(student)
-    if student is not None and student.dtype not in _SUPPORTED_DTYPES:
-        reasons.append(f"dtype {student.dtype} (the Triton kernels take float32, bfloat16 or float16)")
-    return reasons
-
-
-register("sparse", "triton", sparse_forward, _reasons)
+IMPL = register("sparse", "triton", sparse_forward, requires="triton", tensors=("student",),
+                dtypes=_SUPPORTED_DTYPES, dtype_inputs=("student",), import_error=_IMPORT_ERROR)
+_reasons = IMPL.not_supported_reasons
