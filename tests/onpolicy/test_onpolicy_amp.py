@@ -92,3 +92,43 @@ def test_without_autocast_mixed_dtypes_still_raise():
         fastkd.logprobs_from_hidden(prob["hidden"], prob["weight"], ids)
     with pytest.raises(TypeError, match="weight dtype"):
         fastkd.on_policy_distill_loss(prob["hidden"], prob["weight"], ids, torch.zeros(ids.shape[0]))
+
+
+def test_framework_semantics_under_autocast(monkeypatch):
+    """fused_linear_sparse_distill_loss(semantics=...) under autocast: bf16 head, fp32 weight gradient, within plain
+    autocast's error of the float64 reference (verl's tail-aware top-k KL written out)."""
+    prob, _, g = _prob(BF16)
+    t_lp, ids = torch.log_softmax(torch.randn(37, 67, generator=g, dtype=torch.float64) * 2, -1).topk(5, -1)
+    seen = []
+    init = lmhead.LMHeadChunker.__init__
+
+    def spy(self, *a, **k):
+        init(self, *a, **k)
+        seen.append(self._cdt)
+
+    monkeypatch.setattr(lmhead.LMHeadChunker, "__init__", spy)
+
+    def fk(hidden, weight, bias):
+        return fastkd.fused_linear_sparse_distill_loss(hidden, weight, ids, t_lp.float(), student_bias=bias,
+                                                       semantics="verl_topk_tail", chunk_size=8)
+
+    def plain(hidden, weight, bias):
+        lq = torch.log_softmax(F.linear(hidden, weight, bias).double(), -1).gather(1, ids)
+        q, p = lq.exp().sum(-1), t_lp.exp().sum(-1)
+        pt, qt = (1 - p).clamp(0, 1), (1 - q).clamp(1e-6, 1)
+        return ((t_lp.exp() * (t_lp - lq)).sum(-1) + pt * (pt.log() - qt.log())).mean()
+
+    def run(fn, leaves):
+        out = fn(**leaves)
+        return out.detach(), dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()))))
+
+    with torch.autocast(**AMP):
+        out, gr = run(fk, _leaves(prob))
+        amp_out, amp_g = run(plain, _leaves(prob))
+    assert seen and all(d == BF16 for d in seen), seen
+    ref, gref = run(plain, _leaves(prob, torch.float64))
+    assert _err(out, ref) <= 2 * _err(amp_out, ref) + 1e-3 * ref.abs().item() + 1e-4
+    for k in gr:
+        assert gr[k].dtype == prob[k].dtype, k
+        assert _err(gr[k], gref[k]) <= 2 * _err(amp_g[k], gref[k]) + 2e-2 * gref[k].abs().max().item(), k
+    assert (gr["weight"] != gr["weight"].to(BF16).float()).any()
