@@ -85,7 +85,30 @@ class SparseParams(DivergenceParams):
     softcap: float | None = None
 
 
-__all__ = ["DIVERGENCE_CODES", "FAMILIES", "DivergenceParams", "DistillParams", "SparseParams", "make_params"]
+__all__ = ["DIVERGENCE_CODES", "FAMILIES", "DivergenceParams", "DistillParams", "SparseParams", "make_params",
+           "op_fields", "op_schema"]
+
+# Custom-op schema types of the field annotations a record may use (a new kind of field needs an entry here).
+_SCHEMA_TYPES = {"str": "str", "float": "float", "int": "int", "bool": "bool", "float | None": "float?",
+                 "int | None": "int?"}
+
+
+def op_fields(record: type, exclude: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The fields of ``record`` (a params dataclass) that a custom op takes as scalars, in field order."""
+    return tuple(f.name for f in fields(record) if f.name not in exclude)
+
+
+def op_schema(record: type, head: str, exclude: tuple[str, ...] = (), rename: dict[str, str] | None = None) -> str:
+    """A ``torch.library`` schema: the arguments ``head`` (tensors, ...), then the fields of ``record`` but
+    ``exclude`` as typed scalars (``rename``: schema names for fields whose name the dispatcher reserves)."""
+    types = {f.name: str(f.type) for f in fields(record)}
+    names = op_fields(record, exclude)
+    unknown = [n for n in names if types[n] not in _SCHEMA_TYPES]
+    if unknown:
+        raise TypeError(f"{record.__name__} fields {unknown} have no custom-op schema type")
+    rename = rename or {}
+    scalars = ", ".join(f"{_SCHEMA_TYPES[types[n]]} {rename.get(n, n)}" for n in names)
+    return f"({head}, {scalars}) -> Tensor"
 
 
 def make_params(

@@ -27,7 +27,7 @@ is built from the dataclass's annotations), so a new hyperparameter needs no edi
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -35,7 +35,7 @@ from fastkd.core import checks as C
 from fastkd.core.autograd import scale_grad
 from fastkd.core.divergences import DIVERGENCES
 from fastkd.core.docs import DENSE_KEYWORDS, shared_doc
-from fastkd.core.params import DistillParams, make_params
+from fastkd.core.params import DistillParams, make_params, op_fields, op_schema
 from fastkd.core.registry import declare, requested_backend, select
 from fastkd.core.selection import with_token_selection
 from fastkd.core.sharding import sharded_entry
@@ -54,19 +54,9 @@ declare(
 # The custom op's scalar arguments are the fields of DistillParams, each typed in the op's schema by its
 # annotation (float, int, bool, str, optional), in field order, so a new field needs no edit here.
 # ``softcap`` is left out: the LM-head engine applies it to the logits before the rows reach a backend.
-_SCHEMA_TYPES = {"str": "str", "float": "float", "int": "int", "bool": "bool", "float | None": "float?",
-                 "int | None": "int?"}
-OP_FIELDS = tuple(f.name for f in fields(DistillParams) if f.name != "softcap")
-
-
-def _schema() -> str:
-    types = {f.name: str(f.type) for f in fields(DistillParams)}
-    unknown = [n for n in OP_FIELDS if types[n] not in _SCHEMA_TYPES]
-    if unknown:  # a field whose annotation the schema cannot express (a new type needs a _SCHEMA_TYPES entry)
-        raise TypeError(f"DistillParams fields {unknown} have no custom-op schema type")
-    scalars = ", ".join(f"{_SCHEMA_TYPES[types[n]]} {n}" for n in OP_FIELDS)
-    return ("(Tensor student, Tensor teacher, Tensor? labels, Tensor weight, Tensor(a!)? grad, str backend, "
-            f"Tensor(b!)? stats, {scalars}) -> Tensor")
+OP_FIELDS = op_fields(DistillParams, exclude=("softcap",))
+_SCHEMA = op_schema(DistillParams, "Tensor student, Tensor teacher, Tensor? labels, Tensor weight, Tensor(a!)? grad, "
+                    "str backend, Tensor(b!)? stats", exclude=("softcap",))
 
 
 def op_args(p: DistillParams) -> tuple:
@@ -84,7 +74,7 @@ def _distill_rows(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Te
 
 
 distill_rows = torch.library.custom_op("fastkd::distill_rows", _distill_rows, mutates_args=("grad", "stats"),
-                                       schema=_schema())
+                                       schema=_SCHEMA)
 distill_rows.__doc__ = """Per-token loss (N,) of one backend's ``distill`` on rows; writes the weighted gradient
 into ``grad`` and, when given, the (N, 4) fp32 statistics into ``stats``.
 

@@ -35,7 +35,7 @@ from fastkd.core.autograd import scale_grad
 from fastkd.core.divergences import HYPERS, names
 from fastkd.core.docs import SPARSE_KEYWORDS, shared_doc
 from fastkd.core.lmhead import FusedHeadFunction, HeadOptions, amp_dtype, auto_chunk_rows, check_linear
-from fastkd.core.params import SparseParams
+from fastkd.core.params import SparseParams, op_fields, op_schema
 from fastkd.core.registry import declare, requested_backend, select
 from fastkd.core.selection import with_token_selection
 from fastkd.core.sharding import sharded_entry
@@ -54,25 +54,34 @@ declare(
 )
 
 
-@torch.library.custom_op("fastkd::sparse_rows", mutates_args=("grad", "stats"))
-def sparse_rows(
-    student: torch.Tensor, ids: torch.Tensor, t_logp: torch.Tensor, t_tail: torch.Tensor | None,
-    weight: torch.Tensor, grad: torch.Tensor | None, sparse_mode: str, divergence: str, temperature: float,
-    scale_by_t2: bool, beta: float, chunk_size: int, backend: str, stats: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-token loss (N,) of one backend's ``sparse`` on rows; writes the weighted gradient into ``grad`` and,
-    when given, the (N, 4) fp32 statistics into ``stats``.
+# The custom op's scalar arguments are the fields of SparseParams but softcap (the LM-head engine applies it),
+# typed by their annotations, in field order; ``mode`` is ``sparse_mode`` in the schema (the name is taken
+# inside PyTorch's functionalization of mutating ops).
+OP_FIELDS = op_fields(SparseParams, exclude=("softcap",))
+_SCHEMA = op_schema(SparseParams, "Tensor student, Tensor ids, Tensor t_logp, Tensor? t_tail, Tensor weight, "
+                    "Tensor(a!)? grad, str backend, Tensor(b!)? stats", exclude=("softcap",),
+                    rename={"mode": "sparse_mode"})
 
-    The one entry point to the sparse backends: eager autograd Functions call it and ``torch.compile``
-    sees an opaque op (fake implementation below). ``chunk_size=0`` = automatic. (``sparse_mode``, not
-    ``mode``: that name is taken inside PyTorch's functionalization of mutating ops.)
-    """
-    params = SparseParams(mode=sparse_mode, divergence=divergence, temperature=temperature, scale_by_t2=scale_by_t2,
-                          beta=beta, chunk_size=chunk_size or None)
+
+def _sparse_rows(student: torch.Tensor, ids: torch.Tensor, t_logp: torch.Tensor, t_tail: torch.Tensor | None,
+                 weight: torch.Tensor, grad: torch.Tensor | None, backend: str, stats: torch.Tensor | None,
+                 *scalars) -> torch.Tensor:
+    params = SparseParams(**dict(zip(OP_FIELDS, scalars, strict=True)))
     impl = select("sparse", backend, student=student, ids=ids, params=params, stats=stats)
     if stats is None:
         return impl.fn(student, ids, t_logp, t_tail, weight, grad, params)
     return impl.fn(student, ids, t_logp, t_tail, weight, grad, params, stats)
+
+
+sparse_rows = torch.library.custom_op("fastkd::sparse_rows", _sparse_rows, mutates_args=("grad", "stats"),
+                                      schema=_SCHEMA)
+sparse_rows.__doc__ = """Per-token loss (N,) of one backend's ``sparse`` on rows; writes the weighted gradient into
+``grad`` and, when given, the (N, 4) fp32 statistics into ``stats``.
+
+The one entry point to the sparse backends: eager autograd Functions call it and ``torch.compile`` sees an
+opaque op (fake implementation below). Arguments: the tensors, the backend name, ``stats``, then the typed
+fields of :class:`SparseParams` but softcap (:data:`OP_FIELDS`).
+"""
 
 
 @sparse_rows.register_fake
@@ -85,8 +94,8 @@ def _backend_fn(backend: str) -> Callable[..., torch.Tensor]:
     """A ``sparse`` backend callable (contract in the module docstring) that goes through the custom op."""
 
     def fn(student, ids, t_logp, t_tail, weight, grad, p: SparseParams, stats=None) -> torch.Tensor:
-        return sparse_rows(student, ids, t_logp, t_tail, weight, grad, p.mode, p.divergence, p.temperature,
-                           p.scale_by_t2, p.beta, p.chunk_size or 0, backend, stats)
+        return sparse_rows(student, ids, t_logp, t_tail, weight, grad, backend, stats,
+                           *(getattr(p, name) for name in OP_FIELDS))
 
     return fn
 

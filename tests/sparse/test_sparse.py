@@ -509,3 +509,30 @@ def test_tail_membership_vs_float64(k, block_v, dtype):
 def test_topk_tail_k64_triton_vs_float64(div, small_blocks):
     """topk_tail at K = 64 on an odd vocabulary through the public function (loss and gradient, masked row)."""
     _check_vs_ref("triton", "topk_tail", "logprobs", div, torch.float32, n=4, v=131, k=64, rtol=2e-5, atol=2e-6)
+
+
+def test_custom_op_arguments_are_the_sparse_params_fields(monkeypatch):
+    """fastkd::sparse_rows takes the SparseParams fields (but softcap) as typed scalars, in field order (mode as
+    sparse_mode), and the backend receives the record unchanged: None chunk_size and bool survive the boundary."""
+    import dataclasses
+
+    from fastkd.core.params import SparseParams
+    from fastkd.sparse import op as sparse_op
+
+    schema = sparse_op.sparse_rows._opoverload._schema
+    names = [a.name for a in schema.arguments][8:]
+    assert names == [{"mode": "sparse_mode"}.get(f.name, f.name) for f in dataclasses.fields(SparseParams)
+                     if f.name != "softcap"]
+    seen = []
+    real = sparse_op.select
+    monkeypatch.setattr(sparse_op, "select", lambda op, backend, **kw: seen.append(kw["params"]) or real(
+        op, backend, **kw))
+    z = torch.randn(3, 9, dtype=torch.float64)
+    ids = torch.tensor([[0, 4, 7], [1, 2, 8], [5, 3, -1]])
+    lp = torch.log_softmax(torch.randn(3, 3, dtype=torch.float64), -1)
+    w = torch.ones(3, dtype=torch.float64)
+    p = SparseParams(divergence="jsd", temperature=1.5, scale_by_t2=True, beta=0.25, mode="topk", chunk_size=2)
+    sparse_op._backend_fn("torch")(z, ids, lp, None, w, None, p)
+    sparse_op._backend_fn("torch")(z, ids, lp, None, w, None, SparseParams())
+    assert seen[0] == p and isinstance(seen[0].scale_by_t2, bool) and isinstance(seen[0].chunk_size, int)
+    assert seen[1].chunk_size is None
