@@ -404,9 +404,10 @@ def _akl_split_kernel(
             kmax = tl.load(rp + 5, cache_modifier=".cg").to(tl.int32, bitcast=True)
             amax = tl.load(rp + 6, cache_modifier=".cg").to(tl.int32, bitcast=True)
             lo, hi, n_lo, n_hi = _step(acc_ptr + x * ACC_ROW, ROUNDS - 1, kmin, mu_fix, IB, SH, NT, NV, ROUNDS)
-            m_t = tl.load(rp + 1, cache_modifier=".cg")
-            ld_t = tl.load(rp + 10, cache_modifier=".cg")
-            lse_t = m_t + ld_t  # rounded once (registers: see the err sums below)
+            # the fallback bisection's p uses the teacher lse rounded to one fp32 (one register through its loop;
+            # the split form there spills on sm_90): it only moves the head boundary when mu lies within that
+            # rounding of a cumulative mass, in rows the rounds left unresolved
+            lse_t = tl.load(rp + 1, cache_modifier=".cg") + tl.load(rp + 10, cache_modifier=".cg")
             t_base = t_ptr + x * t_row
             offs = tl.arange(0, BLOCK_V)
             while ((n_lo - n_hi) > 1) & ((hi - lo) > 1):  # rare: finish the bisection over the whole row here
@@ -418,20 +419,21 @@ def _akl_split_kernel(
                     xt2 = tl.load(t_base + c2 * t_col, mask=m2, other=float("-inf")).to(tl.float32)
                     sums += _seg_sums(xt2, c2, m2, lse_t, 0.0, inv_t, kmin, IB, SH, th, NT, SCALED)
                 lo, hi, n_lo, n_hi = _narrow(lo, hi, n_lo, n_hi, th, sums, mu_fix)
-            m_s = tl.load(rp + 0, cache_modifier=".cg")
-            ld_s = tl.load(rp + 9, cache_modifier=".cg")
+            # volatile: loaded here, not kept in registers through the loop above
+            m_s = tl.load(rp + 0, volatile=True)
+            ld_s = tl.load(rp + 9, volatile=True)
+            m_t = tl.load(rp + 1, volatile=True)
+            ld_t = tl.load(rp + 10, volatile=True)
             xs = _load(s_ptr + x * s_row, s_col, cols, cm, full)
             xt = _load(t_base, t_col, cols, cm, full)
-            # the log-normalisers rounded to one fp32 each here (max + log-sum kept split costs the sm_90 STATS
-            # configuration its no-spill budget): |p − q| then carries a per-row factor error of half an ulp of
-            # lse, which at large logit offsets reaches the head weights (docs/DESIGN.md)
-            lse_s = m_s + ld_s
+            # the log-normalisers kept split (exact x − max first), as in the rounds and the gradient: p has the
+            # rounds' bits and |p − q| no per-row factor error at large logits
             if SCALED:
-                lq = xs * inv_t - lse_s
-                lp = xt * inv_t - lse_t
+                lq = (xs * inv_t - m_s) - ld_s
+                lp = (xt * inv_t - m_t) - ld_t
             else:
-                lq = xs - lse_s
-                lp = xt - lse_t
+                lq = (xs - m_s) - ld_s
+                lp = (xt - m_t) - ld_t
             err = tl.where(cm, tl.abs(tl.exp(lp) - tl.exp(lq)), 0.0)
             head = (_codes(xt, cols, kmin, IB, SH) >= hi) | (cols == amax)
             wp = ws_ptr + (x * S + j) * WS
