@@ -14,7 +14,9 @@ before the LM-head engine, and trainers may call it themselves. What it does wit
   case) — the weight is gathered, ``full_tensor(grad_placements=[Partial("avg")])``: its backward is a
   reduce-scatter that averages the ranks' gradients into the shard, as FSDP does for every other parameter
   (the default grad placement, ``Replicate``, would keep each rank's own un-reduced gradient). Mixed
-  precision: the gathered weight is cast to the hidden states' dtype, as FSDP's unshard would.
+  precision (hidden states narrower than the shard, e.g. bf16 under FSDP2's ``MixedPrecisionPolicy``): the
+  shard is cast to the hidden states' dtype before the gather, as FSDP's unshard does, and the gradient is
+  cast back to the shard's dtype before the reduce-scatter (the reduction runs in the parameter's dtype).
 * **Teacher DTensors** are gathered plainly (``full_tensor()``, no gradient); ``Replicate`` DTensors
   become their local tensor.
 * **Flat shards** — FSDP1 (``use_orig_params=True`` outside forward: shape ``(0,)``; flat 1-D parameters)
@@ -167,17 +169,39 @@ def _plain(name: str, x: torch.Tensor | None, *, ref: torch.Tensor | None = None
     return x.full_tensor()
 
 
+class _GatherNarrow(torch.autograd.Function):
+    """An FSDP2 ``Shard(0)`` weight cast to a narrower ``dtype`` before its all-gather (as FSDP's mixed-precision
+    unshard casts, so the gather moves the narrow bytes); the backward casts the gradient back to the shard's
+    dtype before the averaging reduce-scatter, so the reduction runs in the parameter's (wider) dtype."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        ctx.spec = (x.device_mesh, x.placements, x.shape, x.stride(), x.dtype)
+        return x.detach().to(dtype).full_tensor()
+
+    @staticmethod
+    def backward(ctx, grad):
+        mesh, placements, shape, stride, dtype = ctx.spec
+        partial = DTensor.from_local(grad.to(dtype).contiguous(), mesh, [Partial("avg")], run_check=False,
+                                     shape=shape, stride=stride)
+        return partial.redistribute(mesh, placements), None
+
+
 def _gather_head(name: str, x: torch.Tensor | None, grad_avg: bool, dtype: torch.dtype) -> torch.Tensor | None:
     if not is_dtensor(x):
         return x
     p = _mesh_dim0(name, x)
+    # mixed precision (hidden states narrower than the shard): cast the shard first, gather the narrow bytes
+    narrow = x.is_floating_point() and x.dtype != dtype and dtype.itemsize < x.dtype.itemsize
     if p.is_replicate():
         full = x.to_local()
     elif p.dim != 0:
         raise ValueError(f"{name} is sharded on dim {p.dim} (a row-parallel head); the loss needs the "
                          "vocabulary dimension 0 sharded (ColwiseParallel) or replicated")
     elif not x.requires_grad:
-        full = x.detach().full_tensor()
+        full = (x.detach().to(dtype) if narrow else x.detach()).full_tensor()
+    elif grad_avg and narrow:
+        full = _GatherNarrow.apply(x, dtype)
     else:
         full = x.full_tensor(grad_placements=[Partial("avg")] if grad_avg else None)
     return full if full.dtype == dtype or not full.is_floating_point() else full.to(dtype)

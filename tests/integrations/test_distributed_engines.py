@@ -73,6 +73,55 @@ def reference() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters()}
 
 
+def bf16_params(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with bf16 parameters and its fp32 buffers (rotary frequencies) kept, as FSDP2's
+    ``MixedPrecisionPolicy(param_dtype=bfloat16)`` computes: it casts parameters, not buffers."""
+    for p in model.parameters():
+        p.data = p.data.bfloat16()
+    return model
+
+
+def mp_reference() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The single process under the mixed-precision policy's semantics: bf16 student and teacher parameters
+    (hence bf16 hidden states and heads), the whole batch; the student's gradients (bf16) as float32."""
+    import fastkd
+    from fastkd.integrations.hf import hidden_states
+
+    student, data = bf16_params(tiny_llama(0)), batch()
+    teacher = bf16_params(tiny_llama(1)).requires_grad_(False)
+    h = hidden_states(student, data)[:, :-1]
+    with torch.no_grad():
+        ht = hidden_states(teacher, data)[:, :-1]
+    loss = fastkd.fused_linear_distill_loss(h, student.lm_head.weight, ht, teacher.lm_head.weight,
+                                            labels=data["labels"][:, 1:], num_items_in_batch=n_items(data), **KW)
+    loss.backward()
+    return loss.detach().float(), {n: p.grad.float() for n, p in student.named_parameters()}
+
+
+# bf16 tolerance of the mixed-precision cases (u = 2^-8, bf16's unit roundoff). Each rank rounds its gradient
+# to bf16 before the fp32 reduce-scatter, the single process rounds the whole batch's once: the two differ by
+# up to ~3u of the summands' magnitude, so the elementwise bound is scale-relative (atol = 3u · max|ref|;
+# cancellation between the ranks' parts makes a purely relative bound meaningless) with torch's bf16 rtol,
+# and each tensor's error norm must stay within 2u of its norm. A gradient left un-reduced or averaged twice
+# (1/world off) is 50% off. The loss is summed in fp32 from bf16 logits: only the summation order (and a rare
+# 1-ulp bf16 activation) differs, hence rtol 1e-3.
+BF16_ATOL = 3 * 2.0**-8
+BF16_NORM = 2 * 2.0**-8
+
+
+def check_bf16(name: str, loss: torch.Tensor, grads: dict[str, torch.Tensor], ref) -> None:
+    total = loss.detach().float().clone() / WORLD
+    dist.all_reduce(total)
+    torch.testing.assert_close(total, ref[0], rtol=1e-3, atol=1e-6, msg=f"{name}: loss")
+    assert set(grads) == set(ref[1]), (name, set(ref[1]) ^ set(grads))
+    for k, g in grads.items():
+        r = ref[1][k]
+        err = float((g - r).norm() / r.norm())
+        assert err <= BF16_NORM, f"{name}: grad {k}: relative error norm {err:.2e} > {BF16_NORM:.2e}"
+        torch.testing.assert_close(g, r, rtol=1.6e-2, atol=BF16_ATOL * float(r.abs().max()),
+                                   msg=f"{name}: grad {k}")
+
+
 def check(name: str, loss: torch.Tensor, grads: dict[str, torch.Tensor], ref) -> None:
     total = loss.detach().clone() / WORLD
     dist.all_reduce(total)
@@ -119,14 +168,17 @@ def fused_loss(student, teacher, data, rank, *, through=None):
 
 
 # ---- FSDP2 --------------------------------------------------------------------------------------------------
-def _fsdp2(model, mesh, head_unit: bool, reshard_root: bool):
-    from torch.distributed.fsdp import fully_shard
+def _fsdp2(model, mesh, head_unit: bool, reshard_root: bool, mp: bool = False):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    kw = dict(mesh=mesh)
+    if mp:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
+        fully_shard(layer, **kw)
     if head_unit:
-        fully_shard(model.lm_head, mesh=mesh)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_root)
+        fully_shard(model.lm_head, **kw)
+    fully_shard(model, reshard_after_forward=reshard_root, **kw)
     return model
 
 
@@ -136,6 +188,8 @@ def _fsdp2_grads(model) -> dict[str, torch.Tensor]:
 
 def _fsdp2_cases():
     from torch.distributed.device_mesh import init_device_mesh
+
+    from fastkd.core.sharding import is_dtensor
 
     def mesh():
         return init_device_mesh("cpu", (WORLD,))
@@ -161,8 +215,6 @@ def _fsdp2_cases():
             check(f"fsdp2 module form (head unit {head_unit})", loss, _fsdp2_grads(s), ref)
 
     def fsdp2_teacher(rank, ref):  # sharded teacher: gathered for its forward + the loss, then reshard()
-        from fastkd.core.sharding import is_dtensor
-
         s = _fsdp2(tiny_llama(0), mesh(), head_unit=False, reshard_root=False)
         t = _fsdp2(tiny_llama(1), mesh(), head_unit=False, reshard_root=True)
         t.requires_grad_(False)
@@ -175,7 +227,72 @@ def _fsdp2_cases():
         loss.backward()
         check("fsdp2 teacher", loss, _fsdp2_grads(s), ref)
 
-    return [fsdp2_default, fsdp2_dtensor_head, fsdp2_module_form, fsdp2_teacher]
+    def fsdp2_mixed_precision(rank, ref):  # MixedPrecisionPolicy(bf16 params, fp32 reduce) vs one bf16 process
+        from fastkd.core import sharding
+
+        ref16 = mp_reference()
+        narrow_gathers, seen = [], []
+        real = sharding._GatherNarrow.apply
+
+        def counting(*a):
+            narrow_gathers.append(a[1])
+            return real(*a)
+
+        layouts = [("head unit, user call", True, True, None), ("default, user call", False, False, None),
+                   ("module form, head unit", True, True, "head"), ("module form, root", False, True, "root")]
+        for name, head_unit, reshard_root, through in layouts:
+            s = _fsdp2(tiny_llama(0), mesh(), head_unit=head_unit, reshard_root=reshard_root, mp=True)
+            seen.clear()
+            narrow_gathers.clear()
+            s.model.norm.register_forward_hook(lambda m, i, o: seen.append(o.dtype))  # the loss's hidden states
+            sharding._GatherNarrow.apply = counting
+            try:
+                loss = fused_loss(s, bf16_params(tiny_llama(1)), batch(), rank,
+                                  through={"head": s.lm_head, "root": s}.get(through))
+            finally:
+                del sharding._GatherNarrow.apply  # back to Function.apply
+            assert seen == [torch.bfloat16], (name, seen)
+            # only the head handed to the loss as a DTensor shard is gathered by fastkd (cast to bf16 first)
+            assert narrow_gathers == ([torch.bfloat16] if head_unit and through is None else []), name
+            loss.backward()
+            g = s.lm_head.weight.grad  # the sharded fp32 parameter's gradient, reduced over the ranks
+            assert is_dtensor(g) and g.dtype == torch.float32 and g.to_local().shape == (2048 // WORLD, 64), name
+            assert all(p.grad.dtype == torch.float32 for p in s.parameters()), name
+            check_bf16(f"fsdp2 mixed precision ({name})", loss, _fsdp2_grads(s), ref16)
+
+    def fsdp2_mixed_precision_gather(rank, ref):  # the narrow gather on uneven shards vs the float64 reference
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        import fastkd
+        import fastkd.reference as R
+
+        g = torch.Generator().manual_seed(5)
+        v, hd, n = 37, 16, (7, 11)  # 37 rows: shards of 19 and 18
+        w, wt = torch.randn(v, hd, generator=g), torch.randn(v, hd, generator=g)
+        h_all = (torch.randn(sum(n), hd, generator=g) * 2).bfloat16()
+        ht_all = (torch.randn(sum(n), hd, generator=g) * 2).bfloat16()
+        labels = torch.randint(0, v, (sum(n),), generator=g)
+        labels[[1, 8, 12]] = -100
+        kw = dict(temperature=2.0, ce_weight=0.1, num_items_in_batch=int((labels != -100).sum()))
+        mine = slice(0, n[0]) if rank == 0 else slice(n[0], None)
+        w_dt = distribute_tensor(w, mesh(), [Shard(0)]).requires_grad_()
+        wt_dt = distribute_tensor(wt, mesh(), [Shard(0)])
+        loss = fastkd.fused_linear_distill_loss(h_all[mine], w_dt, ht_all[mine], wt_dt, labels=labels[mine], **kw)
+        (loss * WORLD).backward()
+        assert w_dt.grad.placements == (Shard(0),) and w_dt.grad.dtype == torch.float32
+        assert w_dt.grad.to_local().shape == ((19 if rank == 0 else 18), hd)
+        w64 = w.bfloat16().double().requires_grad_()  # the single process: bf16 head, float64 arithmetic
+        expect = R.fused_linear_distill_loss(h_all.double(), w64, ht_all.double(), wt.bfloat16().double(),
+                                             labels=labels, **kw)
+        expect.backward()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        torch.testing.assert_close(total.double(), expect.detach(), rtol=1e-3, atol=1e-6)
+        grad = w_dt.grad.full_tensor().double()
+        torch.testing.assert_close(grad, w64.grad, rtol=1.6e-2, atol=BF16_ATOL * float(w64.grad.abs().max()))
+
+    return [fsdp2_default, fsdp2_dtensor_head, fsdp2_module_form, fsdp2_teacher, fsdp2_mixed_precision,
+            fsdp2_mixed_precision_gather]
 
 
 # ---- DTensor tensor parallelism ------------------------------------------------------------------------
@@ -379,7 +496,8 @@ def _all_cases():
     return [*_fsdp2_cases(), *_tp_cases(), *_fsdp1_cases(), *_trainer_cases()]
 
 
-CASE_NAMES = ["fsdp2_default", "fsdp2_dtensor_head", "fsdp2_module_form", "fsdp2_teacher", "tp_fused", "tp_logits",
+CASE_NAMES = ["fsdp2_default", "fsdp2_dtensor_head", "fsdp2_module_form", "fsdp2_teacher", "fsdp2_mixed_precision",
+              "fsdp2_mixed_precision_gather", "tp_fused", "tp_logits",
               "bad_combinations", "fsdp1_flat_head_rejected", "fsdp1_module_form", "trainer_fsdp2", "trainer_fsdp1"]
 
 
