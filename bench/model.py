@@ -423,8 +423,51 @@ def sparse_case(mode: str = "topk_tail", n: int = 8192, hs: int = 2048, v: int =
                  "naive": naive}, floor, gemms)
 
 
+def onpolicy_case(n: int = 8192, hs: int = 2048, v: int = 128256) -> Case:
+    """The sampled-token on-policy loss and the generic log-probs op, fwd+bwd: one id per token."""
+
+    def build() -> dict[str, Any]:
+        return {"h": _rand(n, hs, grad=True), "W": _rand(v, hs, grad=True),
+                "ids": torch.empty(n, device="meta", dtype=torch.int64),
+                "t": torch.empty(n, device="meta", dtype=torch.float32),
+                "s": torch.empty(n, device="meta", dtype=torch.float32)}
+
+    def fastkd_(x: dict[str, Any], reduction: str = "mean") -> None:
+        import fastkd
+
+        def loss() -> torch.Tensor:
+            out = fastkd.on_policy_distill_loss(x["h"], x["W"], x["ids"], x["t"], sampling_logprobs=x["s"],
+                                                reduction=reduction)
+            return out if reduction != "none" else out.sum()
+
+        _grad_step(loss, [x["h"], x["W"]])
+
+    def logprobs(x: dict[str, Any]) -> None:  # the generic op: its backward runs the logits GEMM again
+        import fastkd
+
+        _grad_step(lambda: fastkd.logprobs_from_hidden(x["h"], x["W"], x["ids"]).sum(), [x["h"], x["W"]])
+
+    def naive(x: dict[str, Any]) -> None:
+        def loss() -> torch.Tensor:
+            lq = torch.log_softmax((x["h"] @ x["W"].T).float(), -1).gather(1, x["ids"][:, None])[:, 0]
+            return (-(x["t"] - x["s"]) * torch.exp(lq - x["s"])).mean()
+
+        _grad_step(loss, [x["h"], x["W"]])
+
+    def gemms(x: dict[str, Any]) -> None:
+        g = torch.empty(n, v, device="meta", dtype=torch.bfloat16)
+        with torch.no_grad():
+            x["h"] @ x["W"].T, g @ x["W"], g.T @ x["h"]
+
+    floor = 2.0 * (n * hs + v * hs + n * hs + v * hs) + n * 20
+    return Case("onpolicy-advantage", {"N": n, "H": hs, "V": v, "dtype": "bf16"}, build,
+                {"fastkd": fastkd_, "fastkd-none": functools.partial(fastkd_, reduction="none"),
+                 "fastkd-logprobs_from_hidden": logprobs, "naive": naive}, floor, gemms)
+
+
 CASES: dict[str, Callable[[], Case]] = {
     **{f"distill-{d}": functools.partial(distill_case, d) for d in ("fkl", "rkl", "tvd", "jsd", "akl", "taid")},
+    "onpolicy-advantage": onpolicy_case,
     "fused-fkl": functools.partial(fused_case, "fkl"),
     "fused-jsd": functools.partial(fused_case, "jsd"),
     "sparse-topk_tail": functools.partial(sparse_case, "topk_tail"),

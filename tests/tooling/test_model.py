@@ -229,3 +229,25 @@ def test_model_counts_trl_on_its_cuda_path():
     assert r["status"] == "ok", r
     assert r["flops"] >= 2 * n * v * (2 * hs + ht + hs)  # projections of both heads plus the backward's two GEMMs
     assert "_stats_kernel" in r["l2_rule"] and "_backward_kernel" in r["l2_rule"]
+
+
+def test_model_onpolicy_case_gemms_and_memory(monkeypatch):
+    """on_policy_distill_loss (scalar): the three GEMMs' FLOPs; its reduction='none' and logprobs_from_hidden: four
+    (the logits again in backward); peak extra memory grows with N by O(N·H) + O(N) only (64-row chunks)."""
+    monkeypatch.setenv("FASTKD_CHUNK_MB", "1")
+    h, v = 64, 1000
+    peaks = {}
+    for n in (256, 1024):
+        rows = M.model_case(M.onpolicy_case(n=n, hs=h, v=v), M.GPUS["h100"], rows=2)
+        by = {r["provider"]: r for r in rows}
+        assert all(r["status"] == "ok" for r in rows), rows
+        gemm = 2.0 * n * v * h
+        assert 3 * gemm <= by["fastkd"]["flops"] < 3.2 * gemm
+        for p in ("fastkd-none", "fastkd-logprobs_from_hidden"):
+            assert 4 * gemm <= by[p]["flops"] < 4.2 * gemm, p
+        assert by["fastkd"]["gemm_ms"] > 0 and by["fastkd"]["time_vs_gemm"] >= 1.0
+        peaks[n] = {p: r["peak_extra_mb"] * 2**20 for p, r in by.items()}
+    grow = {p: peaks[1024][p] - peaks[256][p] for p in peaks[256]}
+    for p in ("fastkd", "fastkd-none", "fastkd-logprobs_from_hidden"):
+        assert grow[p] <= 768 * (2 * h * 2 + 64), (p, grow[p])
+    assert grow["naive"] >= 768 * v * 4  # the (N, V) logits
