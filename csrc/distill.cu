@@ -13,6 +13,7 @@
 //           computing 15 candidate masses with deterministic block sums (no sort, no atomics);
 //   pass 2  D = Σ_j d_j and Σ_j qg_j with qg = q·∂D/∂q (fastkd/distill/torch_impl.py TERMS, term by term);
 //   pass 3  grad_j = w·[(qg_j − q_j·Σqg)·kd_scale/T + ce_weight·(softmax(z_s)_j − [j == label])].
+//   taid    one more pass before pass 1: the row maxima of s and z_t / T, which shift the mixed logits.
 // loss[i] = kd_scale·D − ce_weight·log_softmax(z_s)[label]. Grid: (n_rows,), block: 128–512 threads.
 // With a stats buffer (STATS template flag: the kernels without it are unchanged), pass 1 also finds the first
 // argmax of the raw student and teacher logits (and the teacher's own lse for taid, whose x is the mix) and
@@ -53,6 +54,7 @@ struct RowConsts {
   float inv_t, beta, alpha, log_b, log_1mb, log_a, log_1ma;
   SplitLse lse_s, lse_x;
   float t_mix;
+  float mx_s, mx_t;   // taid: the rows' maxima of s and z_t / T (0 for an all −inf row), shifts of the mix
   uint32_t head_key;  // akl: p_j with bits ≥ head_key are in the head
   int64_t top;        // akl: the teacher's first argmax (always in the head)
 };
@@ -61,13 +63,16 @@ struct RowConsts {
 // z * (1/T) and p has the same bits in the akl threshold pass and the loss / gradient passes.
 __device__ __forceinline__ float temper(float z, float inv_t) { return __fmul_rn(z, inv_t); }
 
+// taid mixes the max-subtracted logits: (1−t)(s − max s) + t(z_t/T − max z_t/T) differs from (1−t)·s + t·z_t/T
+// by a per-row constant (the same softmax), and s − max is an exact difference, so the mix is not rounded at the
+// logits' magnitude.
 template <int DIV>
 __device__ __forceinline__ float mixed_logit(const RowConsts& c, float s, float zt) {
   const float tt = temper(zt, c.inv_t);
   if constexpr (DIV == kTAID) {
     if (c.t_mix == 0.f) return s;
     if (c.t_mix == 1.f) return tt;
-    return (1.f - c.t_mix) * s + c.t_mix * tt;
+    return (1.f - c.t_mix) * (s - c.mx_s) + c.t_mix * (tt - c.mx_t);
   } else {
     return tt;
   }
@@ -141,6 +146,23 @@ __device__ __forceinline__ Terms element_terms(const RowConsts& c, float zs, flo
 
 __device__ __forceinline__ uint32_t prob_key(float p) { return __float_as_uint(p); }
 
+// Block-wide maxima of two values (fmaxf is exact and commutative: every thread receives the same bits).
+__device__ __forceinline__ void block_max2(float& a, float& b) {
+  __shared__ float sh[2][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+    b = fmaxf(b, __shfl_xor_sync(0xffffffffu, b, o));
+  }
+  if (lane == 0) { sh[0][warp] = a; sh[1][warp] = b; }
+  __syncthreads();
+  a = sh[0][0];
+  b = sh[1][0];
+  for (int w = 1; w < nwarps; ++w) { a = fmaxf(a, sh[0][w]); b = fmaxf(b, sh[1][w]); }
+  __syncthreads();
+}
+
 template <typename T, int DIV, int VEC, bool STATS>
 __global__ void __launch_bounds__(512, 1) distill_kernel(DistillArgs a) {
   const int64_t row = blockIdx.x;
@@ -168,6 +190,20 @@ __global__ void __launch_bounds__(512, 1) distill_kernel(DistillArgs a) {
   c.log_1mb = c.beta < 1.f ? logf(1.f - c.beta) : 0.f;
   c.log_a = c.alpha > 0.f ? logf(c.alpha) : 0.f;
   c.log_1ma = c.alpha < 1.f ? logf(1.f - c.alpha) : 0.f;
+  c.mx_s = 0.f;
+  c.mx_t = 0.f;
+  if constexpr (DIV == kTAID) {  // pass 0 (taid only): the row maxima the mix is shifted by
+    if (c.t_mix != 0.f && c.t_mix != 1.f) {
+      float ms = -INFINITY, mt = -INFINITY;
+      row_foreach2<T, VEC, kUnroll>(zs_row, zt_row, V, [&](int64_t, float zs, float zt) {
+        ms = fmaxf(ms, temper(zs, c.inv_t));
+        mt = fmaxf(mt, temper(zt, c.inv_t));
+      });
+      block_max2(ms, mt);
+      c.mx_s = fabsf(ms) < INFINITY ? ms : 0.f;
+      c.mx_t = fabsf(mt) < INFINITY ? mt : 0.f;
+    }
+  }
 
   // ---- pass 1: log-sum-exps (student tempered, teacher/mix tempered, raw student) and teacher argmax
   Lse st[3];
