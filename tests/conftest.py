@@ -60,7 +60,8 @@ SLOW_MODULES = frozenset({
     "test_aot", "test_cache_extract", "test_determinism", "test_distill_akl", "test_distributed",
     "test_distributed_engines", "test_distributed_teacher", "test_endpoints", "test_example", "test_gpu_check",
     "test_mixture", "test_offsets",
-    "test_onpolicy_compile", "test_onpolicy_distributed", "test_packaging", "test_properties", "test_sparse_split",
+    "test_onpolicy_compile", "test_onpolicy_distributed", "test_packaging", "test_properties", "test_sparse_offsets",
+    "test_sparse_split",
     "test_stats",
     "test_stats_sparse", "test_token_select", "test_triton_distill", "test_trl_trainer_e2e",
 })
