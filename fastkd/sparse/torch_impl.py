@@ -73,7 +73,10 @@ def sparse_terms(
     """Loss (N,) and gradient coefficients (c (N, K), a (N,), lb (N,), b' (N,)) for one block of rows.
 
     s_ids: tempered student logits at the ids, −inf at padding, NaN at an id outside [0, V);
-    lse, lse_tail: (N,) statistics above; t_logp: (N, K) teacher log-probabilities (renormalised over K for
+    lse, lse_tail: (N,) statistics above. The math is shift-invariant: s_ids, lse and lse_tail may all be
+    relative to one per-row shift (every backend passes them relative to a logit near the row's top, so that no
+    log-normaliser is rounded at the logits' magnitude; the gradient's exponent is then relative to it too);
+    t_logp: (N, K) teacher log-probabilities (renormalised over K for
     topk/sampled, raw for topk_tail), −inf at padding; t_tail: (N,) teacher log tail mass (topk_tail). All in
     the compute dtype. weight: (N,) token weights (0 = excluded).
 
