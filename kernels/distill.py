@@ -42,12 +42,9 @@ import triton
 import triton.language as tl
 
 from fastkd.core.divergences import CODES, MIXTURE_CODES
-from fastkd.kernels._blocks import (  # noqa: F401  (_ce_store, _ent_block, _ent_merge: re-exported for now)
+from fastkd.kernels._blocks import (
     _argmax_block,
     _argmax_fold,
-    _ce_store,
-    _ent_block,
-    _ent_merge,
     _ent_online,
     _lae,
     _online,

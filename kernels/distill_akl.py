@@ -49,8 +49,8 @@ are touched in between: every re-read is an L2 hit and HBM sees the logits read 
 once, plus the workspace (~2 % of the traffic). Rounds of a resolved row read nothing.
 
 ``STATS`` (return_stats): phase 0 also writes the segment's entropy sums and the student's raw max and
-first index (``NSLOT_STATS``; the shared helpers of :mod:`fastkd.kernels.distill`), and segment 0 of round 1,
-which merges the row anyway, writes ``[teacher_entropy, student_entropy, top1_agree, kl]``; no other phase
+first index (``NSLOT_STATS``; the shared helpers and slot names of :mod:`fastkd.kernels._blocks`), and segment 0
+of round 1, which merges the row anyway, writes ``[teacher_entropy, student_entropy, top1_agree, kl]``; no other phase
 changes, so loss and gradient are bitwise those of the launch without stats.
 
 Work per logit: phase 0 ≈ 2 exps, each executed round one exp and NT compare-select-add (≈ 3 NT + 20 ops), the
@@ -66,8 +66,35 @@ import triton
 import triton.language as tl
 
 from fastkd.core.divergences import HYPER_NAMES
-from fastkd.kernels.distill import _argmax_block, _ce_store, _ent_block, _ent_merge, _online, _store_stats
-from fastkd.kernels.distill_split import _wait
+from fastkd.kernels._blocks import (
+    NSLOT,
+    NSLOT_STATS,
+    WS_A_F,
+    WS_A_R,
+    WS_AKL_RI_S,
+    WS_C_S,
+    WS_C_T,
+    WS_D_S,
+    WS_D_T,
+    WS_D_Z,
+    WS_IMAX,
+    WS_KMAX,
+    WS_KMIN,
+    WS_M_S,
+    WS_M_T,
+    WS_M_Z,
+    WS_P0,
+    WS_P1,
+    WS_RM_S,
+    WS_ZL,
+    _argmax_block,
+    _ce_store,
+    _ent_block,
+    _ent_merge,
+    _online,
+    _store_stats,
+    _wait,
+)
 
 AKL_BLOCK_V = 1024  # segment size (see the L2 argument in the docstring)
 AKL_NUM_WARPS = 8
@@ -75,9 +102,6 @@ AKL_ROUNDS = 6  # search rounds done as phases (unresolved rows finish in the er
 AKL_NT = 16  # thresholds per round
 AKL_NV = 14  # of which uniform in the logit value while the bracket spans more than NT + 1 keys
 AKL_MAX_V = 1 << 20  # count field of the packed sums: 21 bits
-NSLOT = tl.constexpr(16)  # fp32 slots per unit in ws (14 used)
-NSLOT_STATS = tl.constexpr(20)  # with STATS: + entropy sums c_s, c_t (14, 15), the student's raw max and its first
-# index (16, 17); the stride is the constexpr WS, so launches without stats are unchanged
 RSLOT = tl.constexpr(12)  # fp32 slots per row in rs: maxima m_s, m_t, m_z (0, 1, 7) and log-sums ld_s, ld_t, ld_z
 # (9, 10, 11) of the log-normalisers kept split (x − m exact at large logits), fkl, rkl (2, 3), keys (4–6), zl (8)
 NEG = tl.constexpr(float("-inf"))
@@ -269,28 +293,28 @@ def _akl_split_kernel(
                 _m, _d, c_s, _a = _ent_block(s, t)
                 _m, _d, c_t, _a = _ent_block(t, s)
                 rm_s, ri_s = _argmax_block(xs, cols)
-                tl.store(wp + 14, c_s)
-                tl.store(wp + 15, c_t)
-                tl.store(wp + 16, rm_s)
-                tl.store(wp + 17, ri_s.to(tl.float32, bitcast=True))
+                tl.store(wp + WS_C_S, c_s)
+                tl.store(wp + WS_C_T, c_t)
+                tl.store(wp + WS_RM_S, rm_s)
+                tl.store(wp + WS_AKL_RI_S, ri_s.to(tl.float32, bitcast=True))
             if CE_RAW:
                 m_z, d_z, _az = _online(zero + NEG, zero, zero, xs, xs)
-                tl.store(wp + 9, m_z)
-                tl.store(wp + 10, d_z)
+                tl.store(wp + WS_M_Z, m_z)
+                tl.store(wp + WS_D_Z, d_z)
             if HAS_LABELS:
                 label = tl.load(lab_ptr + r)
                 mine = (label >= start) & (label < start + BLOCK_V) & (label < V)
                 zl = tl.load(s_ptr + r * s_row + tl.where(mine, label, 0) * s_col, mask=mine, other=0.0)
-                tl.store(wp + 11, zl.to(tl.float32))
-            tl.store(wp + 0, m_s)
-            tl.store(wp + 1, d_s)
-            tl.store(wp + 2, a_r)
-            tl.store(wp + 3, m_t)
-            tl.store(wp + 4, d_t)
-            tl.store(wp + 5, a_f)
-            tl.store(wp + 6, kmin.to(tl.float32, bitcast=True))
-            tl.store(wp + 7, kmax.to(tl.float32, bitcast=True))
-            tl.store(wp + 8, imax.to(tl.float32, bitcast=True))
+                tl.store(wp + WS_ZL, zl.to(tl.float32))
+            tl.store(wp + WS_M_S, m_s)
+            tl.store(wp + WS_D_S, d_s)
+            tl.store(wp + WS_A_R, a_r)
+            tl.store(wp + WS_M_T, m_t)
+            tl.store(wp + WS_D_T, d_t)
+            tl.store(wp + WS_A_F, a_f)
+            tl.store(wp + WS_KMIN, kmin.to(tl.float32, bitcast=True))
+            tl.store(wp + WS_KMAX, kmax.to(tl.float32, bitcast=True))
+            tl.store(wp + WS_IMAX, imax.to(tl.float32, bitcast=True))
         tl.atomic_add(cnt_ptr + 1 + r * NPH, 1, sem="release")
 
     # ---- phases 1..ROUNDS: search round k of row r − k -----------------------------------------------------
@@ -302,23 +326,24 @@ def _akl_split_kernel(
                 rp = rs_ptr + x * RSLOT
                 if k == 1:  # merge the segment statistics; segment 0 publishes the row summary
                     wr = ws_ptr + x * S * WS + segs * WS
-                    m = tl.load(wr + 3, mask=sm, other=float("-inf"), cache_modifier=".cg")
-                    d = tl.load(wr + 4, mask=sm, other=0.0, cache_modifier=".cg")
+                    m = tl.load(wr + WS_M_T, mask=sm, other=float("-inf"), cache_modifier=".cg")
+                    d = tl.load(wr + WS_D_T, mask=sm, other=0.0, cache_modifier=".cg")
                     mm = tl.max(m, 0)
                     mms = tl.where(mm == float("-inf"), 0.0, mm)
                     m_t = mm
                     ld_t = tl.log(tl.sum(d * tl.exp(m - mms), 0))
-                    kmins = tl.load(wr + 6, mask=sm, other=0.0, cache_modifier=".cg").to(tl.int32, bitcast=True)
+                    kmins = tl.load(wr + WS_KMIN, mask=sm, other=0.0, cache_modifier=".cg").to(tl.int32, bitcast=True)
                     kmin = tl.min(tl.where(sm, kmins, 0x7FFFFFFF), 0)
-                    kmaxs = tl.where(sm, tl.load(wr + 7, mask=sm, other=0.0, cache_modifier=".cg")
+                    kmaxs = tl.where(sm, tl.load(wr + WS_KMAX, mask=sm, other=0.0, cache_modifier=".cg")
                                      .to(tl.int32, bitcast=True), -0x7FFFFFFF - 1)
                     kmax = tl.max(kmaxs, 0)
                     if j == 0:
-                        imaxs = tl.load(wr + 8, mask=sm, other=0.0, cache_modifier=".cg").to(tl.int32, bitcast=True)
+                        imaxs = tl.load(wr + WS_IMAX, mask=sm, other=0.0, cache_modifier=".cg").to(tl.int32,
+                                                                                                     bitcast=True)
                         amax = tl.min(tl.where(sm & (kmaxs == kmax), imaxs, V), 0)
-                        a = tl.load(wr + 2, mask=sm, other=0.0, cache_modifier=".cg")
-                        m = tl.load(wr + 0, mask=sm, other=float("-inf"), cache_modifier=".cg")
-                        d = tl.load(wr + 1, mask=sm, other=0.0, cache_modifier=".cg")
+                        a = tl.load(wr + WS_A_R, mask=sm, other=0.0, cache_modifier=".cg")
+                        m = tl.load(wr + WS_M_S, mask=sm, other=float("-inf"), cache_modifier=".cg")
+                        d = tl.load(wr + WS_D_S, mask=sm, other=0.0, cache_modifier=".cg")
                         ms_ = tl.max(m, 0)
                         mss = tl.where(ms_ == float("-inf"), 0.0, ms_)
                         sc = tl.exp(m - mss)
@@ -330,23 +355,23 @@ def _akl_split_kernel(
                         dm = m_s - m_t  # lse_s − lse_t = dm + dl (exact differences first)
                         dl = ld_s - ld_t
                         tl.store(rp + 3, tl.sum(a * sc, 0) / dd - dm - dl)  # rkl = A/D − lse_s + lse_t
-                        af = tl.load(wr + 5, mask=sm, other=0.0, cache_modifier=".cg")
-                        m = tl.load(wr + 3, mask=sm, other=float("-inf"), cache_modifier=".cg")
-                        d = tl.load(wr + 4, mask=sm, other=0.0, cache_modifier=".cg")
+                        af = tl.load(wr + WS_A_F, mask=sm, other=0.0, cache_modifier=".cg")
+                        m = tl.load(wr + WS_M_T, mask=sm, other=float("-inf"), cache_modifier=".cg")
+                        d = tl.load(wr + WS_D_T, mask=sm, other=0.0, cache_modifier=".cg")
                         sc = tl.exp(m - mms)
                         fkl = tl.sum(af * sc, 0) / tl.sum(d * sc, 0) + dm + dl
                         m_z = m_s
                         ld_z = ld_s
                         zl = zero
                         if CE_RAW:
-                            m = tl.load(wr + 9, mask=sm, other=float("-inf"), cache_modifier=".cg")
-                            d = tl.load(wr + 10, mask=sm, other=0.0, cache_modifier=".cg")
+                            m = tl.load(wr + WS_M_Z, mask=sm, other=float("-inf"), cache_modifier=".cg")
+                            d = tl.load(wr + WS_D_Z, mask=sm, other=0.0, cache_modifier=".cg")
                             mz = tl.max(m, 0)
                             mzs = tl.where(mz == float("-inf"), 0.0, mz)
                             m_z = mz
                             ld_z = tl.log(tl.sum(d * tl.exp(m - mzs), 0))
                         if HAS_LABELS:
-                            zl = tl.sum(tl.load(wr + 11, mask=sm, other=0.0, cache_modifier=".cg"), 0)
+                            zl = tl.sum(tl.load(wr + WS_ZL, mask=sm, other=0.0, cache_modifier=".cg"), 0)
                         tl.store(rp + 1, m_t)
                         tl.store(rp + 10, ld_t)
                         tl.store(rp + 11, ld_z)
@@ -358,16 +383,17 @@ def _akl_split_kernel(
                         tl.store(rp + 8, zl)
                         if STATS:
                             zv = tl.zeros([SP], tl.float32)
-                            cs = tl.load(wr + 14, mask=sm, other=0.0, cache_modifier=".cg")
-                            ct = tl.load(wr + 15, mask=sm, other=0.0, cache_modifier=".cg")
-                            _m, d_s, c_s, _a = _ent_merge(tl.load(wr + 0, mask=sm, other=float("-inf"),
+                            cs = tl.load(wr + WS_C_S, mask=sm, other=0.0, cache_modifier=".cg")
+                            ct = tl.load(wr + WS_C_T, mask=sm, other=0.0, cache_modifier=".cg")
+                            _m, d_s, c_s, _a = _ent_merge(tl.load(wr + WS_M_S, mask=sm, other=float("-inf"),
                                                                   cache_modifier=".cg"),
-                                                          tl.load(wr + 1, mask=sm, other=0.0, cache_modifier=".cg"),
+                                                          tl.load(wr + WS_D_S, mask=sm, other=0.0,
+                                                                  cache_modifier=".cg"),
                                                           cs, zv)
                             _m, d_t, c_t, _a = _ent_merge(m, d, ct, zv)
-                            bits_s = tl.load(wr + 17, mask=sm, other=0.0, cache_modifier=".cg").to(tl.int32,
+                            bits_s = tl.load(wr + WS_AKL_RI_S, mask=sm, other=0.0, cache_modifier=".cg").to(tl.int32,
                                                                                                   bitcast=True)
-                            _m, i_s = _argmax_block(tl.load(wr + 16, mask=sm, other=float("-inf"),
+                            _m, i_s = _argmax_block(tl.load(wr + WS_RM_S, mask=sm, other=float("-inf"),
                                                             cache_modifier=".cg"), bits_s)
                             _store_stats(st_ptr + x * st_row, d_t, c_t, d_s, c_s, amax, i_s, fkl)
                 else:
@@ -437,8 +463,8 @@ def _akl_split_kernel(
             err = tl.where(cm, tl.abs(tl.exp(lp) - tl.exp(lq)), 0.0)
             head = (_codes(xt, cols, kmin, IB, SH) >= hi) | (cols == amax)
             wp = ws_ptr + (x * S + j) * WS
-            tl.store(wp + 12, tl.sum(tl.where(head, err, 0.0), 0))
-            tl.store(wp + 13, tl.sum(err, 0))
+            tl.store(wp + WS_P0, tl.sum(tl.where(head, err, 0.0), 0))
+            tl.store(wp + WS_P1, tl.sum(err, 0))
         tl.atomic_add(cnt_ptr + 1 + x * NPH + ROUNDS + 1, 1, sem="release")
 
     # ---- final phase: loss (segment 0) and gradient of segment j of row r − ROUNDS − 2 ----------------------
@@ -457,8 +483,8 @@ def _akl_split_kernel(
             fkl = tl.load(rp + 2, cache_modifier=".cg")
             rkl = tl.load(rp + 3, cache_modifier=".cg")
             wr = ws_ptr + x * S * WS + segs * WS
-            g_h = tl.sum(tl.load(wr + 12, mask=sm, other=0.0, cache_modifier=".cg"), 0)
-            g_all = tl.sum(tl.load(wr + 13, mask=sm, other=0.0, cache_modifier=".cg"), 0)
+            g_h = tl.sum(tl.load(wr + WS_P0, mask=sm, other=0.0, cache_modifier=".cg"), 0)
+            g_all = tl.sum(tl.load(wr + WS_P1, mask=sm, other=0.0, cache_modifier=".cg"), 0)
             g_t = g_all - g_h
             den = g_h + g_t
             safe = tl.where(den > 0, den, 1.0)
@@ -513,7 +539,7 @@ def launch(args: tuple, n: int, v: int, *, has_grad: bool, has_labels: bool, ce_
     bv = block_v or min(AKL_BLOCK_V, max(16, 1 << (v - 1).bit_length()))
     s_count = -(-v // bv)
     dev = student.device
-    nslot = (NSLOT if stats is None else NSLOT_STATS).value
+    nslot = NSLOT if stats is None else NSLOT_STATS
     ws = torch.empty(n, s_count, nslot, dtype=torch.float32, device=dev)
     rs = torch.empty(n, RSLOT.value, dtype=torch.float32, device=dev)
     acc = torch.zeros(n, AKL_ROUNDS * AKL_NT + 8, dtype=torch.int64, device=dev)

@@ -73,8 +73,7 @@ import triton
 import triton.language as tl
 
 from fastkd.core.divergences import CODES
-from fastkd.kernels.distill import _lae
-from fastkd.kernels.distill_split import _wait
+from fastkd.kernels._blocks import _lae, _wait
 from fastkd.kernels.sparse import _online, _online_stats, _segmented_add
 
 NSLOT = 2  # fp32 slots per unit in the workspace: the segment's (max, Σe^{s−max})

@@ -509,3 +509,26 @@ def test_gpu_suite_dry_run(tmp_path):
     triton_rows = [r for r in rows if r["provider"] == "fastkd-triton"]
     assert rc == 0 and triton_rows and triton_rows[0]["status"] == "ok"
     assert triton_rows[0]["max_abs_err"] < 1e-3
+
+
+def test_kernel_files_share_helpers_through_blocks():
+    """The shared @triton.jit helpers and workspace slot names come from kernels/_blocks.py; a kernel file imports
+    private names from no other kernel file, except a split schedule from its own family's kernel (the
+    divergence math of distill.py, the sparse folds of sparse.py)."""
+    import ast
+    import re
+    from pathlib import Path
+
+    allowed = {("distill_split.py", "distill"), ("sparse_split.py", "sparse")}
+    folder = Path(__file__).resolve().parents[2] / "kernels"
+    seen = set()
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fastkd.kernels."):
+                src = node.module.rsplit(".", 1)[1]
+                seen.add((path.name, src))
+                assert src == "_blocks" or (path.name, src) in allowed, f"{path.name} imports from {src}"
+    assert {("distill.py", "_blocks"), ("distill_split.py", "_blocks"), ("distill_akl.py", "_blocks"),
+            ("sparse_split.py", "_blocks")} <= seen
+    akl = (folder / "distill_akl.py").read_text()
+    assert not re.search(r"\b(wp|wr) \+ \d", akl), "distill_akl addresses a workspace slot by number"
