@@ -9,6 +9,9 @@ positions) by one of:
 * ``on-policy RKL``   the student samples G bytes after each prompt; the local teacher scores the sampled bytes;
                       fastkd.on_policy_distill_loss(estimator="advantage", sampling_logprobs=...) — the
                       detached per-token reverse-KL advantage with the importance ratio to the sampling policy,
+* ``on-policy exact RKL`` the same student samples; the local teacher's full distribution at each sampled
+                      position; fastkd.fused_linear_distill_loss(divergence="rkl") — the per-position reverse KL
+                      whose gradient the sampled "advantage" estimator estimates (no sampling noise in the loss),
 * ``on-policy top-k`` the same student samples, scored by a served-teacher stand-in (``ServedTeacher`` of
                       ``examples/served_teacher.py``, subclassed: it returns only log-probs of given ids and its
                       own top-k); fastkd.fused_linear_sparse_distill_loss(semantics="trl_tail") on its top-k.
@@ -39,7 +42,7 @@ from served_teacher import ServedTeacher  # noqa: E402
 
 import fastkd  # noqa: E402
 
-METHODS = ("off-policy KD", "on-policy RKL", "on-policy top-k")
+METHODS = ("off-policy KD", "on-policy RKL", "on-policy exact RKL", "on-policy top-k")
 
 
 def config(quick: bool) -> dict:
@@ -119,13 +122,19 @@ def run(quick: bool, threads: int) -> dict:
         return fastkd.on_policy_distill_loss(h, m.lm_head.weight, ids, t_lp, estimator="advantage",
                                              sampling_logprobs=logq_s)
 
+    def on_policy_exact_rkl(m: TinyLM, b: torch.Tensor, g) -> torch.Tensor:
+        seq, _ = sample(m, b[:, :p], gl, g)
+        h = m.hidden(seq[:, :-1])[:, p - 1:]
+        ht = teacher.hidden(seq[:, :-1])[:, p - 1:]
+        return fastkd.fused_linear_distill_loss(h, m.lm_head.weight, ht, wt, divergence="rkl")
+
     def on_policy_topk(m: TinyLM, b: torch.Tensor, g) -> torch.Tensor:
         seq, _ = sample(m, b[:, :p], gl, g)
         t_ids, t_lp = served.top_logprobs(seq, cfg["k"])
         h = m.hidden(seq[:, :-1])[:, p - 1:]
         return fastkd.fused_linear_sparse_distill_loss(h, m.lm_head.weight, t_ids, t_lp, semantics="trl_tail")
 
-    fns = dict(zip(METHODS, (off_policy, on_policy_rkl, on_policy_topk), strict=True))
+    fns = dict(zip(METHODS, (off_policy, on_policy_rkl, on_policy_exact_rkl, on_policy_topk), strict=True))
     res: dict[str, dict[str, list[float]]] = {m: {"ppl": [], "rkl": []} for m in ("warm-up (before)", *METHODS)}
     for seed in range(cfg["seeds"]):
         torch.manual_seed(1000 + seed)
