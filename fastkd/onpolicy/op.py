@@ -99,15 +99,15 @@ def grad_rows_(u: torch.Tensor, lse: torch.Tensor, ids: torch.Tensor, g: torch.T
     ``ids`` (c, K) global ids in range, ``g`` (c, K) (0 at slots that must get no gradient), ``ent``/``g_ent`` (c,).
     """
     logp = u.sub_(lse[:, None])
-    p = logp.exp()
     s = g.sum(-1, keepdim=True)
     if g_ent is not None:
+        p = logp.exp()
         # −g_H·p·(log p + H); p = 0 (u = −inf) contributes 0 rather than 0·(−inf)
         logp.add_(ent[:, None]).mul_(p).mul_(-g_ent[:, None])
         logp.masked_fill_(p == 0, 0.0)
         logp.addcmul_(p, s, value=-1.0)
-    else:
-        torch.mul(p, s, out=logp).neg_()
+    else:  # −p·Σg in place: no second (c, V) temporary, one pass fewer
+        logp.exp_().mul_(-s)
     ops.scatter_(logp, ids, g.to(logp.dtype))
     return logp
 
