@@ -96,3 +96,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def small_blocks():
+    """The sparse Triton kernels with 16-column vocabulary blocks and one warp: several blocks on small V."""
+    from fastkd.sparse import triton_impl as TS
+
+    old = dict(TS.CONFIG)
+    TS.CONFIG.update(block_v=16, num_warps=1)
+    yield
+    TS.CONFIG.update(old)
+
+
+@pytest.fixture
+def no_value_checks():
+    """What a CUDA user gets by default: no data-dependent (host-syncing) input checks."""
+    from fastkd.core import checks
+
+    checks.set_input_checks(False)
+    yield
+    checks.set_input_checks(None)

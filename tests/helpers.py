@@ -41,3 +41,21 @@ def ref_loss_grad(zs: torch.Tensor, zt: torch.Tensor, div: str, **kw) -> tuple[t
     y = R.distill_loss(x, fin(zt), div, **kw).sum()
     grad = torch.autograd.grad(y, x)[0] if y.requires_grad else torch.zeros_like(x)  # skl at α=1: D ≡ 0
     return out, torch.where(torch.isneginf(zs), 0.0, grad)
+
+
+def teacher_slots(t: torch.Tensor, k: int, kind: str, mode: str, generator: torch.Generator
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sparse teacher (ids, values) (N, K) from float64 teacher logits ``t`` (N, V): K distinct random ids with
+    integer draw counts 1..5 for ``mode="sampled"`` or ``kind="counts"``, else the teacher's top-k as
+    ``kind`` ("logprobs", "probs" or "logits")."""
+    n, v = t.shape
+    if mode == "sampled" or kind == "counts":
+        ids = torch.stack([torch.randperm(v, generator=generator)[:k] for _ in range(n)])
+        return ids, torch.randint(1, 6, (n, k), generator=generator).double()
+    top = torch.log_softmax(t, -1).topk(k, -1)
+    ids, vals = top.indices.clone(), top.values.clone()
+    if kind == "probs":
+        vals = vals.exp()
+    elif kind == "logits":
+        vals = t.gather(-1, ids)
+    return ids, vals

@@ -18,6 +18,7 @@ import math
 
 import pytest
 import torch
+from helpers import teacher_slots
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -136,18 +137,8 @@ def sparse_inputs(draw, max_n=4, max_v=40):
     mode, kind, div = draw(st.sampled_from(SPARSE_CASES))
     n, v = s.shape
     k = draw(st.integers(1, min(6, v)))
-    lp = torch.log_softmax(t.double() / (temperature if kind == "logits" else 1.0), -1)
-    if mode == "sampled" or kind == "counts":
-        g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-        ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
-        vals = torch.randint(1, 6, (n, k), generator=g).double()
-    else:
-        top = lp.topk(k, -1)
-        ids, vals = top.indices.clone(), top.values.clone()
-        if kind == "probs":
-            vals = vals.exp()
-        elif kind == "logits":
-            vals = t.double().gather(-1, ids)
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    ids, vals = teacher_slots(t.double(), k, kind, mode, g)
     if draw(st.booleans()) and k > 1:  # padding slots with garbage values
         ids[0, -1] = -1
         vals[0, -1] = 3.0

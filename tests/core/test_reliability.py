@@ -17,25 +17,8 @@ import fastkd
 from fastkd.core import checks
 from fastkd.ot.losses import sinkd_loss
 from fastkd.sparse import reference as ref
-from fastkd.sparse import triton_impl as TS
 
 BACKENDS = ["torch", "triton"]
-
-
-@pytest.fixture
-def small_blocks():
-    old = dict(TS.CONFIG)
-    TS.CONFIG.update(block_v=16, num_warps=1)
-    yield
-    TS.CONFIG.update(old)
-
-
-@pytest.fixture
-def no_value_checks():
-    """What a CUDA user gets by default: no data-dependent (host-syncing) checks."""
-    checks.set_input_checks(False)
-    yield
-    checks.set_input_checks(None)
 
 
 def _loss_grad(z, ids, vals, backend, **kw):

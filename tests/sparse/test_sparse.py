@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import teacher_slots
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -67,17 +68,7 @@ def make(n, v, k, kind, mode, dtype=torch.float64, pad=True, seed=0):
     g = torch.Generator().manual_seed(seed)
     z = (torch.randn(n, v, generator=g, dtype=torch.float64) * 2).to(dtype)
     t = torch.randn(n, v, generator=g, dtype=torch.float64) * 2
-    lp = torch.log_softmax(t, -1)
-    if mode == "sampled" or kind == "counts":
-        ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
-        vals = torch.randint(1, 6, (n, k), generator=g).double()
-    else:
-        top = lp.topk(k, -1)
-        ids, vals = top.indices.clone(), top.values.clone()
-        if kind == "probs":
-            vals = vals.exp()
-        elif kind == "logits":
-            vals = t.gather(-1, ids)
+    ids, vals = teacher_slots(t, k, kind, mode, g)
     if pad and n > 1 and k > 2:
         ids[1, -2:] = -1  # padding slots carry garbage values
         vals[1, -2:] = 7.0 if kind in ("logits", "probs", "counts") else -3.0
@@ -124,14 +115,6 @@ def _check_vs_ref(backend, mode, kind, div, dtype, n=6, v=37, k=5, T=1.5, rtol=1
 @pytest.mark.parametrize("mode,kind,div", CASES)
 def test_torch_backend_float64(mode, kind, div):
     _check_vs_ref("torch", mode, kind, div, torch.float64)
-
-
-@pytest.fixture
-def small_blocks():
-    old = dict(TS.CONFIG)
-    TS.CONFIG.update(block_v=16, num_warps=1)
-    yield
-    TS.CONFIG.update(old)
 
 
 @pytest.mark.parametrize("mode,kind,div", CASES)

@@ -16,7 +16,6 @@ import torch
 
 import fastkd
 from fastkd import reference as R
-from fastkd.core import checks
 from fastkd.core.params import SparseParams
 from fastkd.sparse import triton_impl as TS
 
@@ -43,13 +42,6 @@ def config():
     yield TS.CONFIG
     TS.CONFIG.clear()
     TS.CONFIG.update(old)
-
-
-@pytest.fixture
-def no_value_checks():
-    checks.set_input_checks(False)
-    yield
-    checks.set_input_checks(None)
 
 
 def make(n, v, k, kind, mode, seed=0):

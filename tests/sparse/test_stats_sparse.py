@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers import teacher_slots
 
 import fastkd
 from fastkd.core import checks as C
@@ -19,14 +20,6 @@ N, V, K, T = 7, 37, 5, 1.5  # odd V: with BLOCK_V = 16 the Triton kernels walk 3
 
 
 BACKENDS = ["torch", "triton-row", "triton-split"]  # the Triton backend's two schedules (kernels/sparse*.py)
-
-
-@pytest.fixture
-def small_blocks():
-    old = dict(TS.CONFIG)
-    TS.CONFIG.update(block_v=16, num_warps=1)
-    yield
-    TS.CONFIG.update(old)
 
 
 @pytest.fixture
@@ -51,20 +44,11 @@ def make(mode, values="logprobs", seed=0, n=N, v=V, k=K):
     z = torch.randn(n, v, generator=g, dtype=torch.float64) * 2
     t = torch.where(torch.arange(n).unsqueeze(-1) % 2 == 0, 3 * z, torch.zeros_like(z))
     t = t + torch.randn(n, v, generator=g, dtype=torch.float64)
-    lp = torch.log_softmax(t, -1)
+    ids, vals = teacher_slots(t, k, values, mode, g)
     if mode == "sampled" or values == "counts":
-        ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
-        vals = torch.randint(1, 6, (n, k), generator=g).double()
         ids[0, 0] = int(z[0].argmax())  # a drawn id at the student's argmax, with the most draws
         ids[0, 1:] = torch.where(ids[0, 1:] == ids[0, 0], (ids[0, 0] + 1) % v, ids[0, 1:])
         vals[0, 0] = 9.0
-    else:
-        top = lp.topk(k, -1)
-        ids, vals = top.indices.clone(), top.values.clone()
-        if values == "probs":
-            vals = vals.exp()
-        elif values == "logits":
-            vals = t.gather(-1, ids)
     z[2, ids[2, 1]] = -math.inf  # −inf at a teacher id: kl = +inf for that token
     off = [j for j in range(v) if j not in ids[3].tolist()][:3]
     z[3, off] = -math.inf  # −inf off the ids: entropies stay finite

@@ -12,17 +12,8 @@ import torch
 import fastkd
 from fastkd.distill import reference as ref_dense
 from fastkd.sparse import reference as ref
-from fastkd.sparse import triton_impl as TS
 
 BACKENDS = ["torch", "triton"]
-
-
-@pytest.fixture
-def small_blocks():
-    old = dict(TS.CONFIG)
-    TS.CONFIG.update(block_v=16, num_warps=1)
-    yield
-    TS.CONFIG.update(old)
 
 
 def _logits(n, v, seed, scale=2.0):
