@@ -208,7 +208,6 @@ def _distill_split_kernel(
             if w1 != 0.0:
                 _wait(cnt_ptr + 1 + 2 * r1, S)
                 ws_row = ws_ptr + r1 * S * WS
-                wp = ws_ptr + (r1 * S + j) * WS
                 if DIV == TAID:  # the segment's sums of u = _taid_logits (padding lanes: u = −inf, skipped)
                     m_s = tl.max(_slots(ws_row, WS_M_S, segs, sm, WS, float("-inf")), 0)
                     m_t = tl.max(_slots(ws_row, WS_M_T, segs, sm, WS, float("-inf")), 0)
@@ -220,6 +219,7 @@ def _distill_split_kernel(
                         s = xs * inv_t
                         t = xt * inv_t
                     m_u, d_u, a_u = _online(zero + NEG, zero, zero, _taid_logits(s, t, m_s, m_t, c1), s - m_s)
+                    wp = ws_ptr + (r1 * S + j) * WS
                     tl.store(wp + WS_M_U, m_u)
                     tl.store(wp + WS_D_U, d_u)
                     tl.store(wp + WS_A_U, a_u)
@@ -236,6 +236,7 @@ def _distill_split_kernel(
                         lp = (xt - m_t) - ld_t
                     d_el, qg = _mix_terms(lp, lq, tl.exp(lp), tl.exp(lq), c1, c2, lw_a, lw_b, DIV)
                     cm = (start + offs) < V  # padding lanes add nothing (ab's NaN for opposite-sign exponents)
+                    wp = ws_ptr + (r1 * S + j) * WS
                     tl.store(wp + WS_P0, tl.sum(tl.where(cm, d_el, 0.0), 0))
                     tl.store(wp + WS_P1, tl.sum(tl.where(cm, qg, 0.0), 0))
             tl.atomic_add(cnt_ptr + 2 + 2 * r1, 1, sem="release")
