@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -30,3 +31,22 @@ def init(rank: int, port: int, timeout_s: float = 120) -> None:
 def spawn(fn, *args) -> None:
     """Run ``fn(rank, port, *args)`` on every rank; an exception in any rank fails the caller."""
     mp.spawn(fn, args=(free_port(), *args), nprocs=WORLD, join=True)
+
+
+def run_cases(rank: int, port: int, out_dir: str, cases, setup=tuple, timeout_s: float = 90) -> None:
+    """On one rank: the process group, then ``case(rank, *setup())`` for each case with a barrier after it; each
+    outcome ("ok" or the traceback) goes to ``out_dir/<case name>.<rank>`` for the test to read."""
+    init(rank, port, timeout_s=timeout_s)
+    try:
+        args = setup()
+        for case in cases:
+            try:
+                case(rank, *args)
+                result = "ok"
+            except Exception:
+                result = traceback.format_exc()
+            with open(os.path.join(out_dir, f"{case.__name__}.{rank}"), "w") as f:
+                f.write(result)
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -15,7 +15,7 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-from gloo_ranks import WORLD, init, spawn
+from gloo_ranks import WORLD, init, run_cases, spawn
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -129,21 +129,6 @@ def check(name: str, loss: torch.Tensor, grads: dict[str, torch.Tensor], ref) ->
     assert set(grads) == set(ref[1]), (name, set(ref[1]) ^ set(grads))
     for k, g in grads.items():
         torch.testing.assert_close(g, ref[1][k], **TOL, msg=f"{name}: grad {k}")
-
-
-def run_cases(rank: int, port: int, cases) -> None:
-    """Run each case in order (a failure names its case)."""
-    init(rank, port, timeout_s=90)
-    try:
-        ref = reference()
-        for case in cases:
-            try:
-                case(rank, ref)
-            except Exception as e:
-                raise RuntimeError(f"rank {rank}, case {case.__name__}: {e}\n{traceback.format_exc()}") from e
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def fused_loss(student, teacher, data, rank, *, through=None):
@@ -502,20 +487,7 @@ CASE_NAMES = ["fsdp2_default", "fsdp2_dtensor_head", "fsdp2_module_form", "fsdp2
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    init(rank, port, timeout_s=90)
-    try:
-        ref = reference()
-        for case in _all_cases():
-            try:
-                case(rank, ref)
-                result = "ok"
-            except Exception:
-                result = traceback.format_exc()
-            with open(os.path.join(out_dir, f"{case.__name__}.{rank}"), "w") as f:
-                f.write(result)
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    run_cases(rank, port, out_dir, _all_cases(), setup=lambda: (reference(),))
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-from gloo_ranks import WORLD, init, spawn
+from gloo_ranks import WORLD, init, run_cases, spawn
 from test_distributed_engines import (
     TOL,
     B,
@@ -249,20 +249,7 @@ CASE_NAMES = ["memory_fsdp2", "memory_fsdp1", "trainer_fsdp2", "trainer_fsdp1", 
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    init(rank, port, timeout_s=90)
-    try:
-        ref = reference()
-        for case in _fsdp_cases(out_dir):
-            try:
-                case(rank, ref)
-                result = "ok"
-            except Exception:
-                result = traceback.format_exc()
-            with open(os.path.join(out_dir, f"{case.__name__}.{rank}"), "w") as f:
-                f.write(result)
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    run_cases(rank, port, out_dir, _fsdp_cases(out_dir), setup=lambda: (reference(),))
 
 
 @pytest.fixture(scope="module")
