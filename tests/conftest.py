@@ -117,3 +117,19 @@ def no_value_checks():
     checks.set_input_checks(False)
     yield
     checks.set_input_checks(None)
+
+
+@pytest.fixture
+def head_compute_dtypes(monkeypatch):
+    """The compute dtype of every LM-head chunker (``fastkd.core.lmhead.LMHeadChunker``) built in the test, in order."""
+    from fastkd.core import lmhead
+
+    seen = []
+    init = lmhead.LMHeadChunker.__init__
+
+    def spy(self, *a, **k):
+        init(self, *a, **k)
+        seen.append(self._cdt)
+
+    monkeypatch.setattr(lmhead.LMHeadChunker, "__init__", spy)
+    return seen

@@ -191,18 +191,9 @@ def test_hf_distillation_trainer_bf16():
 
 
 @pytest.mark.parametrize("amp", [False, True])
-def test_compute_dtype_of_every_fused_head(monkeypatch, amp):
+def test_compute_dtype_of_every_fused_head(head_compute_dtypes, amp):
     """Without autocast a bf16 head computes in bf16 (no fp32 copy); under autocast an fp32 head computes in bf16."""
-    from fastkd.core import lmhead
-
-    seen = []
-    init = lmhead.LMHeadChunker.__init__
-
-    def spy(self, *a, **k):
-        init(self, *a, **k)
-        seen.append(self._cdt)
-
-    monkeypatch.setattr(lmhead.LMHeadChunker, "__init__", spy)
+    seen = head_compute_dtypes
     prob = _heads()
     wdt = torch.float32 if amp else BF16
     h, w = prob["student_hidden"].requires_grad_(), prob["student_weight"].to(wdt).requires_grad_()

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 import fastkd
-from fastkd.core import lmhead
 from fastkd.onpolicy.estimators import token_loss
 
 BF16 = torch.bfloat16
@@ -57,20 +56,13 @@ def _err(x, ref):
 
 @pytest.mark.parametrize("kind", ["logprobs", "on_policy"])
 @pytest.mark.parametrize("hidden_dtype", [BF16, torch.float32])
-def test_autocast_bf16_with_fp32_weights(monkeypatch, kind, hidden_dtype):
+def test_autocast_bf16_with_fp32_weights(head_compute_dtypes, kind, hidden_dtype):
     prob, ids, g = _prob(hidden_dtype)
     n = ids.shape[0]
     t, s = -torch.rand(n, generator=g) * 3, -torch.rand(n, generator=g) * 3
     go = torch.randn(n, 2, generator=g) if kind == "logprobs" else torch.tensor(1.3)
     rest = (ids, t, s, 1.4, kind)
-    seen = []
-    init = lmhead.LMHeadChunker.__init__
-
-    def spy(self, *a, **k):
-        init(self, *a, **k)
-        seen.append(self._cdt)
-
-    monkeypatch.setattr(lmhead.LMHeadChunker, "__init__", spy)
+    seen = head_compute_dtypes
     with torch.autocast(**AMP):
         out, gr = _run(_fastkd, _leaves(prob), go, *rest)
         amp_out, amp_g = _run(_plain, _leaves(prob), go.double(), *rest)
@@ -94,19 +86,12 @@ def test_without_autocast_mixed_dtypes_still_raise():
         fastkd.on_policy_distill_loss(prob["hidden"], prob["weight"], ids, torch.zeros(ids.shape[0]))
 
 
-def test_framework_semantics_under_autocast(monkeypatch):
+def test_framework_semantics_under_autocast(head_compute_dtypes):
     """fused_linear_sparse_distill_loss(semantics=...) under autocast: bf16 head, fp32 weight gradient, within plain
     autocast's error of the float64 reference (verl's tail-aware top-k KL written out)."""
     prob, _, g = _prob(BF16)
     t_lp, ids = torch.log_softmax(torch.randn(37, 67, generator=g, dtype=torch.float64) * 2, -1).topk(5, -1)
-    seen = []
-    init = lmhead.LMHeadChunker.__init__
-
-    def spy(self, *a, **k):
-        init(self, *a, **k)
-        seen.append(self._cdt)
-
-    monkeypatch.setattr(lmhead.LMHeadChunker, "__init__", spy)
+    seen = head_compute_dtypes
 
     def fk(hidden, weight, bias):
         return fastkd.fused_linear_sparse_distill_loss(hidden, weight, ids, t_lp.float(), student_bias=bias,
