@@ -9,9 +9,9 @@ fp32, a logit minus the rounded lse is not at large |logits|.
 Contents: log-add-exp (:func:`_lae`); online and per-block (max, sum-exp) folds (:func:`_online`,
 :func:`_lse_block`); entropy partials and their merges (:func:`_ent_block`, :func:`_ent_online`,
 :func:`_ent_merge`); the first-index argmax (:func:`_argmax_block`, :func:`_argmax_fold`); the statistics
-store (:func:`_store_stats`); the split kernels' segment load (:func:`_load_seg`), workspace reads and merges
-(:func:`_slots`, :func:`_merge`), gradient store with cross-entropy (:func:`_ce_store`) and spin-wait
-(:func:`_wait`).
+store (:func:`_store_stats`); the split kernels' segment load (:func:`_load_seg`), log-probabilities from the
+split log-normalisers (:func:`_split_logp`), workspace reads and merges (:func:`_slots`, :func:`_merge`),
+gradient store with cross-entropy (:func:`_ce_store`) and spin-wait (:func:`_wait`).
 """
 
 from __future__ import annotations
@@ -158,6 +158,19 @@ def _load_seg(base, col_stride, start, offs, V, FULL_OK, other):
     else:
         x = tl.load(base + cols * col_stride, mask=cols < V, other=other).to(tl.float32)
     return x
+
+
+@triton.jit
+def _split_logp(xs, xt, m_s, ld_s, m_t, ld_t, inv_t, SCALED: tl.constexpr):
+    """(log q, log p) of one block of raw student / teacher logits xs, xt from the split log-normalisers
+    (max m + log-sum ld) of the tempered logits: ``(x/T − m) − ld``, the exact difference first."""
+    if SCALED:
+        lq = (xs * inv_t - m_s) - ld_s
+        lp = (xt * inv_t - m_t) - ld_t
+    else:
+        lq = (xs - m_s) - ld_s
+        lp = (xt - m_t) - ld_t
+    return lq, lp
 
 
 @triton.jit

@@ -92,6 +92,7 @@ from fastkd.kernels._blocks import (
     _ent_block,
     _ent_merge,
     _online,
+    _split_logp,
     _store_stats,
     _wait,
 )
@@ -454,12 +455,7 @@ def _akl_split_kernel(
             xt = _load(t_base, t_col, cols, cm, full)
             # the log-normalisers kept split (exact x − max first), as in the rounds and the gradient: p has the
             # rounds' bits and |p − q| no per-row factor error at large logits
-            if SCALED:
-                lq = (xs * inv_t - m_s) - ld_s
-                lp = (xt * inv_t - m_t) - ld_t
-            else:
-                lq = (xs - m_s) - ld_s
-                lp = (xt - m_t) - ld_t
+            lq, lp = _split_logp(xs, xt, m_s, ld_s, m_t, ld_t, inv_t, SCALED)
             err = tl.where(cm, tl.abs(tl.exp(lp) - tl.exp(lq)), 0.0)
             head = (_codes(xt, cols, kmin, IB, SH) >= hi) | (cols == amax)
             wp = ws_ptr + (x * S + j) * WS
@@ -508,12 +504,7 @@ def _akl_split_kernel(
                 ld_t = tl.load(rp + 10, cache_modifier=".cg")
                 xs = _load(s_ptr + x * s_row, s_col, cols, cm, full)
                 xt = _load(t_ptr + x * t_row, t_col, cols, cm, full)
-                if SCALED:
-                    lq = (xs * inv_t - m_s) - ld_s
-                    lp = (xt * inv_t - m_t) - ld_t
-                else:
-                    lq = (xs - m_s) - ld_s
-                    lp = (xt - m_t) - ld_t
+                lq, lp = _split_logp(xs, xt, m_s, ld_s, m_t, ld_t, inv_t, SCALED)
                 q = tl.exp(lq)
                 qg = -w_f * tl.exp(lp) + w_r * tl.where(q != 0, q * (lq - lp), 0.0)
                 g = (qg - q * (w_r * rkl - w_f)) * (kd_coef * w)

@@ -88,6 +88,7 @@ from fastkd.kernels._blocks import (  # noqa: F401  (NSLOT, NSLOT_STATS: the lau
     _merge,
     _online,
     _slots,
+    _split_logp,
     _store_stats,
     _wait,
 )
@@ -228,12 +229,7 @@ def _distill_split_kernel(
                     m_t, ld_t, _fa = _merge(ws_row, WS_M_T, WS_D_T, WS_A_F, segs, sm, WS)
                     xs = _load_seg(s_ptr + r1 * s_row, s_col, start, offs, V, full, NEG)
                     xt = _load_seg(t_ptr + r1 * t_row, t_col, start, offs, V, full, NEG)
-                    if SCALED:
-                        lq = (xs * inv_t - m_s) - ld_s
-                        lp = (xt * inv_t - m_t) - ld_t
-                    else:
-                        lq = (xs - m_s) - ld_s
-                        lp = (xt - m_t) - ld_t
+                    lq, lp = _split_logp(xs, xt, m_s, ld_s, m_t, ld_t, inv_t, SCALED)
                     d_el, qg = _mix_terms(lp, lq, tl.exp(lp), tl.exp(lq), c1, c2, lw_a, lw_b, DIV)
                     cm = (start + offs) < V  # padding lanes add nothing (ab's NaN for opposite-sign exponents)
                     wp = ws_ptr + (r1 * S + j) * WS
