@@ -29,9 +29,10 @@ not use is still checked against its canonical spec when given (a typo-level mis
 ``beta=1.5`` is an error whatever the divergence) and otherwise takes the canonical default.
 
 Adding a divergence = one row here + its math in the reference, the torch backend, the Triton kernel and
-the CUDA kernel (five files). Adding a hyperparameter = one :class:`Hyper` here, one field of
-:class:`fastkd.core.params.DistillParams` (the custom-op arguments and kernel arguments are built from the
-fields, in :data:`HYPER_NAMES` order) and its use in the kernels.
+the CUDA kernel (five files). Adding a hyperparameter = one :class:`Hyper` in :data:`HYPERS` (the field of
+:class:`fastkd.core.params.DistillParams`, the dense losses' keyword parameter and its documentation, the
+custom-op and kernel arguments are all derived from it, in :data:`HYPER_NAMES` order) and its use in the kernels
+(and the C++ ``enum Hyper``); tests/core/test_keywords.py makes that one edit in a copy of the package.
 """
 
 from __future__ import annotations

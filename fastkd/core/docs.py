@@ -4,21 +4,24 @@
 group of names that read together (``labels, ignore_index, mask``). The hyperparameters (``beta``, ``alpha``,
 ``mu``, ``t``) are documented from the divergence table (:mod:`fastkd.core.divergences`). A public function
 takes the pieces into its docstring with :func:`shared_doc` (the ``{shared}`` marker in its Args section);
-:func:`shared_keywords` builds a signature whose shared keyword parameters come from :data:`KEYWORDS`
-(the vocabulary-parallel losses). tests/core/test_keywords.py checks that every public function's shared
-keywords have these defaults and are documented once, from here.
+:func:`shared_keywords` generates the public function, its shared keyword parameters from :data:`KEYWORDS`
+(every public loss of the distill and sparse families, the vocabulary-parallel ones included), so adding a
+shared option is one entry here (a new hyperparameter: one row of the divergence table) plus its tests.
+tests/core/test_keywords.py checks that every public function's shared keywords have these defaults and are
+documented once, from here.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fastkd.core.divergences import HYPER_NAMES, HYPERS, TABLE
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,16 @@ SPARSE_KEYWORDS = ("scale_by_t2", "beta", "labels", "ignore_index", "mask", "red
 VOCAB_PARALLEL_KEYWORDS = ("temperature", "scale_by_t2", "labels", "ignore_index", "mask", "reduction",
                            "num_items_in_batch", "ce_weight", "beta", "chunk_size", "backend")
 
+# The shared keywords that define the token weights (:func:`fastkd.core.checks.token_weights`).
+TOKEN_KEYWORDS = ("labels", "ignore_index", "mask", "reduction", "num_items_in_batch")
+# The shared keywords a dense loss's params record takes (:func:`fastkd.core.params.make_params`).
+PARAM_KEYWORDS = ("temperature", "scale_by_t2", "ce_weight", *HYPER_NAMES)
+
+
+def pick(options: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """The entries of a call's shared ``options`` named in ``names`` (those of them the call takes)."""
+    return {n: options[n] for n in names if n in options}
+
 
 def args_doc(*names: str, indent: int = 8) -> str:
     """The Args entries documenting ``names`` (each piece once, in the order first named), indented; a name
@@ -120,28 +133,49 @@ def shared_doc(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]
     return deco
 
 
-def shared_keywords(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def shared_keywords(*names: str) -> Callable[[F], F]:
     """Give ``fn`` (which takes ``**options``) the keyword-only parameters ``names`` of :data:`KEYWORDS`.
 
-    The signature users see (``inspect.signature``, ``help``) lists them with their shared defaults after
-    ``fn``'s own parameters; a call binds against it (an unknown keyword is a TypeError, as for a written-out
-    signature) and ``fn`` receives every shared keyword, defaults filled in, in ``options``.
+    The public function returned is generated, as :mod:`dataclasses` generates ``__init__``: a real Python
+    function whose signature is ``fn``'s own parameters followed by ``names`` with their shared defaults and
+    annotations (``inspect.signature``, ``help``, an unknown keyword is Python's own TypeError, ``torch.compile``
+    traces it as written code). It passes every argument on to ``fn``, the shared keywords in ``options``. So a
+    new shared keyword is one :data:`KEYWORDS` entry (and its piece): every loss built with it takes it.
     """
 
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def deco(fn: F) -> F:
         own = inspect.signature(fn)
+        kinds = {p.kind for p in own.parameters.values()}
+        if inspect.Parameter.VAR_KEYWORD not in kinds:
+            raise TypeError(f"{fn.__qualname__} must take **options to receive the shared keywords")
+        if kinds & {inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.VAR_POSITIONAL}:
+            raise TypeError(f"{fn.__qualname__}: positional-only and *args parameters are not supported")
+        clash = [n for n in names if n in own.parameters]
+        if clash:
+            raise TypeError(f"{fn.__qualname__} declares shared keywords {clash} itself")
         params = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
         params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=KEYWORDS[n].default,
                                      annotation=KEYWORDS[n].annotation) for n in names]
         sig = own.replace(parameters=params)
-
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            bound = sig.bind(*args, **kwargs)
-            bound.apply_defaults()
-            return fn(**bound.arguments)
-
-        wrapper.__signature__ = sig
-        return shared_doc(*names)(wrapper)
+        namespace: dict[str, Any] = {"_impl": fn}
+        head, call = [], []
+        for p in params:
+            if p.kind is p.KEYWORD_ONLY and "*" not in head:
+                head.append("*")
+            default = ""
+            if p.default is not p.empty:
+                namespace[f"_default_{p.name}"] = p.default
+                default = f"=_default_{p.name}"
+            head.append(p.name + default)
+            call.append(p.name if p.kind is p.POSITIONAL_OR_KEYWORD else f"{p.name}={p.name}")
+        source = f"def {fn.__name__}({', '.join(head)}):\n    return _impl({', '.join(call)})\n"
+        exec(compile(source, f"<fastkd.core.docs.shared_keywords {fn.__qualname__}>", "exec"), namespace)
+        public = namespace[fn.__name__]
+        public.__module__, public.__qualname__, public.__doc__ = fn.__module__, fn.__qualname__, fn.__doc__
+        public.__annotations__ = {p.name: p.annotation for p in params if p.annotation is not p.empty}
+        if sig.return_annotation is not sig.empty:
+            public.__annotations__["return"] = sig.return_annotation
+        public.__impl__ = fn
+        return shared_doc(*names)(public)
 
     return deco

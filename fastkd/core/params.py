@@ -13,7 +13,16 @@ import math
 from dataclasses import dataclass, fields
 
 from fastkd.core import checks as C
-from fastkd.core.divergences import BY_NAME, CODES, FAMILIES, HYPERS, check_divergence, effective, resolve_hyper
+from fastkd.core.divergences import (
+    BY_NAME,
+    CODES,
+    FAMILIES,
+    HYPER_NAMES,
+    HYPERS,
+    check_divergence,
+    effective,
+    resolve_hyper,
+)
 
 # Kept for importers of the old name; the codes live in the divergence table.
 DIVERGENCE_CODES: dict[str, int] = CODES
@@ -50,18 +59,34 @@ class DivergenceParams:
         return effective(self.divergence, self.hyper)
 
 
+def _table_hypers(cls: type) -> type:
+    """Declare ``name: float | None = None`` (None: the divergence's default) for every hyperparameter of the
+    divergence table that ``cls`` and its bases do not declare; applied under ``@dataclass``, so a hyperparameter
+    added to the table is a field of the record (and a scalar of the custom op) with no edit here."""
+    declared = set(cls.__dict__.get("__annotations__", {}))
+    for base in cls.__mro__[1:]:
+        declared |= set(getattr(base, "__dataclass_fields__", {}))
+    if "__annotations__" not in cls.__dict__:
+        cls.__annotations__ = {}
+    for name in HYPER_NAMES:
+        if name not in declared:
+            cls.__annotations__[name] = "float | None"
+            setattr(cls, name, None)
+    return cls
+
+
 @dataclass(frozen=True)
+@_table_hypers
 class DistillParams(DivergenceParams):
     """Everything but tensors that defines one divergence loss on logits.
 
     The per-token loss a backend computes is
         loss_i = kd_scale · D(softmax(t_i / T) , softmax(s_i / T)) + ce_weight · CE(s_i, label_i)
-    with kd_scale = T² when ``scale_by_t2`` else 1 and CE on the un-tempered student logits.
+    with kd_scale = T² when ``scale_by_t2`` else 1 and CE on the un-tempered student logits. Besides ``beta``
+    every hyperparameter of the table is a field (``alpha``: skl / srkl skew, ab's exponent of p; ``mu``: akl's
+    head mass; ``t``: taid's interpolation), declared by :func:`_table_hypers`.
     """
 
-    alpha: float | None = None  # skl / srkl skew, ab exponent of p
-    mu: float | None = None  # akl head mass
-    t: float | None = None  # taid interpolation
     ce_weight: float = 0.0
     chunk_size: int | None = None  # rows per chunk (torch backend / fused path); None = automatic
     softcap: float | None = None  # fused path only: cap·tanh(z / cap) on both sides
@@ -116,20 +141,21 @@ def make_params(
     *,
     temperature: float,
     scale_by_t2: bool,
-    beta: float | None = None,
-    alpha: float | None = None,
-    mu: float | None = None,
-    t: float | None = None,
     ce_weight: float = 0.0,
     chunk_size: int | None = None,
     softcap: float | None = None,
     family: str = "logits",
+    **hyper: float | None,
 ) -> DistillParams:
     """Validate the non-tensor arguments of a dense loss and pack them (hyperparameters: table-driven).
 
-    ``divergence`` must be supported by ``family`` (a row's ``families`` in the table); None
-    hyperparameters take the divergence's defaults. Raises ValueError / TypeError naming the argument.
+    ``divergence`` must be supported by ``family`` (a row's ``families`` in the table); ``hyper`` holds the
+    table's hyperparameters by name (``beta``, ``alpha``, ...), None or absent taking the divergence's defaults.
+    Raises ValueError / TypeError naming the argument.
     """
+    unknown = sorted(set(hyper) - set(HYPER_NAMES))
+    if unknown:
+        raise TypeError(f"make_params got unknown hyperparameters {unknown}; the table's are {HYPER_NAMES}")
     check_divergence(divergence, family)
     C.check_positive("temperature", temperature)
     C.check_range("ce_weight", ce_weight, 0.0, math.inf)
@@ -140,6 +166,6 @@ def make_params(
         C.check_positive("softcap", softcap)
     return DistillParams(
         divergence=divergence, temperature=float(temperature), scale_by_t2=bool(scale_by_t2),
-        beta=beta, alpha=alpha, mu=mu, t=t, ce_weight=float(ce_weight),
-        chunk_size=chunk_size, softcap=None if softcap is None else float(softcap),
+        ce_weight=float(ce_weight), chunk_size=chunk_size, softcap=None if softcap is None else float(softcap),
+        **hyper,
     )

@@ -13,11 +13,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import torch
 
 from fastkd.core import checks as C
-from fastkd.core.docs import DENSE_KEYWORDS, shared_doc
+from fastkd.core.docs import DENSE_KEYWORDS, PARAM_KEYWORDS, TOKEN_KEYWORDS, pick, shared_keywords
 from fastkd.core.lmhead import (
     FusedHeadFunction,
     HeadOptions,
@@ -148,7 +149,7 @@ def _selection_teacher_entropy(a: dict) -> torch.Tensor:
 
 @sharded_entry("fused", vocab_parallel="fastkd.distill.vocab_parallel:vocab_parallel_fused_linear_distill_loss")
 @with_token_selection(teacher_entropy=_selection_teacher_entropy)
-@shared_doc(*DENSE_KEYWORDS)
+@shared_keywords(*DENSE_KEYWORDS)
 def fused_linear_distill_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -162,22 +163,9 @@ def fused_linear_distill_loss(
     chunk_size: int | None = None,
     softcap: float | tuple[float | None, float | None] | None = None,
     logit_scale: float | tuple[float, float] = 1.0,
-    temperature: float = 1.0,
-    scale_by_t2: bool = False,
-    labels: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    mask: torch.Tensor | None = None,
-    reduction: str = "mean",
-    num_items_in_batch: int | float | torch.Tensor | None = None,
-    ce_weight: float = 0.0,
-    vocab_size: int | None = None,
-    beta: float | None = None,
-    alpha: float | None = None,
-    mu: float | None = None,
-    t: float | None = None,
-    backend: str = "auto",
     return_stats: bool = False,
     teacher_weights: torch.Tensor | list[float] | None = None,
+    **options: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Distillation loss from hidden states and LM-head weights, never materialising (N, V) logits.
 
@@ -253,18 +241,17 @@ def fused_linear_distill_loss(
                             f"{student_hidden.dtype}; cast it with .to({student_hidden.dtype})")
         C.check_same_device(student_hidden=student_hidden, teacher_hidden=teacher_hidden)
         vt = teacher_weight.shape[0]
-    vocab = C.resolve_vocab(student_weight.shape[0], vt, vocab_size)
-    params = make_params(divergence, temperature=temperature, scale_by_t2=scale_by_t2, beta=beta, alpha=alpha,
-                         mu=mu, t=t, ce_weight=ce_weight, chunk_size=None, softcap=t_cap, family="fused")
-    if ce_weight and labels is None:
+    vocab = C.resolve_vocab(student_weight.shape[0], vt, options["vocab_size"])
+    params = make_params(divergence, chunk_size=None, softcap=t_cap, family="fused",
+                         **pick(options, PARAM_KEYWORDS))
+    ce_weight, reduction = options["ce_weight"], options["reduction"]
+    if ce_weight and options["labels"] is None:
         raise ValueError("ce_weight > 0 needs labels (the cross-entropy targets)")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     device = student_hidden.device
     wdt = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
-    tok_weight, flat_labels = C.token_weights(lead, device, labels=labels, ignore_index=ignore_index, mask=mask,
-                                              reduction=reduction, num_items_in_batch=num_items_in_batch,
-                                              dtype=wdt)
+    tok_weight, flat_labels = C.token_weights(lead, device, **pick(options, TOKEN_KEYWORDS), dtype=wdt)
     if ce_weight:
         C.check_label_range(flat_labels, tok_weight, vocab)
     n = tok_weight.numel()
@@ -272,22 +259,20 @@ def fused_linear_distill_loss(
     th = None if teacher_hidden is None else teacher_hidden.reshape(n, teacher_hidden.shape[-1])
     tl = None if teacher_logits is None else teacher_logits.reshape(n, vt)
     rows = chunk_size or auto_chunk_rows(n, student_weight.shape[0] + vt, device)
-    # The torch backend keeps ~4 fp32 (rows, V) temporaries per call: run it on quarter chunks so they fit in
-    # about one logits buffer (fresh-process peak extra RSS at N=4096, V=32000 was 117-336 MiB with backend
-    # calls as large as the engine's chunk). With the default CPU budget a quarter chunk is >= 2^21
-    # elements, above the torch backend's torch.compile threshold (eager chunk math is ~2x slower).
-    # Triton / CUDA ignore chunk_size (no temporaries).
+    # The torch backend keeps ~4 fp32 (rows, V) temporaries per call: quarter chunks keep them within about one
+    # logits buffer, and at the default CPU budget still above its torch.compile threshold (docs/DESIGN.md,
+    # "Memory"). Triton / CUDA ignore chunk_size (no temporaries).
     params = replace(params, chunk_size=max(8, rows // 4))
     stats = new_stats_buffer(n, device) if return_stats else None
     # params.softcap is the teacher's cap (its engine head and the mixture read it); the student's head has
     # its own options.
     s_head = HeadOptions(softcap=None if s_cap is None else float(s_cap), scale=s_scale, dtype=cdt)
     head_arg = s_head if s_head != HeadOptions(softcap=s_head.softcap) else s_head.softcap
-    chunk_loss = DenseChunkLoss(params, vocab, backend_fn(requested_backend(backend)), rows, stats,
+    chunk_loss = DenseChunkLoss(params, vocab, backend_fn(requested_backend(options["backend"])), rows, stats,
                                 teacher_scale=1.0 if several else t_scale, teacher_dtype=cdt)
     if mix is not None:
         chunk_loss = MX.bind_chunk_loss(chunk_loss, chunk_loss.fn, mix, tok_weight, params, vocab,
-                                        student_weight.shape[0], vocab_size, rows)
+                                        student_weight.shape[0], options["vocab_size"], rows)
     loss = FusedHeadFunction.apply(h, student_weight, student_bias, tok_weight, chunk_loss, rows, reduction,
                                    head_arg, *DenseAux(th, teacher_weight, teacher_bias, tl,
                                                        flat_labels if ce_weight else None))

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from fastkd.core import checks as C
 from fastkd.core.autograd import scale_grad
 from fastkd.core.divergences import DIVERGENCES
-from fastkd.core.docs import DENSE_KEYWORDS, shared_doc
+from fastkd.core.docs import DENSE_KEYWORDS, PARAM_KEYWORDS, TOKEN_KEYWORDS, pick, shared_keywords
 from fastkd.core.params import DistillParams, make_params, op_fields, op_schema
 from fastkd.core.registry import declare, requested_backend, select
 from fastkd.core.selection import with_token_selection
@@ -170,31 +171,18 @@ class DistillFunction(torch.autograd.Function):
 
 @sharded_entry("logits", vocab_parallel="fastkd.distill.vocab_parallel:vocab_parallel_distill_loss")
 @with_token_selection()
-@shared_doc(*DENSE_KEYWORDS)
+@shared_keywords(*DENSE_KEYWORDS)
 def distill_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     divergence: str = "fkl",
     *,
-    temperature: float = 1.0,
-    scale_by_t2: bool = False,
-    labels: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    mask: torch.Tensor | None = None,
-    reduction: str = "mean",
-    num_items_in_batch: int | float | torch.Tensor | None = None,
-    ce_weight: float = 0.0,
-    vocab_size: int | None = None,
-    beta: float | None = None,
-    alpha: float | None = None,
-    mu: float | None = None,
-    t: float | None = None,
     chunk_size: int | None = None,
     inplace_grad: bool = False,
-    backend: str = "auto",
     return_stats: bool = False,
     teacher_weights: torch.Tensor | list[float] | None = None,
     inputs: str = "logits",
+    **options: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Distillation divergence between student and teacher logits, fused loss + gradient.
 
@@ -230,10 +218,7 @@ def distill_loss(
         C.check_choice("inputs", inputs, ("logits", "logprobs"))
         from fastkd.distill.logprobs import logprob_distill_loss
 
-        kw = dict(temperature=temperature, scale_by_t2=scale_by_t2, labels=labels, ignore_index=ignore_index,
-                  mask=mask, reduction=reduction, num_items_in_batch=num_items_in_batch, ce_weight=ce_weight,
-                  vocab_size=vocab_size, beta=beta, alpha=alpha, mu=mu, t=t, chunk_size=chunk_size,
-                  inplace_grad=inplace_grad, backend=backend, return_stats=return_stats,
+        kw = dict(options, chunk_size=chunk_size, inplace_grad=inplace_grad, return_stats=return_stats,
                   teacher_weights=teacher_weights)
         return logprob_distill_loss(distill_loss, student_logits, teacher_logits, divergence, kw)
     C.check_float_tensor("student_logits", student_logits)
@@ -248,10 +233,10 @@ def distill_loss(
     if tuple(teacher_logits.shape[:-1]) != lead:
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
                          f"{tuple(teacher_logits.shape)} must match in every dimension but the last")
-    vocab = C.resolve_vocab(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
-    params = make_params(divergence, temperature=temperature, scale_by_t2=scale_by_t2, beta=beta, alpha=alpha,
-                         mu=mu, t=t, ce_weight=ce_weight, chunk_size=chunk_size)
-    if ce_weight and labels is None:
+    vocab = C.resolve_vocab(student_logits.shape[-1], teacher_logits.shape[-1], options["vocab_size"])
+    params = make_params(divergence, chunk_size=chunk_size, **pick(options, PARAM_KEYWORDS))
+    ce_weight, reduction = options["ce_weight"], options["reduction"]
+    if ce_weight and options["labels"] is None:
         raise ValueError("ce_weight > 0 needs labels (the cross-entropy targets)")
     if inplace_grad and student_logits.requires_grad and _has_overlap(student_logits):
         raise ValueError(
@@ -260,8 +245,7 @@ def distill_loss(
             f"pass student_logits.contiguous() or use inplace_grad=False"
         )
     device = student_logits.device
-    weight, flat_labels = C.token_weights(lead, device, labels=labels, ignore_index=ignore_index, mask=mask,
-                                          reduction=reduction, num_items_in_batch=num_items_in_batch,
+    weight, flat_labels = C.token_weights(lead, device, **pick(options, TOKEN_KEYWORDS),
                                           dtype=torch.float64 if student_logits.dtype == torch.float64
                                           else torch.float32)
     if ce_weight:
@@ -269,7 +253,7 @@ def distill_loss(
     n = weight.numel()
     student2d = student_logits.reshape(n, student_logits.shape[-1])
     teacher2d = teacher_logits.reshape(n, teacher_logits.shape[-1])
-    fn = backend_fn(requested_backend(backend))
+    fn = backend_fn(requested_backend(options["backend"]))
     if teachers is not None:  # M stacked teachers: the backend runs on each chunk's mixture
         fn, teacher2d = MX.bind_rows(fn, teachers, t_weights, weight, params, vocab)
     call = DistillCall(params, vocab, reduction, bool(inplace_grad), fn,

@@ -53,7 +53,7 @@ import torch.distributed as dist
 
 from fastkd.core import checks as C
 from fastkd.core.autograd import scale_grad
-from fastkd.core.docs import VOCAB_PARALLEL_KEYWORDS, shared_keywords
+from fastkd.core.docs import PARAM_KEYWORDS, TOKEN_KEYWORDS, VOCAB_PARALLEL_KEYWORDS, pick, shared_keywords
 from fastkd.core.lmhead import (
     FusedHeadFunction,
     LMHeadChunker,
@@ -246,8 +246,7 @@ def _setup(divergence: str, group: dist.ProcessGroup | None, vocab_local: int, v
         raise ValueError("ce_weight > 0 needs labels (the cross-entropy targets)")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("vocab-parallel losses need torch.distributed initialised (init_process_group)")
-    params = make_params(divergence, chunk_size=None, family="vocab_parallel",
-                         **{k: kw[k] for k in ("temperature", "scale_by_t2", "beta", "ce_weight")})
+    params = make_params(divergence, chunk_size=None, family="vocab_parallel", **pick(kw, PARAM_KEYWORDS))
     if vocab_start is None:
         vocab_start = dist.get_rank(group) * vocab_local
     if not isinstance(vocab_start, int) or vocab_start < 0:
@@ -257,8 +256,7 @@ def _setup(divergence: str, group: dist.ProcessGroup | None, vocab_local: int, v
 
 def _token_weights(lead: tuple[int, ...], like: torch.Tensor, kw: dict[str, Any]
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return C.token_weights(lead, like.device, labels=kw["labels"], ignore_index=kw["ignore_index"],
-                           mask=kw["mask"], reduction=kw["reduction"], num_items_in_batch=kw["num_items_in_batch"],
+    return C.token_weights(lead, like.device, **pick(kw, TOKEN_KEYWORDS),
                            dtype=torch.float64 if like.dtype == torch.float64 else torch.float32)
 
 

@@ -27,13 +27,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import torch
 
 from fastkd.core import checks as C
 from fastkd.core.autograd import scale_grad
 from fastkd.core.divergences import HYPERS, names
-from fastkd.core.docs import SPARSE_KEYWORDS, shared_doc
+from fastkd.core.docs import SPARSE_KEYWORDS, TOKEN_KEYWORDS, pick, shared_keywords
 from fastkd.core.lmhead import FusedHeadFunction, HeadOptions, amp_dtype, auto_chunk_rows, check_linear
 from fastkd.core.params import SparseParams, op_fields, op_schema
 from fastkd.core.registry import declare, requested_backend, select
@@ -381,7 +382,7 @@ class SparseDistillFunction(torch.autograd.Function):
 
 @sharded_entry("logits")
 @with_token_selection()
-@shared_doc(*SPARSE_KEYWORDS)
+@shared_keywords(*SPARSE_KEYWORDS)
 def sparse_distill_loss(
     student_logits: torch.Tensor,
     teacher_ids: torch.Tensor,
@@ -393,18 +394,11 @@ def sparse_distill_loss(
     temperature: float = 1.0,
     teacher_temperature: float | None = None,
     teacher_tail: torch.Tensor | None = None,
-    scale_by_t2: bool = False,
-    beta: float | None = None,
-    labels: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    mask: torch.Tensor | None = None,
-    reduction: str = "mean",
-    num_items_in_batch: int | float | torch.Tensor | None = None,
     chunk_size: int | None = None,
-    backend: str = "auto",
     student_ids: torch.Tensor | None = None,
     student_id_values: torch.Tensor | None = None,
     return_stats: bool = False,
+    **options: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Distillation loss from a sparse teacher (K ids + values per token) against full student logits.
 
@@ -455,31 +449,17 @@ def sparse_distill_loss(
     C.check_float_tensor("student_logits", student_logits)
     mode, teacher_ids, teacher_values = _union(mode, values, teacher_ids, teacher_values, teacher_tail, student_ids,
                                                student_id_values)
-    params = _make_params(
-        mode, divergence, values, temperature, teacher_temperature, scale_by_t2, beta, chunk_size, None
-    )
+    params = _make_params(mode, divergence, values, temperature, teacher_temperature, options["scale_by_t2"],
+                          options["beta"], chunk_size, None)
     lead = tuple(student_logits.shape[:-1])
     vocab = student_logits.shape[-1]
     cdt = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    weight, ids2, t_logp, t_tail = _prepare(
-        lead,
-        vocab,
-        student_logits.device,
-        teacher_ids,
-        teacher_values,
-        values,
-        params,
-        teacher_temperature,
-        labels,
-        ignore_index,
-        mask,
-        reduction,
-        num_items_in_batch,
-        cdt,
-        teacher_tail,
-    )
+    weight, ids2, t_logp, t_tail = _prepare(lead, vocab, student_logits.device, teacher_ids, teacher_values, values,
+                                            params, teacher_temperature, cdt=cdt, tail=teacher_tail,
+                                            **pick(options, TOKEN_KEYWORDS))
+    reduction = options["reduction"]
     student2d = student_logits.reshape(weight.numel(), vocab)
-    fn = _backend_fn(requested_backend(backend))
+    fn = _backend_fn(requested_backend(options["backend"]))
     out = SparseDistillFunction.apply(student2d, ids2, t_logp, t_tail, weight, params, reduction, fn,
                                       bool(return_stats))
     loss, buf = out if return_stats else (out, None)
@@ -504,7 +484,7 @@ class _SparseChunkLoss:
 
 @sharded_entry("fused")
 @with_token_selection()
-@shared_doc(*SPARSE_KEYWORDS)
+@shared_keywords(*SPARSE_KEYWORDS)
 def fused_linear_sparse_distill_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -521,14 +501,6 @@ def fused_linear_sparse_distill_loss(
     temperature: float = 1.0,
     teacher_temperature: float | None = None,
     teacher_tail: torch.Tensor | None = None,
-    scale_by_t2: bool = False,
-    beta: float | None = None,
-    labels: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    mask: torch.Tensor | None = None,
-    reduction: str = "mean",
-    num_items_in_batch: int | float | torch.Tensor | None = None,
-    backend: str = "auto",
     student_ids: torch.Tensor | None = None,
     student_id_values: torch.Tensor | None = None,
     return_stats: bool = False,
@@ -536,6 +508,7 @@ def fused_linear_sparse_distill_loss(
     log_prob_min_clamp: float | None = None,
     tail_mass_eps: float = 1e-6,
     return_mass: bool = False,
+    **options: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`sparse_distill_loss` on ``student_hidden @ student_weight.T (+ bias)`` without (N, V) logits.
 
@@ -559,47 +532,36 @@ def fused_linear_sparse_distill_loss(
             :mod:`fastkd.onpolicy.frameworks`. ``return_mass``: also return ``{"student_mass", "teacher_mass"}``
             (...,) — Σ of each side's probabilities at the teacher's ids (framework semantics only).
     """
-    if beta is None:  # the framework semantics take a number (jsd's table default)
-        beta = HYPERS["beta"].default
+    if options["beta"] is None:  # the framework semantics take a number (jsd's table default)
+        options["beta"] = HYPERS["beta"].default
     if semantics != "fastkd" or log_prob_min_clamp is not None or return_mass:
         from fastkd.onpolicy.frameworks import fused_linear_framework_loss
 
-        kw = {k: v for k, v in locals().items() if k not in ("student_hidden", "student_weight", "teacher_ids",
-                                                                "teacher_values", "fused_linear_framework_loss")}
-        return fused_linear_framework_loss(student_hidden, student_weight, teacher_ids, teacher_values, **kw)
+        own = {k: v for k, v in locals().items() if k not in ("student_hidden", "student_weight", "teacher_ids",
+                                                                 "teacher_values", "options",
+                                                                 "fused_linear_framework_loss")}
+        return fused_linear_framework_loss(student_hidden, student_weight, teacher_ids, teacher_values, **own,
+                                           **options)
     amp = amp_dtype(student_hidden, student_weight)
     check_linear("student", student_hidden, student_weight, student_bias, amp=amp is not None)
     mode, teacher_ids, teacher_values = _union(mode, values, teacher_ids, teacher_values, teacher_tail, student_ids,
                                                student_id_values)
-    params = _make_params(
-        mode, divergence, values, temperature, teacher_temperature, scale_by_t2, beta, chunk_size, softcap
-    )
+    params = _make_params(mode, divergence, values, temperature, teacher_temperature, options["scale_by_t2"],
+                          options["beta"], chunk_size, softcap)
     lead = tuple(student_hidden.shape[:-1])
     vocab = student_weight.shape[0]
     device = student_hidden.device
     cdt = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
-    tok_weight, ids2, t_logp, t_tail = _prepare(
-        lead,
-        vocab,
-        device,
-        teacher_ids,
-        teacher_values,
-        values,
-        params,
-        teacher_temperature,
-        labels,
-        ignore_index,
-        mask,
-        reduction,
-        num_items_in_batch,
-        cdt,
-        teacher_tail,
-    )
+    tok_weight, ids2, t_logp, t_tail = _prepare(lead, vocab, device, teacher_ids, teacher_values, values, params,
+                                                teacher_temperature, cdt=cdt, tail=teacher_tail,
+                                                **pick(options, TOKEN_KEYWORDS))
+    reduction = options["reduction"]
     n = tok_weight.numel()
     h = student_hidden.reshape(n, student_hidden.shape[-1])
     rows = chunk_size or auto_chunk_rows(n, vocab, device)
     stats = new_stats_buffer(n, device) if return_stats else None
-    chunk_loss = _SparseChunkLoss(replace(params, chunk_size=rows), _backend_fn(requested_backend(backend)), stats)
+    fn = _backend_fn(requested_backend(options["backend"]))
+    chunk_loss = _SparseChunkLoss(replace(params, chunk_size=rows), fn, stats)
     if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)) or not math.isfinite(logit_scale) \
             or logit_scale == 0:
         raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale!r}")

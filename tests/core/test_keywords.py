@@ -102,3 +102,92 @@ def test_shared_doc_needs_its_marker():
         @docs.shared_doc("temperature")
         def f():
             """No marker."""
+
+
+MAIN = ("distill_loss", "fused_linear_distill_loss", "sparse_distill_loss", "fused_linear_sparse_distill_loss")
+
+
+@pytest.mark.parametrize("name", MAIN)
+def test_public_losses_take_the_shared_keywords_from_one_place(name):
+    """The shared keyword parameters of the public losses are generated from docs.KEYWORDS (not written out): the
+    function the user calls passes them to its implementation as ``options``; a misspelt one is a TypeError naming
+    it, and the implementation declares none of them itself."""
+    fn = getattr(fastkd, name)
+    impl = inspect.unwrap(fn).__impl__
+    own = inspect.signature(impl).parameters
+    assert not set(own) & set(fn.__shared_keywords__), name
+    assert any(p.kind is p.VAR_KEYWORD for p in own.values())
+    with pytest.raises(TypeError, match="temperatur\\b|'temperatur'"):
+        fn(None, None, None, temperatur=2.0) if "hidden" not in name else fn(None, None, temperatur=2.0)
+
+
+def test_generated_signature_passes_every_argument_on():
+    """Positional, own keyword and shared keyword arguments reach the implementation unchanged."""
+    @docs.shared_keywords("reduction", "beta")
+    def loss(a, b=2, *, own=3, **options):
+        """Doc.
+
+        Args:
+            {shared}
+        """
+        return a, b, own, options
+
+    assert loss(1) == (1, 2, 3, {"reduction": "mean", "beta": None})
+    assert loss(1, 5, own=6, beta=0.25, reduction="sum") == (1, 5, 6, {"reduction": "sum", "beta": 0.25})
+    assert loss(a=1, b=5) == (1, 5, 3, {"reduction": "mean", "beta": None})
+    with pytest.raises(TypeError):
+        loss(1, 2, 3)  # own is keyword-only, as written
+    with pytest.raises(TypeError, match="itself"):
+        @docs.shared_keywords("beta")
+        def clash(a, *, beta=None, **options):
+            """{shared}"""
+
+
+_NEW_HYPER = '''
+import inspect, dataclasses, torch, fastkd
+from fastkd.core.params import DistillParams
+from fastkd.distill import op as distill_op
+sig = inspect.signature(fastkd.distill_loss).parameters
+assert sig["gamma"].default is None and sig["gamma"].kind is inspect.Parameter.KEYWORD_ONLY
+assert "gamma" in inspect.signature(fastkd.fused_linear_distill_loss).parameters
+assert "gamma = test-only weight (0.25)" in " ".join(fastkd.distill_loss.__doc__.split())
+assert [f.name for f in dataclasses.fields(DistillParams)][-1] == "gamma" and DistillParams().gamma == 0.25
+assert "float? gamma" in distill_op._SCHEMA
+g = torch.Generator().manual_seed(0)
+s = torch.randn(5, 13, generator=g, requires_grad=True)
+t = torch.randn(5, 13, generator=g)
+a = fastkd.distill_loss(s, t, "jsd", gamma=0.75, backend="torch")
+b = fastkd.distill_loss(s, t, "jsd", backend="torch")
+assert torch.equal(a, b)
+try:
+    fastkd.distill_loss(s, t, gamma=1.5, backend="torch")
+except ValueError as e:
+    assert "gamma" in str(e)
+else:
+    raise AssertionError("gamma=1.5 accepted")
+print("ok")
+'''
+
+
+def test_a_new_hyperparameter_is_one_edit(tmp_path):
+    """Add one Hyper to a copy of the package's divergence table: the params record's field, the dense losses'
+    keyword parameter, its documentation, the custom op's scalar and the range check all follow (the torch
+    backend runs; a divergence that uses it would add its math to the kernels)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(fastkd.__file__).resolve().parent.parent
+    shutil.copytree(root / "fastkd", tmp_path / "fastkd", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    table = tmp_path / "fastkd" / "core" / "divergences.py"
+    src = table.read_text()
+    line = "HYPERS: dict[str, Hyper] = {h.name: h for h in (BETA, ALPHA, MU, T)}"
+    assert src.count(line) == 1
+    table.write_text(src.replace(line, 'GAMMA = Hyper("gamma", 0.25, 0.0, 1.0, doc="test-only weight")\n'
+                                       + line.replace("T)}", "T, GAMMA)}")))
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", _NEW_HYPER], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
