@@ -133,7 +133,8 @@ def shared_doc(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]
     return deco
 
 
-def shared_keywords(*names: str) -> Callable[[F], F]:
+def shared_keywords(*names: str, keywords: dict[str, Keyword] | None = None,
+                    pass_through: bool = False) -> Callable[[F], F]:
     """Give ``fn`` (which takes ``**options``) the keyword-only parameters ``names`` of :data:`KEYWORDS`.
 
     The public function returned is generated, as :mod:`dataclasses` generates ``__init__``: a real Python
@@ -141,7 +142,12 @@ def shared_keywords(*names: str) -> Callable[[F], F]:
     annotations (``inspect.signature``, ``help``, an unknown keyword is Python's own TypeError, ``torch.compile``
     traces it as written code). It passes every argument on to ``fn``, the shared keywords in ``options``. So a
     new shared keyword is one :data:`KEYWORDS` entry (and its piece): every loss built with it takes it.
+
+    ``keywords``: another family's keyword set instead of :data:`KEYWORDS` (its functions document them
+    themselves: no ``{shared}`` pieces). ``pass_through``: the generated function keeps a ``**`` parameter too,
+    whose entries reach ``options`` beside the named ones (keywords forwarded to another loss).
     """
+    table = KEYWORDS if keywords is None else keywords
 
     def deco(fn: F) -> F:
         own = inspect.signature(fn)
@@ -154,8 +160,10 @@ def shared_keywords(*names: str) -> Callable[[F], F]:
         if clash:
             raise TypeError(f"{fn.__qualname__} declares shared keywords {clash} itself")
         params = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
-        params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=KEYWORDS[n].default,
-                                     annotation=KEYWORDS[n].annotation) for n in names]
+        params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=table[n].default,
+                                     annotation=table[n].annotation) for n in names]
+        if pass_through:
+            params += [p for p in own.parameters.values() if p.kind is p.VAR_KEYWORD]
         sig = own.replace(parameters=params)
         namespace: dict[str, Any] = {"_impl": fn}
         head, call = [], []
@@ -166,6 +174,10 @@ def shared_keywords(*names: str) -> Callable[[F], F]:
             if p.default is not p.empty:
                 namespace[f"_default_{p.name}"] = p.default
                 default = f"=_default_{p.name}"
+            if p.kind is p.VAR_KEYWORD:
+                head.append(f"**{p.name}")
+                call.append(f"**{p.name}")
+                continue
             head.append(p.name + default)
             call.append(p.name if p.kind is p.POSITIONAL_OR_KEYWORD else f"{p.name}={p.name}")
         source = f"def {fn.__name__}({', '.join(head)}):\n    return _impl({', '.join(call)})\n"
@@ -176,6 +188,9 @@ def shared_keywords(*names: str) -> Callable[[F], F]:
         if sig.return_annotation is not sig.empty:
             public.__annotations__["return"] = sig.return_annotation
         public.__impl__ = fn
+        if keywords is not None:
+            public.__shared_keywords__ = names
+            return public
         return shared_doc(*names)(public)
 
     return deco

@@ -72,6 +72,7 @@ import torch
 import torch.nn.functional as F
 
 from fastkd.core import checks as C
+from fastkd.core.docs import Keyword, shared_keywords
 from fastkd.distill.fused import fused_linear_distill_loss
 from fastkd.distill.op import distill_loss
 from fastkd.sparse.op import fused_linear_sparse_distill_loss
@@ -398,15 +399,41 @@ def _renormalised_fkl(hidden, weight, bias, ids, t_logp, tok_mask, softcap, temp
     return total / tok_mask.sum().clamp_min(1)
 
 
-def _server_sparse_loss(hidden, weight, bias, ids, t_logp, tok_mask, beta, temperature, add_tail_bucket,
-                        num_items_in_batch, logit_scale, softcap, divergence, mode, kw):
-    """The loss of one server-teacher call on ids (..., K) (−1 = padding) with the teacher's log-probs there.
+# The keywords the server-teacher losses share (TRL's names), declared once: server_loss, server_top1_loss and
+# server_topk_loss take them through shared_keywords; other keywords go on to fastkd's sparse loss.
+SERVER_KEYWORDS: dict[str, Keyword] = {k.name: k for k in (
+    Keyword("temperature", 1.0, "float"),
+    Keyword("add_tail_bucket", True, "bool"),
+    Keyword("num_items_in_batch", None, "torch.Tensor | int | None"),
+    Keyword("logit_scale", 1.0, "float"),
+    Keyword("final_logit_softcapping", None, "float | None"),
+    Keyword("divergence", None, "str | None"),
+    Keyword("mode", None, "str | None"),
+)}
+_SERVER_DOC = """Keywords (TRL's names): ``temperature``; ``add_tail_bucket`` (one bucket for the mass outside the
+    ids on both sides, else both renormalised over them); ``num_items_in_batch`` (÷ it instead of the kept count);
+    ``logit_scale`` and ``final_logit_softcapping`` (the student's ``softcap(logit_scale·(h W.T + b))``);
+    ``divergence`` / ``mode`` (and any other keyword): fastkd's own sparse loss instead of TRL's
+    (:func:`_server_sparse_loss`)."""
+
+
+def _server_keywords(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn.__doc__ = (fn.__doc__ or "").replace("{server}", _SERVER_DOC)
+    return shared_keywords(*SERVER_KEYWORDS, keywords=SERVER_KEYWORDS, pass_through=True)(fn)
+
+
+def _server_sparse_loss(hidden, weight, bias, ids, t_logp, tok_mask, beta, options):
+    """The loss of one server-teacher call on ids (..., K) (−1 = padding) with the teacher's log-probs there;
+    ``options``: the :data:`SERVER_KEYWORDS` and keywords for fastkd's sparse loss.
 
     ``divergence`` and ``mode`` None: TRL's own loss — with the tail bucket, fastkd's ``semantics="trl_tail"``
     (TRL's clamped tail on both sides, generalized JSD by β); without it, both sides renormalised over the ids:
     fastkd's ``mode="topk"`` JSD for β > 0, :func:`_renormalised_fkl` for β = 0. Either given: fastkd's
     sparse loss with that divergence / mode (default divergence "jsd" with TRL's β, default mode "topk_tail"
     with a tail bucket, else "topk") on the same ids."""
+    kw = dict(options)
+    temperature, add_tail_bucket, num_items_in_batch, logit_scale, softcap, divergence, mode = (
+        kw.pop(k) for k in SERVER_KEYWORDS)
     if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale > 0):
         raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale!r}")
     if isinstance(num_items_in_batch, torch.Tensor):
@@ -440,6 +467,7 @@ def _server_sparse_loss(hidden, weight, bias, ids, t_logp, tok_mask, beta, tempe
                                                 divergence=divergence, **common, **opts)
 
 
+@_server_keywords
 def server_top1_loss(
     hidden: torch.Tensor,
     lm_head_weight: torch.Tensor,
@@ -450,15 +478,7 @@ def server_top1_loss(
     reverse_teacher_logprobs: torch.Tensor,
     labels: torch.Tensor,
     beta: float,
-    *,
-    temperature: float = 1.0,
-    add_tail_bucket: bool = True,
-    num_items_in_batch: torch.Tensor | int | None = None,
-    logit_scale: float = 1.0,
-    final_logit_softcapping: float | None = None,
-    divergence: str | None = None,
-    mode: str | None = None,
-    **kw: Any,
+    **options: Any,
 ) -> torch.Tensor:
     """``ServerDistillationTrainer._compute_sparse_top_1_divergence_loss`` (β > 0) from hidden states and the LM
     head instead of the student's (B, T, V) log-probs.
@@ -467,7 +487,7 @@ def server_top1_loss(
     the second dropped where it equals the first; β = 1: the reverse-KL token alone. Student logits
     ``softcap(logit_scale·(h W.T + b)) / temperature``; loss over the support (+ a tail bucket with
     ``add_tail_bucket``) by TRL's generalized JSD, mean over ``labels != -100`` (or ÷ ``num_items_in_batch``).
-    ``divergence`` / ``mode`` / ``kw``: fastkd's own sparse loss instead (:func:`_server_sparse_loss`).
+    {server}
     Returns the fp32 (fp64 for fp64 heads) scalar loss."""
     if float(beta) == 1.0:
         ids, lp = reverse_token_ids.unsqueeze(-1), reverse_teacher_logprobs.unsqueeze(-1)
@@ -475,11 +495,10 @@ def server_top1_loss(
         second = torch.where(reverse_token_ids != teacher_top1_token_ids, reverse_token_ids, -1)
         ids = torch.stack([teacher_top1_token_ids, second], dim=-1)
         lp = torch.stack([teacher_top1_logprobs, reverse_teacher_logprobs], dim=-1)
-    return _server_sparse_loss(hidden, lm_head_weight, lm_head_bias, ids.long(), lp, labels != -100, beta,
-                               temperature, add_tail_bucket, num_items_in_batch, logit_scale,
-                               final_logit_softcapping, divergence, mode, kw)
+    return _server_sparse_loss(hidden, lm_head_weight, lm_head_bias, ids.long(), lp, labels != -100, beta, options)
 
 
+@_server_keywords
 def server_topk_loss(
     hidden: torch.Tensor,
     lm_head_weight: torch.Tensor,
@@ -488,26 +507,18 @@ def server_topk_loss(
     teacher_topk_logprobs: torch.Tensor,
     labels: torch.Tensor,
     *,
-    temperature: float = 1.0,
-    add_tail_bucket: bool = True,
-    num_items_in_batch: torch.Tensor | int | None = None,
-    logit_scale: float = 1.0,
-    final_logit_softcapping: float | None = None,
-    divergence: str | None = None,
-    mode: str | None = None,
     beta: float = 0.0,
-    **kw: Any,
+    **options: Any,
 ) -> torch.Tensor:
     """``ServerDistillationTrainer._compute_server_forward_kl_loss`` (β = 0) from hidden states and the LM head:
     forward KL over the teacher's top-k ids (slots whose teacher log-prob is −inf are padding), with a tail bucket
     or both sides renormalised over the ids; mean over ``labels != -100`` (or ÷ ``num_items_in_batch``, which
-    TRL's server path does not take). ``divergence`` / ``mode`` / ``kw`` (and ``beta`` for fastkd's "jsd"):
-    fastkd's own sparse loss instead."""
+    TRL's server path does not take). ``beta``: for fastkd's "jsd" only.
+    {server}"""
     valid = teacher_topk_logprobs > -math.inf
     ids = torch.where(valid, teacher_topk_token_ids, -1).long()
     return _server_sparse_loss(hidden, lm_head_weight, lm_head_bias, ids, teacher_topk_logprobs, labels != -100,
-                               beta, temperature, add_tail_bucket, num_items_in_batch, logit_scale,
-                               final_logit_softcapping, divergence, mode, kw)
+                               beta, options)
 
 
 def _server_stats(hidden, weight, bias, logit_scale, softcap, temperature, ids, t_logp, tok_mask, add_tail):
@@ -538,6 +549,7 @@ def _server_stats(hidden, weight, bias, logit_scale, softcap, temperature, ids, 
     return stats, out.topk_ids[..., 0]
 
 
+@_server_keywords
 def server_loss(
     hidden: torch.Tensor,
     lm_head_weight: torch.Tensor,
@@ -547,16 +559,9 @@ def server_loss(
     labels: torch.Tensor,
     *,
     beta: float,
-    temperature: float = 1.0,
-    add_tail_bucket: bool = True,
     reverse_kl_top_1_mode: str = "sampled",
-    logit_scale: float = 1.0,
-    final_logit_softcapping: float | None = None,
-    num_items_in_batch: torch.Tensor | int | None = None,
-    divergence: str | None = None,
-    mode: str | None = None,
     return_stats: bool = False,
-    **kw: Any,
+    **options: Any,
 ):
     """The server trainer's loss (``_compute_server_sparse_top_1_divergence_loss`` for β > 0,
     ``_compute_server_forward_kl_loss`` for β = 0) on hidden states (B, T, H) at the teacher's T positions.
@@ -566,7 +571,10 @@ def server_loss(
     log-prob of its reverse-KL token (β > 0) or of its top-1 (0 < β < 1) is a ValueError, and the reverse-KL token
     is the sampled one (``reverse_kl_top_1_mode="sampled"``) or the student's argmax ("argmax", taken from the
     fused head, never (B, T, V)). ``return_stats``: also the per-token statistics of :func:`_server_stats`
-    (with ``"_count"``, the kept tokens). Other arguments: :func:`server_top1_loss`."""
+    (with ``"_count"``, the kept tokens).
+    {server}"""
+    temperature, add_tail, logit_scale, softcap = (options[k] for k in ("temperature", "add_tail_bucket",
+                                                                        "logit_scale", "final_logit_softcapping"))
     C.check_choice("reverse_kl_top_1_mode", reverse_kl_top_1_mode, ("sampled", "argmax"))
     for key in ("actual_logprobs", "topk_logprobs", "topk_token_ids"):
         if key not in teacher_result:
@@ -593,26 +601,18 @@ def server_loss(
         top1_ids = top_ids[..., 0]
         reverse = completion_tokens
         if return_stats or reverse_kl_top_1_mode == "argmax":
-            stats, argmax = _server_stats(hidden, lm_head_weight, lm_head_bias, logit_scale, final_logit_softcapping,
-                                          temperature, top1_ids.unsqueeze(-1), top1_lp.unsqueeze(-1), required,
-                                          add_tail_bucket)
+            stats, argmax = _server_stats(hidden, lm_head_weight, lm_head_bias, logit_scale, softcap, temperature,
+                                          top1_ids.unsqueeze(-1), top1_lp.unsqueeze(-1), required, add_tail)
             if reverse_kl_top_1_mode == "argmax":
                 reverse = argmax
         loss = server_top1_loss(hidden, lm_head_weight, lm_head_bias, top1_ids, top1_lp, reverse, actual, labels,
-                                beta, temperature=temperature, add_tail_bucket=add_tail_bucket,
-                                num_items_in_batch=num_items_in_batch, logit_scale=logit_scale,
-                                final_logit_softcapping=final_logit_softcapping, divergence=divergence, mode=mode,
-                                **kw)
+                                beta, **options)
     else:
-        loss = server_topk_loss(hidden, lm_head_weight, lm_head_bias, top_ids, top_lp, labels,
-                                temperature=temperature, add_tail_bucket=add_tail_bucket,
-                                num_items_in_batch=num_items_in_batch, logit_scale=logit_scale,
-                                final_logit_softcapping=final_logit_softcapping, divergence=divergence, mode=mode,
-                                **kw)
+        loss = server_topk_loss(hidden, lm_head_weight, lm_head_bias, top_ids, top_lp, labels, **options)
         if return_stats:
             ids = torch.where(top_lp > -math.inf, top_ids, -1)
-            stats, _ = _server_stats(hidden, lm_head_weight, lm_head_bias, logit_scale, final_logit_softcapping,
-                                     temperature, ids, top_lp, required, add_tail_bucket)
+            stats, _ = _server_stats(hidden, lm_head_weight, lm_head_bias, logit_scale, softcap, temperature, ids,
+                                     top_lp, required, add_tail)
     return (loss, stats) if return_stats else loss
 
 

@@ -191,3 +191,26 @@ def test_a_new_hyperparameter_is_one_edit(tmp_path):
     out = subprocess.run([sys.executable, "-c", _NEW_HYPER], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_a_familys_own_keyword_set_with_pass_through():
+    """shared_keywords(keywords=...) takes another family's set (no shared pieces); pass_through keeps a ``**``
+    parameter whose entries reach the implementation beside the named ones. The three server-teacher losses take
+    TRL's keyword set from one place this way."""
+    own = {"gain": docs.Keyword("gain", 2.0, "float")}
+
+    @docs.shared_keywords("gain", keywords=own, pass_through=True)
+    def loss(x, **options):
+        """No pieces."""
+        return x, options
+
+    assert loss(1) == (1, {"gain": 2.0})
+    assert loss(1, gain=3.0, other=4) == (1, {"gain": 3.0, "other": 4})
+    assert loss.__doc__ == "No pieces."
+    from fastkd.integrations import trl as fkd_trl
+
+    for fn in (fkd_trl.server_loss, fkd_trl.server_top1_loss, fkd_trl.server_topk_loss):
+        params = inspect.signature(fn).parameters
+        for kw in fkd_trl.SERVER_KEYWORDS.values():
+            assert params[kw.name].default == kw.default and params[kw.name].kind is inspect.Parameter.KEYWORD_ONLY
+        assert "{server}" not in fn.__doc__ and "add_tail_bucket" in fn.__doc__
