@@ -7,8 +7,8 @@
   common case once the set has filled on a long row). Otherwise its entries that beat the K-th value enter one
   at a time, largest first, each replacing the current K-th value (a dynamic loop: ~3 tile reductions per
   entry that enters; about K + K·ln(V/BLOCK_V) entries per row on random-order logits: ~750 at K = 128,
-  V = 128k, where the first version of this kernel ran K selection rounds over nearly every tile, ~20× more
-  reductions; a count, not a timing). After the last tile the K slots are sorted once (K small rounds);
+  V = 128k, instead of K selection rounds over nearly every tile). After the last tile the K slots are sorted
+  once (K small rounds);
 - with J > 0 temperatures τ_j (``inv_tau`` (J,) fp32 = 1/τ_j, τ_j > 0): the tail's online log-sum-exp, one
   running maximum m of the tail's z (max_i z_i/τ = m/τ for τ > 0) and J sums s_j = Σ_tail exp((z_i − m)/τ_j).
   Every entry of the row either ends in the final top-K or leaves the candidates exactly once — an entry of a

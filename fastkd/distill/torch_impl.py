@@ -233,8 +233,8 @@ def chunk_loss_grad(
 
 
 # On CPU the eager chunk math is a dozen memory-bound passes; inductor fuses it into a few vectorised
-# loops (measured ~6x faster on a 512x32000 fp32 chunk). Compiling costs seconds per divergence and
-# dtype, so it is used only for large chunks: FASTKD_TORCH_COMPILE=auto (default) | 1 (always) | 0 (never).
+# loops (docs/DESIGN.md, "Performance"). Compiling costs seconds per divergence and dtype, so it is used
+# only for large chunks: FASTKD_TORCH_COMPILE=auto (default) | 1 (always) | 0 (never).
 _COMPILE_MIN_ELEMS = 1 << 20
 ChunkOut = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]  # (loss, grad, stats)
 ChunkFn = Callable[..., ChunkOut]
