@@ -128,6 +128,7 @@ def on_policy_distill_loss(
     reduction: str = "mean",
     num_items_in_batch: int | float | torch.Tensor | None = None,
     chunk_size: int | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Sampled-token reverse-KL distillation loss from hidden states (estimators: the module docstring).
 
@@ -144,6 +145,9 @@ def on_policy_distill_loss(
         mask: (...,) bool, True = keep; token_weight: (...,) float per-token weights (e.g. IW-OPD's position
             weights), multiplied in after the reduction's normalisation.
         reduction: "mean" (over kept tokens), "sum" or "none"; num_items_in_batch: as the other losses.
+        chunk_size: tokens per chunk (default: the LM-head engine's memory budget).
+        backend: the row math's: "auto" (Triton for CUDA tensors of a float32/bfloat16/float16 head, else torch;
+            ``FASTKD_BACKEND`` when "auto"), "torch" or "triton".
 
     Under ``torch.autocast`` the head's GEMMs run in the autocast dtype (weight / bias gradients accumulated in
     fp32, returned in the parameters' dtype); the row math stays fp32.
@@ -197,8 +201,10 @@ def on_policy_distill_loss(
                                   bounds)
         return loss, {}, g[:, None]
 
-    rows = O.chunk_rows(chunk_size, n, vocab, device)
-    chunk = O.IdsLossChunk(fn, float(temperature), closed_form=True)
+    zdt = amp or weight.dtype
+    rb = O.rows_backend(backend, hidden, zdt, O.LOCAL)
+    rows = O.chunk_rows(chunk_size, n, vocab, device, rb, zdt, softcap, hidden.is_cuda)
+    chunk = O.IdsLossChunk(fn, float(temperature), closed_form=True, backend=rb)
     aux = (sid, valid, t) if s is None else (sid, valid, t, s)
     h = hidden.reshape(n, hidden.shape[-1])
     cap = None if softcap is None else float(softcap)

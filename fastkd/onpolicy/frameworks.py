@@ -123,7 +123,7 @@ def check_semantics(semantics: str, divergence: str, values: str, mode: str, log
 
 def fused_semantics_loss(student_hidden, student_weight, ids2, t_logp, tok_weight, lead, *, semantics, student_bias,
                          softcap, rows, divergence, beta, temperature, log_prob_min_clamp, tail_mass_eps, reduction,
-                         return_mass, amp=None):
+                         return_mass, amp=None, backend="torch"):
     """The loss of one framework semantics (checked, token weights and per-slot teacher log-probs prepared by
     ``fused_linear_sparse_distill_loss``): ids2 (N, K) with −1 padding, t_logp (N, K) (−inf at padding)."""
     vocab = student_weight.shape[0]
@@ -146,7 +146,7 @@ def fused_semantics_loss(student_hidden, student_weight, ids2, t_logp, tok_weigh
     out = None
     if return_mass:
         out = {k: torch.zeros(n, dtype=t_logp.dtype, device=t_logp.device) for k in ("student_mass", "teacher_mass")}
-    chunk = O.IdsLossChunk(fn, float(temperature), out=out)
+    chunk = O.IdsLossChunk(fn, float(temperature), out=out, backend=backend)
     h = student_hidden.reshape(n, student_hidden.shape[-1])
     cap = None if softcap is None else float(softcap)
     head = cap if amp is None else HeadOptions(softcap=cap, dtype=amp)
@@ -170,7 +170,7 @@ def fused_linear_framework_loss(student_hidden, student_weight, teacher_ids, tea
     if semantics == "fastkd":
         raise ValueError("return_mass / log_prob_min_clamp need a framework semantics ('verl_topk', "
                          "'verl_topk_tail' or 'trl_tail')")
-    unsupported.pop("backend", None)  # every backend's chunk math is the same torch row formula here
+    backend = unsupported.pop("backend", "auto")  # the row math's: op "onpolicy_rows" (fastkd.onpolicy.op)
     check_semantics(semantics, divergence, values, mode, log_prob_min_clamp, tail_mass_eps, **unsupported)
     amp = O.check_head(student_hidden, student_weight, student_bias)
     params = S._make_params("topk_tail", divergence, values, temperature, None, False, beta, chunk_size, softcap)
@@ -180,9 +180,12 @@ def fused_linear_framework_loss(student_hidden, student_weight, teacher_ids, tea
     tok_weight, ids2, t_logp, _ = S._prepare(lead, student_weight.shape[0], student_hidden.device, teacher_ids,
                                              teacher_values, values, params, None, labels, ignore_index, mask,
                                              reduction, num_items_in_batch, cdt)
-    rows = O.chunk_rows(chunk_size, tok_weight.numel(), student_weight.shape[0], student_hidden.device)
+    zdt = amp or student_weight.dtype
+    rb = O.rows_backend(backend, student_hidden, zdt, O.LOCAL)
+    rows = O.chunk_rows(chunk_size, tok_weight.numel(), student_weight.shape[0], student_hidden.device, rb, zdt,
+                        softcap, student_hidden.is_cuda)
     return fused_semantics_loss(student_hidden, student_weight, ids2, t_logp, tok_weight, lead, semantics=semantics,
                                 student_bias=student_bias, softcap=softcap, rows=rows, divergence=divergence,
                                 beta=beta, temperature=temperature, log_prob_min_clamp=log_prob_min_clamp,
                                 tail_mass_eps=tail_mass_eps, reduction=reduction, return_mass=return_mass,
-                                amp=amp)
+                                amp=amp, backend=rb)

@@ -13,7 +13,12 @@ chunks are run again: one more logits GEMM) writes, per chunk,
 
 into the engine's logits workspace and lets :class:`~fastkd.core.lmhead.LMHeadChunker` accumulate the hidden,
 weight and bias gradients (divided by T, through the softcap). Peak extra memory: the engine's (chunk, V) workspace
-plus two fp32 (chunk, V) temporaries, and O(N·K) outputs.
+plus two fp32 (chunk, V) temporaries (torch row math; none with the Triton row math), and O(N·K) outputs.
+
+Row math backends (op ``"onpolicy_rows"`` of :mod:`fastkd.core.registry`, :func:`rows_backend`): ``torch`` (any
+device and dtype, the extras, vocabulary-parallel heads) and ``triton`` (:mod:`fastkd.onpolicy.triton_impl`: two
+row kernels on the workspace in its own dtype, the log-sum-exp kept split as (max, log-sum); "auto" takes it for
+CUDA tensors). With it a chunk holds more rows under the same memory budget (:func:`chunk_rows`).
 
 :class:`RowOps` holds the three row reductions (log-sum-exp, gather at global ids, sum over the vocabulary) and the
 top-k; :mod:`fastkd.onpolicy.vocab_parallel` overrides them with collectives over a vocabulary-sharded head, so the
@@ -33,7 +38,8 @@ from typing import NamedTuple
 import torch
 
 from fastkd.core import checks as C
-from fastkd.core.lmhead import HeadOptions, LMHeadChunker, amp_dtype, auto_chunk_rows, run_chunks
+from fastkd.core.lmhead import BYTES_PER_COL, HeadOptions, LMHeadChunker, amp_dtype, auto_chunk_rows, run_chunks
+from fastkd.core.registry import declare, register, select
 
 
 class LogProbs(NamedTuple):
@@ -126,6 +132,37 @@ def safe_ids(ids: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]
     return torch.where(valid, ids, 0), valid
 
 
+# ---- the row math's backends (op "onpolicy_rows") ---------------------------------------------------------------
+def torch_row_logprobs(z: torch.Tensor, ids: torch.Tensor, temperature: float) -> tuple[torch.Tensor, ...]:
+    """The ``onpolicy_rows`` contract in torch (:func:`fastkd.onpolicy.triton_impl.row_logprobs`): for u = z / T in
+    the compute dtype, (shift m = max u (0 for an all −inf row), log Σ e^{u − m}, (u at ids − m) − log Σ)."""
+    u = z.to(compute_dtype(z.dtype)) / temperature
+    m = u.amax(-1)
+    shift = torch.where(m == -math.inf, 0.0, m)
+    ld = (u - shift[:, None]).exp().sum(-1).log()
+    return shift, ld, (u.gather(1, ids) - shift[:, None]) - ld[:, None]
+
+
+register("onpolicy_rows", "torch", torch_row_logprobs)  # runs any input: no capabilities to declare
+declare("onpolicy_rows", ["fastkd.onpolicy.triton_impl"], ("triton", "torch"))
+
+
+def rows_backend(backend: str, hidden: torch.Tensor, dtype: torch.dtype, ops: RowOps) -> str:
+    """The backend of one call's row math, "triton" or "torch" (the registry's choice for op ``onpolicy_rows``:
+    "auto" takes Triton for CUDA tensors of a float32/bfloat16/float16 head; "triton" also runs CPU tensors under
+    ``TRITON_INTERPRET=1``). ``dtype``: the head's logits dtype. Under torch.compile "auto" takes torch (inductor
+    fuses that row math; the Triton launches are eager code), as do vocabulary-parallel row ops (collectives)."""
+    if backend == "auto" and torch.compiler.is_compiling():
+        return "torch"
+    return select("onpolicy_rows", backend, z=hidden, dtype=dtype, vocab_parallel=type(ops) is not RowOps).backend
+
+
+def _triton_rows():
+    from fastkd.onpolicy import triton_impl
+
+    return triton_impl
+
+
 @dataclass(frozen=True)
 class LogprobsParams:
     temperature: float
@@ -136,6 +173,7 @@ class LogprobsParams:
     vocab: int
     ops: RowOps
     dtype: torch.dtype | None = None  # the head's compute dtype under autocast (None: the weight's own)
+    backend: str = "torch"  # of the row math: "triton" only without entropy / top-k (those stay torch)
 
     @property
     def head(self) -> float | HeadOptions | None:
@@ -148,7 +186,11 @@ class _ForwardChunk:
 
     def __call__(self, sl, z, grad, w, aux):
         ids, valid = aux
-        p, (lq, ent, topv, topi) = self.p, self.out
+        p, (lq, ent, topv, topi, shift) = self.p, self.out
+        if p.backend == "triton":  # no extras: (shift, log Σ) kept split for the backward pass, log Σ returned
+            shift[sl], ld, lq_k = _triton_rows().row_logprobs(z, ids[sl], p.temperature)
+            lq[sl] = torch.where(valid[sl], lq_k, math.nan)
+            return ld
         u = scaled_logits(z, p.temperature)
         lse = p.ops.lse(u)
         lq[sl] = torch.where(valid[sl], p.ops.gather(u, ids[sl]) - lse[:, None], math.nan)
@@ -161,14 +203,17 @@ class _ForwardChunk:
 
 
 class _BackwardChunk:
-    def __init__(self, p: LogprobsParams, lse, ent, g, g_ent):
-        self.p, self.lse, self.ent, self.g, self.g_ent = p, lse, ent, g, g_ent
+    def __init__(self, p: LogprobsParams, lse, ent, g, g_ent, shift):
+        self.p, self.lse, self.ent, self.g, self.g_ent, self.shift = p, lse, ent, g, g_ent, shift
 
     def __call__(self, sl, z, grad, w, aux):
         ids, valid = aux
         p = self.p
-        u = scaled_logits(z, p.temperature)
         g = torch.where(valid[sl], self.g[sl], 0.0)
+        if p.backend == "triton":  # self.lse holds log Σ e^{u − shift}
+            _triton_rows().row_grad_(grad, ids[sl], g, self.shift[sl], self.lse[sl], p.temperature)
+            return self.lse[sl]
+        u = scaled_logits(z, p.temperature)
         g_ent = None if self.g_ent is None else self.g_ent[sl]
         gu = grad_rows_(u, self.lse[sl], ids[sl], g, p.ops, None if g_ent is None else self.ent[sl], g_ent)
         write_grad_(grad, gu, p.temperature)
@@ -190,16 +235,18 @@ class LogprobsFunction(torch.autograd.Function):
         ent = torch.empty(n if p.entropy else 0, dtype=cdt, device=dev)
         topv = torch.empty(n, p.topk, dtype=cdt, device=dev)
         topi = torch.empty(n, p.topk, dtype=torch.int64, device=dev)
+        shift = torch.empty(n if p.backend == "triton" else 0, dtype=torch.float32, device=dev)
         head = LMHeadChunker(hidden, weight, bias, p.head, p.rows)
-        lse = run_chunks(head, _ForwardChunk(p, (lq, ent, topv, topi)), (ids, valid), valid[:, 0], p.rows, False)
+        lse = run_chunks(head, _ForwardChunk(p, (lq, ent, topv, topi, shift)), (ids, valid), valid[:, 0], p.rows,
+                         False)
         ctx.p = p
-        ctx.save_for_backward(hidden, weight, bias, ids, valid, lse, ent)
+        ctx.save_for_backward(hidden, weight, bias, ids, valid, lse, ent, shift)
         ctx.mark_non_differentiable(topv, topi)
         return lq, ent, topv, topi
 
     @staticmethod
     def backward(ctx, g, g_ent, _gv, _gi):
-        hidden, weight, bias, ids, valid, lse, ent = ctx.saved_tensors
+        hidden, weight, bias, ids, valid, lse, ent, shift = ctx.saved_tensors
         p = ctx.p
         needs = ctx.needs_input_grad[:3]
         head = LMHeadChunker(hidden, weight, bias, p.head, p.rows)
@@ -207,7 +254,7 @@ class LogprobsFunction(torch.autograd.Function):
         cdt = lse.dtype
         g = torch.zeros_like(ids, dtype=cdt) if g is None else g.to(cdt)
         g_ent = None if g_ent is None or not p.entropy else g_ent.to(cdt)
-        run_chunks(head, _BackwardChunk(p, lse, ent, g, g_ent), (ids, valid), valid[:, 0], p.rows, True)
+        run_chunks(head, _BackwardChunk(p, lse, ent, g, g_ent, shift), (ids, valid), valid[:, 0], p.rows, True)
         return (*head.finished_grads(), None, None, None)
 
 
@@ -267,13 +314,27 @@ def check_common(temperature: float, softcap: float | None, chunk_size: int | No
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
-def chunk_rows(chunk_size: int | None, n: int, vocab_local: int, device: torch.device) -> int:
-    # the engine's (rows, V) workspace + two compute-dtype (rows, V) temporaries of the row math
-    return chunk_size or auto_chunk_rows(max(n, 1), 2 * vocab_local, device)
+def chunk_rows(chunk_size: int | None, n: int, vocab_local: int, device: torch.device, backend: str = "torch",
+               dtype: torch.dtype | None = None, softcap: float | None = None, on_cuda: bool = False) -> int:
+    """Rows per chunk: ``chunk_size``, else the engine's budget (:func:`~fastkd.core.lmhead.auto_chunk_rows`).
+
+    torch row math: the engine's (rows, V) workspace + two compute-dtype (rows, V) temporaries. Triton row math
+    (``backend="triton"``) has no (rows, V) temporary: the workspace in the head's logits ``dtype``, the cap
+    derivative's buffer of the same size with a ``softcap``, and off CUDA (``on_cuda`` False) the engine's fp32
+    staging of a low-precision gradient — the same budget holds more rows (the grad-weight GEMM, K = rows, then
+    stays compute-bound)."""
+    if chunk_size:
+        return chunk_size
+    if backend != "triton":
+        return auto_chunk_rows(max(n, 1), 2 * vocab_local, device)
+    elem = torch.empty((), dtype=dtype).element_size()
+    per_logit = elem * (2 if softcap is not None else 1) + (4 if elem < 4 and not on_cuda else 0)
+    return auto_chunk_rows(max(n, 1), max(1, vocab_local * per_logit // BYTES_PER_COL), device)
 
 
 def logprobs_impl(hidden, weight, ids, *, bias, temperature, softcap, return_entropy, return_topk, chunk_size,
-                  ops: RowOps, vocab: int, rows: int | None = None, amp: torch.dtype | None = None):
+                  ops: RowOps, vocab: int, rows: int | None = None, amp: torch.dtype | None = None,
+                  backend: str = "auto"):
     """Checks done by the caller except ids; shared by the single-process and vocabulary-parallel entry points."""
     lead = tuple(hidden.shape[:-1])
     flat, per_token = check_ids("ids", ids, lead, vocab, hidden.device)
@@ -284,9 +345,13 @@ def logprobs_impl(hidden, weight, ids, *, bias, temperature, softcap, return_ent
     n = flat.shape[0]
     h = hidden.reshape(n, hidden.shape[-1])
     sid, valid = safe_ids(flat, vocab)
-    rows = rows or chunk_rows(chunk_size, n, weight.shape[0], hidden.device)
+    zdt = amp or weight.dtype
+    rb = rows_backend(backend, hidden, zdt, ops)
+    if return_entropy or return_topk:  # the extras keep the torch row math (an explicit backend is still checked)
+        rb = "torch"
+    rows = rows or chunk_rows(chunk_size, n, weight.shape[0], hidden.device, rb, zdt, softcap, hidden.is_cuda)
     p = LogprobsParams(float(temperature), None if softcap is None else float(softcap), rows, return_entropy,
-                       return_topk, vocab, ops, amp)
+                       return_topk, vocab, ops, amp, rb)
     lq, ent, topv, topi = LogprobsFunction.apply(h, weight, bias, sid, valid, p)
     lq = lq.view(*lead, -1) if per_token else lq.view(lead)
     if not return_entropy and not return_topk:
@@ -307,6 +372,7 @@ def logprobs_from_hidden(
     return_entropy: bool = False,
     return_topk: int = 0,
     chunk_size: int | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor | LogProbs:
     """``log_softmax(softcap(hidden @ weight.T + bias) / T)`` at ``ids``, chunk by chunk (never an (N, V) tensor).
 
@@ -320,6 +386,9 @@ def logprobs_from_hidden(
         return_entropy: also the entropy of softmax(u) per token (differentiable).
         return_topk: also the student's own k most likely ids and their log-probs (no gradient), k ≤ V.
         chunk_size: tokens per chunk (default: the LM-head engine's memory budget).
+        backend: the row math's: "auto" (Triton for CUDA tensors of a float32/bfloat16/float16 head, else torch;
+            ``FASTKD_BACKEND`` when "auto"), "torch" or "triton". With ``return_entropy`` / ``return_topk`` the row
+            math is torch's.
 
     Returns:
         the log-probs, shaped like ``ids``, fp32 (fp64 for fp64 heads) — or, when ``return_entropy`` or
@@ -330,7 +399,7 @@ def logprobs_from_hidden(
     check_common(temperature, softcap, chunk_size)
     return logprobs_impl(hidden, weight, ids, bias=bias, temperature=temperature, softcap=softcap,
                          return_entropy=return_entropy, return_topk=return_topk, chunk_size=chunk_size,
-                         ops=LOCAL, vocab=weight.shape[0], amp=amp)
+                         ops=LOCAL, vocab=weight.shape[0], amp=amp, backend=backend)
 
 
 # ---- a per-token loss of the log-probs at given ids, through FusedHeadFunction ----------------------------------
@@ -350,31 +419,39 @@ class IdsLossChunk:
     """
 
     def __init__(self, fn: IdsLossFn, temperature: float, ops: RowOps | None = None,
-                 out: dict[str, torch.Tensor] | None = None, closed_form: bool = False):
+                 out: dict[str, torch.Tensor] | None = None, closed_form: bool = False, backend: str = "torch"):
         # (a default of None, not LOCAL: torch.compile cannot wrap an instance default argument)
         self.fn, self.temperature, self.ops, self.out = fn, temperature, LOCAL if ops is None else ops, out
         self.closed_form = closed_form
+        self.row_math = _triton_rows() if backend == "triton" else None  # the row math's backend (rows_backend)
 
     def __call__(self, sl, z, grad, w, aux):
         ids, valid, *extra = aux
-        u = scaled_logits(z, self.temperature)
-        lse = self.ops.lse(u)
-        vs = valid[sl]
-        lq = torch.where(vs, self.ops.gather(u, ids[sl]) - lse[:, None], -math.inf)
+        vs, sid = valid[sl], ids[sl]
+        if self.row_math is not None:  # Triton: z stays in its dtype, read here and again by row_grad_
+            shift, ld, lq = self.row_math.row_logprobs(z, sid, self.temperature)
+        else:
+            u = scaled_logits(z, self.temperature)
+            lse = self.ops.lse(u)
+            lq = self.ops.gather(u, sid) - lse[:, None]
+        lq = torch.where(vs, lq, -math.inf)
         rows = [e[sl] for e in extra]
         if grad is None:
             loss, outs = self.fn(lq, *rows)[:2]
-        elif self.closed_form:  # fn also returns d loss / d lq: no autograd inside the chunk (traceable)
-            loss, outs, g = self.fn(lq, *rows)
-            g = torch.where(vs, g * w.to(g.dtype)[:, None], 0.0)
-            write_grad_(grad, grad_rows_(u, lse, ids[sl], g, self.ops), self.temperature)
         else:
-            with torch.enable_grad():
-                leaf = lq.detach().requires_grad_(True)
-                loss, outs = self.fn(leaf, *rows)
-                (g,) = torch.autograd.grad((loss * w.to(loss.dtype)).sum(), leaf)
-            g = torch.where(vs, g, 0.0)
-            write_grad_(grad, grad_rows_(u, lse, ids[sl], g, self.ops), self.temperature)
+            if self.closed_form:  # fn also returns d loss / d lq: no autograd inside the chunk (traceable)
+                loss, outs, g = self.fn(lq, *rows)
+                g = torch.where(vs, g * w.to(g.dtype)[:, None], 0.0)
+            else:
+                with torch.enable_grad():
+                    leaf = lq.detach().requires_grad_(True)
+                    loss, outs = self.fn(leaf, *rows)
+                    (g,) = torch.autograd.grad((loss * w.to(loss.dtype)).sum(), leaf)
+                g = torch.where(vs, g, 0.0)
+            if self.row_math is not None:
+                self.row_math.row_grad_(grad, sid, g, shift, ld, self.temperature)
+            else:
+                write_grad_(grad, grad_rows_(u, lse, sid, g, self.ops), self.temperature)
         if self.out is not None:
             for name, buf in self.out.items():
                 buf[sl] = outs[name].detach()
