@@ -95,6 +95,7 @@ def _import_kernels(extra: tuple[str, ...] = ()) -> None:
     import fastkd.kernels.distill  # noqa: F401
     import fastkd.kernels.distill_akl  # noqa: F401
     import fastkd.kernels.distill_split  # noqa: F401
+    import fastkd.kernels.onpolicy  # noqa: F401
     import fastkd.kernels.sinkhorn  # noqa: F401
     import fastkd.kernels.sparse  # noqa: F401
     import fastkd.kernels.sparse_split  # noqa: F401
@@ -177,6 +178,19 @@ def calls(full: bool) -> Iterator[tuple[str, Callable[[], Any]]]:
                         yield (f"sparse {mode} {div} {short[dt]} K={k} {sched}",
                                lambda dt=dt, k=k, mode=mode, div=div, sched=sched:
                                sparse(dt, 128256, k, mode, div, sched))
+
+    def onpolicy(dt, v, k):  # the on-policy row kernels (fastkd.onpolicy.triton_impl): log-probs, then gradient
+        from fastkd.onpolicy import triton_impl as TO
+
+        z = torch.zeros(2, v, dtype=dt)
+        ids = torch.arange(k).repeat(2, 1)
+        shift, ld, _ = TO.row_logprobs(z, ids, 1.0)
+        TO.row_grad_(z, ids, torch.ones(2, k), shift, ld, 1.0)
+
+    for dt in dtypes:
+        for v in vocabs:
+            for k in (1, 4, 64) if full else (1, 64):
+                yield f"onpolicy {short[dt]} V={v} K={k}", lambda dt=dt, v=v, k=k: onpolicy(dt, v, k)
 
     def sinkhorn(n, metric, with_cost):
         x, y = torch.rand(2, n, 3), torch.rand(2, n + 3, 3)
@@ -510,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="compile only the calls whose label matches (re.search), e.g. 'distill akl .*V=1000'; "
                              "labels: 'distill DIV DTYPE V=.. grad=.. ce=.. T=..', "
                              "'sparse MODE DIV DTYPE K=.. split|row', 'scale_grad DTYPE', 'sinkhorn n=.. METRIC', "
-                             "'topk K=.. J=..'")
+                             "'topk K=.. J=..', 'onpolicy DTYPE V=.. K=..'")
     parser.add_argument("--sass-specs", metavar="FILE", default=None,
                         help="compile the launches of FILE (the cost model's missing compile records, JSON) with "
                              "SASS instruction counts and merge them into --sass-out")
