@@ -36,6 +36,7 @@ import math
 import torch
 
 from fastkd.core import checks as C
+from fastkd.core.docs import shared_doc
 from fastkd.core.lmhead import FusedHeadFunction, HeadOptions
 from fastkd.onpolicy import op as O
 
@@ -110,6 +111,12 @@ def token_loss_grad(lq: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None, e
     return torch.maximum(loss, clipped), torch.where(clipped > loss, 0.0, loss)
 
 
+# the shared keywords whose meaning here is the shared piece's (fastkd.core.docs); temperature (the student's
+# only), chunk_size and backend (no "cuda") are written out
+SHARED_KEYWORDS = ("mask", "reduction", "num_items_in_batch")
+
+
+@shared_doc(*SHARED_KEYWORDS)
 def on_policy_distill_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -141,10 +148,11 @@ def on_policy_distill_loss(
             current student's, detached — on-policy).
         importance_ratio: "advantage": −A·ρ (True) or −A·log q (False, TRL iw_opd).
         clip: "advantage" with the ratio: ε or (ε_lo, ε_hi), PPO clipping of ρ to [1 − ε_lo, 1 + ε_hi].
-        temperature: the student's log q is log_softmax(softcap(h W.T + b) / T).
-        mask: (...,) bool, True = keep; token_weight: (...,) float per-token weights (e.g. IW-OPD's position
-            weights), multiplied in after the reduction's normalisation.
-        reduction: "mean" (over kept tokens), "sum" or "none"; num_items_in_batch: as the other losses.
+        temperature: T > 0 for the student only: its log q is log_softmax(softcap(h W.T + b) / T); the teacher's
+            log-probs are taken as given. softcap: Gemma-style ``cap·tanh(z/cap)`` of the student's logits.
+        token_weight: (...,) float per-token weights (e.g. IW-OPD's position weights), multiplied in after the
+            reduction's normalisation; the token mask below is (...,) bool, True = keep.
+        {shared}
         chunk_size: tokens per chunk (default: the LM-head engine's memory budget).
         backend: the row math's: "auto" (Triton for CUDA tensors of a float32/bfloat16/float16 head, else torch;
             ``FASTKD_BACKEND`` when "auto"), "torch" or "triton".

@@ -39,7 +39,7 @@ import torch
 
 from fastkd.core import checks as C
 from fastkd.core.lmhead import BYTES_PER_COL, HeadOptions, LMHeadChunker, amp_dtype, auto_chunk_rows, run_chunks
-from fastkd.core.registry import declare, register, select
+from fastkd.core.registry import declare, register, requested_backend, select
 
 
 class LogProbs(NamedTuple):
@@ -346,9 +346,11 @@ def logprobs_impl(hidden, weight, ids, *, bias, temperature, softcap, return_ent
     h = hidden.reshape(n, hidden.shape[-1])
     sid, valid = safe_ids(flat, vocab)
     zdt = amp or weight.dtype
-    rb = rows_backend(backend, hidden, zdt, ops)
-    if return_entropy or return_topk:  # the extras keep the torch row math (an explicit backend is still checked)
+    if return_entropy or return_topk:  # the extras keep the torch row math (the backend's name is still checked)
+        requested_backend(backend)
         rb = "torch"
+    else:
+        rb = rows_backend(backend, hidden, zdt, ops)
     rows = rows or chunk_rows(chunk_size, n, weight.shape[0], hidden.device, rb, zdt, softcap, hidden.is_cuda)
     p = LogprobsParams(float(temperature), None if softcap is None else float(softcap), rows, return_entropy,
                        return_topk, vocab, ops, amp, rb)

@@ -100,7 +100,8 @@ def vocab_parallel_logprobs_from_hidden(
         ids: (...,) or (..., K) *global* ids in [0, V), V = Σ V_r over the group (the same on every rank).
         group: the tensor-parallel process group (default: the world).
         vocab_start: global index of this rank's first column (default rank · V_r: equal shards).
-        Other arguments: as :func:`fastkd.logprobs_from_hidden` (``return_topk`` ≤ V).
+        Other arguments: as :func:`fastkd.logprobs_from_hidden` (``return_topk`` ≤ V); the row math is torch's
+            (its row reductions are collectives).
 
     Returns: the same outputs on every rank (global top-k ids). Gradients: the full hidden-state gradient on every
     rank (all-reduced), this rank's weight / bias shard gradient.
@@ -124,4 +125,4 @@ def vocab_parallel_logprobs_from_hidden(
     ops = VocabParallelRows(group, vocab_start, vr)
     return O.logprobs_impl(hidden, weight, ids, bias=bias, temperature=temperature, softcap=softcap,
                            return_entropy=return_entropy, return_topk=return_topk, chunk_size=chunk_size, ops=ops,
-                           vocab=int(total.item()), rows=int(rows.item()), amp=amp)
+                           vocab=int(total.item()), rows=int(rows.item()), amp=amp, backend="torch")

@@ -1,8 +1,9 @@
 """The shared keyword arguments are written once (fastkd.core.docs): every public loss that takes one has its
 default, documents it once from the shared piece, and the params record's fields agree with them.
 
-Not covered: the OT losses (``sinkd_loss``, ``uld_loss``: their ``temperature`` is the cost's, default 2.0) and
-the on-policy estimators (their own keyword set, :mod:`fastkd.onpolicy`).
+Not covered: the OT losses (``sinkd_loss``, ``uld_loss``: their ``temperature`` is the cost's, default 2.0). The
+on-policy functions take the pieces whose meaning is theirs (``on_policy_distill_loss``: mask, reduction,
+num_items_in_batch) and write out the rest (temperature: the student's only; backend: no "cuda").
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from fastkd.core import docs
 from fastkd.core.divergences import HYPER_NAMES
 from fastkd.core.params import DistillParams, SparseParams
 from fastkd.distill import vocab_parallel as VP
+from fastkd.onpolicy import estimators as OE
+from fastkd.onpolicy import vocab_parallel as OVP
 
 LOSSES = {
     "distill_loss": (fastkd.distill_loss, docs.DENSE_KEYWORDS),
@@ -27,7 +30,31 @@ LOSSES = {
     "vocab_parallel_distill_loss": (VP.vocab_parallel_distill_loss, docs.VOCAB_PARALLEL_KEYWORDS),
     "vocab_parallel_fused_linear_distill_loss": (VP.vocab_parallel_fused_linear_distill_loss,
                                                  docs.VOCAB_PARALLEL_KEYWORDS),
+    "on_policy_distill_loss": (fastkd.on_policy_distill_loss, OE.SHARED_KEYWORDS),
 }
+ONPOLICY = {"logprobs_from_hidden": fastkd.logprobs_from_hidden,
+            "on_policy_distill_loss": fastkd.on_policy_distill_loss,
+            "vocab_parallel_logprobs_from_hidden": OVP.vocab_parallel_logprobs_from_hidden,
+            "iw_opd_weights": OE.iw_opd_weights}
+
+
+@pytest.mark.parametrize("name", ONPOLICY)
+def test_onpolicy_keywords_have_the_shared_defaults_and_one_entry(name):
+    """The on-policy functions: a shared keyword name has its shared default, is keyword-only and one Args entry
+    (``name:`` opening an entry line or after ``; `` in one; from the piece where the meaning is the same, written
+    out where it differs), or is documented by reference ("Other arguments: as ...")."""
+    fn = ONPOLICY[name]
+    params = inspect.signature(fn).parameters
+    doc = fn.__doc__
+    by_reference = "Other arguments: as " in doc
+    for kw in docs.KEYWORDS.values():
+        p = params.get(kw.name)
+        if p is None or p.kind is not p.KEYWORD_ONLY and p.default is p.empty:
+            continue  # absent, or a required argument of the function's own (iw_opd_weights' mask)
+        assert p.default == kw.default and p.kind is p.KEYWORD_ONLY, (name, kw.name, p)
+        entries = re.findall(rf"(?:^ {{8}}|; ){kw.name}:", doc, flags=re.M)
+        assert len(entries) == 1 or not entries and by_reference, (name, kw.name, entries)
+    assert set(getattr(fn, "__shared_keywords__", ())) <= set(params)
 
 
 @pytest.mark.parametrize("name", LOSSES)
