@@ -58,8 +58,11 @@ _MIN_ROWS = 8
 _CPU_BUDGET_MB = 128.0  # 256-row chunks at V = Vt = 32000: the K = rows grad_weight GEMM stays efficient
 _GPU_BUDGET_MB = 1024.0
 # Bytes per logit column of one chunk row: the engine's fp32-sized logits buffer + about as much again of
-# loss-backend temporaries (the torch backend's chunk math; Triton/CUDA need none, the estimate stays safe).
+# loss-backend temporaries (the torch backend's chunk math). KERNEL_BYTES_PER_COL: the buffer alone, for a
+# chunk whose loss runs in Triton / CUDA row kernels on a GPU (no (rows, V) temporaries): twice the rows in the
+# same budget, so the K = rows grad-weight GEMM accumulating into its fp32 (V, H) buffer stays compute-bound.
 BYTES_PER_COL = 8
+KERNEL_BYTES_PER_COL = 4
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -111,20 +114,28 @@ def chunk_budget_mb(device: torch.device, budget_mb: float | None = None) -> flo
     return _CPU_BUDGET_MB
 
 
-def auto_chunk_rows(n: int, cols: int, device: torch.device, budget_mb: float | None = None) -> int:
+def auto_chunk_rows(n: int, cols: int, device: torch.device, budget_mb: float | None = None,
+                    bytes_per_col: float = BYTES_PER_COL) -> int:
     """Rows per chunk for ``n`` tokens whose chunk holds ``cols`` logit columns (student + teacher heads).
 
-    rows = budget / (cols · 8 bytes) (the logits buffer plus as much again of loss temporaries), rounded
-    down to a multiple of 128 when that leaves at least 128 rows (else to a multiple of 8, at least 8),
-    and at most ``n``. The budget is ``budget_mb`` / ``FASTKD_CHUNK_MB`` / the device default
-    (:func:`chunk_budget_mb`). Example: CPU, V = Vt = 32000 → 128 MiB / 512 kB → 256 rows.
+    rows = budget / (cols · ``bytes_per_col``) (default 8: the logits buffer plus as much again of loss
+    temporaries; :func:`chunk_bytes_per_col`), rounded down to a multiple of 128 when that leaves at least 128
+    rows (else to a multiple of 8, at least 8), and at most ``n``. The budget is ``budget_mb`` /
+    ``FASTKD_CHUNK_MB`` / the device default (:func:`chunk_budget_mb`). Example: CPU, V = Vt = 32000 →
+    128 MiB / 512 kB → 256 rows.
     """
     if n <= 0:
         return 1
     budget = chunk_budget_mb(device, budget_mb) * 2**20
-    rows = int(budget // max(1, cols * BYTES_PER_COL))
+    rows = int(budget // max(1, cols * bytes_per_col))
     rows = rows // ROW_MULTIPLE * ROW_MULTIPLE if rows >= ROW_MULTIPLE else max(_MIN_ROWS, rows // 8 * 8)
     return max(1, min(n, rows))
+
+
+def chunk_bytes_per_col(device: torch.device, backend: str) -> int:
+    """:data:`KERNEL_BYTES_PER_COL` off the CPU unless the torch backend is asked for (``backend``: the
+    requested name; "auto" runs Triton / CUDA kernels on a GPU), else :data:`BYTES_PER_COL`."""
+    return BYTES_PER_COL if device.type == "cpu" or backend == "torch" else KERNEL_BYTES_PER_COL
 
 
 # Elements per fp32 (rows, V) temporary of a torch backend's chunk: 4M = 16 MiB (a handful are alive at once).

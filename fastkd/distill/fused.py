@@ -26,6 +26,7 @@ from fastkd.core.lmhead import (
     amp_dtype,
     auto_chunk_rows,
     check_linear,
+    chunk_bytes_per_col,
     softcap_,
 )
 from fastkd.core.params import DistillParams
@@ -258,7 +259,9 @@ def fused_linear_distill_loss(
     h = student_hidden.reshape(n, student_hidden.shape[-1])
     th = None if teacher_hidden is None else teacher_hidden.reshape(n, teacher_hidden.shape[-1])
     tl = None if teacher_logits is None else teacher_logits.reshape(n, vt)
-    rows = chunk_size or auto_chunk_rows(n, student_weight.shape[0] + vt, device)
+    backend = requested_backend(options["backend"])
+    rows = chunk_size or auto_chunk_rows(n, student_weight.shape[0] + vt, device,
+                                         bytes_per_col=chunk_bytes_per_col(device, backend))
     # The torch backend keeps ~4 fp32 (rows, V) temporaries per call: quarter chunks keep them within about one
     # logits buffer, and at the default CPU budget still above its torch.compile threshold (docs/DESIGN.md,
     # "Memory"). Triton / CUDA ignore chunk_size (no temporaries).
@@ -268,7 +271,7 @@ def fused_linear_distill_loss(
     # its own options.
     s_head = HeadOptions(softcap=None if s_cap is None else float(s_cap), scale=s_scale, dtype=cdt)
     head_arg = s_head if s_head != HeadOptions(softcap=s_head.softcap) else s_head.softcap
-    chunk_loss = DenseChunkLoss(params, vocab, backend_fn(requested_backend(options["backend"])), rows, stats,
+    chunk_loss = DenseChunkLoss(params, vocab, backend_fn(backend), rows, stats,
                                 teacher_scale=1.0 if several else t_scale, teacher_dtype=cdt)
     if mix is not None:
         chunk_loss = MX.bind_chunk_loss(chunk_loss, chunk_loss.fn, mix, tok_weight, params, vocab,

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 
 from fastkd.core import checks as C
-from fastkd.core.lmhead import BYTES_PER_COL, HeadOptions, LMHeadChunker, amp_dtype, auto_chunk_rows, run_chunks
+from fastkd.core.lmhead import HeadOptions, LMHeadChunker, amp_dtype, auto_chunk_rows, run_chunks
 from fastkd.core.registry import declare, register, requested_backend, select
 
 
@@ -329,7 +329,7 @@ def chunk_rows(chunk_size: int | None, n: int, vocab_local: int, device: torch.d
         return auto_chunk_rows(max(n, 1), 2 * vocab_local, device)
     elem = torch.empty((), dtype=dtype).element_size()
     per_logit = elem * (2 if softcap is not None else 1) + (4 if elem < 4 and not on_cuda else 0)
-    return auto_chunk_rows(max(n, 1), max(1, vocab_local * per_logit // BYTES_PER_COL), device)
+    return auto_chunk_rows(max(n, 1), vocab_local, device, bytes_per_col=per_logit)
 
 
 def logprobs_impl(hidden, weight, ids, *, bias, temperature, softcap, return_entropy, return_topk, chunk_size,

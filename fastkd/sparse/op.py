@@ -35,7 +35,14 @@ from fastkd.core import checks as C
 from fastkd.core.autograd import scale_grad
 from fastkd.core.divergences import HYPERS, names
 from fastkd.core.docs import SPARSE_KEYWORDS, TOKEN_KEYWORDS, pick, shared_keywords
-from fastkd.core.lmhead import FusedHeadFunction, HeadOptions, amp_dtype, auto_chunk_rows, check_linear
+from fastkd.core.lmhead import (
+    FusedHeadFunction,
+    HeadOptions,
+    amp_dtype,
+    auto_chunk_rows,
+    check_linear,
+    chunk_bytes_per_col,
+)
 from fastkd.core.params import SparseParams, op_fields, op_schema
 from fastkd.core.registry import declare, requested_backend, select
 from fastkd.core.selection import with_token_selection
@@ -558,9 +565,10 @@ def fused_linear_sparse_distill_loss(
     reduction = options["reduction"]
     n = tok_weight.numel()
     h = student_hidden.reshape(n, student_hidden.shape[-1])
-    rows = chunk_size or auto_chunk_rows(n, vocab, device)
+    backend = requested_backend(options["backend"])
+    rows = chunk_size or auto_chunk_rows(n, vocab, device, bytes_per_col=chunk_bytes_per_col(device, backend))
     stats = new_stats_buffer(n, device) if return_stats else None
-    fn = _backend_fn(requested_backend(options["backend"]))
+    fn = _backend_fn(backend)
     chunk_loss = _SparseChunkLoss(replace(params, chunk_size=rows), fn, stats)
     if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)) or not math.isfinite(logit_scale) \
             or logit_scale == 0:

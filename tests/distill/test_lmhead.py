@@ -223,3 +223,16 @@ def test_fused_loss_chunked_by_env_budget_matches_reference(monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     for x, y in zip(a, b):
         torch.testing.assert_close(x.grad, y.grad, rtol=1e-9, atol=1e-11)
+
+
+def test_chunk_bytes_per_col_of_the_fused_paths():
+    """The dense and sparse fused paths size their chunks at 4 B per logit column on a GPU (Triton / CUDA row
+    kernels keep no (rows, V) temporaries), 8 B on the CPU or with the torch backend."""
+    from fastkd.core.lmhead import auto_chunk_rows, chunk_bytes_per_col
+
+    cuda, cpu = torch.device("meta"), torch.device("cpu")
+    assert chunk_bytes_per_col(cuda, "auto") == chunk_bytes_per_col(cuda, "triton") == 4
+    assert chunk_bytes_per_col(cuda, "torch") == chunk_bytes_per_col(cpu, "auto") == 8
+    v = 128256
+    assert auto_chunk_rows(10**6, 2 * v, cpu, budget_mb=1024, bytes_per_col=4) == 1024
+    assert auto_chunk_rows(10**6, 2 * v, cpu, budget_mb=1024) == 512

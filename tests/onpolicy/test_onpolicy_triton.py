@@ -313,8 +313,8 @@ def test_chunk_rows_of_the_row_kernel():
 
     cpu, v, n = torch.device("cpu"), 128256, 10**6
 
-    def rows(per_logit):  # auto_chunk_rows counts 8 B per column
-        return auto_chunk_rows(n, v * per_logit // 8, cpu)
+    def rows(per_logit):
+        return auto_chunk_rows(n, v, cpu, bytes_per_col=per_logit)
 
     assert O.chunk_rows(None, n, v, cpu) == rows(16)
     assert O.chunk_rows(None, n, v, cpu, "triton", torch.bfloat16, None, on_cuda=True) == rows(2) > rows(16)
@@ -322,3 +322,4 @@ def test_chunk_rows_of_the_row_kernel():
     assert O.chunk_rows(None, n, v, cpu, "triton", torch.bfloat16, None) == rows(6)
     assert O.chunk_rows(None, n, v, cpu, "triton", torch.float32, None, on_cuda=True) == rows(4)
     assert O.chunk_rows(5, n, v, cpu, "triton", torch.bfloat16) == 5
+
