@@ -54,6 +54,11 @@ HBM_EFFICIENCY = 0.90
 GEMM_EFFICIENCY = 0.80
 ASSUMED_REGS = 64  # registers per thread for the occupancy estimate when a launch has no sm_90 compile record
 SAMPLE_ROWS = 2
+# Triton releases the sm_90 compile records can come from: the installed one (None) and the project's Triton
+# floor in a side folder that shadows the venv's (Makefile: .venv/triton-min). A launch tagged with a release
+# finds its record under ``sass_key(...) + "|triton=" + release``.
+TRITON_FLOOR = "3.6.0"
+TRITON_DIRS = {TRITON_FLOOR: Path(__file__).resolve().parents[1] / ".venv" / "triton-min"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -427,8 +432,9 @@ class TritonCounter:
     Loads and stores count active lanes × element size; distinct addresses are tracked per program.
     """
 
-    def __init__(self, max_rows: int | None = None):
+    def __init__(self, max_rows: int | None = None, triton: str | None = None):
         self.max_rows = max_rows
+        self.triton = triton  # the Triton release whose sm_90 compile costs the launches (None: the installed one)
         self.launches: list[LaunchStats] = []
         self._loads: list[tuple[np.ndarray, int]] | None = None
 
@@ -538,6 +544,9 @@ class TritonCounter:
             st = LaunchStats(getattr(ex.fn, "__name__", "kernel"), num_warps, grid[0], rows)
             st.sass_key = sass_key(st.kernel, num_warps, {k: raw[k] for k in ex.constexprs})
             st.spec = launch_spec(ex.fn, num_warps, raw, ex.constexprs)
+            if self.triton is not None:
+                st.sass_key += f"|triton={self.triton}"
+                st.spec["triton"] = self.triton
             self.launches.append(st)
             I.interpreter_builder.set_grid_dim(*grid)
             seen: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # element size -> (sorted addrs, last program)

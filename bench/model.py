@@ -35,8 +35,19 @@ every case, no per-case constant:
   warp's pass) times; a spin-wait (a loop whose loads the interpreter's in-order programs satisfy at once)
   costs nothing, so waiting is not modelled. Compute time = the slowest pipe / (SMs × boost clock).
   **Occupancy** from the compile's registers, threads and shared memory (it sets the resident programs of
-  the L2 rule). **Spills**: local-memory loads and stores (LDL/STL) count as HBM traffic when the stack
-  frames of the resident threads overflow L1 and, over all SMs, L2; otherwise they are cached and free.
+  the L2 rule). **Spills**: local-memory loads and stores (LDL/STL, bytes = 32 lanes × width per warp:
+  local memory interleaves consecutive 32-bit words across consecutive threads, so a warp's access is fully
+  coalesced, and it is cached in L1 and L2 like global memory — NVIDIA's CUDA C Programming Guide, device memory
+  accesses / local memory, and Nsight's "Memory Statistics - Local") count as HBM traffic when the stack frames
+  of the resident threads overflow L1 and, over all SMs, L2; otherwise they are cached and free. The spill
+  volume is the compile's, and it depends on the Triton release (docs/DESIGN.md, the cost model).
+  **Compiler of a published row**: each row of bench/data/published.csv names the Triton it ran on (``triton``:
+  the release bundled with the PyTorch current on the run's date — Liger's data records no compiler, so this is
+  inferred), and its Triton launches are costed from the compile of the closest release available here
+  (:func:`published_triton`: the installed one or the project's Triton floor, ``.venv/triton-min``, installed
+  by ``make test-triton-min``); records of the floor are stored under ``<key>|triton=<release>``. fastkd's
+  own cases are always costed from the installed Triton. The kernel source is the installed Liger's (its
+  ``_jsd_kernel`` has changed since the published runs).
   A launch without a record falls back to the interpreter's element operations (``unrecorded_kernels``).
 * **Time**: ``predicted_ms = Σ_op max(bytes / (HBM_EFFICIENCY · HBM bandwidth), tensor-core FLOPs /
   (GEMM_EFFICIENCY · dense peak), other FLOPs / fp32 peak, compute)``; no launch latency, no overlap between
@@ -83,6 +94,7 @@ from fastkd.bench.costcount import (  # noqa: E402,F401  (re-exported: the model
     HBM_EFFICIENCY,
     MISSING,
     SAMPLE_ROWS,
+    TRITON_DIRS,
     LaunchStats,
     OpCost,
     TorchCounter,
@@ -148,6 +160,7 @@ class Model:
 
     gpu: GPU
     rows: int = SAMPLE_ROWS
+    triton: str | None = None  # the Triton release whose sm_90 compiles cost the launches (None: the installed one)
     _cache: dict = field(default_factory=dict)
 
     def hook(self, func: Any, args: tuple, kwargs: dict, out: Any) -> list[OpCost] | None:
@@ -183,7 +196,7 @@ class Model:
     def run(self, build: Callable[[], dict[str, Any]], step: Callable[[dict[str, Any]], Any]) -> tuple[
             list[OpCost], float]:
         """(op costs, peak extra bytes) of ``step(build())`` with every tensor on the meta device, seen as CUDA."""
-        self._triton = TritonCounter()
+        self._triton = TritonCounter(triton=self.triton)
         with contextlib.ExitStack() as stack:
             for p in _gpu_patches(self.gpu):
                 stack.enter_context(p)
@@ -482,13 +495,21 @@ CASES: dict[str, Callable[[], Case]] = {
 DATA = Path(__file__).resolve().parent / "data"
 PUBLISHED_CSV = DATA / "published.csv"
 CALIBRATION_JSON = DATA / "calibration.json"
-TOLERANCE = 0.30  # every published case: |predicted / published − 1| <= 30 %, but KNOWN_MISSES
-KNOWN_MISS_TOLERANCE = 0.50
-# Published rows the model misses by more than TOLERANCE, with the reason (held within KNOWN_MISS_TOLERANCE).
-KNOWN_MISSES = {
-    "jsd liger fwd N=8192 V=131072 fp32 (h100-pcie)": "spill volume of today's compile, not the published one's",
-    "jsd liger full N=8192 V=131072 fp32 (h100-pcie)": "spill volume of today's compile, not the published one's",
-}
+TOLERANCE = 0.30  # every published case: |predicted / published − 1| <= 30 %
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split(".")[:3] if x.isdigit())
+
+
+def published_triton(row: dict[str, Any]) -> str | None:
+    """The available Triton release closest to the one a published row was compiled with (its ``triton``
+    column): one of :data:`TRITON_DIRS` or the installed release (None)."""
+    import triton
+
+    want = _version(row.get("triton") or triton.__version__)
+    have = {None: _version(triton.__version__), **{k: _version(k) for k in TRITON_DIRS}}
+    return min(have, key=lambda k: (abs(have[k][0] - want[0]), abs(have[k][1] - want[1]), k is not None))
 
 
 def published_rows() -> list[dict[str, Any]]:
@@ -508,7 +529,8 @@ def case_id(row: dict[str, Any]) -> str:
 class _LigerJSDPublished(torch.autograd.Function):
     """Liger's JSD as the published runs launched it (0.3.x ``jsd_forward``: one program per row, BLOCK_SIZE =
     min(65536, next_pow2(V)), Triton's default 4 warps, an fp32 (N, V) loss summed by torch), on the
-    installed ``_jsd_kernel``; backward returns the stored gradient (grad_output = 1)."""
+    installed ``_jsd_kernel`` (the published one computed the same loss and gradient with two exponentials
+    per element where today's has four); backward returns the stored gradient (grad_output = 1)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -617,60 +639,89 @@ def calibrate_rows(rows: list[dict[str, Any]] | None = None, sample_rows: int = 
     for row in rows if rows is not None else published_rows():
         gpu = GPUS[row["gpu"]]
         build, step = published_case(row)
-        ops, _ = Model(gpu, sample_rows).run(build, step)
+        compiler = published_triton(row)
+        ops, _ = Model(gpu, sample_rows, triton=compiler).run(build, step)
         r = _summarise(ops, gpu)
         pub = float(row["published_ms"])
         out.append({"case": case_id(row), "gpu": gpu.name, "published_ms": pub, "predicted_ms": r["predicted_ms"],
                     "ratio": r["predicted_ms"] / pub, "bound": bound_of(r), "mem_ms": r["mem_ms"],
                     "alu_ms": r["alu_ms"], "gemm_ms": r["gemm_ms_in"], "hbm_gb": r["hbm_bytes"] / 1e9,
                     "spill_gb": r["spill_bytes"] / 1e9, "unrecorded_kernels": r["unrecorded_kernels"],
-                    "l2_rule": r["l2_rule"], "source": row["source"], "date": row["date"]})
+                    "l2_rule": r["l2_rule"], "source": row["source"], "date": row["date"],
+                    "triton_published": row.get("triton"), "triton_compiled": compiler or _installed_triton()})
     return out
+
+
+def _installed_triton() -> str:
+    import triton
+
+    return triton.__version__
 
 
 def compile_missing() -> bool:
     """Compile the launches that had no sm_90 record (bench/aot.py --sass-specs, in a process without
-    TRITON_INTERPRET) into bench/data/sass_sm90.json; True when any were compiled."""
+    TRITON_INTERPRET) into bench/data/sass_sm90.json; True when any were compiled. A launch tagged with another
+    Triton release (``spec["triton"]``) is compiled by that release (its side folder first on PYTHONPATH) and
+    stored under its tagged key."""
     import tempfile
 
     from fastkd.bench import costcount
 
     if not MISSING:
         return False
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
-        json.dump(MISSING, fh)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    print(f"compiling {len(MISSING)} launch(es) for sm_90 (bench/aot.py --sass-specs)", file=sys.stderr, flush=True)
-    rc = subprocess.call([sys.executable, str(Path(__file__).resolve().with_name("aot.py")), "--sass-specs",
-                          fh.name], env=env, stdout=sys.stderr)
-    os.unlink(fh.name)
-    if rc != 0:
-        raise RuntimeError("bench/aot.py --sass-specs failed (see above)")
+    groups: dict[str | None, dict[str, dict]] = {}
+    for key, spec in MISSING.items():
+        release = spec.get("triton")
+        plain = key.removesuffix(f"|triton={release}") if release else key
+        groups.setdefault(release, {})[plain] = {k: v for k, v in spec.items() if k != "triton"}
+    for release, specs in groups.items():
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+        with tempfile.TemporaryDirectory() as tmp:
+            spec_file, out = Path(tmp) / "specs.json", Path(tmp) / "records.json"
+            spec_file.write_text(json.dumps(specs))
+            cmd = [sys.executable, str(Path(__file__).resolve().with_name("aot.py")), "--sass-specs", str(spec_file)]
+            if release is not None:
+                side = TRITON_DIRS[release]
+                if not (side / "triton").is_dir():
+                    raise RuntimeError(f"compile records for Triton {release} need {side} (`make test-triton-min` "
+                                       "installs it)")
+                env["PYTHONPATH"] = os.pathsep.join([str(side), *filter(None, [env.get("PYTHONPATH")])])
+                cmd += ["--sass-out", str(out)]
+            print(f"compiling {len(specs)} launch(es) for sm_90 with Triton {release or _installed_triton()} "
+                  "(bench/aot.py --sass-specs)", file=sys.stderr, flush=True)
+            rc = subprocess.call(cmd, env=env, stdout=sys.stderr)
+            if rc != 0:
+                raise RuntimeError("bench/aot.py --sass-specs failed (see above)")
+            if release is not None:  # merged under the tagged keys
+                records = json.loads(costcount.SASS_PATH.read_text()) if costcount.SASS_PATH.exists() else {}
+                records.update({f"{k}|triton={release}": {**rec, "triton": release}
+                                for k, rec in json.loads(out.read_text()).items()})
+                costcount.SASS_PATH.write_text(json.dumps(dict(sorted(records.items())), indent=1) + "\n")
     MISSING.clear()
     costcount.sass_records.cache_clear()
     return True
 
 
 def within_tolerance(r: dict[str, Any]) -> bool:
-    return abs(r["ratio"] - 1) <= (KNOWN_MISS_TOLERANCE if r["case"] in KNOWN_MISSES else TOLERANCE)
+    return abs(r["ratio"] - 1) <= TOLERANCE
 
 
 def calibration_markdown(rows: list[dict[str, Any]]) -> str:
     day = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    worst = max((abs(r["ratio"] - 1) for r in rows if r["case"] not in KNOWN_MISSES), default=0.0)
+    worst = max((abs(r["ratio"] - 1) for r in rows), default=0.0)
     lines = [f"### Calibration against published GPU runs (model, not measured) — {day}, commit {_commit()}", "",
              f"`python bench/model.py --calibrate`: {len(rows)} published rows of bench/data/published.csv; HBM "
              f"efficiency {HBM_EFFICIENCY}, GEMM efficiency {GEMM_EFFICIENCY}; worst |predicted/published − 1| = "
-             f"{worst:.0%} outside the known misses (tolerance {TOLERANCE:.0%}; known misses "
-             f"{KNOWN_MISS_TOLERANCE:.0%}).", "",
+             f"{worst:.0%} (tolerance {TOLERANCE:.0%}). Triton kernels compiled by the available release "
+             "closest to the published run's (published / compiled).", "",
              "| case | GPU | published ms | predicted ms | predicted/published | bound | HBM ms | compute ms "
-             "| GEMM ms | spill GB | note |", "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|"]
+             "| GEMM ms | spill GB | Triton |", "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|"]
     for r in rows:
-        note = ("known miss: " + KNOWN_MISSES[r["case"]]) if r["case"] in KNOWN_MISSES else ""
         lines.append(f"| {r['case']} | {r['gpu']} | {r['published_ms']:.3f} | {r['predicted_ms']:.3f} | "
                      f"{r['ratio']:.2f} | {r['bound']} | {r['mem_ms']:.3f} | {r['alu_ms']:.3f} | "
-                     f"{r['gemm_ms']:.3f} | {r['spill_gb']:.2f} | {note} |")
+                     f"{r['gemm_ms']:.3f} | {r['spill_gb']:.2f} | {r['triton_published']} / "
+                     f"{r['triton_compiled']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -683,7 +734,6 @@ def calibrate(write: bool = True) -> list[dict[str, Any]]:
     if write:
         CALIBRATION_JSON.write_text(json.dumps({"commit": _commit(), "hbm_efficiency": HBM_EFFICIENCY,
                                                 "gemm_efficiency": GEMM_EFFICIENCY, "tolerance": TOLERANCE,
-                                                "known_misses": KNOWN_MISSES,
                                                 "rows": rows}, indent=1) + "\n")
     return rows
 
