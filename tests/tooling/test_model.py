@@ -278,3 +278,45 @@ def test_model_onpolicy_case_gemms_and_memory(monkeypatch):
     for p in ("fastkd", "fastkd-none", "fastkd-logprobs_from_hidden"):
         assert grow[p] <= 768 * (2 * h * 2 + 64), (p, grow[p])
     assert grow["naive"] >= 768 * v * 4  # the (N, V) logits
+
+
+def test_compile_missing_runs_a_tagged_launch_under_its_triton(tmp_path, monkeypatch):
+    """A launch tagged with the Triton floor is compiled by bench/aot.py with the floor's side folder first on
+    PYTHONPATH, and its record is merged under the tagged key (an untagged one keeps the installed Triton)."""
+    import json
+    from pathlib import Path
+
+    from fastkd.bench import costcount
+
+    floor = costcount.TRITON_FLOOR
+    side = tmp_path / "triton-min"
+    (side / "triton").mkdir(parents=True)
+    sass = tmp_path / "sass.json"
+    sass.write_text('{"old|4|": {"regs": 1}}')
+    monkeypatch.setattr(costcount, "SASS_PATH", sass)
+    monkeypatch.setitem(M.TRITON_DIRS, floor, side)
+    monkeypatch.setattr(M, "MISSING", {f"k|4|B=8|triton={floor}": {"module": "m", "name": "k", "triton": floor},
+                                       "k|4|B=16": {"module": "m", "name": "k"}})
+    calls = []
+
+    def call(cmd, env, stdout):
+        specs = json.loads(Path(cmd[cmd.index("--sass-specs") + 1]).read_text())
+        calls.append((specs, env.get("PYTHONPATH", ""), "TRITON_INTERPRET" in env, "--sass-out" in cmd))
+        if "--sass-out" in cmd:
+            Path(cmd[cmd.index("--sass-out") + 1]).write_text(json.dumps({k: {"regs": 32} for k in specs}))
+        return 0
+
+    monkeypatch.setattr(M.subprocess, "call", call)
+    assert M.compile_missing() and not M.MISSING
+    tagged = [c for c in calls if c[3]]
+    plain = [c for c in calls if not c[3]]
+    assert len(calls) == 2 and len(tagged) == len(plain) == 1
+    assert tagged[0][0] == {"k|4|B=8": {"module": "m", "name": "k"}}  # the plain key and spec, as aot.py compiles it
+    assert tagged[0][1].split(os.pathsep)[0] == str(side) and not tagged[0][2]
+    assert plain[0][0] == {"k|4|B=16": {"module": "m", "name": "k"}} and str(side) not in plain[0][1]
+    records = json.loads(sass.read_text())
+    assert records[f"k|4|B=8|triton={floor}"] == {"regs": 32, "triton": floor} and records["old|4|"] == {"regs": 1}
+    M.MISSING[f"j|4|triton={floor}"] = {"triton": floor}
+    monkeypatch.setitem(M.TRITON_DIRS, floor, tmp_path / "absent")
+    with pytest.raises(RuntimeError, match="make test-triton-min"):
+        M.compile_missing()
