@@ -513,8 +513,8 @@ def published_triton(row: dict[str, Any]) -> str | None:
 
 
 def published_rows() -> list[dict[str, Any]]:
-    """bench/data/published.csv: one published measurement per row (source, GPU, date, kernel, provider,
-    mode, dtype, N, V, H, published_ms)."""
+    """bench/data/published.csv: one published measurement per row (source, GPU, date, Liger version, triton —
+    the release inferred from the date —, kernel, provider, mode, dtype, N, V, H, published_ms)."""
     import csv
 
     with open(PUBLISHED_CSV, newline="") as fh:
