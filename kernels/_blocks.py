@@ -6,8 +6,8 @@ every side, so a term ``e^{x−m}·(...)`` is skipped where ``e^{x−m} = 0`` (`
 input still propagates. Log-normalisers stay split as (max, log Σe^{x−max}): a logit minus the max is exact in
 fp32, a logit minus the rounded lse is not at large |logits|.
 
-Contents: log-add-exp (:func:`_lae`); online and per-block (max, sum-exp) folds (:func:`_online`,
-:func:`_lse_block`); entropy partials and their merges (:func:`_ent_block`, :func:`_ent_online`,
+Contents: e^x on the MUFU (:func:`_exp`); log-add-exp (:func:`_lae`); online and per-block (max, sum-exp)
+folds (:func:`_online`, :func:`_lse_block`); entropy partials and their merges (:func:`_ent_block`, :func:`_ent_online`,
 :func:`_ent_merge`); the first-index argmax (:func:`_argmax_block`, :func:`_argmax_fold`); the statistics
 store (:func:`_store_stats`); the split kernels' segment load (:func:`_load_seg`), log-probabilities from the
 split log-normalisers (:func:`_split_logp`), workspace reads and merges (:func:`_slots`, :func:`_merge`),
@@ -21,6 +21,7 @@ import triton.language as tl
 
 NEG = tl.constexpr(float("-inf"))
 INT_MAX = tl.constexpr(2147483647)
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): e^x = 2^(x·log2 e)
 
 # ---- workspace of the split-row distill kernels (distill_split, distill_akl): fp32 slots per unit -----------
 # A unit is (row, segment); phase 0 writes the segment's statistics, later phases the partial sums; the
@@ -53,6 +54,21 @@ WS_RI_S = tl.constexpr(18)  # distill_split: first index of the student's raw ma
 WS_RI_T = tl.constexpr(19)  # distill_split: first index of the teacher's raw max
 WS_AKL_RI_S = tl.constexpr(17)  # distill_akl: first index of the student's raw max (the teacher's is WS_IMAX)
 NSLOT_STATS = 20
+# distill_split's row summary (N, NRS) fp32: the merged log-normalisers, written by segment 0 of the mid phase (it
+# merges them anyway) so that the final phase of a mixture reads 4 scalars instead of merging the S segments again
+RS_M_S = tl.constexpr(0)  # max of s
+RS_LD_S = tl.constexpr(1)  # log Σ e^{s − max}
+RS_M_T = tl.constexpr(2)  # max of t
+RS_LD_T = tl.constexpr(3)  # log Σ e^{t − max}
+NRS = tl.constexpr(4)
+
+
+@triton.jit
+def _exp(x):
+    """e^x as 2^(x·log2 e): one multiply and one MUFU.EX2 on sm_90 (``tl.exp`` is the same multiply and
+    ex2.approx plus a denormal-range fix-up of ~3 instructions); there, results below 2^-126 flush to 0, an
+    absolute error under 1.2e-38."""
+    return tl.math.exp2(x * LOG2E)
 
 
 @triton.jit
@@ -60,7 +76,7 @@ def _lae(a, b):
     """log(e^a + e^b), −inf when both are −inf."""
     m = tl.maximum(a, b)
     ms = tl.where(m == float("-inf"), 0.0, m)
-    return ms + tl.log(tl.exp(a - ms) + tl.exp(b - ms))
+    return ms + tl.log(_exp(a - ms) + _exp(b - ms))
 
 
 @triton.jit
@@ -68,8 +84,8 @@ def _online(m, d, a, x, y):
     """Fold block x into running (max m, Σe^{x−m} d, Σe^{x−m}(x−y) a), skipping terms with e^{x−m} = 0."""
     m_new = tl.maximum(m, tl.max(x, 0))
     ms = tl.where(m_new == float("-inf"), 0.0, m_new)
-    scale = tl.exp(m - ms)
-    e = tl.exp(x - ms)
+    scale = _exp(m - ms)
+    e = _exp(x - ms)
     d = d * scale + tl.sum(e, 0)
     a = a * scale + tl.sum(tl.where(e != 0, e * (x - y), 0.0), 0)
     return m_new, d, a
@@ -80,7 +96,7 @@ def _lse_block(x):
     """(max, Σe^{x−max}) of one block (the statistics without the divergence sum, when it is not needed)."""
     m = tl.max(x, 0)
     ms = tl.where(m == float("-inf"), 0.0, m)
-    return m, tl.sum(tl.exp(x - ms), 0)
+    return m, tl.sum(_exp(x - ms), 0)
 
 
 # ---- per-token statistics (fastkd.core.stats) ---------------------------------------------------------------
@@ -96,7 +112,7 @@ def _ent_block(x, y):
     x, y: (BLOCK,) fp32, masked lanes −inf in both. Terms with e^{x−m} = 0 are skipped (0·(−inf) = 0)."""
     m = tl.max(x, 0)
     ms = tl.where(m == float("-inf"), 0.0, m)
-    e = tl.exp(x - ms)
+    e = _exp(x - ms)
     keep = e != 0
     return m, tl.sum(e, 0), tl.sum(tl.where(keep, e * (x - ms), 0.0), 0), tl.sum(tl.where(keep, e * (x - y), 0.0), 0)
 
@@ -107,8 +123,8 @@ def _ent_online(m, d, c, x):
     ``_online`` call (its max / exp are then the same expressions, shared by the compiler); returns the new c."""
     m_new = tl.maximum(m, tl.max(x, 0))
     ms = tl.where(m_new == float("-inf"), 0.0, m_new)
-    scale = tl.exp(m - ms)
-    e = tl.exp(x - ms)
+    scale = _exp(m - ms)
+    e = _exp(x - ms)
     return scale * (c + tl.where(d != 0, d * (m - ms), 0.0)) + tl.sum(tl.where(e != 0, e * (x - ms), 0.0), 0)
 
 
@@ -117,7 +133,7 @@ def _ent_merge(m, d, c, a):
     """Merge per-segment partials given as (SP,) vectors (absent segments: m = −inf, d = c = a = 0) → (m, d, c, a)."""
     mm = tl.max(m, 0)
     ms = tl.where(mm == float("-inf"), 0.0, mm)
-    f = tl.exp(m - ms)
+    f = _exp(m - ms)
     c = tl.sum(f * (c + tl.where(d != 0, d * (m - ms), 0.0)), 0)
     return mm, tl.sum(f * d, 0), c, tl.sum(f * a, 0)
 
@@ -190,7 +206,7 @@ def _merge(ws_row, k_m, k_d, k_a, segs, sm, WS: tl.constexpr):
     a = _slots(ws_row, k_a, segs, sm, WS, 0.0)
     mm = tl.max(m, 0)
     ms = tl.where(mm == float("-inf"), 0.0, mm)
-    sc = tl.exp(m - ms)
+    sc = _exp(m - ms)
     dd = tl.sum(d * sc, 0)
     aa = tl.sum(a * sc, 0)
     return mm, tl.log(dd), aa / dd
@@ -205,7 +221,7 @@ def _ce_store(g, xs, q, m_z, ld_z, label, ce_cw, g_base, cols, g_col, V, full, H
     for a full block, masked (cols < V) for the tail block."""
     if HAS_LABELS:
         if CE_RAW:
-            sm_z = tl.exp((xs - m_z) - ld_z)
+            sm_z = _exp((xs - m_z) - ld_z)
         else:
             sm_z = q
         g += ce_cw * (sm_z - tl.where(cols == label, 1.0, 0.0))

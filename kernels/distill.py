@@ -46,7 +46,7 @@ from fastkd.kernels._blocks import (
     _argmax_block,
     _argmax_fold,
     _ent_online,
-    _lae,
+    _exp,
     _online,
     _store_stats,
 )
@@ -81,29 +81,29 @@ MIX_SET = tl.constexpr(sum(1 << c for c in MIX_CODES))
 
 @triton.jit
 def _constants(h_beta, h_alpha, h_t, DIV: tl.constexpr):
-    """Per-divergence constants from the hyperparameters: (c1, c2, lw_a, lw_b), the log mixture weights."""
+    """Per-divergence constants from the hyperparameters: (c1, c2, w_a, w_b), w_a, w_b the mixture weights."""
     c1 = h_beta * 0.0
     c2 = c1
-    lw_a = c1
-    lw_b = c1
+    w_a = c1
+    w_b = c1
     if (DIV == JSD) | (DIV == SYMKL):
         c1 = h_beta
-        lw_a = tl.log(h_beta)
-        lw_b = tl.log(1.0 - h_beta)
+        w_a = h_beta
+        w_b = 1.0 - h_beta
     elif DIV == SKL:  # m = αp + (1−α)q
         c1 = h_alpha
-        lw_a = tl.log(h_alpha)
-        lw_b = tl.log(1.0 - h_alpha)
+        w_a = h_alpha
+        w_b = 1.0 - h_alpha
     elif DIV == SRKL:  # m = (1−α)p + αq
         c1 = h_alpha
-        lw_a = tl.log(1.0 - h_alpha)
-        lw_b = tl.log(h_alpha)
+        w_a = 1.0 - h_alpha
+        w_b = h_alpha
     elif DIV == TAID:
         c1 = h_t
     elif DIV == AB:
         c1 = h_alpha
         c2 = h_beta
-    return c1, c2, lw_a, lw_b
+    return c1, c2, w_a, w_b
 
 
 @triton.jit
@@ -159,11 +159,12 @@ def _pow_diff(e_base, e_other, diff, c):
 
 
 @triton.jit
-def _mix_terms(lp, lq, p, q, c1, c2, lw_a, lw_b, DIV: tl.constexpr):
+def _mix_terms(lp, lq, p, q, c1, c2, w_a, w_b, DIV: tl.constexpr):
     """Elementwise (D term, qg) of the divergences that need a reduction pass (jsd, skl, srkl, tvd, ab).
 
-    m = w_a·p + w_b·q with log weights lw_a, lw_b (jsd: β, 1−β; skl: α, 1−α; srkl: 1−α, α); ab: c1 = α,
-    c2 = β and the powers are taken in the log domain (p^α q^β = e^{α log p + β log q}).
+    m = w_a·p + w_b·q (jsd: β, 1−β; skl: α, 1−α; srkl: 1−α, α), formed from p and q: one log per element and no
+    exponential of its own; ab: c1 = α, c2 = β and the powers are taken in the log domain
+    (p^α q^β = e^{α log p + β log q}).
     """
     if DIV == TVD:
         diff = q - p
@@ -172,44 +173,46 @@ def _mix_terms(lp, lq, p, q, c1, c2, lw_a, lw_b, DIV: tl.constexpr):
     elif DIV == AB:  # −1/(αβ) Σ (p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β)); qg = (q^(α+β) − p^α q^β)/α
         # as −1/(α+β) Σ ((p^α q^β − p^(α+β))/β + (p^α q^β − q^(α+β))/α): no cancellation as α or β → 0
         s_ab = c1 + c2
+        # tl.exp, not _exp, in ab's terms and _pow_diff: with the shorter exponentials ptxas schedules the ab
+        # launches into register spills on sm_90 (Triton 3.6)
         e_pq = tl.exp(c1 * lp + c2 * lq)
         t_q = _pow_diff(tl.exp(s_ab * lq), e_pq, lp - lq, c1)  # (p^α q^β − q^(α+β)) / α
         d_el = -(_pow_diff(tl.exp(s_ab * lp), e_pq, lq - lp, c2) + t_q) * (1.0 / s_ab)
         qg = -t_q
     else:
-        lm = _lae(lp + lw_a, lq + lw_b)
+        lm = tl.log(w_a * p + w_b * q)
         if DIV == JSD:  # β KL(p‖m) + (1−β) KL(q‖m)
             qg = (1.0 - c1) * tl.where(q != 0, q * (lq - lm), 0.0)
             d_el = c1 * tl.where(p != 0, p * (lp - lm), 0.0) + qg
         elif DIV == SKL:  # KL(p ‖ αp + (1−α)q)
             d_el = tl.where(p != 0, p * (lp - lm), 0.0)
-            qg = -(1.0 - c1) * tl.where(p != 0, tl.exp(lp + lq - lm), 0.0)
+            qg = -(1.0 - c1) * tl.where(p != 0, _exp(lp + lq - lm), 0.0)
         else:  # srkl: KL(q ‖ (1−α)p + αq)
             d_el = tl.where(q != 0, q * (lq - lm), 0.0)
-            qg = d_el - c1 * tl.where(q != 0, tl.exp(2.0 * lq - lm), 0.0)
+            qg = d_el - c1 * tl.where(q != 0, _exp(2.0 * lq - lm), 0.0)
     return d_el, qg
 
 
 @triton.jit
-def _grad_qg(lp, lq, q, s, t, m_s, m_t, m_u, ld_u, w_f, w_r, c1, c2, lw_a, lw_b, DIV: tl.constexpr,
+def _grad_qg(lp, lq, q, s, t, m_s, m_t, m_u, ld_u, w_f, w_r, c1, c2, w_a, w_b, DIV: tl.constexpr,
              BLOCK_V: tl.constexpr):
     """qg = q·∂D/∂q of one block of the gradient pass, every divergence (both schedules).
 
     lp, lq: log-probabilities of teacher and student, q = e^lq; s, t: the tempered logits and m_s, m_t their row
     maxima, m_u, ld_u taid's log-normaliser (:func:`_taid_logits`); w_f, w_r: the fkl / rkl weights of symkl and
-    akl (:func:`_row_value`); c1, c2, lw_a, lw_b: :func:`_constants`."""
+    akl (:func:`_row_value`); c1, c2, w_a, w_b: :func:`_constants`."""
     if DIV == FKL:
-        qg = -tl.exp(lp)
+        qg = -_exp(lp)
     elif DIV == RKL:
         qg = tl.where(q != 0, q * (lq - lp), 0.0)
     elif (DIV == SYMKL) | (DIV == AKL):
-        qg = -w_f * tl.exp(lp) + w_r * tl.where(q != 0, q * (lq - lp), 0.0)
+        qg = -w_f * _exp(lp) + w_r * tl.where(q != 0, q * (lq - lp), 0.0)
     elif DIV == TAID:
-        qg = -tl.exp((_taid_logits(s, t, m_s, m_t, c1) - m_u) - ld_u)
+        qg = -tl.exp((_taid_logits(s, t, m_s, m_t, c1) - m_u) - ld_u)  # tl.exp: _exp spills (fp32, CE, T != 1)
     elif DIV == ZERO:
         qg = tl.zeros([BLOCK_V], tl.float32)
     else:
-        d_el, qg = _mix_terms(lp, lq, tl.exp(lp), q, c1, c2, lw_a, lw_b, DIV)
+        d_el, qg = _mix_terms(lp, lq, _exp(lp), q, c1, c2, w_a, w_b, DIV)
     return qg
 
 
@@ -246,8 +249,8 @@ def _distill_kernel(
     offs = tl.arange(0, BLOCK_V)
     w = tl.load(w_ptr + row)
     NEG: tl.constexpr = float("-inf")
-    # per-divergence constants from the hyperparameters: c1 (c2) and the log mixture weights lw_a, lw_b
-    c1, c2, lw_a, lw_b = _constants(h_beta, h_alpha, h_t, DIV)
+    # per-divergence constants from the hyperparameters: c1 (c2) and the mixture weights w_a, w_b
+    c1, c2, w_a, w_b = _constants(h_beta, h_alpha, h_t, DIV)
     mu = h_mu
 
     if w == 0.0:
@@ -338,7 +341,7 @@ def _distill_kernel(
                     cols = start + offs_a
                     cm = cols < V
                     xt = tl.load(t_base + cols * t_col, mask=cm, other=NEG).to(tl.float32)
-                    p = tl.exp((xt * inv_t - m_t) - ld_t)
+                    p = _exp((xt * inv_t - m_t) - ld_t)
                     pb = p.to(tl.int32, bitcast=True)
                     ge = (pb[None, :] >= th[:, None]) & cm[None, :]
                     c_acc += tl.sum(tl.where(ge, p[None, :], 0.0), 1)
@@ -357,8 +360,8 @@ def _distill_kernel(
                 cm = cols < V
                 xs = tl.load(s_base + cols * s_col, mask=cm, other=NEG).to(tl.float32)
                 xt = tl.load(t_base + cols * t_col, mask=cm, other=NEG).to(tl.float32)
-                p = tl.exp((xt * inv_t - m_t) - ld_t)
-                q = tl.exp((xs * inv_t - m_s) - ld_s)
+                p = _exp((xt * inv_t - m_t) - ld_t)
+                q = _exp((xs * inv_t - m_s) - ld_s)
                 err = tl.where(cm, tl.abs(p - q), 0.0)
                 head = (p.to(tl.int32, bitcast=True) >= hi) | (cols == amax)
                 g_h += tl.sum(tl.where(head, err, 0.0), 0)
@@ -380,7 +383,7 @@ def _distill_kernel(
                 xt = tl.load(t_base + cols * t_col, mask=cm, other=NEG).to(tl.float32)
                 lq = (xs * inv_t - m_s) - ld_s
                 lp = (xt * inv_t - m_t) - ld_t
-                d_el, qg = _mix_terms(lp, lq, tl.exp(lp), tl.exp(lq), c1, c2, lw_a, lw_b, DIV)
+                d_el, qg = _mix_terms(lp, lq, _exp(lp), _exp(lq), c1, c2, w_a, w_b, DIV)
                 # padding columns (−inf on both sides) must add nothing: ab's e^{α·(−inf) + β·(−inf)} is NaN
                 # when α, β have opposite signs
                 dval += tl.sum(tl.where(cm, d_el, 0.0), 0)
@@ -413,12 +416,12 @@ def _distill_kernel(
                 t = xt * inv_t
                 lq = (s - m_s) - ld_s
                 lp = (t - m_t) - ld_t
-                q = tl.exp(lq)
-                qg = _grad_qg(lp, lq, q, s, t, m_s, m_t, m_u, ld_u, w_f, w_r, c1, c2, lw_a, lw_b, DIV, BLOCK_V)
+                q = _exp(lq)
+                qg = _grad_qg(lp, lq, q, s, t, m_s, m_t, m_u, ld_u, w_f, w_r, c1, c2, w_a, w_b, DIV, BLOCK_V)
                 g = kd_coef * (qg - q * ssum)
                 if HAS_LABELS:
                     if CE_RAW:
-                        sm = tl.exp((xs - m_z) - ld_z)
+                        sm = _exp((xs - m_z) - ld_z)
                     else:
                         sm = q
                     g += ce_w * (sm - tl.where(cols == label, 1.0, 0.0))

@@ -91,6 +91,7 @@ from fastkd.kernels._blocks import (
     _ce_store,
     _ent_block,
     _ent_merge,
+    _exp,
     _online,
     _split_logp,
     _store_stats,
@@ -183,7 +184,7 @@ def _seg_sums(xt, cols, cm, m_t, ld_t, inv_t, kmin, IB, SH: tl.constexpr, th, NT
         lp = (xt * inv_t - m_t) - ld_t
     else:
         lp = (xt - m_t) - ld_t
-    val = tl.where(cm, (tl.exp(lp) * FIX + 0.5).to(tl.int64) + ONE, 0)  # 2⁴² + round(p · 2⁴⁰)
+    val = tl.where(cm, (_exp(lp) * FIX + 0.5).to(tl.int64) + ONE, 0)  # 2⁴² + round(p · 2⁴⁰)
     # NC thresholds at a time: an (NC, BLOCK_V) tile is NC int64 per element in registers (NT at once spills)
     NC: tl.constexpr = 4
     th2 = tl.reshape(th, [NT // NC, NC])
@@ -332,7 +333,7 @@ def _akl_split_kernel(
                     mm = tl.max(m, 0)
                     mms = tl.where(mm == float("-inf"), 0.0, mm)
                     m_t = mm
-                    ld_t = tl.log(tl.sum(d * tl.exp(m - mms), 0))
+                    ld_t = tl.log(tl.sum(d * _exp(m - mms), 0))
                     kmins = tl.load(wr + WS_KMIN, mask=sm, other=0.0, cache_modifier=".cg").to(tl.int32, bitcast=True)
                     kmin = tl.min(tl.where(sm, kmins, 0x7FFFFFFF), 0)
                     kmaxs = tl.where(sm, tl.load(wr + WS_KMAX, mask=sm, other=0.0, cache_modifier=".cg")
@@ -347,7 +348,7 @@ def _akl_split_kernel(
                         d = tl.load(wr + WS_D_S, mask=sm, other=0.0, cache_modifier=".cg")
                         ms_ = tl.max(m, 0)
                         mss = tl.where(ms_ == float("-inf"), 0.0, ms_)
-                        sc = tl.exp(m - mss)
+                        sc = _exp(m - mss)
                         dd = tl.sum(d * sc, 0)
                         m_s = ms_
                         ld_s = tl.log(dd)
@@ -359,7 +360,7 @@ def _akl_split_kernel(
                         af = tl.load(wr + WS_A_F, mask=sm, other=0.0, cache_modifier=".cg")
                         m = tl.load(wr + WS_M_T, mask=sm, other=float("-inf"), cache_modifier=".cg")
                         d = tl.load(wr + WS_D_T, mask=sm, other=0.0, cache_modifier=".cg")
-                        sc = tl.exp(m - mms)
+                        sc = _exp(m - mms)
                         fkl = tl.sum(af * sc, 0) / tl.sum(d * sc, 0) + dm + dl
                         m_z = m_s
                         ld_z = ld_s
@@ -370,7 +371,7 @@ def _akl_split_kernel(
                             mz = tl.max(m, 0)
                             mzs = tl.where(mz == float("-inf"), 0.0, mz)
                             m_z = mz
-                            ld_z = tl.log(tl.sum(d * tl.exp(m - mzs), 0))
+                            ld_z = tl.log(tl.sum(d * _exp(m - mzs), 0))
                         if HAS_LABELS:
                             zl = tl.sum(tl.load(wr + WS_ZL, mask=sm, other=0.0, cache_modifier=".cg"), 0)
                         tl.store(rp + 1, m_t)
@@ -456,7 +457,7 @@ def _akl_split_kernel(
             # the log-normalisers kept split (exact x − max first), as in the rounds and the gradient: p has the
             # rounds' bits and |p − q| no per-row factor error at large logits
             lq, lp = _split_logp(xs, xt, m_s, ld_s, m_t, ld_t, inv_t, SCALED)
-            err = tl.where(cm, tl.abs(tl.exp(lp) - tl.exp(lq)), 0.0)
+            err = tl.where(cm, tl.abs(_exp(lp) - _exp(lq)), 0.0)
             head = (_codes(xt, cols, kmin, IB, SH) >= hi) | (cols == amax)
             wp = ws_ptr + (x * S + j) * WS
             tl.store(wp + WS_P0, tl.sum(tl.where(head, err, 0.0), 0))
@@ -505,8 +506,8 @@ def _akl_split_kernel(
                 xs = _load(s_ptr + x * s_row, s_col, cols, cm, full)
                 xt = _load(t_ptr + x * t_row, t_col, cols, cm, full)
                 lq, lp = _split_logp(xs, xt, m_s, ld_s, m_t, ld_t, inv_t, SCALED)
-                q = tl.exp(lq)
-                qg = -w_f * tl.exp(lp) + w_r * tl.where(q != 0, q * (lq - lp), 0.0)
+                q = _exp(lq)
+                qg = -w_f * _exp(lp) + w_r * tl.where(q != 0, q * (lq - lp), 0.0)
                 g = (qg - q * (w_r * rkl - w_f)) * (kd_coef * w)
                 m_z = m_s  # only read when CE_RAW
                 ld_z = ld_s

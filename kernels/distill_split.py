@@ -19,9 +19,11 @@ segment j) and is processed in phases, each phase a different row so that no pro
 * phase 1 (mid, only for jsd / skl / srkl / tvd / ab and taid, ``LAG = 2``) of row r − 1: waits for
   ``cnt[r−1, 0] == S`` (acquire), merges the S partial statistics (fixed order: deterministic), and writes the
   segment's partial D and Σqg (taid: the max / sum-exp sums of its interpolated logits, which are formed from
-  the row maxima), then ``cnt[r−1, 1] += 1``;
-* final phase of row r − LAG: waits for the last counter of that row, merges, writes the gradient of the
-  segment (and, segment 0 only, the row's loss).
+  the row maxima); segment 0 also writes the merged log-normalisers to a row summary ``rs[r−1]``; then
+  ``cnt[r−1, 1] += 1``;
+* final phase of row r − LAG: waits for the last counter of that row, merges (a mixture without ``STATS`` reads
+  ``rs`` instead: 4 scalars, not S segments), writes the gradient of the segment (and, segment 0 only, the row's
+  loss).
 
 Units are handed out by an atomic ticket counter (not by program id), so a program only ever waits for units
 with *smaller* tickets, i.e. units already owned by programs that started before it and that publish their
@@ -55,10 +57,15 @@ import triton
 import triton.language as tl
 
 from fastkd.core.divergences import BY_CODE, TABLE
-from fastkd.kernels._blocks import (  # noqa: F401  (NSLOT, NSLOT_STATS: the launcher's workspace sizes)
+from fastkd.kernels._blocks import (  # noqa: F401  (NSLOT, NSLOT_STATS, NRS: the launcher's workspace sizes)
     NEG,
+    NRS,
     NSLOT,
     NSLOT_STATS,
+    RS_LD_S,
+    RS_LD_T,
+    RS_M_S,
+    RS_M_T,
     WS_A_F,
     WS_A_R,
     WS_A_U,
@@ -83,6 +90,7 @@ from fastkd.kernels._blocks import (  # noqa: F401  (NSLOT, NSLOT_STATS: the lau
     _ce_store,
     _ent_block,
     _ent_merge,
+    _exp,
     _load_seg,
     _lse_block,
     _merge,
@@ -111,6 +119,7 @@ def _distill_split_kernel(
     s_ptr, t_ptr, g_ptr, lab_ptr, w_ptr, loss_ptr,  # as _distill_kernel
     ws_ptr,  # (N, S, NSLOT) fp32 workspace (no initialisation needed)
     cnt_ptr,  # (1 + 2N,) int32, zeroed: [0] = ticket counter, [1 + 2r + phase] = units of row r done
+    rs_ptr,  # (N, NRS) fp32 row summaries of the mixtures' mid phase (no initialisation needed)
     N, V, S,
     s_row, s_col, t_row, t_col, g_row, g_col,
     inv_t, kd_scale, kd_coef, ce_w,
@@ -136,7 +145,7 @@ def _distill_split_kernel(
     segs = tl.arange(0, SP)
     sm = segs < S
     zero = tl.sum(tl.zeros([BLOCK_V], tl.float32), 0)
-    c1, c2, lw_a, lw_b = _constants(h_beta, h_alpha, h_t, DIV)
+    c1, c2, w_a, w_b = _constants(h_beta, h_alpha, h_t, DIV)
 
     # ---- phase 0: statistics of segment j of row r ---------------------------------------------------------
     if r < N:
@@ -227,10 +236,16 @@ def _distill_split_kernel(
                 else:
                     m_s, ld_s, _ra = _merge(ws_row, WS_M_S, WS_D_S, WS_A_R, segs, sm, WS)
                     m_t, ld_t, _fa = _merge(ws_row, WS_M_T, WS_D_T, WS_A_F, segs, sm, WS)
+                    if j == 0:  # the row summary the final phase reads (published by this phase's counter)
+                        rp = rs_ptr + r1 * NRS
+                        tl.store(rp + RS_M_S, m_s)
+                        tl.store(rp + RS_LD_S, ld_s)
+                        tl.store(rp + RS_M_T, m_t)
+                        tl.store(rp + RS_LD_T, ld_t)
                     xs = _load_seg(s_ptr + r1 * s_row, s_col, start, offs, V, full, NEG)
                     xt = _load_seg(t_ptr + r1 * t_row, t_col, start, offs, V, full, NEG)
                     lq, lp = _split_logp(xs, xt, m_s, ld_s, m_t, ld_t, inv_t, SCALED)
-                    d_el, qg = _mix_terms(lp, lq, tl.exp(lp), tl.exp(lq), c1, c2, lw_a, lw_b, DIV)
+                    d_el, qg = _mix_terms(lp, lq, _exp(lp), _exp(lq), c1, c2, w_a, w_b, DIV)
                     cm = (start + offs) < V  # padding lanes add nothing (ab's NaN for opposite-sign exponents)
                     wp = ws_ptr + (r1 * S + j) * WS
                     tl.store(wp + WS_P0, tl.sum(tl.where(cm, d_el, 0.0), 0))
@@ -252,8 +267,17 @@ def _distill_split_kernel(
         else:
             _wait(cnt_ptr + LAG + 2 * r2, S)
             ws_row = ws_ptr + r2 * S * WS
-            m_s, ld_s, ra = _merge(ws_row, WS_M_S, WS_D_S, WS_A_R, segs, sm, WS)
-            m_t, ld_t, fa = _merge(ws_row, WS_M_T, WS_D_T, WS_A_F, segs, sm, WS)
+            if ((MIX_SET >> DIV) & 1) and (not STATS):  # the mid phase's row summary (no fkl / rkl sums needed)
+                rp = rs_ptr + r2 * NRS
+                m_s = tl.load(rp + RS_M_S, cache_modifier=".cg")
+                ld_s = tl.load(rp + RS_LD_S, cache_modifier=".cg")
+                m_t = tl.load(rp + RS_M_T, cache_modifier=".cg")
+                ld_t = tl.load(rp + RS_LD_T, cache_modifier=".cg")
+                ra = zero
+                fa = zero
+            else:
+                m_s, ld_s, ra = _merge(ws_row, WS_M_S, WS_D_S, WS_A_R, segs, sm, WS)
+                m_t, ld_t, fa = _merge(ws_row, WS_M_T, WS_D_T, WS_A_F, segs, sm, WS)
             lse_s = m_s + ld_s
             lse_t = m_t + ld_t
             fkl = fa + (m_s - m_t) + (ld_s - ld_t)  # = fa − lse_t + lse_s, without rounding the lse's
@@ -305,12 +329,12 @@ def _distill_split_kernel(
                     t = xt * inv_t
                 lq = (s - m_s) - ld_s
                 lp = (t - m_t) - ld_t
-                q = tl.exp(lq)
+                q = _exp(lq)
                 cw = kd_coef * w
                 if DIV == FKL:  # qg − q·Σqg = q − p
-                    g = (q - tl.exp(lp)) * cw
+                    g = (q - _exp(lp)) * cw
                 else:  # (a mixture's D came from the mid phase: only its qg is computed)
-                    qg = _grad_qg(lp, lq, q, s, t, m_s, m_t, m_u, ld_u, w_f, w_r, c1, c2, lw_a, lw_b, DIV, BLOCK_V)
+                    qg = _grad_qg(lp, lq, q, s, t, m_s, m_t, m_u, ld_u, w_f, w_r, c1, c2, w_a, w_b, DIV, BLOCK_V)
                     g = (qg - q * ssum) * cw
                 _ce_store(g, xs, q, m_z, ld_z, label, ce_w * w, g_base, cols, g_col, V, full, HAS_LABELS, CE_RAW)
 

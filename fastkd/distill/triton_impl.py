@@ -118,8 +118,9 @@ def distill_forward(
         nslot = KS.NSLOT if st is None else KS.NSLOT_STATS
         ws = torch.empty(n, s_count, nslot, dtype=torch.float32, device=student.device)
         cnt = torch.zeros(1 + 2 * n, dtype=torch.int32, device=student.device)
+        rs = torch.empty(n, KS.NRS.value, dtype=torch.float32, device=student.device)
         KS._distill_split_kernel[((n + lag) * s_count,)](
-            *ptrs, ws, cnt, n, v, s_count, *strides, *scalars, *st_args, DIV=p.code, HAS_GRAD=flags["HAS_GRAD"],
+            *ptrs, ws, cnt, rs, n, v, s_count, *strides, *scalars, *st_args, DIV=p.code, HAS_GRAD=flags["HAS_GRAD"],
             HAS_LABELS=has_labels, CE_RAW=flags["CE_RAW"], BLOCK_V=block_v,
             SP=max(2, 1 << (s_count - 1).bit_length()), LAG=lag, SCALED=p.temperature != 1.0,
             STATS=flags["STATS"], WS=nslot, num_warps=_CONFIG["num_warps"] or nw)
