@@ -54,10 +54,9 @@ of round 1, which merges the row anyway, writes ``[teacher_entropy, student_entr
 changes, so loss and gradient are bitwise those of the launch without stats.
 
 Work per logit: phase 0 ≈ 2 exps, each executed round one exp and NT compare-select-add (≈ 3 NT + 20 ops), the
-err phase 2 exps, the final phase 2 exps. A random N(0, 2²) bf16 row of V = 131072 (interpreter, seed 0) resolved
-in 4 rounds: bracket counts 42473 → ~3100 → ~2940 → 2943/2942 (the last two rounds split the boundary's group of
-~70 equal bf16 logits by index); rounds 5 and 6 read nothing. Cost model (H200, N = 8192, bf16, model, not
-measured): 1.02× the floor bytes, 374 G element ops, 11.2 ms ALU-bound (the two-pass kernel: 5.0×, 22.2 ms).
+err phase 2 exps, the final phase 2 exps. A smooth row resolves in a few rounds (the bracket shrinks ~15× per
+round, then the last rounds split the boundary's group of equal logits by index) and the later rounds read
+nothing; the round counts of a sample row and the cost model's figures are in docs/DESIGN.md / bench/RESULTS.md.
 """
 
 from __future__ import annotations
