@@ -213,3 +213,28 @@ def test_sparse_union_student_ids_vs_float64(div):
     (rg,) = torch.autograd.grad(ref.sum(), [sd])
     _check(loss.double(), ref.detach(), torch.float32, f"union {div} loss")
     _check(g, rg, torch.bfloat16, f"union {div} gradient")
+
+
+def test_onpolicy_row_kernels_vs_float64():
+    """The on-policy row kernels (Triton, bf16 workspace) under on_policy_distill_loss and logprobs_from_hidden:
+    loss and gradients against the torch row math in float64."""
+    n, h, _, v = FUSED
+    hs = (torch.randn(n, h, device=DEV) / 4).bfloat16().requires_grad_(True)
+    w = (torch.randn(v, h, device=DEV) * 2 / h**0.5).bfloat16().requires_grad_(True)
+    ids = torch.randint(0, v, (n,), device=DEV)
+    t_lp, s_lp = -5 * torch.rand(n, device=DEV), -5 * torch.rand(n, device=DEV)
+    kw = dict(temperature=1.3, mask=_mask(n), chunk_size=n // 3 + 1)  # three chunks
+    hd, wd = hs.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    for fn, args in ((fastkd.on_policy_distill_loss, (ids, t_lp)),
+                     (lambda *a, **k: fastkd.logprobs_from_hidden(*a, **k).sum(), (ids,))):
+        extra = {"sampling_logprobs": s_lp} if len(args) == 2 else {}
+        opts = kw if len(args) == 2 else {"temperature": kw["temperature"], "chunk_size": kw["chunk_size"]}
+        loss = fn(hs, w, *args, backend="triton", **opts, **extra)
+        gh, gw = torch.autograd.grad(loss, [hs, w])
+        ref = fn(hd, wd, *(a.double() if a.is_floating_point() else a for a in args), backend="torch", **opts,
+                 **{k: x.double() for k, x in extra.items()})
+        rgh, rgw = torch.autograd.grad(ref, [hd, wd])
+        assert math.isclose(loss.item(), ref.item(), rel_tol=2e-3, abs_tol=1e-3), (loss.item(), ref.item())
+        for got, want, what in ((gh, rgh, "grad_hidden"), (gw, rgw, "grad_weight")):
+            err = (got.double() - want).abs().max().item()
+            assert err <= 0.05 * want.abs().max().item(), f"{what}: {err:.3e}"
