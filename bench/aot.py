@@ -497,7 +497,12 @@ def compile_specs(path: Path, out: Path) -> int:
             continue
         if r.sass_key != lc.label:
             bad.append(f"key mismatch: model {lc.label!r} vs compile {r.sass_key!r}")
-        records[lc.label] = record(r)
+        import triton
+
+        from fastkd.bench import costcount
+
+        records[lc.label] = {**record(r), "source": costcount.source_fingerprint(specs[lc.label]["module"],
+                                                                                   triton.__version__)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(sorted(records.items())), indent=1) + "\n")
     for line in bad:

@@ -272,8 +272,12 @@ class LaunchStats:
     spec: dict | None = None  # the launch's arguments as bench/aot.py --sass-specs compiles them
 
     def record(self) -> dict | None:
-        """Its sm_90 compile record (registers, stack, SASS counts), None when there is none."""
+        """Its sm_90 compile record (registers, stack, SASS counts), None when there is none or it is stale
+        (its ``source`` fingerprint is not the launch's: :func:`source_fingerprint`)."""
         rec = sass_records().get(self.sass_key) if self.sass_key else None
+        if rec is not None and self.spec is not None and rec.get("source") != source_fingerprint(
+                self.spec["module"], self.spec.get("triton") or installed_triton()):
+            rec = None
         if rec is None and self.spec is not None:
             MISSING[self.sass_key] = self.spec
         return rec
@@ -363,6 +367,30 @@ def sass_records() -> dict[str, dict]:
     if not SASS_PATH.exists():
         return {}
     return json.loads(SASS_PATH.read_text())
+
+
+def installed_triton() -> str:
+    import triton
+
+    return triton.__version__
+
+
+@functools.cache
+def source_fingerprint(module: str, release: str) -> str:
+    """What a compile record was made from, so that an edited kernel is never costed from an old compile:
+    sha256 (16 hex digits) of the kernel module's source file — for fastkd's kernels every file of the kernels
+    folder, since they share ``@triton.jit`` helpers — and the Triton ``release`` that compiles it. bench/aot.py
+    stores it in each record (``source``); a record whose fingerprint is not the launch's counts as missing and
+    is compiled again."""
+    import hashlib
+    import importlib.util
+
+    origin = Path(importlib.util.find_spec(module).origin)
+    files = sorted(origin.parent.glob("*.py")) if module.startswith("fastkd.kernels.") else [origin]
+    h = hashlib.sha256(release.encode())
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def sass_key(kernel: str, num_warps: int, constexprs: dict[str, Any]) -> str:

@@ -25,7 +25,9 @@ every case, no per-case constant:
   program's re-read hits when (resident + distance) × distinct bytes fit. Separate launches never share L2.
   **Compute from the sm_90 SASS**: every launch is compiled for sm_90 without a GPU (``bench/aot.py
   --sass-specs``, Triton's own compiler, ``ptxas -v``, ``cuobjdump -sass``; records in
-  ``bench/data/sass_sm90.json``, compiled on demand). Instructions are counted per pipe — fp32 FMA/add/mul
+  ``bench/data/sass_sm90.json``, compiled on demand; each record carries the fingerprint of the sources and the
+  Triton release it was compiled from, and a record whose fingerprint is not the launch's is compiled again:
+  ``costcount.source_fingerprint``). Instructions are counted per pipe — fp32 FMA/add/mul
   at 128 lanes per SM-clock (A100: 64), integer / compare / select / min-max at 64, MUFU and conversions at
   16, every instruction one issue slot (128 lanes per SM-clock); the throughput table of the CUDA C
   Programming Guide — along the longest path through each loop iteration (a runtime branch counts its

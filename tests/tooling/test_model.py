@@ -321,3 +321,32 @@ def test_compile_missing_runs_a_tagged_launch_under_its_triton(tmp_path, monkeyp
     monkeypatch.setitem(M.TRITON_DIRS, floor, tmp_path / "absent")
     with pytest.raises(RuntimeError, match="make test-triton-min"):
         M.compile_missing()
+
+
+def test_a_stale_compile_record_counts_as_missing(monkeypatch, tmp_path):
+    """A compile record carries the fingerprint of the sources and Triton release it came from; when the launch's
+    fingerprint differs (a kernel or a shared helper was edited since), the record is not used: the launch is
+    missing, to be compiled again."""
+    from fastkd.bench import costcount as C
+
+    spec = {"module": "fastkd.kernels.distill", "name": "_k", "num_warps": 4, "args": {}}
+    st = C.LaunchStats(kernel="_k", num_warps=4, rows_total=1, rows_run=1, sass_key="_k|4|", spec=spec)
+    fresh = {"regs": 40, "source": C.source_fingerprint("fastkd.kernels.distill", C.installed_triton())}
+    monkeypatch.setattr(C, "MISSING", {})
+    monkeypatch.setattr(C, "sass_records", lambda: {"_k|4|": fresh})
+    assert st.record() is fresh and not C.MISSING
+    for stale in ({**fresh, "source": "0" * 16}, {"regs": 40}):
+        monkeypatch.setattr(C, "sass_records", lambda stale=stale: {"_k|4|": stale})
+        assert st.record() is None
+        assert dict(C.MISSING) == {"_k|4|": spec}
+    assert C.source_fingerprint("fastkd.kernels.distill", "3.6.0") != fresh["source"]
+    # every file of the kernels folder counts (shared helpers): an edit of one changes the fingerprint
+    fake = tmp_path / "kernels"
+    fake.mkdir()
+    (fake / "a.py").write_text("x = 1\n")
+    (fake / "b.py").write_text("y = 1\n")
+    spec_of = type("Spec", (), {"origin": str(fake / "a.py")})
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: spec_of)
+    before = C.source_fingerprint.__wrapped__("fastkd.kernels.a", "3.9.0")
+    (fake / "b.py").write_text("y = 2\n")
+    assert C.source_fingerprint.__wrapped__("fastkd.kernels.a", "3.9.0") != before
