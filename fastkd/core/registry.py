@@ -256,6 +256,20 @@ def triton_import_error() -> str | None:
     return None
 
 
+def import_kernels(*modules: str) -> tuple[tuple[Any, ...], str | None]:
+    """A Triton backend's modules (``"triton"``, ``"fastkd.kernels.sparse"``, ...) and None; or Nones and the
+    reason they are unavailable: no supported Triton (:func:`triton_import_error`), or a module that fails to
+    import under it (a broken install, a kernel that does not compile). The backend declares the reason as its
+    ``import_error``."""
+    error = triton_import_error()
+    if error is None:
+        try:
+            return tuple(importlib.import_module(m) for m in modules), None
+        except Exception as exc:
+            error = f"{modules[-1]} failed to import ({type(exc).__name__}: {exc})"
+    return (None,) * len(modules), error
+
+
 def triton_reasons(*tensors: Any) -> list[str]:
     """Reasons the Triton backend cannot run on ``tensors`` (device checks, toolchain)."""
     reasons = []

@@ -26,19 +26,10 @@ from collections.abc import Iterator
 import torch
 
 from fastkd.core.params import DistillParams
-from fastkd.core.registry import register, triton_import_error
+from fastkd.core.registry import import_kernels, register
 
-_IMPORT_ERROR = triton_import_error()
-if _IMPORT_ERROR is None:
-    try:
-        from fastkd.kernels import distill as K
-        from fastkd.kernels import distill_akl as KA
-        from fastkd.kernels import distill_split as KS
-    except Exception as exc:  # a broken Triton install or a kernel that does not compile under it
-        _IMPORT_ERROR = f"fastkd.kernels.distill failed to import ({type(exc).__name__}: {exc})"
-        K = KS = KA = None
-else:
-    K = KS = KA = None
+(K, KA, KS), _IMPORT_ERROR = import_kernels("fastkd.kernels.distill", "fastkd.kernels.distill_akl",
+                                           "fastkd.kernels.distill_split")
 
 _CONFIG: dict[str, int | str | None] = {"block_v": None, "num_warps": None, "schedule": None}
 SCHEDULES = ("split", "two_pass")

@@ -18,18 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from fastkd.core.registry import register, triton_import_error
+from fastkd.core.registry import import_kernels, register
 
-_IMPORT_ERROR = triton_import_error()
-K_ = None
-if _IMPORT_ERROR is None:
-    try:
-        import triton
-
-        from fastkd.kernels import onpolicy as K_
-    except Exception as exc:  # a broken Triton install or a kernel that does not compile under it
-        _IMPORT_ERROR = f"fastkd.kernels.onpolicy failed to import ({type(exc).__name__}: {exc})"
-        K_ = None
+(triton, K_), _IMPORT_ERROR = import_kernels("triton", "fastkd.kernels.onpolicy")
 
 CONFIG: dict[str, int] = {"block_v": 4096, "num_warps": 8}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

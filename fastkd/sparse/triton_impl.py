@@ -20,23 +20,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fastkd.core.registry import register, triton_import_error
+from fastkd.core.registry import import_kernels, register
 from fastkd.sparse.torch_impl import sparse_stats, sparse_terms
 
 if TYPE_CHECKING:
     from fastkd.core.params import SparseParams
 
-_IMPORT_ERROR = triton_import_error()
-K_ = None
-if _IMPORT_ERROR is None:
-    try:
-        import triton
-
-        from fastkd.kernels import sparse as K_
-        from fastkd.kernels import sparse_split as KS
-    except Exception as exc:  # a broken Triton install or a kernel that does not compile under it
-        _IMPORT_ERROR = f"fastkd.kernels.sparse failed to import ({type(exc).__name__}: {exc})"
-        K_ = KS = None
+(triton, K_, KS), _IMPORT_ERROR = import_kernels("triton", "fastkd.kernels.sparse", "fastkd.kernels.sparse_split")
 
 # "schedule": None = automatic (:func:`schedule`), "split" or "row" to force one; "lag_units": the split
 # kernel's distance in units (tickets) from a row's terms unit to its gradient units (kernels/sparse_split.py)

@@ -153,3 +153,17 @@ def test_triton_floor_is_declared_once_and_enforced(monkeypatch):
         monkeypatch.undo()
         reg.triton_import_error.cache_clear()
     assert reg.triton_import_error() is None
+
+
+def test_import_kernels_gives_modules_or_a_reason(monkeypatch):
+    """A Triton backend's modules come from registry.import_kernels: the modules and no reason, or Nones and the
+    reason naming what failed (a module that does not import, or a Triton below the floor)."""
+    from fastkd.core import registry as reg
+
+    pytest.importorskip("triton")
+    mods, reason = reg.import_kernels("triton", "fastkd.kernels.onpolicy")
+    assert reason is None and mods[1].__name__ == "fastkd.kernels.onpolicy"
+    mods, reason = reg.import_kernels("triton", "fastkd.kernels.no_such_kernel")
+    assert mods == (None, None) and "fastkd.kernels.no_such_kernel failed to import" in reason
+    monkeypatch.setattr(reg, "triton_import_error", lambda: "triton 3.5.1 is older than the supported 3.6")
+    assert reg.import_kernels("fastkd.kernels.sparse") == ((None,), "triton 3.5.1 is older than the supported 3.6")
