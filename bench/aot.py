@@ -276,7 +276,7 @@ def _width(mods: str) -> int:
 
 
 def _blank() -> dict[str, int]:
-    return dict.fromkeys(("fma", "alu", "xu", "issue", "ldg", "ldl", "stl"), 0)
+    return dict.fromkeys(("fma", "alu", "xu", "issue", "ldg", "ldg_vec", "ldl", "stl"), 0)
 
 
 def _add(c: dict[str, int], op: str, mods: str) -> None:
@@ -286,6 +286,8 @@ def _add(c: dict[str, int], op: str, mods: str) -> None:
         c[pipe] += 1
     if op in ("LDG", "LDL", "STL"):
         c[op.lower()] += 32 * _width(mods)
+    if op == "LDG" and _width(mods) >= 8:  # a vector load: streamed data (a scalar or replicated slot is 4 B)
+        c["ldg_vec"] += 32 * _width(mods)
 
 
 def _longest_path(body: list[tuple[int, str, str, str, bool]], lo: int, hi: int,
@@ -337,7 +339,8 @@ def sass_counts(sass: str) -> dict[str, dict[str, int]]:
     with its parent), summed over the loops; ``once`` = every instruction outside loops, ``once_path`` = those
     along the longest path from the kernel's entry (what one warp runs once). Per part:
     instructions per pipe (``fma``, ``alu``, ``xu``; ``issue`` = all but NOP) and bytes per warp moved by
-    global loads (``ldg``: 32 lanes × width) and by local memory (``ldl`` / ``stl``: spills, local arrays)."""
+    global loads (``ldg``: 32 lanes × width; ``ldg_vec``: those of 8 B or more per lane, the streamed blocks)
+    and by local memory (``ldl`` / ``stl``: spills, local arrays)."""
     insns = [(int(m[1], 16), m[3], m[4], m[5], bool(m[2]) and "PT" not in m[2]) for m in _SASS_INSN.finditer(sass)]
     ranges: list[list[int]] = []
     for addr, op, _, args, _ in insns:

@@ -259,6 +259,11 @@ class LaunchStats:
     rows_total: int
     rows_run: int
     load_bytes: float = 0.0
+    # the same loads as a warp's SASS counts them (bench/aot.py: 32 lanes × width per LDG, predicated-off and
+    # replicated lanes included): a block of n elements costs max(n, 32·num_warps) × element size over the
+    # program's warps (a scalar or an (S,) vector is loaded by every warp)
+    warp_load_bytes: float = 0.0
+    vec_load_bytes: float = 0.0  # those of blocks with at least one element per lane (n >= 32·num_warps)
     store_bytes: float = 0.0
     unique_load_bytes: float = 0.0
     max_program_bytes: float = 0.0
@@ -278,6 +283,8 @@ class LaunchStats:
         if rec is not None and self.spec is not None and rec.get("source") != source_fingerprint(
                 self.spec["module"], self.spec.get("triton") or installed_triton()):
             rec = None
+        if rec is not None and rec.get("sass") and "ldg_vec" not in rec["sass"]["loop"]:
+            rec = None  # made before the SASS counts split the vector loads out
         if rec is None and self.spec is not None:
             MISSING[self.sass_key] = self.spec
         return rec
@@ -322,10 +329,20 @@ class LaunchStats:
         # to stream its data, loading in each iteration; a loop that loads nothing runs once per warp)
         # the straight-line code runs once per warp, or as often as its loads say when a warp loads less than
         # the path does (a program that skips phases, e.g. the first and last units of a ticketed schedule)
+        # (both in the SASS's own bytes, warp_load_bytes: a scalar or small vector that every warp loads counts
+        # once per warp, as the path's ldg counts it)
         warps = self.programs * self.num_warps
-        straight = min(warps, self.load_bytes / once["ldg"]) if once["ldg"] else warps
-        rest = max(0.0, self.load_bytes - straight * once["ldg"])
-        execs = rest / loop["ldg"] if loop["ldg"] else (warps if sass.get("loops") else 0.0)
+        straight = min(warps, self.warp_load_bytes / once["ldg"]) if once["ldg"] else warps
+        rest = max(0.0, self.warp_load_bytes - straight * once["ldg"])
+        # a loop whose iterations take different branches (akl's search rounds: the segment's sums only while
+        # the row is unresolved) runs its longest path as often as its streamed (vector) loads say; the small
+        # loads every iteration makes (scalars, slots) would count a heavy iteration for each light one
+        if loop.get("ldg_vec"):
+            execs = max(0.0, self.vec_load_bytes - straight * once.get("ldg_vec", 0)) / loop["ldg_vec"]
+        elif loop["ldg"]:
+            execs = rest / loop["ldg"]
+        else:
+            execs = warps if sass.get("loops") else 0.0
 
         def count(k: str) -> float:
             return (execs * loop[k] + straight * once[k]) * scale
@@ -478,7 +495,7 @@ class TritonCounter:
         def load(b, ptrs, mask, other, *policy):
             size = ptrs.get_element_ty().primitive_bitwidth // 8
             addrs = ptrs.data[mask.data.astype(bool)] if mask is not None else ptrs.data.ravel()
-            counter._record_load(np.asarray(addrs).ravel(), size)
+            counter._record_load(np.asarray(addrs).ravel(), size, np.size(ptrs.data))
             return old_load(b, ptrs, mask, other, *policy)
 
         def store(b, ptrs, value, mask, *policy):
@@ -524,8 +541,12 @@ class TritonCounter:
                 setattr(builder, name, fn)
             I.GridExecutor.__call__ = old_call
 
-    def _record_load(self, addrs: np.ndarray, size: int) -> None:
-        self.launches[-1].load_bytes += addrs.size * size
+    def _record_load(self, addrs: np.ndarray, size: int, lanes: int) -> None:
+        st = self.launches[-1]
+        st.load_bytes += addrs.size * size
+        st.warp_load_bytes += max(lanes, 32 * st.num_warps) * size
+        if lanes >= 32 * st.num_warps:
+            st.vec_load_bytes += lanes * size
         if self._loads is not None:
             self._loads.append((addrs, size))
 

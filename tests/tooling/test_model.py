@@ -350,3 +350,47 @@ def test_a_stale_compile_record_counts_as_missing(monkeypatch, tmp_path):
     before = C.source_fingerprint.__wrapped__("fastkd.kernels.a", "3.9.0")
     (fake / "b.py").write_text("y = 2\n")
     assert C.source_fingerprint.__wrapped__("fastkd.kernels.a", "3.9.0") != before
+
+
+@triton.jit
+def _scalar_and_block_kernel(x_ptr, w_ptr, y_ptr, BLOCK: tl.constexpr, SP: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    w = tl.load(w_ptr)  # a scalar: every warp loads it
+    slots = tl.load(w_ptr + tl.arange(0, SP))  # a small vector: replicated over the warps
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs) * w + tl.sum(slots, 0))
+
+
+def test_warp_load_bytes_count_replicated_loads_per_warp():
+    """The SASS path counts a load as 32 lanes × width per warp, predicated-off and replicated lanes included:
+    the trace's warp bytes count a block of n elements as max(n, 32·num_warps) elements, and only the blocks with
+    an element per lane as streamed (vector) bytes."""
+    x, w, y = torch.randn(4096), torch.randn(16), torch.empty(4096)
+    counter = M.TritonCounter()
+    with counter.active():
+        _scalar_and_block_kernel[(1,)](x, w, y, BLOCK=4096, SP=16, num_warps=8)
+    (st,) = counter.launches
+    assert st.load_bytes == (4096 + 1 + 16) * 4
+    assert st.warp_load_bytes == (4096 + 256 + 256) * 4
+    assert st.vec_load_bytes == 4096 * 4
+
+
+def test_straight_code_runs_once_per_warp_and_loops_by_their_streamed_loads(monkeypatch):
+    """Instructions of a launch from its SASS record: the straight-line path once per warp (its warp bytes say
+    so even where most of them are replicated scalars and slots), a loop as often as its vector loads say (a
+    loop whose light iterations load only scalars does not count its heavy path for them)."""
+    from fastkd.bench import costcount as C
+
+    def blank(**kw):
+        return {**dict.fromkeys(("fma", "alu", "xu", "issue", "ldg", "ldg_vec", "ldl", "stl"), 0), **kw}
+
+    # 1000 programs of 8 warps; per warp the straight path loads 1 KB of block and 3 KB of scalars / slots,
+    # the loop's heaviest iteration 512 B of block and 512 B of scalars; the launch streams 4 more blocks
+    # per warp through the loop and its light iterations load 6 KB of scalars per warp besides
+    warps = 8000
+    sass = {"once_path": blank(issue=1000, ldg=4096, ldg_vec=1024), "loop": blank(issue=300, ldg=1024, ldg_vec=512),
+            "once": blank(), "loops": 1}
+    st = C.LaunchStats("k", 8, rows_total=1000, rows_run=1000, load_bytes=1.0, programs=1000,
+                       warp_load_bytes=warps * (4096 + 4 * 1024 + 6144), vec_load_bytes=warps * (1024 + 4 * 512))
+    monkeypatch.setattr(C.LaunchStats, "record", lambda self: {"regs": 32, "sass": sass})
+    cost = st.cost(M.GPUS["h100"])
+    assert cost.sass_instr == 32 * warps * (1000 + 4 * 300)
