@@ -47,6 +47,7 @@ from fastkd.kernels._blocks import (
     _argmax_fold,
     _ent_online,
     _exp,
+    _log,
     _online,
     _store_stats,
 )
@@ -183,7 +184,7 @@ def _mix_terms(lp, lq, p, q, c1, c2, w_a, w_b, DIV: tl.constexpr):
         # m clamped at the smallest normal: where both sides underflow (exponentials flush below 2^-126) the
         # terms stay finite and ~0 instead of 0·(log 0 − log 0); a NaN m stays NaN
         mix = w_a * p + w_b * q
-        lm = tl.log(tl.where(mix < 1.1754943508222875e-38, 1.1754943508222875e-38, mix))  # NaN stays NaN
+        lm = _log(tl.where(mix < 1.1754943508222875e-38, 1.1754943508222875e-38, mix))  # NaN stays NaN
         if DIV == JSD:  # β KL(p‖m) + (1−β) KL(q‖m)
             qg = (1.0 - c1) * tl.where(q != 0, q * (lq - lm), 0.0)
             d_el = c1 * tl.where(p != 0, p * (lp - lm), 0.0) + qg
