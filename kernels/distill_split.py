@@ -35,8 +35,9 @@ other in ticket order, so every wait is already satisfied: the same code is test
 The L2 argument (the rule the cost model applies, ``bench/costcount.py``). A segment is read by ticket u
 (phase 0), re-read by ticket u + S (phase 1) and u + LAG·S (final). Between the first read and the last
 re-read the GPU runs at most (resident programs + LAG·S) programs, each touching its distinct bytes
-b = (LAG + 1) segment pairs + one gradient segment. With BLOCK_V = 4096 bf16: b = 40 KB (fkl: 2 × 16 KB read +
-8 KB written), resident = 528, LAG·S = 32 at V = 131072 → 560 × 40 KB = 22 MB (jsd: 560 × 56 KB = 31 MB),
+b = (LAG + 1) segment pairs + one gradient segment. bf16 at V = 131072: fkl at (8192, 8), b = 80 KB (2 × 32 KB
+read + 16 KB written), 2 programs per SM → resident = 264, LAG·S = 16 → 280 × 80 KB = 22 MB; jsd at (4096, 8),
+b = 56 KB, resident = 528, LAG·S = 64 → 592 × 56 KB = 33 MB; tvd at (8192, 8), (264 + 32) × 112 KB = 33 MB; all
 under the 50 MB L2, so the re-reads are L2 hits and HBM sees each logit read once and the gradient written
 once (+ ~0.8 KB of workspace per unit, 2–3 % of the traffic). With ``STATS`` (return_stats) phase 0 writes 6
 more slots (``NSLOT_STATS`` = 20: 24 B per unit) and the segment-0 program of the final phase reads them for
@@ -114,6 +115,13 @@ from fastkd.kernels.distill import (
 )
 
 
+def ticket_magic(s_count: int) -> tuple[int, int]:
+    """(M, k) with ⌊u·M / 2^k⌋ = ⌊u / S⌋ for every int32 ticket u (Granlund–Montgomery): k = 31 + ⌈log2 S⌉,
+    M = ⌈2^k / S⌉ ≤ 2^32, so u·M < 2^63 and the error u·(M·S − 2^k) < 2^k keeps the floor exact."""
+    k = 31 + max(0, (s_count - 1).bit_length())
+    return -(-(1 << k) // s_count), k
+
+
 @triton.jit
 def _distill_split_kernel(
     s_ptr, t_ptr, g_ptr, lab_ptr, w_ptr, loss_ptr,  # as _distill_kernel
@@ -121,6 +129,7 @@ def _distill_split_kernel(
     cnt_ptr,  # (1 + 2N,) int32, zeroed: [0] = ticket counter, [1 + 2r + phase] = units of row r done
     rs_ptr,  # (N, NRS) fp32 row summaries of the mixtures' mid phase (no initialisation needed)
     N, V, S,
+    s_magic, s_shift,  # ticket_magic(S): the ticket's row u // S as a multiply and a shift
     s_row, s_col, t_row, t_col, g_row, g_col,
     inv_t, kd_scale, kd_coef, ce_w,
     h_beta, h_alpha, h_mu, h_t,
@@ -137,8 +146,10 @@ def _distill_split_kernel(
     WS: tl.constexpr,  # workspace slots per unit: NSLOT, or NSLOT_STATS with STATS
 ):
     u = tl.atomic_add(cnt_ptr, 1).to(tl.int64)  # ticket: units are taken in this order (see docstring)
-    r = u // S
-    j = u % S
+    # divmod(u, S) by a multiply and a shift: an integer division compiles to a called subroutine whose stack
+    # frame ptxas reports as spill bytes
+    r = (u * s_magic) >> s_shift
+    j = u - r * S
     start = j * BLOCK_V
     offs = tl.arange(0, BLOCK_V)
     full = start + BLOCK_V <= V
@@ -344,14 +355,26 @@ def lag(code: int) -> int:
     return BY_CODE[code].lag
 
 
-def launch_config(code: int) -> tuple[int, int]:
-    """Default (BLOCK_V, num_warps) of a divergence (the table's ``split_launch``): every configuration compiles
-    for sm_90 without spills on the oldest and the newest supported Triton (``bench/aot.py --all`` checks the
-    defaults; the history of these choices is in docs/DESIGN.md)."""
+def launch_config(code: int, itemsize: int = 2, heavy: bool = False) -> tuple[int, int]:
+    """Default (BLOCK_V, num_warps) of a divergence: the table's ``split_launch`` for 2-byte logits of the plain
+    launch; a ``heavy`` launch (STATS or CE_RAW: ~1.5× the registers, which would leave one program per SM)
+    takes the table's ``split_heavy``, or half of a block above 4096; 4-byte logits start from ``split_heavy``
+    where the table gives one and take half of a block above 2048 (a segment then holds the bytes of the 2-byte
+    one, so the L2 window of the docstring holds for either). Every default compiles for sm_90 without spills
+    on the oldest and the newest supported Triton (``bench/aot.py --all`` checks them; the history of these
+    choices is in docs/DESIGN.md)."""
     cfg = BY_CODE[code].split_launch
     if cfg is None:
         raise ValueError(f"divergence {BY_CODE[code].name!r} has its own split kernel")
-    return cfg
+    bv, nw = cfg
+    alt = BY_CODE[code].split_heavy
+    if heavy:
+        bv, nw = alt or ((bv // 2 if bv > 4096 else bv), nw)
+    elif itemsize >= 4 and alt:
+        bv, nw = alt
+    if itemsize >= 4 and bv > 2048:
+        bv //= 2
+    return bv, nw
 
 
 # The codes this kernel runs: every row with a split_launch (akl's head search has its own split kernel,

@@ -119,7 +119,10 @@ class Divergence:
     # kernel (akl: fastkd.kernels.distill_akl).
     mixture: bool = False
     lag: int = 1
-    split_launch: tuple[int, int] | None = (4096, 8)
+    split_launch: tuple[int, int] | None = (8192, 8)
+    # split_heavy: its configuration for a heavy launch (STATS or the raw-logit cross-entropy) and for 4-byte
+    # logits; None: the plain one with half of a block above 4096 (kernels/distill_split.launch_config)
+    split_heavy: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.lag not in (1, 2) or (self.mixture and self.lag != 2):
@@ -155,16 +158,16 @@ TABLE: tuple[Divergence, ...] = (
     Divergence("rkl", 1, "Σ q (log q − log p)", families=_ALL),
     Divergence("jsd", 2, "β KL(p‖m) + (1−β) KL(q‖m), m = βp + (1−β)q", (BETA,),
                (Endpoint("beta", 0.0, "fkl"), Endpoint("beta", 1.0, "rkl")), families=_ALL,
-               mixture=True, lag=2, split_launch=(2048, 16)),
+               mixture=True, lag=2, split_launch=(4096, 8)),
     Divergence("symkl", 3, "β fkl + (1−β) rkl", (BETA,),
                (Endpoint("beta", 0.0, "rkl"), Endpoint("beta", 1.0, "fkl"))),
     Divergence("skl", 4, "KL(p ‖ αp + (1−α)q)", (ALPHA,),
                (Endpoint("alpha", 0.0, "fkl"), Endpoint("alpha", 1.0, "zero")),
-               mixture=True, lag=2, split_launch=(1024, 8)),
+               mixture=True, lag=2, split_launch=(4096, 8)),
     Divergence("srkl", 5, "KL(q ‖ (1−α)p + αq)", (ALPHA,),
                (Endpoint("alpha", 0.0, "rkl"), Endpoint("alpha", 1.0, "zero")),
-               mixture=True, lag=2, split_launch=(2048, 16)),
-    Divergence("tvd", 6, "½ Σ |p − q|", mixture=True, lag=2, split_launch=(2048, 16)),
+               mixture=True, lag=2, split_launch=(8192, 8)),
+    Divergence("tvd", 6, "½ Σ |p − q|", mixture=True, lag=2, split_launch=(8192, 8), split_heavy=(4096, 16)),
     # akl at μ = 1: every token is in the head (the cumulative mass of a distribution never exceeds 1), which a
     # rounded running sum of p could otherwise contradict for the last tokens
     Divergence("akl", 7, "(g_H fkl + g_T rkl)/(g_H + g_T), head H = top tokens with mass ≤ μ", (MU,),
@@ -172,11 +175,11 @@ TABLE: tuple[Divergence, ...] = (
     # taid at t = 1: r = p, forward KL (at t = 0, r = stopgrad(q): every backend then ignores the teacher, as the
     # reference does, so no endpoint rule: ``zero`` would read a NaN teacher)
     Divergence("taid", 8, "KL(r ‖ q), r = softmax((1−t) stopgrad(z_s) + t z_t)", (T,),
-               (Endpoint("t", 1.0, "fkl"),), lag=2, split_launch=(2048, 8)),
+               (Endpoint("t", 1.0, "fkl"),), lag=2, split_launch=(8192, 8)),
     Divergence("ab", 9, "−1/(αβ) Σ (p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β))  (ABKD, Wang et al. 2025)",
                (Hyper("alpha", 0.8, nonzero=True, doc="ab: exponent of the teacher"),
                 Hyper("beta", 0.3, nonzero=True, doc="ab: exponent of the student")),
-               joint=_ab_joint, mixture=True, lag=2, split_launch=(2048, 8)),
+               joint=_ab_joint, mixture=True, lag=2, split_launch=(1024, 8)),
     Divergence("zero", 10, "0 (skl / srkl at α = 1: KL(x‖x)); NaN inputs still give NaN", public=False),
 )
 

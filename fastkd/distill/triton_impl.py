@@ -102,7 +102,8 @@ def distill_forward(
         KA.launch(args, n, v, has_grad=grad is not None, has_labels=has_labels, ce_raw=flags["CE_RAW"],
                   scaled=p.temperature != 1.0, block_v=_CONFIG["block_v"], num_warps=_CONFIG["num_warps"], stats=st)
     elif sched == "split":
-        bv, nw = KS.launch_config(p.code)
+        bv, nw = KS.launch_config(p.code, max(student.element_size(), teacher.element_size()),
+                                  heavy=flags["STATS"] or flags["CE_RAW"])
         block_v = _CONFIG["block_v"] or min(bv, max(16, 1 << (v - 1).bit_length()))
         s_count = -(-v // block_v)
         lag = KS.lag(p.code)
@@ -111,8 +112,8 @@ def distill_forward(
         cnt = torch.zeros(1 + 2 * n, dtype=torch.int32, device=student.device)
         rs = torch.empty(n, KS.NRS.value, dtype=torch.float32, device=student.device)
         KS._distill_split_kernel[((n + lag) * s_count,)](
-            *ptrs, ws, cnt, rs, n, v, s_count, *strides, *scalars, *st_args, DIV=p.code, HAS_GRAD=flags["HAS_GRAD"],
-            HAS_LABELS=has_labels, CE_RAW=flags["CE_RAW"], BLOCK_V=block_v,
+            *ptrs, ws, cnt, rs, n, v, s_count, *KS.ticket_magic(s_count), *strides, *scalars, *st_args, DIV=p.code,
+            HAS_GRAD=flags["HAS_GRAD"], HAS_LABELS=has_labels, CE_RAW=flags["CE_RAW"], BLOCK_V=block_v,
             SP=max(2, 1 << (s_count - 1).bit_length()), LAG=lag, SCALED=p.temperature != 1.0,
             STATS=flags["STATS"], WS=nslot, num_warps=_CONFIG["num_warps"] or nw)
     elif _autotune() and _CONFIG["block_v"] is None and not aliased:

@@ -87,6 +87,24 @@ def test_triton_codes_and_arguments_are_the_table():
     assert "_P_BITS_HI" not in src
 
 
+def test_ticket_magic_divides_every_int32_ticket():
+    """The split kernel's divmod(u, S) by a multiply and a shift is exact for every int32 ticket u and segment
+    count S (edges, powers of two and their neighbours, random draws), with u·M inside int64."""
+    import random
+
+    from fastkd.kernels import distill_split as KS
+
+    rng = random.Random(0)
+    counts = list(range(1, 600)) + [2**k + d for k in range(10, 21) for d in (-1, 0, 1)]
+    for s_count in counts:
+        m, k = KS.ticket_magic(s_count)
+        assert (2**31 - 1) * m < 2**63
+        tickets = [0, 1, s_count - 1, s_count, s_count + 1, 2**31 - 2, 2**31 - 1]
+        tickets += [rng.randrange(2**31) for _ in range(30)]
+        for u in tickets:
+            assert (u * m) >> k == u // s_count, (s_count, u)
+
+
 def test_triton_schedule_is_the_table():
     """The kernels' mixture set, the split schedule's lags, launch configurations and codes are the table's
     (no code lists in the kernel files), and a row cannot declare a mixture without the mid phase."""
@@ -105,6 +123,9 @@ def test_triton_schedule_is_the_table():
         assert KS.lag(d.code) == d.lag == (2 if d.mixture or d.name == "taid" else 1), d.name
         bv, nw = KS.launch_config(d.code)
         assert (bv, nw) == d.split_launch and bv & (bv - 1) == 0 and nw in (4, 8, 16)
+        b4, w4 = d.split_heavy or (bv, nw)
+        assert KS.launch_config(d.code, 4) == (b4 // 2 if b4 > 2048 else b4, w4)  # fp32: the bytes of bf16's
+        assert KS.launch_config(d.code, heavy=True) == d.split_heavy or (bv // 2 if bv > 4096 else bv, nw)
     for name in ("distill.py", "distill_split.py"):
         src = (ROOT / "kernels" / name).read_text()
         assert not re.search(r"DIV\s*[!=]=\s*\d", src), f"kernels/{name} compares DIV against a literal"

@@ -65,6 +65,7 @@ def test_sass_counts_loop_longest_path_and_pipes():
     # LDG, ISETP, @P0 BRA, FFMA, MUFU, BRA, STL, IADD3, @P1 BRA: the FFMA + MUFU side (FADD side skipped)
     assert loop["issue"] == 9 and loop["fma"] == 1 and loop["xu"] == 1 and loop["alu"] == 2
     assert loop["ldg"] == 32 * 16 and loop["stl"] == 32 * 4 and loop["ldl"] == 0
+    assert loop["ldg_vec"] == 32 * 16  # LDG.E.128: a streamed (vector) load; a 4-byte LDG would not count
     assert once["issue"] == 4 and once["alu"] == 1  # S2R, IMAD.MOV, EXIT, BRA (NOP not counted)
     assert c["once_path"]["issue"] == 3  # from the entry: S2R, IMAD.MOV, EXIT (the padding BRA is unreachable)
 
@@ -161,3 +162,31 @@ def test_only_filter_compiles_the_matching_calls(tmp_path):
     assert len(rows) == 1 and rows[0].startswith("_scale_grad_kernel") and "(scale_grad bf16)" in rows[0]
     none = _run("from fastkd.bench import aot; raise SystemExit(aot.main(['--only', 'no such label']))", tmp_path)
     assert none.returncode == 1 and "no call label matches" in none.stderr
+
+
+def test_split_kernel_logs_on_the_mufu_and_calls_no_division(tmp_path):
+    """Compiled for sm_90 (not the interpreter), the mixtures' log is MUFU.LG2 (``_blocks._log``) and the ticket's
+    divmod is a multiply and a shift: no CALL (an integer division's subroutine, whose frame ptxas reports as spill
+    bytes) and no polynomial log."""
+    out = _run("""
+        import torch
+        from fastkd.bench import aot
+        launches, failures = aot.capture(False, r"^distill jsd bf16 V=131072 grad=True ce=False T=1.0$")
+        assert launches and not failures, failures
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource, make_backend
+        from triton.runtime.jit import create_function_from_signature
+        lc = launches[0]
+        backend = make_backend(GPUTarget("cuda", 90, 32))
+        binder = create_function_from_signature(lc.fn.signature, lc.fn.params, backend)
+        bound, spec, opts = binder(*lc.args, **lc.kwargs)
+        options, sig, consts, attrs = lc.fn._pack_args(backend, lc.kwargs, bound, spec, opts)
+        ck = triton.compile(ASTSource(lc.fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                            options=options.__dict__)
+        sass = aot._sass_text(ck.asm["cubin"])
+        print("LG2", sass.count("MUFU.LG2"), "CALL", sass.count("CALL"), "LGPTX", ck.asm["ptx"].count("lg2.approx"))
+    """, tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    counts = dict(zip(*[iter(out.stdout.split()[-6:])] * 2))
+    assert int(counts["LG2"]) >= 2 and int(counts["LGPTX"]) >= 2 and int(counts["CALL"]) == 0, counts
