@@ -184,6 +184,33 @@ def _store_stats(st_row_ptr, d_t, c_t, d_s, c_s, i_t, i_s, kl):
 # ---- split-row schedules: segments, workspace, gradient store, waits -----------------------------------------
 
 
+# ---- split-row schedules: launch arithmetic (plain Python, shared by the launchers) ---------------------------
+
+
+def ticket_magic(s_count: int) -> tuple[int, int]:
+    """(M, k) with ⌊u·M / 2^k⌋ = ⌊u / S⌋ for every int32 ticket u (Granlund–Montgomery): k = 31 + ⌈log2 S⌉,
+    M = ⌈2^k / S⌉ ≤ 2^32, so u·M < 2^63 and the error u·(M·S − 2^k) < 2^k keeps the floor exact. The kernels
+    take the ticket's row as ``(u·M) >> k``: an integer division compiles to a called subroutine whose stack
+    frame ptxas reports as spill bytes."""
+    k = 31 + max(0, (s_count - 1).bit_length())
+    return -(-(1 << k) // s_count), k
+
+
+def split_defaults(cfg: tuple[int, int], alt: tuple[int, int] | None, heavy: bool, itemsize: int) -> tuple[int, int]:
+    """Default (BLOCK_V, num_warps) of a split-row launch from its plain 2-byte configuration ``cfg``: a
+    ``heavy`` launch (STATS or CE_RAW: ~1.5× the registers, which would leave one program per SM) takes ``alt``,
+    or half of a block above 4096; 4-byte logits start from ``alt`` where there is one and take half of a block
+    above 2048 (a segment then holds the bytes of the 2-byte one, so the L2 window holds for either)."""
+    bv, nw = cfg
+    if heavy:
+        bv, nw = alt or ((bv // 2 if bv > 4096 else bv), nw)
+    elif itemsize >= 4 and alt:
+        bv, nw = alt
+    if itemsize >= 4 and bv > 2048:
+        bv //= 2
+    return bv, nw
+
+
 @triton.jit
 def _load_seg(base, col_stride, start, offs, V, FULL_OK, other):
     """One segment of a row as fp32: unmasked when it is a full block (vector loads), masked for the tail."""

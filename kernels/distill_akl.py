@@ -4,59 +4,65 @@ Same mathematics and conventions as :mod:`fastkd.kernels.distill` (the two-pass 
 the same ticket-ordered split-row schedule as :mod:`fastkd.kernels.distill_split` (read that docstring first);
 this module changes how the head set H of AKL is searched.
 
-The order. The reference sorts p descending with a *stable* sort: equal p are ranked by index. Here every
-teacher logit gets a 64-bit code ``E = (key(x) − key_min) · 2³¹ + (2³¹ − 1 − i)`` where ``key`` is the
-order-preserving int32 of the raw fp32 value x (−0 counted as +0): a larger E means an earlier rank, and E is
-unique per element, so the ranks are the reference's, ties included (p is strictly increasing in x; ordering by
-the raw logit also keeps distinct logits apart that the temperature scaling would round to one fp32 p). The head
-is then a prefix of that order: ``H = {i : E_i ≥ θ} ∪ {argmax}`` for the smallest θ with
-``M(θ) = Σ_{E ≥ θ} p ≤ mu``, and one threshold θ per row is all that must be found.
+The order. The reference sorts p descending with a *stable* sort: equal p are ranked by index. p is strictly
+increasing in the raw teacher logit x, so the order is that of the order-preserving int32 ``key(x)`` (−0 counted
+as +0; for bf16 / fp16 inputs shifted right by the 16 / 13 low bits that a widened value leaves 0, so that
+consecutive input values have consecutive keys), ties by index. With ``S(K) = {i : key_i ≥ K}`` and ``M(K)`` its
+mass Σ p, the head is ``H = S(hi) ∪ {the first n indices of G} ∪ {argmax}`` where ``G = S(lo) \\ S(hi)`` for a
+bracket of keys with ``M(lo) > mu ≥ M(hi)`` that is *resolved*: either ``hi = lo + 1`` (G is one key: its elements
+share one p*, and ``n = ⌊(mu − M(hi)) / p*⌋`` clamped to [0, |G| − 1] are the ones whose running sum stays ≤ mu)
+or ``|G| ≤ 1`` (then n = 0: the lone element of G is the first whose running sum exceeds mu). A tied group at the
+boundary is thus split by counting, without searching inside it; a rank among G is the number of G elements in
+the earlier segments (their per-segment counts are in the rounds' workspace) plus an exclusive cumulative sum in
+the segment. ``x ≥ v(K)`` ⟺ ``key(x) ≥ K`` for ``v = _kval(K)``, so a threshold is one fp32 compare.
 
-The search. A bracket (lo, hi) of codes with M(lo) > mu ≥ M(hi) and the counts C(lo) ≥ C(hi) is narrowed by
-rounds that test ``AKL_NT`` = 16 thresholds at once; it is resolved when C(lo) − C(hi) ≤ 1 or hi = lo + 1
-(then H = {E ≥ hi}: the element at lo is the first whose cumulative mass exceeds mu). Thresholds: while the
-bracket spans more than NT + 1 distinct keys, 14 are uniform in the logit *value* between the bracket's ends
-(they shrink the candidate count ~15× per round for any smooth distribution) and 2 uniform in E (a guaranteed
-shrink of the code range); within a few keys, all 16 are uniform in E, i.e. in the index order inside a tied
-group. The first bracket is hi = one past the max key and lo = the key of ``x_b = T·(lse_t + log((1−mu)/V) − 1)``:
-the first excluded element has p ≥ (1−mu)/V (the ≥ 1−mu of mass after it lies on ≤ V elements), so M(lo) > mu;
-with mu ≥ 1 − 1e-6 or no element below x_b, lo = −1 (every element). Masses and counts are summed as one int64
-per element, ``2⁴² + round(p · 2⁴⁰)`` (count in the top bits, p in 2⁻⁴⁰ fixed point): integer sums are exact
-and order-free, so the per-round atomics are deterministic and M(θ) is compared with ``mu · 2⁴⁰`` exactly
-(V < 2²¹ keeps the count field from overflowing; larger vocabularies use the two-pass kernel). p itself is fp32
-(``exp(x/T − lse_t)``), so H equals the float64 reference's unless mu lies within ~1e-7 of a cumulative head mass.
+The search. A bracket starts as (kmin, kmax + 1) (M(kmin) = 1 > mu; S(kmax + 1) empty) and is narrowed by
+rounds that test ``AKL_NT`` thresholds at once, each giving the segment's fp32 (mass, count) of S(K): one compare,
+one fused multiply-add and one add per element and threshold. The thresholds lie strictly inside the bracket:
+while it spans more than NT keys, slot 0 is the hint below, ``AKL_NV`` slots are uniform in the logit *value*
+between the bracket's inner ends (they shrink a smooth distribution's bracket ~NV + 1 times per round) and the
+rest uniform in the key (a guaranteed shrink when the values cluster); within NT keys, every key of the bracket is
+tested and the round resolves it. The first round's hint is the key of ``x_b = T·(lse_t + log((1−mu)/V) − 1)``:
+the first excluded element has p ≥ (1−mu)/V (the ≥ 1−mu of mass from it on lies on ≤ V elements), so M there
+exceeds mu. ``mu ≥ 1`` is every token (fkl): the bracket starts resolved at S(kmin).
+
+Exactness. A segment's sums are fp32 tree sums of the same per-element p in every round (and every threshold), so
+M is monotone in K across thresholds and rounds (rounding is monotone and the terms are ≥ 0); the S per-segment
+sums are added in one fixed order by every reader (deterministic, no atomics on the sums), and counts are exact
+(fp32 integers, V ≤ 2^24). H equals the float64 reference's unless mu lies within ~1e-6 relative of a cumulative
+head mass.
 
 The schedule (``LAG = AKL_ROUNDS + 2`` phases after the statistics; unit = (row r, segment j), ticket-ordered):
 
 * phase 0, row r: segment statistics (max / sum-exp and the fkl, rkl sums of s and t, min / max key and the first
   index of the max, the cross-entropy's raw lse and label logit) → workspace ``ws[r, j]``;
-* phases 1..R (round k), row r − k: wait for phase k − 1 of that row; merge (round 1: the S segment statistics,
-  segment 0 then writes the row summary ``rs[r]``; later rounds: ``rs[r]``); replay rounds 1..k − 1 from their
-  accumulators to get the bracket; if unresolved, read the teacher segment and ``atomic_add`` the segment's NT
-  packed sums into ``acc[r, k − 1]``;
-* phase R + 1, row r − R − 1: replay the R rounds; if still unresolved (rare: clustered logits), finish the
-  bisection over the whole row in this program (same thresholds, every program of the row identically); then
-  read s and t of the segment and write ``A_j = Σ_{j, H} |p − q|`` and ``G_j = Σ_j |p − q|``;
+* phases 1..R (round i = k − 1), row r − k: wait for phase k − 1 of that row; merge (round 0: the S segment
+  statistics, segment 0 then writes the row summary ``rs[r]``; later rounds: ``rs[r]``); the bracket before round
+  i (round 0: the first bracket; later: the one published before round i − 1 narrowed by round i − 1's sums),
+  published by segment 0 in one of two slots by parity; if unresolved, read the teacher segment and store its NT
+  (mass, count) pairs in ``sw[r, i, j]``;
+* phase R + 1, row r − R − 1: the bracket after the R rounds; if still unresolved (rare: values clustered so that
+  R rounds do not isolate one key), finish the search over the whole row in this program (same thresholds, every
+  program of the row identically); the tie count n; then read s and t of the segment and write
+  ``A_j = Σ_{j, H} |p − q|`` and ``G_j = Σ_j |p − q|``;
 * phase R + 2 (final), row r − R − 2: ``g_H = Σ_j A_j``, ``g_T = Σ_j G_j − g_H`` (fixed order), the loss
   (segment 0) and the gradient of the segment (as the two-pass kernel's akl branch).
 
-Bytes (the L2 argument of ``distill_split``, the rule of ``bench/costcount.py``). A unit's distinct bytes are
-b = its phase-0 s + t segments, R teacher segments, the phase R + 1 and final s + t segments (+ the gradient
-segment written) and the row merges (S × 8 fp32 once in round 1, then rs and the accumulators): with
-``BLOCK_V = 1024`` bf16, R = 6, S = 128 (V = 131072) b ≈ 4 + 6·2 + 4 + 4 + ~3 = 27 KB; a segment's last re-read
-comes LAG · S = 1024 tickets after its first read, so at most (528 resident + 1024) × 27 KB ≈ 42 MB < 50 MB L2
-are touched in between: every re-read is an L2 hit and HBM sees the logits read once and the gradient written
-once, plus the workspace (~2 % of the traffic). Rounds of a resolved row read nothing.
+Bytes (the L2 argument of ``distill_split``, the rule of ``bench/costcount.py``). A unit's distinct bytes are its
+phase-0 s + t segments, R teacher segments, the phase R + 1 and final s + t segments (+ the gradient written)
+and the round sums; a segment's last re-read comes LAG · S tickets after its first read: with BLOCK_V = 4096 bf16
+and V = 131072 (S = 32) that is (R + 2)·32 = 192 tickets, and the window stays in L2 (the model's L2 rule checks it
+per launch). Rounds of a resolved row read nothing.
 
 ``STATS`` (return_stats): phase 0 also writes the segment's entropy sums and the student's raw max and
 first index (``NSLOT_STATS``; the shared helpers and slot names of :mod:`fastkd.kernels._blocks`), and segment 0
-of round 1, which merges the row anyway, writes ``[teacher_entropy, student_entropy, top1_agree, kl]``; no other phase
-changes, so loss and gradient are bitwise those of the launch without stats.
+of round 0, which merges the row anyway, writes ``[teacher_entropy, student_entropy, top1_agree, kl]``; no other
+phase changes, so loss and gradient are bitwise those of the launch without stats.
 
-Work per logit: phase 0 ≈ 2 exps, each executed round one exp and NT compare-select-add (≈ 3 NT + 20 ops), the
-err phase 2 exps, the final phase 2 exps. A smooth row resolves in a few rounds (the bracket shrinks ~15× per
-round, then the last rounds split the boundary's group of equal logits by index) and the later rounds read
-nothing; the round counts of a sample row and the cost model's figures are in docs/DESIGN.md / bench/RESULTS.md.
+Work per logit: phase 0 ≈ 2 exps and the keys, each executed round one exp and 3·NT instructions (plus the NT
+block reductions), the err phase 2 exps (and the tie rank's cumulative sum when the boundary group is split), the
+final phase 2 exps. The round counts of sample rows and the cost model's figures are in docs/DESIGN.md /
+bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -91,24 +97,29 @@ from fastkd.kernels._blocks import (
     _ent_block,
     _ent_merge,
     _exp,
+    _load_seg,
     _online,
     _split_logp,
     _store_stats,
     _wait,
+    split_defaults,
+    ticket_magic,
 )
 
-AKL_BLOCK_V = 1024  # segment size (see the L2 argument in the docstring)
-AKL_NUM_WARPS = 8
-AKL_ROUNDS = 6  # search rounds done as phases (unresolved rows finish in the err phase)
+AKL_LAUNCH = (4096, 8)  # default (BLOCK_V, num_warps) of 2-byte logits: 16 elements per thread, no spills (DESIGN)
+AKL_ROUNDS = 4  # search rounds done as phases (unresolved rows finish in the err phase)
 AKL_NT = 16  # thresholds per round
-AKL_NV = 14  # of which uniform in the logit value while the bracket spans more than NT + 1 keys
-AKL_MAX_V = 1 << 20  # count field of the packed sums: 21 bits
+AKL_NV = 12  # of which uniform in the logit value while the bracket spans more than NT keys (slot 0: the hint)
+AKL_MAX_V = 1 << 24  # counts are fp32 sums of ones: exact up to 2^24
+AKL_MAX_FALLBACK = 72  # bound of the whole-row bisection's passes (each halves the key span or counts an end)
 RSLOT = tl.constexpr(12)  # fp32 slots per row in rs: maxima m_s, m_t, m_z (0, 1, 7) and log-sums ld_s, ld_t, ld_z
 # (9, 10, 11) of the log-normalisers kept split (x − m exact at large logits), fkl, rkl (2, 3), keys (4–6), zl (8)
+BSLOT = tl.constexpr(8)  # int64 slots of a published bracket: lo, hi, tag lo, tag hi, C(lo), C(hi), M(hi) bits
 NEG = tl.constexpr(float("-inf"))
-ONE = tl.constexpr(1 << 42)  # one element in the packed (count, mass) sum
-FIX = tl.constexpr(1099511627776.0)  # 2**40: p in fixed point
-MASS_MASK = tl.constexpr((1 << 42) - 1)
+TAG_NONE = tl.constexpr(-1)  # S(kmax + 1): empty
+TAG_ALL = tl.constexpr(-2)  # S(kmin): every column
+TAG_ROW = tl.constexpr(-3)  # found by the whole-row search (no per-segment counts stored)
+TAG_UNC = tl.constexpr(-4)  # a key of a round that summed no counts (C placeholder: +inf for lo, 0 for hi)
 
 
 @triton.jit
@@ -121,115 +132,167 @@ def _key(x, SH: tl.constexpr):
 
 
 @triton.jit
-def _unkey(k, SH: tl.constexpr):
-    """A value with key ``k`` under :func:`_key` (fp32; for negative keys within one input ulp of it)."""
-    k = k << SH
-    return (k ^ ((k >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+def _kval(k, SH: tl.constexpr):
+    """The input value of key ``k`` (int32): for an input x (a widened bf16 / fp16 / fp32), ``x ≥ _kval(K)`` ⟺
+    ``key(x) ≥ K``; key(−inf) gives −inf, keys past +inf a NaN (nothing is ≥ it), key −1 (no input) −0."""
+    b = k << SH
+    b = tl.where(k < 0, (b | ((1 << SH) - 1)) ^ 0x7FFFFFFF, b)
+    return b.to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _codes(xt, cols, kmin, IB, SH: tl.constexpr):
-    """E = (key − key_min) · 2^IB + (2^IB − 1 − index): unique per element, larger = earlier in the stable order."""
-    b = xt.to(tl.int32, bitcast=True)  # _key inlined (each nested jit call costs the interpreter ~1 ms)
-    key = tl.where(xt == 0.0, 0, (b ^ ((b >> 31) & 0x7FFFFFFF)) >> SH)
-    d = key.to(tl.int64) - kmin.to(tl.int64)
-    return (d << IB) + ((1 << IB) - 1 - cols).to(tl.int64)
-
-
-@triton.jit
-def _thresholds(lo, hi, kmin, IB, SH: tl.constexpr, NT: tl.constexpr, NV: tl.constexpr):
-    """NT codes in (lo, hi): NV uniform in the logit value + the rest uniform in E when the bracket spans more
-    than NT + 1 keys and finite values, else all uniform in E (see the module docstring)."""
-    k = tl.arange(0, NT).to(tl.int64)
-    span = hi - lo
-    klo = kmin + (tl.maximum(lo, 0) >> IB).to(tl.int32)
-    khi = kmin + ((hi - 1) >> IB).to(tl.int32)
-    x_lo = _unkey(klo, SH)
-    x_hi = _unkey(khi, SH)
-    finite = (tl.abs(x_lo) < float("inf")) & (tl.abs(x_hi) < float("inf"))
-    nv = tl.where(((khi - klo) > NT + 1) & finite, NV, 0).to(tl.int64)
-    f = (k + 1).to(tl.float32) / (NV + 1)
-    xv = x_lo * (1.0 - f) + x_hi * f
-    th_v = (_key(xv, SH).to(tl.int64) - kmin.to(tl.int64)) << IB
-    ke = k - nv
-    step = span // (NT - nv + 1)
-    th_e = tl.where(step > 0, lo + step * (ke + 1), lo + tl.minimum(ke + 1, span - 1))
-    th = tl.where(k < nv, th_v, th_e)
-    return tl.minimum(tl.maximum(th, lo + 1), hi - 1)
-
-
-@triton.jit
-def _narrow(lo, hi, n_lo, n_hi, th, packed, mu_fix):
-    """Bracket after testing thresholds ``th`` with packed sums ``packed`` (unchanged when already resolved)."""
-    mass = packed & MASS_MASK
-    cnt = packed >> 42
-    fail = mass > mu_fix  # M(θ) > mu: θ is below the head threshold
-    lo_n = tl.max(tl.where(fail, th, lo), 0)
-    n_lo_n = tl.min(tl.where(fail, cnt, n_lo), 0)
-    hi_n = tl.min(tl.where(fail, hi, th), 0)
-    n_hi_n = tl.max(tl.where(fail, n_hi, cnt), 0)
-    done = ((n_lo - n_hi) <= 1) | ((hi - lo) <= 1)
-    return (tl.where(done, lo, lo_n), tl.where(done, hi, hi_n), tl.where(done, n_lo, n_lo_n),
-            tl.where(done, n_hi, n_hi_n))
-
-
-@triton.jit
-def _seg_sums(xt, cols, cm, m_t, ld_t, inv_t, kmin, IB, SH: tl.constexpr, th, NT: tl.constexpr,
-              SCALED: tl.constexpr):
-    """Packed (count, mass) of {E ≥ θ_k} over one segment, for the NT thresholds (an int64 vector); the teacher's
-    log-normaliser is m_t + ld_t (max + log sum, kept split: exact x − max at large logits)."""
-    e = _codes(xt, cols, kmin, IB, SH)
+def _logp(x, m_t, ld_t, inv_t, SCALED: tl.constexpr):
+    """The teacher's log p of raw logits x (the split log-normaliser: the exact difference first)."""
     if SCALED:
-        lp = (xt * inv_t - m_t) - ld_t
+        return (x * inv_t - m_t) - ld_t
     else:
-        lp = (xt - m_t) - ld_t
-    val = tl.where(cm, (_exp(lp) * FIX + 0.5).to(tl.int64) + ONE, 0)  # 2⁴² + round(p · 2⁴⁰)
-    # NC thresholds at a time: an (NC, BLOCK_V) tile is NC int64 per element in registers (NT at once spills)
-    NC: tl.constexpr = 4
-    th2 = tl.reshape(th, [NT // NC, NC])
-    rows = tl.arange(0, NT // NC)[:, None]
-    out = tl.zeros([NT // NC, NC], tl.int64)
-    for c in tl.static_range(NT // NC):
-        th_c = tl.sum(tl.where(rows == c, th2, 0), 0)
-        s_c = tl.sum(tl.where(e[None, :] >= th_c[:, None], val[None, :], 0), 1)
-        out = tl.where(rows == c, s_c[None, :], out)
-    return tl.reshape(out, [NT])
+        return (x - m_t) - ld_t
 
 
 @triton.jit
-def _first_bracket(lse_t, kmin, kmax, mu, V, IB, inv_t, SH: tl.constexpr):
-    """(lo, hi, C(lo) upper bound, C(hi)) before the first round (see the module docstring)."""
-    hi = (kmax.to(tl.int64) - kmin.to(tl.int64) + 1) << IB
-    x_b = (lse_t + tl.log((1.0 - mu) / V) - 1.0) / inv_t
-    kb = _key(x_b, SH)
-    ok = (mu < 1.0 - 1e-6) & (tl.abs(x_b) < float("inf")) & (kb > kmin)
-    lo = tl.where(ok, (kb.to(tl.int64) - kmin.to(tl.int64)) << IB, -1)
-    return lo, hi, (V + 0 * kmin).to(tl.int64), (0 * kmin).to(tl.int64)
+def _hint(m_t, ld_t, mu, V, inv_t, SH: tl.constexpr):
+    """Key of x_b = T·(lse_t + log((1 − mu)/V) − 1): M(key(x_b)) > mu (module docstring); the first round's slot 0."""
+    x_b = (m_t + ld_t + tl.log(tl.maximum(1.0 - mu, 1e-30) / V) - 1.0) / inv_t
+    return _key(tl.maximum(x_b, -3.0e38), SH).to(tl.int64)
 
 
 @triton.jit
-def _step(acc_row, i, kmin, mu_fix, IB, SH: tl.constexpr, NT: tl.constexpr, NV: tl.constexpr, ROUNDS: tl.constexpr):
-    """The bracket after round i (0-based): the published bracket before it, narrowed by its sums (every
-    program of the row computes the same)."""
-    b = acc_row + ROUNDS * NT + ((i + 1) % 2) * 4  # published by round i + 1 (1-based) of the row
-    lo = tl.load(b + 0, cache_modifier=".cg")
-    hi = tl.load(b + 1, cache_modifier=".cg")
-    n_lo = tl.load(b + 2, cache_modifier=".cg")
-    n_hi = tl.load(b + 3, cache_modifier=".cg")
-    if ((n_lo - n_hi) > 1) & ((hi - lo) > 1):  # unresolved
-        th = _thresholds(lo, hi, kmin, IB, SH, NT, NV)
-        packed = tl.load(acc_row + i * NT + tl.arange(0, NT), cache_modifier=".cg")
-        lo, hi, n_lo, n_hi = _narrow(lo, hi, n_lo, n_hi, th, packed, mu_fix)
-    return lo, hi, n_lo, n_hi
+def _is_narrow(lo, hi, NT: tl.constexpr):
+    """A bracket whose keys lo..hi (ends included) fit in one round's NT slots."""
+    return (hi - lo + 1) <= NT
 
 
 @triton.jit
-def _load(base, col_stride, cols, cm, FULL):
-    if FULL:
-        x = tl.load(base + cols * col_stride)
+def _thresholds(lo, hi, base, SH: tl.constexpr, NT: tl.constexpr, NV: tl.constexpr):
+    """NT keys (int64) of the round on bracket (lo, hi): a narrow bracket's keys lo..hi, ends included (the round
+    counts them all and resolves it); else keys strictly inside: slot 0 = ``base`` (clamped), NV slots uniform in
+    the value between the bracket's inner ends (when finite) and the rest uniform in the key (module docstring)."""
+    i = tl.arange(0, NT)
+    span = hi - lo - 1  # keys strictly inside
+    b = tl.minimum(tl.maximum(base, lo + 1), hi - 1)
+    x_lo = _kval(b.to(tl.int32), SH)
+    x_hi = _kval((hi - 1).to(tl.int32), SH)
+    value = (tl.abs(x_lo) < float("inf")) & (tl.abs(x_hi) < float("inf"))
+    kv = _key(x_lo + (x_hi - x_lo) * (i.to(tl.float32) * (1.0 / (NV + 1))), SH).to(tl.int64)
+    NK: tl.constexpr = NT - NV - 1
+    ik = tl.where(value, i - NV, i).to(tl.float32)  # key slots: NV + 1.. (value) or 1.. (not), numbered from 1
+    frac = ik * tl.where(value, 1.0 / (NK + 1), 1.0 / NT)
+    ke = lo + 1 + (span.to(tl.float32) * frac).to(tl.int64)
+    th = tl.where(i == 0, b, tl.where(tl.where(value, i <= NV, i < 0), kv, ke))  # (a where: the interpreter
+    # cannot and a scalar bool with a vector)
+    th = tl.minimum(tl.maximum(th, lo + 1), hi - 1)
+    return tl.where(_is_narrow(lo, hi, NT), lo + tl.minimum(i, hi - lo).to(tl.int64), th)
+
+
+@triton.jit
+def _seg_sums(xc, p, th, nk, narrow, SH: tl.constexpr, NT: tl.constexpr, COUNT: tl.constexpr):
+    """fp32 mass and (``COUNT``) count of S(K) over one segment for the first ``nk`` keys of ``th`` (the other
+    slots 0): xc the teacher logits (NaN on masked columns, so never counted), p their probabilities (0 there).
+    A ``narrow`` round (a runtime loop over its nk keys) always counts."""
+    v = _kval(th.to(tl.int32), SH)
+    ar = tl.arange(0, NT)
+    mass = tl.zeros([NT], tl.float32)
+    cnt = tl.zeros([NT], tl.float32)
+    if narrow:
+        for i in range(0, nk):
+            m = (xc >= tl.sum(tl.where(ar == i, v, 0.0), 0)).to(tl.float32)
+            mass = tl.where(ar == i, tl.sum(m * p, 0), mass)
+            cnt = tl.where(ar == i, tl.sum(m, 0), cnt)
     else:
-        x = tl.load(base + cols * col_stride, mask=cm, other=float("-inf"))
-    return x.to(tl.float32)
+        for i in tl.static_range(NT):
+            m = (xc >= tl.sum(tl.where(ar == i, v, 0.0), 0)).to(tl.float32)
+            mass = tl.where(ar == i, tl.sum(m * p, 0), mass)
+            if COUNT:
+                cnt = tl.where(ar == i, tl.sum(m, 0), cnt)
+    return mass, cnt
+
+
+@triton.jit
+def _nslots(lo, hi, NT: tl.constexpr):
+    """Slots a round on bracket (lo, hi) fills: a narrow one its hi − lo + 1 keys, else NT."""
+    return tl.where(_is_narrow(lo, hi, NT), hi - lo + 1, NT).to(tl.int32)
+
+
+@triton.jit
+def _narrow(lo, hi, tlo, thi, clo, chi, mhi, th, nk, tags, counted, mass, cnt, mu):
+    """The bracket after testing the first ``nk`` keys of ``th`` (tags ``tags``; ``counted``: their counts are
+    sums, else unknown) with row sums (mass, cnt): the largest failing key (M > mu; the bracket's own lo always
+    fails, its hi passes) becomes lo, the smallest passing one hi, each with its tag and sums (a tested key
+    equal to an end takes over its tag: a narrow round counts both ends)."""
+    ok = tl.arange(0, th.shape[0]) < nk
+    fail = ((mass > mu) | (th == lo)) & (th != hi)
+    lo_n = tl.max(tl.where(ok & fail, th, lo), 0)
+    hi_n = tl.min(tl.where(ok & (~fail), th, hi), 0)
+    s_lo = ok & fail & (th == lo_n)
+    s_hi = ok & (~fail) & (th == hi_n)
+    up = tl.max(s_lo.to(tl.int32), 0) > 0
+    down = tl.max(s_hi.to(tl.int32), 0) > 0
+    tag_lo = tl.min(tl.where(s_lo, tags, 2147483647), 0)
+    tag_hi = tl.min(tl.where(s_hi, tags, 2147483647), 0)
+    tlo = tl.where(up, tl.where(counted, tag_lo, TAG_UNC), tlo)
+    clo = tl.where(up, tl.where(counted, tl.max(tl.where(s_lo, cnt, -1.0), 0), 3.0e38), clo)
+    thi = tl.where(down, tl.where(counted, tag_hi, TAG_UNC), thi)
+    chi = tl.where(down, tl.where(counted, tl.max(tl.where(s_hi, cnt, -1.0), 0), 0.0), chi)
+    mhi = tl.where(down, tl.max(tl.where(s_hi, mass, -1.0), 0), mhi)
+    return lo_n, hi_n, tlo, thi, clo, chi, mhi
+
+
+@triton.jit
+def _open(lo, hi, tlo, thi, clo, chi):
+    """An unresolved bracket: more than one element between its ends, and more than one key or an end whose
+    counts no round summed (a value round of 2-byte logits counts nothing)."""
+    return (((hi - lo) > 1) | (tlo == TAG_UNC) | (thi == TAG_UNC)) & ((clo - chi) > 1.0)
+
+
+@triton.jit
+def _publish(bp, lo, hi, tlo, thi, clo, chi, mhi):
+    tl.store(bp + 0, lo)
+    tl.store(bp + 1, hi)
+    tl.store(bp + 2, tlo.to(tl.int64))
+    tl.store(bp + 3, thi.to(tl.int64))
+    tl.store(bp + 4, clo.to(tl.int32, bitcast=True).to(tl.int64))
+    tl.store(bp + 5, chi.to(tl.int64))
+    tl.store(bp + 6, mhi.to(tl.int32, bitcast=True).to(tl.int64))
+
+
+@triton.jit
+def _step(br_row, sw_row, i, kb, mu, S, SH: tl.constexpr, NT: tl.constexpr, NV: tl.constexpr, SP: tl.constexpr):
+    """The bracket after round i (0-based): the one published before it (slot i % 2), narrowed by its sums
+    (merged over the S segments in one order; every program of the row computes the same)."""
+    bp = br_row + (i % 2) * BSLOT
+    lo = tl.load(bp + 0, cache_modifier=".cg")
+    hi = tl.load(bp + 1, cache_modifier=".cg")
+    tlo = tl.load(bp + 2, cache_modifier=".cg").to(tl.int32)
+    thi = tl.load(bp + 3, cache_modifier=".cg").to(tl.int32)
+    clo = tl.load(bp + 4, cache_modifier=".cg").to(tl.int32).to(tl.float32, bitcast=True)
+    chi = tl.load(bp + 5, cache_modifier=".cg").to(tl.float32)
+    mhi = tl.load(bp + 6, cache_modifier=".cg").to(tl.int32).to(tl.float32, bitcast=True)
+    if _open(lo, hi, tlo, thi, clo, chi):
+        th = _thresholds(lo, hi, tl.where(i == 0, kb, lo + 1), SH, NT, NV)
+        nk = _nslots(lo, hi, NT)
+        segs = tl.arange(0, SP)
+        ar = tl.arange(0, NT)
+        tile = sw_row + i * S * 2 * NT + segs[:, None] * (2 * NT) + ar[None, :]
+        m2 = (segs < S)[:, None] & (ar < nk)[None, :]
+        mass = tl.sum(tl.load(tile, mask=m2, other=0.0, cache_modifier=".cg"), 0)
+        cnt = tl.sum(tl.load(tile + NT, mask=m2, other=0.0, cache_modifier=".cg"), 0)
+        counted = _is_narrow(lo, hi, NT) | (SH == 0)
+        lo, hi, tlo, thi, clo, chi, mhi = _narrow(lo, hi, tlo, thi, clo, chi, mhi, th, nk, i * NT + ar, counted,
+                                                  mass, cnt, mu)
+    return lo, hi, tlo, thi, clo, chi, mhi
+
+
+@triton.jit
+def _seg_count(sw_row, tag, segs, upto, S, V, BLOCK_V: tl.constexpr, NT: tl.constexpr):
+    """Per-segment counts of S(K) for the key of ``tag`` in segments ``segs`` < ``upto`` ((SP,) fp32)."""
+    valid = tl.minimum(V - segs * BLOCK_V, BLOCK_V).to(tl.float32)
+    sel = (segs < upto) & (segs < S)
+    t = tl.maximum(tag, 0)
+    ok = sel & ((segs * 0 + tag) >= 0)  # a vector compare: the interpreter widens a bool vector & bool scalar
+    c = tl.load(sw_row + (t // NT) * S * 2 * NT + segs * (2 * NT) + NT + t % NT, mask=ok, other=0.0,
+                cache_modifier=".cg")
+    return tl.where(sel, tl.where(tag == TAG_ALL, valid, c), 0.0)
+
 
 
 @triton.jit
@@ -237,12 +300,12 @@ def _akl_split_kernel(
     s_ptr, t_ptr, g_ptr, lab_ptr, w_ptr, loss_ptr,  # as _distill_kernel
     ws_ptr,  # (N, S, WS) fp32 workspace (no initialisation needed)
     rs_ptr,  # (N, RSLOT) fp32 row summaries (no initialisation needed)
-    acc_ptr,  # (N, ROUNDS·NT + 8) int64, zeroed: packed (count, mass) sums of each round's thresholds, then
-    # two slots for the bracket (lo, hi, C(lo), C(hi)) before round k (slot k % 2, written by its segment 0)
+    sw_ptr,  # (N, ROUNDS, S, 2·NT) fp32 round sums (mass, then count, of each threshold; no initialisation)
+    br_ptr,  # (N, 2, BSLOT) int64: the bracket before round i in slot i % 2, written by its segment 0
     cnt_ptr,  # (1 + N·(ROUNDS + 2),) int32, zeroed: [0] ticket, [1 + r·(ROUNDS + 2) + phase] units done
     st_ptr, st_row,  # (N, 4) fp32 statistics output (unit column stride); unused without STATS
     N, V, S,
-    IB,  # index bits of the codes: V <= 2^IB
+    s_magic, s_shift,  # ticket_magic(S): the ticket's row u // S as a multiply and a shift
     s_row, s_col, t_row, t_col, g_row, g_col,
     inv_t, kd_scale, kd_coef, ce_w, h_mu,
     HAS_GRAD: tl.constexpr,
@@ -253,31 +316,33 @@ def _akl_split_kernel(
     ROUNDS: tl.constexpr,
     NT: tl.constexpr,
     NV: tl.constexpr,
+    MAX_FALLBACK: tl.constexpr,
     SCALED: tl.constexpr,
     SH: tl.constexpr,  # key shift: 16 for bf16, 13 for fp16, 0 for fp32 (see _key)
-    STATS: tl.constexpr,  # also write the row statistics (fastkd.core.stats), by segment 0 of round 1
+    STATS: tl.constexpr,  # also write the row statistics (fastkd.core.stats), by segment 0 of round 0
     WS: tl.constexpr,  # workspace slots per unit: NSLOT, or NSLOT_STATS with STATS
 ):
     NPH: tl.constexpr = ROUNDS + 2
-    ACC_ROW: tl.constexpr = ROUNDS * NT + 8
+    SWROW: tl.constexpr = ROUNDS * 2 * NT  # per segment and row: S·SWROW floats per row
     u = tl.atomic_add(cnt_ptr, 1).to(tl.int64)  # ticket (distill_split's docstring: why not the program id)
-    r = u // S
-    j = u % S
+    r = (u * s_magic) >> s_shift  # divmod by a multiply and a shift (distill_split: no called subroutine)
+    j = u - r * S
     start = j * BLOCK_V
-    cols = start + tl.arange(0, BLOCK_V)
+    offs = tl.arange(0, BLOCK_V)
+    cols = start.to(tl.int32) + offs  # column indices in int32 (V < 2^31) for compares: half the registers of
+    # int64 through every phase; the loads and the gradient store form their int64 addresses from start + offs
     cm = cols < V
     full = start + BLOCK_V <= V
     segs = tl.arange(0, SP)
     sm = segs < S
     zero = tl.sum(tl.zeros([BLOCK_V], tl.float32), 0)
     mu = zero + h_mu  # a tensor in the interpreter too (a Python float there)
-    mu_fix = (mu * FIX).to(tl.int64)
 
     # ---- phase 0: statistics of segment j of row r ---------------------------------------------------------
     if r < N:
         if tl.load(w_ptr + r) != 0.0:
-            xs = _load(s_ptr + r * s_row, s_col, cols, cm, full)
-            xt = _load(t_ptr + r * t_row, t_col, cols, cm, full)
+            xs = _load_seg(s_ptr + r * s_row, s_col, start, offs, V, full, NEG)
+            xt = _load_seg(t_ptr + r * t_row, t_col, start, offs, V, full, NEG)
             s = xs
             t = xt
             if SCALED:
@@ -318,14 +383,15 @@ def _akl_split_kernel(
             tl.store(wp + WS_IMAX, imax.to(tl.float32, bitcast=True))
         tl.atomic_add(cnt_ptr + 1 + r * NPH, 1, sem="release")
 
-    # ---- phases 1..ROUNDS: search round k of row r − k -----------------------------------------------------
+    # ---- phases 1..ROUNDS: search round i = k − 1 of row r − k ---------------------------------------------
     for k in range(1, ROUNDS + 1):
+        i = k - 1
         x = r - k
         if (x >= 0) & (x < N):
             if tl.load(w_ptr + x) != 0.0:
                 _wait(cnt_ptr + 1 + x * NPH + k - 1, S)
                 rp = rs_ptr + x * RSLOT
-                if k == 1:  # merge the segment statistics; segment 0 publishes the row summary
+                if i == 0:  # merge the segment statistics; segment 0 publishes the row summary
                     wr = ws_ptr + x * S * WS + segs * WS
                     m = tl.load(wr + WS_M_T, mask=sm, other=float("-inf"), cache_modifier=".cg")
                     d = tl.load(wr + WS_D_T, mask=sm, other=0.0, cache_modifier=".cg")
@@ -402,23 +468,38 @@ def _akl_split_kernel(
                     ld_t = tl.load(rp + 10, cache_modifier=".cg")
                     kmin = tl.load(rp + 4, cache_modifier=".cg").to(tl.int32, bitcast=True)
                     kmax = tl.load(rp + 5, cache_modifier=".cg").to(tl.int32, bitcast=True)
-                acc_row = acc_ptr + x * ACC_ROW
-                if k == 1:
-                    lo, hi, n_lo, n_hi = _first_bracket(m_t + ld_t, kmin, kmax, mu, V, IB, inv_t, SH)
-                else:  # the bracket before round k − 1 (published by its segment 0) + round k − 1's sums
-                    lo, hi, n_lo, n_hi = _step(acc_row, k - 2, kmin, mu_fix, IB, SH, NT, NV, ROUNDS)
-                if j == 0:  # publish the bracket before round k (read by round k + 1 or the err phase); two
-                    # slots by parity: the other programs of round k may still read the one published by k − 1
-                    bp = acc_row + ROUNDS * NT + (k % 2) * 4
-                    tl.store(bp + 0, lo)
-                    tl.store(bp + 1, hi)
-                    tl.store(bp + 2, n_lo)
-                    tl.store(bp + 3, n_hi)
-                if ((n_lo - n_hi) > 1) & ((hi - lo) > 1):  # unresolved: this round's sums over the segment
-                    th = _thresholds(lo, hi, kmin, IB, SH, NT, NV)
-                    xt = _load(t_ptr + x * t_row, t_col, cols, cm, full)
-                    sums = _seg_sums(xt, cols, cm, m_t, ld_t, inv_t, kmin, IB, SH, th, NT, SCALED)
-                    tl.atomic_add(acc_row + (k - 1) * NT + tl.arange(0, NT), sums, sem="relaxed")
+                br_row = br_ptr + x * 2 * BSLOT
+                sw_row = sw_ptr + x * S * SWROW
+                kb = _hint(m_t, ld_t, mu, V, inv_t, SH)
+                if i == 0:  # the first bracket: (kmin, kmax + 1), or S(kmin) itself when mu >= 1
+                    lo = kmin.to(tl.int64)
+                    hi = kmax.to(tl.int64) + 1
+                    tlo = (zero * 0).to(tl.int32) + TAG_ALL
+                    thi = (zero * 0).to(tl.int32) + TAG_NONE
+                    clo = zero + V
+                    chi = zero
+                    mhi = zero
+                    if mu >= 1.0:
+                        lo = lo - 1
+                        hi = lo + 1
+                        thi = tlo
+                        chi = clo
+                        mhi = zero + 1.0
+                else:  # the bracket before round i − 1 (published by its segment 0) + round i − 1's sums
+                    lo, hi, tlo, thi, clo, chi, mhi = _step(br_row, sw_row, i - 1, kb, mu, S, SH, NT, NV, SP)
+                if j == 0:  # publish the bracket before round i (read by round i + 1 or the err phase); two
+                    # slots by parity: the other programs of round i may still read the one published by i − 1
+                    _publish(br_row + (i % 2) * BSLOT, lo, hi, tlo, thi, clo, chi, mhi)
+                if _open(lo, hi, tlo, thi, clo, chi):  # unresolved: this round's sums over the segment
+                    th = _thresholds(lo, hi, tl.where(i == 0, kb, lo + 1), SH, NT, NV)
+                    nk = _nslots(lo, hi, NT)
+                    xt = _load_seg(t_ptr + x * t_row, t_col, start, offs, V, full, NEG)
+                    p = tl.where(cm, _exp(_logp(xt, m_t, ld_t, inv_t, SCALED)), 0.0)
+                    mass, cnt = _seg_sums(tl.where(cm, xt, float("nan")), p, th, nk, _is_narrow(lo, hi, NT), SH, NT,
+                                          SH == 0)
+                    sp = sw_row + j * 2 * NT + i * S * 2 * NT + tl.arange(0, NT)
+                    tl.store(sp, mass)
+                    tl.store(sp + NT, cnt)
             tl.atomic_add(cnt_ptr + 1 + x * NPH + k, 1, sem="release")
 
     # ---- phase ROUNDS + 1: resolve, then the segment's Σ_H |p − q| and Σ |p − q| -----------------------------
@@ -427,37 +508,66 @@ def _akl_split_kernel(
         if tl.load(w_ptr + x) != 0.0:
             _wait(cnt_ptr + 1 + x * NPH + ROUNDS, S)
             rp = rs_ptr + x * RSLOT
-            kmin = tl.load(rp + 4, cache_modifier=".cg").to(tl.int32, bitcast=True)
-            kmax = tl.load(rp + 5, cache_modifier=".cg").to(tl.int32, bitcast=True)
+            m_t = tl.load(rp + 1, cache_modifier=".cg")
+            ld_t = tl.load(rp + 10, cache_modifier=".cg")
             amax = tl.load(rp + 6, cache_modifier=".cg").to(tl.int32, bitcast=True)
-            lo, hi, n_lo, n_hi = _step(acc_ptr + x * ACC_ROW, ROUNDS - 1, kmin, mu_fix, IB, SH, NT, NV, ROUNDS)
-            # the fallback bisection's p uses the teacher lse rounded to one fp32 (one register through its loop;
-            # the split form there spills on sm_90): it only moves the head boundary when mu lies within that
-            # rounding of a cumulative mass, in rows the rounds left unresolved
-            lse_t = tl.load(rp + 1, cache_modifier=".cg") + tl.load(rp + 10, cache_modifier=".cg")
+            br_row = br_ptr + x * 2 * BSLOT
+            sw_row = sw_ptr + x * S * SWROW
+            kb = _hint(m_t, ld_t, mu, V, inv_t, SH)
+            lo, hi, tlo, thi, clo, chi, mhi = _step(br_row, sw_row, ROUNDS - 1, kb, mu, S, SH, NT, NV, SP)
             t_base = t_ptr + x * t_row
-            offs = tl.arange(0, BLOCK_V)
-            while ((n_lo - n_hi) > 1) & ((hi - lo) > 1):  # rare: finish the bisection over the whole row here
-                th = _thresholds(lo, hi, kmin, IB, SH, NT, NV)
-                sums = tl.zeros([NT], tl.int64)
+            it = 0
+            while _open(lo, hi, tlo, thi, clo, chi) & (it < MAX_FALLBACK):  # rare: bisect over the whole row
+                # one key per pass (a light loop body): the middle of the bracket, or an end still to be counted
+                kk = tl.where((hi - lo) > 1, lo + ((hi - lo) >> 1), tl.where(tlo == TAG_UNC, lo, hi))
+                vk = _kval(kk.to(tl.int32), SH)
+                mass1 = zero
+                cnt1 = zero
                 for jj in range(0, S):
                     c2 = jj * BLOCK_V + offs
                     m2 = c2 < V
-                    xt2 = tl.load(t_base + c2 * t_col, mask=m2, other=float("-inf")).to(tl.float32)
-                    sums += _seg_sums(xt2, c2, m2, lse_t, 0.0, inv_t, kmin, IB, SH, th, NT, SCALED)
-                lo, hi, n_lo, n_hi = _narrow(lo, hi, n_lo, n_hi, th, sums, mu_fix)
-            # volatile: loaded here, not kept in registers through the loop above
-            m_s = tl.load(rp + 0, volatile=True)
+                    xt2 = tl.load(t_base + c2.to(tl.int64) * t_col, mask=m2, other=float("-inf")).to(tl.float32)
+                    p2 = tl.where(m2, _exp(_logp(xt2, m_t, ld_t, inv_t, SCALED)), 0.0)
+                    in2 = (m2 & (xt2 >= vk)).to(tl.float32)
+                    mass1 += tl.sum(in2 * p2, 0)
+                    cnt1 += tl.sum(in2, 0)
+                pair = tl.arange(0, 2)
+                th = tl.zeros([2], tl.int64) + kk
+                tags = tl.zeros([2], tl.int32) + TAG_ROW
+                lo, hi, tlo, thi, clo, chi, mhi = _narrow(lo, hi, tlo, thi, clo, chi, mhi, th, 1, tags, True,
+                                                          mass1 + 0.0 * pair, cnt1 + 0.0 * pair, mu)
+                it += 1
+            # the tie count: the first n elements (by index) of G = S(lo) \ S(hi) are in the head (one key)
+            p_star = _exp(_logp(_kval(lo.to(tl.int32), SH), m_t, ld_t, inv_t, SCALED))
+            c_g = clo - chi
+            n_f = tl.where(p_star > 0, tl.floor((mu - mhi) / tl.where(p_star > 0, p_star, 1.0)), c_g)
+            n = tl.where(((hi - lo) == 1) & (c_g >= 2.0), tl.minimum(tl.maximum(n_f, 0.0), c_g - 1.0), 0.0)
+            n = n.to(tl.int32)
+            m_s = tl.load(rp + 0, volatile=True)  # volatile: loaded here, not kept in registers through the loop
             ld_s = tl.load(rp + 9, volatile=True)
-            m_t = tl.load(rp + 1, volatile=True)
-            ld_t = tl.load(rp + 10, volatile=True)
-            xs = _load(s_ptr + x * s_row, s_col, cols, cm, full)
-            xt = _load(t_base, t_col, cols, cm, full)
+            xs = _load_seg(s_ptr + x * s_row, s_col, start, offs, V, full, NEG)
+            xt = _load_seg(t_base, t_col, start, offs, V, full, NEG)
             # the log-normalisers kept split (exact x − max first), as in the rounds and the gradient: p has the
             # rounds' bits and |p − q| no per-row factor error at large logits
             lq, lp = _split_logp(xs, xt, m_s, ld_s, m_t, ld_t, inv_t, SCALED)
             err = tl.where(cm, tl.abs(_exp(lp) - _exp(lq)), 0.0)
-            head = (_codes(xt, cols, kmin, IB, SH) >= hi) | (cols == amax)
+            in_hi = xt >= _kval(hi.to(tl.int32), SH)
+            head = in_hi | (cols == amax)
+            if n > 0:  # the boundary key's group split by index: rank = G elements before this one in the row
+                in_g = cm & (xt >= _kval(lo.to(tl.int32), SH)) & (~in_hi)
+                gi = in_g.to(tl.int32)
+                if it == 0:  # the per-segment counts of lo and hi are in the rounds' workspace
+                    pre = tl.sum(_seg_count(sw_row, tlo, segs, j, S, V, BLOCK_V, NT)
+                                 - _seg_count(sw_row, thi, segs, j, S, V, BLOCK_V, NT), 0).to(tl.int32)
+                else:  # the whole-row search: count the earlier segments' G elements
+                    pre = 0
+                    for jj in range(0, j):
+                        c2 = jj * BLOCK_V + offs
+                        m2 = c2 < V
+                        xt2 = tl.load(t_base + c2.to(tl.int64) * t_col, mask=m2, other=float("-inf")).to(tl.float32)
+                        g2 = m2 & (xt2 >= _kval(lo.to(tl.int32), SH)) & (xt2 < _kval(hi.to(tl.int32), SH))
+                        pre += tl.sum(g2.to(tl.int32), 0)
+                head = head | (in_g & ((pre + tl.cumsum(gi, 0) - gi) < n))
             wp = ws_ptr + (x * S + j) * WS
             tl.store(wp + WS_P0, tl.sum(tl.where(head, err, 0.0), 0))
             tl.store(wp + WS_P1, tl.sum(err, 0))
@@ -472,7 +582,8 @@ def _akl_split_kernel(
             if j == 0:
                 tl.store(loss_ptr + x, 0.0)
             if HAS_GRAD:
-                tl.store(g_base + cols * g_col, tl.zeros([BLOCK_V], tl.float32).to(g_ptr.dtype.element_ty), mask=cm)
+                tl.store(g_base + (start + offs) * g_col, tl.zeros([BLOCK_V], tl.float32).to(g_ptr.dtype.element_ty),
+                         mask=cm)
         else:
             _wait(cnt_ptr + 1 + x * NPH + ROUNDS + 1, S)
             rp = rs_ptr + x * RSLOT
@@ -502,8 +613,8 @@ def _akl_split_kernel(
                 m_t = tl.load(rp + 1, cache_modifier=".cg")
                 ld_s = tl.load(rp + 9, cache_modifier=".cg")
                 ld_t = tl.load(rp + 10, cache_modifier=".cg")
-                xs = _load(s_ptr + x * s_row, s_col, cols, cm, full)
-                xt = _load(t_ptr + x * t_row, t_col, cols, cm, full)
+                xs = _load_seg(s_ptr + x * s_row, s_col, start, offs, V, full, NEG)
+                xt = _load_seg(t_ptr + x * t_row, t_col, start, offs, V, full, NEG)
                 lq, lp = _split_logp(xs, xt, m_s, ld_s, m_t, ld_t, inv_t, SCALED)
                 q = _exp(lq)
                 qg = -w_f * _exp(lp) + w_r * tl.where(q != 0, q * (lq - lp), 0.0)
@@ -513,33 +624,44 @@ def _akl_split_kernel(
                 if CE_RAW:
                     m_z = tl.load(rp + 7, cache_modifier=".cg")
                     ld_z = tl.load(rp + 11, cache_modifier=".cg")
-                _ce_store(g, xs, q, m_z, ld_z, label, ce_w * w, g_base, cols, g_col, V, full, HAS_LABELS, CE_RAW)
+                _ce_store(g, xs, q, m_z, ld_z, label, ce_w * w, g_base, start + offs, g_col, V, full, HAS_LABELS,
+                          CE_RAW)
+
+
+def default_launch(itemsize: int = 2, heavy: bool = False) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) of the split AKL kernel: ``AKL_LAUNCH`` under the split kernels' rule
+    (:func:`fastkd.kernels._blocks.split_defaults`): a heavy launch (STATS, or CE at T != 1) keeps the block (no
+    spills at its registers), 4-byte logits halve it."""
+    return split_defaults(AKL_LAUNCH, AKL_LAUNCH, heavy, itemsize)
 
 
 def launch(args: tuple, n: int, v: int, *, has_grad: bool, has_labels: bool, ce_raw: bool, scaled: bool,
            block_v: int | None = None, num_warps: int | None = None, stats=None) -> None:
     """Launch :func:`_akl_split_kernel` with the two-pass kernel's argument tuple ``args`` (student, teacher,
     grad, labels, weight, loss, V, six strides, inv_t, kd_scale, kd_coef, ce_w, β, α, mu, t): allocates the
-    workspaces (ws, rs uninitialised; acc, cnt zeroed) and uses grid (N + ROUNDS + 2) · S. ``stats``: an (N, 4)
+    workspaces (ws, rs, sw, br uninitialised; cnt zeroed) and uses grid (N + ROUNDS + 2) · S. ``stats``: an (N, 4)
     fp32 tensor with unit column stride to write the row statistics into, or None."""
     import torch
 
     if v > AKL_MAX_V:
         raise ValueError(f"the split AKL kernel handles V <= {AKL_MAX_V}, got {v} (use the two-pass kernel)")
-    student = args[0]
-    bv = block_v or min(AKL_BLOCK_V, max(16, 1 << (v - 1).bit_length()))
+    student, teacher = args[0], args[1]
+    bv_d, nw_d = default_launch(max(student.element_size(), teacher.element_size()), ce_raw or stats is not None)
+    bv = block_v or min(bv_d, max(16, 1 << (v - 1).bit_length()))
     s_count = -(-v // bv)
     dev = student.device
     nslot = NSLOT if stats is None else NSLOT_STATS
     ws = torch.empty(n, s_count, nslot, dtype=torch.float32, device=dev)
     rs = torch.empty(n, RSLOT.value, dtype=torch.float32, device=dev)
-    acc = torch.zeros(n, AKL_ROUNDS * AKL_NT + 8, dtype=torch.int64, device=dev)
+    sw = torch.empty(n, AKL_ROUNDS, s_count, 2 * AKL_NT, dtype=torch.float32, device=dev)
+    br = torch.empty(n, 2, BSLOT.value, dtype=torch.int64, device=dev)
     cnt = torch.zeros(1 + n * (AKL_ROUNDS + 2), dtype=torch.int32, device=dev)
     mu = args[17 + HYPER_NAMES.index("mu")]
     _akl_split_kernel[((n + AKL_ROUNDS + 2) * s_count,)](
-        *args[:6], ws, rs, acc, cnt, *((args[5], 0) if stats is None else (stats, stats.stride(0))),
-        n, v, s_count, max(1, (v - 1).bit_length()), *args[7:17], mu,
+        *args[:6], ws, rs, sw, br, cnt, *((args[5], 0) if stats is None else (stats, stats.stride(0))),
+        n, v, s_count, *ticket_magic(s_count), *args[7:17], mu,
         HAS_GRAD=has_grad, HAS_LABELS=has_labels, CE_RAW=ce_raw, BLOCK_V=bv,
-        SP=max(2, 1 << (s_count - 1).bit_length()), ROUNDS=AKL_ROUNDS, NT=AKL_NT, NV=AKL_NV, SCALED=scaled,
-        SH={torch.bfloat16: 16, torch.float16: 13}.get(args[1].dtype, 0), STATS=stats is not None, WS=nslot,
-        num_warps=num_warps or AKL_NUM_WARPS)
+        SP=max(16, 1 << (s_count - 1).bit_length()), ROUNDS=AKL_ROUNDS, NT=AKL_NT, NV=AKL_NV,
+        MAX_FALLBACK=AKL_MAX_FALLBACK, SCALED=scaled,
+        SH={torch.bfloat16: 16, torch.float16: 13}.get(teacher.dtype, 0), STATS=stats is not None, WS=nslot,
+        num_warps=num_warps or nw_d)

@@ -100,6 +100,8 @@ from fastkd.kernels._blocks import (  # noqa: F401  (NSLOT, NSLOT_STATS, NRS: th
     _split_logp,
     _store_stats,
     _wait,
+    split_defaults,
+    ticket_magic,
 )
 from fastkd.kernels.distill import (
     FKL,
@@ -113,13 +115,6 @@ from fastkd.kernels.distill import (
     _row_value,
     _taid_logits,
 )
-
-
-def ticket_magic(s_count: int) -> tuple[int, int]:
-    """(M, k) with ⌊u·M / 2^k⌋ = ⌊u / S⌋ for every int32 ticket u (Granlund–Montgomery): k = 31 + ⌈log2 S⌉,
-    M = ⌈2^k / S⌉ ≤ 2^32, so u·M < 2^63 and the error u·(M·S − 2^k) < 2^k keeps the floor exact."""
-    k = 31 + max(0, (s_count - 1).bit_length())
-    return -(-(1 << k) // s_count), k
 
 
 @triton.jit
@@ -366,15 +361,7 @@ def launch_config(code: int, itemsize: int = 2, heavy: bool = False) -> tuple[in
     cfg = BY_CODE[code].split_launch
     if cfg is None:
         raise ValueError(f"divergence {BY_CODE[code].name!r} has its own split kernel")
-    bv, nw = cfg
-    alt = BY_CODE[code].split_heavy
-    if heavy:
-        bv, nw = alt or ((bv // 2 if bv > 4096 else bv), nw)
-    elif itemsize >= 4 and alt:
-        bv, nw = alt
-    if itemsize >= 4 and bv > 2048:
-        bv //= 2
-    return bv, nw
+    return split_defaults(cfg, BY_CODE[code].split_heavy, heavy, itemsize)
 
 
 # The codes this kernel runs: every row with a split_launch (akl's head search has its own split kernel,

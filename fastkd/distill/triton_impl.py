@@ -139,7 +139,7 @@ def schedule(p: DistillParams, aliased: bool = False, v: int | None = None) -> t
         return "two_pass", "FASTKD_AUTOTUNE=1 (the split kernel's counters cannot be re-run by the autotuner)"
     if p.code not in KS.SPLIT_CODES:
         if v is not None and v > KA.AKL_MAX_V:
-            return "two_pass", f"akl with V={v} > {KA.AKL_MAX_V} (the split akl search packs counts in 21 bits)"
+            return "two_pass", f"akl with V={v} > {KA.AKL_MAX_V} (the split akl search counts in fp32: exact to 2^24)"
         return "akl_split", "akl: each logit read once from HBM, head search in rounds over L2-resident segments"
     return "split", "each logit read once from HBM (re-reads within the L2 window)"
 

@@ -20,7 +20,7 @@ from fastkd.distill import triton_impl as TD
 
 pytestmark = pytest.mark.skipif(TD._IMPORT_ERROR is not None, reason=f"no triton: {TD._IMPORT_ERROR}")
 
-GRAD_EPS = {torch.float32: 2e-6, torch.bfloat16: 2**-8}
+GRAD_EPS = {torch.float32: 2e-6, torch.bfloat16: 2**-8, torch.float16: 2**-10}
 
 
 def _check(s, t, block=None, **kw):
@@ -96,7 +96,7 @@ def test_whole_row_fallback(monkeypatch):
 
 def test_schedule():
     assert TD.schedule(DistillParams("akl"))[0] == "akl_split"
-    sched, why = TD.schedule(DistillParams("akl"), v=(1 << 20) + 1)
+    sched, why = TD.schedule(DistillParams("akl"), v=(1 << 24) + 1)
     assert sched == "two_pass" and "V=" in why
     with TD.override_config(schedule="two_pass"):
         assert TD.schedule(DistillParams("akl"))[0] == "two_pass"
@@ -126,3 +126,57 @@ def test_stats_and_bitwise_loss():
     assert torch.equal(st["top1_agree"], ref["top1_agree"].float())
     for k in STATS_KEYS:
         torch.testing.assert_close(st[k].double(), ref[k].double(), rtol=1e-5, atol=1e-5, msg=k)
+
+
+def test_bf16_default_blocks_value_rounds():
+    """bf16 N(0, 2²) rows at the default launch (several 8192 segments): the value rounds (no counts for 2-byte
+    logits) then the narrow round that counts the boundary keys; one row with a wide tied boundary group."""
+    torch.manual_seed(5)
+    v = 20011
+    s = (torch.randn(3, v) * 2).to(torch.bfloat16)
+    t = (torch.randn(3, v) * 2).to(torch.bfloat16)
+    t[2] = torch.round(t[2].float() * 4).to(torch.bfloat16) / 4  # coarse values: ~1000 equal logits per key
+    for mu in (0.5, 0.9):
+        _check(s, t, mu=mu)
+
+
+def test_fp16_keys_and_mu_one_is_fkl():
+    """fp16 keys (shift 13); mu = 1 puts every token in the head: the loss is fkl's."""
+    torch.manual_seed(6)
+    v = 3001
+    s = (torch.randn(2, v) * 2).to(torch.float16)
+    t = (torch.randn(2, v) * 2).to(torch.float16)
+    _check(s, t, block=512, mu=0.37)
+    with TD.override_config(block_v=512):
+        akl = fastkd.distill_loss(s, t, "akl", backend="triton", reduction="none", mu=1.0)
+        fkl = fastkd.distill_loss(s, t, "fkl", backend="triton", reduction="none")
+    torch.testing.assert_close(akl, fkl, rtol=1e-6, atol=1e-7)
+
+
+def test_bf16_tie_split_across_segments():
+    """The boundary inside a tied bf16 group spread over 4 segments: the head takes its lowest indices, counted
+    from the narrow round's per-segment counts."""
+    torch.manual_seed(7)
+    t, _ = _split_tie_rows(203)
+    t = t.to(torch.bfloat16)
+    p = torch.softmax(t[0].double(), -1)
+    mu = float(p[:3].sum() + 4.5 * p[5])
+    s = (torch.randn(2, 203) * 2).to(torch.bfloat16)
+    _check(s, t, block=64, mu=mu)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_rows_against_the_reference(seed):
+    """Random rows (smooth, quantized, clustered, peaked, -inf), random mu, fp32 and bf16, odd V and blocks."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    v = int(torch.randint(40, 700, (1,), generator=gen))
+    block = [32, 64, 128][seed % 3]
+    dt = (torch.float32, torch.bfloat16)[seed % 2]
+    s = torch.randn(4, v, generator=gen) * 3
+    t = torch.randn(4, v, generator=gen) * 3
+    t[1] = torch.round(t[1] * 3) / 3
+    t[2] = 1e-3 * torch.randn(v, generator=gen) + 5.0  # clustered: one or two keys in bf16
+    t[3, torch.rand(v, generator=gen) < 0.2] = float("-inf")
+    s[3, t[3].isneginf()] = float("-inf")
+    mu = float(torch.rand(1, generator=gen)) * 0.98
+    _check(s.to(dt), t.to(dt), block=block, mu=mu)
