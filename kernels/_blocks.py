@@ -10,8 +10,9 @@ Contents: e^x and log x on the MUFU (:func:`_exp`, :func:`_log`); log-add-exp (:
 (max, sum-exp) folds (:func:`_online`, :func:`_lse_block`); entropy partials and their merges (:func:`_ent_block`,
 :func:`_ent_online`, :func:`_ent_merge`); the first-index argmax (:func:`_argmax_block`, :func:`_argmax_fold`); the
 statistics store (:func:`_store_stats`); the split kernels' segment load (:func:`_load_seg`), log-probabilities from
-the split log-normalisers (:func:`_split_logp`), workspace reads and merges (:func:`_slots`, :func:`_merge`),
-gradient store with cross-entropy (:func:`_ce_store`) and spin-wait (:func:`_wait`).
+the split log-normalisers (:func:`_logp`, :func:`_split_logp`), workspace reads and merges (:func:`_slots`,
+:func:`_merge`), gradient store with cross-entropy (:func:`_ce_store`) and spin-wait (:func:`_wait`); the split
+launchers' arithmetic (:func:`ticket_magic`, :func:`split_defaults`).
 """
 
 from __future__ import annotations
@@ -181,9 +182,6 @@ def _store_stats(st_row_ptr, d_t, c_t, d_s, c_s, i_t, i_s, kl):
     tl.store(st_row_ptr + 3, kl)
 
 
-# ---- split-row schedules: segments, workspace, gradient store, waits -----------------------------------------
-
-
 # ---- split-row schedules: launch arithmetic (plain Python, shared by the launchers) ---------------------------
 
 
@@ -211,6 +209,9 @@ def split_defaults(cfg: tuple[int, int], alt: tuple[int, int] | None, heavy: boo
     return bv, nw
 
 
+# ---- split-row schedules: segments, workspace, gradient store, waits -----------------------------------------
+
+
 @triton.jit
 def _load_seg(base, col_stride, start, offs, V, FULL_OK, other):
     """One segment of a row as fp32: unmasked when it is a full block (vector loads), masked for the tail."""
@@ -223,16 +224,19 @@ def _load_seg(base, col_stride, start, offs, V, FULL_OK, other):
 
 
 @triton.jit
-def _split_logp(xs, xt, m_s, ld_s, m_t, ld_t, inv_t, SCALED: tl.constexpr):
-    """(log q, log p) of one block of raw student / teacher logits xs, xt from the split log-normalisers
-    (max m + log-sum ld) of the tempered logits: ``(x/T − m) − ld``, the exact difference first."""
+def _logp(x, m, ld, inv_t, SCALED: tl.constexpr):
+    """Log-probabilities of one block of raw logits x from the split log-normaliser (max m + log-sum ld) of the
+    tempered logits: ``(x/T − m) − ld``, the exact difference first."""
     if SCALED:
-        lq = (xs * inv_t - m_s) - ld_s
-        lp = (xt * inv_t - m_t) - ld_t
+        return (x * inv_t - m) - ld
     else:
-        lq = (xs - m_s) - ld_s
-        lp = (xt - m_t) - ld_t
-    return lq, lp
+        return (x - m) - ld
+
+
+@triton.jit
+def _split_logp(xs, xt, m_s, ld_s, m_t, ld_t, inv_t, SCALED: tl.constexpr):
+    """(log q, log p) of one block of raw student / teacher logits xs, xt (:func:`_logp` of each side)."""
+    return _logp(xs, m_s, ld_s, inv_t, SCALED), _logp(xt, m_t, ld_t, inv_t, SCALED)
 
 
 @triton.jit

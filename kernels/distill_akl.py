@@ -98,6 +98,7 @@ from fastkd.kernels._blocks import (
     _ent_merge,
     _exp,
     _load_seg,
+    _logp,
     _online,
     _split_logp,
     _store_stats,
@@ -141,15 +142,6 @@ def _kval(k, SH: tl.constexpr):
 
 
 @triton.jit
-def _logp(x, m_t, ld_t, inv_t, SCALED: tl.constexpr):
-    """The teacher's log p of raw logits x (the split log-normaliser: the exact difference first)."""
-    if SCALED:
-        return (x * inv_t - m_t) - ld_t
-    else:
-        return (x - m_t) - ld_t
-
-
-@triton.jit
 def _hint(m_t, ld_t, mu, V, inv_t, SH: tl.constexpr):
     """Key of x_b = T·(lse_t + log((1 − mu)/V) − 1): M(key(x_b)) > mu (module docstring); the first round's slot 0."""
     x_b = (m_t + ld_t + tl.log(tl.maximum(1.0 - mu, 1e-30) / V) - 1.0) / inv_t
@@ -185,6 +177,16 @@ def _thresholds(lo, hi, base, SH: tl.constexpr, NT: tl.constexpr, NV: tl.constex
 
 
 @triton.jit
+def _slot_sums(xc, p, v, ar, i, mass, cnt, COUNT: tl.constexpr):
+    """Slot i of :func:`_seg_sums`: the segment's mass (and with ``COUNT`` count) of {xc ≥ v[i]}."""
+    m = (xc >= tl.sum(tl.where(ar == i, v, 0.0), 0)).to(tl.float32)
+    mass = tl.where(ar == i, tl.sum(m * p, 0), mass)
+    if COUNT:
+        cnt = tl.where(ar == i, tl.sum(m, 0), cnt)
+    return mass, cnt
+
+
+@triton.jit
 def _seg_sums(xc, p, th, nk, narrow, SH: tl.constexpr, NT: tl.constexpr, COUNT: tl.constexpr):
     """fp32 mass and (``COUNT``) count of S(K) over one segment for the first ``nk`` keys of ``th`` (the other
     slots 0): xc the teacher logits (NaN on masked columns, so never counted), p their probabilities (0 there).
@@ -195,15 +197,10 @@ def _seg_sums(xc, p, th, nk, narrow, SH: tl.constexpr, NT: tl.constexpr, COUNT: 
     cnt = tl.zeros([NT], tl.float32)
     if narrow:
         for i in range(0, nk):
-            m = (xc >= tl.sum(tl.where(ar == i, v, 0.0), 0)).to(tl.float32)
-            mass = tl.where(ar == i, tl.sum(m * p, 0), mass)
-            cnt = tl.where(ar == i, tl.sum(m, 0), cnt)
+            mass, cnt = _slot_sums(xc, p, v, ar, i, mass, cnt, True)
     else:
         for i in tl.static_range(NT):
-            m = (xc >= tl.sum(tl.where(ar == i, v, 0.0), 0)).to(tl.float32)
-            mass = tl.where(ar == i, tl.sum(m * p, 0), mass)
-            if COUNT:
-                cnt = tl.where(ar == i, tl.sum(m, 0), cnt)
+            mass, cnt = _slot_sums(xc, p, v, ar, i, mass, cnt, COUNT)
     return mass, cnt
 
 
@@ -524,9 +521,8 @@ def _akl_split_kernel(
                 mass1 = zero
                 cnt1 = zero
                 for jj in range(0, S):
-                    c2 = jj * BLOCK_V + offs
-                    m2 = c2 < V
-                    xt2 = tl.load(t_base + c2.to(tl.int64) * t_col, mask=m2, other=float("-inf")).to(tl.float32)
+                    m2 = (jj * BLOCK_V + offs) < V
+                    xt2 = _load_seg(t_base, t_col, start + (jj - j) * BLOCK_V, offs, V, False, NEG)  # segment jj
                     p2 = tl.where(m2, _exp(_logp(xt2, m_t, ld_t, inv_t, SCALED)), 0.0)
                     in2 = (m2 & (xt2 >= vk)).to(tl.float32)
                     mass1 += tl.sum(in2 * p2, 0)
@@ -562,9 +558,8 @@ def _akl_split_kernel(
                 else:  # the whole-row search: count the earlier segments' G elements
                     pre = 0
                     for jj in range(0, j):
-                        c2 = jj * BLOCK_V + offs
-                        m2 = c2 < V
-                        xt2 = tl.load(t_base + c2.to(tl.int64) * t_col, mask=m2, other=float("-inf")).to(tl.float32)
+                        m2 = (jj * BLOCK_V + offs) < V
+                        xt2 = _load_seg(t_base, t_col, start + (jj - j) * BLOCK_V, offs, V, False, NEG)
                         g2 = m2 & (xt2 >= _kval(lo.to(tl.int32), SH)) & (xt2 < _kval(hi.to(tl.int32), SH))
                         pre += tl.sum(g2.to(tl.int32), 0)
                 head = head | (in_g & ((pre + tl.cumsum(gi, 0) - gi) < n))

@@ -351,13 +351,10 @@ def lag(code: int) -> int:
 
 
 def launch_config(code: int, itemsize: int = 2, heavy: bool = False) -> tuple[int, int]:
-    """Default (BLOCK_V, num_warps) of a divergence: the table's ``split_launch`` for 2-byte logits of the plain
-    launch; a ``heavy`` launch (STATS or CE_RAW: ~1.5× the registers, which would leave one program per SM)
-    takes the table's ``split_heavy``, or half of a block above 4096; 4-byte logits start from ``split_heavy``
-    where the table gives one and take half of a block above 2048 (a segment then holds the bytes of the 2-byte
-    one, so the L2 window of the docstring holds for either). Every default compiles for sm_90 without spills
-    on the oldest and the newest supported Triton (``bench/aot.py --all`` checks them; the history of these
-    choices is in docs/DESIGN.md)."""
+    """Default (BLOCK_V, num_warps) of a divergence: :func:`fastkd.kernels._blocks.split_defaults` of the table's
+    ``split_launch`` (2-byte logits, plain launch) and ``split_heavy`` (STATS or CE_RAW). Every default compiles for
+    sm_90 without spills on the oldest and the newest supported Triton (``bench/aot.py --all`` checks them; the
+    history of these choices is in docs/DESIGN.md)."""
     cfg = BY_CODE[code].split_launch
     if cfg is None:
         raise ValueError(f"divergence {BY_CODE[code].name!r} has its own split kernel")
