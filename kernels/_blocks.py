@@ -6,7 +6,8 @@ every side, so a term ``e^{x−m}·(...)`` is skipped where ``e^{x−m} = 0`` (`
 input still propagates. Log-normalisers stay split as (max, log Σe^{x−max}): a logit minus the max is exact in
 fp32, a logit minus the rounded lse is not at large |logits|.
 
-Contents: e^x and log x on the MUFU (:func:`_exp`, :func:`_log`); log-add-exp (:func:`_lae`); online and per-block
+Contents: e^x and log x on the MUFU (:func:`_exp`, :func:`_exp_shift`, :func:`_log2`, :func:`_log`); bf16 unpacking
+(:func:`_unpack`); log-add-exp (:func:`_lae`); online and per-block
 (max, sum-exp) folds (:func:`_online`, :func:`_lse_block`); entropy partials and their merges (:func:`_ent_block`,
 :func:`_ent_online`, :func:`_ent_merge`); the first-index argmax (:func:`_argmax_block`, :func:`_argmax_fold`); the
 statistics store (:func:`_store_stats`); the split kernels' segment load (:func:`_load_seg`), log-probabilities from
@@ -65,9 +66,9 @@ NSLOT_STATS = 20
 # distill_split's row summary (N, NRS) fp32: the merged log-normalisers, written by segment 0 of the mid phase (it
 # merges them anyway) so that the final phase of a mixture reads 4 scalars instead of merging the S segments again
 RS_M_S = tl.constexpr(0)  # max of s
-RS_LD_S = tl.constexpr(1)  # log Σ e^{s − max}
+RS_L2_S = tl.constexpr(1)  # log2 Σ e^{s − max}
 RS_M_T = tl.constexpr(2)  # max of t
-RS_LD_T = tl.constexpr(3)  # log Σ e^{t − max}
+RS_L2_T = tl.constexpr(3)  # log2 Σ e^{t − max}
 NRS = tl.constexpr(4)
 
 
@@ -80,15 +81,53 @@ def _exp(x):
 
 
 @triton.jit
+def _log2(x):
+    """log2 x on the MUFU (``lg2.approx.ftz``, where ``tl.log`` is the libdevice polynomial, ~15 FMA-pipe
+    instructions on sm_90). Its error: 2 ulp, and an absolute 2^-22 for x in [0.5, 2] (CUDA's ``__log2f``), below
+    one ulp of a log-probability under −2; inputs below 2^-126 flush to −inf (the callers clamp or never pass them).
+    In the interpreter: ``tl.log2``."""
+    if MUFU_LOG:
+        return libdevice.fast_log2f(x)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
 def _log(x):
-    """log x as log2(x)·log 2 with log2 on the MUFU (``lg2.approx.ftz``: 2 instructions, where ``tl.log`` is the
-    libdevice polynomial, ~15 FMA-pipe instructions on sm_90). Its error: 2 ulp, and an absolute 2^-22·log 2 =
-    1.7e-7 for x in [0.5, 2] (CUDA's ``__log2f``), below one ulp of a log-probability under −2; inputs below
-    2^-126 flush to −inf (the callers clamp or never pass them). In the interpreter: ``tl.log``."""
+    """log x as :func:`_log2` (x)·log 2."""
     if MUFU_LOG:
         return libdevice.fast_log2f(x) * LN2
     else:
         return tl.log(x)
+
+
+@triton.jit
+def _exp_row(x, ms):
+    """2^{fma(x, log2 e, −c)} of a block against a finite shift ms, c = ms·log2 e rounded: one FFMA and one
+    MUFU.EX2 per element, where ``_exp(x − ms)`` takes a subtraction, a multiply and the EX2. The FFMA rounds the
+    exponent once, relative to its own size, as (x − ms)·log2 e does; it is e^{x − ms}·2^δ, δ = ms·log2 e − c
+    (:func:`_shift_scale` is 2^{−δ}). −inf gives 0, NaN stays NaN. In the interpreter ``_exp(x − ms)`` (δ = 0):
+    older releases' interpreters round an fma's product before the add, which at large |x| loses the exponent."""
+    if MUFU_LOG:
+        return tl.math.exp2(tl.fma(x, LOG2E, -(ms * LOG2E)))
+    else:
+        return _exp(x - ms)
+
+
+@triton.jit
+def _shift_scale(ms):
+    """2^{−δ}, δ = ms·log2 e − round(ms·log2 e) (exact by an FMA): e^{x − ms} = :func:`_exp_row` (x, ms) · this."""
+    if MUFU_LOG:
+        return tl.math.exp2(-tl.fma(ms, LOG2E, -(ms * LOG2E)))
+    else:
+        return ms * 0.0 + 1.0
+
+
+@triton.jit
+def _exp_shift(x, ms):
+    """e^{x − ms} of a block as (:func:`_exp_row`, :func:`_shift_scale`): the block's exponentials times a scalar,
+    so that sums of the block are multiplied once."""
+    return _exp_row(x, ms), _shift_scale(ms)
 
 
 @triton.jit
@@ -105,9 +144,9 @@ def _online(m, d, a, x, y):
     m_new = tl.maximum(m, tl.max(x, 0))
     ms = tl.where(m_new == float("-inf"), 0.0, m_new)
     scale = _exp(m - ms)
-    e = _exp(x - ms)
-    d = d * scale + tl.sum(e, 0)
-    a = a * scale + tl.sum(tl.where(e != 0, e * (x - y), 0.0), 0)
+    e, f = _exp_shift(x, ms)
+    d = d * scale + tl.sum(e, 0) * f
+    a = a * scale + tl.sum(tl.where(e != 0, e * (x - y), 0.0), 0) * f
     return m_new, d, a
 
 
@@ -116,7 +155,8 @@ def _lse_block(x):
     """(max, Σe^{x−max}) of one block (the statistics without the divergence sum, when it is not needed)."""
     m = tl.max(x, 0)
     ms = tl.where(m == float("-inf"), 0.0, m)
-    return m, tl.sum(_exp(x - ms), 0)
+    e, f = _exp_shift(x, ms)
+    return m, tl.sum(e, 0) * f
 
 
 # ---- per-token statistics (fastkd.core.stats) ---------------------------------------------------------------
@@ -132,9 +172,10 @@ def _ent_block(x, y):
     x, y: (BLOCK,) fp32, masked lanes −inf in both. Terms with e^{x−m} = 0 are skipped (0·(−inf) = 0)."""
     m = tl.max(x, 0)
     ms = tl.where(m == float("-inf"), 0.0, m)
-    e = _exp(x - ms)
+    e, f = _exp_shift(x, ms)
     keep = e != 0
-    return m, tl.sum(e, 0), tl.sum(tl.where(keep, e * (x - ms), 0.0), 0), tl.sum(tl.where(keep, e * (x - y), 0.0), 0)
+    return (m, tl.sum(e, 0) * f, tl.sum(tl.where(keep, e * (x - ms), 0.0), 0) * f,
+            tl.sum(tl.where(keep, e * (x - y), 0.0), 0) * f)
 
 
 @triton.jit
@@ -144,8 +185,8 @@ def _ent_online(m, d, c, x):
     m_new = tl.maximum(m, tl.max(x, 0))
     ms = tl.where(m_new == float("-inf"), 0.0, m_new)
     scale = _exp(m - ms)
-    e = _exp(x - ms)
-    return scale * (c + tl.where(d != 0, d * (m - ms), 0.0)) + tl.sum(tl.where(e != 0, e * (x - ms), 0.0), 0)
+    e, f = _exp_shift(x, ms)
+    return scale * (c + tl.where(d != 0, d * (m - ms), 0.0)) + tl.sum(tl.where(e != 0, e * (x - ms), 0.0), 0) * f
 
 
 @triton.jit
@@ -213,30 +254,56 @@ def split_defaults(cfg: tuple[int, int], alt: tuple[int, int] | None, heavy: boo
 
 
 @triton.jit
+def _unpack(x):
+    """A loaded block as fp32. bf16 compiled for a GPU: one integer instruction per value, two values per 32-bit
+    word (``shl`` 16 for the low half, ``and`` 0xffff0000 for the high one: a bf16 is the top half of its fp32),
+    where the conversion unpacks each half into its own register first (PRMT + shift: two per value). Exact,
+    NaN payloads and −0 included. In the interpreter (which runs no inline assembly): ``.to(tl.float32)``."""
+    if MUFU_LOG and x.dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise("{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [x],
+                                         dtype=tl.float32, is_pure=True, pack=2)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
 def _load_seg(base, col_stride, start, offs, V, FULL_OK, other):
-    """One segment of a row as fp32: unmasked when it is a full block (vector loads), masked for the tail."""
+    """One segment of a row as fp32 (:func:`_unpack`): unmasked when it is a full block (vector loads), masked for
+    the tail."""
     cols = start + offs
     if FULL_OK:
-        x = tl.load(base + cols * col_stride).to(tl.float32)
+        x = _unpack(tl.load(base + cols * col_stride))
     else:
-        x = tl.load(base + cols * col_stride, mask=cols < V, other=other).to(tl.float32)
+        x = _unpack(tl.load(base + cols * col_stride, mask=cols < V, other=other))
     return x
 
 
 @triton.jit
-def _logp(x, m, ld, inv_t, SCALED: tl.constexpr):
-    """Log-probabilities of one block of raw logits x from the split log-normaliser (max m + log-sum ld) of the
-    tempered logits: ``(x/T − m) − ld``, the exact difference first."""
+def _logp(x, m, l2d, inv_t, SCALED: tl.constexpr):
+    """Base-2 log-probabilities of one block of raw logits x from the split log-normaliser of the tempered logits,
+    max m and l2d = log2 Σe^{x/T − m}: ``(x/T − m)·log2 e − l2d``, the exact difference first, then one FFMA (the
+    natural ``(x/T − m) − ld`` takes two roundings and a multiply more before its exp2). p = 2^(result); a natural
+    log-probability is the result × log 2, which the callers fold into their scalar coefficients."""
     if SCALED:
-        return (x * inv_t - m) - ld
+        return tl.fma(x * inv_t - m, LOG2E, -l2d)
     else:
-        return (x - m) - ld
+        return tl.fma(x - m, LOG2E, -l2d)
 
 
 @triton.jit
-def _split_logp(xs, xt, m_s, ld_s, m_t, ld_t, inv_t, SCALED: tl.constexpr):
-    """(log q, log p) of one block of raw student / teacher logits xs, xt (:func:`_logp` of each side)."""
-    return _logp(xs, m_s, ld_s, inv_t, SCALED), _logp(xt, m_t, ld_t, inv_t, SCALED)
+def _prob_scale(m, l2d):
+    """(ms, k) with softmax = :func:`_exp_row` (x, ms) · k for a block of tempered logits x of a row with max m
+    and l2d = log2 Σe^{x − m}: the normaliser folded into the scalar k. The probabilities of a block then cost
+    one FFMA and one EX2 per element (k multiplies later, often into a row scalar), where :func:`_logp` takes a
+    subtraction more."""
+    ms = tl.where(m == float("-inf"), 0.0, m)
+    return ms, _shift_scale(ms) * tl.math.exp2(-l2d)
+
+
+@triton.jit
+def _split_logp(xs, xt, m_s, l2_s, m_t, l2_t, inv_t, SCALED: tl.constexpr):
+    """(log2 q, log2 p) of one block of raw student / teacher logits xs, xt (:func:`_logp` of each side)."""
+    return _logp(xs, m_s, l2_s, inv_t, SCALED), _logp(xt, m_t, l2_t, inv_t, SCALED)
 
 
 @triton.jit
@@ -247,7 +314,8 @@ def _slots(ws_row, k, segs, sm, WS: tl.constexpr, other):
 
 @triton.jit
 def _merge(ws_row, k_m, k_d, k_a, segs, sm, WS: tl.constexpr):
-    """Merge the per-segment (max, Σe^{x−max}, Σe^{x−max}(x−y)) of slots k_m, k_d, k_a → (max, log D, A/D).
+    """Merge the per-segment (max, Σe^{x−max}, Σe^{x−max}(x−y)) of slots k_m, k_d, k_a → (max, log2 D, A/D)
+    (log2 D: what :func:`_logp` takes; the natural log D is it × log 2).
 
     The log-normaliser stays split as max + log D: a logit minus the max is exact in fp32, their sum is not at
     large |logits| (``x − lse`` would lose the low bits of a constant offset)."""
@@ -259,19 +327,19 @@ def _merge(ws_row, k_m, k_d, k_a, segs, sm, WS: tl.constexpr):
     sc = _exp(m - ms)
     dd = tl.sum(d * sc, 0)
     aa = tl.sum(a * sc, 0)
-    return mm, _log(dd), aa / dd
+    return mm, _log2(dd), aa / dd
 
 
 @triton.jit
-def _ce_store(g, xs, q, m_z, ld_z, label, ce_cw, g_base, cols, g_col, V, full, HAS_LABELS: tl.constexpr,
+def _ce_store(g, xs, q, m_z, l2_z, label, ce_cw, g_base, cols, g_col, V, full, HAS_LABELS: tl.constexpr,
               CE_RAW: tl.constexpr):
     """Store one block of the gradient (split-row kernels): add the cross-entropy term ce_cw·(softmax(z) −
-    onehot(label)) — softmax of the raw logits xs (log-normaliser m_z + ld_z, kept split: ``(xs − m_z) − ld_z``
-    loses nothing to a large logit offset) when CE_RAW, else the tempered q — cast to the output dtype, unmasked
-    for a full block, masked (cols < V) for the tail block."""
+    onehot(label)) — softmax of the raw logits xs (log-normaliser kept split as max m_z and l2_z = log2 of the
+    sum, :func:`_logp`: nothing is lost to a large logit offset) when CE_RAW, else the tempered q — cast to the
+    output dtype, unmasked for a full block, masked (cols < V) for the tail block."""
     if HAS_LABELS:
         if CE_RAW:
-            sm_z = _exp((xs - m_z) - ld_z)
+            sm_z = tl.math.exp2(_logp(xs, m_z, l2_z, 1.0, False))
         else:
             sm_z = q
         g += ce_cw * (sm_z - tl.where(cols == label, 1.0, 0.0))

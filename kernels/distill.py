@@ -43,12 +43,15 @@ import triton.language as tl
 
 from fastkd.core.divergences import CODES, MIXTURE_CODES
 from fastkd.kernels._blocks import (
+    LN2,
+    LOG2E,
     _argmax_block,
     _argmax_fold,
     _ent_online,
     _exp,
-    _log,
+    _log2,
     _online,
+    _split_logp,
     _store_stats,
 )
 
@@ -159,20 +162,41 @@ def _pow_diff(e_base, e_other, diff, c):
     return tl.where(small, e_base * em, e_other - e_base) * (1.0 / c)  # one scalar reciprocal, no per-element div
 
 
+TVD_H = tl.constexpr(2.0**64)  # _tvd_terms' scale of the difference
+TVD_H_INV = tl.constexpr(2.0**-64)
+
+
 @triton.jit
-def _mix_terms(lp, lq, p, q, c1, c2, w_a, w_b, DIV: tl.constexpr):
-    """Elementwise (D term, qg) of the divergences that need a reduction pass (jsd, skl, srkl, tvd, ab).
+def _tvd_terms(eq, ep, r_h):
+    """tvd's per-element terms from exponentials eq, ep ≥ 0 with q = eq·cq and p = ep·cp for row scalars cq, cp
+    (:func:`fastkd.kernels._blocks._prob_scale`), r_h = TVD_H·cp/cq (eq = q, ep = p and r_h = TVD_H for q, p
+    themselves): (|h|, eq·sign(q − p)) with h = TVD_H·eq − r_h·ep = TVD_H·(q − p)/cq, so Σ|q − p| = Σ|h|·cq/TVD_H.
+    Equal sides give h = 0 exactly (r_h is then the power of two TVD_H: no rounding in either product). The sign
+    is taken without a compare: h clamped to [−eq, eq] is ±eq wherever q ≠ p (a difference of at least 2^-24 of
+    the larger side, scaled by 2^64; r_h·ep ≤ 2^95, no overflow) and 0 at a tie, torch.sign's convention."""
+    h = eq * TVD_H - ep * r_h
+    return tl.abs(h), tl.minimum(tl.maximum(h, -eq), eq)
+
+
+@triton.jit
+def _mix_terms(lp2, lq2, p, q, c1, c2, w_a, w_b, DIV: tl.constexpr):
+    """Elementwise (D term, qg) of the divergences that need a reduction pass (jsd, skl, srkl, tvd, ab), from the
+    base-2 log-probabilities lp2, lq2 (:func:`fastkd.kernels._blocks._logp`) and p = 2^lp2, q = 2^lq2; D and qg in
+    natural units (a log2 difference × log 2, folded into the scalar coefficient).
 
     m = w_a·p + w_b·q (jsd: β, 1−β; skl: α, 1−α; srkl: 1−α, α), formed from p and q: one log per element and no
     exponential of its own; ab: c1 = α, c2 = β and the powers are taken in the log domain
-    (p^α q^β = e^{α log p + β log q}).
+    (p^α q^β = e^{α log p + β log q}). tvd: the terms are |q − p| and q·sign(q − p) (torch.sign: 0 at a tie),
+    twice D's and qg's: the callers scale the sums and the gradient by :func:`_mix_unit` (the halving then costs
+    nothing per element).
     """
     if DIV == TVD:
-        diff = q - p
-        d_el = 0.5 * tl.abs(diff)
-        qg = 0.5 * q * tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
+        d_el, qg = _tvd_terms(q, p, TVD_H)
+        d_el = d_el * TVD_H_INV
     elif DIV == AB:  # −1/(αβ) Σ (p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β)); qg = (q^(α+β) − p^α q^β)/α
         # as −1/(α+β) Σ ((p^α q^β − p^(α+β))/β + (p^α q^β − q^(α+β))/α): no cancellation as α or β → 0
+        lp = lp2 * LN2
+        lq = lq2 * LN2
         s_ab = c1 + c2
         # tl.exp, not _exp, in ab's terms and _pow_diff: with the shorter exponentials ptxas schedules the ab
         # launches into register spills on sm_90 (Triton 3.6)
@@ -184,39 +208,50 @@ def _mix_terms(lp, lq, p, q, c1, c2, w_a, w_b, DIV: tl.constexpr):
         # m clamped at the smallest normal: where both sides underflow (exponentials flush below 2^-126) the
         # terms stay finite and ~0 instead of 0·(log 0 − log 0); a NaN m stays NaN
         mix = w_a * p + w_b * q
-        lm = _log(tl.where(mix < 1.1754943508222875e-38, 1.1754943508222875e-38, mix))  # NaN stays NaN
+        lm2 = _log2(tl.where(mix < 1.1754943508222875e-38, 1.1754943508222875e-38, mix))  # NaN stays NaN
         if DIV == JSD:  # β KL(p‖m) + (1−β) KL(q‖m)
-            qg = (1.0 - c1) * tl.where(q != 0, q * (lq - lm), 0.0)
-            d_el = c1 * tl.where(p != 0, p * (lp - lm), 0.0) + qg
+            qg = ((1.0 - c1) * LN2) * tl.where(q != 0, q * (lq2 - lm2), 0.0)
+            d_el = (c1 * LN2) * tl.where(p != 0, p * (lp2 - lm2), 0.0) + qg
         elif DIV == SKL:  # KL(p ‖ αp + (1−α)q)
-            d_el = tl.where(p != 0, p * (lp - lm), 0.0)
-            qg = -(1.0 - c1) * tl.where(p != 0, _exp(lp + lq - lm), 0.0)
+            d_el = LN2 * tl.where(p != 0, p * (lp2 - lm2), 0.0)
+            qg = -(1.0 - c1) * tl.where(p != 0, tl.math.exp2(lp2 + lq2 - lm2), 0.0)
         else:  # srkl: KL(q ‖ (1−α)p + αq)
-            d_el = tl.where(q != 0, q * (lq - lm), 0.0)
-            qg = d_el - c1 * tl.where(q != 0, _exp(2.0 * lq - lm), 0.0)
+            d_el = LN2 * tl.where(q != 0, q * (lq2 - lm2), 0.0)
+            qg = d_el - c1 * tl.where(q != 0, tl.math.exp2(2.0 * lq2 - lm2), 0.0)
     return d_el, qg
 
 
 @triton.jit
-def _grad_qg(lp, lq, q, s, t, m_s, m_t, m_u, ld_u, w_f, w_r, c1, c2, w_a, w_b, DIV: tl.constexpr,
+def _mix_unit(DIV: tl.constexpr):
+    """The factor of :func:`_mix_terms`' terms (and of :func:`_grad_qg`'s qg): 1/2 for tvd, else 1."""
+    if DIV == TVD:
+        return 0.5
+    else:
+        return 1.0
+
+
+@triton.jit
+def _grad_qg(lp2, lq2, q, s, t, m_s, m_t, m_u, ld_u, w_f, w_r, c1, c2, w_a, w_b, DIV: tl.constexpr,
              BLOCK_V: tl.constexpr):
     """qg = q·∂D/∂q of one block of the gradient pass, every divergence (both schedules).
 
-    lp, lq: log-probabilities of teacher and student, q = e^lq; s, t: the tempered logits and m_s, m_t their row
+    lp2, lq2: base-2 log-probabilities of teacher and student (:func:`fastkd.kernels._blocks._logp`), q = 2^lq2;
+    s, t: the tempered logits and m_s, m_t their row
     maxima, m_u, ld_u taid's log-normaliser (:func:`_taid_logits`); w_f, w_r: the fkl / rkl weights of symkl and
-    akl (:func:`_row_value`); c1, c2, w_a, w_b: :func:`_constants`."""
+    akl (:func:`_row_value`); c1, c2, w_a, w_b: :func:`_constants`. A mixture's qg is :func:`_mix_terms`' term (×
+    :func:`_mix_unit` is the true one)."""
     if DIV == FKL:
-        qg = -_exp(lp)
+        qg = -tl.math.exp2(lp2)
     elif DIV == RKL:
-        qg = tl.where(q != 0, q * (lq - lp), 0.0)
+        qg = LN2 * tl.where(q != 0, q * (lq2 - lp2), 0.0)
     elif (DIV == SYMKL) | (DIV == AKL):
-        qg = -w_f * _exp(lp) + w_r * tl.where(q != 0, q * (lq - lp), 0.0)
+        qg = -w_f * tl.math.exp2(lp2) + (w_r * LN2) * tl.where(q != 0, q * (lq2 - lp2), 0.0)
     elif DIV == TAID:
         qg = -tl.exp((_taid_logits(s, t, m_s, m_t, c1) - m_u) - ld_u)  # tl.exp: _exp spills (fp32, CE, T != 1)
     elif DIV == ZERO:
         qg = tl.zeros([BLOCK_V], tl.float32)
     else:
-        d_el, qg = _mix_terms(lp, lq, _exp(lp), q, c1, c2, w_a, w_b, DIV)
+        d_el, qg = _mix_terms(lp2, lq2, tl.math.exp2(lp2), q, c1, c2, w_a, w_b, DIV)
     return qg
 
 
@@ -310,6 +345,8 @@ def _distill_kernel(
         # log-normalisers kept split as max + log(sum): x − max is exact, x − (max + log sum) is not at large |x|
         ld_s = tl.log(d_s)
         ld_t = tl.log(d_t)
+        l2_s = ld_s * LOG2E  # base 2, for _logp
+        l2_t = ld_t * LOG2E
         lse_s = m_s + ld_s
         lse_t = m_t + ld_t
         fkl = a_f / d_t + (m_s - m_t) + (ld_s - ld_t)  # = a_f/d_t − lse_t + lse_s
@@ -385,13 +422,13 @@ def _distill_kernel(
                 cm = cols < V
                 xs = tl.load(s_base + cols * s_col, mask=cm, other=NEG).to(tl.float32)
                 xt = tl.load(t_base + cols * t_col, mask=cm, other=NEG).to(tl.float32)
-                lq = (xs * inv_t - m_s) - ld_s
-                lp = (xt * inv_t - m_t) - ld_t
-                d_el, qg = _mix_terms(lp, lq, _exp(lp), _exp(lq), c1, c2, w_a, w_b, DIV)
+                lq2, lp2 = _split_logp(xs, xt, m_s, l2_s, m_t, l2_t, inv_t, True)
+                d_el, qg = _mix_terms(lp2, lq2, tl.math.exp2(lp2), tl.math.exp2(lq2), c1, c2, w_a, w_b, DIV)
                 # padding columns (−inf on both sides) must add nothing: ab's e^{α·(−inf) + β·(−inf)} is NaN
                 # when α, β have opposite signs
                 dval += tl.sum(tl.where(cm, d_el, 0.0), 0)
-                ssum += tl.sum(tl.where(cm, qg, 0.0), 0)
+                ssum += tl.sum(tl.where(cm, qg, 0.0), 0)  # in _mix_terms' units, as the gradient pass's qg
+            dval = dval * _mix_unit(DIV)
 
         loss = kd_scale * dval
         label = 0
@@ -418,11 +455,10 @@ def _distill_kernel(
                 xt = tl.load(t_base + cols * t_col, mask=cm, other=NEG).to(tl.float32)
                 s = xs * inv_t
                 t = xt * inv_t
-                lq = (s - m_s) - ld_s
-                lp = (t - m_t) - ld_t
-                q = _exp(lq)
-                qg = _grad_qg(lp, lq, q, s, t, m_s, m_t, m_u, ld_u, w_f, w_r, c1, c2, w_a, w_b, DIV, BLOCK_V)
-                g = kd_coef * (qg - q * ssum)
+                lq2, lp2 = _split_logp(xs, xt, m_s, l2_s, m_t, l2_t, inv_t, True)
+                q = tl.math.exp2(lq2)
+                qg = _grad_qg(lp2, lq2, q, s, t, m_s, m_t, m_u, ld_u, w_f, w_r, c1, c2, w_a, w_b, DIV, BLOCK_V)
+                g = (kd_coef * _mix_unit(DIV)) * (qg - q * ssum)
                 if HAS_LABELS:
                     if CE_RAW:
                         sm = _exp((xs - m_z) - ld_z)

@@ -72,6 +72,8 @@ import triton.language as tl
 
 from fastkd.core.divergences import HYPER_NAMES
 from fastkd.kernels._blocks import (
+    LN2,
+    LOG2E,
     NSLOT,
     NSLOT_STATS,
     WS_A_F,
@@ -491,7 +493,7 @@ def _akl_split_kernel(
                     th = _thresholds(lo, hi, tl.where(i == 0, kb, lo + 1), SH, NT, NV)
                     nk = _nslots(lo, hi, NT)
                     xt = _load_seg(t_ptr + x * t_row, t_col, start, offs, V, full, NEG)
-                    p = tl.where(cm, _exp(_logp(xt, m_t, ld_t, inv_t, SCALED)), 0.0)
+                    p = tl.where(cm, tl.math.exp2(_logp(xt, m_t, ld_t * LOG2E, inv_t, SCALED)), 0.0)
                     mass, cnt = _seg_sums(tl.where(cm, xt, float("nan")), p, th, nk, _is_narrow(lo, hi, NT), SH, NT,
                                           SH == 0)
                     sp = sw_row + j * 2 * NT + i * S * 2 * NT + tl.arange(0, NT)
@@ -523,7 +525,7 @@ def _akl_split_kernel(
                 for jj in range(0, S):
                     m2 = (jj * BLOCK_V + offs) < V
                     xt2 = _load_seg(t_base, t_col, start + (jj - j) * BLOCK_V, offs, V, False, NEG)  # segment jj
-                    p2 = tl.where(m2, _exp(_logp(xt2, m_t, ld_t, inv_t, SCALED)), 0.0)
+                    p2 = tl.where(m2, tl.math.exp2(_logp(xt2, m_t, ld_t * LOG2E, inv_t, SCALED)), 0.0)
                     in2 = (m2 & (xt2 >= vk)).to(tl.float32)
                     mass1 += tl.sum(in2 * p2, 0)
                     cnt1 += tl.sum(in2, 0)
@@ -534,7 +536,7 @@ def _akl_split_kernel(
                                                           mass1 + 0.0 * pair, cnt1 + 0.0 * pair, mu)
                 it += 1
             # the tie count: the first n elements (by index) of G = S(lo) \ S(hi) are in the head (one key)
-            p_star = _exp(_logp(_kval(lo.to(tl.int32), SH), m_t, ld_t, inv_t, SCALED))
+            p_star = tl.math.exp2(_logp(_kval(lo.to(tl.int32), SH), m_t, ld_t * LOG2E, inv_t, SCALED))
             c_g = clo - chi
             n_f = tl.where(p_star > 0, tl.floor((mu - mhi) / tl.where(p_star > 0, p_star, 1.0)), c_g)
             n = tl.where(((hi - lo) == 1) & (c_g >= 2.0), tl.minimum(tl.maximum(n_f, 0.0), c_g - 1.0), 0.0)
@@ -545,8 +547,8 @@ def _akl_split_kernel(
             xt = _load_seg(t_base, t_col, start, offs, V, full, NEG)
             # the log-normalisers kept split (exact x − max first), as in the rounds and the gradient: p has the
             # rounds' bits and |p − q| no per-row factor error at large logits
-            lq, lp = _split_logp(xs, xt, m_s, ld_s, m_t, ld_t, inv_t, SCALED)
-            err = tl.where(cm, tl.abs(_exp(lp) - _exp(lq)), 0.0)
+            lq2, lp2 = _split_logp(xs, xt, m_s, ld_s * LOG2E, m_t, ld_t * LOG2E, inv_t, SCALED)
+            err = tl.where(cm, tl.abs(tl.math.exp2(lp2) - tl.math.exp2(lq2)), 0.0)
             in_hi = xt >= _kval(hi.to(tl.int32), SH)
             head = in_hi | (cols == amax)
             if n > 0:  # the boundary key's group split by index: rank = G elements before this one in the row
@@ -610,17 +612,17 @@ def _akl_split_kernel(
                 ld_t = tl.load(rp + 10, cache_modifier=".cg")
                 xs = _load_seg(s_ptr + x * s_row, s_col, start, offs, V, full, NEG)
                 xt = _load_seg(t_ptr + x * t_row, t_col, start, offs, V, full, NEG)
-                lq, lp = _split_logp(xs, xt, m_s, ld_s, m_t, ld_t, inv_t, SCALED)
-                q = _exp(lq)
-                qg = -w_f * _exp(lp) + w_r * tl.where(q != 0, q * (lq - lp), 0.0)
+                lq2, lp2 = _split_logp(xs, xt, m_s, ld_s * LOG2E, m_t, ld_t * LOG2E, inv_t, SCALED)
+                q = tl.math.exp2(lq2)
+                qg = -w_f * tl.math.exp2(lp2) + (w_r * LN2) * tl.where(q != 0, q * (lq2 - lp2), 0.0)
                 g = (qg - q * (w_r * rkl - w_f)) * (kd_coef * w)
                 m_z = m_s  # only read when CE_RAW
                 ld_z = ld_s
                 if CE_RAW:
                     m_z = tl.load(rp + 7, cache_modifier=".cg")
                     ld_z = tl.load(rp + 11, cache_modifier=".cg")
-                _ce_store(g, xs, q, m_z, ld_z, label, ce_w * w, g_base, start + offs, g_col, V, full, HAS_LABELS,
-                          CE_RAW)
+                _ce_store(g, xs, q, m_z, ld_z * LOG2E, label, ce_w * w, g_base, start + offs, g_col, V, full,
+                          HAS_LABELS, CE_RAW)
 
 
 def default_launch(itemsize: int = 2, heavy: bool = False) -> tuple[int, int]:

@@ -59,12 +59,13 @@ import triton.language as tl
 
 from fastkd.core.divergences import BY_CODE, TABLE
 from fastkd.kernels._blocks import (  # noqa: F401  (NSLOT, NSLOT_STATS, NRS: the launcher's workspace sizes)
+    LN2,
     NEG,
     NRS,
     NSLOT,
     NSLOT_STATS,
-    RS_LD_S,
-    RS_LD_T,
+    RS_L2_S,
+    RS_L2_T,
     RS_M_S,
     RS_M_T,
     WS_A_F,
@@ -92,10 +93,12 @@ from fastkd.kernels._blocks import (  # noqa: F401  (NSLOT, NSLOT_STATS, NRS: th
     _ent_block,
     _ent_merge,
     _exp,
+    _exp_row,
     _load_seg,
     _lse_block,
     _merge,
     _online,
+    _prob_scale,
     _slots,
     _split_logp,
     _store_stats,
@@ -104,16 +107,22 @@ from fastkd.kernels._blocks import (  # noqa: F401  (NSLOT, NSLOT_STATS, NRS: th
     ticket_magic,
 )
 from fastkd.kernels.distill import (
+    AB,
     FKL,
     MIX_SET,
     RKL,
     SYMKL,
     TAID,
+    TVD,
+    TVD_H,
+    TVD_H_INV,
     _constants,
     _grad_qg,
     _mix_terms,
+    _mix_unit,
     _row_value,
     _taid_logits,
+    _tvd_terms,
 )
 
 
@@ -150,7 +159,7 @@ def _distill_split_kernel(
     full = start + BLOCK_V <= V
     segs = tl.arange(0, SP)
     sm = segs < S
-    zero = tl.sum(tl.zeros([BLOCK_V], tl.float32), 0)
+    zero = tl.full((), 0.0, tl.float32)
     c1, c2, w_a, w_b = _constants(h_beta, h_alpha, h_t, DIV)
 
     # ---- phase 0: statistics of segment j of row r ---------------------------------------------------------
@@ -240,22 +249,42 @@ def _distill_split_kernel(
                     tl.store(wp + WS_D_U, d_u)
                     tl.store(wp + WS_A_U, a_u)
                 else:
-                    m_s, ld_s, _ra = _merge(ws_row, WS_M_S, WS_D_S, WS_A_R, segs, sm, WS)
-                    m_t, ld_t, _fa = _merge(ws_row, WS_M_T, WS_D_T, WS_A_F, segs, sm, WS)
+                    m_s, l2_s, _ra = _merge(ws_row, WS_M_S, WS_D_S, WS_A_R, segs, sm, WS)
+                    m_t, l2_t, _fa = _merge(ws_row, WS_M_T, WS_D_T, WS_A_F, segs, sm, WS)
                     if j == 0:  # the row summary the final phase reads (published by this phase's counter)
                         rp = rs_ptr + r1 * NRS
                         tl.store(rp + RS_M_S, m_s)
-                        tl.store(rp + RS_LD_S, ld_s)
+                        tl.store(rp + RS_L2_S, l2_s)
                         tl.store(rp + RS_M_T, m_t)
-                        tl.store(rp + RS_LD_T, ld_t)
+                        tl.store(rp + RS_L2_T, l2_t)
                     xs = _load_seg(s_ptr + r1 * s_row, s_col, start, offs, V, full, NEG)
                     xt = _load_seg(t_ptr + r1 * t_row, t_col, start, offs, V, full, NEG)
-                    lq, lp = _split_logp(xs, xt, m_s, ld_s, m_t, ld_t, inv_t, SCALED)
-                    d_el, qg = _mix_terms(lp, lq, _exp(lp), _exp(lq), c1, c2, w_a, w_b, DIV)
-                    cm = (start + offs) < V  # padding lanes add nothing (ab's NaN for opposite-sign exponents)
+                    if DIV == TVD:  # p and q as exponentials times row scalars (no log-probabilities needed)
+                        s = xs
+                        t = xt
+                        if SCALED:
+                            s = xs * inv_t
+                            t = xt * inv_t
+                        o_s, k_s = _prob_scale(m_s, l2_s)
+                        o_t, k_t = _prob_scale(m_t, l2_t)
+                        eq = _exp_row(s, o_s)
+                        d_el, qg = _tvd_terms(eq, _exp_row(t, o_t), (k_t / k_s) * TVD_H)
+                    else:
+                        lq2, lp2 = _split_logp(xs, xt, m_s, l2_s, m_t, l2_t, inv_t, SCALED)
+                        d_el, qg = _mix_terms(lp2, lq2, tl.math.exp2(lp2), tl.math.exp2(lq2), c1, c2, w_a, w_b,
+                                              DIV)
+                    if (DIV == AB) and (not full):  # padding lanes (p = q = 0) add 0, but ab's e^{α·(−inf) + β·(−inf)}
+                        # is NaN for opposite-sign exponents
+                        cm = (start + offs) < V
+                        d_el = tl.where(cm, d_el, 0.0)
+                        qg = tl.where(cm, qg, 0.0)
                     wp = ws_ptr + (r1 * S + j) * WS
-                    tl.store(wp + WS_P0, tl.sum(tl.where(cm, d_el, 0.0), 0))
-                    tl.store(wp + WS_P1, tl.sum(tl.where(cm, qg, 0.0), 0))
+                    if DIV == TVD:  # the scales once per segment: Σ|q − p| = Σ|h|·k_s/TVD_H, Σq·sign = k_s·Σeq·sign
+                        tl.store(wp + WS_P0, tl.sum(d_el, 0) * (k_s * TVD_H_INV))
+                        tl.store(wp + WS_P1, tl.sum(qg, 0) * k_s)
+                    else:
+                        tl.store(wp + WS_P0, tl.sum(d_el, 0))
+                        tl.store(wp + WS_P1, tl.sum(qg, 0))
             tl.atomic_add(cnt_ptr + 2 + 2 * r1, 1, sem="release")
 
     # ---- final phase: loss (segment 0) and gradient of segment j of row r − LAG ---------------------------
@@ -276,14 +305,16 @@ def _distill_split_kernel(
             if ((MIX_SET >> DIV) & 1) and (not STATS):  # the mid phase's row summary (no fkl / rkl sums needed)
                 rp = rs_ptr + r2 * NRS
                 m_s = tl.load(rp + RS_M_S, cache_modifier=".cg")
-                ld_s = tl.load(rp + RS_LD_S, cache_modifier=".cg")
+                l2_s = tl.load(rp + RS_L2_S, cache_modifier=".cg")
                 m_t = tl.load(rp + RS_M_T, cache_modifier=".cg")
-                ld_t = tl.load(rp + RS_LD_T, cache_modifier=".cg")
+                l2_t = tl.load(rp + RS_L2_T, cache_modifier=".cg")
                 ra = zero
                 fa = zero
             else:
-                m_s, ld_s, ra = _merge(ws_row, WS_M_S, WS_D_S, WS_A_R, segs, sm, WS)
-                m_t, ld_t, fa = _merge(ws_row, WS_M_T, WS_D_T, WS_A_F, segs, sm, WS)
+                m_s, l2_s, ra = _merge(ws_row, WS_M_S, WS_D_S, WS_A_R, segs, sm, WS)
+                m_t, l2_t, fa = _merge(ws_row, WS_M_T, WS_D_T, WS_A_F, segs, sm, WS)
+            ld_s = l2_s * LN2  # natural log-sums for the row's scalars
+            ld_t = l2_t * LN2
             lse_s = m_s + ld_s
             lse_t = m_t + ld_t
             fkl = fa + (m_s - m_t) + (ld_s - ld_t)  # = fa − lse_t + lse_s, without rounding the lse's
@@ -292,25 +323,27 @@ def _distill_split_kernel(
             ld_u = ld_s
             taid = zero
             if DIV == TAID:
-                m_u, ld_u, ua = _merge(ws_row, WS_M_U, WS_D_U, WS_A_U, segs, sm, WS)
+                m_u, l2_u, ua = _merge(ws_row, WS_M_U, WS_D_U, WS_A_U, segs, sm, WS)
+                ld_u = l2_u * LN2
                 taid = ua - m_u + (ld_s - ld_u)  # Σ r (log r − log q), log r = u − m_u − ld_u, log q = s − m_s − ld_s
             dval, ssum, w_f, w_r = _row_value(fkl, rkl, taid, lse_s, lse_t, c1, zero, DIV)
-            if (MIX_SET >> DIV) & 1:  # a mixture: D and Σqg are the sums of the mid phase's partials
-                dval = tl.sum(_slots(ws_row, WS_P0, segs, sm, WS, 0.0), 0)
+            if (MIX_SET >> DIV) & 1:  # a mixture: D and Σqg are the sums of the mid phase's partials (Σqg kept in
+                # _mix_terms' units, as the qg of the gradient below: the unit goes into its coefficient)
+                dval = tl.sum(_slots(ws_row, WS_P0, segs, sm, WS, 0.0), 0) * _mix_unit(DIV)
                 ssum = tl.sum(_slots(ws_row, WS_P1, segs, sm, WS, 0.0), 0)
             label = 0
             m_z = m_s
-            ld_z = ld_s
+            l2_z = l2_s
             if HAS_LABELS:
                 label = tl.load(lab_ptr + r2)
                 if CE_RAW:
-                    m_z, ld_z, _za = _merge(ws_row, WS_M_Z, WS_D_Z, WS_A_R, segs, sm, WS)
+                    m_z, l2_z, _za = _merge(ws_row, WS_M_Z, WS_D_Z, WS_A_R, segs, sm, WS)
             if j == 0:
                 loss = kd_scale * dval
                 if HAS_LABELS:
                     ok = (label >= 0) & (label < V)  # a bad label was never read: NaN loss
                     zl = tl.sum(_slots(ws_row, WS_ZL, segs, sm, WS, 0.0), 0)
-                    loss += ce_w * tl.where(ok, (m_z - zl) + ld_z, float("nan"))
+                    loss += ce_w * tl.where(ok, (m_z - zl) + l2_z * LN2, float("nan"))
                 tl.store(loss_ptr + r2, loss)
                 if STATS:  # the row's statistics, by the program that writes its loss
                     zv = tl.zeros([SP], tl.float32)
@@ -333,16 +366,23 @@ def _distill_split_kernel(
                 if SCALED:
                     s = xs * inv_t
                     t = xt * inv_t
-                lq = (s - m_s) - ld_s
-                lp = (t - m_t) - ld_t
-                q = _exp(lq)
-                cw = kd_coef * w
+                cw = kd_coef * w * _mix_unit(DIV)
+                if DIV == TVD:  # (q·sign − q·Σq·sign)·cw = (eq·sign − eq·Σq·sign)·(k_s·cw)
+                    o_s, k_s = _prob_scale(m_s, l2_s)
+                    o_t, k_t = _prob_scale(m_t, l2_t)
+                    eq = _exp_row(s, o_s)
+                    _a, eqs = _tvd_terms(eq, _exp_row(t, o_t), (k_t / k_s) * TVD_H)
+                    g = (eqs - eq * ssum) * (k_s * cw)
+                    q = eq * k_s
+                else:
+                    lq2, lp2 = _split_logp(xs, xt, m_s, l2_s, m_t, l2_t, inv_t, SCALED)
+                    q = tl.math.exp2(lq2)
                 if DIV == FKL:  # qg − q·Σqg = q − p
-                    g = (q - _exp(lp)) * cw
-                else:  # (a mixture's D came from the mid phase: only its qg is computed)
-                    qg = _grad_qg(lp, lq, q, s, t, m_s, m_t, m_u, ld_u, w_f, w_r, c1, c2, w_a, w_b, DIV, BLOCK_V)
+                    g = (q - tl.math.exp2(lp2)) * cw
+                elif DIV != TVD:  # (a mixture's D came from the mid phase: only its qg is computed)
+                    qg = _grad_qg(lp2, lq2, q, s, t, m_s, m_t, m_u, ld_u, w_f, w_r, c1, c2, w_a, w_b, DIV, BLOCK_V)
                     g = (qg - q * ssum) * cw
-                _ce_store(g, xs, q, m_z, ld_z, label, ce_w * w, g_base, cols, g_col, V, full, HAS_LABELS, CE_RAW)
+                _ce_store(g, xs, q, m_z, l2_z, label, ce_w * w, g_base, cols, g_col, V, full, HAS_LABELS, CE_RAW)
 
 
 def lag(code: int) -> int:

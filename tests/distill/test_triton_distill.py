@@ -532,3 +532,23 @@ def test_kernel_files_share_helpers_through_blocks():
             ("sparse_split.py", "_blocks")} <= seen
     akl = (folder / "distill_akl.py").read_text()
     assert not re.search(r"\b(wp|wr) \+ \d", akl), "distill_akl addresses a workspace slot by number"
+
+
+@pytest.mark.parametrize("schedule", ["split", "two_pass"])
+def test_tvd_ties_take_torch_sign_zero(schedule):
+    """tvd's gradient takes sign(q − p) = 0 where q = p (torch.sign, the reference's autograd of |x|): rows whose
+    student equals the teacher (one with −inf columns) give a zero loss and an exactly zero gradient; a row
+    equal but for two columns and a row of another teacher match the float64 reference. The kernels take the
+    sign from a clamp of the scaled difference, not a compare (kernels/distill._tvd_terms)."""
+    g = torch.Generator().manual_seed(7)
+    s = torch.randn(5, 131, generator=g) * 2
+    t = s.clone()
+    t[1, [5, 90]] += torch.tensor([1.5, -0.75])
+    s[2, [0, 70]] = t[2, [0, 70]] = -math.inf
+    t[4] = torch.randn(131, generator=g) * 2
+    with TD.override_config(schedule=schedule):
+        loss, grad = _run(s, t, "tvd", reduction="none")
+    rl, rg = _ref(s, t, "tvd", reduction="none")
+    assert torch.equal(loss[[0, 2, 3]], torch.zeros(3)) and torch.equal(grad[[0, 2, 3]], torch.zeros(3, 131))
+    torch.testing.assert_close(loss.double(), rl, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), rg, rtol=1e-4, atol=1e-6)
