@@ -6,7 +6,7 @@ every side, so a term ``e^{x−m}·(...)`` is skipped where ``e^{x−m} = 0`` (`
 input still propagates. Log-normalisers stay split as (max, log Σe^{x−max}): a logit minus the max is exact in
 fp32, a logit minus the rounded lse is not at large |logits|.
 
-Contents: e^x and log x on the MUFU (:func:`_exp`, :func:`_exp_shift`, :func:`_log2`, :func:`_log`); bf16 unpacking
+Contents: e^x and log x on the MUFU (:func:`_exp`, :func:`_exp_shift`, :func:`_log2`); bf16 unpacking
 (:func:`_unpack`); log-add-exp (:func:`_lae`); online and per-block
 (max, sum-exp) folds (:func:`_online`, :func:`_lse_block`); entropy partials and their merges (:func:`_ent_block`,
 :func:`_ent_online`, :func:`_ent_merge`); the first-index argmax (:func:`_argmax_block`, :func:`_argmax_fold`); the
@@ -90,15 +90,6 @@ def _log2(x):
         return libdevice.fast_log2f(x)
     else:
         return tl.log2(x)
-
-
-@triton.jit
-def _log(x):
-    """log x as :func:`_log2` (x)·log 2."""
-    if MUFU_LOG:
-        return libdevice.fast_log2f(x) * LN2
-    else:
-        return tl.log(x)
 
 
 @triton.jit
