@@ -282,6 +282,39 @@ def _logp(x, m, l2d, inv_t, SCALED: tl.constexpr):
 
 
 @triton.jit
+def _logp_shift(m, l2d):
+    """δ of :func:`_logp_row`: c − (m·log2 e + l2d) for c = m·log2 e + l2d as fp32 computes it (|δ| ≤ half an ulp
+    of c, ~5e-4 at |m| ~ 1e4). On a GPU the FMA gives m·log2 e − c exactly before one rounding at the size of
+    l2d; in the interpreter (Triton 3.6's rounds an fma's product) the differences of a rounded product, exact
+    by Sterbenz's lemma (the interpreter's y then subtracts δ from :func:`_logp`)."""
+    if MUFU_LOG:
+        c = m * LOG2E + l2d
+        d = -(tl.fma(m, LOG2E, -c) + l2d)
+    else:
+        hi = m * LOG2E
+        d = ((hi + l2d) - hi) - l2d
+    return d
+
+
+@triton.jit
+def _logp_row(x, m, l2d, inv_t, SCALED: tl.constexpr):
+    """(y, δ): the base-2 log-probabilities of :func:`_logp` as y + δ, δ = :func:`_logp_shift` a row scalar. On a
+    GPU y = fma(x/T, log2 e, −c), c = m·log2 e + l2d rounded: one FFMA per element where :func:`_logp` takes the
+    subtraction x/T − m first; its rounding is relative to y (the product is exact inside the FMA), and c's is δ,
+    which the callers fold into their row scalars (2^y = 2^{−δ}·p). In the interpreter y = :func:`_logp` − δ (the
+    same folds then run on CPU)."""
+    d = _logp_shift(m, l2d)
+    if MUFU_LOG:
+        xs = x
+        if SCALED:
+            xs = x * inv_t
+        y = tl.fma(xs, LOG2E, -(m * LOG2E + l2d))
+    else:
+        y = _logp(x, m, l2d, inv_t, SCALED) - d
+    return y, d
+
+
+@triton.jit
 def _prob_scale(m, l2d):
     """(ms, k) with softmax = :func:`_exp_row` (x, ms) · k for a block of tempered logits x of a row with max m
     and l2d = log2 Σe^{x − m}: the normaliser folded into the scalar k. The probabilities of a block then cost

@@ -178,21 +178,31 @@ def _tvd_terms(eq, ep, r_h):
     return tl.abs(h), tl.minimum(tl.maximum(h, -eq), eq)
 
 
+# the smallest normal fp32: a mixture m is clamped to it where both sides underflow (the MUFU's exponentials flush
+# below it), so that log m stays finite; a log-probability is clamped to LP2_FLOOR (below every log2 of a nonzero
+# exponential, 2^-149 the smallest denormal), so that q·(log q − log m) is 0, not 0·(−inf), where q == 0
+TINY = tl.constexpr(1.1754943508222875e-38)
+LP2_FLOOR = tl.constexpr(-160.0)
+
+
 @triton.jit
 def _mix_terms(lp2, lq2, p, q, c1, c2, w_a, w_b, DIV: tl.constexpr):
-    """Elementwise (D term, qg) of the divergences that need a reduction pass (jsd, skl, srkl, tvd, ab), from the
-    base-2 log-probabilities lp2, lq2 (:func:`fastkd.kernels._blocks._logp`) and p = 2^lp2, q = 2^lq2; D and qg in
-    natural units (a log2 difference × log 2, folded into the scalar coefficient).
+    """Elementwise terms (u, v) of the divergences that need a reduction pass (jsd, skl, srkl, tvd, ab), from the
+    base-2 log-probabilities lp2, lq2 (:func:`fastkd.kernels._blocks._logp`) and p = 2^lp2, q = 2^lq2. D and qg
+    are combinations with the scalar coefficients of :func:`_mix_coefs`: D = Σ (a_u·u + a_v·v), qg = b_u·u + b_v·v,
+    so that a pass over the row accumulates Σu and Σv and no coefficient is multiplied per element (log 2, the
+    mixture weights and tvd's 1/2 all live in the coefficients).
 
     m = w_a·p + w_b·q (jsd: β, 1−β; skl: α, 1−α; srkl: 1−α, α), formed from p and q: one log per element and no
-    exponential of its own; ab: c1 = α, c2 = β and the powers are taken in the log domain
-    (p^α q^β = e^{α log p + β log q}). tvd: the terms are |q − p| and q·sign(q − p) (torch.sign: 0 at a tie),
-    twice D's and qg's: the callers scale the sums and the gradient by :func:`_mix_unit` (the halving then costs
-    nothing per element).
+    exponential of its own. jsd: u = q·(log2 q − log2 m), v = p·(log2 p − log2 m), the log-probabilities clamped
+    at LP2_FLOOR (one max instead of a compare and a select: where q == 0 the term is then 0·finite; a NaN input
+    still gives a NaN q or m). skl, srkl: their KL term and the gradient's extra term. ab: c1 = α, c2 = β and the
+    powers are taken in the log domain (p^α q^β = e^{α log p + β log q}); u = D's term, v = qg. tvd: u = |q − p|,
+    v = q·sign(q − p) (torch.sign: 0 at a tie).
     """
     if DIV == TVD:
-        d_el, qg = _tvd_terms(q, p, TVD_H)
-        d_el = d_el * TVD_H_INV
+        u, v = _tvd_terms(q, p, TVD_H)
+        u = u * TVD_H_INV
     elif DIV == AB:  # −1/(αβ) Σ (p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β)); qg = (q^(α+β) − p^α q^β)/α
         # as −1/(α+β) Σ ((p^α q^β − p^(α+β))/β + (p^α q^β − q^(α+β))/α): no cancellation as α or β → 0
         lp = lp2 * LN2
@@ -202,28 +212,66 @@ def _mix_terms(lp2, lq2, p, q, c1, c2, w_a, w_b, DIV: tl.constexpr):
         # launches into register spills on sm_90 (Triton 3.6)
         e_pq = tl.exp(c1 * lp + c2 * lq)
         t_q = _pow_diff(tl.exp(s_ab * lq), e_pq, lp - lq, c1)  # (p^α q^β − q^(α+β)) / α
-        d_el = -(_pow_diff(tl.exp(s_ab * lp), e_pq, lq - lp, c2) + t_q) * (1.0 / s_ab)
-        qg = -t_q
+        u = -(_pow_diff(tl.exp(s_ab * lp), e_pq, lq - lp, c2) + t_q) * (1.0 / s_ab)
+        v = -t_q
     else:
-        # m clamped at the smallest normal: where both sides underflow (exponentials flush below 2^-126) the
-        # terms stay finite and ~0 instead of 0·(log 0 − log 0); a NaN m stays NaN
-        mix = w_a * p + w_b * q
-        lm2 = _log2(tl.where(mix < 1.1754943508222875e-38, 1.1754943508222875e-38, mix))  # NaN stays NaN
+        lm2 = _mix_log2(p, q, w_a, w_b)
         if DIV == JSD:  # β KL(p‖m) + (1−β) KL(q‖m)
-            qg = ((1.0 - c1) * LN2) * tl.where(q != 0, q * (lq2 - lm2), 0.0)
-            d_el = (c1 * LN2) * tl.where(p != 0, p * (lp2 - lm2), 0.0) + qg
-        elif DIV == SKL:  # KL(p ‖ αp + (1−α)q)
-            d_el = LN2 * tl.where(p != 0, p * (lp2 - lm2), 0.0)
-            qg = -(1.0 - c1) * tl.where(p != 0, tl.math.exp2(lp2 + lq2 - lm2), 0.0)
-        else:  # srkl: KL(q ‖ (1−α)p + αq)
-            d_el = LN2 * tl.where(q != 0, q * (lq2 - lm2), 0.0)
-            qg = d_el - c1 * tl.where(q != 0, tl.math.exp2(2.0 * lq2 - lm2), 0.0)
-    return d_el, qg
+            u = q * (tl.maximum(lq2, LP2_FLOOR) - lm2)
+            v = p * (tl.maximum(lp2, LP2_FLOOR) - lm2)
+        elif DIV == SKL:  # KL(p ‖ αp + (1−α)q); qg = −(1−α)·pq/m
+            u = tl.where(p != 0, p * (lp2 - lm2), 0.0)
+            v = tl.where(p != 0, tl.math.exp2(lp2 + lq2 - lm2), 0.0)
+        else:  # srkl: KL(q ‖ (1−α)p + αq); qg = its term − α·q²/m
+            u = tl.where(q != 0, q * (lq2 - lm2), 0.0)
+            v = tl.where(q != 0, tl.math.exp2(2.0 * lq2 - lm2), 0.0)
+    return u, v
+
+
+@triton.jit
+def _mix_log2(p, q, w_a, w_b):
+    """log2 m of the mixture m = w_a·p + w_b·q, m clamped at TINY (a NaN m stays NaN)."""
+    mix = w_a * p + w_b * q
+    return _log2(tl.where(mix < TINY, TINY, mix))
+
+
+@triton.jit
+def _mix_coefs(c1, DIV: tl.constexpr):
+    """(a_u, a_v, b_u, b_v): D = Σ (a_u·u + a_v·v) and qg = b_u·u + b_v·v for :func:`_mix_terms`' (u, v), qg in the
+    units of the gradient's coefficient (× :func:`_mix_unit` is the true qg: tvd's terms are twice its)."""
+    z = c1 * 0.0
+    if DIV == JSD:
+        a_u = (1.0 - c1) * LN2
+        a_v = c1 * LN2
+        b_u = a_u
+        b_v = z
+    elif DIV == SKL:
+        a_u = z + LN2
+        a_v = z
+        b_u = z
+        b_v = c1 - 1.0
+    elif DIV == SRKL:
+        a_u = z + LN2
+        a_v = z
+        b_u = z + LN2
+        b_v = -c1
+    elif DIV == TVD:
+        a_u = z + 0.5
+        a_v = z
+        b_u = z
+        b_v = z + 1.0
+    else:  # ab
+        a_u = z + 1.0
+        a_v = z
+        b_u = z
+        b_v = z + 1.0
+    return a_u, a_v, b_u, b_v
 
 
 @triton.jit
 def _mix_unit(DIV: tl.constexpr):
-    """The factor of :func:`_mix_terms`' terms (and of :func:`_grad_qg`'s qg): 1/2 for tvd, else 1."""
+    """The factor of a mixture's qg in :func:`_mix_coefs`' units (the gradient's coefficient takes it): 1/2 for
+    tvd, else 1."""
     if DIV == TVD:
         return 0.5
     else:
@@ -231,15 +279,36 @@ def _mix_unit(DIV: tl.constexpr):
 
 
 @triton.jit
-def _grad_qg(lp2, lq2, q, s, t, m_s, m_t, m_u, ld_u, w_f, w_r, c1, c2, w_a, w_b, DIV: tl.constexpr,
-             BLOCK_V: tl.constexpr):
-    """qg = q·∂D/∂q of one block of the gradient pass, every divergence (both schedules).
+def _mix_grad(lp2, lq2, q, ssum, cw, c1, c2, w_a, w_b, DIV: tl.constexpr):
+    """A mixture's gradient block (qg − q·Σqg)·cw (Σqg = ssum in :func:`_mix_coefs`' units, cw with
+    :func:`_mix_unit`), from the base-2 log-probabilities and q = 2^lq2. jsd as q·(k·(log2 q − log2 m) − ssum·cw),
+    k = b_u·cw: three operations per element after log m (its qg is q times a log difference)."""
+    if DIV == JSD:
+        _a_u, _a_v, b_u, _b_v = _mix_coefs(c1, DIV)
+        lm2 = _mix_log2(tl.math.exp2(lp2), q, w_a, w_b)
+        g = q * ((b_u * cw) * (tl.maximum(lq2, LP2_FLOOR) - lm2) - ssum * cw)
+    else:
+        u, v = _mix_terms(lp2, lq2, tl.math.exp2(lp2), q, c1, c2, w_a, w_b, DIV)
+        _a_u, _a_v, b_u, b_v = _mix_coefs(c1, DIV)
+        if DIV == SRKL:
+            qg = b_u * u + b_v * v
+        elif DIV == SKL:  # b_u = 0: u is then not computed (its registers spilled skl's fp16 launches)
+            qg = b_v * v
+        else:  # tvd, ab: qg = v (b_u = 0, b_v = 1)
+            qg = v
+        g = (qg - q * ssum) * cw
+    return g
+
+
+@triton.jit
+def _grad_qg(lp2, lq2, q, s, t, m_s, m_t, m_u, ld_u, w_f, w_r, c1, DIV: tl.constexpr, BLOCK_V: tl.constexpr):
+    """qg = q·∂D/∂q of one block of the gradient pass, the divergences that are not mixtures (both schedules; a
+    mixture's gradient is :func:`_mix_grad`'s).
 
     lp2, lq2: base-2 log-probabilities of teacher and student (:func:`fastkd.kernels._blocks._logp`), q = 2^lq2;
     s, t: the tempered logits and m_s, m_t their row
     maxima, m_u, ld_u taid's log-normaliser (:func:`_taid_logits`); w_f, w_r: the fkl / rkl weights of symkl and
-    akl (:func:`_row_value`); c1, c2, w_a, w_b: :func:`_constants`. A mixture's qg is :func:`_mix_terms`' term (×
-    :func:`_mix_unit` is the true one)."""
+    akl (:func:`_row_value`); c1: :func:`_constants`' (taid's τ)."""
     if DIV == FKL:
         qg = -tl.math.exp2(lp2)
     elif DIV == RKL:
@@ -248,10 +317,8 @@ def _grad_qg(lp2, lq2, q, s, t, m_s, m_t, m_u, ld_u, w_f, w_r, c1, c2, w_a, w_b,
         qg = -w_f * tl.math.exp2(lp2) + (w_r * LN2) * tl.where(q != 0, q * (lq2 - lp2), 0.0)
     elif DIV == TAID:
         qg = -tl.exp((_taid_logits(s, t, m_s, m_t, c1) - m_u) - ld_u)  # tl.exp: _exp spills (fp32, CE, T != 1)
-    elif DIV == ZERO:
+    else:  # zero (a mixture's gradient is _mix_grad's)
         qg = tl.zeros([BLOCK_V], tl.float32)
-    else:
-        d_el, qg = _mix_terms(lp2, lq2, tl.math.exp2(lp2), q, c1, c2, w_a, w_b, DIV)
     return qg
 
 
@@ -423,12 +490,13 @@ def _distill_kernel(
                 xs = tl.load(s_base + cols * s_col, mask=cm, other=NEG).to(tl.float32)
                 xt = tl.load(t_base + cols * t_col, mask=cm, other=NEG).to(tl.float32)
                 lq2, lp2 = _split_logp(xs, xt, m_s, l2_s, m_t, l2_t, inv_t, True)
-                d_el, qg = _mix_terms(lp2, lq2, tl.math.exp2(lp2), tl.math.exp2(lq2), c1, c2, w_a, w_b, DIV)
+                u, v = _mix_terms(lp2, lq2, tl.math.exp2(lp2), tl.math.exp2(lq2), c1, c2, w_a, w_b, DIV)
                 # padding columns (−inf on both sides) must add nothing: ab's e^{α·(−inf) + β·(−inf)} is NaN
                 # when α, β have opposite signs
-                dval += tl.sum(tl.where(cm, d_el, 0.0), 0)
-                ssum += tl.sum(tl.where(cm, qg, 0.0), 0)  # in _mix_terms' units, as the gradient pass's qg
-            dval = dval * _mix_unit(DIV)
+                dval += tl.sum(tl.where(cm, u, 0.0), 0)  # Σu, Σv: the coefficients once per row
+                ssum += tl.sum(tl.where(cm, v, 0.0), 0)
+            a_u, a_v, b_u, b_v = _mix_coefs(c1, DIV)
+            dval, ssum = a_u * dval + a_v * ssum, b_u * dval + b_v * ssum  # ssum in _mix_coefs' units
 
         loss = kd_scale * dval
         label = 0
@@ -457,8 +525,11 @@ def _distill_kernel(
                 t = xt * inv_t
                 lq2, lp2 = _split_logp(xs, xt, m_s, l2_s, m_t, l2_t, inv_t, True)
                 q = tl.math.exp2(lq2)
-                qg = _grad_qg(lp2, lq2, q, s, t, m_s, m_t, m_u, ld_u, w_f, w_r, c1, c2, w_a, w_b, DIV, BLOCK_V)
-                g = (kd_coef * _mix_unit(DIV)) * (qg - q * ssum)
+                if (MIX_SET >> DIV) & 1:
+                    g = _mix_grad(lp2, lq2, q, ssum, kd_coef * _mix_unit(DIV), c1, c2, w_a, w_b, DIV)
+                else:
+                    qg = _grad_qg(lp2, lq2, q, s, t, m_s, m_t, m_u, ld_u, w_f, w_r, c1, DIV, BLOCK_V)
+                    g = kd_coef * (qg - q * ssum)
                 if HAS_LABELS:
                     if CE_RAW:
                         sm = _exp((xs - m_z) - ld_z)

@@ -36,15 +36,22 @@ The L2 argument (the rule the cost model applies, ``bench/costcount.py``). A seg
 (phase 0), re-read by ticket u + S (phase 1) and u + LAG·S (final). Between the first read and the last
 re-read the GPU runs at most (resident programs + LAG·S) programs, each touching its distinct bytes
 b = (LAG + 1) segment pairs + one gradient segment. bf16 at V = 131072: fkl at (8192, 8), b = 80 KB (2 × 32 KB
-read + 16 KB written), 2 programs per SM → resident = 264, LAG·S = 16 → 280 × 80 KB = 22 MB; jsd at (4096, 8),
-b = 56 KB, resident = 528, LAG·S = 64 → 592 × 56 KB = 33 MB; tvd at (8192, 8), (264 + 32) × 112 KB = 33 MB; all
-under the 50 MB L2, so the re-reads are L2 hits and HBM sees each logit read once and the gradient written
-once (+ ~0.8 KB of workspace per unit, 2–3 % of the traffic). With ``STATS`` (return_stats) phase 0 writes 6
-more slots (``NSLOT_STATS`` = 20: 24 B per unit) and the segment-0 program of the final phase reads them for
-every segment (6·S·4 B per row, 24 B per unit): ~+48 B per unit at S = 32, +0.1 % of the 40 KB, no extra
+read + 16 KB written), 2 programs per SM → resident = 264, LAG·S = 16 → 280 × 80 KB = 22 MB; jsd at (8192, 8)
+in sub-blocks of 4096 (below), b = 112 KB, 3 programs per SM → (396 + 32) × 112 KB = 48 MB (the closest to the
+L2 of the defaults); tvd at (8192, 8), (264 + 32) × 112 KB = 33 MB; all under the 50 MB L2, so the re-reads
+are L2 hits and HBM sees each logit read once and the gradient written once (+ ~0.8 KB of workspace per unit,
+2–3 % of the traffic). With ``STATS`` (return_stats) phase 0 writes 6 more slots (``NSLOT_STATS`` = 20: 24 B per
+unit) and the segment-0 program of the final phase reads them for every segment (6·S·4 B per row, 24 B per
+unit): ~+48 B per unit at S = 32, +0.1 % of the 40 KB, no extra
 pass over the logits and the same L2 window. The bound scales with BLOCK_V, not V: any
 vocabulary fits. AKL has its own split kernel (:mod:`fastkd.kernels.distill_akl`: the same schedule with the head
 search as extra phases); ``fastkd.distill.triton_impl.schedule`` says which kernel runs and why.
+
+Sub-blocks: the mid and final phases take a segment in ``BLOCK_V / SUB_V`` sub-blocks, in a loop that is not
+unrolled (``SUB_V``: the table's ``split_sub``, :func:`sub_block`), so that a large segment keeps the registers of
+a sub-block while the fixed work of a unit (ticket, waits, merges, cross-warp reductions) is paid once per
+segment; the mid phase accumulates its terms elementwise and reduces once. Phase 0 takes the segment whole (its
+max precedes its exponentials).
 
 Loads: a full segment is loaded without a mask (vectorised when the column stride is 1 and the row stride a
 multiple of 16 bytes, which Triton specialises on), only the tail segment (j = S − 1 when V % BLOCK_V != 0) is
@@ -95,6 +102,8 @@ from fastkd.kernels._blocks import (  # noqa: F401  (NSLOT, NSLOT_STATS, NRS: th
     _exp,
     _exp_row,
     _load_seg,
+    _logp_row,
+    _logp_shift,
     _lse_block,
     _merge,
     _online,
@@ -109,6 +118,7 @@ from fastkd.kernels._blocks import (  # noqa: F401  (NSLOT, NSLOT_STATS, NRS: th
 from fastkd.kernels.distill import (
     AB,
     FKL,
+    JSD,
     MIX_SET,
     RKL,
     SYMKL,
@@ -118,6 +128,8 @@ from fastkd.kernels.distill import (
     TVD_H_INV,
     _constants,
     _grad_qg,
+    _mix_coefs,
+    _mix_grad,
     _mix_terms,
     _mix_unit,
     _row_value,
@@ -148,6 +160,7 @@ def _distill_split_kernel(
     SCALED: tl.constexpr,  # temperature != 1 (else the logits are used as loaded)
     STATS: tl.constexpr,  # also write the statistics (fastkd.core.stats): 6 more slots, merged by segment 0
     WS: tl.constexpr,  # workspace slots per unit: NSLOT, or NSLOT_STATS with STATS
+    SUB_V: tl.constexpr,  # sub-block of the mid and final phases (BLOCK_V / SUB_V of them, in a loop)
 ):
     u = tl.atomic_add(cnt_ptr, 1).to(tl.int64)  # ticket: units are taken in this order (see docstring)
     # divmod(u, S) by a multiply and a shift: an integer division compiles to a called subroutine whose stack
@@ -161,6 +174,8 @@ def _distill_split_kernel(
     sm = segs < S
     zero = tl.full((), 0.0, tl.float32)
     c1, c2, w_a, w_b = _constants(h_beta, h_alpha, h_t, DIV)
+    NSUB: tl.constexpr = BLOCK_V // SUB_V
+    offs_h = tl.arange(0, SUB_V)
 
     # ---- phase 0: statistics of segment j of row r ---------------------------------------------------------
     if r < N:
@@ -257,34 +272,31 @@ def _distill_split_kernel(
                         tl.store(rp + RS_L2_S, l2_s)
                         tl.store(rp + RS_M_T, m_t)
                         tl.store(rp + RS_L2_T, l2_t)
-                    xs = _load_seg(s_ptr + r1 * s_row, s_col, start, offs, V, full, NEG)
-                    xt = _load_seg(t_ptr + r1 * t_row, t_col, start, offs, V, full, NEG)
-                    if DIV == TVD:  # p and q as exponentials times row scalars (no log-probabilities needed)
-                        s = xs
-                        t = xt
-                        if SCALED:
-                            s = xs * inv_t
-                            t = xt * inv_t
-                        o_s, k_s = _prob_scale(m_s, l2_s)
-                        o_t, k_t = _prob_scale(m_t, l2_t)
-                        eq = _exp_row(s, o_s)
-                        d_el, qg = _tvd_terms(eq, _exp_row(t, o_t), (k_t / k_s) * TVD_H)
+                    # the segment in NSUB sub-blocks (a loop, not unrolled: the registers of one sub-block); the
+                    # terms accumulate elementwise and are reduced once. One sub-block: no loop (Triton 3.6 keeps a
+                    # one-trip loop, whose accumulators spilled ab's launches)
+                    o_s, k_s = _prob_scale(m_s, l2_s)  # tvd: p and q as exponentials times row scalars
+                    o_t, k_t = _prob_scale(m_t, l2_t)
+                    if NSUB == 1:
+                        tu, tv = _mid_terms(s_ptr + r1 * s_row, t_ptr + r1 * t_row, s_col, t_col, start, offs, V,
+                                            m_s, l2_s, m_t, l2_t, o_s, k_s, o_t, k_t, inv_t, c1, c2, w_a, w_b, DIV,
+                                            SCALED)
                     else:
-                        lq2, lp2 = _split_logp(xs, xt, m_s, l2_s, m_t, l2_t, inv_t, SCALED)
-                        d_el, qg = _mix_terms(lp2, lq2, tl.math.exp2(lp2), tl.math.exp2(lq2), c1, c2, w_a, w_b,
-                                              DIV)
-                    if (DIV == AB) and (not full):  # padding lanes (p = q = 0) add 0, but ab's e^{α·(−inf) + β·(−inf)}
-                        # is NaN for opposite-sign exponents
-                        cm = (start + offs) < V
-                        d_el = tl.where(cm, d_el, 0.0)
-                        qg = tl.where(cm, qg, 0.0)
+                        tu = tl.zeros([SUB_V], tl.float32)
+                        tv = tl.zeros([SUB_V], tl.float32)
+                        for h in tl.range(0, NSUB, loop_unroll_factor=1):
+                            hu, hv = _mid_terms(s_ptr + r1 * s_row, t_ptr + r1 * t_row, s_col, t_col, start + h * SUB_V,
+                                                offs_h, V, m_s, l2_s, m_t, l2_t, o_s, k_s, o_t, k_t, inv_t, c1, c2, w_a,
+                                                w_b, DIV, SCALED)
+                            tu += hu
+                            tv += hv
                     wp = ws_ptr + (r1 * S + j) * WS
                     if DIV == TVD:  # the scales once per segment: Σ|q − p| = Σ|h|·k_s/TVD_H, Σq·sign = k_s·Σeq·sign
-                        tl.store(wp + WS_P0, tl.sum(d_el, 0) * (k_s * TVD_H_INV))
-                        tl.store(wp + WS_P1, tl.sum(qg, 0) * k_s)
-                    else:
-                        tl.store(wp + WS_P0, tl.sum(d_el, 0))
-                        tl.store(wp + WS_P1, tl.sum(qg, 0))
+                        tl.store(wp + WS_P0, tl.sum(tu, 0) * (k_s * TVD_H_INV))
+                        tl.store(wp + WS_P1, tl.sum(tv, 0) * k_s)
+                    else:  # Σu, Σv (_mix_coefs combines them in the final phase)
+                        tl.store(wp + WS_P0, tl.sum(tu, 0))
+                        tl.store(wp + WS_P1, tl.sum(tv, 0))
             tl.atomic_add(cnt_ptr + 2 + 2 * r1, 1, sem="release")
 
     # ---- final phase: loss (segment 0) and gradient of segment j of row r − LAG ---------------------------
@@ -327,10 +339,19 @@ def _distill_split_kernel(
                 ld_u = l2_u * LN2
                 taid = ua - m_u + (ld_s - ld_u)  # Σ r (log r − log q), log r = u − m_u − ld_u, log q = s − m_s − ld_s
             dval, ssum, w_f, w_r = _row_value(fkl, rkl, taid, lse_s, lse_t, c1, zero, DIV)
-            if (MIX_SET >> DIV) & 1:  # a mixture: D and Σqg are the sums of the mid phase's partials (Σqg kept in
-                # _mix_terms' units, as the qg of the gradient below: the unit goes into its coefficient)
-                dval = tl.sum(_slots(ws_row, WS_P0, segs, sm, WS, 0.0), 0) * _mix_unit(DIV)
-                ssum = tl.sum(_slots(ws_row, WS_P1, segs, sm, WS, 0.0), 0)
+            if (MIX_SET >> DIV) & 1:  # a mixture: D and Σqg from the sums of the mid phase's partials Σu, Σv (Σqg
+                # in _mix_coefs' units, as the gradient below: the unit goes into its coefficient)
+                a_u, a_v, b_u, b_v = _mix_coefs(c1, DIV)
+                su = tl.sum(_slots(ws_row, WS_P0, segs, sm, WS, 0.0), 0)
+                sv = tl.sum(_slots(ws_row, WS_P1, segs, sm, WS, 0.0), 0)
+                if DIV == JSD:  # the mid phase's terms at y = log2 − δ (_logp_row): u = 2^δq·(u' + δq·q'), and
+                    # Σq = Σp = 1 over the row: Σu = 2^δq·Σu' + δq
+                    dq = _logp_shift(m_s, l2_s)
+                    dp = _logp_shift(m_t, l2_t)
+                    su = tl.math.exp2(dq) * su + dq
+                    sv = tl.math.exp2(dp) * sv + dp
+                dval = a_u * su + a_v * sv
+                ssum = b_u * su + b_v * sv
             label = 0
             m_z = m_s
             l2_z = l2_s
@@ -359,30 +380,97 @@ def _distill_split_kernel(
                     _m, i_t = _argmax_block(_slots(ws_row, WS_RM_T, segs, sm, WS, float("-inf")), bits_t)
                     _store_stats(st_ptr + r2 * st_row, d_t, c_t, d_s, c_s, i_t, i_s, fkl)
             if HAS_GRAD:
-                xs = _load_seg(s_ptr + r2 * s_row, s_col, start, offs, V, full, NEG)
-                xt = _load_seg(t_ptr + r2 * t_row, t_col, start, offs, V, full, NEG)
-                s = xs
-                t = xt
-                if SCALED:
-                    s = xs * inv_t
-                    t = xt * inv_t
-                cw = kd_coef * w * _mix_unit(DIV)
-                if DIV == TVD:  # (q·sign − q·Σq·sign)·cw = (eq·sign − eq·Σq·sign)·(k_s·cw)
-                    o_s, k_s = _prob_scale(m_s, l2_s)
-                    o_t, k_t = _prob_scale(m_t, l2_t)
-                    eq = _exp_row(s, o_s)
-                    _a, eqs = _tvd_terms(eq, _exp_row(t, o_t), (k_t / k_s) * TVD_H)
-                    g = (eqs - eq * ssum) * (k_s * cw)
-                    q = eq * k_s
+                s_b = s_ptr + r2 * s_row
+                t_b = t_ptr + r2 * t_row
+                if NSUB == 1:
+                    _final_block(s_b, t_b, g_base, s_col, t_col, g_col, start, offs, full, V, m_s, l2_s, m_t, l2_t,
+                                 m_u, ld_u, m_z, l2_z, ssum, kd_coef, w, w_f, w_r, label, ce_w, inv_t, c1, c2, w_a, w_b,
+                                 DIV, SCALED, HAS_LABELS, CE_RAW)
                 else:
-                    lq2, lp2 = _split_logp(xs, xt, m_s, l2_s, m_t, l2_t, inv_t, SCALED)
-                    q = tl.math.exp2(lq2)
-                if DIV == FKL:  # qg − q·Σqg = q − p
-                    g = (q - tl.math.exp2(lp2)) * cw
-                elif DIV != TVD:  # (a mixture's D came from the mid phase: only its qg is computed)
-                    qg = _grad_qg(lp2, lq2, q, s, t, m_s, m_t, m_u, ld_u, w_f, w_r, c1, c2, w_a, w_b, DIV, BLOCK_V)
-                    g = (qg - q * ssum) * cw
-                _ce_store(g, xs, q, m_z, l2_z, label, ce_w * w, g_base, cols, g_col, V, full, HAS_LABELS, CE_RAW)
+                    for h in tl.range(0, NSUB, loop_unroll_factor=1):  # as the mid phase
+                        st_h = start + h * SUB_V
+                        _final_block(s_b, t_b, g_base, s_col, t_col, g_col, st_h, offs_h, st_h + SUB_V <= V, V, m_s,
+                                     l2_s, m_t, l2_t, m_u, ld_u, m_z, l2_z, ssum, kd_coef, w, w_f, w_r, label, ce_w,
+                                     inv_t, c1, c2, w_a, w_b, DIV, SCALED, HAS_LABELS, CE_RAW)
+
+
+@triton.jit
+def _mid_terms(s_base, t_base, s_col, t_col, st, offs, V, m_s, l2_s, m_t, l2_t, o_s, k_s, o_t, k_t, inv_t, c1, c2,
+               w_a, w_b, DIV: tl.constexpr, SCALED: tl.constexpr):
+    """The mid phase's terms (u, v) of one (sub-)block of a row starting at column ``st`` (:func:`_mix_terms`; tvd
+    from exponentials and the row scalars of :func:`_prob_scale`, whose k_s the caller applies to the sums)."""
+    full = st + offs.shape[0] <= V
+    xs = _load_seg(s_base, s_col, st, offs, V, full, NEG)
+    xt = _load_seg(t_base, t_col, st, offs, V, full, NEG)
+    if DIV == TVD:
+        s = xs
+        t = xt
+        if SCALED:
+            s = xs * inv_t
+            t = xt * inv_t
+        eq = _exp_row(s, o_s)
+        tu, tv = _tvd_terms(eq, _exp_row(t, o_t), (k_t / k_s) * TVD_H)
+    elif DIV == JSD:  # log-probabilities y + δ (_logp_row): 2^y = 2^{−δ}·p, the 2^δ in the weights; the final
+        # phase folds the δ's into its row scalars (their Σ: 2^δ·Σ + δ)
+        lq2, dq = _logp_row(xs, m_s, l2_s, inv_t, SCALED)
+        lp2, dp = _logp_row(xt, m_t, l2_t, inv_t, SCALED)
+        tu, tv = _mix_terms(lp2, lq2, tl.math.exp2(lp2), tl.math.exp2(lq2), c1, c2, w_a * tl.math.exp2(dp),
+                            w_b * tl.math.exp2(dq), DIV)
+    else:
+        lq2, lp2 = _split_logp(xs, xt, m_s, l2_s, m_t, l2_t, inv_t, SCALED)
+        tu, tv = _mix_terms(lp2, lq2, tl.math.exp2(lp2), tl.math.exp2(lq2), c1, c2, w_a, w_b, DIV)
+    if (DIV == AB) and (not full):  # padding lanes (p = q = 0) add 0, but ab's e^{α·(−inf) + β·(−inf)} is NaN
+        # for opposite-sign exponents
+        cm = (st + offs) < V
+        tu = tl.where(cm, tu, 0.0)
+        tv = tl.where(cm, tv, 0.0)
+    return tu, tv
+
+
+@triton.jit
+def _final_block(s_base, t_base, g_base, s_col, t_col, g_col, st, offs, full, V, m_s, l2_s, m_t, l2_t, m_u, ld_u,
+                 m_z, l2_z, ssum, kd_coef, w, w_f, w_r, label, ce_w, inv_t, c1, c2, w_a, w_b, DIV: tl.constexpr,
+                 SCALED: tl.constexpr, HAS_LABELS: tl.constexpr, CE_RAW: tl.constexpr):
+    """The final phase's gradient of one (sub-)block of a row starting at column ``st`` (``full``: st + its size <= V),
+    stored (:func:`_ce_store`). The coefficients are formed after the loads, as the kernel did inline (formed
+    before, ptxas spilled a register of taid's fp32 launch with the raw-logit cross-entropy on Triton 3.6)."""
+    cols = st + offs
+    xs = _load_seg(s_base, s_col, st, offs, V, full, NEG)
+    xt = _load_seg(t_base, t_col, st, offs, V, full, NEG)
+    s = xs
+    t = xt
+    if SCALED:
+        s = xs * inv_t
+        t = xt * inv_t
+    cw = kd_coef * w * _mix_unit(DIV)
+    if DIV == TVD:  # (q·sign − q·Σq·sign)·cw = (eq·sign − eq·Σq·sign)·(k_s·cw)
+        o_s, k_s = _prob_scale(m_s, l2_s)
+        o_t, k_t = _prob_scale(m_t, l2_t)
+        eq = _exp_row(s, o_s)
+        _a, eqs = _tvd_terms(eq, _exp_row(t, o_t), (k_t / k_s) * TVD_H)
+        g = (eqs - eq * ssum) * (k_s * cw)
+        q = eq * k_s
+    elif DIV == JSD:  # as the mid phase: q = 2^{lq2}·2^{dq}; the gradient from q·(k·(log2 q − log2 m) − ssum·cw)
+        # with k = b_u·cw becomes 2^{lq2}·(k'·(lq2 − log2 m) − ssum'·cw'), cw' = 2^{dq}·cw, ssum' = ssum − b_u·dq
+        lq2, dq = _logp_row(xs, m_s, l2_s, inv_t, SCALED)
+        lp2, dp = _logp_row(xt, m_t, l2_t, inv_t, SCALED)
+        eq = tl.math.exp2(lq2)
+        fq = tl.math.exp2(dq)
+        _a_u, _a_v, b_u, _b_v = _mix_coefs(c1, DIV)
+        g = _mix_grad(lp2, lq2, eq, ssum - b_u * dq, cw * fq, c1, c2, w_a * tl.math.exp2(dp), w_b * fq, DIV)
+        q = eq * fq  # the cross-entropy's softmax (dead without labels)
+    else:
+        lq2, lp2 = _split_logp(xs, xt, m_s, l2_s, m_t, l2_t, inv_t, SCALED)
+        q = tl.math.exp2(lq2)
+    if DIV == FKL:  # qg − q·Σqg = q − p
+        g = (q - tl.math.exp2(lp2)) * cw
+    elif (MIX_SET >> DIV) & 1:  # (a mixture's D came from the mid phase: only its gradient here)
+        if (DIV != TVD) and (DIV != JSD):
+            g = _mix_grad(lp2, lq2, q, ssum, cw, c1, c2, w_a, w_b, DIV)
+    else:
+        qg = _grad_qg(lp2, lq2, q, s, t, m_s, m_t, m_u, ld_u, w_f, w_r, c1, DIV, offs.shape[0])
+        g = (qg - q * ssum) * cw
+    _ce_store(g, xs, q, m_z, l2_z, label, ce_w * w, g_base, cols, g_col, V, full, HAS_LABELS, CE_RAW)
 
 
 def lag(code: int) -> int:
@@ -399,6 +487,23 @@ def launch_config(code: int, itemsize: int = 2, heavy: bool = False) -> tuple[in
     if cfg is None:
         raise ValueError(f"divergence {BY_CODE[code].name!r} has its own split kernel")
     return split_defaults(cfg, BY_CODE[code].split_heavy, heavy, itemsize)
+
+
+def sub_block(code: int, block_v: int) -> int:
+    """SUB_V of a launch with segments of ``block_v``: the table's ``split_sub`` (the mid and final phases of a
+    segment in sub-blocks of that size, when the segment is larger), else the whole segment."""
+    sub = BY_CODE[code].split_sub
+    return min(sub, block_v) if sub else block_v
+
+
+def unaligned_config(code: int, cfg: tuple[int, int]) -> tuple[int, int]:
+    """The launch of rows that are not vector-loadable (a vocabulary or row stride that is not a multiple of 16
+    elements: Triton then loads and masks element by element, up to ~2× the registers): the table's
+    ``split_unaligned`` where the plain configuration spilled there on sm_90 (jsd bf16 V=50257 at (8192, 8) in
+    sub-blocks of 4096: 24 B; taid bf16 V=50257 at (8192, 8) on Triton 3.6: 16 B), else ``cfg``; never larger
+    than ``cfg`` (a heavy or 4-byte launch keeps its smaller block)."""
+    alt = BY_CODE[code].split_unaligned
+    return (min(alt[0], cfg[0]), alt[1]) if alt and alt[0] < cfg[0] else cfg
 
 
 # The codes this kernel runs: every row with a split_launch (akl's head search has its own split kernel,

@@ -123,6 +123,13 @@ class Divergence:
     # split_heavy: its configuration for a heavy launch (STATS or the raw-logit cross-entropy) and for 4-byte
     # logits; None: the plain one with half of a block above 4096 (kernels/distill_split.launch_config)
     split_heavy: tuple[int, int] | None = None
+    # split_sub: the sub-block of that kernel's mid and final phases when a segment is larger (they loop over
+    # the segment's sub-blocks: the registers of a sub-block, the per-segment fixed work over the whole segment);
+    # None: the whole segment at once
+    split_sub: int | None = None
+    # split_unaligned: its configuration for rows that are not vector-loadable (V or a row stride not a multiple
+    # of 16: element-wise loads and masks), where the plain one spilled on sm_90; None: the plain one
+    split_unaligned: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.lag not in (1, 2) or (self.mixture and self.lag != 2):
@@ -158,7 +165,8 @@ TABLE: tuple[Divergence, ...] = (
     Divergence("rkl", 1, "Σ q (log q − log p)", families=_ALL),
     Divergence("jsd", 2, "β KL(p‖m) + (1−β) KL(q‖m), m = βp + (1−β)q", (BETA,),
                (Endpoint("beta", 0.0, "fkl"), Endpoint("beta", 1.0, "rkl")), families=_ALL,
-               mixture=True, lag=2, split_launch=(4096, 8)),
+               mixture=True, lag=2, split_launch=(8192, 8), split_sub=4096,
+               split_unaligned=(4096, 8)),
     Divergence("symkl", 3, "β fkl + (1−β) rkl", (BETA,),
                (Endpoint("beta", 0.0, "rkl"), Endpoint("beta", 1.0, "fkl"))),
     Divergence("skl", 4, "KL(p ‖ αp + (1−α)q)", (ALPHA,),
@@ -175,11 +183,11 @@ TABLE: tuple[Divergence, ...] = (
     # taid at t = 1: r = p, forward KL (at t = 0, r = stopgrad(q): every backend then ignores the teacher, as the
     # reference does, so no endpoint rule: ``zero`` would read a NaN teacher)
     Divergence("taid", 8, "KL(r ‖ q), r = softmax((1−t) stopgrad(z_s) + t z_t)", (T,),
-               (Endpoint("t", 1.0, "fkl"),), lag=2, split_launch=(8192, 8)),
+               (Endpoint("t", 1.0, "fkl"),), lag=2, split_launch=(8192, 8), split_unaligned=(4096, 8)),
     Divergence("ab", 9, "−1/(αβ) Σ (p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β))  (ABKD, Wang et al. 2025)",
                (Hyper("alpha", 0.8, nonzero=True, doc="ab: exponent of the teacher"),
                 Hyper("beta", 0.3, nonzero=True, doc="ab: exponent of the student")),
-               joint=_ab_joint, mixture=True, lag=2, split_launch=(1024, 8)),
+               joint=_ab_joint, mixture=True, lag=2, split_launch=(1024, 4)),
     Divergence("zero", 10, "0 (skl / srkl at α = 1: KL(x‖x)); NaN inputs still give NaN", public=False),
 )
 

@@ -104,6 +104,8 @@ def distill_forward(
     elif sched == "split":
         bv, nw = KS.launch_config(p.code, max(student.element_size(), teacher.element_size()),
                                   heavy=flags["STATS"] or flags["CE_RAW"])
+        if any(x % 16 for x in (v, student.stride(0), teacher.stride(0))) or student.stride(1) != 1:
+            bv, nw = KS.unaligned_config(p.code, (bv, nw))
         block_v = _CONFIG["block_v"] or min(bv, max(16, 1 << (v - 1).bit_length()))
         s_count = -(-v // block_v)
         lag = KS.lag(p.code)
@@ -115,7 +117,7 @@ def distill_forward(
             *ptrs, ws, cnt, rs, n, v, s_count, *KS.ticket_magic(s_count), *strides, *scalars, *st_args, DIV=p.code,
             HAS_GRAD=flags["HAS_GRAD"], HAS_LABELS=has_labels, CE_RAW=flags["CE_RAW"], BLOCK_V=block_v,
             SP=max(2, 1 << (s_count - 1).bit_length()), LAG=lag, SCALED=p.temperature != 1.0,
-            STATS=flags["STATS"], WS=nslot, num_warps=_CONFIG["num_warps"] or nw)
+            STATS=flags["STATS"], WS=nslot, SUB_V=KS.sub_block(p.code, block_v), num_warps=_CONFIG["num_warps"] or nw)
     elif _autotune() and _CONFIG["block_v"] is None and not aliased:
         K._distill_kernel_autotuned[(n,)](*args, *st_args, **flags, BLOCK_A=K.AKL_BLOCK)
     else:

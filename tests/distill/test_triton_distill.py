@@ -552,3 +552,49 @@ def test_tvd_ties_take_torch_sign_zero(schedule):
     assert torch.equal(loss[[0, 2, 3]], torch.zeros(3)) and torch.equal(grad[[0, 2, 3]], torch.zeros(3, 131))
     torch.testing.assert_close(loss.double(), rl, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad.double(), rg, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(("v", "launch"), [(8192 + 112, (8192, 4096)), (8192 + 4096 + 80, (8192, 4096)),
+                                           (8192 + 4096 + 77, (4096, 4096))],
+                         ids=["sub1_empty", "sub1_tail", "unaligned"])
+def test_split_sub_blocks_vs_float64(v, launch, dtype, monkeypatch):
+    """jsd's default split launch (2-byte logits, rows of a multiple of 16 columns) takes segments of 8192 columns
+    whose mid and final phases loop over two sub-blocks of 4096 (the table's ``split_sub``): the tail segment's
+    second sub-block is empty (v = 8192 + 112) or a masked tail (8192 + 4096 + 80); rows that are not
+    vector-loadable (v odd) take segments of one sub-block (``unaligned_config``). −inf columns, a zero-weight row
+    (labels −100), labels and the float64 reference."""
+    from fastkd.kernels import distill_split as KS
+
+    seen = []
+    real = KS._distill_split_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append((kw["BLOCK_V"], kw["SUB_V"]))
+                return real[grid](*args, **kw)
+
+            return launch
+
+    monkeypatch.setattr(KS, "_distill_split_kernel", Spy())
+    g = torch.Generator().manual_seed(v)
+    s = (torch.randn(3, v, generator=g) * 3).to(dtype)
+    t = (torch.randn(3, v, generator=g) * 3).to(dtype)
+    s[0, [3, 5000, v - 1]] = t[0, [3, 5000, v - 1]] = -math.inf
+    t[1, 8200] = -math.inf
+    labels = torch.tensor([7, -100, v - 2])
+    x = s.clone().requires_grad_()
+    out = fastkd.distill_loss(x, t, "jsd", backend="triton", labels=labels, ce_weight=0.5, beta=0.3,
+                              reduction="none")
+    out.sum().backward()
+    assert seen == [launch]
+    fin = lambda z: torch.where(torch.isneginf(z), -1e4, z.double())
+    xr = fin(s).requires_grad_()
+    rl = R.distill_loss(xr, fin(t), "jsd", labels=labels, ce_weight=0.5, beta=0.3, reduction="none")
+    rl.sum().backward()
+    rgrad = torch.where(torch.isneginf(s), 0.0, xr.grad)
+    torch.testing.assert_close(out.double(), rl.detach(), rtol=2e-5, atol=2e-5)
+    eps = GRAD_EPS[dtype]
+    torch.testing.assert_close(x.grad.double(), rgrad, rtol=eps, atol=2 * eps * rgrad.abs().max().item() + 1e-7)
+    assert torch.equal(x.grad[1], torch.zeros_like(x.grad[1]))
