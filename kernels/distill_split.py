@@ -503,7 +503,7 @@ def unaligned_config(code: int, cfg: tuple[int, int]) -> tuple[int, int]:
     sub-blocks of 4096: 24 B; taid bf16 V=50257 at (8192, 8) on Triton 3.6: 16 B), else ``cfg``; never larger
     than ``cfg`` (a heavy or 4-byte launch keeps its smaller block)."""
     alt = BY_CODE[code].split_unaligned
-    return (min(alt[0], cfg[0]), alt[1]) if alt and alt[0] < cfg[0] else cfg
+    return alt if alt and alt[0] < cfg[0] else cfg
 
 
 # The codes this kernel runs: every row with a split_launch (akl's head search has its own split kernel,

@@ -104,7 +104,10 @@ def distill_forward(
     elif sched == "split":
         bv, nw = KS.launch_config(p.code, max(student.element_size(), teacher.element_size()),
                                   heavy=flags["STATS"] or flags["CE_RAW"])
-        if any(x % 16 for x in (v, student.stride(0), teacher.stride(0))) or student.stride(1) != 1:
+        # rows Triton loads as vectors: unit column strides, V and the row strides multiples of 16 elements
+        vector_rows = student.stride(1) == teacher.stride(1) == 1 and not any(
+            x % 16 for x in (v, student.stride(0), teacher.stride(0)))
+        if not vector_rows:
             bv, nw = KS.unaligned_config(p.code, (bv, nw))
         block_v = _CONFIG["block_v"] or min(bv, max(16, 1 << (v - 1).bit_length()))
         s_count = -(-v // block_v)
