@@ -19,7 +19,10 @@ every case, no per-case constant:
 * **Triton kernels**: run for real in Triton's CPU interpreter on R sample rows at the real vocabulary,
   loads and stores instrumented (:class:`TritonCounter`): bytes = active lanes × element size. fastkd's
   custom ops are replayed on R random rows, any other launch (Liger, gradient scaling) on its first R
-  programs; counts are scaled by (grid rows / R).
+  programs; counts are scaled by (grid rows / R). A custom op with more than R rows is replayed on 2R rows
+  as well, and each launch's counts are extrapolated from the two (:func:`extrapolate`): a part per row
+  plus a fixed part counted once (the first and last units of a ticketed schedule run only some of a unit's
+  phases; scaling one sample by N/R would charge them N/R times).
   **L2 rule**: a program's re-reads of its own data are counted once only if the resident programs (SMs ×
   occupancy) × the program's distinct bytes fit in L2, else every re-read is HBM traffic; a later
   program's re-read hits when (resident + distance) × distinct bytes fit. Separate launches never share L2.
@@ -156,6 +159,28 @@ def _signature(x: Any) -> Any:
     return x if isinstance(x, (int, float, str, bool, type(None))) else type(x).__name__
 
 
+def extrapolate(one: OpCost, two: OpCost, r: float, gpu: GPU) -> OpCost:
+    """The cost of a whole launch from two samples of it, R and 2R rows, each already scaled to the launch's N
+    rows (``one`` = A(R)·N/R, ``two`` = A(2R)·N/(2R); ``r`` = R/N). With A(R) = E + R·c (c per row, E the fixed
+    part), the launch costs E + N·c = 2·two − one + 2r·(one − two): the fixed part once, not N/R times.
+    Bytes, FLOPs, element operations and SASS lane-instructions per pipe are extrapolated; the compute time is
+    the slowest pipe of the extrapolated counts; both samples take the L2 rule with the same program footprint
+    (:meth:`Model.hook`), so that a re-read is a hit or a miss in both."""
+
+    def lin(a: float, b: float) -> float:
+        return max(0.0, 2 * b - a + 2 * r * (a - b))
+
+    pipes = {p: lin(one.sass_pipes.get(p, 0.0), n) for p, n in two.sass_pipes.items()}
+    lanes = {"fma": gpu.fma_lanes, "alu": gpu.alu_lanes, "xu": gpu.xu_lanes, "issue": gpu.issue_lanes}
+    pipe_ms = None
+    if two.pipe_ms is not None:
+        pipe_ms = 1e3 * max((pipes.get(p, 0.0) / n for p, n in lanes.items()), default=0.0) / gpu.sms / gpu.clock_hz
+    return OpCost(two.name, lin(one.bytes, two.bytes), lin(one.flops, two.flops), two.tensor_core,
+                  two.rule + "; rows extrapolated from R and 2R sample rows", two.launches,
+                  lin(one.alu_ops, two.alu_ops), pipe_ms, lin(one.spill_bytes, two.spill_bytes),
+                  lin(one.sass_instr, two.sass_instr), pipes)
+
+
 @dataclass
 class Model:
     """Runs providers on fake CUDA tensors and returns their op costs on ``gpu``."""
@@ -174,19 +199,32 @@ class Model:
         n = args[0].shape[0]
         key = (name, *(_signature(a) for a in args), _same_storage(args[0], args[5 if "sparse" in name else 4]))
         if key not in self._cache:
-            self._cache[key] = self._replay(func, SAMPLERS[name], args, kwargs)
-        launches, torch_ops = self._cache[key]
-        f = n / self.rows
-        return ([st.cost(self.gpu, f) for st in launches]
-                + [OpCost(o.name, o.bytes * f, o.flops * f, o.tensor_core, o.rule, alu_ops=o.alu_ops * f)
-                   for o in torch_ops])  # (torch ops carry no SASS)
+            # R sample rows, and 2R where the op has more rows than R: a launch's cost is taken to be a part that
+            # grows with its rows plus a fixed part (the first and last units of a ticketed schedule, which run
+            # only some of a unit's phases), and the two samples separate them (extrapolate())
+            self._cache[key] = [self._replay(func, SAMPLERS[name], args, kwargs, r)
+                                for r in ((self.rows, 2 * self.rows) if n > self.rows else (self.rows,))]
+        if len(self._cache[key]) == 2:  # the L2 rule with one program's footprint for both samples: the larger one's
+            # (at R = LAG rows no program of a ticketed schedule runs all its phases: a smaller footprint)
+            for a, b in zip(self._cache[key][0][0], self._cache[key][1][0]):
+                a.max_program_bytes = b.max_program_bytes = max(a.max_program_bytes, b.max_program_bytes)
+        samples = [[st.cost(self.gpu, n / r) for st in launches]
+                   + [OpCost(o.name, o.bytes * n / r, o.flops * n / r, o.tensor_core, o.rule, alu_ops=o.alu_ops * n / r)
+                      for o in torch_ops]  # (torch ops carry no SASS)
+                   for r, (launches, torch_ops) in zip((self.rows, 2 * self.rows), self._cache[key])]
+        if len(samples) == 1:
+            return samples[0]
+        one, two = samples
+        if [o.name for o in one] != [o.name for o in two]:  # the op launched differently at 2R rows
+            return two
+        return [extrapolate(a, b, self.rows / n, self.gpu) for a, b in zip(one, two, strict=True)]
 
-    def _replay(self, func, sampler, args, kwargs) -> tuple[list[LaunchStats], list[OpCost]]:
+    def _replay(self, func, sampler, args, kwargs, rows: int) -> tuple[list[LaunchStats], list[OpCost]]:
         gen = torch.Generator().manual_seed(0)
         with _disable_current_modes():
-            sample = sampler(args, self.rows, gen)
+            sample = sampler(args, rows, gen)
             names = list(kwargs)
-            kwargs = dict(zip(names, _rest(tuple(kwargs.values()), args[0].shape[0], self.rows), strict=True))
+            kwargs = dict(zip(names, _rest(tuple(kwargs.values()), args[0].shape[0], rows), strict=True))
             counter = self._triton
             first = len(counter.launches)
             with TorchCounter(gpu=self.gpu) as inner:

@@ -125,6 +125,45 @@ def test_model_rows_small_case():
     assert "model, not measured" in md and "fastkd-triton" in md
 
 
+def test_extrapolate_counts_the_fixed_part_once():
+    """Two samples of a launch whose cost is E + R·c (E fixed, c per row), each scaled to N rows as the model scales
+    a sample, give back E + N·c exactly, for every additive field; the compute time is the slowest extrapolated pipe."""
+    gpu, n, r, e, c = M.GPUS["h200"], 8192, 2, 5000.0, 300.0
+
+    def sample(rows: int) -> M.OpCost:
+        a = e + rows * c
+        pipes = {"fma": 2 * a, "alu": a, "xu": 0.5 * a, "issue": 4 * a}
+        return M.OpCost("k", a * n / rows, 3 * a * n / rows, False, "rule", alu_ops=7 * a * n / rows, pipe_ms=1.0,
+                        spill_bytes=0.1 * a * n / rows, sass_instr=4 * a * n / rows,
+                        sass_pipes={p: v * n / rows for p, v in pipes.items()})
+
+    whole = e + n * c
+    out = M.extrapolate(sample(r), sample(2 * r), r / n, gpu)
+    assert out.bytes == pytest.approx(whole, rel=1e-12) and out.flops == pytest.approx(3 * whole, rel=1e-12)
+    assert out.alu_ops == pytest.approx(7 * whole, rel=1e-12)
+    assert out.spill_bytes == pytest.approx(0.1 * whole, rel=1e-12)
+    assert out.sass_instr == pytest.approx(4 * whole, rel=1e-12)
+    assert out.sass_pipes["fma"] == pytest.approx(2 * whole, rel=1e-12)
+    # issue 4·whole at 128 lanes vs alu whole at 64 and fma 2·whole at 128: the issue pipe is the slowest
+    assert out.pipe_ms == pytest.approx(1e3 * 4 * whole / gpu.issue_lanes / gpu.sms / gpu.clock_hz, rel=1e-12)
+    # scaling one sample by N/R instead charges E N/R times
+    assert sample(r).bytes > 1.1 * whole
+
+
+def test_model_split_schedule_independent_of_sample_rows():
+    """A ticketed split launch (jsd) modelled from 2 or 4 sample rows gives the same bytes and element operations:
+    its first and last units (which run only some phases) are counted once, and both samples take the L2 rule
+    with the same program footprint. Scaled from one sample, 2 rows gave 0.43x the bytes of 4 here (at 2 rows
+    no program runs all three phases, so its footprint fit the L2 window and the re-reads were counted as hits)."""
+    gpu = M.GPUS["h200"]
+    out = {rows: M.model_case(M.distill_case("jsd", n=512, v=20000), gpu, rows=rows, providers=["fastkd-triton"])[0]
+           for rows in (2, 4)}
+    assert all(r["status"] == "ok" for r in out.values()), out
+    assert out[2]["hbm_bytes"] == pytest.approx(out[4]["hbm_bytes"], rel=1e-9)
+    assert out[2]["alu_ops"] == pytest.approx(out[4]["alu_ops"], rel=1e-9)
+    assert out[2]["hbm_bytes"] >= out[2]["floor_bytes"]
+
+
 def test_model_fused_case_has_gemm_time():
     rows = M.model_case(M.fused_case("fkl", n=256, hs=64, ht=96, v=1000), M.GPUS["h100"], rows=2,
                         providers=["fastkd"])
