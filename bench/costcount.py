@@ -348,7 +348,7 @@ class LaunchStats:
             return (execs * loop[k] + straight * once[k]) * scale
 
         instr = {p: count(p) for p in ("fma", "alu", "xu", "issue")}
-        lanes = {"fma": gpu.fma_lanes, "alu": gpu.alu_lanes, "xu": gpu.xu_lanes, "issue": gpu.issue_lanes}
+        lanes = pipe_lanes(gpu)
         cycles = max(32 * instr[p] / lanes[p] for p in lanes) / gpu.sms
         pipe_ms = 1e3 * cycles / gpu.clock_hz
         bound = max(lanes, key=lambda p: 32 * instr[p] / lanes[p])
@@ -363,6 +363,11 @@ class LaunchStats:
                       f"{self.kernel}: {rule}{cross}; sm_90 {regs} regs, {occ} progs/SM, {bound}-bound "
                       f"SASS{srule}", pipe_ms=pipe_ms, spill_bytes=spill, sass_instr=32 * instr["issue"],
                       sass_pipes={p: 32 * n for p, n in instr.items()})
+
+
+def pipe_lanes(gpu: GPU) -> dict[str, int]:
+    """Lanes per SM-clock of each pipe the SASS counts are split into."""
+    return {"fma": gpu.fma_lanes, "alu": gpu.alu_lanes, "xu": gpu.xu_lanes, "issue": gpu.issue_lanes}
 
 
 def occupancy(gpu: GPU, num_warps: int, regs: int, shared: int = 0) -> int:

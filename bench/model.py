@@ -104,6 +104,7 @@ from fastkd.bench.costcount import (  # noqa: E402,F401  (re-exported: the model
     OpCost,
     TorchCounter,
     TritonCounter,
+    pipe_lanes,
     tensor_bytes,
 )
 
@@ -171,7 +172,7 @@ def extrapolate(one: OpCost, two: OpCost, r: float, gpu: GPU) -> OpCost:
         return max(0.0, 2 * b - a + 2 * r * (a - b))
 
     pipes = {p: lin(one.sass_pipes.get(p, 0.0), n) for p, n in two.sass_pipes.items()}
-    lanes = {"fma": gpu.fma_lanes, "alu": gpu.alu_lanes, "xu": gpu.xu_lanes, "issue": gpu.issue_lanes}
+    lanes = pipe_lanes(gpu)
     pipe_ms = None
     if two.pipe_ms is not None:
         pipe_ms = 1e3 * max((pipes.get(p, 0.0) / n for p, n in lanes.items()), default=0.0) / gpu.sms / gpu.clock_hz
@@ -204,10 +205,10 @@ class Model:
             # only some of a unit's phases), and the two samples separate them (extrapolate())
             self._cache[key] = [self._replay(func, SAMPLERS[name], args, kwargs, r)
                                 for r in ((self.rows, 2 * self.rows) if n > self.rows else (self.rows,))]
-        if len(self._cache[key]) == 2:  # the L2 rule with one program's footprint for both samples: the larger one's
-            # (at R = LAG rows no program of a ticketed schedule runs all its phases: a smaller footprint)
-            for a, b in zip(self._cache[key][0][0], self._cache[key][1][0]):
-                a.max_program_bytes = b.max_program_bytes = max(a.max_program_bytes, b.max_program_bytes)
+            if len(self._cache[key]) == 2:  # the L2 rule with one program's footprint for both samples: the larger
+                # one's (at R = LAG rows no program of a ticketed schedule runs all its phases: a smaller footprint)
+                for a, b in zip(self._cache[key][0][0], self._cache[key][1][0]):
+                    a.max_program_bytes = b.max_program_bytes = max(a.max_program_bytes, b.max_program_bytes)
         samples = [[st.cost(self.gpu, n / r) for st in launches]
                    + [OpCost(o.name, o.bytes * n / r, o.flops * n / r, o.tensor_core, o.rule, alu_ops=o.alu_ops * n / r)
                       for o in torch_ops]  # (torch ops carry no SASS)
