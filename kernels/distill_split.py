@@ -500,10 +500,11 @@ def unaligned_config(code: int, cfg: tuple[int, int]) -> tuple[int, int]:
     """The launch of rows that are not vector-loadable (a vocabulary or row stride that is not a multiple of 16
     elements: Triton then loads and masks element by element, up to ~2× the registers): the table's
     ``split_unaligned`` where the plain configuration spilled there on sm_90 (jsd bf16 V=50257 at (8192, 8) in
-    sub-blocks of 4096: 24 B; taid bf16 V=50257 at (8192, 8) on Triton 3.6: 16 B), else ``cfg``; never larger
-    than ``cfg`` (a heavy or 4-byte launch keeps its smaller block)."""
+    sub-blocks of 4096: 24 B; taid bf16 V=50257 at (8192, 8) on Triton 3.6: 16 B; tvd bf16 V=50257 with labels at
+    (8192, 4): 96 B, so its unaligned rows take 8 warps), else ``cfg``; never a larger block than ``cfg``'s (a
+    heavy or 4-byte launch keeps its smaller block)."""
     alt = BY_CODE[code].split_unaligned
-    return alt if alt and alt[0] < cfg[0] else cfg
+    return alt if alt and alt[0] <= cfg[0] else cfg
 
 
 # The codes this kernel runs: every row with a split_launch (akl's head search has its own split kernel,

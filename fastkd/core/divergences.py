@@ -175,7 +175,8 @@ TABLE: tuple[Divergence, ...] = (
     Divergence("srkl", 5, "KL(q ‖ (1−α)p + αq)", (ALPHA,),
                (Endpoint("alpha", 0.0, "rkl"), Endpoint("alpha", 1.0, "zero")),
                mixture=True, lag=2, split_launch=(8192, 8)),
-    Divergence("tvd", 6, "½ Σ |p − q|", mixture=True, lag=2, split_launch=(8192, 8), split_heavy=(4096, 16)),
+    Divergence("tvd", 6, "½ Σ |p − q|", mixture=True, lag=2, split_launch=(8192, 4), split_sub=4096,
+               split_heavy=(4096, 16), split_unaligned=(8192, 8)),
     # akl at μ = 1: every token is in the head (the cumulative mass of a distribution never exceeds 1), which a
     # rounded running sum of p could otherwise contradict for the last tokens
     Divergence("akl", 7, "(g_H fkl + g_T rkl)/(g_H + g_T), head H = top tokens with mass ≤ μ", (MU,),

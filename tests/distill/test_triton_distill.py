@@ -554,30 +554,37 @@ def test_tvd_ties_take_torch_sign_zero(schedule):
     torch.testing.assert_close(grad.double(), rg, rtol=1e-4, atol=1e-6)
 
 
+# (BLOCK_V, SUB_V, num_warps) of the three row shapes below: aligned rows take the table's split_launch with
+# segments of two sub-blocks; unaligned rows take split_unaligned (jsd: one sub-block of 4096; tvd: 8 warps)
+SUB_LAUNCHES = {"jsd": [(8192, 4096, 8), (8192, 4096, 8), (4096, 4096, 8)],
+                "tvd": [(8192, 4096, 4), (8192, 4096, 4), (8192, 4096, 8)]}
+
+
+@pytest.mark.parametrize("div", sorted(SUB_LAUNCHES))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize(("v", "launch"), [(8192 + 112, (8192, 4096)), (8192 + 4096 + 80, (8192, 4096)),
-                                           (8192 + 4096 + 77, (4096, 4096))],
-                         ids=["sub1_empty", "sub1_tail", "unaligned"])
-def test_split_sub_blocks_vs_float64(v, launch, dtype, monkeypatch):
-    """jsd's default split launch (2-byte logits, rows of a multiple of 16 columns) takes segments of 8192 columns
-    whose mid and final phases loop over two sub-blocks of 4096 (the table's ``split_sub``): the tail segment's
-    second sub-block is empty (v = 8192 + 112) or a masked tail (8192 + 4096 + 80); rows that are not
-    vector-loadable (v odd) take segments of one sub-block (``unaligned_config``). −inf columns, a zero-weight row
-    (labels −100), labels and the float64 reference."""
+@pytest.mark.parametrize("case", range(3), ids=["sub1_empty", "sub1_tail", "unaligned"])
+def test_split_sub_blocks_vs_float64(case, dtype, div, monkeypatch):
+    """jsd's and tvd's default split launches (2-byte logits, rows of a multiple of 16 columns) take segments of
+    8192 columns whose mid and final phases loop over two sub-blocks of 4096 (the table's ``split_sub``): the tail
+    segment's second sub-block is empty (v = 8192 + 112) or a masked tail (8192 + 4096 + 80); rows that are not
+    vector-loadable (v odd) take the table's ``split_unaligned`` (``unaligned_config``). −inf columns, a
+    zero-weight row (labels −100), labels and the float64 reference."""
     from fastkd.kernels import distill_split as KS
 
+    v = (8192 + 112, 8192 + 4096 + 80, 8192 + 4096 + 77)[case]
     seen = []
     real = KS._distill_split_kernel
 
     class Spy:
         def __getitem__(self, grid):
             def launch(*args, **kw):
-                seen.append((kw["BLOCK_V"], kw["SUB_V"]))
+                seen.append((kw["BLOCK_V"], kw["SUB_V"], kw["num_warps"]))
                 return real[grid](*args, **kw)
 
             return launch
 
     monkeypatch.setattr(KS, "_distill_split_kernel", Spy())
+    hyper = {"beta": 0.3} if div == "jsd" else {}
     g = torch.Generator().manual_seed(v)
     s = (torch.randn(3, v, generator=g) * 3).to(dtype)
     t = (torch.randn(3, v, generator=g) * 3).to(dtype)
@@ -585,13 +592,12 @@ def test_split_sub_blocks_vs_float64(v, launch, dtype, monkeypatch):
     t[1, 8200] = -math.inf
     labels = torch.tensor([7, -100, v - 2])
     x = s.clone().requires_grad_()
-    out = fastkd.distill_loss(x, t, "jsd", backend="triton", labels=labels, ce_weight=0.5, beta=0.3,
-                              reduction="none")
+    out = fastkd.distill_loss(x, t, div, backend="triton", labels=labels, ce_weight=0.5, reduction="none", **hyper)
     out.sum().backward()
-    assert seen == [launch]
+    assert seen == [SUB_LAUNCHES[div][case]]
     fin = lambda z: torch.where(torch.isneginf(z), -1e4, z.double())
     xr = fin(s).requires_grad_()
-    rl = R.distill_loss(xr, fin(t), "jsd", labels=labels, ce_weight=0.5, beta=0.3, reduction="none")
+    rl = R.distill_loss(xr, fin(t), div, labels=labels, ce_weight=0.5, reduction="none", **hyper)
     rl.sum().backward()
     rgrad = torch.where(torch.isneginf(s), 0.0, xr.grad)
     torch.testing.assert_close(out.double(), rl.detach(), rtol=2e-5, atol=2e-5)
