@@ -4,10 +4,12 @@ Cases (docs/DESIGN.md GPU targets), each fwd+bwd (mode "full") unless noted, los
 fastkd op also runs as ``fastkd-cuda`` (backend="cuda", the C++/CUDA extension), skipped with the
 backend's own reasons (``fastkd.core.registry.select``) where it cannot run.
 
-* ``distill-<div>`` for fkl / rkl / jsd: N=8192, V=128256, bf16 logits. Providers: fastkd-triton,
+* ``distill-<div>`` for fkl / rkl / jsd / tvd: N=8192, V=128256, bf16 logits. Providers: fastkd-triton,
   fastkd-cuda, PyTorch eager ("naive"), torch.compile, Liger-Kernel (LigerKLDIVLoss / LigerJSD, when
-  importable). Derived: achieved GB/s against the floor (read both logits once + write the gradient
-  once, 3·N·V·2 bytes) and that floor's share of the measured device copy bandwidth (``dst.copy_(src)``).
+  importable; Liger's TVD takes probabilities, not logits: skipped), and for tvd "fastkd-triton-8w", its
+  kernel at 8 warps (the default's 4 were chosen by the cost model, which does not model occupancy).
+  Derived: achieved GB/s against the floor (read both logits once + write the gradient once, 3·N·V·2 bytes)
+  and that floor's share of the measured device copy bandwidth (``dst.copy_(src)``).
 * ``fused-<div>`` for fkl / jsd: ``fastkd.fused_linear_distill_loss`` with N=8192, Hs=2048, Ht=4096,
   V=128256, bf16, vs Liger's chunked LigerFusedLinearJSD (jsd) and the four GEMMs alone ("matmuls").
   Derived: time / GEMMs, speed-up vs liger.
@@ -185,10 +187,27 @@ def _distill_fastkd(s, t, divergence, backend):
     return fastkd.distill_loss(s, t, divergence, backend=backend)
 
 
+def _distill_fastkd_warps(s, t, divergence, warps):
+    import fastkd
+    from fastkd.distill import triton_impl as TD
+
+    with TD.override_config(num_warps=warps):  # the kernel writes the gradient in forward
+        return fastkd.distill_loss(s, t, divergence, backend="triton")
+
+
 def setup_distill_fastkd(inputs: dict[str, Any], mode: str, *, divergence: str, backend: str) -> Any:
     s, t = inputs["student"], inputs["teacher"]
     require_backend("distill", backend, student=s.detach(), teacher=t, params=None)
     return autograd_step(functools.partial(_distill_fastkd, s, t, divergence, backend), [s], mode)
+
+
+def setup_distill_warps(inputs: dict[str, Any], mode: str, *, divergence: str, warps: int) -> Any:
+    """The Triton kernel at its default block with ``warps`` warps: tvd's default (8192, 4) was chosen by the
+    cost model, which does not model occupancy (12 warps per SM where (8192, 8) has 24), so the suite times
+    both."""
+    s, t = inputs["student"], inputs["teacher"]
+    require_backend("distill", "triton", student=s.detach(), teacher=t, params=None)
+    return autograd_step(functools.partial(_distill_fastkd_warps, s, t, divergence, warps), [s], mode)
 
 
 def distill_case(divergence: str, device: torch.device, dry: bool) -> Case:
@@ -202,6 +221,9 @@ def distill_case(divergence: str, device: torch.device, dry: bool) -> Case:
           for b in FASTKD_BACKENDS),
         Provider("liger", sliced(functools.partial(BD.setup_liger, divergence=divergence), (1,))),
     ]
+    if divergence == "tvd":
+        providers.append(Provider("fastkd-triton-8w", sliced(
+            functools.partial(setup_distill_warps, divergence=divergence, warps=8), (1,))))
     return Case(family="gpu_suite", op="distill_loss",
                 sizes={"N": n, "V": v, "dtype": "bf16", "div": divergence},
                 make_inputs=functools.partial(BD.make_inputs, n=n, v=v, dtype="bf16"),
@@ -424,7 +446,7 @@ def sinkhorn_case(device: torch.device, dry: bool) -> Case:
 
 SUITE: list[SuiteCase] = [
     *(SuiteCase(f"distill-{d}", functools.partial(distill_case, d), floor_bytes=distill_floor_bytes)
-      for d in ("fkl", "rkl", "jsd")),
+      for d in ("fkl", "rkl", "jsd", "tvd")),
     *(SuiteCase(f"fused-{d}", functools.partial(fused_case, d), gemm_provider="matmuls")
       for d in ("fkl", "jsd")),
     SuiteCase("sparse-fkl-topk", sparse_case, gemm_provider="student-matmuls",
@@ -530,7 +552,7 @@ def print_summary(summary: list[dict[str, Any]], copy_bw: float | None, console:
     console.print(table)
 
 
-MODEL_CASES = {f"distill-{d}": f"distill-{d}" for d in ("fkl", "rkl", "jsd")}
+MODEL_CASES = {f"distill-{d}": f"distill-{d}" for d in ("fkl", "rkl", "jsd", "tvd")}
 MODEL_CASES.update({"fused-fkl": "fused-fkl", "fused-jsd": "fused-jsd", "sparse-fkl-topk": "sparse-topk"})
 MODEL_PROVIDERS = {"fastkd-triton": "fastkd-triton", "naive": "naive", "liger": "liger"}
 VS_MODEL_MD = "gpu_suite_vs_model.md"  # in --out: the measured-vs-model table bench/RESULTS.md takes

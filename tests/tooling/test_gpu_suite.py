@@ -22,6 +22,7 @@ pytestmark = pytest.mark.host_device  # real work on the default device (see tes
 # gradients round at ~4e-3 relative; Sinkhorn values are fp32)
 EXPECTED = {
     **{f"distill-{d}": ("fastkd-triton",) for d in ("fkl", "rkl", "jsd")},
+    "distill-tvd": ("fastkd-triton", "fastkd-triton-8w"),
     **{f"fused-{d}": ("fastkd-triton",) for d in ("fkl", "jsd")},
     "sparse-fkl-topk": ("fastkd-triton", "fastkd-torch"),
     "sinkhorn": ("fastkd-triton", "fastkd-torch"),
@@ -151,6 +152,33 @@ def test_dry_run_says_timings_mean_nothing(tmp_path, capsys):
     rc = GS.main(["--dry-run", "--cases", "distill-jsd", "--out", str(tmp_path)])
     assert rc == 0
     assert "timings mean nothing" in capsys.readouterr().out
+
+
+def test_tvd_times_its_default_and_8_warps(monkeypatch):
+    """tvd's default launch was chosen by the cost model, which does not model occupancy: the suite also times
+    the kernel at 8 warps (in the dry run above, checked against float64 like every provider). On vector-loadable
+    rows the two providers launch at 4 and at 8 warps and agree."""
+    from fastkd.bench import bench_distill as BD
+    from fastkd.kernels import distill_split as KS
+
+    warps = []
+    real = KS._distill_split_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                warps.append(kw["num_warps"])
+                return real[grid](*args, **kw)
+
+            return launch
+
+    monkeypatch.setattr(KS, "_distill_split_kernel", Spy())
+    inputs = BD.make_inputs(torch.device("cpu"), 3, n=5, v=304, dtype="bf16")
+    default = GS.setup_distill_fastkd(inputs, "full", divergence="tvd", backend="triton")()
+    eight = GS.setup_distill_warps(inputs, "full", divergence="tvd", warps=8)()
+    assert warps == [4, 8]
+    for a, b in zip(default, eight, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 def test_time_cap_and_rows_appended_per_case(tmp_path, monkeypatch):
