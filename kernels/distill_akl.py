@@ -16,18 +16,22 @@ boundary is thus split by counting, without searching inside it; a rank among G 
 the earlier segments (their per-segment counts are in the rounds' workspace) plus an exclusive cumulative sum in
 the segment. ``x ≥ v(K)`` ⟺ ``key(x) ≥ K`` for ``v = _kval(K)``, so a threshold is one fp32 compare.
 
-The search. A bracket starts as (kmin, kmax + 1) (M(kmin) = 1 > mu; S(kmax + 1) empty) and is narrowed by
-rounds that test ``AKL_NT`` thresholds at once, each giving the segment's fp32 (mass, count) of S(K): one compare,
-one fused multiply-add and one add per element and threshold. The thresholds lie strictly inside the bracket:
-while it spans more than NT keys, slot 0 is the hint below, ``AKL_NV`` slots are uniform in the logit *value*
-between the bracket's inner ends (they shrink a smooth distribution's bracket ~NV + 1 times per round) and the
-rest uniform in the key (a guaranteed shrink when the values cluster); within NT keys, every key of the bracket is
-tested and the round resolves it. The first round's hint is the key of ``x_b = T·(lse_t + log((1−mu)/V) − 1)``:
-the first excluded element has p ≥ (1−mu)/V (the ≥ 1−mu of mass from it on lies on ≤ V elements), so M there
-exceeds mu. ``mu ≥ 1`` is every token (fkl): the bracket starts resolved at S(kmin).
+The search. A bracket starts as (kmin, kmax + 1) (M(kmin) = 1 > mu; S(kmax + 1) empty) and is narrowed by rounds of
+two kinds. While it spans more than ``AKL_NB`` keys, a threshold round tests ``AKL_NT`` thresholds at once, each
+giving the segment's fp32 (mass, count) of S(K): one compare, one fused multiply-add and one add per element and
+threshold. The thresholds lie strictly inside the bracket: slot 0 is the hint below, ``AKL_NV`` slots are uniform in
+the logit *value* between the bracket's inner ends (they shrink a smooth distribution's bracket ~NV + 1 times per
+round) and the rest uniform in the key (a guaranteed shrink when the values cluster). Within NB keys, a histogram
+round counts each key of the bracket (``tl.histogram`` of key − lo, keys ≥ hi in the last bin: a few integer
+instructions per element, no exponential), two 16-bit counts per workspace slot; the merge weighs a key's count by
+its one p (every element of a key has the same logit, so the same p) and the round resolves the bracket. bf16
+N(0, 2²) rows at mu = 0.5 resolve in one threshold and one histogram round. The first round's hint is the key of
+``x_b = T·(lse_t + log((1−mu)/V) − 1)``: the first excluded element has p ≥ (1−mu)/V (the ≥ 1−mu of mass from it on
+lies on ≤ V elements), so M there exceeds mu. ``mu ≥ 1`` is every token (fkl): the bracket starts resolved at S(kmin).
 
 Exactness. A segment's sums are fp32 tree sums of the same per-element p in every round (and every threshold), so
-M is monotone in K across thresholds and rounds (rounding is monotone and the terms are ≥ 0); the S per-segment
+M is monotone in K across thresholds and rounds (rounding is monotone and the terms are ≥ 0; a histogram round's
+suffix sums M(hi) + Σ c_k·p_k are made non-increasing by a running maximum); the S per-segment
 sums are added in one fixed order by every reader (deterministic, no atomics on the sums), and counts are exact
 (fp32 integers, V ≤ 2^24). H equals the float64 reference's unless mu lies within ~1e-6 relative of a cumulative
 head mass.
@@ -59,10 +63,10 @@ first index (``NSLOT_STATS``; the shared helpers and slot names of :mod:`fastkd.
 of round 0, which merges the row anyway, writes ``[teacher_entropy, student_entropy, top1_agree, kl]``; no other
 phase changes, so loss and gradient are bitwise those of the launch without stats.
 
-Work per logit: phase 0 ≈ 2 exps and the keys, each executed round one exp and 3·NT instructions (plus the NT
-block reductions), the err phase 2 exps (and the tie rank's cumulative sum when the boundary group is split), the
-final phase 2 exps. The round counts of sample rows and the cost model's figures are in docs/DESIGN.md /
-bench/RESULTS.md.
+Work per logit: phase 0 ≈ 2 exps and the keys, each executed threshold round one exp and 3·NT instructions (plus the
+NT block reductions), a histogram round the key and the histogram's ~15 integer instructions, the err phase 2 exps
+(and the tie rank's cumulative sum when the boundary group is split), the final phase 2 exps. The round counts of
+sample rows and the cost model's figures are in docs/DESIGN.md / bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -110,9 +114,12 @@ from fastkd.kernels._blocks import (
 )
 
 AKL_LAUNCH = (4096, 8)  # default (BLOCK_V, num_warps) of 2-byte logits: 16 elements per thread, no spills (DESIGN)
+AKL_HEAVY = (2048, 8)  # a heavy launch's (STATS, or the raw-logit cross-entropy at T != 1): no spills
 AKL_ROUNDS = 4  # search rounds done as phases (unresolved rows finish in the err phase)
 AKL_NT = 16  # thresholds per round
-AKL_NV = 12  # of which uniform in the logit value while the bracket spans more than NT keys (slot 0: the hint)
+AKL_NV = 12  # of which uniform in the logit value while the bracket spans more than NB keys (slot 0: the hint)
+AKL_NB = 64  # keys of a histogram round: a bracket of at most NB keys is counted per key (two 16-bit counts per
+# slot of the round's 2·NT; so NB <= 4·NT and BLOCK_V < 2^16) and resolved by that one round
 AKL_MAX_V = 1 << 24  # counts are fp32 sums of ones: exact up to 2^24
 AKL_MAX_FALLBACK = 72  # bound of the whole-row bisection's passes (each halves the key span or counts an end)
 RSLOT = tl.constexpr(12)  # fp32 slots per row in rs: maxima m_s, m_t, m_z (0, 1, 7) and log-sums ld_s, ld_t, ld_z
@@ -151,16 +158,16 @@ def _hint(m_t, ld_t, mu, V, inv_t, SH: tl.constexpr):
 
 
 @triton.jit
-def _is_narrow(lo, hi, NT: tl.constexpr):
-    """A bracket whose keys lo..hi (ends included) fit in one round's NT slots."""
-    return (hi - lo + 1) <= NT
+def _is_narrow(lo, hi, NB: tl.constexpr):
+    """A bracket whose keys lo..hi (ends included) fit in one histogram round's NB bins."""
+    return (hi - lo + 1) <= NB
 
 
 @triton.jit
 def _thresholds(lo, hi, base, SH: tl.constexpr, NT: tl.constexpr, NV: tl.constexpr):
-    """NT keys (int64) of the round on bracket (lo, hi): a narrow bracket's keys lo..hi, ends included (the round
-    counts them all and resolves it); else keys strictly inside: slot 0 = ``base`` (clamped), NV slots uniform in
-    the value between the bracket's inner ends (when finite) and the rest uniform in the key (module docstring)."""
+    """NT keys (int64) of a threshold round on a bracket (lo, hi) wider than NB keys, strictly inside it: slot 0 =
+    ``base`` (clamped), NV slots uniform in the value between the bracket's inner ends (when finite) and the rest
+    uniform in the key (module docstring)."""
     i = tl.arange(0, NT)
     span = hi - lo - 1  # keys strictly inside
     b = tl.minimum(tl.maximum(base, lo + 1), hi - 1)
@@ -174,8 +181,7 @@ def _thresholds(lo, hi, base, SH: tl.constexpr, NT: tl.constexpr, NV: tl.constex
     ke = lo + 1 + (span.to(tl.float32) * frac).to(tl.int64)
     th = tl.where(i == 0, b, tl.where(tl.where(value, i <= NV, i < 0), kv, ke))  # (a where: the interpreter
     # cannot and a scalar bool with a vector)
-    th = tl.minimum(tl.maximum(th, lo + 1), hi - 1)
-    return tl.where(_is_narrow(lo, hi, NT), lo + tl.minimum(i, hi - lo).to(tl.int64), th)
+    return tl.minimum(tl.maximum(th, lo + 1), hi - 1)
 
 
 @triton.jit
@@ -189,27 +195,62 @@ def _slot_sums(xc, p, v, ar, i, mass, cnt, COUNT: tl.constexpr):
 
 
 @triton.jit
-def _seg_sums(xc, p, th, nk, narrow, SH: tl.constexpr, NT: tl.constexpr, COUNT: tl.constexpr):
-    """fp32 mass and (``COUNT``) count of S(K) over one segment for the first ``nk`` keys of ``th`` (the other
-    slots 0): xc the teacher logits (NaN on masked columns, so never counted), p their probabilities (0 there).
-    A ``narrow`` round (a runtime loop over its nk keys) always counts."""
+def _seg_sums(xc, p, th, SH: tl.constexpr, NT: tl.constexpr, COUNT: tl.constexpr):
+    """fp32 mass and (``COUNT``) count of S(K) over one segment for the NT keys of ``th``: xc the teacher logits
+    (NaN on masked columns, so never counted), p their probabilities (0 there)."""
     v = _kval(th.to(tl.int32), SH)
     ar = tl.arange(0, NT)
     mass = tl.zeros([NT], tl.float32)
     cnt = tl.zeros([NT], tl.float32)
-    if narrow:
-        for i in range(0, nk):
-            mass, cnt = _slot_sums(xc, p, v, ar, i, mass, cnt, True)
-    else:
-        for i in tl.static_range(NT):
-            mass, cnt = _slot_sums(xc, p, v, ar, i, mass, cnt, COUNT)
+    for i in tl.static_range(NT):
+        mass, cnt = _slot_sums(xc, p, v, ar, i, mass, cnt, COUNT)
     return mass, cnt
 
 
 @triton.jit
-def _nslots(lo, hi, NT: tl.constexpr):
-    """Slots a round on bracket (lo, hi) fills: a narrow one its hi − lo + 1 keys, else NT."""
-    return tl.where(_is_narrow(lo, hi, NT), hi - lo + 1, NT).to(tl.int32)
+def _seg_hist(xt, cm, lo, hi, SH: tl.constexpr, NB: tl.constexpr):
+    """A histogram round over one segment: the count of each key lo..hi − 1 and, in bin hi − lo, of S(hi) (the
+    bracket spans at most NB keys), packed two 16-bit counts per int32 (bins 2c, 2c + 1 in slot c). No
+    probabilities: the merge weighs a key's count by its one p."""
+    key = _key(xt, SH)
+    lo32 = lo.to(tl.int32)
+    top = (hi - lo).to(tl.int32)
+    b = tl.where(key >= hi.to(tl.int32), top, key - lo32)  # key − lo only below hi: < NB, no overflow
+    h = tl.histogram(b, NB, mask=cm & (key >= lo32))
+    ev, od = tl.split(tl.reshape(h, (NB // 2, 2)))
+    return ev | (od << 16)
+
+
+@triton.jit
+def _fmax(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _unpack(pk):
+    """The per-bin counts of packed histogram slots: (even bins, odd bins)."""
+    return pk & 0xFFFF, (pk >> 16) & 0xFFFF
+
+
+@triton.jit
+def _hist_sums(sw_round, lo, hi, mhi, m_t, ld_t, inv_t, S, SCALED: tl.constexpr, SH: tl.constexpr,
+               NB: tl.constexpr, NT: tl.constexpr, SP: tl.constexpr):
+    """Row sums of a histogram round (its S segments' packed counts at ``sw_round``, added in one order):
+    count C(K) and mass M(K) = M(hi) + Σ_{K ≤ k < hi} c_k·p_k of S(K) for K = lo + b, b < NB, made
+    non-increasing in K (as the threshold rounds' sums are) by a running maximum."""
+    segs = tl.arange(0, SP)
+    hb = tl.arange(0, NB // 2)
+    pk = tl.load(sw_round + segs[:, None] * (2 * NT) + hb[None, :], mask=(segs < S)[:, None], other=0.0,
+                 cache_modifier=".cg").to(tl.int32, bitcast=True)
+    ev, od = _unpack(pk)
+    h = tl.reshape(tl.join(tl.sum(ev, 0), tl.sum(od, 0)), (NB,))
+    ar = tl.arange(0, NB)
+    cnt = tl.cumsum(h, 0, reverse=True).to(tl.float32)  # bins b.. : the suffix S(lo + b), exact integers
+    p = tl.math.exp2(_logp(_kval((lo + ar).to(tl.int32), SH), m_t, ld_t * LOG2E, inv_t, SCALED))
+    w = tl.where(ar < (hi - lo), h.to(tl.float32) * p, 0.0)  # bin hi − lo is S(hi): its mass is M(hi)
+    # a scan's suffixes are sums of different shapes: the running maximum from the top makes M non-increasing
+    mass = tl.associative_scan(mhi + tl.cumsum(w, 0, reverse=True), 0, _fmax, reverse=True)
+    return mass, cnt
 
 
 @triton.jit
@@ -217,7 +258,7 @@ def _narrow(lo, hi, tlo, thi, clo, chi, mhi, th, nk, tags, counted, mass, cnt, m
     """The bracket after testing the first ``nk`` keys of ``th`` (tags ``tags``; ``counted``: their counts are
     sums, else unknown) with row sums (mass, cnt): the largest failing key (M > mu; the bracket's own lo always
     fails, its hi passes) becomes lo, the smallest passing one hi, each with its tag and sums (a tested key
-    equal to an end takes over its tag: a narrow round counts both ends)."""
+    equal to an end takes over its tag: a histogram round counts both ends)."""
     ok = tl.arange(0, th.shape[0]) < nk
     fail = ((mass > mu) | (th == lo)) & (th != hi)
     lo_n = tl.max(tl.where(ok & fail, th, lo), 0)
@@ -255,9 +296,11 @@ def _publish(bp, lo, hi, tlo, thi, clo, chi, mhi):
 
 
 @triton.jit
-def _step(br_row, sw_row, i, kb, mu, S, SH: tl.constexpr, NT: tl.constexpr, NV: tl.constexpr, SP: tl.constexpr):
+def _step(br_row, sw_row, i, kb, mu, S, m_t, ld_t, inv_t, SCALED: tl.constexpr, SH: tl.constexpr,
+          NT: tl.constexpr, NV: tl.constexpr, NB: tl.constexpr, SP: tl.constexpr, ROUNDS: tl.constexpr):
     """The bracket after round i (0-based): the one published before it (slot i % 2), narrowed by its sums
-    (merged over the S segments in one order; every program of the row computes the same)."""
+    (merged over the S segments in one order; every program of the row computes the same): a histogram round's
+    per-key sums resolve it; a threshold round's narrow it."""
     bp = br_row + (i % 2) * BSLOT
     lo = tl.load(bp + 0, cache_modifier=".cg")
     hi = tl.load(bp + 1, cache_modifier=".cg")
@@ -267,29 +310,49 @@ def _step(br_row, sw_row, i, kb, mu, S, SH: tl.constexpr, NT: tl.constexpr, NV: 
     chi = tl.load(bp + 5, cache_modifier=".cg").to(tl.float32)
     mhi = tl.load(bp + 6, cache_modifier=".cg").to(tl.int32).to(tl.float32, bitcast=True)
     if _open(lo, hi, tlo, thi, clo, chi):
-        th = _thresholds(lo, hi, tl.where(i == 0, kb, lo + 1), SH, NT, NV)
-        nk = _nslots(lo, hi, NT)
-        segs = tl.arange(0, SP)
-        ar = tl.arange(0, NT)
-        tile = sw_row + i * S * 2 * NT + segs[:, None] * (2 * NT) + ar[None, :]
-        m2 = (segs < S)[:, None] & (ar < nk)[None, :]
-        mass = tl.sum(tl.load(tile, mask=m2, other=0.0, cache_modifier=".cg"), 0)
-        cnt = tl.sum(tl.load(tile + NT, mask=m2, other=0.0, cache_modifier=".cg"), 0)
-        counted = _is_narrow(lo, hi, NT) | (SH == 0)
-        lo, hi, tlo, thi, clo, chi, mhi = _narrow(lo, hi, tlo, thi, clo, chi, mhi, th, nk, i * NT + ar, counted,
-                                                  mass, cnt, mu)
+        if _is_narrow(lo, hi, NB):
+            ab = tl.arange(0, NB)
+            hmass, hcnt = _hist_sums(sw_row + i * S * 2 * NT, lo, hi, mhi, m_t, ld_t, inv_t, S, SCALED, SH, NB, NT,
+                                     SP)  # (names of their own: a variable keeps one shape through an if)
+            lo, hi, tlo, thi, clo, chi, mhi = _narrow(lo, hi, tlo, thi, clo, chi, mhi, lo + ab.to(tl.int64),
+                                                      (hi - lo + 1).to(tl.int32), ROUNDS * NT + i * NB + ab, True,
+                                                      hmass, hcnt, mu)
+        else:
+            th = _thresholds(lo, hi, tl.where(i == 0, kb, lo + 1), SH, NT, NV)
+            segs = tl.arange(0, SP)
+            ar = tl.arange(0, NT)
+            tile = sw_row + i * S * 2 * NT + segs[:, None] * (2 * NT) + ar[None, :]
+            m2 = (segs < S)[:, None] & (ar < NT)[None, :]
+            mass = tl.sum(tl.load(tile, mask=m2, other=0.0, cache_modifier=".cg"), 0)
+            cnt = tl.sum(tl.load(tile + NT, mask=m2, other=0.0, cache_modifier=".cg"), 0)
+            lo, hi, tlo, thi, clo, chi, mhi = _narrow(lo, hi, tlo, thi, clo, chi, mhi, th, NT, i * NT + ar,
+                                                      SH == 0, mass, cnt, mu)
     return lo, hi, tlo, thi, clo, chi, mhi
 
 
 @triton.jit
-def _seg_count(sw_row, tag, segs, upto, S, V, BLOCK_V: tl.constexpr, NT: tl.constexpr):
-    """Per-segment counts of S(K) for the key of ``tag`` in segments ``segs`` < ``upto`` ((SP,) fp32)."""
+def _seg_count(sw_row, tag, segs, upto, S, V, BLOCK_V: tl.constexpr, NT: tl.constexpr, NB: tl.constexpr,
+               ROUNDS: tl.constexpr):
+    """Per-segment counts of S(K) for the key of ``tag`` in segments ``segs`` < ``upto`` ((SP,) fp32): a threshold
+    round's slot (tag i·NT + slot), or bin b of histogram round i (tag ROUNDS·NT + i·NB + b: the segment's bins
+    b.. added)."""
     valid = tl.minimum(V - segs * BLOCK_V, BLOCK_V).to(tl.float32)
     sel = (segs < upto) & (segs < S)
+    HT0: tl.constexpr = ROUNDS * NT
     t = tl.maximum(tag, 0)
     ok = sel & ((segs * 0 + tag) >= 0)  # a vector compare: the interpreter widens a bool vector & bool scalar
-    c = tl.load(sw_row + (t // NT) * S * 2 * NT + segs * (2 * NT) + NT + t % NT, mask=ok, other=0.0,
+    hist = (segs * 0 + t) >= HT0  # (SP,), the same in every slot
+    ti = tl.where(hist, 0, t)
+    c = tl.load(sw_row + (ti // NT) * S * 2 * NT + segs * (2 * NT) + NT + ti % NT, mask=ok & (~hist), other=0.0,
                 cache_modifier=".cg")
+    th = tl.maximum(t - HT0, 0)  # a histogram tag's round and bin (a scalar)
+    hb = tl.arange(0, NB // 2)
+    pk = tl.load(sw_row + (th // NB) * S * 2 * NT + segs[:, None] * (2 * NT) + hb[None, :],
+                 mask=(ok & hist)[:, None], other=0.0, cache_modifier=".cg").to(tl.int32, bitcast=True)
+    ev, od = _unpack(pk)
+    b = th % NB
+    ch = tl.sum(tl.where((2 * hb >= b)[None, :], ev, 0) + tl.where((2 * hb + 1 >= b)[None, :], od, 0), 1)
+    c = tl.where(hist, ch.to(tl.float32), c)
     return tl.where(sel, tl.where(tag == TAG_ALL, valid, c), 0.0)
 
 
@@ -315,6 +378,7 @@ def _akl_split_kernel(
     ROUNDS: tl.constexpr,
     NT: tl.constexpr,
     NV: tl.constexpr,
+    NB: tl.constexpr,  # keys of a histogram round (AKL_NB)
     MAX_FALLBACK: tl.constexpr,
     SCALED: tl.constexpr,
     SH: tl.constexpr,  # key shift: 16 for bf16, 13 for fp16, 0 for fp32 (see _key)
@@ -322,6 +386,7 @@ def _akl_split_kernel(
     WS: tl.constexpr,  # workspace slots per unit: NSLOT, or NSLOT_STATS with STATS
 ):
     NPH: tl.constexpr = ROUNDS + 2
+    tl.static_assert((NB <= 4 * NT) & (BLOCK_V < 65536))  # a histogram round's packed 16-bit counts
     SWROW: tl.constexpr = ROUNDS * 2 * NT  # per segment and row: S·SWROW floats per row
     u = tl.atomic_add(cnt_ptr, 1).to(tl.int64)  # ticket (distill_split's docstring: why not the program id)
     r = (u * s_magic) >> s_shift  # divmod by a multiply and a shift (distill_split: no called subroutine)
@@ -485,20 +550,23 @@ def _akl_split_kernel(
                         chi = clo
                         mhi = zero + 1.0
                 else:  # the bracket before round i − 1 (published by its segment 0) + round i − 1's sums
-                    lo, hi, tlo, thi, clo, chi, mhi = _step(br_row, sw_row, i - 1, kb, mu, S, SH, NT, NV, SP)
+                    lo, hi, tlo, thi, clo, chi, mhi = _step(br_row, sw_row, i - 1, kb, mu, S, m_t, ld_t, inv_t, SCALED,
+                                                            SH, NT, NV, NB, SP, ROUNDS)
                 if j == 0:  # publish the bracket before round i (read by round i + 1 or the err phase); two
                     # slots by parity: the other programs of round i may still read the one published by i − 1
                     _publish(br_row + (i % 2) * BSLOT, lo, hi, tlo, thi, clo, chi, mhi)
                 if _open(lo, hi, tlo, thi, clo, chi):  # unresolved: this round's sums over the segment
-                    th = _thresholds(lo, hi, tl.where(i == 0, kb, lo + 1), SH, NT, NV)
-                    nk = _nslots(lo, hi, NT)
                     xt = _load_seg(t_ptr + x * t_row, t_col, start, offs, V, full, NEG)
-                    p = tl.where(cm, tl.math.exp2(_logp(xt, m_t, ld_t * LOG2E, inv_t, SCALED)), 0.0)
-                    mass, cnt = _seg_sums(tl.where(cm, xt, float("nan")), p, th, nk, _is_narrow(lo, hi, NT), SH, NT,
-                                          SH == 0)
-                    sp = sw_row + j * 2 * NT + i * S * 2 * NT + tl.arange(0, NT)
-                    tl.store(sp, mass)
-                    tl.store(sp + NT, cnt)
+                    sp = sw_row + j * 2 * NT + i * S * 2 * NT
+                    if _is_narrow(lo, hi, NB):  # at most NB keys: counted per key, resolved by this round
+                        tl.store(sp + tl.arange(0, NB // 2), _seg_hist(xt, cm, lo, hi, SH, NB).to(tl.float32,
+                                                                                                 bitcast=True))
+                    else:
+                        th = _thresholds(lo, hi, tl.where(i == 0, kb, lo + 1), SH, NT, NV)
+                        p = tl.where(cm, tl.math.exp2(_logp(xt, m_t, ld_t * LOG2E, inv_t, SCALED)), 0.0)
+                        mass, cnt = _seg_sums(tl.where(cm, xt, float("nan")), p, th, SH, NT, SH == 0)
+                        tl.store(sp + tl.arange(0, NT), mass)
+                        tl.store(sp + NT + tl.arange(0, NT), cnt)
             tl.atomic_add(cnt_ptr + 1 + x * NPH + k, 1, sem="release")
 
     # ---- phase ROUNDS + 1: resolve, then the segment's Σ_H |p − q| and Σ |p − q| -----------------------------
@@ -513,7 +581,8 @@ def _akl_split_kernel(
             br_row = br_ptr + x * 2 * BSLOT
             sw_row = sw_ptr + x * S * SWROW
             kb = _hint(m_t, ld_t, mu, V, inv_t, SH)
-            lo, hi, tlo, thi, clo, chi, mhi = _step(br_row, sw_row, ROUNDS - 1, kb, mu, S, SH, NT, NV, SP)
+            lo, hi, tlo, thi, clo, chi, mhi = _step(br_row, sw_row, ROUNDS - 1, kb, mu, S, m_t, ld_t, inv_t, SCALED, SH,
+                                                    NT, NV, NB, SP, ROUNDS)
             t_base = t_ptr + x * t_row
             it = 0
             while _open(lo, hi, tlo, thi, clo, chi) & (it < MAX_FALLBACK):  # rare: bisect over the whole row
@@ -555,8 +624,8 @@ def _akl_split_kernel(
                 in_g = cm & (xt >= _kval(lo.to(tl.int32), SH)) & (~in_hi)
                 gi = in_g.to(tl.int32)
                 if it == 0:  # the per-segment counts of lo and hi are in the rounds' workspace
-                    pre = tl.sum(_seg_count(sw_row, tlo, segs, j, S, V, BLOCK_V, NT)
-                                 - _seg_count(sw_row, thi, segs, j, S, V, BLOCK_V, NT), 0).to(tl.int32)
+                    pre = tl.sum(_seg_count(sw_row, tlo, segs, j, S, V, BLOCK_V, NT, NB, ROUNDS)
+                                 - _seg_count(sw_row, thi, segs, j, S, V, BLOCK_V, NT, NB, ROUNDS), 0).to(tl.int32)
                 else:  # the whole-row search: count the earlier segments' G elements
                     pre = 0
                     for jj in range(0, j):
@@ -627,9 +696,10 @@ def _akl_split_kernel(
 
 def default_launch(itemsize: int = 2, heavy: bool = False) -> tuple[int, int]:
     """(BLOCK_V, num_warps) of the split AKL kernel: ``AKL_LAUNCH`` under the split kernels' rule
-    (:func:`fastkd.kernels._blocks.split_defaults`): a heavy launch (STATS, or CE at T != 1) keeps the block (no
-    spills at its registers), 4-byte logits halve it."""
-    return split_defaults(AKL_LAUNCH, AKL_LAUNCH, heavy, itemsize)
+    (:func:`fastkd.kernels._blocks.split_defaults`): a heavy launch (STATS, or CE at T != 1) takes
+    ``AKL_HEAVY`` (at (4096, 8) fp16 CE at T != 1 spilled 240 B once the histogram round came in; (4096, 16)
+    caps registers at 128 and spilled 32–48 B), 4-byte logits halve a block above 2048."""
+    return split_defaults(AKL_LAUNCH, AKL_HEAVY if heavy else AKL_LAUNCH, heavy, itemsize)
 
 
 def launch(args: tuple, n: int, v: int, *, has_grad: bool, has_labels: bool, ce_raw: bool, scaled: bool,
@@ -658,7 +728,7 @@ def launch(args: tuple, n: int, v: int, *, has_grad: bool, has_labels: bool, ce_
         *args[:6], ws, rs, sw, br, cnt, *((args[5], 0) if stats is None else (stats, stats.stride(0))),
         n, v, s_count, *ticket_magic(s_count), *args[7:17], mu,
         HAS_GRAD=has_grad, HAS_LABELS=has_labels, CE_RAW=ce_raw, BLOCK_V=bv,
-        SP=max(16, 1 << (s_count - 1).bit_length()), ROUNDS=AKL_ROUNDS, NT=AKL_NT, NV=AKL_NV,
+        SP=max(16, 1 << (s_count - 1).bit_length()), ROUNDS=AKL_ROUNDS, NT=AKL_NT, NV=AKL_NV, NB=AKL_NB,
         MAX_FALLBACK=AKL_MAX_FALLBACK, SCALED=scaled,
         SH={torch.bfloat16: 16, torch.float16: 13}.get(teacher.dtype, 0), STATS=stats is not None, WS=nslot,
         num_warps=num_warps or nw_d)

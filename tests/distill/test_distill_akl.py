@@ -130,7 +130,7 @@ def test_stats_and_bitwise_loss():
 
 def test_bf16_default_blocks_value_rounds():
     """bf16 N(0, 2²) rows at the default launch (several 8192 segments): the value rounds (no counts for 2-byte
-    logits) then the narrow round that counts the boundary keys; one row with a wide tied boundary group."""
+    logits) then the histogram round that counts the bracket's keys; one row with a wide tied boundary group."""
     torch.manual_seed(5)
     v = 20011
     s = (torch.randn(3, v) * 2).to(torch.bfloat16)
@@ -155,7 +155,7 @@ def test_fp16_keys_and_mu_one_is_fkl():
 
 def test_bf16_tie_split_across_segments():
     """The boundary inside a tied bf16 group spread over 4 segments: the head takes its lowest indices, counted
-    from the narrow round's per-segment counts."""
+    from the histogram round's per-segment counts."""
     torch.manual_seed(7)
     t, _ = _split_tie_rows(203)
     t = t.to(torch.bfloat16)
@@ -180,3 +180,25 @@ def test_random_rows_against_the_reference(seed):
     s[3, t[3].isneginf()] = float("-inf")
     mu = float(torch.rand(1, generator=gen)) * 0.98
     _check(s.to(dt), t.to(dt), block=block, mu=mu)
+
+
+@pytest.mark.parametrize("nb", [64, 16])
+def test_bf16_histogram_round_resolves(nb, monkeypatch):
+    """bf16 N(0, 2²) rows at the default launch and mu: one threshold round leaves a bracket of at most AKL_NB = 64
+    keys, which the histogram round (a count per key) resolves, so two rounds suffice with the whole-row fallback
+    off (MAX_FALLBACK = 0: an unresolved row would take a wrong head). With 16 bins (the old narrow width) the
+    second round is a threshold round and the same rows come out wrong: the test can fail."""
+    from fastkd.kernels import distill_akl as KA
+
+    monkeypatch.setattr(KA, "AKL_ROUNDS", 2)
+    monkeypatch.setattr(KA, "AKL_MAX_FALLBACK", 0)
+    monkeypatch.setattr(KA, "AKL_NB", nb)
+    torch.manual_seed(8)
+    v = 20011
+    s = (torch.randn(2, v) * 2).to(torch.bfloat16)
+    t = (torch.randn(2, v) * 2).to(torch.bfloat16)
+    if nb == 64:
+        _check(s, t, mu=0.5)  # the default mu (at 0.9 the first round's bracket spans more keys: 3 rounds)
+    else:
+        with pytest.raises(AssertionError):
+            _check(s, t, mu=0.5)
