@@ -357,7 +357,7 @@ def _seg_count(sw_row, tag, segs, upto, S, V, BLOCK_V: tl.constexpr, NT: tl.cons
 
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])  # Triton 3.6's compile of S == 1 (one segment) spilled 40–68 B
 def _akl_split_kernel(
     s_ptr, t_ptr, g_ptr, lab_ptr, w_ptr, loss_ptr,  # as _distill_kernel
     ws_ptr,  # (N, S, WS) fp32 workspace (no initialisation needed)
@@ -714,7 +714,7 @@ def launch(args: tuple, n: int, v: int, *, has_grad: bool, has_labels: bool, ce_
         raise ValueError(f"the split AKL kernel handles V <= {AKL_MAX_V}, got {v} (use the two-pass kernel)")
     student, teacher = args[0], args[1]
     bv_d, nw_d = default_launch(max(student.element_size(), teacher.element_size()), ce_raw or stats is not None)
-    bv = block_v or min(bv_d, max(16, 1 << (v - 1).bit_length()))
+    bv = block_v or bv_d  # not shrunk to a short row: Triton 3.6 spilled 24–68 B at (1024, 8) (V = 1000)
     s_count = -(-v // bv)
     dev = student.device
     nslot = NSLOT if stats is None else NSLOT_STATS
