@@ -114,7 +114,7 @@ from fastkd.kernels._blocks import (
 )
 
 AKL_LAUNCH = (4096, 8)  # default (BLOCK_V, num_warps) of 2-byte logits: 16 elements per thread, no spills (DESIGN)
-AKL_HEAVY = (2048, 8)  # a heavy launch's (STATS, or the raw-logit cross-entropy at T != 1): no spills
+AKL_HEAVY = (2048, 8)  # the raw-logit cross-entropy's (CE at T != 1): no spills
 AKL_ROUNDS = 4  # search rounds done as phases (unresolved rows finish in the err phase)
 AKL_NT = 16  # thresholds per round
 AKL_NV = 12  # of which uniform in the logit value while the bracket spans more than NB keys (slot 0: the hint)
@@ -694,12 +694,12 @@ def _akl_split_kernel(
                           HAS_LABELS, CE_RAW)
 
 
-def default_launch(itemsize: int = 2, heavy: bool = False) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) of the split AKL kernel: ``AKL_LAUNCH`` under the split kernels' rule
-    (:func:`fastkd.kernels._blocks.split_defaults`): a heavy launch (STATS, or CE at T != 1) takes
-    ``AKL_HEAVY`` (at (4096, 8) fp16 CE at T != 1 spilled 240 B once the histogram round came in; (4096, 16)
-    caps registers at 128 and spilled 32–48 B), 4-byte logits halve a block above 2048."""
-    return split_defaults(AKL_LAUNCH, AKL_HEAVY if heavy else AKL_LAUNCH, heavy, itemsize)
+def default_launch(itemsize: int = 2, ce_raw: bool = False) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) of the split AKL kernel: ``AKL_LAUNCH``, or ``AKL_HEAVY`` with the raw-logit
+    cross-entropy (CE at T != 1: at (4096, 8) fp16 spilled 240 B once the histogram round came in; (4096, 16)
+    caps registers at 128 and spilled 32–48 B); STATS keeps the plain block (no spills there); 4-byte logits halve
+    a block above 2048 (:func:`fastkd.kernels._blocks.split_defaults`)."""
+    return split_defaults(AKL_HEAVY if ce_raw else AKL_LAUNCH, None, False, itemsize)
 
 
 def launch(args: tuple, n: int, v: int, *, has_grad: bool, has_labels: bool, ce_raw: bool, scaled: bool,
@@ -713,7 +713,7 @@ def launch(args: tuple, n: int, v: int, *, has_grad: bool, has_labels: bool, ce_
     if v > AKL_MAX_V:
         raise ValueError(f"the split AKL kernel handles V <= {AKL_MAX_V}, got {v} (use the two-pass kernel)")
     student, teacher = args[0], args[1]
-    bv_d, nw_d = default_launch(max(student.element_size(), teacher.element_size()), ce_raw or stats is not None)
+    bv_d, nw_d = default_launch(max(student.element_size(), teacher.element_size()), ce_raw)
     bv = block_v or bv_d  # not shrunk to a short row: Triton 3.6 spilled 24–68 B at (1024, 8) (V = 1000)
     s_count = -(-v // bv)
     dev = student.device
