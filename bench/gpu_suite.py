@@ -188,11 +188,10 @@ def _distill_fastkd(s, t, divergence, backend):
 
 
 def _distill_fastkd_warps(s, t, divergence, warps):
-    import fastkd
     from fastkd.distill import triton_impl as TD
 
     with TD.override_config(num_warps=warps):  # the kernel writes the gradient in forward
-        return fastkd.distill_loss(s, t, divergence, backend="triton")
+        return _distill_fastkd(s, t, divergence, "triton")
 
 
 def setup_distill_fastkd(inputs: dict[str, Any], mode: str, *, divergence: str, backend: str) -> Any:

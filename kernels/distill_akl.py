@@ -227,8 +227,11 @@ def _fmax(a, b):
 
 
 @triton.jit
-def _unpack(pk):
-    """The per-bin counts of packed histogram slots: (even bins, odd bins)."""
+def _bins(sw_round, segs, rows, NT: tl.constexpr, NB: tl.constexpr):
+    """The per-segment bin counts of a histogram round (its packed slots at ``sw_round``; segments ``segs``,
+    loaded where ``rows``): (even bins, odd bins), each (SP, NB // 2) int32."""
+    pk = tl.load(sw_round + segs[:, None] * (2 * NT) + tl.arange(0, NB // 2)[None, :], mask=rows[:, None], other=0.0,
+                 cache_modifier=".cg").to(tl.int32, bitcast=True)
     return pk & 0xFFFF, (pk >> 16) & 0xFFFF
 
 
@@ -239,10 +242,7 @@ def _hist_sums(sw_round, lo, hi, mhi, m_t, ld_t, inv_t, S, SCALED: tl.constexpr,
     count C(K) and mass M(K) = M(hi) + Σ_{K ≤ k < hi} c_k·p_k of S(K) for K = lo + b, b < NB, made
     non-increasing in K (as the threshold rounds' sums are) by a running maximum."""
     segs = tl.arange(0, SP)
-    hb = tl.arange(0, NB // 2)
-    pk = tl.load(sw_round + segs[:, None] * (2 * NT) + hb[None, :], mask=(segs < S)[:, None], other=0.0,
-                 cache_modifier=".cg").to(tl.int32, bitcast=True)
-    ev, od = _unpack(pk)
+    ev, od = _bins(sw_round, segs, segs < S, NT, NB)
     h = tl.reshape(tl.join(tl.sum(ev, 0), tl.sum(od, 0)), (NB,))
     ar = tl.arange(0, NB)
     cnt = tl.cumsum(h, 0, reverse=True).to(tl.float32)  # bins b.. : the suffix S(lo + b), exact integers
@@ -322,7 +322,7 @@ def _step(br_row, sw_row, i, kb, mu, S, m_t, ld_t, inv_t, SCALED: tl.constexpr, 
             segs = tl.arange(0, SP)
             ar = tl.arange(0, NT)
             tile = sw_row + i * S * 2 * NT + segs[:, None] * (2 * NT) + ar[None, :]
-            m2 = (segs < S)[:, None] & (ar < NT)[None, :]
+            m2 = (segs < S)[:, None]
             mass = tl.sum(tl.load(tile, mask=m2, other=0.0, cache_modifier=".cg"), 0)
             cnt = tl.sum(tl.load(tile + NT, mask=m2, other=0.0, cache_modifier=".cg"), 0)
             lo, hi, tlo, thi, clo, chi, mhi = _narrow(lo, hi, tlo, thi, clo, chi, mhi, th, NT, i * NT + ar,
@@ -346,10 +346,8 @@ def _seg_count(sw_row, tag, segs, upto, S, V, BLOCK_V: tl.constexpr, NT: tl.cons
     c = tl.load(sw_row + (ti // NT) * S * 2 * NT + segs * (2 * NT) + NT + ti % NT, mask=ok & (~hist), other=0.0,
                 cache_modifier=".cg")
     th = tl.maximum(t - HT0, 0)  # a histogram tag's round and bin (a scalar)
+    ev, od = _bins(sw_row + (th // NB) * S * 2 * NT, segs, ok & hist, NT, NB)
     hb = tl.arange(0, NB // 2)
-    pk = tl.load(sw_row + (th // NB) * S * 2 * NT + segs[:, None] * (2 * NT) + hb[None, :],
-                 mask=(ok & hist)[:, None], other=0.0, cache_modifier=".cg").to(tl.int32, bitcast=True)
-    ev, od = _unpack(pk)
     b = th % NB
     ch = tl.sum(tl.where((2 * hb >= b)[None, :], ev, 0) + tl.where((2 * hb + 1 >= b)[None, :], od, 0), 1)
     c = tl.where(hist, ch.to(tl.float32), c)
