@@ -59,3 +59,21 @@ def teacher_slots(t: torch.Tensor, k: int, kind: str, mode: str, generator: torc
     elif kind == "logits":
         vals = t.gather(-1, ids)
     return ids, vals
+
+
+def spy_launches(monkeypatch, module, name: str, record) -> list:
+    """Replace the Triton kernel ``module.name`` by a spy that appends ``record(grid, kwargs)`` of every launch to
+    the returned list and then launches the real kernel."""
+    seen = []
+    real = getattr(module, name)
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(record(grid, kw))
+                return real[grid](*args, **kw)
+
+            return launch
+
+    monkeypatch.setattr(module, name, Spy())
+    return seen

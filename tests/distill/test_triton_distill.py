@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import logits as _logits
 from helpers import ref_loss_grad as _ref
+from helpers import spy_launches
 from helpers import teacher as _teacher
 from hypothesis_compat import HealthCheck, given, settings, st
 
@@ -406,18 +407,7 @@ def test_split_kernel_is_launched_with_lag(monkeypatch):
     """The default launch goes to the split kernel with grid (N + LAG)·S (LAG 1 for fkl, 2 for jsd)."""
     from fastkd.kernels import distill_split as KS
 
-    seen = []
-    real = KS._distill_split_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                seen.append((grid[0], kw["LAG"]))
-                return real[grid](*args, **kw)
-
-            return launch
-
-    monkeypatch.setattr(KS, "_distill_split_kernel", Spy())
+    seen = spy_launches(monkeypatch, KS, "_distill_split_kernel", lambda grid, kw: (grid[0], kw["LAG"]))
     s, t = _logits((3, 100), torch.float32), _logits((3, 100), torch.float32)
     for div in ("fkl", "jsd", "taid"):
         _run(s, t, div)
@@ -572,18 +562,8 @@ def test_split_sub_blocks_vs_float64(case, dtype, div, monkeypatch):
     from fastkd.kernels import distill_split as KS
 
     v = (8192 + 112, 8192 + 4096 + 80, 8192 + 4096 + 77)[case]
-    seen = []
-    real = KS._distill_split_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                seen.append((kw["BLOCK_V"], kw["SUB_V"], kw["num_warps"]))
-                return real[grid](*args, **kw)
-
-            return launch
-
-    monkeypatch.setattr(KS, "_distill_split_kernel", Spy())
+    seen = spy_launches(monkeypatch, KS, "_distill_split_kernel",
+                        lambda grid, kw: (kw["BLOCK_V"], kw["SUB_V"], kw["num_warps"]))
     hyper = {"beta": 0.3} if div == "jsd" else {}
     g = torch.Generator().manual_seed(v)
     s = (torch.randn(3, v, generator=g) * 3).to(dtype)

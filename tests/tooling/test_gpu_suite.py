@@ -14,6 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from helpers import spy_launches  # noqa: E402
+
 from fastkd.bench import gpu_suite as GS  # noqa: E402
 
 pytestmark = pytest.mark.host_device  # real work on the default device (see tests/conftest.py)
@@ -161,18 +163,7 @@ def test_tvd_times_its_default_and_8_warps(monkeypatch):
     from fastkd.bench import bench_distill as BD
     from fastkd.kernels import distill_split as KS
 
-    warps = []
-    real = KS._distill_split_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                warps.append(kw["num_warps"])
-                return real[grid](*args, **kw)
-
-            return launch
-
-    monkeypatch.setattr(KS, "_distill_split_kernel", Spy())
+    warps = spy_launches(monkeypatch, KS, "_distill_split_kernel", lambda grid, kw: kw["num_warps"])
     inputs = BD.make_inputs(torch.device("cpu"), 3, n=5, v=304, dtype="bf16")
     default = GS.setup_distill_fastkd(inputs, "full", divergence="tvd", backend="triton")()
     eight = GS.setup_distill_warps(inputs, "full", divergence="tvd", warps=8)()
