@@ -713,6 +713,8 @@ def launch(args: tuple, n: int, v: int, *, has_grad: bool, has_labels: bool, ce_
     student, teacher = args[0], args[1]
     bv_d, nw_d = default_launch(max(student.element_size(), teacher.element_size()), ce_raw)
     bv = block_v or bv_d  # not shrunk to a short row: Triton 3.6 spilled 24–68 B at (1024, 8) (V = 1000)
+    if bv >= 1 << 16:  # a histogram round packs two 16-bit counts per slot
+        raise ValueError(f"block_v must be < 65536 for the split AKL kernel, got {bv}")
     s_count = -(-v // bv)
     dev = student.device
     nslot = NSLOT if stats is None else NSLOT_STATS

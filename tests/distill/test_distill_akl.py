@@ -202,3 +202,10 @@ def test_bf16_histogram_round_resolves(nb, monkeypatch):
     else:
         with pytest.raises(AssertionError):
             _check(s, t, mu=0.5)
+
+
+def test_block_too_large_for_packed_counts_is_refused():
+    """A histogram round packs two 16-bit per-segment counts per slot: a block of 2^16 columns is refused by name."""
+    s, t = torch.randn(2, 300), torch.randn(2, 300)
+    with TD.override_config(block_v=1 << 16), pytest.raises(ValueError, match="block_v"):
+        fastkd.distill_loss(s, t, "akl", backend="triton")
