@@ -296,14 +296,14 @@ def _longest_path(body: list[tuple[int, str, str, str, bool]], lo: int, hi: int,
     at branch targets and after branches, forward edges only (the back edge closes the iteration), so a
     runtime branch (a kernel argument's case split, a full block vs the masked tail) counts its heavier side
     once, not both."""
-    targets = {int(t[1], 16) for _, op, _, args, _ in body if op in ("BRA", "JMP")
+    targets = {int(t[1], 16) for _, op, mods, args, _ in body if _is_jump(op, mods)
                for t in [_TARGET.search(args)] if t}
     blocks: list[list] = [[]]
     for ins in body:
         if blocks[-1] and ins[0] in targets:
             blocks.append([])
         blocks[-1].append(ins)
-        if ins[1] in ("BRA", "JMP", "EXIT", "RET"):
+        if _is_jump(ins[1], ins[2]) or ins[1] in ("EXIT", "RET"):
             blocks.append([])
     blocks = [b for b in blocks if b]
     start = {b[0][0]: i for i, b in enumerate(blocks)}
@@ -320,17 +320,48 @@ def _longest_path(body: list[tuple[int, str, str, str, bool]], lo: int, hi: int,
         here = (c["issue"], c)
         if here[0] > top[0]:
             top = here
-        addr, op, _, args, cond = blk[-1]
+        addr, op, mods, args, cond = blk[-1]
+        jump = _is_jump(op, mods)
         nxt = []
-        if not (op in ("BRA", "JMP", "EXIT", "RET") and not cond) and i + 1 < len(blocks):
+        if not ((jump or op in ("EXIT", "RET")) and not cond) and i + 1 < len(blocks):
             nxt.append(i + 1)
-        t = _TARGET.search(args) if op in ("BRA", "JMP") else None
+        t = _TARGET.search(args) if jump else None
         if t and lo <= int(t[1], 16) <= hi and int(t[1], 16) > addr and int(t[1], 16) in start:
             nxt.append(start[int(t[1], 16)])
         for j in nxt:
             if best[j] is None or best[j][0] < here[0]:
                 best[j] = here
     return top[1]
+
+
+def _is_jump(op: str, mods: str) -> bool:
+    """A branch the longest paths follow. ``BRA.DIV`` (an unpredicated branch taken only when the warp is
+    divergent: ptxas's out-of-line slow path of a warp shuffle or vote) is not one: a converged warp falls
+    through it, so its target is not followed and the branch has a fall-through."""
+    return op in ("BRA", "JMP") and ".DIV" not in mods
+
+
+def _converged(insns: list[tuple[int, str, str, str, bool]]) -> list[tuple[int, str, str, str, bool]]:
+    """The instructions a converged warp can reach from the entry (fall-throughs and followed branches):
+    without the divergent slow paths (their jump back into the code they left would make a loop range of
+    everything between) and padding after the last EXIT."""
+    if not insns:
+        return insns
+    index = {ins[0]: k for k, ins in enumerate(insns)}
+    seen = [False] * len(insns)
+    todo = [0]
+    while todo:
+        k = todo.pop()
+        while k < len(insns) and not seen[k]:
+            seen[k] = True
+            addr, op, mods, args, cond = insns[k]
+            t = _TARGET.search(args) if _is_jump(op, mods) else None
+            if t and int(t[1], 16) in index:
+                todo.append(index[int(t[1], 16)])
+            if (_is_jump(op, mods) or op in ("EXIT", "RET")) and not cond:
+                break
+            k += 1
+    return [ins for k, ins in enumerate(insns) if seen[k]]
 
 
 def sass_counts(sass: str) -> dict[str, dict[str, int]]:
@@ -340,11 +371,13 @@ def sass_counts(sass: str) -> dict[str, dict[str, int]]:
     along the longest path from the kernel's entry (what one warp runs once). Per part:
     instructions per pipe (``fma``, ``alu``, ``xu``; ``issue`` = all but NOP) and bytes per warp moved by
     global loads (``ldg``: 32 lanes × width; ``ldg_vec``: those of 8 B or more per lane, the streamed blocks)
-    and by local memory (``ldl`` / ``stl``: spills, local arrays)."""
-    insns = [(int(m[1], 16), m[3], m[4], m[5], bool(m[2]) and "PT" not in m[2]) for m in _SASS_INSN.finditer(sass)]
+    and by local memory (``ldl`` / ``stl``: spills, local arrays). Only the code a converged warp runs is
+    counted (:func:`_converged`: a divergent slow path is neither on a path nor a loop)."""
+    insns = _converged([(int(m[1], 16), m[3], m[4], m[5], bool(m[2]) and "PT" not in m[2])
+                        for m in _SASS_INSN.finditer(sass)])
     ranges: list[list[int]] = []
-    for addr, op, _, args, _ in insns:
-        t = _TARGET.search(args) if op in ("BRA", "JMP") else None
+    for addr, op, mods, args, _ in insns:
+        t = _TARGET.search(args) if _is_jump(op, mods) else None
         if t and int(t[1], 16) < addr:
             ranges.append([int(t[1], 16), addr])
     ranges.sort()

@@ -397,11 +397,17 @@ def installed_triton() -> str:
     return triton.__version__
 
 
+# the version of bench/aot.py's SASS counting rule, part of every record's fingerprint: a record counted by an
+# older rule is compiled and counted again (2: the divergent slow paths behind BRA.DIV are not counted)
+SASS_RULE = 2
+
+
 @functools.cache
 def source_fingerprint(module: str, release: str) -> str:
     """What a compile record was made from, so that an edited kernel is never costed from an old compile:
     sha256 (16 hex digits) of the kernel module's source file — for fastkd's kernels every file of the kernels
-    folder, since they share ``@triton.jit`` helpers — and the Triton ``release`` that compiles it. bench/aot.py
+    folder, since they share ``@triton.jit`` helpers — the Triton ``release`` that compiles it and the counting
+    rule (:data:`SASS_RULE`). bench/aot.py
     stores it in each record (``source``); a record whose fingerprint is not the launch's counts as missing and
     is compiled again."""
     import hashlib
@@ -409,7 +415,7 @@ def source_fingerprint(module: str, release: str) -> str:
 
     origin = Path(importlib.util.find_spec(module).origin)
     files = sorted(origin.parent.glob("*.py")) if module.startswith("fastkd.kernels.") else [origin]
-    h = hashlib.sha256(release.encode())
+    h = hashlib.sha256(f"{release}|sass rule {SASS_RULE}".encode())
     for f in files:
         h.update(f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]

@@ -66,8 +66,38 @@ def test_sass_counts_loop_longest_path_and_pipes():
     assert loop["issue"] == 9 and loop["fma"] == 1 and loop["xu"] == 1 and loop["alu"] == 2
     assert loop["ldg"] == 32 * 16 and loop["stl"] == 32 * 4 and loop["ldl"] == 0
     assert loop["ldg_vec"] == 32 * 16  # LDG.E.128: a streamed (vector) load; a 4-byte LDG would not count
-    assert once["issue"] == 4 and once["alu"] == 1  # S2R, IMAD.MOV, EXIT, BRA (NOP not counted)
-    assert c["once_path"]["issue"] == 3  # from the entry: S2R, IMAD.MOV, EXIT (the padding BRA is unreachable)
+    assert once["issue"] == 3 and once["alu"] == 1  # S2R, IMAD.MOV, EXIT (the padding BRA is unreachable)
+    assert c["once_path"]["issue"] == 3
+
+
+# a warp reduction as ptxas lays it out: BRA.DIV (taken only by a divergent warp) to an out-of-line collective
+# copy of the shuffles, which jumps back; the converged path falls through
+SASS_DIV = """
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0020*/                   BRA.DIV UR4, 0xa0 ;
+        /*0030*/                   SHFL.BFLY PT, R8, R4, 0x10, 0x1f ;
+        /*0040*/                   FADD R4, R4, R8 ;
+        /*0050*/                   FMUL R4, R4, R4 ;
+        /*0060*/                   FADD R4, R4, R8 ;
+        /*0070*/                   STG.E desc[UR4][R2.64], R4 ;
+        /*0080*/                   EXIT ;
+        /*0090*/                   BRA 0x90 ;
+        /*00a0*/                   WARPSYNC.COLLECTIVE R7, 0xc0 ;
+        /*00b0*/                   SHFL.BFLY P6, R8, R4, R5, R6 ;
+        /*00c0*/                   ENDCOLLECTIVE ;
+        /*00d0*/                   BRA 0x40 ;
+"""
+
+
+def test_sass_counts_skip_the_divergent_slow_path():
+    """BRA.DIV falls through for a converged warp: the code after it is on the path, its out-of-line target is
+    not counted, and that target's jump back is no loop (it made one range of everything between)."""
+    c = aot.sass_counts(SASS_DIV)
+    assert c["loops"] == 0 and c["loop"]["issue"] == 0
+    # S2R, LDG, BRA.DIV, SHFL, FADD, FMUL, FADD, STG, EXIT
+    assert c["once_path"]["issue"] == 9 and c["once_path"]["fma"] == 3
+    assert c["once"]["issue"] == 9  # the slow path (WARPSYNC .. BRA) and the padding are not code a warp runs
 
 
 def test_sass_key_of_the_model_and_the_compile_agree():
