@@ -412,10 +412,15 @@ def _akl_split_kernel(
                 t = xt * inv_t
             m_s, d_s, a_r = _online(zero + NEG, zero, zero, s, t)
             m_t, d_t, a_f = _online(zero + NEG, zero, zero, t, s)
-            key = _key(xt, SH)
-            kmin = tl.min(tl.where(cm, key, 0x7FFFFFFF), 0)
-            kmax = tl.max(tl.where(cm, key, -0x7FFFFFFF - 1), 0)
-            imax = tl.min(tl.where(cm & (key == kmax), cols, V), 0).to(tl.int32)
+            # the key range and the first index of the max from the values (key is monotone, and equal keys are
+            # equal values): one min / max per element instead of the key's integer work
+            vmax = m_t  # the max of t = xt
+            if SCALED:
+                vmax = tl.max(xt, 0)  # (masked columns are −inf)
+            vmin = tl.min(tl.where(cm, xt, float("inf")), 0)
+            kmin = _key(vmin, SH)
+            kmax = _key(vmax, SH)
+            imax = tl.min(tl.where(cm & (xt == vmax), cols, V), 0).to(tl.int32)
             wp = ws_ptr + (r * S + j) * WS
             if STATS:
                 _m, _d, c_s, _a = _ent_block(s, t)
@@ -616,24 +621,29 @@ def _akl_split_kernel(
             # rounds' bits and |p − q| no per-row factor error at large logits
             lq2, lp2 = _split_logp(xs, xt, m_s, ld_s * LOG2E, m_t, ld_t * LOG2E, inv_t, SCALED)
             err = tl.where(cm, tl.abs(tl.math.exp2(lp2) - tl.math.exp2(lq2)), 0.0)
-            in_hi = xt >= _kval(hi.to(tl.int32), SH)
-            head = in_hi | (cols == amax)
-            if n > 0:  # the boundary key's group split by index: rank = G elements before this one in the row
-                in_g = cm & (xt >= _kval(lo.to(tl.int32), SH)) & (~in_hi)
-                gi = in_g.to(tl.int32)
+            v_hi = _kval(hi.to(tl.int32), SH)
+            # the head's sum in parts, so that no predicate lives across the branch: S(hi) and the argmax, then
+            # (the boundary key's group split by index) the first n elements of G, the argmax left out there
+            a_head = tl.sum(tl.where((xt >= v_hi) | (cols == amax), err, 0.0), 0)
+            if n > 0:  # rank = G elements before this one in the row, counted in fp32 (exact below 2^24)
+                # n > 0 only when G is one key, lo: its elements are those equal to v(lo) (a 2-byte value widens
+                # to its key's value; ±0 share key 0 and compare equal); padding columns (−inf, err 0) come after
+                # every column of the row, so counting them when lo is −inf's key changes no rank
+                v_lo = _kval(lo.to(tl.int32), SH)
+                gf = tl.where(xt == v_lo, 1.0, 0.0)
                 if it == 0:  # the per-segment counts of lo and hi are in the rounds' workspace
                     pre = tl.sum(_seg_count(sw_row, tlo, segs, j, S, V, BLOCK_V, NT, NB, ROUNDS)
-                                 - _seg_count(sw_row, thi, segs, j, S, V, BLOCK_V, NT, NB, ROUNDS), 0).to(tl.int32)
+                                 - _seg_count(sw_row, thi, segs, j, S, V, BLOCK_V, NT, NB, ROUNDS), 0)
                 else:  # the whole-row search: count the earlier segments' G elements
-                    pre = 0
+                    pre = zero
                     for jj in range(0, j):
                         m2 = (jj * BLOCK_V + offs) < V
                         xt2 = _load_seg(t_base, t_col, start + (jj - j) * BLOCK_V, offs, V, False, NEG)
-                        g2 = m2 & (xt2 >= _kval(lo.to(tl.int32), SH)) & (xt2 < _kval(hi.to(tl.int32), SH))
-                        pre += tl.sum(g2.to(tl.int32), 0)
-                head = head | (in_g & ((pre + tl.cumsum(gi, 0) - gi) < n))
+                        pre += tl.sum(tl.where(m2 & (xt2 == v_lo), 1.0, 0.0), 0)
+                first = (pre + tl.cumsum(gf, 0) - gf) < n.to(tl.float32)
+                a_head += tl.sum(tl.where(first & (cols != amax), gf * err, 0.0), 0)
             wp = ws_ptr + (x * S + j) * WS
-            tl.store(wp + WS_P0, tl.sum(tl.where(head, err, 0.0), 0))
+            tl.store(wp + WS_P0, a_head)
             tl.store(wp + WS_P1, tl.sum(err, 0))
         tl.atomic_add(cnt_ptr + 1 + x * NPH + ROUNDS + 1, 1, sem="release")
 

@@ -165,6 +165,21 @@ def test_bf16_tie_split_across_segments():
     _check(s, t, block=64, mu=mu)
 
 
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+def test_top_group_split_with_the_argmax_in_it(dt):
+    """The boundary falls inside the top key's tied group, spread over segments: the argmax (its first index) is in
+    the head once, as the first of G's n elements, not again as the forced top token."""
+    torch.manual_seed(3)
+    v = 301
+    t = torch.randn(2, v).clamp(max=1.0)
+    t[:, 4::9] = 3.0  # the top group, 34 elements over 5 segments of 64
+    t = t.to(dt)
+    p = torch.softmax(t[0].double(), -1)
+    mu = float(6.5 * p[4])  # the boundary at the 7th element of the top group
+    s = (torch.randn(2, v) * 2).to(dt)
+    _check(s, t, block=64, mu=mu)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_random_rows_against_the_reference(seed):
     """Random rows (smooth, quantized, clustered, peaked, -inf), random mu, fp32 and bf16, odd V and blocks."""
