@@ -410,17 +410,15 @@ def _akl_split_kernel(
             if SCALED:
                 s = xs * inv_t
                 t = xt * inv_t
-            m_s, d_s, a_r = _online(zero + NEG, zero, zero, s, t)
-            m_t, d_t, a_f = _online(zero + NEG, zero, zero, t, s)
             # the key range and the first index of the max from the values (key is monotone, and equal keys are
             # equal values): one min / max per element instead of the key's integer work
-            vmax = m_t  # the max of t = xt
-            if SCALED:
-                vmax = tl.max(xt, 0)  # (masked columns are −inf)
+            vmax = tl.max(xt, 0)  # (masked columns are −inf; the same reduction as m_t's when T = 1)
             vmin = tl.min(tl.where(cm, xt, float("inf")), 0)
             kmin = _key(vmin, SH)
             kmax = _key(vmax, SH)
             imax = tl.min(tl.where(cm & (xt == vmax), cols, V), 0).to(tl.int32)
+            m_s, d_s, a_r = _online(zero + NEG, zero, zero, s, t)
+            m_t, d_t, a_f = _online(zero + NEG, zero, zero, t, s)
             wp = ws_ptr + (r * S + j) * WS
             if STATS:
                 _m, _d, c_s, _a = _ent_block(s, t)
@@ -622,15 +620,17 @@ def _akl_split_kernel(
             lq2, lp2 = _split_logp(xs, xt, m_s, ld_s * LOG2E, m_t, ld_t * LOG2E, inv_t, SCALED)
             err = tl.where(cm, tl.abs(tl.math.exp2(lp2) - tl.math.exp2(lq2)), 0.0)
             v_hi = _kval(hi.to(tl.int32), SH)
-            # the head's sum in parts, so that no predicate lives across the branch: S(hi) and the argmax, then
-            # (the boundary key's group split by index) the first n elements of G, the argmax left out there
-            a_head = tl.sum(tl.where((xt >= v_hi) | (cols == amax), err, 0.0), 0)
+            # the head's sum in parts, so that no predicate lives across a branch: S(hi), the argmax where it is
+            # not in S(hi) (hi above the top key kmax) and not the first element of a split G (the first index of
+            # kmax is G's first element when G is kmax's group), and the first n elements of a split G
+            a_head = tl.sum(tl.where(xt >= v_hi, err, 0.0), 0)
+            if (hi > tl.load(rp + 5, cache_modifier=".cg").to(tl.int32, bitcast=True)) & (n == 0):
+                a_head += tl.sum(tl.where(cols == amax, err, 0.0), 0)
             if n > 0:  # rank = G elements before this one in the row, counted in fp32 (exact below 2^24)
                 # n > 0 only when G is one key, lo: its elements are those equal to v(lo) (a 2-byte value widens
-                # to its key's value; ±0 share key 0 and compare equal); padding columns (−inf, err 0) come after
-                # every column of the row, so counting them when lo is −inf's key changes no rank
+                # to its key's value; ±0 share key 0 and compare equal)
                 v_lo = _kval(lo.to(tl.int32), SH)
-                gf = tl.where(xt == v_lo, 1.0, 0.0)
+                gf = tl.where(cm & (xt == v_lo), 1.0, 0.0)
                 if it == 0:  # the per-segment counts of lo and hi are in the rounds' workspace
                     pre = tl.sum(_seg_count(sw_row, tlo, segs, j, S, V, BLOCK_V, NT, NB, ROUNDS)
                                  - _seg_count(sw_row, thi, segs, j, S, V, BLOCK_V, NT, NB, ROUNDS), 0)
@@ -639,9 +639,9 @@ def _akl_split_kernel(
                     for jj in range(0, j):
                         m2 = (jj * BLOCK_V + offs) < V
                         xt2 = _load_seg(t_base, t_col, start + (jj - j) * BLOCK_V, offs, V, False, NEG)
-                        pre += tl.sum(tl.where(m2 & (xt2 == v_lo), 1.0, 0.0), 0)
+                        pre += tl.sum(tl.where(m2 & (xt2 == v_lo), 1.0, 0.0), 0)  # (a full segment)
                 first = (pre + tl.cumsum(gf, 0) - gf) < n.to(tl.float32)
-                a_head += tl.sum(tl.where(first & (cols != amax), gf * err, 0.0), 0)
+                a_head += tl.sum(tl.where(first, gf * err, 0.0), 0)
             wp = ws_ptr + (x * S + j) * WS
             tl.store(wp + WS_P0, a_head)
             tl.store(wp + WS_P1, tl.sum(err, 0))
