@@ -131,7 +131,8 @@ def test_student_offset_keeps_fp32_accuracy(backend, sched, mode, div, entry, se
         grad = hh.grad
         want_g = want_g @ w.double()  # ∂/∂h of the same loss (exact chain rule in float64)
     torch.testing.assert_close(loss.double().cpu(), want, rtol=1e-6, atol=0)
-    # tail rkl / jsd: the id coefficients c_k + q_k·a cancel (fp32 noise ~2-3e-6 of the largest gradient at
-    # offset 0 too, the same at every offset); every other case is within 1e-6
-    tol = (4e-6 if mode in ("topk_tail", "union") and div != "fkl" else 1e-6) * float(want_g.abs().max())
+    # tail rkl / jsd: the id coefficients c_k + q_k·a cancel (fp32 noise up to 5.7e-6 of the largest gradient at
+    # offset 0 too, the same at every offset: torch backend, topk_tail rkl, seed 2, on a CPU whose vector exp /
+    # log round differently from the one that measured 2-3e-6); every other case is within 1e-6
+    tol = (8e-6 if mode in ("topk_tail", "union") and div != "fkl" else 1e-6) * float(want_g.abs().max())
     torch.testing.assert_close(grad.double().cpu(), want_g, rtol=0, atol=tol)
