@@ -303,7 +303,7 @@ def _longest_path(body: list[tuple[int, str, str, str, bool]], lo: int, hi: int,
         if blocks[-1] and ins[0] in targets:
             blocks.append([])
         blocks[-1].append(ins)
-        if _is_jump(ins[1], ins[2]) or ins[1] in ("EXIT", "RET"):
+        if _ends_block(ins[1], ins[2]):
             blocks.append([])
     blocks = [b for b in blocks if b]
     start = {b[0][0]: i for i, b in enumerate(blocks)}
@@ -321,11 +321,10 @@ def _longest_path(body: list[tuple[int, str, str, str, bool]], lo: int, hi: int,
         if here[0] > top[0]:
             top = here
         addr, op, mods, args, cond = blk[-1]
-        jump = _is_jump(op, mods)
         nxt = []
-        if not ((jump or op in ("EXIT", "RET")) and not cond) and i + 1 < len(blocks):
+        if _falls_through(op, mods, cond) and i + 1 < len(blocks):
             nxt.append(i + 1)
-        t = _TARGET.search(args) if jump else None
+        t = _TARGET.search(args) if _is_jump(op, mods) else None
         if t and lo <= int(t[1], 16) <= hi and int(t[1], 16) > addr and int(t[1], 16) in start:
             nxt.append(start[int(t[1], 16)])
         for j in nxt:
@@ -339,6 +338,16 @@ def _is_jump(op: str, mods: str) -> bool:
     divergent: ptxas's out-of-line slow path of a warp shuffle or vote) is not one: a converged warp falls
     through it, so its target is not followed and the branch has a fall-through."""
     return op in ("BRA", "JMP") and ".DIV" not in mods
+
+
+def _ends_block(op: str, mods: str) -> bool:
+    """A followed branch or an exit: the last instruction of a basic block."""
+    return _is_jump(op, mods) or op in ("EXIT", "RET")
+
+
+def _falls_through(op: str, mods: str, cond: bool) -> bool:
+    """Whether the next instruction can follow: always, unless an unpredicated block end."""
+    return cond or not _ends_block(op, mods)
 
 
 def _converged(insns: list[tuple[int, str, str, str, bool]]) -> list[tuple[int, str, str, str, bool]]:
@@ -358,7 +367,7 @@ def _converged(insns: list[tuple[int, str, str, str, bool]]) -> list[tuple[int, 
             t = _TARGET.search(args) if _is_jump(op, mods) else None
             if t and int(t[1], 16) in index:
                 todo.append(index[int(t[1], 16)])
-            if (_is_jump(op, mods) or op in ("EXIT", "RET")) and not cond:
+            if not _falls_through(op, mods, cond):
                 break
             k += 1
     return [ins for k, ins in enumerate(insns) if seen[k]]
